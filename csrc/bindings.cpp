@@ -1,0 +1,91 @@
+// The one Python module of mmcore's native code. Every entry point takes raw
+// addresses and sizes (no torch types), releases the GIL while it works, and
+// turns failures into Python exceptions.
+#include <pybind11/pybind11.h>
+
+#include <cerrno>
+#include <cstdint>
+
+#include "blake3.h"
+#include "gather.h"
+#include "io.h"
+#ifdef MMCORE_WITH_CUDA
+#include "cuda_info.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+[[noreturn]] void raise_os_error(int64_t negative_errno) {
+  errno = int(-negative_errno);
+  PyErr_SetFromErrno(PyExc_OSError);
+  throw py::error_already_set();
+}
+
+void blake3_segments(uintptr_t ptrs, uintptr_t lens, size_t n, uintptr_t out, int threads) {
+  py::gil_scoped_release release;
+  mmcore::blake3_segments_cpu(ptr<const uint8_t* const>(ptrs), ptr<const uint64_t>(lens), n,
+                              ptr<uint8_t>(out), threads);
+}
+
+void gather(uintptr_t dst, uintptr_t srcs, uintptr_t lens, uintptr_t offsets, size_t n,
+            int threads) {
+  py::gil_scoped_release release;
+  mmcore::gather_cpu(ptr<uint8_t>(dst), ptr<const uint8_t* const>(srcs), ptr<const uint64_t>(lens),
+                     ptr<const uint64_t>(offsets), n, threads);
+}
+
+void scatter(uintptr_t src, uintptr_t dsts, uintptr_t lens, uintptr_t offsets, size_t n,
+             int threads) {
+  py::gil_scoped_release release;
+  mmcore::scatter_cpu(ptr<const uint8_t>(src), ptr<uint8_t* const>(dsts), ptr<const uint64_t>(lens),
+                      ptr<const uint64_t>(offsets), n, threads);
+}
+
+void pwrite_bytes(int fd, uintptr_t data, uint64_t len, uint64_t offset) {
+  int64_t r;
+  {
+    py::gil_scoped_release release;
+    r = mmcore::pwrite_all(fd, ptr<const uint8_t>(data), len, offset);
+  }
+  if (r < 0) raise_os_error(r);
+}
+
+uint64_t pread_bytes(int fd, uintptr_t data, uint64_t len, uint64_t offset) {
+  int64_t r;
+  {
+    py::gil_scoped_release release;
+    r = mmcore::pread_all(fd, ptr<uint8_t>(data), len, offset);
+  }
+  if (r < 0) raise_os_error(r);
+  return uint64_t(r);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "mmcore native kernels (torch-free: raw addresses, sizes and dtype codes)";
+  m.def("blake3_segments", &blake3_segments, py::arg("ptrs"), py::arg("lens"), py::arg("n"),
+        py::arg("out"), py::arg("threads") = 0,
+        "BLAKE3-256 of n segments given as uint64 tables of addresses and lengths.");
+  m.def("blake3_isa", &mmcore::blake3_cpu_isa, "Instruction set of the CPU BLAKE3 path.");
+  m.def("gather", &gather, py::arg("dst"), py::arg("srcs"), py::arg("lens"), py::arg("offsets"),
+        py::arg("n"), py::arg("threads") = 0);
+  m.def("scatter", &scatter, py::arg("src"), py::arg("dsts"), py::arg("lens"), py::arg("offsets"),
+        py::arg("n"), py::arg("threads") = 0);
+  m.def("pwrite", &pwrite_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
+  m.def("pread", &pread_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
+#ifdef MMCORE_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+  m.def("cuda_device_count", &mmcore::cuda_device_count,
+        "Usable CUDA devices, or -1 when no driver or runtime answers.");
+#else
+  m.attr("built_with_cuda") = false;
+#endif
+}

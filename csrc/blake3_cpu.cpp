@@ -1,0 +1,189 @@
+// CPU path of the segment-table BLAKE3: chunk chaining values for every
+// segment in SIMD lanes, then the tree merged level by level (left-complete
+// binary tree, as the spec defines), all segments together.
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "blake3.h"
+#include "blake3_lanes.h"
+#include "parallel.h"
+
+namespace mmcore {
+namespace {
+
+using blake3::LaneKernels;
+
+constexpr int kMaxLanes = 8;
+
+void chunks_x4(const uint8_t* const* data, const uint64_t* counter, const uint8_t* root,
+               uint32_t* const* out) {
+  blake3::full_chunks_lanes<4>(data, counter, root, out);
+}
+
+void parents_x4(const uint32_t* const* left, const uint32_t* const* right, const uint8_t* root,
+                uint32_t* const* out) {
+  blake3::parents_lanes<4>(left, right, root, out);
+}
+
+LaneKernels select_kernels() {
+#if defined(__x86_64__) && defined(MMCORE_HAVE_AVX2_TU)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) return blake3::avx2_kernels();
+#endif
+  return LaneKernels{4, chunks_x4, parents_x4, "generic"};
+}
+
+const LaneKernels& kernels() {
+  static const LaneKernels k = select_kernels();
+  return k;
+}
+
+uint64_t chunk_count(uint64_t len) {
+  return len == 0 ? 1 : (len + blake3::kChunkLen - 1) / blake3::kChunkLen;
+}
+
+// Collects full chunks into lane batches and flushes them through the SIMD kernel.
+struct ChunkBatcher {
+  const LaneKernels& k;
+  int used = 0;
+  const uint8_t* data[kMaxLanes];
+  uint64_t counter[kMaxLanes];
+  uint8_t root[kMaxLanes];
+  uint32_t* out[kMaxLanes];
+
+  void add(const uint8_t* d, uint64_t c, bool r, uint32_t* o) {
+    data[used] = d;
+    counter[used] = c;
+    root[used] = r;
+    out[used] = o;
+    if (++used == k.width) flush();
+  }
+  void flush() {
+    if (used == 0) return;
+    uint32_t scratch[kMaxLanes][8];
+    for (int l = used; l < k.width; ++l) {  // pad with copies; results discarded
+      data[l] = data[0];
+      counter[l] = counter[0];
+      root[l] = root[0];
+      out[l] = scratch[l];
+    }
+    k.chunks(data, counter, root, out);
+    used = 0;
+  }
+};
+
+struct ParentJob {
+  const uint32_t* left;
+  const uint32_t* right;
+  uint32_t* out;
+  bool root;
+};
+
+void run_parent_jobs(const std::vector<ParentJob>& jobs, int threads) {
+  const LaneKernels& k = kernels();
+  parallel_ranges(jobs.size(), threads, 4096, [&](size_t begin, size_t end) {
+    const uint32_t* left[kMaxLanes];
+    const uint32_t* right[kMaxLanes];
+    uint8_t root[kMaxLanes];
+    uint32_t* out[kMaxLanes];
+    uint32_t scratch[kMaxLanes][8];
+    size_t i = begin;
+    for (; i + size_t(k.width) <= end; i += size_t(k.width)) {
+      for (int l = 0; l < k.width; ++l) {
+        const ParentJob& j = jobs[i + size_t(l)];
+        left[l] = j.left;
+        right[l] = j.right;
+        root[l] = j.root;
+        out[l] = scratch[l];
+      }
+      k.parents(left, right, root, out);
+      // Outputs go to scratch first: a job's output may alias another job's input.
+      for (int l = 0; l < k.width; ++l) std::memcpy(jobs[i + size_t(l)].out, scratch[l], 32);
+    }
+    for (; i < end; ++i) {
+      uint32_t cv[8];
+      blake3::parent_cv(jobs[i].left, jobs[i].right, jobs[i].root, cv);
+      std::memcpy(jobs[i].out, cv, 32);
+    }
+  });
+}
+
+}  // namespace
+
+const char* blake3_cpu_isa() { return kernels().isa; }
+
+void blake3_segments_cpu(const uint8_t* const* ptrs, const uint64_t* lens, size_t n, uint8_t* out,
+                         int threads) {
+  if (n == 0) return;
+  std::vector<uint64_t> base(n + 1, 0);
+  for (size_t s = 0; s < n; ++s) base[s + 1] = base[s] + chunk_count(lens[s]);
+  const uint64_t total = base[n];
+  std::unique_ptr<uint32_t[]> cvs(new uint32_t[total * 8]);
+  const LaneKernels& k = kernels();
+
+  // Level 0: one chaining value per chunk, across all segments.
+  parallel_ranges(size_t(total), threads, 64, [&](size_t begin, size_t end) {
+    ChunkBatcher batch{k, 0, {}, {}, {}, {}};
+    size_t s = size_t(std::upper_bound(base.begin(), base.end(), uint64_t(begin)) - base.begin()) - 1;
+    for (size_t c = begin; c < end; ++c) {
+      while (c >= base[s + 1]) ++s;
+      const uint64_t index = c - base[s];
+      const uint64_t offset = index * blake3::kChunkLen;
+      const uint64_t remaining = lens[s] - offset;
+      const uint32_t len =
+          uint32_t(remaining < blake3::kChunkLen ? remaining : uint64_t(blake3::kChunkLen));
+      const bool root = base[s + 1] - base[s] == 1;
+      uint32_t* cv = cvs.get() + c * 8;
+      if (len == blake3::kChunkLen) {
+        batch.add(ptrs[s] + offset, index, root, cv);
+      } else {
+        blake3::chunk_cv(len == 0 ? nullptr : ptrs[s] + offset, len, index, root, cv);
+      }
+    }
+    batch.flush();
+  });
+
+  // Tree levels: pair neighbours left to right, carry an odd last node up.
+  std::vector<uint64_t> count(n);
+  for (size_t s = 0; s < n; ++s) count[s] = base[s + 1] - base[s];
+  std::unique_ptr<uint32_t[]> next(new uint32_t[(total / 2 + n) * 8]);
+  std::vector<uint64_t> next_base(n + 1, 0);
+  std::vector<ParentJob> jobs;
+  uint32_t* cur = cvs.get();
+  uint32_t* nxt = next.get();
+  std::vector<uint64_t> cur_base = base;
+  for (;;) {
+    bool pending = false;
+    for (size_t s = 0; s < n && !pending; ++s) pending = count[s] > 1;
+    if (!pending) break;
+    jobs.clear();
+    for (size_t s = 0; s < n; ++s) {
+      uint64_t parents = count[s] / 2 + count[s] % 2;
+      next_base[s + 1] = next_base[s] + (count[s] > 1 ? parents : 1);
+    }
+    for (size_t s = 0; s < n; ++s) {
+      const uint32_t* src = cur + cur_base[s] * 8;
+      uint32_t* dst = nxt + next_base[s] * 8;
+      if (count[s] == 1) {
+        std::memcpy(dst, src, 32);
+        continue;
+      }
+      const bool root = count[s] == 2;
+      for (uint64_t i = 0; i + 1 < count[s]; i += 2)
+        jobs.push_back(ParentJob{src + i * 8, src + (i + 1) * 8, dst + (i / 2) * 8, root});
+      if (count[s] % 2) std::memcpy(dst + (count[s] / 2) * 8, src + (count[s] - 1) * 8, 32);
+      count[s] = count[s] / 2 + count[s] % 2;
+    }
+    run_parent_jobs(jobs, threads);
+    std::swap(cur, nxt);
+    cur_base = next_base;
+  }
+  for (size_t s = 0; s < n; ++s) {
+    const uint32_t* h = cur + cur_base[s] * 8;
+    for (int i = 0; i < 8; ++i) blake3::store_le32(out + 32 * s + 4 * i, h[i]);
+  }
+}
+
+}  // namespace mmcore

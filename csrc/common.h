@@ -1,0 +1,16 @@
+// Shared macros for code compiled by both g++ (CPU path) and nvcc (GPU path).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MMCORE_HD __host__ __device__
+#define MMCORE_INLINE __forceinline__
+#else
+#define MMCORE_HD
+#define MMCORE_INLINE inline __attribute__((always_inline))
+#endif
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "mmcore stores little-endian bytes and assumes a little-endian host"
+#endif

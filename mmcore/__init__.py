@@ -1,0 +1,17 @@
+"""mmcore: save and recover whole sets of related deep-learning models.
+
+>>> import mmcore
+>>> with mmcore.open("fleet.mm") as store:          # doctest: +SKIP
+...     v1 = store.save(models, approach="baseline", ref="fleet")
+...     sets = store.load(v1)
+"""
+
+from __future__ import annotations
+
+from . import errors
+from ._native import cuda_available
+from .api import ModelStore, VersionInfo, open
+
+__version__ = "0.1.0"
+
+__all__ = ["ModelStore", "VersionInfo", "__version__", "cuda_available", "errors", "open"]

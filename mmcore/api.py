@@ -1,0 +1,307 @@
+"""The public API: ``mmcore.open`` and ``ModelStore``."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import modelset
+from ._progress import progress_bar
+from .errors import (
+    InvalidArgumentError,
+    ModelNotFoundError,
+    RefNotFoundError,
+    StoreError,
+    VersionNotFoundError,
+)
+from .manifest import APPROACHES, ContentRecord, Manifest, pack_record
+from .paths import baseline
+from .paths.reader import BlobReader, StateDict
+from .store import Catalog, LocalPackTier, StoreLayout
+
+_HEX = frozenset("0123456789abcdef")
+_MANIFEST_CACHE = 8
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    id: str
+    approach: str
+    parent: str | None
+    created: datetime
+    num_models: int
+    num_tensors: int
+    logical_bytes: int
+    stored_bytes: int
+    refs: tuple[str, ...]
+    message: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["created"] = self.created.isoformat()
+        d["refs"] = list(self.refs)
+        return d
+
+
+def open(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True) -> ModelStore:  # noqa: A001
+    """Opens (and by default creates) the store in directory ``path``."""
+    return ModelStore(path, readonly=readonly, create=create)
+
+
+class ModelStore:
+    """A directory holding versions of model sets. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._layout = StoreLayout(self.path)
+        self._layout.check_or_create(create=create and not readonly)
+        self.catalog = Catalog(self._layout.catalog, readonly=readonly)
+        self.tier = LocalPackTier(self._layout.packs)
+        self._reader = BlobReader(self.tier, self._content)
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcore-reader")
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown()
+            self.tier.close()
+            self.catalog.close()
+
+    def __enter__(self) -> ModelStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ModelStore({str(self.path)!r}, readonly={self.readonly})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("this store is closed; open it again with mmcore.open(path)")
+
+    # -- lookups ---------------------------------------------------------
+    def _content(self, key: bytes) -> ContentRecord:
+        raw = self.catalog.get("content", key)
+        if raw is None:
+            raise StoreError(f"content record {key.hex()[:16]} is missing: the store is damaged")
+        return ContentRecord.decode(raw)
+
+    def resolve(self, version_or_ref: str) -> str:
+        """The full version id for an id, a unique id prefix (>= 4 hex digits), or a ref."""
+        self._check_open()
+        if not isinstance(version_or_ref, str) or not version_or_ref:
+            raise InvalidArgumentError(f"a version id or ref name is a non-empty string, got {version_or_ref!r}")
+        key = version_or_ref.encode()
+        if self.catalog.get("manifests", key) is not None:
+            return version_or_ref
+        head = self.catalog.get("refs", key)
+        if head is not None:
+            return head.decode()
+        if len(version_or_ref) >= 4 and set(version_or_ref) <= _HEX:
+            matches = [k.decode() for k, _ in self.catalog.scan("manifests", key)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise VersionNotFoundError(
+                    f"version prefix {version_or_ref!r} is ambiguous ({len(matches)} versions); give more digits"
+                )
+        raise VersionNotFoundError(
+            f"no version or ref {version_or_ref!r} in {self.path}; `mmcore log {self.path}` lists them"
+        )
+
+    def manifest(self, version_or_ref: str) -> Manifest:
+        vid = self.resolve(version_or_ref)
+        cached = self._manifests.get(vid)
+        if cached is not None:
+            self._manifests.move_to_end(vid)
+            return cached
+        raw = self.catalog.get("manifests", vid.encode())
+        if raw is None:
+            raise VersionNotFoundError(f"version {vid} vanished while reading it")
+        manifest = Manifest.decode(raw)
+        self._manifests[vid] = manifest
+        if len(self._manifests) > _MANIFEST_CACHE:
+            self._manifests.popitem(last=False)
+        return manifest
+
+    def refs(self) -> dict[str, str]:
+        self._check_open()
+        return {k.decode(): v.decode() for k, v in self.catalog.scan("refs")}
+
+    # -- save ------------------------------------------------------------
+    def save(self, models: Any, *, approach: str = "baseline", parent: str | None = None,
+             ref: str | None = None, message: str | None = None, progress: bool | None = None) -> str:
+        """Saves a model set as a new version and returns its id.
+
+        ``models`` maps model names to ``torch.nn.Module`` objects or state dicts.
+        ``ref`` (optional) is moved to the new version in the same atomic commit.
+        """
+        self._check_open()
+        if approach not in APPROACHES:
+            raise InvalidArgumentError(f"approach must be one of {', '.join(map(repr, APPROACHES))}, got {approach!r}")
+        if approach == "baseline" and parent is not None:
+            raise InvalidArgumentError(
+                "a baseline version stores every parameter and has no parent; "
+                "drop parent=, or save with approach='update'"
+            )
+        if ref is not None and (not isinstance(ref, str) or not ref or len(ref) > 200):
+            raise InvalidArgumentError(f"ref must be a non-empty string of at most 200 characters, got {ref!r}")
+        if self.readonly:
+            from .errors import ReadOnlyStoreError
+
+            raise ReadOnlyStoreError("this store was opened read-only; reopen it with readonly=False to save")
+        prepared = modelset.prepare(models)
+        vid = secrets.token_hex(8)
+        prev = None if ref is None else self.catalog.get("refs", ref.encode())
+        writer = self.tier.create()
+        try:
+            with progress_bar(prepared.logical_bytes, f"saving {len(prepared.names)} models", progress) as bar:
+                blobs = baseline.write_set(writer, prepared, bar)
+            pack_size = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        puts: list[tuple[str, bytes, bytes]] = []
+        new_bytes = 0
+        live_in_pack = 0
+        for blob in blobs:
+            existing = self.catalog.get("content", blob.key)
+            if existing is not None:  # identical bytes already stored: reference them
+                rec = ContentRecord.decode(existing)
+                rec.refs += 1
+            else:
+                rec = blob.record
+                live_in_pack += 1
+                new_bytes += rec.payload_length + rec.hashes_length
+            puts.append(("content", blob.key, rec.encode()))
+        now = time.time()
+        manifest = Manifest(
+            id=vid, approach=approach, created=now, models=prepared.names,
+            groups=baseline.group_records(prepared, blobs), logical_bytes=prepared.logical_bytes,
+            parent=parent, prev=None if prev is None else prev.decode(), ref=ref, message=message,
+        )  # fmt: skip
+        if live_in_pack:
+            puts.append(("packs", writer.pack_id.encode(), pack_record(pack_size, now)))
+            new_bytes = pack_size
+        manifest_bytes = manifest.encode()
+        manifest.stored_bytes = new_bytes + len(manifest_bytes)
+        manifest_bytes = manifest.encode()
+        puts.append(("manifests", vid.encode(), manifest_bytes))
+        if ref is not None:
+            puts.append(("refs", ref.encode(), vid.encode()))
+        try:
+            self.catalog.commit(puts)
+        except BaseException:
+            writer.abort()
+            raise
+        if not live_in_pack:
+            self.tier.delete(writer.pack_id)
+        return vid
+
+    # -- load ------------------------------------------------------------
+    def load(self, version: str, *, device: str | torch.device = "cpu", verify: bool = True,
+             models: list[str] | None = None) -> dict[str, StateDict]:
+        """Recovers a whole set: {model name: {tensor name: tensor}} in saved order.
+
+        Tensors of one group are views of one buffer. With ``verify`` (default)
+        every tensor's BLAKE3 is checked; a mismatch raises IntegrityError.
+        """
+        if models is not None:
+            return {name: self.load_model(version, name, device=device, verify=verify) for name in models}
+        manifest = self.manifest(version)
+        dev = _device(device)
+        out: list[StateDict | None] = [None] * len(manifest.models)
+        for group in manifest.groups:
+            states = self._reader.read_group(manifest, group, verify=verify, device=dev, pool=self._pool)
+            for mi, state in zip(group.positions(), states):
+                out[mi] = state
+        return {name: state for name, state in zip(manifest.models, out) if state is not None}
+
+    def load_model(self, version: str, name: str, *, device: str | torch.device = "cpu",
+                   verify: bool = True) -> StateDict:
+        """Recovers one model, reading only that model's bytes."""
+        manifest = self.manifest(version)
+        where = manifest.locate(name)
+        if where is None:
+            raise ModelNotFoundError(f"version {manifest.id} has no model {name!r} ({len(manifest.models)} models)")
+        gi, pos = where
+        return self._reader.read_model(manifest, manifest.groups[gi], pos, verify=verify, device=_device(device))
+
+    # -- inspect ---------------------------------------------------------
+    def info(self, version: str) -> VersionInfo:
+        m = self.manifest(version)
+        heads = tuple(sorted(r for r, v in self.refs().items() if v == m.id))
+        return VersionInfo(
+            id=m.id, approach=m.approach, parent=m.parent,
+            created=datetime.fromtimestamp(m.created, tz=timezone.utc), num_models=len(m.models),
+            num_tensors=m.num_tensors, logical_bytes=m.logical_bytes, stored_bytes=m.stored_bytes,
+            refs=heads, message=m.message,
+        )  # fmt: skip
+
+    def versions(self) -> list[VersionInfo]:
+        """Every version in the store, newest first."""
+        self._check_open()
+        ids = [k.decode() for k, _ in self.catalog.scan("manifests")]
+        infos = [self.info(v) for v in ids]
+        return sorted(infos, key=lambda i: i.created, reverse=True)
+
+    def log(self, ref: str | None = None) -> list[VersionInfo]:
+        """Versions reachable from ``ref`` (parents, then earlier heads), newest first.
+
+        Without a ref: every version in the store.
+        """
+        if ref is None:
+            return self.versions()
+        head = self.catalog.get("refs", ref.encode())
+        if head is None:
+            raise RefNotFoundError(f"no ref {ref!r} in {self.path}; refs: {', '.join(sorted(self.refs())) or 'none'}")
+        return list(self._walk(head.decode()))
+
+    def _walk(self, vid: str | None) -> Iterator[VersionInfo]:
+        seen: set[str] = set()
+        while vid is not None and vid not in seen:
+            seen.add(vid)
+            m = self.manifest(vid)
+            yield self.info(vid)
+            vid = m.parent if m.parent is not None else m.prev
+
+    def verify(self, version: str | None = None) -> int:
+        """Re-hashes every stored byte of one version (or all); returns tensors checked.
+
+        Raises IntegrityError naming the first corrupted model and tensor.
+        """
+        ids = [self.resolve(version)] if version is not None else [v.id for v in self.versions()]
+        checked = 0
+        for vid in ids:
+            m = self.manifest(vid)
+            for group in m.groups:
+                self._reader.verify_group(m, group)
+            checked += m.num_tensors
+        return checked
+
+    def stored_bytes(self) -> int:
+        """Bytes the whole store occupies on disk: packs plus catalog."""
+        packs = sum(p.stat().st_size for p in self._layout.packs.glob("*.pack"))
+        return packs + self.catalog.approximate_bytes()
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgumentError(f"device must be like 'cpu' or 'cuda:0', got {device!r}") from exc

@@ -1,0 +1,67 @@
+"""Typed errors. Each message says what was wrong and what to do."""
+
+from __future__ import annotations
+
+
+class MMCoreError(Exception):
+    """Base class of every error mmcore raises on purpose."""
+
+
+class NativeModuleError(MMCoreError, ImportError):
+    """The compiled extension is missing or cannot be loaded."""
+
+
+class InvalidModelSetError(MMCoreError, ValueError):
+    """The models given to ``save`` are not a valid set (empty, bad names, non-tensors...)."""
+
+
+class InvalidArgumentError(MMCoreError, ValueError):
+    """An argument has a value mmcore does not accept (unknown approach, bad device...)."""
+
+
+class StoreError(MMCoreError):
+    """Problems with the store directory itself."""
+
+
+class NotAStoreError(StoreError):
+    """The path exists but is not an mmcore store (a file, or a foreign directory)."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store open for writing."""
+
+
+class ReadOnlyStoreError(StoreError):
+    """A write was attempted on a store opened read-only."""
+
+
+class FormatVersionError(StoreError):
+    """The store or a record was written by a newer, unknown format version."""
+
+
+class NotFoundError(MMCoreError, KeyError):
+    """Base for lookups that found nothing."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class VersionNotFoundError(NotFoundError):
+    """No version with this id (or unique id prefix) exists."""
+
+
+class RefNotFoundError(NotFoundError):
+    """No ref with this name exists."""
+
+
+class ModelNotFoundError(NotFoundError):
+    """The version holds no model with this name."""
+
+
+class IntegrityError(MMCoreError):
+    """Stored bytes do not match their recorded hash."""
+
+    def __init__(self, message: str, *, model: str | None = None, tensor: str | None = None):
+        super().__init__(message)
+        self.model = model
+        self.tensor = tensor

@@ -1,0 +1,119 @@
+"""Kernel dispatch: validates in Python, then calls the native module.
+
+Native entry points take raw addresses; the helpers here build the address
+tables from tensors so the rest of mmcore never handles pointers directly.
+``reference`` holds the pure implementations the tests use as oracles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .._native import core
+from ..errors import InvalidArgumentError
+
+HASH_SIZE = 32
+
+
+def int64_table(values: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(torch.int64).contiguous()
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _check_cpu_bytes(t: torch.Tensor, what: str) -> None:
+    if t.device.type != "cpu":
+        raise InvalidArgumentError(f"{what} must be on the CPU, got device {t.device}")
+    if not t.is_contiguous():
+        raise InvalidArgumentError(f"{what} must be contiguous")
+
+
+def blake3_segments(ptrs: torch.Tensor, lens: torch.Tensor, *, out: torch.Tensor | None = None,
+                    threads: int = 0) -> torch.Tensor:
+    """BLAKE3-256 of each (address, length) segment; returns a (n, 32) uint8 tensor.
+
+    The caller keeps the memory behind every address alive for the call.
+    """
+    if ptrs.dtype != torch.int64 or lens.dtype != torch.int64 or ptrs.shape != lens.shape:
+        raise InvalidArgumentError("ptrs and lens must be int64 tensors of one shape")
+    _check_cpu_bytes(ptrs, "ptrs")
+    _check_cpu_bytes(lens, "lens")
+    n = ptrs.numel()
+    if out is None:
+        out = torch.empty((n, HASH_SIZE), dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.numel() != n * HASH_SIZE or not out.is_contiguous():
+        raise InvalidArgumentError(f"out must be a contiguous uint8 tensor of {n * HASH_SIZE} bytes")
+    if n:
+        core().blake3_segments(ptrs.data_ptr(), lens.data_ptr(), n, out.data_ptr(), threads)
+    return out
+
+
+def blake3_tensors(tensors: Sequence[torch.Tensor], *, threads: int = 0) -> torch.Tensor:
+    """BLAKE3-256 of the raw bytes of each tensor (CPU; others are copied to the CPU)."""
+    keep = [t.detach().to("cpu").contiguous() for t in tensors]
+    ptrs = int64_table([t.data_ptr() for t in keep])
+    lens = int64_table([t.numel() * t.element_size() for t in keep])
+    return blake3_segments(ptrs, lens, threads=threads)
+
+
+def blake3_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    """BLAKE3-256 of a bytes-like object (used for small metadata records)."""
+    if len(data):
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    else:
+        buf = torch.empty(0, dtype=torch.uint8)
+    return hash_rows_to_bytes(blake3_tensors([buf]))[0]
+
+
+def hash_rows_to_bytes(hashes: torch.Tensor) -> list[bytes]:
+    """Splits a (n, 32) hash tensor into n bytes objects."""
+    flat = bytes(hashes.reshape(-1).tolist()) if hashes.numel() < 4096 else _to_bytes(hashes)
+    return [flat[i : i + HASH_SIZE] for i in range(0, len(flat), HASH_SIZE)]
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    import ctypes
+
+    t = t.contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
+
+
+def gather(dst: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, offsets: torch.Tensor,
+           *, threads: int = 0) -> None:
+    """Copies segment i (address ptrs[i], lens[i] bytes) to dst at byte offsets[i]."""
+    _check_cpu_bytes(dst, "dst")
+    n = ptrs.numel()
+    if not (ptrs.dtype == lens.dtype == offsets.dtype == torch.int64):
+        raise InvalidArgumentError("ptrs, lens and offsets must be int64 tensors")
+    if not (lens.numel() == offsets.numel() == n):
+        raise InvalidArgumentError("ptrs, lens and offsets must have the same length")
+    if n and int((offsets + lens).max()) > dst.numel() * dst.element_size():
+        raise InvalidArgumentError("a segment would end past the end of dst")
+    if n:
+        core().gather(dst.data_ptr(), ptrs.data_ptr(), lens.data_ptr(), offsets.data_ptr(), n, threads)
+
+
+def scatter(src: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, offsets: torch.Tensor,
+            *, threads: int = 0) -> None:
+    """Copies src bytes at offsets[i] (lens[i] bytes) to address ptrs[i]."""
+    _check_cpu_bytes(src, "src")
+    n = ptrs.numel()
+    if not (ptrs.dtype == lens.dtype == offsets.dtype == torch.int64):
+        raise InvalidArgumentError("ptrs, lens and offsets must be int64 tensors")
+    if not (lens.numel() == offsets.numel() == n):
+        raise InvalidArgumentError("ptrs, lens and offsets must have the same length")
+    if n and int((offsets + lens).max()) > src.numel() * src.element_size():
+        raise InvalidArgumentError("a segment would start or end past the end of src")
+    if n:
+        core().scatter(src.data_ptr(), ptrs.data_ptr(), lens.data_ptr(), offsets.data_ptr(), n, threads)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a CPU tensor as one bytes object (one copy)."""
+    import ctypes
+
+    t = t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    return ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b""

@@ -1,0 +1,173 @@
+"""Turns what a user passes to ``save`` into a validated, grouped model set.
+
+Models of one architecture share one *schema* (tensor names, dtypes, shapes and
+byte offsets inside a model); models are grouped by schema so that each group's
+bytes are laid out model after model with a fixed stride.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import dtypes
+from .errors import InvalidModelSetError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # byte offset inside one model's record
+    nbytes: int
+
+
+@dataclass
+class Schema:
+    tensors: list[TensorSpec]
+    stride: int  # bytes from one model's record to the next
+    align: int
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes] for t in self.tensors],
+            "stride": self.stride,
+            "align": self.align,
+        }
+
+    @classmethod
+    def decode(cls, raw: Mapping[str, Any]) -> Schema:
+        specs = [TensorSpec(n, d, tuple(s), o, b) for n, d, s, o, b in raw["tensors"]]
+        return cls(specs, int(raw["stride"]), int(raw["align"]))
+
+
+@dataclass
+class Group:
+    schema: Schema
+    members: list[int] = field(default_factory=list)  # indices into PreparedSet.names
+    sources: list[list[torch.Tensor]] = field(default_factory=list)  # CPU, contiguous
+
+
+@dataclass
+class PreparedSet:
+    names: list[str]
+    groups: list[Group]
+    placement: list[tuple[int, int]]  # per model: (group index, position in group)
+
+    @property
+    def logical_bytes(self) -> int:
+        return sum(len(g.members) * sum(t.nbytes for t in g.schema.tensors) for g in self.groups)
+
+
+def _state_dict(name: str, value: Any) -> Mapping[str, Any]:
+    if isinstance(value, torch.nn.Module):
+        return value.state_dict(keep_vars=False)
+    if isinstance(value, Mapping):
+        return value
+    raise InvalidModelSetError(
+        f"model {name!r}: expected a torch.nn.Module or a state dict (mapping of tensor name "
+        f"to tensor), got {type(value).__name__}"
+    )
+
+
+def _items(models: Any) -> Iterable[tuple[Any, Any]]:
+    if isinstance(models, Mapping):
+        return models.items()
+    if isinstance(models, (str, bytes)) or not isinstance(models, Iterable):
+        raise InvalidModelSetError(
+            f"models must be a mapping of model name to module or state dict, "
+            f"got {type(models).__name__}"
+        )
+    return models
+
+
+def _schema_for(keys: tuple[str, ...], sig: tuple[tuple[torch.dtype, torch.Size], ...], model: str) -> Schema:
+    specs = []
+    offset = 0
+    align = 1
+    for key, (dtype, shape) in zip(keys, sig):
+        if not isinstance(key, str):
+            raise InvalidModelSetError(
+                f"model {model!r}: tensor names must be strings, got {type(key).__name__}"
+            )
+        name = dtypes.name_of(dtype, where=f"model {model!r}, tensor {key!r}")
+        itemsize = dtypes.ITEMSIZE[dtype]
+        offset = -(-offset // itemsize) * itemsize
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        specs.append(TensorSpec(key, name, tuple(shape), offset, numel * itemsize))
+        offset += numel * itemsize
+        align = max(align, itemsize)
+    stride = -(-offset // align) * align
+    return Schema(specs, stride, align)
+
+
+def _as_source(t: torch.Tensor) -> torch.Tensor:
+    """A CPU, contiguous tensor holding exactly the bits of ``t``."""
+    t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t.contiguous()
+
+
+def prepare(models: Any) -> PreparedSet:
+    names: list[str] = []
+    seen: set[str] = set()
+    groups: list[Group] = []
+    by_key: dict[Any, int] = {}
+    placement: list[tuple[int, int]] = []
+    tensor_type = torch.Tensor
+    for name, value in _items(models):
+        if not isinstance(name, str):
+            raise InvalidModelSetError(f"model names must be strings, got {type(name).__name__}")
+        if not name:
+            raise InvalidModelSetError("model names must be non-empty strings")
+        if name in seen:
+            raise InvalidModelSetError(f"duplicate model name {name!r}: names must be unique")
+        seen.add(name)
+        sd = _state_dict(name, value)
+        keys = tuple(sd.keys())
+        values = list(sd.values())
+        sig = []
+        sources = []
+        for key, t in zip(keys, values):
+            if not isinstance(t, tensor_type):
+                raise InvalidModelSetError(
+                    f"model {name!r}, entry {key!r}: expected a torch.Tensor, got {type(t).__name__}"
+                )
+            if t.layout is not torch.strided:
+                raise InvalidModelSetError(
+                    f"model {name!r}, tensor {key!r}: layout {t.layout} is not supported; "
+                    "convert it with .to_dense() first"
+                )
+            sig.append((t.dtype, t.shape))
+            if not (t.is_cpu and t.is_contiguous() and not t.is_neg()) or t.is_conj():
+                if t.device.type == "meta":
+                    raise InvalidModelSetError(
+                        f"model {name!r}, tensor {key!r} is on the meta device and has no data"
+                    )
+                t = _as_source(t)
+            sources.append(t)
+        key = (keys, tuple(sig))
+        gi = by_key.get(key)
+        if gi is None:
+            gi = len(groups)
+            by_key[key] = gi
+            groups.append(Group(_schema_for(keys, key[1], name)))
+        group = groups[gi]
+        placement.append((gi, len(group.members)))
+        group.members.append(len(names))
+        group.sources.append(sources)
+        names.append(name)
+    if not names:
+        raise InvalidModelSetError("the model set is empty: pass at least one model")
+    return PreparedSet(names, groups, placement)

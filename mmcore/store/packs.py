@@ -1,0 +1,160 @@
+"""The payload tier: where the bytes of tensors live.
+
+``PayloadTier`` is the interface a second tier (an S3-compatible object store)
+will implement; ``LocalPackTier`` keeps append-only pack files in one directory.
+A pack is written once, synced, and only then referenced by a catalog commit.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from .._native import core
+from ..errors import IntegrityError, StoreError
+from .layout import fsync_dir
+
+PACK_MAGIC = b"MMCPACK\x00"
+PACK_VERSION = 1
+HEADER_SIZE = 64
+SECTION_ALIGN = 4096
+_HEADER = struct.Struct("<8sII16s")  # magic, version, header size, pack id
+
+
+def align_up(value: int, alignment: int = SECTION_ALIGN) -> int:
+    return -(-value // alignment) * alignment
+
+
+class PackWriter(ABC):
+    pack_id: str
+
+    @abstractmethod
+    def write_ptr(self, address: int, length: int, offset: int) -> None:
+        """Writes ``length`` bytes from memory at ``address`` to ``offset`` in the pack."""
+
+    @abstractmethod
+    def finish(self) -> int:
+        """Makes the pack durable and returns its size; only then may a commit reference it."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discards a pack that will never be committed."""
+
+
+class PayloadTier(ABC):
+    """Where payload bytes live. Capabilities: ``local_files`` (memory-mappable paths)."""
+
+    local_files: bool = False
+
+    def __init__(self) -> None:
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    @abstractmethod
+    def create(self) -> PackWriter: ...
+
+    @abstractmethod
+    def read_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
+        """Reads exactly ``length`` bytes at ``offset`` into memory at ``address``."""
+
+    @abstractmethod
+    def delete(self, pack_id: str) -> None: ...
+
+    @abstractmethod
+    def list(self) -> list[str]: ...
+
+    @abstractmethod
+    def size(self, pack_id: str) -> int: ...
+
+
+class _LocalPackWriter(PackWriter):
+    def __init__(self, tier: LocalPackTier) -> None:
+        self._tier = tier
+        self.pack_id = secrets.token_hex(8)
+        self.path = tier.path_of(self.pack_id)
+        self._fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        header = _HEADER.pack(PACK_MAGIC, PACK_VERSION, HEADER_SIZE, bytes.fromhex(self.pack_id))
+        os.pwrite(self._fd, header.ljust(HEADER_SIZE, b"\0"), 0)
+        self._size = HEADER_SIZE
+
+    def write_ptr(self, address: int, length: int, offset: int) -> None:
+        core().pwrite(self._fd, address, length, offset)
+        self._size = max(self._size, offset + length)
+        self._tier.bytes_written += length
+
+    def finish(self) -> int:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        fsync_dir(self.path.parent)
+        return self._size
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+class LocalPackTier(PayloadTier):
+    local_files = True
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def path_of(self, pack_id: str) -> Path:
+        return self.directory / f"{pack_id}.pack"
+
+    def create(self) -> PackWriter:
+        return _LocalPackWriter(self)
+
+    def _fd(self, pack_id: str) -> int:
+        with self._lock:
+            fd = self._fds.get(pack_id)
+            if fd is None:
+                try:
+                    fd = os.open(self.path_of(pack_id), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise IntegrityError(
+                        f"pack {pack_id} is missing from {self.directory}; the store is damaged"
+                    ) from None
+                self._fds[pack_id] = fd
+            return fd
+
+    def read_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
+        got = core().pread(self._fd(pack_id), address, length, offset)
+        self.bytes_read += got
+        if got != length:
+            raise IntegrityError(
+                f"pack {pack_id} ends at byte {offset + got}, before the {length} bytes recorded "
+                f"at offset {offset}; the pack is truncated"
+            )
+
+    def delete(self, pack_id: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(pack_id, None)
+        if fd is not None:
+            os.close(fd)
+        self.path_of(pack_id).unlink(missing_ok=True)
+
+    def list(self) -> list[str]:
+        return sorted(p.stem for p in self.directory.glob("*.pack"))
+
+    def size(self, pack_id: str) -> int:
+        try:
+            return self.path_of(pack_id).stat().st_size
+        except FileNotFoundError:
+            raise StoreError(f"pack {pack_id} is missing") from None
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
