@@ -67,6 +67,22 @@ uint64_t pread_bytes(int fd, uintptr_t data, uint64_t len, uint64_t offset) {
   return uint64_t(r);
 }
 
+void pwrite_segments(int fd, uint64_t offset, uintptr_t srcs, uintptr_t lens, uintptr_t dst_offsets,
+                     size_t n, uint64_t total) {
+  int64_t r;
+  {
+    py::gil_scoped_release release;
+    r = mmcore::pwrite_segments(fd, offset, ptr<const uint8_t* const>(srcs), ptr<const uint64_t>(lens),
+                                ptr<const uint64_t>(dst_offsets), n, total);
+  }
+  if (r < 0) raise_os_error(r);
+}
+
+bool start_writeback(int fd, uint64_t offset, uint64_t len) {
+  py::gil_scoped_release release;
+  return mmcore::start_writeback(fd, offset, len) == 0;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -80,6 +96,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("scatter", &scatter, py::arg("src"), py::arg("dsts"), py::arg("lens"), py::arg("offsets"),
         py::arg("n"), py::arg("threads") = 0);
   m.def("pwrite", &pwrite_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
+  m.def("pwrite_segments", &pwrite_segments, py::arg("fd"), py::arg("offset"), py::arg("srcs"),
+        py::arg("lens"), py::arg("dst_offsets"), py::arg("n"), py::arg("total"),
+        "Writes n segments to a file range without copying; gaps become zeros.");
+  m.def("start_writeback", &start_writeback, py::arg("fd"), py::arg("offset"), py::arg("len"),
+        "Starts write-back of a file range without waiting; False where unsupported.");
   m.def("pread", &pread_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
 #ifdef MMCORE_WITH_CUDA
   m.attr("built_with_cuda") = true;

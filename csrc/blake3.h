@@ -19,7 +19,8 @@ namespace blake3 {
 // Widest lane count and entry points, chosen once per process.
 struct LaneKernels {
   int width;
-  void (*chunks)(const uint8_t* const*, const uint64_t*, const uint8_t*, uint32_t* const*);
+  void (*chunks)(const uint8_t* const*, const uint32_t*, uint32_t, const uint64_t*, const uint8_t*,
+                 uint32_t* const*);
   void (*parents)(const uint32_t* const*, const uint32_t* const*, const uint8_t*,
                   uint32_t* const*);
   const char* isa;

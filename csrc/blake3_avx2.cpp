@@ -5,9 +5,9 @@
 
 namespace mmcore::blake3 {
 
-static void chunks_x8(const uint8_t* const* data, const uint64_t* counter, const uint8_t* root,
-                      uint32_t* const* out) {
-  full_chunks_lanes<8>(data, counter, root, out);
+static void chunks_x8(const uint8_t* const* data, const uint32_t* len, uint32_t blocks,
+                      const uint64_t* counter, const uint8_t* root, uint32_t* const* out) {
+  chunks_lanes<8>(data, len, blocks, counter, root, out);
 }
 
 static void parents_x8(const uint32_t* const* left, const uint32_t* const* right,

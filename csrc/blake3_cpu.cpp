@@ -17,9 +17,9 @@ using blake3::LaneKernels;
 
 constexpr int kMaxLanes = 8;
 
-void chunks_x4(const uint8_t* const* data, const uint64_t* counter, const uint8_t* root,
-               uint32_t* const* out) {
-  blake3::full_chunks_lanes<4>(data, counter, root, out);
+void chunks_x4(const uint8_t* const* data, const uint32_t* len, uint32_t blocks,
+               const uint64_t* counter, const uint8_t* root, uint32_t* const* out) {
+  blake3::chunks_lanes<4>(data, len, blocks, counter, root, out);
 }
 
 void parents_x4(const uint32_t* const* left, const uint32_t* const* right, const uint8_t* root,
@@ -44,17 +44,23 @@ uint64_t chunk_count(uint64_t len) {
   return len == 0 ? 1 : (len + blake3::kChunkLen - 1) / blake3::kChunkLen;
 }
 
-// Collects full chunks into lane batches and flushes them through the SIMD kernel.
+// Collects chunks with the same number of blocks into lane batches and flushes
+// them through the SIMD kernel.
 struct ChunkBatcher {
   const LaneKernels& k;
+  uint32_t blocks;
   int used = 0;
   const uint8_t* data[kMaxLanes];
+  uint32_t len[kMaxLanes];
   uint64_t counter[kMaxLanes];
   uint8_t root[kMaxLanes];
   uint32_t* out[kMaxLanes];
 
-  void add(const uint8_t* d, uint64_t c, bool r, uint32_t* o) {
+  ChunkBatcher(const LaneKernels& kernels, uint32_t block_count) : k(kernels), blocks(block_count) {}
+
+  void add(const uint8_t* d, uint32_t n, uint64_t c, bool r, uint32_t* o) {
     data[used] = d;
+    len[used] = n;
     counter[used] = c;
     root[used] = r;
     out[used] = o;
@@ -65,11 +71,12 @@ struct ChunkBatcher {
     uint32_t scratch[kMaxLanes][8];
     for (int l = used; l < k.width; ++l) {  // pad with copies; results discarded
       data[l] = data[0];
+      len[l] = len[0];
       counter[l] = counter[0];
       root[l] = root[0];
       out[l] = scratch[l];
     }
-    k.chunks(data, counter, root, out);
+    k.chunks(data, len, blocks, counter, root, out);
     used = 0;
   }
 };
@@ -125,7 +132,10 @@ void blake3_segments_cpu(const uint8_t* const* ptrs, const uint64_t* lens, size_
 
   // Level 0: one chaining value per chunk, across all segments.
   parallel_ranges(size_t(total), threads, 64, [&](size_t begin, size_t end) {
-    ChunkBatcher batch{k, 0, {}, {}, {}, {}};
+    // One batcher per block count (1..16): chunks of one batch share a length class.
+    std::vector<ChunkBatcher> batches;
+    batches.reserve(16);
+    for (uint32_t b = 1; b <= 16; ++b) batches.emplace_back(k, b);
     size_t s = size_t(std::upper_bound(base.begin(), base.end(), uint64_t(begin)) - base.begin()) - 1;
     for (size_t c = begin; c < end; ++c) {
       while (c >= base[s + 1]) ++s;
@@ -136,13 +146,13 @@ void blake3_segments_cpu(const uint8_t* const* ptrs, const uint64_t* lens, size_
           uint32_t(remaining < blake3::kChunkLen ? remaining : uint64_t(blake3::kChunkLen));
       const bool root = base[s + 1] - base[s] == 1;
       uint32_t* cv = cvs.get() + c * 8;
-      if (len == blake3::kChunkLen) {
-        batch.add(ptrs[s] + offset, index, root, cv);
+      if (len == 0) {
+        blake3::chunk_cv(nullptr, 0, index, root, cv);
       } else {
-        blake3::chunk_cv(len == 0 ? nullptr : ptrs[s] + offset, len, index, root, cv);
+        batches[(len - 1) / blake3::kBlockLen].add(ptrs[s] + offset, len, index, root, cv);
       }
     }
-    batch.flush();
+    for (auto& b : batches) b.flush();
   });
 
   // Tree levels: pair neighbours left to right, carry an odd last node up.

@@ -83,29 +83,42 @@ inline void load_block_lanes<8>(const uint8_t* const* data, uint32_t offset, Lan
 }
 #endif
 
-// Hashes W full 1024-byte chunks. `root[l]` marks a chunk that is a whole
-// message on its own (its last block then carries the ROOT flag).
+// Hashes W chunks that all have `blocks` 64-byte blocks (the last one may be
+// partial: len[l] bytes in all, 0 < len[l] <= 1024). `root[l]` marks a chunk
+// that is a whole message on its own (its last block then carries ROOT).
 template <int W>
-static inline void full_chunks_lanes(const uint8_t* const* data, const uint64_t* counter,
-                                     const uint8_t* root, uint32_t* const* out) {
+static inline void chunks_lanes(const uint8_t* const* data, const uint32_t* len, uint32_t blocks,
+                                const uint64_t* counter, const uint8_t* root,
+                                uint32_t* const* out) {
   using V = typename LaneVec<W>::type;
   V cv[8];
   load_iv(cv);
-  V counter_lo, counter_hi, root_flag;
+  V counter_lo, counter_hi, root_flag, last_len;
+  const uint32_t last = blocks - 1;
   for (int l = 0; l < W; ++l) {
     counter_lo[l] = uint32_t(counter[l]);
     counter_hi[l] = uint32_t(counter[l] >> 32);
     root_flag[l] = root[l] ? kRoot : 0u;
+    last_len[l] = len[l] - last * kBlockLen;
   }
-  const V block_len = splat<V>(kBlockLen);
-  for (uint32_t b = 0; b < kChunkLen / kBlockLen; ++b) {
-    V m[16];
+  const V full_len = splat<V>(kBlockLen);
+  V m[16];
+  for (uint32_t b = 0; b < last; ++b) {
     load_block_lanes<W>(data, b * kBlockLen, m);
-    uint32_t f = (b == 0 ? kChunkStart : 0u) | (b == 15 ? kChunkEnd : 0u);
-    V flags = splat<V>(f);
-    if (b == 15) flags |= root_flag;
-    compress_in_place(cv, m, counter_lo, counter_hi, block_len, flags);
+    compress_in_place(cv, m, counter_lo, counter_hi, full_len,
+                      splat<V>(b == 0 ? kChunkStart : 0u));
   }
+  // The last block is copied into zero padding, lane by lane.
+  alignas(32) uint8_t padded[W][kBlockLen];
+  const uint8_t* padded_ptr[W];
+  for (int l = 0; l < W; ++l) {
+    std::memset(padded[l], 0, kBlockLen);
+    std::memcpy(padded[l], data[l] + last * kBlockLen, len[l] - last * kBlockLen);
+    padded_ptr[l] = padded[l];
+  }
+  load_block_lanes<W>(padded_ptr, 0, m);
+  V flags = splat<V>(kChunkEnd | (last == 0 ? kChunkStart : 0u)) | root_flag;
+  compress_in_place(cv, m, counter_lo, counter_hi, last_len, flags);
   for (int l = 0; l < W; ++l)
     for (int i = 0; i < 8; ++i) out[l][i] = cv[i][l];
 }

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from . import modelset
 from ._progress import progress_bar
 from .errors import (
     InvalidArgumentError,
@@ -165,36 +164,33 @@ class ModelStore:
             from .errors import ReadOnlyStoreError
 
             raise ReadOnlyStoreError("this store was opened read-only; reopen it with readonly=False to save")
-        prepared = modelset.prepare(models)
         vid = secrets.token_hex(8)
         prev = None if ref is None else self.catalog.get("refs", ref.encode())
         writer = self.tier.create()
         try:
-            with progress_bar(prepared.logical_bytes, f"saving {len(prepared.names)} models", progress) as bar:
-                blobs = baseline.write_set(writer, prepared, bar)
+            with progress_bar(_count(models), "saving models", progress, unit="model") as bar:
+                written = baseline.write_set(writer, models, bar)
             pack_size = writer.finish()
         except BaseException:
             writer.abort()
             raise
         puts: list[tuple[str, bytes, bytes]] = []
-        new_bytes = 0
         live_in_pack = 0
-        for blob in blobs:
-            existing = self.catalog.get("content", blob.key)
+        for key, rec in written.blobs:
+            existing = self.catalog.get("content", key)
             if existing is not None:  # identical bytes already stored: reference them
                 rec = ContentRecord.decode(existing)
                 rec.refs += 1
             else:
-                rec = blob.record
                 live_in_pack += 1
-                new_bytes += rec.payload_length + rec.hashes_length
-            puts.append(("content", blob.key, rec.encode()))
+            puts.append(("content", key, rec.encode()))
         now = time.time()
         manifest = Manifest(
-            id=vid, approach=approach, created=now, models=prepared.names,
-            groups=baseline.group_records(prepared, blobs), logical_bytes=prepared.logical_bytes,
-            parent=parent, prev=None if prev is None else prev.decode(), ref=ref, message=message,
+            id=vid, approach=approach, created=now, models=written.names, groups=written.groups,
+            logical_bytes=written.logical_bytes, parent=parent,
+            prev=None if prev is None else prev.decode(), ref=ref, message=message,
         )  # fmt: skip
+        new_bytes = 0
         if live_in_pack:
             puts.append(("packs", writer.pack_id.encode(), pack_record(pack_size, now)))
             new_bytes = pack_size
@@ -298,6 +294,13 @@ class ModelStore:
         """Bytes the whole store occupies on disk: packs plus catalog."""
         packs = sum(p.stat().st_size for p in self._layout.packs.glob("*.pack"))
         return packs + self.catalog.approximate_bytes()
+
+
+def _count(models: Any) -> int | None:
+    try:
+        return len(models)
+    except TypeError:
+        return None
 
 
 def _device(device: str | torch.device) -> torch.device:

@@ -132,20 +132,34 @@ class Manifest:
 
 @dataclass
 class ContentRecord:
-    """Where one blob's bytes are: its payload and its per-tensor hash table."""
+    """Where one blob's bytes are: its extents and its per-tensor hash table.
+
+    An extent ``[offset, count]`` holds ``count`` consecutive models of the
+    blob's group at byte ``offset`` of the pack, ``stride`` bytes apart.
+    """
 
     pack: str
-    payload_offset: int
-    payload_length: int
+    extents: list[list[int]]
     hashes_offset: int
     hashes_length: int
     refs: int
+
+    def payload_length(self, stride: int) -> int:
+        return sum(count for _, count in self.extents) * stride
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(pack offset of the extent, index inside it) of the model at ``position``."""
+        for offset, count in self.extents:
+            if position < count:
+                return offset, position
+            position -= count
+        raise IndexError(position)
 
     def encode(self) -> bytes:
         return _pack({
             "format": CONTENT_FORMAT,
             "pack": self.pack,
-            "payload": [self.payload_offset, self.payload_length],
+            "extents": self.extents,
             "hashes": [self.hashes_offset, self.hashes_length],
             "refs": self.refs,
         })  # fmt: skip
@@ -153,8 +167,9 @@ class ContentRecord:
     @classmethod
     def decode(cls, data: bytes) -> ContentRecord:
         raw = _unpack(data, "content", CONTENT_FORMAT)
-        (po, pl), (ho, hl) = raw["payload"], raw["hashes"]
-        return cls(raw["pack"], int(po), int(pl), int(ho), int(hl), int(raw["refs"]))
+        ho, hl = raw["hashes"]
+        extents = [[int(o), int(c)] for o, c in raw["extents"]]
+        return cls(raw["pack"], extents, int(ho), int(hl), int(raw["refs"]))
 
 
 def pack_record(size: int, created: float) -> bytes:

@@ -7,8 +7,8 @@ bytes are laid out model after model with a fixed stride.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,21 +46,13 @@ class Schema:
 
 
 @dataclass
-class Group:
-    schema: Schema
-    members: list[int] = field(default_factory=list)  # indices into PreparedSet.names
-    sources: list[list[torch.Tensor]] = field(default_factory=list)  # CPU, contiguous
+class ModelEntry:
+    """One validated model: its tensor names, (dtype, shape) signature and source tensors."""
 
-
-@dataclass
-class PreparedSet:
-    names: list[str]
-    groups: list[Group]
-    placement: list[tuple[int, int]]  # per model: (group index, position in group)
-
-    @property
-    def logical_bytes(self) -> int:
-        return sum(len(g.members) * sum(t.nbytes for t in g.schema.tensors) for g in self.groups)
+    name: str
+    keys: tuple[str, ...]
+    signature: tuple[tuple[torch.dtype, torch.Size], ...]
+    sources: list[torch.Tensor]  # CPU, contiguous, exactly the bits to store
 
 
 def _state_dict(name: str, value: Any) -> Mapping[str, Any]:
@@ -107,6 +99,17 @@ def _schema_for(keys: tuple[str, ...], sig: tuple[tuple[torch.dtype, torch.Size]
     return Schema(specs, stride, align)
 
 
+def _slow_source(model: str, key: str, t: torch.Tensor) -> torch.Tensor:
+    if t.layout is not torch.strided:
+        raise InvalidModelSetError(
+            f"model {model!r}, tensor {key!r}: layout {t.layout} is not supported; "
+            "convert it with .to_dense() first"
+        )
+    if t.device.type == "meta":
+        raise InvalidModelSetError(f"model {model!r}, tensor {key!r} is on the meta device and has no data")
+    return _as_source(t)
+
+
 def _as_source(t: torch.Tensor) -> torch.Tensor:
     """A CPU, contiguous tensor holding exactly the bits of ``t``."""
     t = t.detach()
@@ -119,13 +122,15 @@ def _as_source(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def prepare(models: Any) -> PreparedSet:
-    names: list[str] = []
+def iter_models(models: Any) -> Iterator[ModelEntry]:
+    """Validates models one at a time; raises InvalidModelSetError naming the culprit.
+
+    Callers consume this while earlier models are already being written, so a
+    bad model late in the set is reported before anything is committed.
+    """
     seen: set[str] = set()
-    groups: list[Group] = []
-    by_key: dict[Any, int] = {}
-    placement: list[tuple[int, int]] = []
     tensor_type = torch.Tensor
+    complex_dtypes = dtypes.COMPLEX
     for name, value in _items(models):
         if not isinstance(name, str):
             raise InvalidModelSetError(f"model names must be strings, got {type(name).__name__}")
@@ -136,38 +141,33 @@ def prepare(models: Any) -> PreparedSet:
         seen.add(name)
         sd = _state_dict(name, value)
         keys = tuple(sd.keys())
-        values = list(sd.values())
         sig = []
         sources = []
-        for key, t in zip(keys, values):
+        for key, t in zip(keys, sd.values()):
             if not isinstance(t, tensor_type):
                 raise InvalidModelSetError(
                     f"model {name!r}, entry {key!r}: expected a torch.Tensor, got {type(t).__name__}"
                 )
-            if t.layout is not torch.strided:
-                raise InvalidModelSetError(
-                    f"model {name!r}, tensor {key!r}: layout {t.layout} is not supported; "
-                    "convert it with .to_dense() first"
-                )
-            sig.append((t.dtype, t.shape))
-            if not (t.is_cpu and t.is_contiguous() and not t.is_neg()) or t.is_conj():
-                if t.device.type == "meta":
-                    raise InvalidModelSetError(
-                        f"model {name!r}, tensor {key!r} is on the meta device and has no data"
-                    )
-                t = _as_source(t)
+            dtype = t.dtype
+            sig.append((dtype, t.shape))
+            if not (t.is_cpu and t.is_contiguous()) or t.is_neg() or (dtype in complex_dtypes and t.is_conj()):
+                t = _slow_source(name, key, t)
             sources.append(t)
-        key = (keys, tuple(sig))
-        gi = by_key.get(key)
+        yield ModelEntry(name, keys, tuple(sig), sources)
+
+
+class Grouper:
+    """Assigns each model to the group of its schema, creating schemas on first sight."""
+
+    def __init__(self) -> None:
+        self.schemas: list[Schema] = []
+        self._by_key: dict[Any, int] = {}
+
+    def group_of(self, entry: ModelEntry) -> int:
+        key = (entry.keys, entry.signature)
+        gi = self._by_key.get(key)
         if gi is None:
-            gi = len(groups)
-            by_key[key] = gi
-            groups.append(Group(_schema_for(keys, key[1], name)))
-        group = groups[gi]
-        placement.append((gi, len(group.members)))
-        group.members.append(len(names))
-        group.sources.append(sources)
-        names.append(name)
-    if not names:
-        raise InvalidModelSetError("the model set is empty: pass at least one model")
-    return PreparedSet(names, groups, placement)
+            gi = len(self.schemas)
+            self._by_key[key] = gi
+            self.schemas.append(_schema_for(entry.keys, entry.signature, entry.name))
+        return gi

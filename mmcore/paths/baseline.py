@@ -1,10 +1,11 @@
 """The baseline save path: every parameter of every model, minimal metadata.
 
-Per schema group, models are laid out one after another with a fixed stride,
-so a save is a few large sequential writes and one model is one byte range.
-Bytes move from the source tensors to a staging buffer and the pack file in
-batches through a writer thread (native calls release the GIL), while the
-next batch's address table is prepared.
+Models are validated and written in one streaming pass. Per schema group,
+models are batched into *extents*: runs of whole models laid out one after
+another with the schema's fixed stride, each one large sequential write. While
+the Python thread validates the next models, one thread hashes the sources of
+the previous batch and another copies them into a staging buffer and writes it
+(native calls release the GIL). Memory stays bounded by the staging buffers.
 """
 
 from __future__ import annotations
@@ -12,108 +13,158 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 import torch
 
 from .. import kernels
+from .._gc import gc_paused
 from ..manifest import ContentRecord, GroupRecord
-from ..modelset import Group, PreparedSet
+from ..modelset import Grouper, Schema, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 
-# Bytes per staging buffer: large enough for sequential writes, small enough
-# that two of them stay well below the set's size.
-STAGING_BYTES = 32 << 20
+# Bytes per batch (one extent): large enough for sequential writes, small
+# enough that batches in flight stay far below the set's size.
+BATCH_BYTES = 32 << 20
+MAX_BATCHES_IN_FLIGHT = 3
 HASH_ALIGN = 64
 
 Progress = Callable[[int], None]
 
 
-@dataclass
-class WrittenBlob:
-    key: bytes
-    record: ContentRecord
-
-
-def blob_key(group: GroupRecord | Group, count: int, hashes: torch.Tensor) -> bytes:
+def blob_key(schema: Schema, count: int, hashes: torch.Tensor) -> bytes:
     """Content address of a blob: its layout and the hashes of every tensor in it."""
-    schema = group.schema.encode()
-    head = b"mmcore-blob-v1" + struct.pack("<Q", count) + bytes(msgpack.packb(schema, use_bin_type=True))
+    head = b"mmcore-blob-v1" + struct.pack("<Q", count)
+    head += bytes(msgpack.packb(schema.encode(), use_bin_type=True))
     return kernels.blake3_bytes(head + kernels.tensor_bytes(hashes))
 
 
-def _relative_offsets(specs_offsets: torch.Tensor, count: int, stride: int) -> torch.Tensor:
-    rows = torch.arange(count, dtype=torch.int64).mul_(stride).unsqueeze(1)
-    return (rows + specs_offsets.unsqueeze(0)).reshape(-1)
+@dataclass
+class _GroupState:
+    schema: Schema
+    members: list[int] = field(default_factory=list)
+    extents: list[list[int]] = field(default_factory=list)  # [pack offset, model count]
+    hash_parts: list[torch.Tensor] = field(default_factory=list)
+    pending_ptrs: list[int] = field(default_factory=list)
+    pending_sources: list[list[torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def batch_models(self) -> int:
+        return max(1, BATCH_BYTES // max(self.schema.stride, 1))
 
 
-def write_group(writer: PackWriter, group: Group, start: int, progress: Progress,
-                pool: ThreadPoolExecutor) -> tuple[WrittenBlob, int]:
-    """Writes one group's payload and hash table at ``start``; returns the blob and its end."""
-    schema = group.schema
-    count = len(group.members)
-    ntensors = len(schema.tensors)
-    stride = schema.stride
-    payload_offset = align_up(start)
-    payload_length = count * stride
-    hashes_offset = align_up(payload_offset + payload_length, HASH_ALIGN)
-    hashes = torch.empty((count * ntensors, kernels.HASH_SIZE), dtype=torch.uint8)
-
-    ptrs = kernels.int64_table([t.data_ptr() for srcs in group.sources for t in srcs])
-    spec_lens = kernels.int64_table([s.nbytes for s in schema.tensors])
-    spec_offsets = kernels.int64_table([s.offset for s in schema.tensors])
-    lens = spec_lens.repeat(count)
-
-    per_batch = max(1, STAGING_BYTES // max(stride, 1))
-    nbuf = 2 if count > per_batch else 1
-    staging = [torch.zeros(min(per_batch, count) * stride, dtype=torch.uint8) for _ in range(nbuf)]
-    pending: list[Future[None]] = []
-
-    def job(buf: torch.Tensor, a: int, b: int, offsets: torch.Tensor) -> None:
-        seg = slice(a * ntensors, b * ntensors)
-        kernels.gather(buf, ptrs[seg], lens[seg], offsets)
-        kernels.blake3_segments(ptrs[seg], lens[seg], out=hashes[seg])
-        writer.write_ptr(buf.data_ptr(), (b - a) * stride, payload_offset + a * stride)
-        progress((b - a) * stride)
-
-    for i, a in enumerate(range(0, count, per_batch)):
-        b = min(count, a + per_batch)
-        if len(pending) >= nbuf:
-            pending.pop(0).result()
-        offsets = _relative_offsets(spec_offsets, b - a, stride)
-        pending.append(pool.submit(job, staging[i % nbuf], a, b, offsets))
-    for fut in pending:
-        fut.result()
-
-    hashes_length = hashes.numel()
-    if hashes_length:
-        writer.write_ptr(hashes.data_ptr(), hashes_length, hashes_offset)
-    record = ContentRecord(
-        pack=writer.pack_id,
-        payload_offset=payload_offset,
-        payload_length=payload_length,
-        hashes_offset=hashes_offset,
-        hashes_length=hashes_length,
-        refs=1,
-    )
-    return WrittenBlob(blob_key(group, count, hashes), record), hashes_offset + hashes_length
+@dataclass
+class WrittenSet:
+    names: list[str]
+    groups: list[GroupRecord]
+    blobs: list[tuple[bytes, ContentRecord]]
+    logical_bytes: int
 
 
-def write_set(writer: PackWriter, prepared: PreparedSet, progress: Progress) -> list[WrittenBlob]:
-    """Writes every group of the set into one pack, in group order."""
-    blobs = []
-    end = HEADER_SIZE
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcore-writer") as pool:
-        for group in prepared.groups:
-            blob, end = write_group(writer, group, end, progress, pool)
-            blobs.append(blob)
-    return blobs
+class _SetWriter:
+    def __init__(self, writer: PackWriter, hash_pool: ThreadPoolExecutor,
+                 write_pool: ThreadPoolExecutor) -> None:
+        self.writer = writer
+        self.hash_pool = hash_pool
+        self.write_pool = write_pool
+        self.end = HEADER_SIZE
+        self.groups: list[_GroupState] = []
+        self.futures: list[Future[None]] = []
+
+    def add(self, gi: int, schema: Schema, index: int, sources: list[torch.Tensor]) -> None:
+        if gi == len(self.groups):
+            self.groups.append(_GroupState(schema))
+        g = self.groups[gi]
+        g.members.append(index)
+        g.pending_ptrs.extend([t.data_ptr() for t in sources])
+        g.pending_sources.append(sources)
+        if len(g.pending_sources) >= g.batch_models:
+            self._flush(g)
+
+    def _flush(self, g: _GroupState) -> None:
+        count = len(g.pending_sources)
+        if count == 0:
+            return
+        schema = g.schema
+        nbytes = count * schema.stride
+        offset = align_up(self.end)
+        self.end = offset + nbytes
+        g.extents.append([offset, count])
+        ptrs = kernels.int64_table(g.pending_ptrs)
+        lens = kernels.int64_table([s.nbytes for s in schema.tensors]).repeat(count)
+        spec_offsets = kernels.int64_table([s.offset for s in schema.tensors])
+        rows = torch.arange(count, dtype=torch.int64).mul_(schema.stride).unsqueeze(1)
+        dst_offsets = (rows + spec_offsets.unsqueeze(0)).reshape(-1)
+        hashes = torch.empty((ptrs.numel(), kernels.HASH_SIZE), dtype=torch.uint8)
+        g.hash_parts.append(hashes)
+        keep = g.pending_sources  # the sources must outlive both jobs
+        g.pending_ptrs, g.pending_sources = [], []
+
+        # Both jobs hold `keep`, so the source tensors outlive every read of them.
+        def hash_job() -> None:
+            assert keep
+            kernels.blake3_segments(ptrs, lens, out=hashes, threads=1)
+
+        def write_job() -> None:
+            assert keep
+            self.writer.write_segments(offset, ptrs, lens, dst_offsets, nbytes)
+
+        self.futures.append(self.hash_pool.submit(hash_job))
+        self.futures.append(self.write_pool.submit(write_job))
+        self._reap()
+
+    def _reap(self) -> None:
+        """Re-raises failed jobs; waits while too many batches are in flight."""
+        while self.futures and (self.futures[0].done() or len(self.futures) > 2 * MAX_BATCHES_IN_FLIGHT):
+            self.futures.pop(0).result()
+
+    def finish(self, names: list[str]) -> WrittenSet:
+        for g in self.groups:
+            self._flush(g)
+        for f in self.futures:
+            f.result()
+        self.futures = []
+        records, blobs = [], []
+        single = len(self.groups) == 1
+        for g in self.groups:
+            count = len(g.members)
+            hashes = torch.cat(g.hash_parts) if g.hash_parts else torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
+            hashes_offset = align_up(self.end, HASH_ALIGN)
+            if hashes.numel():
+                self.writer.write_ptr(hashes.data_ptr(), hashes.numel(), hashes_offset)
+            self.end = hashes_offset + hashes.numel()
+            key = blob_key(g.schema, count, hashes)
+            rec = ContentRecord(self.writer.pack_id, g.extents, hashes_offset, hashes.numel(), refs=1)
+            blobs.append((key, rec))
+            members = None if single else g.members
+            records.append(GroupRecord(g.schema, count, key, members))
+        logical = sum(len(g.members) * sum(s.nbytes for s in g.schema.tensors) for g in self.groups)
+        return WrittenSet(names, records, blobs, logical)
 
 
-def group_records(prepared: PreparedSet, blobs: list[WrittenBlob]) -> list[GroupRecord]:
-    single = len(prepared.groups) == 1
-    return [
-        GroupRecord(g.schema, len(g.members), blob.key, None if single else list(g.members))
-        for g, blob in zip(prepared.groups, blobs)
-    ]
+def write_set(writer: PackWriter, models: Any, progress: Progress) -> WrittenSet:
+    """Validates ``models`` and writes every group into one pack, streaming.
+
+    ``progress(1)`` is called once per model queued for writing.
+    """
+    grouper = Grouper()
+    names: list[str] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="mmcore-hash") as hp, \
+            ThreadPoolExecutor(1, thread_name_prefix="mmcore-write") as wp, gc_paused():  # fmt: skip
+        sw = _SetWriter(writer, hp, wp)
+        try:
+            for entry in iter_models(models):
+                gi = grouper.group_of(entry)
+                sw.add(gi, grouper.schemas[gi], len(names), entry.sources)
+                names.append(entry.name)
+                progress(1)
+            if not names:
+                from ..errors import InvalidModelSetError
+
+                raise InvalidModelSetError("the model set is empty: pass at least one model")
+            return sw.finish(names)
+        finally:
+            for f in sw.futures:  # never leave a job touching freed sources
+                f.cancel() or f.exception()

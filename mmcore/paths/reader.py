@@ -1,18 +1,19 @@
 """Reading blobs back: whole groups, single models, and verification.
 
-A group is read with one positioned read into one buffer; its tensors are
-views of that buffer, built (in C++ via ``unbind``) while a reader thread is
-still moving the bytes, so Python's per-tensor cost overlaps the I/O.
+Each extent of a group is mapped (or read) as one buffer; its tensors are views
+of that buffer, built in C++ by ``unbind``. When hashes are checked, a reader
+thread hashes the bytes while this thread builds the views.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import torch
 
 from .. import dtypes, kernels
+from .._gc import gc_paused
 from ..errors import IntegrityError
 from ..manifest import ContentRecord, GroupRecord, Manifest
 from ..modelset import Schema
@@ -37,16 +38,19 @@ def _first_mismatch(computed: torch.Tensor, stored: torch.Tensor) -> int | None:
 
 def _views(buf: torch.Tensor, schema: Schema, count: int) -> list[StateDict]:
     """count state dicts whose tensors are views of ``buf`` (count x stride bytes)."""
-    rows = buf.view(count, schema.stride) if schema.stride else buf.new_empty((count, 0))
-    columns = []
-    for spec in schema.tensors:
-        dtype = dtypes.from_name(spec.dtype)
-        col = rows[:, spec.offset : spec.offset + spec.nbytes]
-        if dtype != torch.uint8:
-            col = col.view(dtype)
-        columns.append(col.view((count, *spec.shape)).unbind(0))
-    names = [spec.name for spec in schema.tensors]
-    return [dict(zip(names, row)) for row in zip(*columns)] if names else [{} for _ in range(count)]
+    with gc_paused():
+        rows = buf.view(count, schema.stride) if schema.stride else buf.new_empty((count, 0))
+        columns = []
+        for spec in schema.tensors:
+            dtype = dtypes.from_name(spec.dtype)
+            col = rows[:, spec.offset : spec.offset + spec.nbytes]
+            if dtype != torch.uint8:
+                col = col.view(dtype)
+            columns.append(col.view((count, *spec.shape)).unbind(0))
+        names = [spec.name for spec in schema.tensors]
+        if not names:
+            return [{} for _ in range(count)]
+        return [dict(zip(names, row)) for row in zip(*columns)]
 
 
 class BlobReader:
@@ -54,13 +58,12 @@ class BlobReader:
         self.tier = tier
         self.content = content
 
-    def _check(self, manifest: Manifest, group: GroupRecord, first_pos: int, computed: torch.Tensor,
-               stored: torch.Tensor) -> None:
+    def _check(self, manifest: Manifest, group: GroupRecord, computed: torch.Tensor,
+               stored: torch.Tensor, first_pos: int = 0) -> None:
         bad = _first_mismatch(computed, stored)
         if bad is None:
             return
-        ntensors = len(group.schema.tensors)
-        pos, ti = divmod(bad, ntensors)
+        pos, ti = divmod(bad, len(group.schema.tensors))
         model = manifest.models[group.positions()[first_pos + pos]]
         tensor = group.schema.tensors[ti].name
         raise IntegrityError(
@@ -70,44 +73,55 @@ class BlobReader:
             tensor=tensor,
         )
 
+    def _stored_hashes(self, rec: ContentRecord) -> torch.Tensor:
+        stored = torch.empty((rec.hashes_length // kernels.HASH_SIZE, kernels.HASH_SIZE), dtype=torch.uint8)
+        self.tier.read_into(rec.pack, rec.hashes_offset, rec.hashes_length, stored.data_ptr())
+        return stored
+
+    def _extent_buffers(self, rec: ContentRecord, schema: Schema) -> list[tuple[torch.Tensor, int]]:
+        return [(self.tier.map_range(rec.pack, off, count * schema.stride), count) for off, count in rec.extents]
+
     def read_group(self, manifest: Manifest, group: GroupRecord, *, verify: bool,
                    device: torch.device, pool: ThreadPoolExecutor) -> list[StateDict]:
         rec = self.content(group.blob)
         schema = group.schema
-        buf = torch.empty(rec.payload_length, dtype=torch.uint8)
-        stored = torch.empty((rec.hashes_length // kernels.HASH_SIZE, kernels.HASH_SIZE), dtype=torch.uint8)
-        seg_ptrs, seg_lens = _segment_table(buf.data_ptr(), schema, group.count)
-
-        def io() -> torch.Tensor | None:
-            self.tier.read_into(rec.pack, rec.payload_offset, rec.payload_length, buf.data_ptr())
-            if not verify:
-                return None
-            self.tier.read_into(rec.pack, rec.hashes_offset, rec.hashes_length, stored.data_ptr())
-            return kernels.blake3_segments(seg_ptrs, seg_lens)
-
-        future = pool.submit(io)
+        buffers = self._extent_buffers(rec, schema)
         on_cpu = device.type == "cpu"
-        models = _views(buf, schema, group.count) if on_cpu else []
-        computed = future.result()
-        if computed is not None:
-            self._check(manifest, group, 0, computed, stored)
+        future = None
+        if verify:
+            tables = [_segment_table(buf.data_ptr(), schema, count) for buf, count in buffers]
+            ptrs = torch.cat([t[0] for t in tables])
+            lens = torch.cat([t[1] for t in tables])
+
+            def hash_payload() -> tuple[torch.Tensor, torch.Tensor]:
+                return kernels.blake3_segments(ptrs, lens), self._stored_hashes(rec)
+
+            future = pool.submit(hash_payload)  # hashes while this thread builds the views
+        models: list[StateDict] = []
+        if on_cpu:
+            for buf, count in buffers:
+                models.extend(_views(buf, schema, count))
+        if future is not None:
+            self._check(manifest, group, *future.result())
         if not on_cpu:
-            models = _views(buf.to(device), schema, group.count)
+            for buf, count in buffers:
+                models.extend(_views(buf.to(device), schema, count))
         return models
 
     def read_model(self, manifest: Manifest, group: GroupRecord, pos: int, *, verify: bool,
                    device: torch.device) -> StateDict:
         rec = self.content(group.blob)
         schema = group.schema
+        extent_offset, index = rec.locate(pos)
         buf = torch.empty(schema.stride, dtype=torch.uint8)
-        self.tier.read_into(rec.pack, rec.payload_offset + pos * schema.stride, schema.stride, buf.data_ptr())
+        self.tier.read_into(rec.pack, extent_offset + index * schema.stride, schema.stride, buf.data_ptr())
         if verify:
             ntensors = len(schema.tensors)
             stored = torch.empty((ntensors, kernels.HASH_SIZE), dtype=torch.uint8)
             nbytes = ntensors * kernels.HASH_SIZE
             self.tier.read_into(rec.pack, rec.hashes_offset + pos * nbytes, nbytes, stored.data_ptr())
             ptrs, lens = _segment_table(buf.data_ptr(), schema, 1)
-            self._check(manifest, group, pos, kernels.blake3_segments(ptrs, lens), stored)
+            self._check(manifest, group, kernels.blake3_segments(ptrs, lens), stored, first_pos=pos)
         if device.type != "cpu":
             buf = buf.to(device)
         return _views(buf, schema, 1)[0]
@@ -117,13 +131,17 @@ class BlobReader:
         from .baseline import blob_key
 
         rec = self.content(group.blob)
-        buf = torch.empty(rec.payload_length, dtype=torch.uint8)
-        stored = torch.empty((rec.hashes_length // kernels.HASH_SIZE, kernels.HASH_SIZE), dtype=torch.uint8)
-        self.tier.read_into(rec.pack, rec.payload_offset, rec.payload_length, buf.data_ptr())
-        self.tier.read_into(rec.pack, rec.hashes_offset, rec.hashes_length, stored.data_ptr())
-        ptrs, lens = _segment_table(buf.data_ptr(), group.schema, group.count)
-        self._check(manifest, group, 0, kernels.blake3_segments(ptrs, lens), stored)
-        if blob_key(group, group.count, stored) != group.blob:
+        stored = self._stored_hashes(rec)
+        ntensors = len(group.schema.tensors)
+        first = 0
+        for off, count in rec.extents:
+            buf = torch.empty(count * group.schema.stride, dtype=torch.uint8)
+            self.tier.read_into(rec.pack, off, buf.numel(), buf.data_ptr())
+            ptrs, lens = _segment_table(buf.data_ptr(), group.schema, count)
+            part = stored[first * ntensors : (first + count) * ntensors]
+            self._check(manifest, group, kernels.blake3_segments(ptrs, lens), part, first_pos=first)
+            first += count
+        if blob_key(group.schema, group.count, stored) != group.blob:
             raise IntegrityError(
                 f"version {manifest.id}: the hash table of a blob in pack {rec.pack} does not "
                 "match its content address: the stored hashes are corrupted"

@@ -78,4 +78,8 @@ class Catalog:
         return sum(p.stat().st_size for p in root.iterdir() if p.is_file())
 
     def close(self) -> None:
+        # Column-family views keep the database (and its LOCK) alive: drop them first.
+        self._cf.clear()
+        self._handles.clear()
         self._db.close()
+        del self._db

@@ -7,12 +7,15 @@ A pack is written once, synced, and only then referenced by a catalog commit.
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
 import struct
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
+
+import torch
 
 from .._native import core
 from ..errors import IntegrityError, StoreError
@@ -35,6 +38,16 @@ class PackWriter(ABC):
     @abstractmethod
     def write_ptr(self, address: int, length: int, offset: int) -> None:
         """Writes ``length`` bytes from memory at ``address`` to ``offset`` in the pack."""
+
+    def write_segments(self, offset: int, ptrs: torch.Tensor, lens: torch.Tensor,
+                       dst_offsets: torch.Tensor, total: int) -> None:
+        """Writes segment i (address ptrs[i], lens[i] bytes) at offset + dst_offsets[i];
+        everything else in [offset, offset + total) becomes zeros."""
+        buf = torch.zeros(total, dtype=torch.uint8)
+        from .. import kernels
+
+        kernels.gather(buf, ptrs, lens, dst_offsets, threads=1)
+        self.write_ptr(buf.data_ptr(), total, offset)
 
     @abstractmethod
     def finish(self) -> int:
@@ -61,6 +74,15 @@ class PayloadTier(ABC):
     def read_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
         """Reads exactly ``length`` bytes at ``offset`` into memory at ``address``."""
 
+    def map_range(self, pack_id: str, offset: int, length: int) -> torch.Tensor:
+        """A writable (copy-on-write where possible) uint8 CPU tensor of the range.
+
+        The default reads into fresh memory; tiers with local files map them instead.
+        """
+        buf = torch.empty(length, dtype=torch.uint8)
+        self.read_into(pack_id, offset, length, buf.data_ptr())
+        return buf
+
     @abstractmethod
     def delete(self, pack_id: str) -> None: ...
 
@@ -69,6 +91,19 @@ class PayloadTier(ABC):
 
     @abstractmethod
     def size(self, pack_id: str) -> int: ...
+
+
+# Linux >= 5.14: fault every page in for reading (page-cache pages are mapped,
+# not copied; a later write copies just that page). MAP_POPULATE would instead
+# copy every page of a private writable mapping.
+_MADV_POPULATE_READ = 22
+
+
+def _populate_read(mapped: mmap.mmap) -> None:
+    try:
+        mapped.madvise(_MADV_POPULATE_READ)
+    except OSError:  # older kernel: read ahead instead, pages fault in on first touch
+        mapped.madvise(mmap.MADV_WILLNEED)
 
 
 class _LocalPackWriter(PackWriter):
@@ -82,9 +117,22 @@ class _LocalPackWriter(PackWriter):
         self._size = HEADER_SIZE
 
     def write_ptr(self, address: int, length: int, offset: int) -> None:
-        core().pwrite(self._fd, address, length, offset)
+        native = core()
+        native.pwrite(self._fd, address, length, offset)
+        # Start write-back now so the disk works while later batches are prepared
+        # and the final fsync finds little left to do.
+        native.start_writeback(self._fd, offset, length)
         self._size = max(self._size, offset + length)
         self._tier.bytes_written += length
+
+    def write_segments(self, offset: int, ptrs: torch.Tensor, lens: torch.Tensor,
+                       dst_offsets: torch.Tensor, total: int) -> None:
+        native = core()
+        native.pwrite_segments(self._fd, offset, ptrs.data_ptr(), lens.data_ptr(),
+                               dst_offsets.data_ptr(), ptrs.numel(), total)
+        native.start_writeback(self._fd, offset, total)
+        self._size = max(self._size, offset + total)
+        self._tier.bytes_written += total
 
     def finish(self) -> int:
         os.fsync(self._fd)
@@ -136,6 +184,27 @@ class LocalPackTier(PayloadTier):
                 f"pack {pack_id} ends at byte {offset + got}, before the {length} bytes recorded "
                 f"at offset {offset}; the pack is truncated"
             )
+
+    def map_range(self, pack_id: str, offset: int, length: int) -> torch.Tensor:
+        """Maps the range privately (copy-on-write) and pre-faults it.
+
+        Writes to the tensor never reach the pack. The mapping lives as long as
+        the tensor (or any view of it) does.
+        """
+        if length == 0 or offset % mmap.ALLOCATIONGRANULARITY:
+            return super().map_range(pack_id, offset, length)
+        fd = self._fd(pack_id)
+        size = os.fstat(fd).st_size
+        if size < offset + length:  # mapping past the end would SIGBUS on access
+            raise IntegrityError(
+                f"pack {pack_id} is {size} bytes, shorter than the {offset + length} recorded; "
+                "the pack is truncated"
+            )
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=prot, offset=offset)
+        _populate_read(mapped)
+        self.bytes_read += length
+        return torch.frombuffer(mapped, dtype=torch.uint8)
 
     def delete(self, pack_id: str) -> None:
         with self._lock:

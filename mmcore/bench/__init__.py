@@ -1,0 +1,1 @@
+"""Benchmark harness shared by ``benchmarks/`` and ``mmcore demo``."""

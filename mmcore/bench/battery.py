@@ -1,0 +1,398 @@
+"""The paper's battery use case: one small FFNN (5->48->48->48->1, 5,041
+parameters) per battery cell, thousands of cells saved and recovered as a set.
+
+Every method gets the same state dicts and makes its files durable (fsync)
+before the clock stops; each is timed by the median of repeated runs in this
+one process, and compared with mmcore by ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mmcore
+
+from .measure import evict, files_under, human_bytes, machine_name, peak_rss, timed
+
+StateDicts = dict[str, dict[str, torch.Tensor]]
+LAYERS = (5, 48, 48, 48, 1)
+
+
+def ffnn() -> torch.nn.Module:
+    mods: list[torch.nn.Module] = []
+    for i in range(len(LAYERS) - 1):
+        mods.append(torch.nn.Linear(LAYERS[i], LAYERS[i + 1]))
+        if i < len(LAYERS) - 2:
+            mods.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*mods)
+
+
+def battery_set(cells: int, seed: int = 0) -> StateDicts:
+    """``cells`` independently initialised FFNNs, as state dicts (real modules' tensors)."""
+    torch.manual_seed(seed)
+    return {f"cell_{i:06d}": {k: v.detach() for k, v in ffnn().state_dict().items()} for i in range(cells)}
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+class Method:
+    name = ""
+    slow = False  # one file per model: repeated fewer times
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def reset(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+
+    def save(self, sds: StateDicts) -> None: ...
+    def load_all(self) -> Any: ...
+    def load_one(self, name: str) -> Any: ...
+    def close(self) -> None: ...
+
+
+class Raw(Method):
+    name = "raw bytes, one write (floor)"
+
+    def prepare(self, sds: StateDicts) -> None:
+        flat = [t.reshape(-1).view(torch.uint8) for sd in sds.values() for t in sd.values()]
+        self.buf = torch.cat(flat)
+        self.model_bytes = sum(t.numel() * t.element_size() for t in next(iter(sds.values())).values())
+        self.index = {name: i for i, name in enumerate(sds)}
+
+    def save(self, sds: StateDicts) -> None:
+        path = self.root / "params.bin"
+        with open(path, "wb", buffering=0) as f:
+            f.write(memoryview((ctypes.c_char * self.buf.numel()).from_address(self.buf.data_ptr())))
+            os.fsync(f.fileno())
+        _sync_dir(self.root)
+
+    def _read(self, offset: int, n: int) -> torch.Tensor:
+        buf = torch.empty(n, dtype=torch.uint8)
+        with open(self.root / "params.bin", "rb", buffering=0) as f:
+            f.seek(offset)
+            f.readinto(memoryview((ctypes.c_char * n).from_address(buf.data_ptr())))
+        return buf
+
+    def load_all(self) -> torch.Tensor:
+        return self._read(0, self.buf.numel())
+
+    def load_one(self, name: str) -> torch.Tensor:
+        return self._read(self.index[name] * self.model_bytes, self.model_bytes)
+
+
+class MMCore(Method):
+    name = "mmcore baseline"
+
+    def reset(self) -> None:
+        self.close()
+        super().reset()
+        self.store = mmcore.open(self.root / "store.mm")
+
+    def save(self, sds: StateDicts) -> None:
+        self.version = self.store.save(sds, approach="baseline", ref="battery", progress=False)
+
+    def load_all(self, verify: bool = False) -> StateDicts:
+        return self.store.load(self.version, verify=verify)
+
+    def load_one(self, name: str) -> dict[str, torch.Tensor]:
+        return self.store.load_model(self.version, name)
+
+    def close(self) -> None:
+        if getattr(self, "store", None) is not None:
+            self.store.close()
+            self.store = None
+
+
+class TorchSavePerModel(Method):
+    name = "torch.save, file per model"
+    slow = True
+
+    def save(self, sds: StateDicts) -> None:
+        paths = []
+        for name, sd in sds.items():
+            p = self.root / f"{name}.pt"
+            torch.save(sd, p)
+            paths.append(p)
+        _fsync_files(paths)
+        _sync_dir(self.root)
+        self.names = list(sds)
+
+    def load_all(self) -> StateDicts:
+        return {n: torch.load(self.root / f"{n}.pt", weights_only=True) for n in self.names}
+
+    def load_one(self, name: str) -> dict[str, torch.Tensor]:
+        return torch.load(self.root / f"{name}.pt", weights_only=True)  # type: ignore[no-any-return]
+
+
+class SafetensorsPerModel(Method):
+    name = "safetensors, file per model"
+    slow = True
+
+    def save(self, sds: StateDicts) -> None:
+        from safetensors.torch import save_file
+
+        paths = []
+        for name, sd in sds.items():
+            p = self.root / f"{name}.safetensors"
+            save_file(sd, str(p))
+            paths.append(p)
+        _fsync_files(paths)
+        _sync_dir(self.root)
+        self.names = list(sds)
+
+    def load_all(self) -> StateDicts:
+        from safetensors.torch import load_file
+
+        return {n: load_file(str(self.root / f"{n}.safetensors")) for n in self.names}
+
+    def load_one(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.root / f"{name}.safetensors"))
+
+
+class SafetensorsOneFile(Method):
+    name = "safetensors, one file for the set"
+
+    def save(self, sds: StateDicts) -> None:
+        from safetensors.torch import save_file
+
+        flat = {f"{m}/{k}": t for m, sd in sds.items() for k, t in sd.items()}
+        path = self.root / "set.safetensors"
+        save_file(flat, str(path))
+        _fsync_files([path])
+        _sync_dir(self.root)
+        self.keys = {m: list(sd) for m, sd in sds.items()}
+
+    def load_all(self) -> StateDicts:
+        from safetensors.torch import load_file
+
+        flat = load_file(str(self.root / "set.safetensors"))
+        out: StateDicts = {}
+        for key, t in flat.items():
+            m, _, k = key.partition("/")
+            out.setdefault(m, {})[k] = t
+        return out
+
+    def load_one(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.root / "set.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(f"{name}/{k}") for k in self.keys[name]}
+
+
+@dataclass
+class Row:
+    method: str
+    save_s: float
+    load_s: float
+    load_verify_s: float | None
+    load_one_ms: float
+    stored_bytes: int
+    repeats: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _median_one(fn: Callable[[str], Any], names: list[str], samples: int) -> float:
+    rng = random.Random(7)
+    picks = [rng.choice(names) for _ in range(samples)]
+    fn(picks[0])  # warm the manifest / file handles once, as a running service would be
+    times = []
+    for name in picks:
+        t0 = time.perf_counter()
+        fn(name)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _check_equal(sds: StateDicts, got: StateDicts) -> None:
+    for name, sd in sds.items():
+        for k, t in sd.items():
+            if not torch.equal(got[name][k], t):
+                raise AssertionError(f"round trip changed {name}/{k}")
+
+
+def run_method(method: Method, sds: StateDicts, repeat: int, cold: bool, log: Callable[[str], None]) -> Row:
+    reps = 1 if method.slow else repeat
+    names = list(sds)
+    log(f"  {method.name}: save x{reps} ...")
+    save_s, _ = timed(lambda: method.save(sds), reps, setup=method.reset)
+    stored = sum(p.stat().st_size for p in files_under(method.root))
+    files = files_under(method.root)
+    setup = (lambda: evict(files)) if cold else None
+    log(f"  {method.name}: load x{reps} ...")
+    load_s, got = timed(method.load_all, reps, setup=setup)
+    if not isinstance(method, Raw):
+        _check_equal(sds, got)
+    del got
+    load_verify_s = None
+    if isinstance(method, MMCore):
+        load_verify_s, got = timed(lambda: method.load_all(verify=True), reps, setup=setup)
+        _check_equal(sds, got)
+        del got
+    samples = 50 if method.slow else 200
+    one_s = _median_one(method.load_one, names, samples)
+    row = Row(method.name, save_s, load_s, load_verify_s, one_s * 1e3, stored, reps)
+    if isinstance(method, MMCore):
+        before = method.store.tier.bytes_read
+        method.load_one(names[len(names) // 2])
+        row.extra["load_one_payload_bytes_read"] = method.store.tier.bytes_read - before
+        row.extra["model_bytes"] = sum(t.numel() * t.element_size() for t in sds[names[0]].values())
+    return row
+
+
+def memory_check(cells: int, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Peak RSS growth of mmcore's save and load, as a multiple of the set's parameter bytes."""
+    log(f"memory check: building {cells:,} cells ...")
+    sds = battery_set(cells, seed=1)
+    param_bytes = sum(t.numel() * t.element_size() for sd in sds.values() for t in sd.values())
+    with mmcore.open(root / "memory.mm") as store:
+        with peak_rss() as save_mem:
+            vid = store.save(sds, progress=False)
+        with peak_rss() as load_mem:
+            loaded = store.load(vid)
+        _check_equal(sds, loaded)
+        del loaded
+    return {
+        "cells": cells,
+        "param_bytes": param_bytes,
+        "save_peak_growth_x": (save_mem["peak"] - save_mem["start"]) / param_bytes,
+        "load_peak_growth_x": (load_mem["peak"] - load_mem["start"]) / param_bytes,
+    }
+
+
+def format_table(rows: list[Row], param_bytes: int) -> str:
+    mm = next(r for r in rows if r.method == MMCore.name)
+    head = (
+        f"{'method':<34} {'save s':>8} {'load s':>8} {'load+hash s':>11} {'one model ms':>12} "
+        f"{'stored MB':>10} {'save GB/s':>9} {'load GB/s':>9} {'save/mm':>8} {'load/mm':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lv = f"{r.load_verify_s:.3f}" if r.load_verify_s is not None else "-"
+        lines.append(
+            f"{r.method:<34} {r.save_s:>8.3f} {r.load_s:>8.3f} {lv:>11} {r.load_one_ms:>12.3f} "
+            f"{r.stored_bytes / 1e6:>10.1f} {param_bytes / r.save_s / 1e9:>9.2f} "
+            f"{param_bytes / r.load_s / 1e9:>9.2f} {r.save_s / mm.save_s:>7.2f}x {r.load_s / mm.load_s:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def bars(rows: list[Row], param_bytes: int, memory: dict[str, Any] | None) -> list[tuple[str, bool]]:
+    by = {r.method: r for r in rows}
+    mm, raw = by[MMCore.name], by[Raw.name]
+    checks = [
+        (f"save <= 1.5x raw write+fsync: {mm.save_s / raw.save_s:.2f}x", mm.save_s <= 1.5 * raw.save_s),
+        (f"load (no hash) <= 2x raw read: {mm.load_s / raw.load_s:.2f}x", mm.load_s <= 2 * raw.load_s),
+    ]
+    if mm.load_verify_s is not None:
+        checks.append((f"load (hash) <= 3x raw read: {mm.load_verify_s / raw.load_s:.2f}x",
+                       mm.load_verify_s <= 3 * raw.load_s))
+    ts = by.get(TorchSavePerModel.name)
+    if ts is not None:
+        checks.append((f"save >= 10x faster than torch.save per model: {ts.save_s / mm.save_s:.1f}x",
+                       ts.save_s >= 10 * mm.save_s))
+        checks.append((f"load >= 10x faster than torch.load per model: {ts.load_s / mm.load_s:.1f}x",
+                       ts.load_s >= 10 * mm.load_s))
+    checks.append((f"one model < 5 ms median: {mm.load_one_ms:.2f} ms", mm.load_one_ms < 5))
+    read = mm.extra.get("load_one_payload_bytes_read", 0)
+    model = mm.extra.get("model_bytes", 1)
+    checks.append((f"one model reads its own bytes: {read:,} B payload for a {model:,} B model",
+                   read <= model + 4096))
+    checks.append((f"stored <= 1.02x parameter bytes: {mm.stored_bytes / param_bytes:.4f}x",
+                   mm.stored_bytes <= 1.02 * param_bytes))
+    if memory is not None:
+        peak = max(memory["save_peak_growth_x"], memory["load_peak_growth_x"])
+        checks.append((f"{memory['cells']:,} cells: peak memory growth {peak:.2f}x parameter bytes (<= 3x)",
+                       peak <= 3))
+    return checks
+
+
+METHODS = {"raw": Raw, "mmcore": MMCore, "torch": TorchSavePerModel,
+           "safetensors": SafetensorsPerModel, "safetensors-set": SafetensorsOneFile}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="battery", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", type=int, default=10_000, help="models in the set (default 10,000)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per measurement; median reported")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
+    p.add_argument("--cold", action="store_true", help="drop files from the page cache before each read")
+    p.add_argument("--memory-cells", type=int, default=0, help="also check peak memory with this many cells")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or "raw" not in names or "mmcore" not in names:
+        p.error(f"--methods must include raw and mmcore, from {', '.join(METHODS)}; got {args.methods!r}")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    root = Path(tempfile.mkdtemp(prefix="mmcore-bench-", dir=args.dir))
+    try:
+        log(f"building the battery set: {args.cells:,} cells ...")
+        sds = battery_set(args.cells)
+        param_bytes = sum(t.numel() * t.element_size() for sd in sds.values() for t in sd.values())
+        rows = []
+        for key in names:
+            method = METHODS[key](root / key)
+            if isinstance(method, Raw):
+                method.prepare(sds)
+            try:
+                rows.append(run_method(method, sds, args.repeat, args.cold, log))
+            finally:
+                method.close()
+                shutil.rmtree(method.root, ignore_errors=True)
+        memory = memory_check(args.memory_cells, root, log) if args.memory_cells else None
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"battery set: {args.cells:,} cells x 5,041 parameters (FFNN 5-48-48-48-1), "
+          f"{human_bytes(param_bytes)} of float32; {'cold' if args.cold else 'warm'} page cache")
+    print(f"machine: {machine_name()}; torch {torch.__version__}; mmcore {mmcore.__version__}")
+    print(format_table(rows, param_bytes))
+    checks = bars(rows, param_bytes, memory)
+    for text, ok in checks:
+        print(f"  [{'ok' if ok else 'MISSED'}] {text}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "cells": args.cells, "param_bytes": param_bytes, "cold": args.cold, "machine": machine_name(),
+            "torch": torch.__version__, "rows": [asdict(r) for r in rows], "memory": memory,
+            "bars": [{"check": t, "ok": ok} for t, ok in checks],
+        }, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
