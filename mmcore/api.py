@@ -19,6 +19,7 @@ from ._progress import progress_bar
 from .errors import (
     InvalidArgumentError,
     ModelNotFoundError,
+    ReadOnlyStoreError,
     RefNotFoundError,
     StoreError,
     VersionNotFoundError,
@@ -160,10 +161,7 @@ class ModelStore:
             )
         if ref is not None and (not isinstance(ref, str) or not ref or len(ref) > 200):
             raise InvalidArgumentError(f"ref must be a non-empty string of at most 200 characters, got {ref!r}")
-        if self.readonly:
-            from .errors import ReadOnlyStoreError
-
-            raise ReadOnlyStoreError("this store was opened read-only; reopen it with readonly=False to save")
+        self._check_writable()
         vid = secrets.token_hex(8)
         prev = None if ref is None else self.catalog.get("refs", ref.encode())
         writer = self.tier.create()
@@ -289,6 +287,64 @@ class ModelStore:
                 self._reader.verify_group(m, group)
             checked += m.num_tensors
         return checked
+
+    # -- delete and reclaim ----------------------------------------------
+    def delete_ref(self, ref: str) -> None:
+        """Removes a ref (the versions it pointed to stay)."""
+        self._check_writable()
+        if self.catalog.get("refs", ref.encode()) is None:
+            raise RefNotFoundError(f"no ref {ref!r} in {self.path}")
+        self.catalog.commit(deletes=[("refs", ref.encode())])
+
+    def delete(self, version: str) -> None:
+        """Deletes a version; its bytes are reclaimed by ``gc()`` once nothing references them.
+
+        Refuses while a ref points at the version or another version names it as parent.
+        """
+        self._check_writable()
+        m = self.manifest(version)
+        heads = sorted(r for r, v in self.refs().items() if v == m.id)
+        if heads:
+            raise InvalidArgumentError(
+                f"version {m.id} is the head of ref(s) {', '.join(heads)}; move them with a new save "
+                "or remove them with store.delete_ref(name) first"
+            )
+        children = [k.decode() for k, raw in self.catalog.scan("manifests") if Manifest.decode(raw).parent == m.id]
+        if children:
+            raise InvalidArgumentError(f"version {m.id} is the parent of {', '.join(children)}; delete those first")
+        puts, deletes = [], [("manifests", m.id.encode())]
+        for group in m.groups:
+            rec = self._content(group.blob)
+            rec.refs -= 1
+            if rec.refs > 0:
+                puts.append(("content", group.blob, rec.encode()))
+            else:
+                deletes.append(("content", group.blob))
+        self.catalog.commit(puts, deletes)
+        self._manifests.pop(m.id, None)
+
+    def gc(self) -> int:
+        """Deletes pack files nothing references (deleted versions, interrupted saves).
+
+        Returns the bytes reclaimed. Run it while no reader still needs deleted versions.
+        """
+        self._check_writable()
+        live = {ContentRecord.decode(raw).pack for _, raw in self.catalog.scan("content")}
+        recorded = {k.decode() for k, _ in self.catalog.scan("packs")}
+        dead_records = sorted(recorded - live)
+        if dead_records:
+            self.catalog.commit(deletes=[("packs", p.encode()) for p in dead_records])
+        reclaimed = 0
+        for pack in self.tier.list():
+            if pack not in live:
+                reclaimed += self.tier.size(pack)
+                self.tier.delete(pack)
+        return reclaimed
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyStoreError("this store was opened read-only; reopen it with readonly=False")
 
     def stored_bytes(self) -> int:
         """Bytes the whole store occupies on disk: packs plus catalog."""

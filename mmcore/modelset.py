@@ -55,6 +55,13 @@ class ModelEntry:
     sources: list[torch.Tensor]  # CPU, contiguous, exactly the bits to store
 
 
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidModelSetError(f"{what} {text!r} is not valid unicode text: {exc.reason}") from None
+
+
 def _state_dict(name: str, value: Any) -> Mapping[str, Any]:
     if isinstance(value, torch.nn.Module):
         return value.state_dict(keep_vars=False)
@@ -66,7 +73,7 @@ def _state_dict(name: str, value: Any) -> Mapping[str, Any]:
     )
 
 
-def _items(models: Any) -> Iterable[tuple[Any, Any]]:
+def _items(models: Any) -> Iterable[Any]:
     if isinstance(models, Mapping):
         return models.items()
     if isinstance(models, (str, bytes)) or not isinstance(models, Iterable):
@@ -86,6 +93,7 @@ def _schema_for(keys: tuple[str, ...], sig: tuple[tuple[torch.dtype, torch.Size]
             raise InvalidModelSetError(
                 f"model {model!r}: tensor names must be strings, got {type(key).__name__}"
             )
+        _check_utf8(key, f"model {model!r}: tensor name")
         name = dtypes.name_of(dtype, where=f"model {model!r}, tensor {key!r}")
         itemsize = dtypes.ITEMSIZE[dtype]
         offset = -(-offset // itemsize) * itemsize
@@ -131,11 +139,19 @@ def iter_models(models: Any) -> Iterator[ModelEntry]:
     seen: set[str] = set()
     tensor_type = torch.Tensor
     complex_dtypes = dtypes.COMPLEX
-    for name, value in _items(models):
+    for item in _items(models):
+        try:
+            name, value = item
+        except (TypeError, ValueError):
+            raise InvalidModelSetError(
+                "models must be a mapping of name to model, or an iterable of (name, model) pairs; "
+                f"got an item of type {type(item).__name__}"
+            ) from None
         if not isinstance(name, str):
             raise InvalidModelSetError(f"model names must be strings, got {type(name).__name__}")
         if not name:
             raise InvalidModelSetError("model names must be non-empty strings")
+        _check_utf8(name, "model name")
         if name in seen:
             raise InvalidModelSetError(f"duplicate model name {name!r}: names must be unique")
         seen.add(name)

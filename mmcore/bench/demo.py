@@ -1,0 +1,57 @@
+"""``mmcore demo``: the battery use case end to end, narrated."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import mmcore
+
+from .battery import battery_set
+from .battery import main as battery_main
+from .measure import human_bytes
+
+
+def _step(text: str, seconds: float) -> None:
+    print(f"  {text:<58} {seconds * 1e3:>9.1f} ms", flush=True)
+
+
+def run(cells: int, store_path: Path, compare: bool, repeat: int) -> int:
+    print(f"mmcore {mmcore.__version__} demo: {cells:,} battery-cell models (FFNN 5-48-48-48-1)")
+    t0 = time.perf_counter()
+    sds = battery_set(cells)
+    nbytes = sum(t.numel() * t.element_size() for sd in sds.values() for t in sd.values())
+    _step(f"built {cells:,} models ({human_bytes(nbytes)} of parameters)", time.perf_counter() - t0)
+    if store_path.exists():
+        shutil.rmtree(store_path)
+    with mmcore.open(store_path) as store:
+        t0 = time.perf_counter()
+        v1 = store.save(sds, approach="baseline", ref="battery", message="demo baseline")
+        _step(f"saved baseline {v1} into {store_path}", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        loaded = store.load(v1)
+        _step(f"recovered all {len(loaded):,} models (BLAKE3 checked)", time.perf_counter() - t0)
+        same = all(torch.equal(loaded[n][k], t) for n, sd in sds.items() for k, t in sd.items())
+        del loaded
+        name = next(iter(sds))
+        t0 = time.perf_counter()
+        one = store.load_model(v1, name)
+        _step(f"recovered one model ({name}, {len(one)} tensors)", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        checked = store.verify(v1)
+        _step(f"verified {checked:,} tensors", time.perf_counter() - t0)
+        info = store.info(v1)
+        print(f"  bit-exact round trip: {'yes' if same else 'NO'}")
+        print(f"  stored {human_bytes(info.stored_bytes)} for {human_bytes(info.logical_bytes)} of parameters "
+              f"({info.stored_bytes / info.logical_bytes:.4f}x)")
+    print(f"  inspect it: mmcore info {store_path} {v1} | mmcore log {store_path} battery | "
+          f"mmcore verify {store_path}")
+    if not same:
+        return 1
+    if compare:
+        print("\ncomparison with what users would pick instead (same process, medians):", flush=True)
+        return battery_main(["--cells", str(cells), "--repeat", str(repeat)])
+    return 0

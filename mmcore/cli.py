@@ -1,0 +1,154 @@
+"""The ``mmcore`` command: inspect, verify and demo a store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from . import open as open_store
+from .api import ModelStore, VersionInfo
+from .bench.measure import human_bytes
+from .errors import IntegrityError, MMCoreError
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] | None = None) -> str:
+    right = right or set()
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)])
+
+
+def _version_rows(infos: Sequence[VersionInfo]) -> str:
+    rows = [
+        [
+            i.id,
+            i.created.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            i.approach,
+            f"{i.num_models:,}",
+            human_bytes(i.logical_bytes),
+            human_bytes(i.stored_bytes),
+            ", ".join(i.refs),
+            i.parent or "",
+        ]
+        for i in infos
+    ]
+    return _table(["version", "created", "approach", "models", "params", "stored", "refs", "parent"], rows, {3, 4, 5})
+
+
+def _open_ro(path: str) -> ModelStore:
+    return open_store(path, readonly=True, create=False)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _open_ro(args.path) as store:
+        if args.version is None:
+            versions = store.versions()
+            refs = store.refs()
+            print(f"store      {store.path}")
+            print(f"versions   {len(versions)}")
+            print(f"refs       {', '.join(f'{r} -> {v}' for r, v in sorted(refs.items())) or '-'}")
+            print(f"on disk    {human_bytes(store.stored_bytes())}")
+            if versions:
+                print()
+                print(_version_rows(versions))
+            return 0
+        info = store.info(args.version)
+        manifest = store.manifest(info.id)
+        print(f"version    {info.id}")
+        print(f"approach   {info.approach}")
+        print(f"parent     {info.parent or '-'}")
+        print(f"created    {info.created.astimezone().isoformat(timespec='seconds')}")
+        print(f"refs       {', '.join(info.refs) or '-'}")
+        print(f"models     {info.num_models:,}")
+        print(f"tensors    {info.num_tensors:,}")
+        print(f"params     {human_bytes(info.logical_bytes)}")
+        ratio = info.stored_bytes / info.logical_bytes if info.logical_bytes else 0.0
+        print(f"stored     {human_bytes(info.stored_bytes)} ({ratio:.3f}x the parameter bytes)")
+        if info.message:
+            print(f"message    {info.message}")
+        print()
+        rows = []
+        for gi, group in enumerate(manifest.groups):
+            first = manifest.models[group.positions()[0]]
+            rows.append([str(gi), f"{group.count:,}", str(len(group.schema.tensors)),
+                         human_bytes(group.schema.stride), first])  # fmt: skip
+        print(_table(["schema", "models", "tensors", "per model", "first model"], rows, {1, 2, 3}))
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    with _open_ro(args.path) as store:
+        infos = store.log(args.ref)
+        print(_version_rows(infos) if infos else "no versions")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _open_ro(args.path) as store:
+        t0 = time.perf_counter()
+        ids = [store.resolve(args.version)] if args.version else [v.id for v in store.versions()]
+        total = 0
+        nbytes = 0
+        for vid in ids:
+            try:
+                total += store.verify(vid)
+            except IntegrityError as exc:
+                print(f"CORRUPT  {exc}", file=sys.stderr)
+                return 1
+            nbytes += store.info(vid).logical_bytes
+            print(f"ok       {vid}")
+        dt = time.perf_counter() - t0
+        print(f"verified {total:,} tensors ({human_bytes(nbytes)}) in {len(ids)} version(s) in {dt:.2f} s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .bench import demo
+
+    return demo.run(cells=args.cells, store_path=Path(args.store), compare=not args.no_compare,
+                    repeat=args.repeat)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmcore", description="Save and recover whole sets of models.")
+    p.add_argument("--version", action="version", version=f"mmcore {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("info", help="a store's versions, or one version in detail")
+    s.add_argument("path")
+    s.add_argument("version", nargs="?", help="version id, unique prefix, or ref")
+    s.set_defaults(fn=cmd_info)
+    s = sub.add_parser("log", help="versions reachable from a ref (all without one), newest first")
+    s.add_argument("path")
+    s.add_argument("ref", nargs="?")
+    s.set_defaults(fn=cmd_log)
+    s = sub.add_parser("verify", help="re-hash every stored byte of a version (or all)")
+    s.add_argument("path")
+    s.add_argument("version", nargs="?")
+    s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("demo", help="save and recover the battery model set; compare with other tools")
+    s.add_argument("--cells", type=int, default=10_000, help="battery cells (models) in the set")
+    s.add_argument("--store", default="mmcore-demo.mm", help="store directory (default ./mmcore-demo.mm)")
+    s.add_argument("--repeat", type=int, default=3, help="runs per timing in the comparison")
+    s.add_argument("--no-compare", action="store_true", help="skip the comparison with other tools")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except MMCoreError as exc:
+        print(f"mmcore: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The native BLAKE3 against the reference implementation (the `blake3` package)."""
+
+from __future__ import annotations
+
+import random
+
+import blake3
+import pytest
+import torch
+
+from mmcore import kernels
+from mmcore._native import core
+
+LENGTHS = [0, 1, 63, 64, 65, 1023, 1024, 1025, 2047, 2048, 2049, 3 * 1024, 16 * 1024 - 1,
+           16 * 1024, 16 * 1024 + 1, 31 * 1024 + 5, (1 << 20) + 7]  # fmt: skip
+
+
+def _bufs(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    rng = random.Random(seed)
+    return [torch.frombuffer(bytearray(rng.randbytes(n)), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+            for n in lengths]  # fmt: skip
+
+
+def _expected(bufs: list[torch.Tensor]) -> list[bytes]:
+    return [blake3.blake3(kernels.tensor_bytes(b)).digest() for b in bufs]
+
+
+def test_isa_is_reported() -> None:
+    assert core().blake3_isa() in {"avx2", "generic"}
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_single_segment_matches_reference(length: int) -> None:
+    bufs = _bufs([length], seed=length)
+    got = kernels.hash_rows_to_bytes(kernels.blake3_tensors(bufs))
+    assert got == _expected(bufs)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_table_of_mixed_segments_matches_reference(threads: int) -> None:
+    rng = random.Random(threads)
+    lengths = LENGTHS + [rng.randrange(0, 300_000) for _ in range(60)] + [rng.randrange(0, 3000) for _ in range(300)]
+    rng.shuffle(lengths)
+    bufs = _bufs(lengths, seed=threads)
+    got = kernels.hash_rows_to_bytes(kernels.blake3_tensors(bufs, threads=threads))
+    assert got == _expected(bufs)
+
+
+def test_segments_may_alias_and_overlap() -> None:
+    base = _bufs([5000], seed=9)[0]
+    ptrs = kernels.int64_table([base.data_ptr(), base.data_ptr() + 1, base.data_ptr(), base.data_ptr() + 4000])
+    lens = kernels.int64_table([5000, 4999, 1024, 1000])
+    got = kernels.hash_rows_to_bytes(kernels.blake3_segments(ptrs, lens))
+    data = kernels.tensor_bytes(base)
+    assert got == [blake3.blake3(d).digest() for d in (data, data[1:], data[:1024], data[4000:])]
+
+
+def test_large_segment_many_threads() -> None:
+    buf = _bufs([(8 << 20) + 333], seed=3)
+    assert kernels.hash_rows_to_bytes(kernels.blake3_tensors(buf, threads=4)) == _expected(buf)
+
+
+def test_validation_before_native_call() -> None:
+    from mmcore.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="int64"):
+        kernels.blake3_segments(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(InvalidArgumentError, match="bytes"):
+        kernels.blake3_segments(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                                out=torch.empty(3, dtype=torch.uint8))  # fmt: skip
