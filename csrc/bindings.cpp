@@ -72,8 +72,9 @@ void pwrite_segments(int fd, uint64_t offset, uintptr_t srcs, uintptr_t lens, ui
   int64_t r;
   {
     py::gil_scoped_release release;
-    r = mmcore::pwrite_segments(fd, offset, ptr<const uint8_t* const>(srcs), ptr<const uint64_t>(lens),
-                                ptr<const uint64_t>(dst_offsets), n, total);
+    r = mmcore::pwrite_segments(fd, offset, ptr<const uint8_t* const>(srcs),
+                                ptr<const uint64_t>(lens), ptr<const uint64_t>(dst_offsets), n,
+                                total);
   }
   if (r < 0) raise_os_error(r);
 }

@@ -21,8 +21,7 @@ struct LaneKernels {
   int width;
   void (*chunks)(const uint8_t* const*, const uint32_t*, uint32_t, const uint64_t*, const uint8_t*,
                  uint32_t* const*);
-  void (*parents)(const uint32_t* const*, const uint32_t* const*, const uint8_t*,
-                  uint32_t* const*);
+  void (*parents)(const uint32_t* const*, const uint32_t* const*, const uint8_t*, uint32_t* const*);
   const char* isa;
 };
 LaneKernels avx2_kernels();  // defined in blake3_avx2.cpp (x86-64 only)

@@ -56,7 +56,8 @@ struct ChunkBatcher {
   uint8_t root[kMaxLanes];
   uint32_t* out[kMaxLanes];
 
-  ChunkBatcher(const LaneKernels& kernels, uint32_t block_count) : k(kernels), blocks(block_count) {}
+  ChunkBatcher(const LaneKernels& kernels, uint32_t block_count)
+      : k(kernels), blocks(block_count) {}
 
   void add(const uint8_t* d, uint32_t n, uint64_t c, bool r, uint32_t* o) {
     data[used] = d;
@@ -136,7 +137,8 @@ void blake3_segments_cpu(const uint8_t* const* ptrs, const uint64_t* lens, size_
     std::vector<ChunkBatcher> batches;
     batches.reserve(16);
     for (uint32_t b = 1; b <= 16; ++b) batches.emplace_back(k, b);
-    size_t s = size_t(std::upper_bound(base.begin(), base.end(), uint64_t(begin)) - base.begin()) - 1;
+    size_t s =
+        size_t(std::upper_bound(base.begin(), base.end(), uint64_t(begin)) - base.begin()) - 1;
     for (size_t c = begin; c < end; ++c) {
       while (c >= base[s + 1]) ++s;
       const uint64_t index = c - base[s];

@@ -53,10 +53,14 @@ static MMCORE_INLINE void transpose8x8(__m256i* v) {
   __m256i cd_lo = _mm256_unpacklo_epi32(v[2], v[3]), cd_hi = _mm256_unpackhi_epi32(v[2], v[3]);
   __m256i ef_lo = _mm256_unpacklo_epi32(v[4], v[5]), ef_hi = _mm256_unpackhi_epi32(v[4], v[5]);
   __m256i gh_lo = _mm256_unpacklo_epi32(v[6], v[7]), gh_hi = _mm256_unpackhi_epi32(v[6], v[7]);
-  __m256i abcd_0 = _mm256_unpacklo_epi64(ab_lo, cd_lo), abcd_1 = _mm256_unpackhi_epi64(ab_lo, cd_lo);
-  __m256i abcd_2 = _mm256_unpacklo_epi64(ab_hi, cd_hi), abcd_3 = _mm256_unpackhi_epi64(ab_hi, cd_hi);
-  __m256i efgh_0 = _mm256_unpacklo_epi64(ef_lo, gh_lo), efgh_1 = _mm256_unpackhi_epi64(ef_lo, gh_lo);
-  __m256i efgh_2 = _mm256_unpacklo_epi64(ef_hi, gh_hi), efgh_3 = _mm256_unpackhi_epi64(ef_hi, gh_hi);
+  __m256i abcd_0 = _mm256_unpacklo_epi64(ab_lo, cd_lo),
+          abcd_1 = _mm256_unpackhi_epi64(ab_lo, cd_lo);
+  __m256i abcd_2 = _mm256_unpacklo_epi64(ab_hi, cd_hi),
+          abcd_3 = _mm256_unpackhi_epi64(ab_hi, cd_hi);
+  __m256i efgh_0 = _mm256_unpacklo_epi64(ef_lo, gh_lo),
+          efgh_1 = _mm256_unpackhi_epi64(ef_lo, gh_lo);
+  __m256i efgh_2 = _mm256_unpacklo_epi64(ef_hi, gh_hi),
+          efgh_3 = _mm256_unpackhi_epi64(ef_hi, gh_hi);
   v[0] = _mm256_permute2x128_si256(abcd_0, efgh_0, 0x20);
   v[4] = _mm256_permute2x128_si256(abcd_0, efgh_0, 0x31);
   v[1] = _mm256_permute2x128_si256(abcd_1, efgh_1, 0x20);
@@ -105,8 +109,7 @@ static inline void chunks_lanes(const uint8_t* const* data, const uint32_t* len,
   V m[16];
   for (uint32_t b = 0; b < last; ++b) {
     load_block_lanes<W>(data, b * kBlockLen, m);
-    compress_in_place(cv, m, counter_lo, counter_hi, full_len,
-                      splat<V>(b == 0 ? kChunkStart : 0u));
+    compress_in_place(cv, m, counter_lo, counter_hi, full_len, splat<V>(b == 0 ? kChunkStart : 0u));
   }
   // The last block is copied into zero padding, lane by lane.
   alignas(32) uint8_t padded[W][kBlockLen];

@@ -82,9 +82,8 @@ void add_zeros(std::vector<struct iovec>& iov, uint64_t len) {
 
 }  // namespace
 
-int64_t pwrite_segments(int fd, uint64_t offset, const uint8_t* const* srcs,
-                        const uint64_t* lens, const uint64_t* dst_offsets, size_t n,
-                        uint64_t total) {
+int64_t pwrite_segments(int fd, uint64_t offset, const uint8_t* const* srcs, const uint64_t* lens,
+                        const uint64_t* dst_offsets, size_t n, uint64_t total) {
   std::vector<struct iovec> iov;
   iov.reserve(n + 16);
   uint64_t pos = 0;

@@ -18,9 +18,8 @@ int64_t pread_all(int fd, uint8_t* data, uint64_t len, uint64_t offset);
 // lands at offset + dst_offsets[i] (ascending); gaps between segments and up
 // to `total` bytes are written as zeros. One pass of pwritev calls, no copy.
 // Returns 0, or -errno.
-int64_t pwrite_segments(int fd, uint64_t offset, const uint8_t* const* srcs,
-                        const uint64_t* lens, const uint64_t* dst_offsets, size_t n,
-                        uint64_t total);
+int64_t pwrite_segments(int fd, uint64_t offset, const uint8_t* const* srcs, const uint64_t* lens,
+                        const uint64_t* dst_offsets, size_t n, uint64_t total);
 
 // Starts write-back of a written range without waiting for it, so a final
 // fsync has little left to do. Returns 0, or -errno (ENOSYS off Linux).

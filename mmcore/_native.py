@@ -8,6 +8,7 @@ on the first call that needs it, and a failure becomes a
 from __future__ import annotations
 
 import functools
+import importlib
 from types import ModuleType
 
 from .errors import NativeModuleError
@@ -16,10 +17,9 @@ from .errors import NativeModuleError
 @functools.lru_cache(maxsize=1)
 def _load() -> ModuleType | BaseException:
     try:
-        from . import _core
+        return importlib.import_module("mmcore._core")
     except ImportError as exc:  # kept, raised at call time with a diagnosis
         return exc
-    return _core
 
 
 def core() -> ModuleType:

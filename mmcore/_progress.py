@@ -12,8 +12,14 @@ MIN_ITEMS_FOR_BAR = 5000
 
 
 @contextmanager
-def progress_bar(total: int | None, desc: str, enabled: bool | None, *, unit: str = "B",
-                 min_total: int = MIN_ITEMS_FOR_BAR) -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    total: int | None,
+    desc: str,
+    enabled: bool | None,
+    *,
+    unit: str = "B",
+    min_total: int = MIN_ITEMS_FOR_BAR,
+) -> Iterator[Callable[[int], None]]:
     """Yields ``update(n)``; thread-safe. ``enabled=None``: on a terminal, for big jobs only."""
     big = total is None or total >= min_total
     show = enabled if enabled is not None else (sys.stderr.isatty() and big)

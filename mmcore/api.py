@@ -53,7 +53,9 @@ class VersionInfo:
         return d
 
 
-def open(path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True) -> ModelStore:  # noqa: A001
+def open(
+    path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True
+) -> ModelStore:
     """Opens (and by default creates) the store in directory ``path``."""
     return ModelStore(path, readonly=readonly, create=create)
 
@@ -61,7 +63,9 @@ def open(path: str | os.PathLike[str], *, readonly: bool = False, create: bool =
 class ModelStore:
     """A directory holding versions of model sets. Use as a context manager."""
 
-    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True
+    ) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self._layout = StoreLayout(self.path)
@@ -105,7 +109,9 @@ class ModelStore:
         """The full version id for an id, a unique id prefix (>= 4 hex digits), or a ref."""
         self._check_open()
         if not isinstance(version_or_ref, str) or not version_or_ref:
-            raise InvalidArgumentError(f"a version id or ref name is a non-empty string, got {version_or_ref!r}")
+            raise InvalidArgumentError(
+                f"a version id or ref name is a non-empty string, got {version_or_ref!r}"
+            )
         key = version_or_ref.encode()
         if self.catalog.get("manifests", key) is not None:
             return version_or_ref
@@ -144,8 +150,16 @@ class ModelStore:
         return {k.decode(): v.decode() for k, v in self.catalog.scan("refs")}
 
     # -- save ------------------------------------------------------------
-    def save(self, models: Any, *, approach: str = "baseline", parent: str | None = None,
-             ref: str | None = None, message: str | None = None, progress: bool | None = None) -> str:
+    def save(
+        self,
+        models: Any,
+        *,
+        approach: str = "baseline",
+        parent: str | None = None,
+        ref: str | None = None,
+        message: str | None = None,
+        progress: bool | None = None,
+    ) -> str:
         """Saves a model set as a new version and returns its id.
 
         ``models`` maps model names to ``torch.nn.Module`` objects or state dicts.
@@ -153,14 +167,18 @@ class ModelStore:
         """
         self._check_open()
         if approach not in APPROACHES:
-            raise InvalidArgumentError(f"approach must be one of {', '.join(map(repr, APPROACHES))}, got {approach!r}")
+            raise InvalidArgumentError(
+                f"approach must be one of {', '.join(map(repr, APPROACHES))}, got {approach!r}"
+            )
         if approach == "baseline" and parent is not None:
             raise InvalidArgumentError(
                 "a baseline version stores every parameter and has no parent; "
                 "drop parent=, or save with approach='update'"
             )
         if ref is not None and (not isinstance(ref, str) or not ref or len(ref) > 200):
-            raise InvalidArgumentError(f"ref must be a non-empty string of at most 200 characters, got {ref!r}")
+            raise InvalidArgumentError(
+                f"ref must be a non-empty string of at most 200 characters, got {ref!r}"
+            )
         self._check_writable()
         vid = secrets.token_hex(8)
         prev = None if ref is None else self.catalog.get("refs", ref.encode())
@@ -208,33 +226,49 @@ class ModelStore:
         return vid
 
     # -- load ------------------------------------------------------------
-    def load(self, version: str, *, device: str | torch.device = "cpu", verify: bool = True,
-             models: list[str] | None = None) -> dict[str, StateDict]:
+    def load(
+        self,
+        version: str,
+        *,
+        device: str | torch.device = "cpu",
+        verify: bool = True,
+        models: list[str] | None = None,
+    ) -> dict[str, StateDict]:
         """Recovers a whole set: {model name: {tensor name: tensor}} in saved order.
 
         Tensors of one group are views of one buffer. With ``verify`` (default)
         every tensor's BLAKE3 is checked; a mismatch raises IntegrityError.
         """
         if models is not None:
-            return {name: self.load_model(version, name, device=device, verify=verify) for name in models}
+            return {
+                name: self.load_model(version, name, device=device, verify=verify)
+                for name in models
+            }
         manifest = self.manifest(version)
         dev = _device(device)
         out: list[StateDict | None] = [None] * len(manifest.models)
         for group in manifest.groups:
-            states = self._reader.read_group(manifest, group, verify=verify, device=dev, pool=self._pool)
+            states = self._reader.read_group(
+                manifest, group, verify=verify, device=dev, pool=self._pool
+            )
             for mi, state in zip(group.positions(), states):
                 out[mi] = state
         return {name: state for name, state in zip(manifest.models, out) if state is not None}
 
-    def load_model(self, version: str, name: str, *, device: str | torch.device = "cpu",
-                   verify: bool = True) -> StateDict:
+    def load_model(
+        self, version: str, name: str, *, device: str | torch.device = "cpu", verify: bool = True
+    ) -> StateDict:
         """Recovers one model, reading only that model's bytes."""
         manifest = self.manifest(version)
         where = manifest.locate(name)
         if where is None:
-            raise ModelNotFoundError(f"version {manifest.id} has no model {name!r} ({len(manifest.models)} models)")
+            raise ModelNotFoundError(
+                f"version {manifest.id} has no model {name!r} ({len(manifest.models)} models)"
+            )
         gi, pos = where
-        return self._reader.read_model(manifest, manifest.groups[gi], pos, verify=verify, device=_device(device))
+        return self._reader.read_model(
+            manifest, manifest.groups[gi], pos, verify=verify, device=_device(device)
+        )
 
     # -- inspect ---------------------------------------------------------
     def info(self, version: str) -> VersionInfo:
@@ -263,7 +297,9 @@ class ModelStore:
             return self.versions()
         head = self.catalog.get("refs", ref.encode())
         if head is None:
-            raise RefNotFoundError(f"no ref {ref!r} in {self.path}; refs: {', '.join(sorted(self.refs())) or 'none'}")
+            raise RefNotFoundError(
+                f"no ref {ref!r} in {self.path}; refs: {', '.join(sorted(self.refs())) or 'none'}"
+            )
         return list(self._walk(head.decode()))
 
     def _walk(self, vid: str | None) -> Iterator[VersionInfo]:
@@ -309,9 +345,15 @@ class ModelStore:
                 f"version {m.id} is the head of ref(s) {', '.join(heads)}; move them with a new save "
                 "or remove them with store.delete_ref(name) first"
             )
-        children = [k.decode() for k, raw in self.catalog.scan("manifests") if Manifest.decode(raw).parent == m.id]
+        children = [
+            k.decode()
+            for k, raw in self.catalog.scan("manifests")
+            if Manifest.decode(raw).parent == m.id
+        ]
         if children:
-            raise InvalidArgumentError(f"version {m.id} is the parent of {', '.join(children)}; delete those first")
+            raise InvalidArgumentError(
+                f"version {m.id} is the parent of {', '.join(children)}; delete those first"
+            )
         puts, deletes = [], [("manifests", m.id.encode())]
         for group in m.groups:
             rec = self._content(group.blob)
@@ -344,7 +386,9 @@ class ModelStore:
     def _check_writable(self) -> None:
         self._check_open()
         if self.readonly:
-            raise ReadOnlyStoreError("this store was opened read-only; reopen it with readonly=False")
+            raise ReadOnlyStoreError(
+                "this store was opened read-only; reopen it with readonly=False"
+            )
 
     def stored_bytes(self) -> int:
         """Bytes the whole store occupies on disk: packs plus catalog."""
@@ -363,4 +407,6 @@ def _device(device: str | torch.device) -> torch.device:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise InvalidArgumentError(f"device must be like 'cpu' or 'cuda:0', got {device!r}") from exc
+        raise InvalidArgumentError(
+            f"device must be like 'cpu' or 'cuda:0', got {device!r}"
+        ) from exc

@@ -15,12 +15,18 @@ from .bench.measure import human_bytes
 from .errors import IntegrityError, MMCoreError
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] | None = None) -> str:
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] | None = None
+) -> str:
     right = right or set()
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
 
     def fmt(cells: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
 
     return "\n".join([fmt(headers), "  ".join("-" * w for w in widths), *(fmt(r) for r in rows)])
 
@@ -39,7 +45,11 @@ def _version_rows(infos: Sequence[VersionInfo]) -> str:
         ]
         for i in infos
     ]
-    return _table(["version", "created", "approach", "models", "params", "stored", "refs", "parent"], rows, {3, 4, 5})
+    return _table(
+        ["version", "created", "approach", "models", "params", "stored", "refs", "parent"],
+        rows,
+        {3, 4, 5},
+    )
 
 
 def _open_ro(path: str) -> ModelStore:
@@ -105,7 +115,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             nbytes += store.info(vid).logical_bytes
             print(f"ok       {vid}")
         dt = time.perf_counter() - t0
-        print(f"verified {total:,} tensors ({human_bytes(nbytes)}) in {len(ids)} version(s) in {dt:.2f} s")
+        print(
+            f"verified {total:,} tensors ({human_bytes(nbytes)}) in {len(ids)} version(s) in {dt:.2f} s"
+        )
     return 0
 
 
@@ -132,9 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("version", nargs="?")
     s.set_defaults(fn=cmd_verify)
-    s = sub.add_parser("demo", help="save and recover the battery model set; compare with other tools")
+    s = sub.add_parser(
+        "demo", help="save and recover the battery model set; compare with other tools"
+    )
     s.add_argument("--cells", type=int, default=10_000, help="battery cells (models) in the set")
-    s.add_argument("--store", default="mmcore-demo.mm", help="store directory (default ./mmcore-demo.mm)")
+    s.add_argument(
+        "--store", default="mmcore-demo.mm", help="store directory (default ./mmcore-demo.mm)"
+    )
     s.add_argument("--repeat", type=int, default=3, help="runs per timing in the comparison")
     s.add_argument("--no-compare", action="store_true", help="skip the comparison with other tools")
     s.set_defaults(fn=cmd_demo)

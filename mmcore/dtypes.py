@@ -20,12 +20,12 @@ _CANDIDATES = (
 )  # fmt: skip
 
 BY_NAME: dict[str, torch.dtype] = {
-    name: getattr(torch, name) for name in _CANDIDATES if isinstance(getattr(torch, name, None), torch.dtype)
+    name: getattr(torch, name)
+    for name in _CANDIDATES
+    if isinstance(getattr(torch, name, None), torch.dtype)
 }
 NAME_OF: dict[torch.dtype, str] = {dtype: name for name, dtype in BY_NAME.items()}
-ITEMSIZE: dict[torch.dtype, int] = {
-    dtype: dtype.itemsize for dtype in BY_NAME.values()
-}
+ITEMSIZE: dict[torch.dtype, int] = {dtype: dtype.itemsize for dtype in BY_NAME.values()}
 COMPLEX = frozenset(d for d in BY_NAME.values() if d.is_complex)
 
 

@@ -55,12 +55,19 @@ class GroupRecord:
         members = None
         if self.members is not None:
             members = struct.pack(f"<{len(self.members)}I", *self.members)
-        return {"schema": self.schema.encode(), "count": self.count, "blob": self.blob, "members": members}
+        return {
+            "schema": self.schema.encode(),
+            "count": self.count,
+            "blob": self.blob,
+            "members": members,
+        }
 
     @classmethod
     def decode(cls, raw: dict[str, Any]) -> GroupRecord:
         members = raw.get("members")
-        decoded = None if members is None else list(struct.unpack(f"<{len(members) // 4}I", members))
+        decoded = (
+            None if members is None else list(struct.unpack(f"<{len(members) // 4}I", members))
+        )
         return cls(Schema.decode(raw["schema"]), int(raw["count"]), bytes(raw["blob"]), decoded)
 
 

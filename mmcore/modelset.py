@@ -59,7 +59,9 @@ def _check_utf8(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidModelSetError(f"{what} {text!r} is not valid unicode text: {exc.reason}") from None
+        raise InvalidModelSetError(
+            f"{what} {text!r} is not valid unicode text: {exc.reason}"
+        ) from None
 
 
 def _state_dict(name: str, value: Any) -> Mapping[str, Any]:
@@ -84,7 +86,9 @@ def _items(models: Any) -> Iterable[Any]:
     return models
 
 
-def _schema_for(keys: tuple[str, ...], sig: tuple[tuple[torch.dtype, torch.Size], ...], model: str) -> Schema:
+def _schema_for(
+    keys: tuple[str, ...], sig: tuple[tuple[torch.dtype, torch.Size], ...], model: str
+) -> Schema:
     specs = []
     offset = 0
     align = 1
@@ -114,7 +118,9 @@ def _slow_source(model: str, key: str, t: torch.Tensor) -> torch.Tensor:
             "convert it with .to_dense() first"
         )
     if t.device.type == "meta":
-        raise InvalidModelSetError(f"model {model!r}, tensor {key!r} is on the meta device and has no data")
+        raise InvalidModelSetError(
+            f"model {model!r}, tensor {key!r} is on the meta device and has no data"
+        )
     return _as_source(t)
 
 
@@ -166,7 +172,11 @@ def iter_models(models: Any) -> Iterator[ModelEntry]:
                 )
             dtype = t.dtype
             sig.append((dtype, t.shape))
-            if not (t.is_cpu and t.is_contiguous()) or t.is_neg() or (dtype in complex_dtypes and t.is_conj()):
+            if (
+                not (t.is_cpu and t.is_contiguous())
+                or t.is_neg()
+                or (dtype in complex_dtypes and t.is_conj())
+            ):
                 t = _slow_source(name, key, t)
             sources.append(t)
         yield ModelEntry(name, keys, tuple(sig), sources)

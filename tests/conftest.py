@@ -21,7 +21,9 @@ def assert_bit_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     assert torch.equal(raw_bytes(got), raw_bytes(want))
 
 
-def assert_sets_equal(got: dict[str, dict[str, torch.Tensor]], want: dict[str, dict[str, torch.Tensor]]) -> None:
+def assert_sets_equal(
+    got: dict[str, dict[str, torch.Tensor]], want: dict[str, dict[str, torch.Tensor]]
+) -> None:
     assert list(got) == list(want)
     for name, sd in want.items():
         assert list(got[name]) == list(sd), name

@@ -39,7 +39,11 @@ def test_single_segment_matches_reference(length: int) -> None:
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_table_of_mixed_segments_matches_reference(threads: int) -> None:
     rng = random.Random(threads)
-    lengths = LENGTHS + [rng.randrange(0, 300_000) for _ in range(60)] + [rng.randrange(0, 3000) for _ in range(300)]
+    lengths = (
+        LENGTHS
+        + [rng.randrange(0, 300_000) for _ in range(60)]
+        + [rng.randrange(0, 3000) for _ in range(300)]
+    )
     rng.shuffle(lengths)
     bufs = _bufs(lengths, seed=threads)
     got = kernels.hash_rows_to_bytes(kernels.blake3_tensors(bufs, threads=threads))
@@ -48,7 +52,9 @@ def test_table_of_mixed_segments_matches_reference(threads: int) -> None:
 
 def test_segments_may_alias_and_overlap() -> None:
     base = _bufs([5000], seed=9)[0]
-    ptrs = kernels.int64_table([base.data_ptr(), base.data_ptr() + 1, base.data_ptr(), base.data_ptr() + 4000])
+    ptrs = kernels.int64_table(
+        [base.data_ptr(), base.data_ptr() + 1, base.data_ptr(), base.data_ptr() + 4000]
+    )
     lens = kernels.int64_table([5000, 4999, 1024, 1000])
     got = kernels.hash_rows_to_bytes(kernels.blake3_segments(ptrs, lens))
     data = kernels.tensor_bytes(base)
@@ -64,7 +70,9 @@ def test_validation_before_native_call() -> None:
     from mmcore.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="int64"):
-        kernels.blake3_segments(torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+        kernels.blake3_segments(
+            torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+        )
     with pytest.raises(InvalidArgumentError, match="bytes"):
         kernels.blake3_segments(torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
                                 out=torch.empty(3, dtype=torch.uint8))  # fmt: skip

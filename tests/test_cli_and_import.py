@@ -59,7 +59,9 @@ def test_info_log_verify(filled: tuple[Path, str], capsys: pytest.CaptureFixture
     assert "verified 80 tensors" in capsys.readouterr().out
 
 
-def test_verify_reports_corruption(filled: tuple[Path, str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_reports_corruption(
+    filled: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
     path, v = filled
     (pack,) = (path / "packs").glob("*.pack")
     data = bytearray(pack.read_bytes())
@@ -77,11 +79,18 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_demo_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--cells", "50", "--store", str(tmp_path / "demo.mm"), "--no-compare"]) == 0
+    assert (
+        main(["demo", "--cells", "50", "--store", str(tmp_path / "demo.mm"), "--no-compare"]) == 0
+    )
     out = capsys.readouterr().out
     assert "bit-exact round trip: yes" in out and "saved baseline" in out
 
 
 def test_console_script_runs() -> None:
-    proc = subprocess.run([sys.executable, "-m", "mmcore.cli", "--version"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmcore.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == f"mmcore {mmcore.__version__}"

@@ -15,7 +15,9 @@ from mmcore.errors import StoreLockedError
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_second_writer_in_another_process_gets_lock_error(store_path: Path) -> None:

@@ -62,9 +62,8 @@ def test_flipped_hash_table_bit_is_detected(store_path: Path) -> None:
         rec = s._content(s.manifest(v).groups[0].blob)
         path = _pack_path(s)
     _flip_bit(path, rec.hashes_offset + rec.hashes_length - 1)
-    with mmcore.open(store_path) as s:
-        with pytest.raises(IntegrityError, match="cell_007"):
-            s.verify(v)
+    with mmcore.open(store_path) as s, pytest.raises(IntegrityError, match="cell_007"):
+        s.verify(v)
 
 
 def test_truncated_pack(store_path: Path) -> None:
@@ -86,6 +85,5 @@ def test_missing_pack(store_path: Path) -> None:
         v = s.save(small_set(8))
         path = _pack_path(s)
     path.unlink()
-    with mmcore.open(store_path) as s:
-        with pytest.raises(IntegrityError, match="missing"):
-            s.load(v)
+    with mmcore.open(store_path) as s, pytest.raises(IntegrityError, match="missing"):
+        s.load(v)

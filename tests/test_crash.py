@@ -83,5 +83,9 @@ def test_sigkill_during_saves_leaves_whole_versions(tmp_path: Path) -> None:
     assert len(committed) >= 5, "the child never got far enough to test anything"
     with mmcore.open(path) as store:
         store.gc()
-        live = {store._content(g.blob).pack for v in store.versions() for g in store.manifest(v.id).groups}
+        live = {
+            store._content(g.blob).pack
+            for v in store.versions()
+            for g in store.manifest(v.id).groups
+        }
         assert set(store.tier.list()) == live  # orphans of interrupted saves were reclaimed

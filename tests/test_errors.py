@@ -31,12 +31,24 @@ BAD_SETS = [
     ({}, InvalidModelSetError, "empty"),
     ([], InvalidModelSetError, "empty"),
     ({"a": 3}, InvalidModelSetError, "model 'a': expected a torch.nn.Module or a state dict"),
-    ({"a": {"w": [1.0, 2.0]}}, InvalidModelSetError, "model 'a', entry 'w': expected a torch.Tensor, got list"),
+    (
+        {"a": {"w": [1.0, 2.0]}},
+        InvalidModelSetError,
+        "model 'a', entry 'w': expected a torch.Tensor, got list",
+    ),
     ({"": {"w": torch.ones(1)}}, InvalidModelSetError, "non-empty"),
     ({7: {"w": torch.ones(1)}}, InvalidModelSetError, "model names must be strings, got int"),
-    ([("a", {"w": torch.ones(1)}), ("a", {"w": torch.ones(1)})], InvalidModelSetError, "duplicate model name 'a'"),
+    (
+        [("a", {"w": torch.ones(1)}), ("a", {"w": torch.ones(1)})],
+        InvalidModelSetError,
+        "duplicate model name 'a'",
+    ),
     ([("a", {"w": torch.ones(1)}), "b"], InvalidModelSetError, "pairs"),
-    ({"a": {"w": torch.ones(2).to_sparse()}}, InvalidModelSetError, "layout torch.sparse_coo is not supported"),
+    (
+        {"a": {"w": torch.ones(2).to_sparse()}},
+        InvalidModelSetError,
+        "layout torch.sparse_coo is not supported",
+    ),
     ({"a": {"w": torch.empty(2, device="meta")}}, InvalidModelSetError, "meta device"),
     ({"\ud800": {"w": torch.ones(1)}}, InvalidModelSetError, "not valid unicode"),
     ({"a": {3: torch.ones(1)}}, InvalidModelSetError, "tensor names must be strings"),
@@ -46,7 +58,9 @@ BAD_SETS = [
 
 
 @pytest.mark.parametrize(("models", "error", "message"), BAD_SETS)
-def test_bad_model_sets(store: mmcore.ModelStore, models: object, error: type, message: str) -> None:
+def test_bad_model_sets(
+    store: mmcore.ModelStore, models: object, error: type, message: str
+) -> None:
     store.save(small_set(2), ref="keep")
     before = _snapshot(store)
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -65,14 +79,16 @@ def test_bad_model_late_in_set_changes_nothing(store: mmcore.ModelStore) -> None
 
 
 def test_unknown_approach(store: mmcore.ModelStore) -> None:
-    with pytest.raises(InvalidArgumentError, match="approach must be one of 'baseline', got 'delta'"):
+    with pytest.raises(
+        InvalidArgumentError, match="approach must be one of 'baseline', got 'delta'"
+    ):
         store.save(small_set(1), approach="delta")
     assert _snapshot(store) == ([], [], {})
 
 
 def test_parent_given_to_baseline(store: mmcore.ModelStore) -> None:
     v = store.save(small_set(1))
-    with pytest.raises(InvalidArgumentError, match="baseline version .* has no parent"):
+    with pytest.raises(InvalidArgumentError, match=r"baseline version .* has no parent"):
         store.save(small_set(1), parent=v)
 
 
@@ -89,7 +105,7 @@ def test_unknown_version_ref_and_model(store: mmcore.ModelStore) -> None:
         store.load("deadbeef")
     with pytest.raises(VersionNotFoundError, match="no version or ref 'nope'"):
         store.info("nope")
-    with pytest.raises(RefNotFoundError, match="no ref 'nope'.*refs: fleet"):
+    with pytest.raises(RefNotFoundError, match=r"no ref 'nope'.*refs: fleet"):
         store.log("nope")
     with pytest.raises(ModelNotFoundError, match="has no model 'cell_999'"):
         store.load_model(v, "cell_999")
@@ -124,7 +140,7 @@ def test_newer_store_format_is_refused(store_path: Path) -> None:
     with mmcore.open(store_path) as s:
         s.save(small_set(1))
     (store_path / "MMCORE").write_text(json.dumps({"format": 99, "kind": "mmcore-store"}))
-    with pytest.raises(FormatVersionError, match="newer mmcore .*format 99"):
+    with pytest.raises(FormatVersionError, match=r"newer mmcore .*format 99"):
         mmcore.open(store_path)
 
 

@@ -12,7 +12,9 @@ from mmcore.kernels import reference
 
 def _tensors() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(n, generator=g) for n in (0, 1, 7, 48, 2304, 100_000)] + [torch.arange(9, dtype=torch.int16)]
+    return [torch.randn(n, generator=g) for n in (0, 1, 7, 48, 2304, 100_000)] + [
+        torch.arange(9, dtype=torch.int16)
+    ]
 
 
 def test_gather_matches_reference() -> None:

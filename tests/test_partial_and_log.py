@@ -12,7 +12,10 @@ from mmcore.errors import InvalidArgumentError
 
 
 def test_load_model_reads_only_that_models_bytes(store: mmcore.ModelStore) -> None:
-    big = {f"m{i}": {"w": small_set(1, seed=i)["cell_000"]["l0.weight"].repeat(100, 1)} for i in range(500)}
+    big = {
+        f"m{i}": {"w": small_set(1, seed=i)["cell_000"]["l0.weight"].repeat(100, 1)}
+        for i in range(500)
+    }
     v = store.save(big)
     stride = store.manifest(v).groups[0].schema.stride
     for verify, expected in ((False, stride), (True, stride + 32)):

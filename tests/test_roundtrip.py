@@ -38,13 +38,21 @@ def test_every_dtype_round_trips_bit_exact(store: mmcore.ModelStore, name: str) 
 
 
 def test_special_float_values(store: mmcore.ModelStore) -> None:
-    nan_payload = torch.tensor([0x7FC00001, 0xFFC12345, 0x7F800001], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    nan_payload = (
+        torch.tensor([0x7FC00001, 0xFFC12345, 0x7F800001], dtype=torch.int64)
+        .to(torch.int32)
+        .view(torch.float32)
+    )
     values = {
-        "f32": torch.cat([torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), 1e-45, -1e-40]), nan_payload]),
+        "f32": torch.cat(
+            [torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), 1e-45, -1e-40]), nan_payload]
+        ),
         "f16": torch.tensor([-0.0, float("nan"), float("inf"), 6e-8], dtype=torch.float16),
         "bf16": torch.tensor([-0.0, float("nan"), -float("inf"), 1e-40], dtype=torch.bfloat16),
         "f64": torch.tensor([-0.0, float("nan"), 5e-324], dtype=torch.float64),
-        "c64": torch.complex(torch.tensor([-0.0, float("nan")]), torch.tensor([float("inf"), -0.0])),
+        "c64": torch.complex(
+            torch.tensor([-0.0, float("nan")]), torch.tensor([float("inf"), -0.0])
+        ),
     }
     v = store.save({"special": values})
     got = store.load(v)["special"]
@@ -82,14 +90,20 @@ def test_modules_and_state_dicts_mix_and_keep_order(store: mmcore.ModelStore) ->
     v = store.save(models)
     got = store.load(v)
     assert list(got) == list(models)
-    assert_sets_equal(got, {k: (m.state_dict() if isinstance(m, torch.nn.Module) else m) for k, m in models.items()})
+    assert_sets_equal(
+        got,
+        {k: (m.state_dict() if isinstance(m, torch.nn.Module) else m) for k, m in models.items()},
+    )
     info = store.info(v)
     assert info.num_models == 5
     assert len(store.manifest(v).groups) == 3  # linear, conv+bn, and the small set's schema
 
 
 def test_unicode_names(store: mmcore.ModelStore) -> None:
-    models = {"zelle_ü_电池_🔋": {"gewicht/ß": torch.ones(2), "": torch.zeros(1)}, "x\ny\x00": {"t": torch.ones(1)}}
+    models = {
+        "zelle_ü_电池_🔋": {"gewicht/ß": torch.ones(2), "": torch.zeros(1)},
+        "x\ny\x00": {"t": torch.ones(1)},
+    }
     v = store.save(models)
     assert_sets_equal(store.load(v), models)
     assert_bit_equal(store.load_model(v, "zelle_ü_电池_🔋")["gewicht/ß"], torch.ones(2))
@@ -131,7 +145,9 @@ def test_identical_set_saved_twice_stores_no_new_payload(store: mmcore.ModelStor
     assert store.manifest(v1).groups[0].blob == store.manifest(v2).groups[0].blob
 
 
-def test_large_models_span_many_extents(store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_models_span_many_extents(
+    store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mmcore.paths import baseline
 
     monkeypatch.setattr(baseline, "BATCH_BYTES", 1000)  # five small models per extent

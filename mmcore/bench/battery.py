@@ -46,7 +46,10 @@ def ffnn() -> torch.nn.Module:
 def battery_set(cells: int, seed: int = 0) -> StateDicts:
     """``cells`` independently initialised FFNNs, as state dicts (real modules' tensors)."""
     torch.manual_seed(seed)
-    return {f"cell_{i:06d}": {k: v.detach() for k, v in ffnn().state_dict().items()} for i in range(cells)}
+    return {
+        f"cell_{i:06d}": {k: v.detach() for k, v in ffnn().state_dict().items()}
+        for i in range(cells)
+    }
 
 
 def battery_set_fast(cells: int, seed: int = 0) -> StateDicts:
@@ -55,7 +58,10 @@ def battery_set_fast(cells: int, seed: int = 0) -> StateDicts:
     g = torch.Generator().manual_seed(seed)
     shapes = []
     for i in range(len(LAYERS) - 1):
-        shapes += [(f"{2 * i}.weight", (LAYERS[i + 1], LAYERS[i]), LAYERS[i]), (f"{2 * i}.bias", (LAYERS[i + 1],), LAYERS[i])]
+        shapes += [
+            (f"{2 * i}.weight", (LAYERS[i + 1], LAYERS[i]), LAYERS[i]),
+            (f"{2 * i}.bias", (LAYERS[i + 1],), LAYERS[i]),
+        ]
     per_model = sum(math.prod(shape) for _, shape, _ in shapes)
     flat = torch.rand(cells, per_model, generator=g).mul_(2).sub_(1)
     out: StateDicts = {}
@@ -108,13 +114,17 @@ class Raw(Method):
     def prepare(self, sds: StateDicts) -> None:
         flat = [t.reshape(-1).view(torch.uint8) for sd in sds.values() for t in sd.values()]
         self.buf = torch.cat(flat)
-        self.model_bytes = sum(t.numel() * t.element_size() for t in next(iter(sds.values())).values())
+        self.model_bytes = sum(
+            t.numel() * t.element_size() for t in next(iter(sds.values())).values()
+        )
         self.index = {name: i for i, name in enumerate(sds)}
 
     def save(self, sds: StateDicts) -> None:
         path = self.root / "params.bin"
         with open(path, "wb", buffering=0) as f:
-            f.write(memoryview((ctypes.c_char * self.buf.numel()).from_address(self.buf.data_ptr())))
+            f.write(
+                memoryview((ctypes.c_char * self.buf.numel()).from_address(self.buf.data_ptr()))
+            )
             os.fsync(f.fileno())
         _sync_dir(self.root)
 
@@ -134,6 +144,12 @@ class Raw(Method):
 
 class MMCore(Method):
     name = "mmcore baseline"
+    store: mmcore.ModelStore | None = None
+
+    @property
+    def open_store(self) -> mmcore.ModelStore:
+        assert self.store is not None, "reset() opens the store"
+        return self.store
 
     def reset(self) -> None:
         self.close()
@@ -141,16 +157,16 @@ class MMCore(Method):
         self.store = mmcore.open(self.root / "store.mm")
 
     def save(self, sds: StateDicts) -> None:
-        self.version = self.store.save(sds, approach="baseline", ref="battery", progress=False)
+        self.version = self.open_store.save(sds, approach="baseline", ref="battery", progress=False)
 
     def load_all(self, verify: bool = False) -> StateDicts:
-        return self.store.load(self.version, verify=verify)
+        return self.open_store.load(self.version, verify=verify)
 
     def load_one(self, name: str) -> dict[str, torch.Tensor]:
-        return self.store.load_model(self.version, name)
+        return self.open_store.load_model(self.version, name)
 
     def close(self) -> None:
-        if getattr(self, "store", None) is not None:
+        if self.store is not None:
             self.store.close()
             self.store = None
 
@@ -264,7 +280,9 @@ def _check_equal(sds: StateDicts, got: StateDicts) -> None:
                 raise AssertionError(f"round trip changed {name}/{k}")
 
 
-def run_method(method: Method, sds: StateDicts, repeat: int, cold: bool, log: Callable[[str], None]) -> Row:
+def run_method(
+    method: Method, sds: StateDicts, repeat: int, cold: bool, log: Callable[[str], None]
+) -> Row:
     reps = 1 if method.slow else repeat
     names = list(sds)
     log(f"  {method.name}: save x{reps} ...")
@@ -286,9 +304,10 @@ def run_method(method: Method, sds: StateDicts, repeat: int, cold: bool, log: Ca
     one_s = _median_one(method.load_one, names, samples)
     row = Row(method.name, save_s, load_s, load_verify_s, one_s * 1e3, stored, reps)
     if isinstance(method, MMCore):
-        before = method.store.tier.bytes_read
+        tier = method.open_store.tier
+        before = tier.bytes_read
         method.load_one(names[len(names) // 2])
-        row.extra["load_one_payload_bytes_read"] = method.store.tier.bytes_read - before
+        row.extra["load_one_payload_bytes_read"] = tier.bytes_read - before
         row.extra["model_bytes"] = sum(t.numel() * t.element_size() for t in sds[names[0]].values())
     return row
 
@@ -330,33 +349,65 @@ def format_table(rows: list[Row], param_bytes: int) -> str:
     return "\n".join(lines)
 
 
-def bars(rows: list[Row], param_bytes: int, memory: dict[str, Any] | None) -> list[tuple[str, bool]]:
+def bars(
+    rows: list[Row], param_bytes: int, memory: dict[str, Any] | None
+) -> list[tuple[str, bool]]:
     by = {r.method: r for r in rows}
     mm, raw = by[MMCore.name], by[Raw.name]
     checks = [
-        (f"save <= 1.5x raw write+fsync: {mm.save_s / raw.save_s:.2f}x", mm.save_s <= 1.5 * raw.save_s),
-        (f"load (no hash) <= 2x raw read: {mm.load_s / raw.load_s:.2f}x", mm.load_s <= 2 * raw.load_s),
+        (
+            f"save <= 1.5x raw write+fsync: {mm.save_s / raw.save_s:.2f}x",
+            mm.save_s <= 1.5 * raw.save_s,
+        ),
+        (
+            f"load (no hash) <= 2x raw read: {mm.load_s / raw.load_s:.2f}x",
+            mm.load_s <= 2 * raw.load_s,
+        ),
     ]
     if mm.load_verify_s is not None:
-        checks.append((f"load (hash) <= 3x raw read: {mm.load_verify_s / raw.load_s:.2f}x",
-                       mm.load_verify_s <= 3 * raw.load_s))
+        checks.append(
+            (
+                f"load (hash) <= 3x raw read: {mm.load_verify_s / raw.load_s:.2f}x",
+                mm.load_verify_s <= 3 * raw.load_s,
+            )
+        )
     ts = by.get(TorchSavePerModel.name)
     if ts is not None:
-        checks.append((f"save >= 10x faster than torch.save per model: {ts.save_s / mm.save_s:.1f}x",
-                       ts.save_s >= 10 * mm.save_s))
-        checks.append((f"load >= 10x faster than torch.load per model: {ts.load_s / mm.load_s:.1f}x",
-                       ts.load_s >= 10 * mm.load_s))
+        checks.append(
+            (
+                f"save >= 10x faster than torch.save per model: {ts.save_s / mm.save_s:.1f}x",
+                ts.save_s >= 10 * mm.save_s,
+            )
+        )
+        checks.append(
+            (
+                f"load >= 10x faster than torch.load per model: {ts.load_s / mm.load_s:.1f}x",
+                ts.load_s >= 10 * mm.load_s,
+            )
+        )
     checks.append((f"one model < 5 ms median: {mm.load_one_ms:.2f} ms", mm.load_one_ms < 5))
     read = mm.extra.get("load_one_payload_bytes_read", 0)
     model = mm.extra.get("model_bytes", 1)
-    checks.append((f"one model reads its own bytes: {read:,} B payload for a {model:,} B model",
-                   read <= model + 4096))
-    checks.append((f"stored <= 1.02x parameter bytes: {mm.stored_bytes / param_bytes:.4f}x",
-                   mm.stored_bytes <= 1.02 * param_bytes))
+    checks.append(
+        (
+            f"one model reads its own bytes: {read:,} B payload for a {model:,} B model",
+            read <= model + 4096,
+        )
+    )
+    checks.append(
+        (
+            f"stored <= 1.02x parameter bytes: {mm.stored_bytes / param_bytes:.4f}x",
+            mm.stored_bytes <= 1.02 * param_bytes,
+        )
+    )
     if memory is not None:
         peak = max(memory["save_peak_growth_x"], memory["load_peak_growth_x"])
-        checks.append((f"{memory['cells']:,} cells: peak memory growth {peak:.2f}x parameter bytes (<= 3x)",
-                       peak <= 3))
+        checks.append(
+            (
+                f"{memory['cells']:,} cells: peak memory growth {peak:.2f}x parameter bytes (<= 3x)",
+                peak <= 3,
+            )
+        )
     return checks
 
 
@@ -365,20 +416,29 @@ METHODS = {"raw": Raw, "mmcore": MMCore, "torch": TorchSavePerModel,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="battery", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="battery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cells", type=int, default=10_000, help="models in the set (default 10,000)")
     p.add_argument("--repeat", type=int, default=3, help="runs per measurement; median reported")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}"
+    )
     p.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
-    p.add_argument("--cold", action="store_true", help="drop files from the page cache before each read")
-    p.add_argument("--memory-cells", type=int, default=0, help="also check peak memory with this many cells")
+    p.add_argument(
+        "--cold", action="store_true", help="drop files from the page cache before each read"
+    )
+    p.add_argument(
+        "--memory-cells", type=int, default=0, help="also check peak memory with this many cells"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or "raw" not in names or "mmcore" not in names:
-        p.error(f"--methods must include raw and mmcore, from {', '.join(METHODS)}; got {args.methods!r}")
+        p.error(
+            f"--methods must include raw and mmcore, from {', '.join(METHODS)}; got {args.methods!r}"
+        )
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -402,8 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"battery set: {args.cells:,} cells x 5,041 parameters (FFNN 5-48-48-48-1), "
-          f"{human_bytes(param_bytes)} of float32; {'cold' if args.cold else 'warm'} page cache")
+    print(
+        f"battery set: {args.cells:,} cells x 5,041 parameters (FFNN 5-48-48-48-1), "
+        f"{human_bytes(param_bytes)} of float32; {'cold' if args.cold else 'warm'} page cache"
+    )
     print(f"machine: {machine_name()}; torch {torch.__version__}; mmcore {mmcore.__version__}")
     print(format_table(rows, param_bytes))
     checks = bars(rows, param_bytes, memory)

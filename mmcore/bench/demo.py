@@ -45,13 +45,19 @@ def run(cells: int, store_path: Path, compare: bool, repeat: int) -> int:
         _step(f"verified {checked:,} tensors", time.perf_counter() - t0)
         info = store.info(v1)
         print(f"  bit-exact round trip: {'yes' if same else 'NO'}")
-        print(f"  stored {human_bytes(info.stored_bytes)} for {human_bytes(info.logical_bytes)} of parameters "
-              f"({info.stored_bytes / info.logical_bytes:.4f}x)")
-    print(f"  inspect it: mmcore info {store_path} {v1} | mmcore log {store_path} battery | "
-          f"mmcore verify {store_path}")
+        print(
+            f"  stored {human_bytes(info.stored_bytes)} for {human_bytes(info.logical_bytes)} of parameters "
+            f"({info.stored_bytes / info.logical_bytes:.4f}x)"
+        )
+    print(
+        f"  inspect it: mmcore info {store_path} {v1} | mmcore log {store_path} battery | "
+        f"mmcore verify {store_path}"
+    )
     if not same:
         return 1
     if compare:
-        print("\ncomparison with what users would pick instead (same process, medians):", flush=True)
+        print(
+            "\ncomparison with what users would pick instead (same process, medians):", flush=True
+        )
         return battery_main(["--cells", str(cells), "--repeat", str(repeat)])
     return 0

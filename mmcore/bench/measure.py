@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def timed(fn: Callable[[], T], repeat: int = 3, setup: Callable[[], Any] | None = None) -> tuple[float, T]:
+def timed(
+    fn: Callable[[], T], repeat: int = 3, setup: Callable[[], Any] | None = None
+) -> tuple[float, T]:
     """Median wall time of ``repeat`` runs (``setup`` runs untimed before each) and the last result."""
     times = []
     result: Any = None

@@ -30,8 +30,9 @@ def _check_cpu_bytes(t: torch.Tensor, what: str) -> None:
         raise InvalidArgumentError(f"{what} must be contiguous")
 
 
-def blake3_segments(ptrs: torch.Tensor, lens: torch.Tensor, *, out: torch.Tensor | None = None,
-                    threads: int = 0) -> torch.Tensor:
+def blake3_segments(
+    ptrs: torch.Tensor, lens: torch.Tensor, *, out: torch.Tensor | None = None, threads: int = 0
+) -> torch.Tensor:
     """BLAKE3-256 of each (address, length) segment; returns a (n, 32) uint8 tensor.
 
     The caller keeps the memory behind every address alive for the call.
@@ -44,7 +45,9 @@ def blake3_segments(ptrs: torch.Tensor, lens: torch.Tensor, *, out: torch.Tensor
     if out is None:
         out = torch.empty((n, HASH_SIZE), dtype=torch.uint8)
     elif out.dtype != torch.uint8 or out.numel() != n * HASH_SIZE or not out.is_contiguous():
-        raise InvalidArgumentError(f"out must be a contiguous uint8 tensor of {n * HASH_SIZE} bytes")
+        raise InvalidArgumentError(
+            f"out must be a contiguous uint8 tensor of {n * HASH_SIZE} bytes"
+        )
     if n:
         core().blake3_segments(ptrs.data_ptr(), lens.data_ptr(), n, out.data_ptr(), threads)
     return out
@@ -58,30 +61,33 @@ def blake3_tensors(tensors: Sequence[torch.Tensor], *, threads: int = 0) -> torc
     return blake3_segments(ptrs, lens, threads=threads)
 
 
+def bytes_tensor(data: bytes | bytearray | memoryview) -> torch.Tensor:
+    """A uint8 CPU tensor holding a copy of ``data``."""
+    out = torch.empty(len(data), dtype=torch.uint8)
+    if len(data):
+        out.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    return out
+
+
 def blake3_bytes(data: bytes | bytearray | memoryview) -> bytes:
     """BLAKE3-256 of a bytes-like object (used for small metadata records)."""
-    if len(data):
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    else:
-        buf = torch.empty(0, dtype=torch.uint8)
-    return hash_rows_to_bytes(blake3_tensors([buf]))[0]
+    return hash_rows_to_bytes(blake3_tensors([bytes_tensor(data)]))[0]
 
 
 def hash_rows_to_bytes(hashes: torch.Tensor) -> list[bytes]:
     """Splits a (n, 32) hash tensor into n bytes objects."""
-    flat = bytes(hashes.reshape(-1).tolist()) if hashes.numel() < 4096 else _to_bytes(hashes)
+    flat = tensor_bytes(hashes)
     return [flat[i : i + HASH_SIZE] for i in range(0, len(flat), HASH_SIZE)]
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
-    import ctypes
-
-    t = t.contiguous()
-    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
-
-
-def gather(dst: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, offsets: torch.Tensor,
-           *, threads: int = 0) -> None:
+def gather(
+    dst: torch.Tensor,
+    ptrs: torch.Tensor,
+    lens: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    threads: int = 0,
+) -> None:
     """Copies segment i (address ptrs[i], lens[i] bytes) to dst at byte offsets[i]."""
     _check_cpu_bytes(dst, "dst")
     n = ptrs.numel()
@@ -92,11 +98,19 @@ def gather(dst: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, offsets: t
     if n and int((offsets + lens).max()) > dst.numel() * dst.element_size():
         raise InvalidArgumentError("a segment would end past the end of dst")
     if n:
-        core().gather(dst.data_ptr(), ptrs.data_ptr(), lens.data_ptr(), offsets.data_ptr(), n, threads)
+        core().gather(
+            dst.data_ptr(), ptrs.data_ptr(), lens.data_ptr(), offsets.data_ptr(), n, threads
+        )
 
 
-def scatter(src: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, offsets: torch.Tensor,
-            *, threads: int = 0) -> None:
+def scatter(
+    src: torch.Tensor,
+    ptrs: torch.Tensor,
+    lens: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    threads: int = 0,
+) -> None:
     """Copies src bytes at offsets[i] (lens[i] bytes) to address ptrs[i]."""
     _check_cpu_bytes(src, "src")
     n = ptrs.numel()
@@ -107,7 +121,9 @@ def scatter(src: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor, offsets: 
     if n and int((offsets + lens).max()) > src.numel() * src.element_size():
         raise InvalidArgumentError("a segment would start or end past the end of src")
     if n:
-        core().scatter(src.data_ptr(), ptrs.data_ptr(), lens.data_ptr(), offsets.data_ptr(), n, threads)
+        core().scatter(
+            src.data_ptr(), ptrs.data_ptr(), lens.data_ptr(), offsets.data_ptr(), n, threads
+        )
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

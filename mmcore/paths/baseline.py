@@ -64,8 +64,9 @@ class WrittenSet:
 
 
 class _SetWriter:
-    def __init__(self, writer: PackWriter, hash_pool: ThreadPoolExecutor,
-                 write_pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, writer: PackWriter, hash_pool: ThreadPoolExecutor, write_pool: ThreadPoolExecutor
+    ) -> None:
         self.writer = writer
         self.hash_pool = hash_pool
         self.write_pool = write_pool
@@ -117,7 +118,9 @@ class _SetWriter:
 
     def _reap(self) -> None:
         """Re-raises failed jobs; waits while too many batches are in flight."""
-        while self.futures and (self.futures[0].done() or len(self.futures) > 2 * MAX_BATCHES_IN_FLIGHT):
+        while self.futures and (
+            self.futures[0].done() or len(self.futures) > 2 * MAX_BATCHES_IN_FLIGHT
+        ):
             self.futures.pop(0).result()
 
     def finish(self, names: list[str]) -> WrittenSet:
@@ -130,13 +133,19 @@ class _SetWriter:
         single = len(self.groups) == 1
         for g in self.groups:
             count = len(g.members)
-            hashes = torch.cat(g.hash_parts) if g.hash_parts else torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
+            hashes = (
+                torch.cat(g.hash_parts)
+                if g.hash_parts
+                else torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
+            )
             hashes_offset = align_up(self.end, HASH_ALIGN)
             if hashes.numel():
                 self.writer.write_ptr(hashes.data_ptr(), hashes.numel(), hashes_offset)
             self.end = hashes_offset + hashes.numel()
             key = blob_key(g.schema, count, hashes)
-            rec = ContentRecord(self.writer.pack_id, g.extents, hashes_offset, hashes.numel(), refs=1)
+            rec = ContentRecord(
+                self.writer.pack_id, g.extents, hashes_offset, hashes.numel(), refs=1
+            )
             blobs.append((key, rec))
             members = None if single else g.members
             records.append(GroupRecord(g.schema, count, key, members))

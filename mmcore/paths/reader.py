@@ -58,8 +58,14 @@ class BlobReader:
         self.tier = tier
         self.content = content
 
-    def _check(self, manifest: Manifest, group: GroupRecord, computed: torch.Tensor,
-               stored: torch.Tensor, first_pos: int = 0) -> None:
+    def _check(
+        self,
+        manifest: Manifest,
+        group: GroupRecord,
+        computed: torch.Tensor,
+        stored: torch.Tensor,
+        first_pos: int = 0,
+    ) -> None:
         bad = _first_mismatch(computed, stored)
         if bad is None:
             return
@@ -74,15 +80,27 @@ class BlobReader:
         )
 
     def _stored_hashes(self, rec: ContentRecord) -> torch.Tensor:
-        stored = torch.empty((rec.hashes_length // kernels.HASH_SIZE, kernels.HASH_SIZE), dtype=torch.uint8)
+        stored = torch.empty(
+            (rec.hashes_length // kernels.HASH_SIZE, kernels.HASH_SIZE), dtype=torch.uint8
+        )
         self.tier.read_into(rec.pack, rec.hashes_offset, rec.hashes_length, stored.data_ptr())
         return stored
 
     def _extent_buffers(self, rec: ContentRecord, schema: Schema) -> list[tuple[torch.Tensor, int]]:
-        return [(self.tier.map_range(rec.pack, off, count * schema.stride), count) for off, count in rec.extents]
+        return [
+            (self.tier.map_range(rec.pack, off, count * schema.stride), count)
+            for off, count in rec.extents
+        ]
 
-    def read_group(self, manifest: Manifest, group: GroupRecord, *, verify: bool,
-                   device: torch.device, pool: ThreadPoolExecutor) -> list[StateDict]:
+    def read_group(
+        self,
+        manifest: Manifest,
+        group: GroupRecord,
+        *,
+        verify: bool,
+        device: torch.device,
+        pool: ThreadPoolExecutor,
+    ) -> list[StateDict]:
         rec = self.content(group.blob)
         schema = group.schema
         buffers = self._extent_buffers(rec, schema)
@@ -108,18 +126,29 @@ class BlobReader:
                 models.extend(_views(buf.to(device), schema, count))
         return models
 
-    def read_model(self, manifest: Manifest, group: GroupRecord, pos: int, *, verify: bool,
-                   device: torch.device) -> StateDict:
+    def read_model(
+        self,
+        manifest: Manifest,
+        group: GroupRecord,
+        pos: int,
+        *,
+        verify: bool,
+        device: torch.device,
+    ) -> StateDict:
         rec = self.content(group.blob)
         schema = group.schema
         extent_offset, index = rec.locate(pos)
         buf = torch.empty(schema.stride, dtype=torch.uint8)
-        self.tier.read_into(rec.pack, extent_offset + index * schema.stride, schema.stride, buf.data_ptr())
+        self.tier.read_into(
+            rec.pack, extent_offset + index * schema.stride, schema.stride, buf.data_ptr()
+        )
         if verify:
             ntensors = len(schema.tensors)
             stored = torch.empty((ntensors, kernels.HASH_SIZE), dtype=torch.uint8)
             nbytes = ntensors * kernels.HASH_SIZE
-            self.tier.read_into(rec.pack, rec.hashes_offset + pos * nbytes, nbytes, stored.data_ptr())
+            self.tier.read_into(
+                rec.pack, rec.hashes_offset + pos * nbytes, nbytes, stored.data_ptr()
+            )
             ptrs, lens = _segment_table(buf.data_ptr(), schema, 1)
             self._check(manifest, group, kernels.blake3_segments(ptrs, lens), stored, first_pos=pos)
         if device.type != "cpu":

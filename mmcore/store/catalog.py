@@ -62,7 +62,9 @@ class Catalog:
     def commit(self, puts: Sequence[Put] = (), deletes: Sequence[Delete] = ()) -> None:
         """Applies every put and delete atomically and durably (synced WAL)."""
         if self.readonly:
-            raise ReadOnlyStoreError("this store was opened read-only; reopen it with readonly=False")
+            raise ReadOnlyStoreError(
+                "this store was opened read-only; reopen it with readonly=False"
+            )
         batch = WriteBatch(raw_mode=True)
         for cf, key in deletes:
             batch.delete(key, self._handles[cf])

@@ -44,7 +44,9 @@ class StoreLayout:
     def check_or_create(self, *, create: bool) -> None:
         root = self.root
         if root.exists() and not root.is_dir():
-            raise NotAStoreError(f"{root} is a file, not an mmcore store directory; pick another path")
+            raise NotAStoreError(
+                f"{root} is a file, not an mmcore store directory; pick another path"
+            )
         if self.marker.is_file():
             self._check_marker()
             return

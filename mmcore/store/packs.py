@@ -39,8 +39,14 @@ class PackWriter(ABC):
     def write_ptr(self, address: int, length: int, offset: int) -> None:
         """Writes ``length`` bytes from memory at ``address`` to ``offset`` in the pack."""
 
-    def write_segments(self, offset: int, ptrs: torch.Tensor, lens: torch.Tensor,
-                       dst_offsets: torch.Tensor, total: int) -> None:
+    def write_segments(
+        self,
+        offset: int,
+        ptrs: torch.Tensor,
+        lens: torch.Tensor,
+        dst_offsets: torch.Tensor,
+        total: int,
+    ) -> None:
         """Writes segment i (address ptrs[i], lens[i] bytes) at offset + dst_offsets[i];
         everything else in [offset, offset + total) becomes zeros."""
         buf = torch.zeros(total, dtype=torch.uint8)
@@ -125,11 +131,24 @@ class _LocalPackWriter(PackWriter):
         self._size = max(self._size, offset + length)
         self._tier.bytes_written += length
 
-    def write_segments(self, offset: int, ptrs: torch.Tensor, lens: torch.Tensor,
-                       dst_offsets: torch.Tensor, total: int) -> None:
+    def write_segments(
+        self,
+        offset: int,
+        ptrs: torch.Tensor,
+        lens: torch.Tensor,
+        dst_offsets: torch.Tensor,
+        total: int,
+    ) -> None:
         native = core()
-        native.pwrite_segments(self._fd, offset, ptrs.data_ptr(), lens.data_ptr(),
-                               dst_offsets.data_ptr(), ptrs.numel(), total)
+        native.pwrite_segments(
+            self._fd,
+            offset,
+            ptrs.data_ptr(),
+            lens.data_ptr(),
+            dst_offsets.data_ptr(),
+            ptrs.numel(),
+            total,
+        )
         native.start_writeback(self._fd, offset, total)
         self._size = max(self._size, offset + total)
         self._tier.bytes_written += total
