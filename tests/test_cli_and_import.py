@@ -13,7 +13,7 @@ import mmcore
 from mmcore.cli import main
 
 
-def test_import_neither_loads_native_module_nor_initialises_cuda() -> None:
+def test_import_neither_loads_native_module_nor_initialises_cuda(tmp_path: Path) -> None:
     code = (
         "import sys, torch, mmcore; "
         "assert 'mmcore._core' not in sys.modules, 'native module imported eagerly'; "
@@ -21,18 +21,22 @@ def test_import_neither_loads_native_module_nor_initialises_cuda() -> None:
         "print(mmcore.cuda_available()); "
         "assert not torch.cuda.is_initialized(); print('ok')"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "ok"]
 
 
-def test_missing_native_module_fails_at_call_time_with_diagnosis() -> None:
+def test_missing_native_module_fails_at_call_time_with_diagnosis(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['mmcore._core'] = None; import mmcore; "
         "from mmcore.errors import NativeModuleError; from mmcore._native import core\n"
         "try:\n    core()\nexcept NativeModuleError as e:\n    print('diagnosed:', e)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert "diagnosed: mmcore's native module could not be imported" in proc.stdout
     assert "Reinstall" in proc.stdout
@@ -86,11 +90,12 @@ def test_demo_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "bit-exact round trip: yes" in out and "saved baseline" in out
 
 
-def test_console_script_runs() -> None:
+def test_console_script_runs(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "mmcore.cli", "--version"],
         capture_output=True,
         text=True,
+        cwd=tmp_path,
         timeout=60,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == f"mmcore {mmcore.__version__}"

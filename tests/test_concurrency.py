@@ -23,7 +23,8 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 def test_second_writer_in_another_process_gets_lock_error(store_path: Path) -> None:
     with mmcore.open(store_path) as s:
         v = s.save(small_set(3), ref="fleet")
-        proc = _run(f"""
+        proc = _run(
+            f"""
             import mmcore
             from mmcore.errors import StoreLockedError
             try:
@@ -32,7 +33,9 @@ def test_second_writer_in_another_process_gets_lock_error(store_path: Path) -> N
                 print("LOCKED", e)
             with mmcore.open({str(store_path)!r}, readonly=True) as r:
                 print("READ", len(r.load({v!r})))
-        """)
+        """,
+            cwd=store_path.parent,
+        )
         assert proc.returncode == 0, proc.stderr
         assert "LOCKED" in proc.stdout and "open for writing in another process" in proc.stdout
         assert "READ 3" in proc.stdout
