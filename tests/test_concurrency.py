@@ -14,10 +14,10 @@ import mmcore
 from mmcore.errors import StoreLockedError
 
 
-def _run(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
-    )
+def _run(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    # cwd outside the checkout, so the installed package is imported, not the source tree
+    cmd = [sys.executable, "-c", textwrap.dedent(code)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def test_second_writer_in_another_process_gets_lock_error(store_path: Path) -> None:
