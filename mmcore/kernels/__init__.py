@@ -80,6 +80,23 @@ def hash_rows_to_bytes(hashes: torch.Tensor) -> list[bytes]:
     return [flat[i : i + HASH_SIZE] for i in range(0, len(flat), HASH_SIZE)]
 
 
+def _check_copy_tables(
+    buf: torch.Tensor, name: str, ptrs: torch.Tensor, lens: torch.Tensor, offsets: torch.Tensor
+) -> int:
+    """Validates a gather/scatter table against the contiguous buffer; returns its length."""
+    _check_cpu_bytes(buf, name)
+    n = ptrs.numel()
+    if not (ptrs.dtype == lens.dtype == offsets.dtype == torch.int64):
+        raise InvalidArgumentError("ptrs, lens and offsets must be int64 tensors")
+    if not (lens.numel() == offsets.numel() == n):
+        raise InvalidArgumentError("ptrs, lens and offsets must have the same length")
+    if n and (int(offsets.min()) < 0 or int(lens.min()) < 0):
+        raise InvalidArgumentError("offsets and lens must not be negative")
+    if n and int((offsets + lens).max()) > buf.numel() * buf.element_size():
+        raise InvalidArgumentError(f"a segment would end past the end of {name}")
+    return n
+
+
 def gather(
     dst: torch.Tensor,
     ptrs: torch.Tensor,
@@ -89,14 +106,7 @@ def gather(
     threads: int = 0,
 ) -> None:
     """Copies segment i (address ptrs[i], lens[i] bytes) to dst at byte offsets[i]."""
-    _check_cpu_bytes(dst, "dst")
-    n = ptrs.numel()
-    if not (ptrs.dtype == lens.dtype == offsets.dtype == torch.int64):
-        raise InvalidArgumentError("ptrs, lens and offsets must be int64 tensors")
-    if not (lens.numel() == offsets.numel() == n):
-        raise InvalidArgumentError("ptrs, lens and offsets must have the same length")
-    if n and int((offsets + lens).max()) > dst.numel() * dst.element_size():
-        raise InvalidArgumentError("a segment would end past the end of dst")
+    n = _check_copy_tables(dst, "dst", ptrs, lens, offsets)
     if n:
         core().gather(
             dst.data_ptr(), ptrs.data_ptr(), lens.data_ptr(), offsets.data_ptr(), n, threads
@@ -112,14 +122,7 @@ def scatter(
     threads: int = 0,
 ) -> None:
     """Copies src bytes at offsets[i] (lens[i] bytes) to address ptrs[i]."""
-    _check_cpu_bytes(src, "src")
-    n = ptrs.numel()
-    if not (ptrs.dtype == lens.dtype == offsets.dtype == torch.int64):
-        raise InvalidArgumentError("ptrs, lens and offsets must be int64 tensors")
-    if not (lens.numel() == offsets.numel() == n):
-        raise InvalidArgumentError("ptrs, lens and offsets must have the same length")
-    if n and int((offsets + lens).max()) > src.numel() * src.element_size():
-        raise InvalidArgumentError("a segment would start or end past the end of src")
+    n = _check_copy_tables(src, "src", ptrs, lens, offsets)
     if n:
         core().scatter(
             src.data_ptr(), ptrs.data_ptr(), lens.data_ptr(), offsets.data_ptr(), n, threads
