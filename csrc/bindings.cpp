@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "blake3.h"
+#include "delta.h"
 #include "gather.h"
 #include "io.h"
 #ifdef MMCORE_WITH_CUDA
@@ -84,6 +85,54 @@ bool start_writeback(int fd, uint64_t offset, uint64_t len) {
   return mmcore::start_writeback(fd, offset, len) == 0;
 }
 
+using Addr = uintptr_t;
+
+void xor_planes_encode(Addr news, Addr parents, Addr nbytes, Addr widths, Addr outs, Addr changed,
+                       size_t n, int threads) {
+  py::gil_scoped_release release;
+  mmcore::xor_planes_encode_cpu(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+                                ptr<const uint64_t>(nbytes), ptr<const uint32_t>(widths),
+                                ptr<uint8_t* const>(outs), ptr<uint64_t>(changed), n, threads);
+}
+
+void xor_planes_decode(Addr encs, Addr parents, Addr nbytes, Addr widths, Addr outs, size_t n,
+                       int threads) {
+  py::gil_scoped_release release;
+  mmcore::xor_planes_decode_cpu(ptr<const uint8_t* const>(encs), ptr<const uint8_t* const>(parents),
+                                ptr<const uint64_t>(nbytes), ptr<const uint32_t>(widths),
+                                ptr<uint8_t* const>(outs), n, threads);
+}
+
+void quantize_plan(Addr news, Addr parents, Addr numels, Addr kinds, Addr tols, size_t n,
+                   Addr stats, Addr max_delta, int threads) {
+  py::gil_scoped_release release;
+  mmcore::quantize_plan_cpu(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+                            ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
+                            ptr<const double>(tols), n, ptr<int64_t>(stats), ptr<double>(max_delta),
+                            threads);
+}
+
+void quantize_write(Addr news, Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwidths,
+                    Addr q_outs, Addr esc_index, Addr esc_bits, size_t n, int threads) {
+  py::gil_scoped_release release;
+  mmcore::quantize_write_cpu(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+                             ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
+                             ptr<const double>(tols), ptr<const uint32_t>(qwidths),
+                             ptr<uint8_t* const>(q_outs), ptr<uint8_t* const>(esc_index),
+                             ptr<uint8_t* const>(esc_bits), n, threads);
+}
+
+void quantize_decode(Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwidths, Addr qs,
+                     Addr n_escapes, Addr esc_index, Addr esc_bits, Addr outs, size_t n,
+                     int threads) {
+  py::gil_scoped_release release;
+  mmcore::quantize_decode_cpu(
+      ptr<const uint8_t* const>(parents), ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
+      ptr<const double>(tols), ptr<const uint32_t>(qwidths), ptr<const uint8_t* const>(qs),
+      ptr<const uint64_t>(n_escapes), ptr<const uint8_t* const>(esc_index),
+      ptr<const uint8_t* const>(esc_bits), ptr<uint8_t* const>(outs), n, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -96,6 +145,22 @@ PYBIND11_MODULE(_core, m) {
         py::arg("n"), py::arg("threads") = 0);
   m.def("scatter", &scatter, py::arg("src"), py::arg("dsts"), py::arg("lens"), py::arg("offsets"),
         py::arg("n"), py::arg("threads") = 0);
+  m.def("xor_planes_encode", &xor_planes_encode, py::arg("news"), py::arg("parents"),
+        py::arg("nbytes"), py::arg("widths"), py::arg("outs"), py::arg("changed"), py::arg("n"),
+        py::arg("threads") = 0);
+  m.def("xor_planes_decode", &xor_planes_decode, py::arg("encs"), py::arg("parents"),
+        py::arg("nbytes"), py::arg("widths"), py::arg("outs"), py::arg("n"),
+        py::arg("threads") = 0);
+  m.def("quantize_plan", &quantize_plan, py::arg("news"), py::arg("parents"), py::arg("numels"),
+        py::arg("kinds"), py::arg("tols"), py::arg("n"), py::arg("stats"), py::arg("max_delta"),
+        py::arg("threads") = 0);
+  m.def("quantize_write", &quantize_write, py::arg("news"), py::arg("parents"), py::arg("numels"),
+        py::arg("kinds"), py::arg("tols"), py::arg("qwidths"), py::arg("q_outs"),
+        py::arg("esc_index"), py::arg("esc_bits"), py::arg("n"), py::arg("threads") = 0);
+  m.def("quantize_decode", &quantize_decode, py::arg("parents"), py::arg("numels"),
+        py::arg("kinds"), py::arg("tols"), py::arg("qwidths"), py::arg("qs"), py::arg("n_escapes"),
+        py::arg("esc_index"), py::arg("esc_bits"), py::arg("outs"), py::arg("n"),
+        py::arg("threads") = 0);
   m.def("pwrite", &pwrite_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
   m.def("pwrite_segments", &pwrite_segments, py::arg("fd"), py::arg("offset"), py::arg("srcs"),
         py::arg("lens"), py::arg("dst_offsets"), py::arg("n"), py::arg("total"),

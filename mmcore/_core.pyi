@@ -17,3 +17,54 @@ def pwrite_segments(
 ) -> None: ...
 def start_writeback(fd: int, offset: int, len: int) -> bool: ...
 def cuda_device_count() -> int: ...
+def xor_planes_encode(
+    news: int,
+    parents: int,
+    nbytes: int,
+    widths: int,
+    outs: int,
+    changed: int,
+    n: int,
+    threads: int = 0,
+) -> None: ...
+def xor_planes_decode(
+    encs: int, parents: int, nbytes: int, widths: int, outs: int, n: int, threads: int = 0
+) -> None: ...
+def quantize_plan(
+    news: int,
+    parents: int,
+    numels: int,
+    kinds: int,
+    tols: int,
+    n: int,
+    stats: int,
+    max_delta: int,
+    threads: int = 0,
+) -> None: ...
+def quantize_write(
+    news: int,
+    parents: int,
+    numels: int,
+    kinds: int,
+    tols: int,
+    qwidths: int,
+    q_outs: int,
+    esc_index: int,
+    esc_bits: int,
+    n: int,
+    threads: int = 0,
+) -> None: ...
+def quantize_decode(
+    parents: int,
+    numels: int,
+    kinds: int,
+    tols: int,
+    qwidths: int,
+    qs: int,
+    n_escapes: int,
+    esc_index: int,
+    esc_bits: int,
+    outs: int,
+    n: int,
+    threads: int = 0,
+) -> None: ...

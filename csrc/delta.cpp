@@ -1,0 +1,174 @@
+#include "delta.h"
+
+#include <cstring>
+
+#include "delta_math.h"
+#include "parallel.h"
+
+namespace mmcore {
+namespace {
+
+template <int W>
+uint64_t encode_planes(const uint8_t* next, const uint8_t* parent, uint8_t* out, uint64_t m) {
+  uint64_t changed = 0;
+  for (uint64_t i = 0; i < m; ++i) {
+    uint8_t any = 0;
+    for (int p = 0; p < W; ++p) {
+      const uint8_t x = next[i * W + p] ^ parent[i * W + p];
+      out[uint64_t(p) * m + i] = x;
+      any |= x;
+    }
+    changed += any != 0;
+  }
+  return changed;
+}
+
+template <int W>
+void decode_planes(const uint8_t* enc, const uint8_t* parent, uint8_t* out, uint64_t m) {
+  for (uint64_t i = 0; i < m; ++i) delta::xor_planes_decode_word<W>(enc, parent, out, i, m);
+}
+
+int32_t load_q(const uint8_t* q, uint64_t i, uint32_t width) {
+  if (width == 1) return int8_t(q[i]);
+  if (width == 2) {
+    int16_t v;
+    std::memcpy(&v, q + 2 * i, 2);
+    return v;
+  }
+  int32_t v;
+  std::memcpy(&v, q + 4 * i, 4);
+  return v;
+}
+
+void store_q(uint8_t* q, uint64_t i, uint32_t width, int32_t v) {
+  if (width == 1) {
+    q[i] = uint8_t(int8_t(v));
+  } else if (width == 2) {
+    int16_t s = int16_t(v);
+    std::memcpy(q + 2 * i, &s, 2);
+  } else {
+    std::memcpy(q + 4 * i, &v, 4);
+  }
+}
+
+}  // namespace
+
+void xor_planes_encode_cpu(const uint8_t* const* news, const uint8_t* const* parents,
+                           const uint64_t* nbytes, const uint32_t* widths, uint8_t* const* outs,
+                           uint64_t* changed, size_t n, int threads) {
+  parallel_ranges(n, threads, 1, [&](size_t begin, size_t end) {
+    for (size_t s = begin; s < end; ++s) {
+      const uint64_t m = nbytes[s] / widths[s];
+      switch (widths[s]) {
+        case 1: changed[s] = encode_planes<1>(news[s], parents[s], outs[s], m); break;
+        case 2: changed[s] = encode_planes<2>(news[s], parents[s], outs[s], m); break;
+        case 4: changed[s] = encode_planes<4>(news[s], parents[s], outs[s], m); break;
+        default: changed[s] = encode_planes<8>(news[s], parents[s], outs[s], m); break;
+      }
+    }
+  });
+}
+
+void xor_planes_decode_cpu(const uint8_t* const* encs, const uint8_t* const* parents,
+                           const uint64_t* nbytes, const uint32_t* widths, uint8_t* const* outs,
+                           size_t n, int threads) {
+  parallel_ranges(n, threads, 1, [&](size_t begin, size_t end) {
+    for (size_t s = begin; s < end; ++s) {
+      const uint64_t m = nbytes[s] / widths[s];
+      switch (widths[s]) {
+        case 1: decode_planes<1>(encs[s], parents[s], outs[s], m); break;
+        case 2: decode_planes<2>(encs[s], parents[s], outs[s], m); break;
+        case 4: decode_planes<4>(encs[s], parents[s], outs[s], m); break;
+        default: decode_planes<8>(encs[s], parents[s], outs[s], m); break;
+      }
+    }
+  });
+}
+
+void quantize_plan_cpu(const uint8_t* const* news, const uint8_t* const* parents,
+                       const uint64_t* numels, const uint32_t* kinds, const double* tols, size_t n,
+                       int64_t* stats, double* max_delta, int threads) {
+  parallel_ranges(n, threads, 1, [&](size_t begin, size_t end) {
+    for (size_t s = begin; s < end; ++s) {
+      const uint32_t kind = kinds[s];
+      const int size = delta::kind_size(kind);
+      const double tol = tols[s], step = 2.0 * tol;
+      int64_t max_q = 0, escapes = 0, changed = 0;
+      double max_d = 0.0;
+      for (uint64_t i = 0; i < numels[s]; ++i) {
+        const uint64_t nb = delta::load_bits(news[s] + i * size, kind);
+        const uint64_t pb = delta::load_bits(parents[s] + i * size, kind);
+        changed += nb != pb;
+        const double x = delta::to_double(nb, kind), p = delta::to_double(pb, kind);
+        if (delta::is_finite(x) && delta::is_finite(p)) {
+          const double d = std::fabs(x - p);
+          if (d > max_d) max_d = d;
+        }
+        int32_t q;
+        if (delta::quantize_one(nb, pb, kind, step, tol, &q)) {
+          const int64_t a = q < 0 ? -int64_t(q) : int64_t(q);
+          if (a > max_q) max_q = a;
+        } else {
+          ++escapes;
+        }
+      }
+      stats[4 * s + 0] = max_q;
+      stats[4 * s + 1] = escapes;
+      stats[4 * s + 2] = changed;
+      stats[4 * s + 3] = 0;
+      max_delta[s] = max_d;
+    }
+  });
+}
+
+void quantize_write_cpu(const uint8_t* const* news, const uint8_t* const* parents,
+                        const uint64_t* numels, const uint32_t* kinds, const double* tols,
+                        const uint32_t* qwidths, uint8_t* const* q_outs, uint8_t* const* esc_index,
+                        uint8_t* const* esc_bits, size_t n, int threads) {
+  parallel_ranges(n, threads, 1, [&](size_t begin, size_t end) {
+    for (size_t s = begin; s < end; ++s) {
+      const uint32_t kind = kinds[s];
+      const int size = delta::kind_size(kind);
+      const double tol = tols[s], step = 2.0 * tol;
+      uint64_t e = 0;
+      for (uint64_t i = 0; i < numels[s]; ++i) {
+        const uint64_t nb = delta::load_bits(news[s] + i * size, kind);
+        const uint64_t pb = delta::load_bits(parents[s] + i * size, kind);
+        int32_t q = 0;
+        if (!delta::quantize_one(nb, pb, kind, step, tol, &q)) {
+          q = 0;
+          std::memcpy(esc_index[s] + 8 * e, &i, 8);
+          delta::store_bits(esc_bits[s] + size * e, nb, kind);
+          ++e;
+        }
+        store_q(q_outs[s], i, qwidths[s], q);
+      }
+    }
+  });
+}
+
+void quantize_decode_cpu(const uint8_t* const* parents, const uint64_t* numels,
+                         const uint32_t* kinds, const double* tols, const uint32_t* qwidths,
+                         const uint8_t* const* qs, const uint64_t* n_escapes,
+                         const uint8_t* const* esc_index, const uint8_t* const* esc_bits,
+                         uint8_t* const* outs, size_t n, int threads) {
+  parallel_ranges(n, threads, 1, [&](size_t begin, size_t end) {
+    for (size_t s = begin; s < end; ++s) {
+      const uint32_t kind = kinds[s];
+      const int size = delta::kind_size(kind);
+      const double step = 2.0 * tols[s];
+      for (uint64_t i = 0; i < numels[s]; ++i) {
+        const uint64_t pb = delta::load_bits(parents[s] + i * size, kind);
+        const int32_t q = load_q(qs[s], i, qwidths[s]);
+        delta::store_bits(outs[s] + i * size, delta::dequantize_one(pb, q, kind, step), kind);
+      }
+      for (uint64_t e = 0; e < n_escapes[s]; ++e) {
+        uint64_t i;
+        std::memcpy(&i, esc_index[s] + 8 * e, 8);
+        if (i < numels[s]) std::memcpy(outs[s] + i * size, esc_bits[s] + size * e, size);
+      }
+    }
+  });
+}
+
+}  // namespace mmcore

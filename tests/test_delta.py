@@ -1,0 +1,169 @@
+"""Delta encodings: exact inversion of xor-planes, the quantized error bound, and
+native bytes identical to the pure-torch reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_bit_equal
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmcore import dtypes
+from mmcore.errors import InvalidArgumentError
+from mmcore.kernels import delta, reference
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def _random_bits(dtype: torch.dtype, numel: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, (numel,), generator=g).bool()
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(dtypes.BY_NAME))
+def test_xor_planes_inverts_exactly_and_matches_reference(name: str) -> None:
+    dtype = dtypes.BY_NAME[name]
+    news = [_random_bits(dtype, n, seed=n) for n in (0, 1, 7, 1000)]
+    parents = [_random_bits(dtype, n, seed=n + 1) for n in (0, 1, 7, 1000)]
+    parents[3][:500] = news[3][:500]  # half unchanged
+    encoded, changed = delta.xor_planes_encode(news, parents)
+    for e, a, b, c in zip(encoded, news, parents, changed.tolist()):
+        planes, ref_changed = reference.xor_planes_encode(a, b)
+        assert torch.equal(e[delta.XOR_HEADER.size :], planes)
+        assert c == ref_changed
+    for got, want in zip(delta.xor_planes_decode(encoded, parents), news):
+        assert_bit_equal(got, want)
+
+
+def test_xor_planes_groups_sign_and_exponent_bytes() -> None:
+    parent = torch.randn(4096)
+    new = parent + torch.randn(4096) * 1e-6
+    (enc,), _ = delta.xor_planes_encode([new], [parent])
+    planes = enc[delta.XOR_HEADER.size :].reshape(4, -1)
+    assert (planes[3] == 0).float().mean() > 0.95  # sign + high exponent bits barely change
+    assert (planes[0] == 0).float().mean() < 0.1  # low mantissa bytes change everywhere
+
+
+@st.composite
+def float_pairs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, float]:
+    dtype = draw(st.sampled_from(FLOATS))
+    tol = draw(st.sampled_from([1e-7, 1e-5, 1e-3, 0.1, 3.0, 1e4]))
+    n = draw(st.integers(0, 64))
+    finite = {torch.float16: 6e4, torch.bfloat16: 1e38, torch.float32: 3e38, torch.float64: 1e300}[
+        dtype
+    ]
+    values = st.floats(-finite, finite, allow_subnormal=True, width=64) | st.sampled_from(
+        [math.nan, math.inf, -math.inf, 0.0, -0.0, 5e-324, finite]
+    )
+    parent = torch.tensor(draw(st.lists(values, min_size=n, max_size=n)), dtype=torch.float64).to(
+        dtype
+    )
+    steps = st.integers(-(10**6), 10**6).map(
+        lambda k: k + draw(st.sampled_from([0.0, 0.5, -0.5, 0.25]))
+    )
+    kinds = draw(st.lists(st.sampled_from(["near", "far", "same"]), min_size=n, max_size=n))
+    new = parent.to(torch.float64).clone()
+    for i, kind in enumerate(kinds):
+        if kind == "near":
+            new[i] = new[i] + draw(steps) * 2 * tol
+        elif kind == "far":
+            new[i] = draw(values)
+    return new.to(dtype), parent, tol
+
+
+def _check_bound(rec: torch.Tensor, new: torch.Tensor, tol: float) -> None:
+    x = new.to(torch.float64)
+    r = rec.to(torch.float64)
+    finite = torch.isfinite(x)
+    assert bool(reference.within(r[finite], x[finite], tol).all()), (
+        (r[finite] - x[finite]).abs().max()
+    )
+    assert_bit_equal(rec[~finite], new[~finite])
+
+
+@settings(max_examples=300, deadline=None)
+@given(float_pairs())
+def test_quantized_bound_holds_and_native_matches_reference(
+    case: tuple[torch.Tensor, torch.Tensor, float],
+) -> None:
+    new, parent, tol = case
+    (blob,), stats = delta.quantize_encode([new], [parent], tol)
+    q, escaped, ref_stats = reference.quantize(new, parent, tol)
+    ref_blob, _ = delta._frame(q, escaped, new, delta.FLOAT_KINDS[new.dtype], tol, ref_stats[0])
+    assert torch.equal(blob, ref_blob)
+    assert (int(stats.max_abs_q[0]), int(stats.escapes[0]), int(stats.changed[0])) == ref_stats[:3]
+    assert float(stats.max_delta[0]) == ref_stats[3]
+    (rec,) = delta.quantize_decode([blob], [parent])
+    _check_bound(rec, new, tol)
+    ref_rec = reference.dequantize_blob(
+        blob, parent, blob[2].item(), tol, int(stats.escapes[0]), 32, delta._layout
+    )
+    assert_bit_equal(rec, ref_rec)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_adversarial_values(dtype: torch.dtype) -> None:
+    info = torch.finfo(dtype)
+    tol = 1e-3
+    parent = torch.tensor([0.0, 1.0, -1.0, info.tiny, info.max, -info.max, 1e-3, 0.0, 2.0, info.smallest_normal / 4],
+                          dtype=torch.float64).to(dtype)  # fmt: skip
+    offsets = torch.tensor(
+        [0.5, 1.5, -2.5, 1e-3, -1.0, 1.0, 1e6, 3 * tol, 1e-30, tol], dtype=torch.float64
+    )
+    new = (parent.to(torch.float64) + offsets * 2 * tol).to(dtype)
+    (blob,), _ = delta.quantize_encode([new], [parent], tol)
+    (rec,) = delta.quantize_decode([blob], [parent])
+    _check_bound(rec, new, tol)
+
+
+def test_closed_loop_error_does_not_accumulate() -> None:
+    torch.manual_seed(0)
+    tol = 1e-3
+    truth = torch.randn(5000)
+    recovered = truth.clone()
+    for _ in range(30):
+        truth = truth + torch.randn(5000) * 1e-2
+        (blob,), _ = delta.quantize_encode([truth], [recovered], tol)
+        (recovered,) = delta.quantize_decode([blob], [recovered])
+        assert float((recovered.double() - truth.double()).abs().max()) <= tol
+
+
+def test_width_follows_the_range() -> None:
+    parent = torch.zeros(3)
+    for scale, width in ((100.0, 1), (3e4, 2), (1e6, 4)):
+        (blob,), _ = delta.quantize_encode([parent + scale * 2e-3], [parent], 1e-3)
+        assert blob[2].item() == width
+
+
+def test_validation() -> None:
+    a, b = torch.randn(4), torch.randn(4)
+    with pytest.raises(InvalidArgumentError, match=r"dtype torch\.float64 differs"):
+        delta.xor_planes_encode([a.double()], [b])
+    with pytest.raises(InvalidArgumentError, match=r"shape \(2, 2\) differs"):
+        delta.xor_planes_encode([a.reshape(2, 2)], [b])
+    with pytest.raises(InvalidArgumentError, match="contiguous"):
+        delta.xor_planes_encode([torch.randn(4, 4).t()], [torch.randn(4, 4)])
+    with pytest.raises(InvalidArgumentError, match="1 new tensors but 2 parents"):
+        delta.quantize_encode([a], [b, b], 1e-3)
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"needs one of float16, bfloat16, float32, float64, got torch\.int32",
+    ):
+        delta.quantize_encode([a.int()], [b.int()], 1e-3)
+    for bad in (0.0, -1.0, math.inf, math.nan, 1e308 * 10):
+        with pytest.raises(InvalidArgumentError, match="tolerance must be a finite number > 0"):
+            delta.quantize_encode([a], [b], bad)
+    (blob,), _ = delta.quantize_encode([a], [b], 1e-3)
+    with pytest.raises(InvalidArgumentError, match="parent does not match"):
+        delta.quantize_decode([blob], [torch.randn(5)])
+    with pytest.raises(InvalidArgumentError, match="not quantized v1"):
+        delta.quantize_decode([torch.zeros(64, dtype=torch.uint8)], [b])
+    (enc,), _ = delta.xor_planes_encode([a], [b])
+    with pytest.raises(InvalidArgumentError, match="expected 32"):
+        delta.xor_planes_decode([enc[:-1]], [b])
