@@ -5,6 +5,8 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "blake3.h"
 #include "delta.h"
@@ -12,6 +14,7 @@
 #include "io.h"
 #ifdef MMCORE_WITH_CUDA
 #include "cuda_info.h"
+#include "cuda_kernels.h"
 #endif
 
 namespace py = pybind11;
@@ -133,6 +136,102 @@ void quantize_decode(Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwid
       ptr<const uint8_t* const>(esc_bits), ptr<uint8_t* const>(outs), n, threads);
 }
 
+#ifdef MMCORE_WITH_CUDA
+namespace cu = mmcore::cuda;
+
+// Launch errors (bad configuration, missing device) surface here; errors inside
+// a kernel surface at the caller's next synchronisation, as with any CUDA work.
+void check_launch(const char* what) {
+  if (const char* err = cu::last_error())
+    throw std::runtime_error(std::string("mmcore CUDA kernel ") + what +
+                             " failed to launch: " + err);
+}
+
+void register_cuda(py::module_& m) {
+  m.def("cuda_blake3_chunks", [](Addr ptrs, Addr lens, Addr base, size_t n, uint64_t total,
+                                 Addr cvs, Addr stream) {
+    cu::blake3_chunks(ptr<const uint8_t* const>(ptrs), ptr<const uint64_t>(lens),
+                      ptr<const uint64_t>(base), n, total, ptr<uint32_t>(cvs), ptr<void>(stream));
+    check_launch("blake3_chunks");
+  });
+  m.def("cuda_blake3_level", [](Addr cur, Addr cur_base, Addr counts, Addr next, Addr next_base,
+                                size_t n, uint64_t total, Addr stream) {
+    cu::blake3_level(ptr<const uint32_t>(cur), ptr<const uint64_t>(cur_base),
+                     ptr<const uint64_t>(counts), ptr<uint32_t>(next),
+                     ptr<const uint64_t>(next_base), n, total, ptr<void>(stream));
+    check_launch("blake3_level");
+  });
+  m.def("cuda_blake3_output", [](Addr cvs, Addr base, size_t n, Addr out, Addr stream) {
+    cu::blake3_output(ptr<const uint32_t>(cvs), ptr<const uint64_t>(base), n, ptr<uint8_t>(out),
+                      ptr<void>(stream));
+    check_launch("blake3_output");
+  });
+  m.def("cuda_xor_planes_encode",
+        [](Addr news, Addr parents, Addr words, Addr widths, Addr outs, Addr changed,
+           Addr block_base, size_t n, uint64_t blocks, Addr stream) {
+          cu::xor_planes_encode(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+                                ptr<const uint64_t>(words), ptr<const uint32_t>(widths),
+                                ptr<uint8_t* const>(outs), ptr<unsigned long long>(changed),
+                                ptr<const uint64_t>(block_base), n, blocks, ptr<void>(stream));
+          check_launch("xor_planes_encode");
+        });
+  m.def("cuda_xor_planes_decode", [](Addr encs, Addr parents, Addr words, Addr widths, Addr outs,
+                                     Addr block_base, size_t n, uint64_t blocks, Addr stream) {
+    cu::xor_planes_decode(ptr<const uint8_t* const>(encs), ptr<const uint8_t* const>(parents),
+                          ptr<const uint64_t>(words), ptr<const uint32_t>(widths),
+                          ptr<uint8_t* const>(outs), ptr<const uint64_t>(block_base), n, blocks,
+                          ptr<void>(stream));
+    check_launch("xor_planes_decode");
+  });
+  m.def("cuda_quantize_plan",
+        [](Addr news, Addr parents, Addr numels, Addr kinds, Addr tols, Addr stats,
+           Addr max_delta_bits, Addr block_base, size_t n, uint64_t blocks, Addr stream) {
+          cu::quantize_plan(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+                            ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
+                            ptr<const double>(tols), ptr<unsigned long long>(stats),
+                            ptr<unsigned long long>(max_delta_bits),
+                            ptr<const uint64_t>(block_base), n, blocks, ptr<void>(stream));
+          check_launch("quantize_plan");
+        });
+  m.def("cuda_quantize_write",
+        [](Addr news, Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwidths, Addr q_outs,
+           Addr flags, Addr elem_base, Addr block_base, size_t n, uint64_t blocks, Addr stream) {
+          cu::quantize_write(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+                             ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
+                             ptr<const double>(tols), ptr<const uint32_t>(qwidths),
+                             ptr<uint8_t* const>(q_outs), ptr<uint8_t>(flags),
+                             ptr<const uint64_t>(elem_base), ptr<const uint64_t>(block_base), n,
+                             blocks, ptr<void>(stream));
+          check_launch("quantize_write");
+        });
+  m.def("cuda_quantize_decode", [](Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwidths,
+                                   Addr qs, Addr outs, Addr block_base, size_t n, uint64_t blocks,
+                                   Addr stream) {
+    cu::quantize_decode(
+        ptr<const uint8_t* const>(parents), ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
+        ptr<const double>(tols), ptr<const uint32_t>(qwidths), ptr<const uint8_t* const>(qs),
+        ptr<uint8_t* const>(outs), ptr<const uint64_t>(block_base), n, blocks, ptr<void>(stream));
+    check_launch("quantize_decode");
+  });
+  m.def("cuda_gather", [](Addr dst, Addr srcs, Addr lens, Addr offsets, Addr block_base, size_t n,
+                          uint64_t blocks, Addr stream) {
+    cu::gather(ptr<uint8_t>(dst), ptr<const uint8_t* const>(srcs), ptr<const uint64_t>(lens),
+               ptr<const uint64_t>(offsets), ptr<const uint64_t>(block_base), n, blocks,
+               ptr<void>(stream));
+    check_launch("gather");
+  });
+  m.def("cuda_scatter", [](Addr src, Addr dsts, Addr lens, Addr offsets, Addr block_base, size_t n,
+                           uint64_t blocks, Addr stream) {
+    cu::scatter(ptr<const uint8_t>(src), ptr<uint8_t* const>(dsts), ptr<const uint64_t>(lens),
+                ptr<const uint64_t>(offsets), ptr<const uint64_t>(block_base), n, blocks,
+                ptr<void>(stream));
+    check_launch("scatter");
+  });
+  m.attr("cuda_threads_per_block") = cu::kThreads;
+  m.attr("cuda_copy_bytes_per_block") = cu::kCopyBytes;
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -170,6 +269,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("pread", &pread_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
 #ifdef MMCORE_WITH_CUDA
   m.attr("built_with_cuda") = true;
+  register_cuda(m);
   m.def("cuda_device_count", &mmcore::cuda_device_count,
         "Usable CUDA devices, or -1 when no driver or runtime answers.");
 #else

@@ -1,0 +1,69 @@
+// CUDA launchers (torch-free). Every pointer, table and scratch buffer is
+// device memory allocated by the caller (torch); every launcher enqueues on the
+// caller's stream and returns without synchronising. Tables of segments are
+// described by "base" arrays: base[s] is the index of segment s's first work
+// item (chunk, word, element or block) and base[n] the total.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mmcore::cuda {
+
+using Stream = void*;  // cudaStream_t
+
+// BLAKE3: chunk chaining values (cvs: total_chunks * 8 words), then one call
+// per tree level, then the 32-byte hashes.
+void blake3_chunks(const uint8_t* const* ptrs, const uint64_t* lens, const uint64_t* chunk_base,
+                   size_t n, uint64_t total_chunks, uint32_t* cvs, Stream stream);
+void blake3_level(const uint32_t* cur, const uint64_t* cur_base, const uint64_t* counts,
+                  uint32_t* next, const uint64_t* next_base, size_t n, uint64_t total_next,
+                  Stream stream);
+void blake3_output(const uint32_t* cvs, const uint64_t* base, size_t n, uint8_t* out,
+                   Stream stream);
+
+// Elementwise families run one thread per item, 256 items per block;
+// block_base[s] is segment s's first block.
+constexpr int kThreads = 256;
+
+void xor_planes_encode(const uint8_t* const* news, const uint8_t* const* parents,
+                       const uint64_t* words, const uint32_t* widths, uint8_t* const* outs,
+                       unsigned long long* changed, const uint64_t* block_base, size_t n,
+                       uint64_t total_blocks, Stream stream);
+void xor_planes_decode(const uint8_t* const* encs, const uint8_t* const* parents,
+                       const uint64_t* words, const uint32_t* widths, uint8_t* const* outs,
+                       const uint64_t* block_base, size_t n, uint64_t total_blocks, Stream stream);
+
+// stats: 4 per segment as in delta.h (max |q|, escapes, changed, 0), zeroed by
+// the caller; max_delta_bits: the bits of max |new - parent| (non-negative
+// doubles order like their bits), zeroed by the caller.
+void quantize_plan(const uint8_t* const* news, const uint8_t* const* parents,
+                   const uint64_t* numels, const uint32_t* kinds, const double* tols,
+                   unsigned long long* stats, unsigned long long* max_delta_bits,
+                   const uint64_t* block_base, size_t n, uint64_t total_blocks, Stream stream);
+// q values (escapes hold 0) and one escape flag byte per element at
+// flags[elem_base[s] + i]; the caller compacts the flags (in index order).
+void quantize_write(const uint8_t* const* news, const uint8_t* const* parents,
+                    const uint64_t* numels, const uint32_t* kinds, const double* tols,
+                    const uint32_t* qwidths, uint8_t* const* q_outs, uint8_t* flags,
+                    const uint64_t* elem_base, const uint64_t* block_base, size_t n,
+                    uint64_t total_blocks, Stream stream);
+// parent + q * step; the caller writes the escapes over the result.
+void quantize_decode(const uint8_t* const* parents, const uint64_t* numels, const uint32_t* kinds,
+                     const double* tols, const uint32_t* qwidths, const uint8_t* const* qs,
+                     uint8_t* const* outs, const uint64_t* block_base, size_t n,
+                     uint64_t total_blocks, Stream stream);
+
+// Copies: block_base counts blocks of kCopyBytes bytes per segment.
+constexpr uint64_t kCopyBytes = 16 * 1024;
+void gather(uint8_t* dst, const uint8_t* const* srcs, const uint64_t* lens,
+            const uint64_t* dst_offsets, const uint64_t* block_base, size_t n,
+            uint64_t total_blocks, Stream stream);
+void scatter(const uint8_t* src, uint8_t* const* dsts, const uint64_t* lens,
+             const uint64_t* src_offsets, const uint64_t* block_base, size_t n,
+             uint64_t total_blocks, Stream stream);
+
+// cudaGetLastError() as a message, or nullptr when the last launch succeeded.
+const char* last_error();
+
+}  // namespace mmcore::cuda
