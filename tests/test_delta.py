@@ -167,3 +167,14 @@ def test_validation() -> None:
     (enc,), _ = delta.xor_planes_encode([a], [b])
     with pytest.raises(InvalidArgumentError, match="expected 32"):
         delta.xor_planes_decode([enc[:-1]], [b])
+
+
+def test_xor_planes_large_segment_split_over_threads() -> None:
+    g = torch.Generator().manual_seed(7)
+    parent = torch.randn(3 << 20, generator=g)  # 12 MB: encoded in word ranges on every thread
+    new = parent.clone()
+    new[::3] += 1.0
+    (enc,), changed = delta.xor_planes_encode([new], [parent])
+    planes, ref_changed = reference.xor_planes_encode(new, parent)
+    assert torch.equal(enc[delta.XOR_HEADER.size :], planes) and int(changed[0]) == ref_changed
+    assert_bit_equal(delta.xor_planes_decode([enc], [parent])[0], new)

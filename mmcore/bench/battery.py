@@ -113,7 +113,7 @@ class Raw(Method):
 
     def prepare(self, sds: StateDicts) -> None:
         flat = [t.reshape(-1).view(torch.uint8) for sd in sds.values() for t in sd.values()]
-        self.buf = torch.cat(flat)
+        self.buf = torch.cat(flat).cpu()
         self.model_bytes = sum(
             t.numel() * t.element_size() for t in next(iter(sds.values())).values()
         )
@@ -276,7 +276,7 @@ def _median_one(fn: Callable[[str], Any], names: list[str], samples: int) -> flo
 def _check_equal(sds: StateDicts, got: StateDicts) -> None:
     for name, sd in sds.items():
         for k, t in sd.items():
-            if not torch.equal(got[name][k], t):
+            if not torch.equal(got[name][k].cpu(), t.cpu()):
                 raise AssertionError(f"round trip changed {name}/{k}")
 
 
@@ -432,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-cells", type=int, default=0, help="also check peak memory with this many cells"
     )
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument(
+        "--device", default="cpu", help="where the model set lives before saving (cpu, cuda)"
+    )
     args = p.parse_args(argv)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -447,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"building the battery set: {args.cells:,} cells ...")
         sds = battery_set(args.cells)
+        if args.device != "cpu":
+            sds = {m: {k: t.to(args.device) for k, t in sd.items()} for m, sd in sds.items()}
         param_bytes = sum(t.numel() * t.element_size() for sd in sds.values() for t in sd.values())
         rows = []
         for key in names:

@@ -54,7 +54,17 @@ def blake3_segments(
 
 
 def blake3_tensors(tensors: Sequence[torch.Tensor], *, threads: int = 0) -> torch.Tensor:
-    """BLAKE3-256 of the raw bytes of each tensor (CPU; others are copied to the CPU)."""
+    """BLAKE3-256 of the raw bytes of each tensor, as a (n, 32) uint8 tensor.
+
+    CUDA tensors (all on one device, contiguous) are hashed on that device when
+    the CUDA kernels are built, and the result stays there; anything else is
+    hashed on the CPU. Both give the same bytes.
+    """
+    if tensors and all(t.is_cuda and t.is_contiguous() for t in tensors):
+        from . import cuda
+
+        if cuda.available() and len({t.device for t in tensors}) == 1:
+            return cuda.blake3_segments(tensors)
     keep = [t.detach().to("cpu").contiguous() for t in tensors]
     ptrs = int64_table([t.data_ptr() for t in keep])
     lens = int64_table([t.numel() * t.element_size() for t in keep])

@@ -18,7 +18,7 @@ import torch
 
 from .._native import core
 from ..errors import InvalidArgumentError
-from . import int64_table, reference
+from . import cuda, int64_table, reference
 
 ENCODING_VERSION = 1
 XOR_PLANES = 1
@@ -88,6 +88,14 @@ def _native_cpu(device: torch.device | None) -> bool:
     return device is None or device.type == "cpu"
 
 
+def _native_cuda(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda" and cuda.available()
+
+
+def _header_bytes(data: bytes, device: torch.device | None) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device or "cpu")
+
+
 # ---- xor-planes -----------------------------------------------------------------
 
 
@@ -103,6 +111,12 @@ def xor_planes_encode(
     headers = [
         XOR_HEADER.pack(ENCODING_VERSION, XOR_PLANES, w, 0, 0, nb) for w, nb in zip(widths, nbytes)
     ]
+    if _native_cuda(device):
+        for out, head in zip(outs, headers):
+            out[: XOR_HEADER.size] = _header_bytes(head, device)
+        return outs, cuda.xor_planes_encode(
+            new, parent, [o.data_ptr() + XOR_HEADER.size for o in outs], widths
+        )
     if not _native_cpu(device):
         changed = torch.empty(n, dtype=torch.int64)
         for i in range(n):
@@ -160,6 +174,10 @@ def xor_planes_decode(
         _parse_xor(e, p, i)
     device = parent[0].device if len(parent) else None
     outs = [torch.empty_like(p) for p in parent]
+    if _native_cuda(device):
+        planes = [e.data_ptr() + XOR_HEADER.size for e in encoded]
+        cuda.xor_planes_decode(planes, parent, outs, [plane_width(p.dtype) for p in parent])
+        return outs
     if not _native_cpu(device):
         for i, (e, p) in enumerate(zip(encoded, parent)):
             outs[i] = reference.xor_planes_decode(e[XOR_HEADER.size :], p)
@@ -227,6 +245,8 @@ def quantize_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
     tol = _check_tolerance(tolerance)
     kinds = [_check_float(t.dtype, i) for i, t in enumerate(new)]
     n = len(new)
+    if _native_cuda(device) and n:
+        return _quantize_encode_cuda(new, parent, kinds, tol)
     if not _native_cpu(device):
         blobs, stats = [], []
         for a, b, kind in zip(new, parent, kinds):
@@ -325,6 +345,16 @@ def quantize_decode(
     meta = [_parse_quant(e, p, i) for i, (e, p) in enumerate(zip(encoded, parent))]
     device = parent[0].device if len(parent) else None
     outs = [torch.empty_like(p) for p in parent]
+    if _native_cuda(device):
+        cuda.quantize_decode(parent, [m[1] for m in meta], [m[2] for m in meta], [m[0] for m in meta],
+                             [e.data_ptr() + QUANT_HEADER.size for e in encoded], outs)  # fmt: skip
+        for (width, _, _, esc), e, p, out in zip(meta, encoded, parent, outs):
+            if esc:
+                idx_off, bits_off, total = _layout(p.numel(), width, esc, p.element_size())
+                out.view(-1)[e[idx_off:bits_off].view(torch.int64)] = e[bits_off:total].view(
+                    p.dtype
+                )
+        return outs
     if not _native_cpu(device):
         for i, ((width, _, tol, esc), e, p) in enumerate(zip(meta, encoded, parent)):
             outs[i] = reference.dequantize_blob(e, p, width, tol, esc, QUANT_HEADER.size, _layout)
@@ -340,3 +370,28 @@ def quantize_decode(
             int64_table([e.data_ptr() + o[1] for e, o in zip(encoded, offs)]), _ptrs(outs), n,
         )  # fmt: skip
     return outs
+
+
+def _quantize_encode_cuda(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: list[int],
+                          tol: float) -> tuple[list[torch.Tensor], QuantStats]:  # fmt: skip
+    device = new[0].device
+    raw, max_delta = cuda.quantize_plan(new, parent, kinds, tol)  # host copies: widths decide sizes
+    widths = [_qwidth(int(m)) for m in raw[:, 0].tolist()]
+    escapes = raw[:, 1].tolist()
+    blobs = []
+    for t, kind, width, esc in zip(new, kinds, widths, escapes):
+        blob = torch.zeros(
+            _layout(t.numel(), width, esc, t.element_size())[2], dtype=torch.uint8, device=device
+        )
+        head = QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, width, kind, 0, tol, t.numel(), esc)
+        blob[: QUANT_HEADER.size] = _header_bytes(head, device)
+        blobs.append(blob)
+    indices = cuda.quantize_write(
+        new, parent, kinds, tol, widths, [b.data_ptr() + QUANT_HEADER.size for b in blobs]
+    )
+    for t, width, esc, blob, idx in zip(new, widths, escapes, blobs, indices):
+        if esc:
+            idx_off, bits_off, total = _layout(t.numel(), width, esc, t.element_size())
+            blob[idx_off:bits_off] = idx.view(torch.uint8)
+            blob[bits_off:total] = t.reshape(-1)[idx].contiguous().view(torch.uint8)
+    return blobs, QuantStats(raw[:, 0].clone(), raw[:, 1].clone(), raw[:, 2].clone(), max_delta)

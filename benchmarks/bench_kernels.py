@@ -1,0 +1,194 @@
+"""GB/s of mmcore's kernels on the CPU and, when present, the GPU.
+
+Two workloads: one large tensor (256 MB by default) and the battery table
+(10,000 FFNNs = 80,000 tensors, 201.6 MB). Each rate is input bytes per second
+(median of --repeat runs), with the fraction of a plain copy's rate on the
+same device measured in the same run. Results are checked against the CPU path.
+
+    python benchmarks/bench_kernels.py [--mb 256] [--cells 10000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mmcore import kernels
+from mmcore.bench.battery import battery_set_fast
+from mmcore.bench.measure import machine_name
+from mmcore.kernels import cuda, delta
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], Any], device: str, repeat: int) -> float:
+    fn()  # warm up (allocations, caches, first launches)
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _xor_kernels(
+    new: list[torch.Tensor], parent: list[torch.Tensor]
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    native = kernels.core()
+    nbytes = [t.numel() * t.element_size() for t in new]
+    outs = [torch.empty(nb, dtype=torch.uint8) for nb in nbytes]
+    dec = [torch.empty_like(t) for t in new]
+    tables = [kernels.int64_table([t.data_ptr() for t in ts]) for ts in (new, parent, outs, dec)]
+    sizes = kernels.int64_table(nbytes)
+    widths = torch.tensor([delta.plane_width(t.dtype) for t in new], dtype=torch.int32)
+    changed = torch.zeros(len(new), dtype=torch.int64)
+    a, b, o, d = (t.data_ptr() for t in tables)
+
+    def encode() -> None:
+        native.xor_planes_encode(
+            a, b, sizes.data_ptr(), widths.data_ptr(), o, changed.data_ptr(), len(new)
+        )
+
+    def decode() -> None:
+        native.xor_planes_decode(o, b, sizes.data_ptr(), widths.data_ptr(), d, len(new))
+
+    encode.keep = (tables, outs, dec)  # type: ignore[attr-defined]
+    return encode, decode
+
+
+def workloads(
+    mb: int, cells: int, device: str
+) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(mb * (1 << 20) // 4, generator=g)
+    big_new = big.clone()
+    idx = torch.randperm(big.numel(), generator=g)[: big.numel() // 100]
+    big_new[idx] += torch.randn(idx.numel(), generator=g) * 1e-3  # 1% of the elements changed
+    table = [t.contiguous() for sd in battery_set_fast(cells).values() for t in sd.values()]
+    table_new = [t + 1e-4 for t in table]
+    out = {
+        f"one tensor {mb} MB": ([big], [big_new]),
+        f"battery table {len(table):,} tensors": (table, table_new),
+    }
+    return {k: ([t.to(device) for t in a], [t.to(device) for t in b]) for k, (a, b) in out.items()}
+
+
+def _run_workload(
+    device: str, name: str, parent: list[torch.Tensor], new: list[torch.Tensor], repeat: int
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    nbytes = sum(t.numel() * t.element_size() for t in new)
+    flat = torch.cat([t.reshape(-1) for t in new])
+    flat_dst = torch.empty_like(flat)
+    copy_s = median_seconds(lambda: flat_dst.copy_(flat), device, repeat)
+    copy_rate = nbytes / copy_s
+    cases: dict[str, Callable[[], Any]] = {}
+    if device == "cpu":  # address tables built once, as the save path does
+        ptrs = kernels.int64_table([t.data_ptr() for t in new])
+        lens = kernels.int64_table([t.numel() * t.element_size() for t in new])
+        for threads in (1, 2):
+            cases[f"blake3 ({threads} thread{'s' if threads > 1 else ''})"] = lambda th=threads: (
+                kernels.blake3_segments(ptrs, lens, threads=th)
+            )
+    else:
+        cases["blake3"] = lambda: kernels.blake3_tensors(new)
+    enc, _ = delta.xor_planes_encode(new, parent)
+    qenc, _ = delta.quantize_encode(new, parent, 1e-3)
+    if device == "cpu":  # the kernels alone: tables and outputs prepared once
+        cases["xor-planes encode (kernel)"], cases["xor-planes decode (kernel)"] = _xor_kernels(
+            new, parent
+        )
+    cases["xor-planes encode (API)"] = lambda: delta.xor_planes_encode(new, parent)
+    cases["xor-planes decode (API)"] = lambda: delta.xor_planes_decode(enc, parent)
+    cases["quantized encode (tol 1e-3)"] = lambda: delta.quantize_encode(new, parent, 1e-3)
+    cases["quantized decode"] = lambda: delta.quantize_decode(qenc, parent)
+    if device == "cpu":
+        offsets = torch.cumsum(lens, 0) - lens
+        dst = torch.empty(nbytes, dtype=torch.uint8)
+        cases["gather"] = lambda: kernels.gather(dst, ptrs, lens, offsets)
+    else:
+        lens_l = [t.numel() * t.element_size() for t in new]
+        offs = [sum(lens_l[:i]) for i in range(len(lens_l))]
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        cases["gather"] = lambda: cuda.gather(dst, new, offs)
+    for kernel, fn in cases.items():
+        seconds = median_seconds(fn, device, repeat)
+        rows.append({"device": device, "workload": name, "kernel": kernel, "seconds": seconds,
+                     "gb_per_s": nbytes / seconds / 1e9, "of_copy": nbytes / seconds / copy_rate})  # fmt: skip
+    rows.append({"device": device, "workload": name, "kernel": "plain copy (reference)", "seconds": copy_s,
+                 "gb_per_s": copy_rate / 1e9, "of_copy": 1.0})  # fmt: skip
+    q_bytes = sum(b.numel() for b in qenc)
+    nonzero = sum(int((e[delta.XOR_HEADER.size :] != 0).sum()) for e in enc)
+    rows.append({"device": device, "workload": name, "kernel": "sizes", "quantized_bytes_fraction": q_bytes / nbytes,
+                 "xor_nonzero_fraction": nonzero / nbytes})  # fmt: skip
+    return rows
+
+
+def run(device: str, mb: int, cells: int, repeat: int) -> list[dict[str, Any]]:
+    rows = []
+    for name, (parent, new) in workloads(mb, cells, device).items():
+        rows += _run_workload(device, name, parent, new, repeat)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'device':<6} {'workload':<32} {'kernel':<30} {'GB/s':>8} {'of copy':>8}")
+    for r in rows:
+        if r["kernel"] == "sizes":
+            sizes = f"quantized {r['quantized_bytes_fraction']:.3f}x, xor-planes non-zero {r['xor_nonzero_fraction']:.3f}x"
+            print(f"{r['device']:<6} {r['workload']:<32} encoded sizes of the input: {sizes}")
+            continue
+        print(
+            f"{r['device']:<6} {r['workload']:<32} {r['kernel']:<30} {r['gb_per_s']:>8.2f} {r['of_copy']:>7.0%}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--mb", type=int, default=256, help="size of the single large tensor")
+    p.add_argument(
+        "--cells", type=int, default=10_000, help="battery cells in the table (8 tensors each)"
+    )
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument(
+        "--devices", default="auto", help="cpu, cuda, or auto (cpu, plus cuda when usable)"
+    )
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    devices = (
+        ["cpu"] + (["cuda"] if cuda.available() else [])
+        if args.devices == "auto"
+        else args.devices.split(",")
+    )
+    print(
+        f"machine: {machine_name()}; torch {torch.__version__}; CPU BLAKE3 ISA: {kernels.core().blake3_isa()}"
+    )
+    if "cuda" in devices:
+        print(f"GPU: {torch.cuda.get_device_name()}")
+    rows = []
+    for device in devices:
+        print(f"running {device} ...", file=sys.stderr, flush=True)
+        rows += run(device, args.mb, args.cells, args.repeat)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_name(), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
