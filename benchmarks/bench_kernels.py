@@ -147,7 +147,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"{'device':<6} {'workload':<32} {'kernel':<30} {'GB/s':>8} {'of copy':>8}")
     for r in rows:
         if r["kernel"] == "sizes":
-            sizes = f"quantized {r['quantized_bytes_fraction']:.3f}x, xor-planes non-zero {r['xor_nonzero_fraction']:.3f}x"
+            q, x = r["quantized_bytes_fraction"], r["xor_nonzero_fraction"]
+            sizes = f"quantized {q:.3f}x, xor-planes non-zero {x:.3f}x"
             print(f"{r['device']:<6} {r['workload']:<32} encoded sizes of the input: {sizes}")
             continue
         print(
