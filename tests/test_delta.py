@@ -11,7 +11,7 @@ from conftest import assert_bit_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmcore import dtypes
+from mmcore import dtypes, kernels
 from mmcore.errors import InvalidArgumentError
 from mmcore.kernels import delta, reference
 
@@ -178,3 +178,28 @@ def test_xor_planes_large_segment_split_over_threads() -> None:
     planes, ref_changed = reference.xor_planes_encode(new, parent)
     assert torch.equal(enc[delta.XOR_HEADER.size :], planes) and int(changed[0]) == ref_changed
     assert_bit_equal(delta.xor_planes_decode([enc], [parent])[0], new)
+
+
+@pytest.mark.parametrize(("encoding", "tolerance"), [("xor-planes", None), ("quantized", 1e-3)])
+def test_encode_against_skips_unchanged_segments(encoding: str, tolerance: float | None) -> None:
+    g = torch.Generator().manual_seed(1)
+    parent = [torch.randn(100, generator=g) for _ in range(6)]
+    new = [p.clone() for p in parent]
+    new[1] += 0.5
+    new[4][3] = -new[4][3]
+    batch = delta.encode_against(new, parent, encoding=encoding, tolerance=tolerance)
+    assert batch.unchanged.tolist() == [True, False, True, True, False, True]
+    assert [e is None for e in batch.encoded] == batch.unchanged.tolist()
+    assert batch.changed.tolist() == [0, 100, 0, 0, 1, 0]
+    assert torch.equal(batch.hashes, kernels.blake3_tensors(new))
+    if encoding == "quantized":
+        assert batch.max_delta[1].item() == pytest.approx(0.5, abs=1e-6)
+        (rec,) = delta.quantize_decode([batch.encoded[1]], [parent[1]])
+        _check_bound(rec, new[1], 1e-3)
+    else:
+        (rec,) = delta.xor_planes_decode([batch.encoded[4]], [parent[4]])
+        assert_bit_equal(rec, new[4])
+    with pytest.raises(InvalidArgumentError, match="tolerance is required"):
+        delta.encode_against(new, parent, encoding="quantized")
+    with pytest.raises(InvalidArgumentError, match="encoding must be"):
+        delta.encode_against(new, parent, encoding="zip")

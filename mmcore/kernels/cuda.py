@@ -155,7 +155,7 @@ def quantize_decode(parent: Sequence[torch.Tensor], kinds: Sequence[int], tols: 
     numels = [t.numel() for t in parent]
     block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
     _call("cuda_quantize_decode", _table([t.data_ptr() for t in parent], device), _table(numels, device),
-          _table(kinds, device, torch.int32), torch.tensor(list(tols), dtype=torch.float64).to(device),
+          _table(kinds, device, torch.int32), _table(tols, device, torch.float64),
           _table(widths, device, torch.int32), _table(q_addrs, device), _table([o.data_ptr() for o in outs], device),
           block_base, n, blocks, _stream(device))  # fmt: skip
 

@@ -2,396 +2,108 @@
 ``quantized`` (error-bounded). Byte layouts are in docs/FORMAT.md.
 
 Every function takes lists of (new, parent) tensors, validates them before any
-native call, and dispatches on their device: the native CPU kernels, or the
-pure-torch reference (``mmcore.kernels.reference``) where no native kernel
-exists for the device. Both produce identical bytes.
+native call, and dispatches on their device: the native CPU kernels, the CUDA
+kernels when built and the tensors are on a GPU, or else the pure-torch
+reference (``mmcore.kernels.reference``). All produce identical bytes.
 """
 
 from __future__ import annotations
 
-import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .._native import core
 from ..errors import InvalidArgumentError
-from . import cuda, int64_table, reference
+from ._segments import (
+    ENCODING_VERSION,
+    FLOAT_KINDS,
+    QUANT_HEADER,
+    QUANTIZED,
+    XOR_HEADER,
+    XOR_PLANES,
+    check_pairs,
+    plane_width,
+)
+from .quantized import QuantStats, _frame, _layout, quantize_decode, quantize_encode
+from .xor_planes import xor_planes_decode, xor_planes_encode
 
-ENCODING_VERSION = 1
-XOR_PLANES = 1
-QUANTIZED = 2
-XOR_HEADER = struct.Struct("<BBBBIQ")  # version, encoding, width, 0, 0, nbytes
-QUANT_HEADER = struct.Struct("<BBBBIdQQ")  # version, encoding, qwidth, kind, 0, tol, numel, escapes
-FLOAT_KINDS = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-
-
-def plane_width(dtype: torch.dtype) -> int:
-    """Bytes per plane word: the element size, or the scalar size for complex dtypes."""
-    size = dtype.itemsize
-    return size // 2 if dtype.is_complex else size
-
-
-def _check_pairs(
-    new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
-) -> torch.device | None:
-    if len(new) != len(parent):
-        raise InvalidArgumentError(f"got {len(new)} new tensors but {len(parent)} parents")
-    device = None
-    for i, (a, b) in enumerate(zip(new, parent)):
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            raise InvalidArgumentError(f"segment {i}: new and parent must be tensors")
-        if a.dtype != b.dtype:
-            raise InvalidArgumentError(
-                f"segment {i}: dtype {a.dtype} differs from the parent's {b.dtype}"
-            )
-        if a.shape != b.shape:
-            raise InvalidArgumentError(
-                f"segment {i}: shape {tuple(a.shape)} differs from the parent's {tuple(b.shape)}"
-            )
-        if a.device != b.device or (device is not None and a.device != device):
-            raise InvalidArgumentError(
-                f"segment {i}: all tensors must be on one device, got {a.device} and {b.device}"
-            )
-        if not (a.is_contiguous() and b.is_contiguous()):
-            raise InvalidArgumentError(
-                f"segment {i}: tensors must be contiguous (call .contiguous())"
-            )
-        device = a.device
-    return device
-
-
-def _ptrs(ts: Sequence[torch.Tensor]) -> torch.Tensor:
-    return int64_table([t.data_ptr() for t in ts])
-
-
-def _call(name: str, *args: torch.Tensor | int) -> None:
-    """Calls a native kernel, passing tensors by address. ``args`` holds every
-    tensor until the call returns (an inline ``t.data_ptr()`` of a temporary
-    would free the memory before the kernel reads it)."""
-    addresses = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-    getattr(core(), name)(*addresses)
-    del args
-
-
-def _i32(values: Sequence[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32)
-
-
-def _f64(values: Sequence[float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def _native_cpu(device: torch.device | None) -> bool:
-    return device is None or device.type == "cpu"
-
-
-def _native_cuda(device: torch.device | None) -> bool:
-    return device is not None and device.type == "cuda" and cuda.available()
-
-
-def _header_bytes(data: bytes, device: torch.device | None) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device or "cpu")
-
-
-# ---- xor-planes -----------------------------------------------------------------
-
-
-def xor_planes_encode(
-    new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Encodes each pair; returns the framed encodings (uint8) and the count of changed words."""
-    device = _check_pairs(new, parent)
-    n = len(new)
-    widths = [plane_width(t.dtype) for t in new]
-    nbytes = [t.numel() * t.element_size() for t in new]
-    outs = [torch.empty(XOR_HEADER.size + nb, dtype=torch.uint8, device=device) for nb in nbytes]
-    headers = [
-        XOR_HEADER.pack(ENCODING_VERSION, XOR_PLANES, w, 0, 0, nb) for w, nb in zip(widths, nbytes)
-    ]
-    if _native_cuda(device):
-        for out, head in zip(outs, headers):
-            out[: XOR_HEADER.size] = _header_bytes(head, device)
-        return outs, cuda.xor_planes_encode(
-            new, parent, [o.data_ptr() + XOR_HEADER.size for o in outs], widths
-        )
-    if not _native_cpu(device):
-        changed = torch.empty(n, dtype=torch.int64)
-        for i in range(n):
-            planes, changed[i] = reference.xor_planes_encode(new[i], parent[i])
-            outs[i][XOR_HEADER.size :] = planes
-            outs[i][: XOR_HEADER.size] = torch.frombuffer(bytearray(headers[i]), dtype=torch.uint8)
-        return outs, changed
-    changed = torch.zeros(n, dtype=torch.int64)
-    if n:
-        for out, head in zip(outs, headers):
-            out[: XOR_HEADER.size] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        planes = int64_table([o.data_ptr() + XOR_HEADER.size for o in outs])
-        _call(
-            "xor_planes_encode",
-            _ptrs(new),
-            _ptrs(parent),
-            int64_table(nbytes),
-            _i32(widths),
-            planes,
-            changed,
-            n,
-        )
-    return outs, changed
-
-
-def _parse_xor(enc: torch.Tensor, parent: torch.Tensor, i: int) -> None:
-    if enc.dtype != torch.uint8 or enc.dim() != 1 or enc.numel() < XOR_HEADER.size:
-        raise InvalidArgumentError(
-            f"segment {i}: not an xor-planes encoding (too short or not uint8)"
-        )
-    version, encoding, width, _, _, nbytes = XOR_HEADER.unpack(
-        bytes(enc[: XOR_HEADER.size].cpu().tolist())
-    )
-    if version != ENCODING_VERSION or encoding != XOR_PLANES:
-        raise InvalidArgumentError(
-            f"segment {i}: encoding version {version}, id {encoding} is not xor-planes v1"
-        )
-    if nbytes != parent.numel() * parent.element_size() or width != plane_width(parent.dtype):
-        raise InvalidArgumentError(
-            f"segment {i}: encoding is for {nbytes} bytes, width {width}; parent does not match"
-        )
-    if enc.numel() != XOR_HEADER.size + nbytes:
-        raise InvalidArgumentError(
-            f"segment {i}: encoding has {enc.numel()} bytes, expected {XOR_HEADER.size + nbytes}"
-        )
-
-
-def xor_planes_decode(
-    encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Recovers each new tensor exactly from its encoding and its parent."""
-    if len(encoded) != len(parent):
-        raise InvalidArgumentError(f"got {len(encoded)} encodings but {len(parent)} parents")
-    for i, (e, p) in enumerate(zip(encoded, parent)):
-        _parse_xor(e, p, i)
-    device = parent[0].device if len(parent) else None
-    outs = [torch.empty_like(p) for p in parent]
-    if _native_cuda(device):
-        planes = [e.data_ptr() + XOR_HEADER.size for e in encoded]
-        cuda.xor_planes_decode(planes, parent, outs, [plane_width(p.dtype) for p in parent])
-        return outs
-    if not _native_cpu(device):
-        for i, (e, p) in enumerate(zip(encoded, parent)):
-            outs[i] = reference.xor_planes_decode(e[XOR_HEADER.size :], p)
-        return outs
-    n = len(parent)
-    if n:
-        _call(
-            "xor_planes_decode", int64_table([e.data_ptr() + XOR_HEADER.size for e in encoded]), _ptrs(parent),
-            int64_table([p.numel() * p.element_size() for p in parent]), _i32([plane_width(p.dtype) for p in parent]),
-            _ptrs(outs), n,
-        )  # fmt: skip
-    return outs
-
-
-# ---- quantized ------------------------------------------------------------------
+__all__ = [
+    "ENCODING_VERSION",
+    "FLOAT_KINDS",
+    "QUANTIZED",
+    "QUANT_HEADER",
+    "XOR_HEADER",
+    "XOR_PLANES",
+    "DeltaBatch",
+    "QuantStats",
+    "_frame",
+    "_layout",
+    "encode_against",
+    "plane_width",
+    "quantize_decode",
+    "quantize_encode",
+    "xor_planes_decode",
+    "xor_planes_encode",
+]
 
 
 @dataclass
-class QuantStats:
-    """Per segment: largest |q|, escapes, changed elements, largest finite |new - parent|."""
+class DeltaBatch:
+    """What a save needs per segment: the new bytes' hash, whether they equal the
+    parent's (then nothing is encoded), the encoding, and statistics."""
 
-    max_abs_q: torch.Tensor
-    escapes: torch.Tensor
-    changed: torch.Tensor
-    max_delta: torch.Tensor
-
-
-def _qwidth(max_abs_q: int) -> int:
-    return 1 if max_abs_q <= 127 else 2 if max_abs_q <= 32767 else 4
+    hashes: torch.Tensor  # (n, 32) uint8, BLAKE3 of each new tensor
+    unchanged: torch.Tensor  # (n,) bool: hash equal to the parent's
+    encoded: list[torch.Tensor | None]  # None where unchanged
+    changed: torch.Tensor  # (n,) int64: differing words (xor-planes) or elements (quantized)
+    max_delta: torch.Tensor  # (n,) float64: largest finite |new - parent| (quantized; else 0)
 
 
-def _align8(n: int) -> int:
-    return -(-n // 8) * 8
+def encode_against(
+    new: Sequence[torch.Tensor],
+    parent: Sequence[torch.Tensor],
+    *,
+    encoding: str = "xor-planes",
+    tolerance: float | None = None,
+    parent_hashes: torch.Tensor | None = None,
+) -> DeltaBatch:
+    """Hashes every new tensor, skips those whose hash equals the parent's, and
+    encodes the rest (``xor-planes``, exact; or ``quantized`` within ``tolerance``)."""
+    from . import blake3_tensors
 
-
-def _layout(numel: int, qwidth: int, escapes: int, itemsize: int) -> tuple[int, int, int]:
-    """Byte offsets of the escape indices and escape values, and the total size."""
-    idx = QUANT_HEADER.size + _align8(numel * qwidth)
-    bits = idx + 8 * escapes
-    return idx, bits, bits + escapes * itemsize
-
-
-def _check_tolerance(tolerance: float) -> float:
-    tol = float(tolerance)
-    if not (math.isfinite(tol) and tol > 0 and math.isfinite(2 * tol)):
-        raise InvalidArgumentError(f"tolerance must be a finite number > 0, got {tolerance!r}")
-    return tol
-
-
-def _check_float(dtype: torch.dtype, i: int) -> int:
-    try:
-        return FLOAT_KINDS[dtype]
-    except KeyError:
-        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_KINDS)
+    if encoding not in ("xor-planes", "quantized"):
         raise InvalidArgumentError(
-            f"segment {i}: quantized encoding needs one of {names}, got {dtype}"
-        ) from None
-
-
-def quantize_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
-                    tolerance: float) -> tuple[list[torch.Tensor], QuantStats]:  # fmt: skip
-    """Encodes each new tensor against the parent *as recovered* (closed loop), so
-    that every decoded element is within ``tolerance`` of the new one."""
-    device = _check_pairs(new, parent)
-    tol = _check_tolerance(tolerance)
-    kinds = [_check_float(t.dtype, i) for i, t in enumerate(new)]
+            f"encoding must be 'xor-planes' or 'quantized', got {encoding!r}"
+        )
+    if (encoding == "quantized") != (tolerance is not None):
+        raise InvalidArgumentError(
+            "tolerance is required for 'quantized' and not accepted for 'xor-planes'"
+        )
+    check_pairs(new, parent)
     n = len(new)
-    if _native_cuda(device) and n:
-        return _quantize_encode_cuda(new, parent, kinds, tol)
-    if not _native_cpu(device):
-        blobs, stats = [], []
-        for a, b, kind in zip(new, parent, kinds):
-            q, escaped, st = reference.quantize(a, b, tol)
-            blob, _ = _frame(q, escaped, a, kind, tol, st[0])
-            blobs.append(blob.to(device))
-            stats.append(st)
-        cols = list(zip(*stats)) if stats else [(), (), (), ()]
-        return blobs, QuantStats(
-            *(
-                torch.tensor(c, dtype=torch.float64 if j == 3 else torch.int64)
-                for j, c in enumerate(cols)
-            )
+    hashes = blake3_tensors(new)
+    if parent_hashes is None:
+        parent_hashes = blake3_tensors(parent)
+    if parent_hashes.shape != (n, 32):
+        raise InvalidArgumentError(
+            f"parent_hashes must have shape ({n}, 32), got {tuple(parent_hashes.shape)}"
         )
-    numels = int64_table([t.numel() for t in new])
-    kinds_t = torch.tensor(kinds, dtype=torch.int32)
-    tols = torch.full((n,), tol, dtype=torch.float64)
-    raw = torch.zeros((n, 4), dtype=torch.int64)
+    unchanged = (hashes.cpu() == parent_hashes.cpu()).all(dim=1)
+    todo = [i for i in range(n) if not bool(unchanged[i])]
+    encoded: list[torch.Tensor | None] = [None] * n
+    changed = torch.zeros(n, dtype=torch.int64)
     max_delta = torch.zeros(n, dtype=torch.float64)
-    news, parents = _ptrs(new), _ptrs(parent)
-    if n:
-        _call("quantize_plan", news, parents, numels, kinds_t, tols, n, raw, max_delta)
-    widths = [_qwidth(int(m)) for m in raw[:, 0].tolist()]
-    blobs = []
-    for t, kind, width, esc in zip(new, kinds, widths, raw[:, 1].tolist()):
-        _, _, total = _layout(t.numel(), width, esc, t.element_size())
-        blob = torch.zeros(total, dtype=torch.uint8)
-        head = QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, width, kind, 0, tol, t.numel(), esc)
-        blob[: QUANT_HEADER.size] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        blobs.append(blob)
-    if n:
-        offs = [
-            _layout(t.numel(), w, e, t.element_size())
-            for t, w, e in zip(new, widths, raw[:, 1].tolist())
-        ]
-        _call(
-            "quantize_write", news, parents, numels, kinds_t, tols, _i32(widths),
-            int64_table([b.data_ptr() + QUANT_HEADER.size for b in blobs]),
-            int64_table([b.data_ptr() + o[0] for b, o in zip(blobs, offs)]),
-            int64_table([b.data_ptr() + o[1] for b, o in zip(blobs, offs)]), n,
-        )  # fmt: skip
-    return blobs, QuantStats(raw[:, 0].clone(), raw[:, 1].clone(), raw[:, 2].clone(), max_delta)
-
-
-def _frame(q: torch.Tensor, escaped: torch.Tensor, new: torch.Tensor, kind: int, tol: float,
-           max_abs_q: int) -> tuple[torch.Tensor, int]:  # fmt: skip
-    """The byte layout of one quantized segment from reference results (CPU)."""
-    width = _qwidth(max_abs_q)
-    idx = escaped.reshape(-1).nonzero().reshape(-1).cpu()
-    esc = idx.numel()
-    idx_off, bits_off, total = _layout(new.numel(), width, esc, new.element_size())
-    blob = torch.zeros(total, dtype=torch.uint8)
-    head = QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, width, kind, 0, tol, new.numel(), esc)
-    blob[: QUANT_HEADER.size] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-    qt = {1: torch.int8, 2: torch.int16, 4: torch.int32}[width]
-    qbytes = q.reshape(-1).cpu().to(qt).view(torch.uint8)
-    blob[QUANT_HEADER.size : QUANT_HEADER.size + qbytes.numel()] = qbytes
-    blob[idx_off:bits_off] = idx.to(torch.int64).view(torch.uint8)
-    flat = new.detach().reshape(-1).cpu()
-    blob[bits_off:total] = flat[idx].contiguous().view(torch.uint8)
-    return blob, esc
-
-
-def _parse_quant(blob: torch.Tensor, parent: torch.Tensor, i: int) -> tuple[int, int, float, int]:
-    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() < QUANT_HEADER.size:
-        raise InvalidArgumentError(
-            f"segment {i}: not a quantized encoding (too short or not uint8)"
-        )
-    version, encoding, width, kind, _, tol, numel, esc = QUANT_HEADER.unpack(
-        bytes(blob[: QUANT_HEADER.size].cpu().tolist())
-    )
-    if version != ENCODING_VERSION or encoding != QUANTIZED or width not in (1, 2, 4):
-        raise InvalidArgumentError(
-            f"segment {i}: encoding version {version}, id {encoding} is not quantized v1"
-        )
-    if kind != FLOAT_KINDS.get(parent.dtype) or numel != parent.numel():
-        raise InvalidArgumentError(
-            f"segment {i}: encoding is for {numel} elements of kind {kind}; parent does not match"
-        )
-    if blob.numel() != _layout(numel, width, esc, parent.element_size())[2]:
-        raise InvalidArgumentError(
-            f"segment {i}: encoding has {blob.numel()} bytes, its header says otherwise"
-        )
-    return width, kind, tol, esc
-
-
-def quantize_decode(
-    encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Recovers each tensor: parent + q * 2 * tolerance, then the exact escapes."""
-    if len(encoded) != len(parent):
-        raise InvalidArgumentError(f"got {len(encoded)} encodings but {len(parent)} parents")
-    for i, p in enumerate(parent):
-        if not p.is_contiguous():
-            raise InvalidArgumentError(f"segment {i}: parent must be contiguous")
-    meta = [_parse_quant(e, p, i) for i, (e, p) in enumerate(zip(encoded, parent))]
-    device = parent[0].device if len(parent) else None
-    outs = [torch.empty_like(p) for p in parent]
-    if _native_cuda(device):
-        cuda.quantize_decode(parent, [m[1] for m in meta], [m[2] for m in meta], [m[0] for m in meta],
-                             [e.data_ptr() + QUANT_HEADER.size for e in encoded], outs)  # fmt: skip
-        for (width, _, _, esc), e, p, out in zip(meta, encoded, parent, outs):
-            if esc:
-                idx_off, bits_off, total = _layout(p.numel(), width, esc, p.element_size())
-                out.view(-1)[e[idx_off:bits_off].view(torch.int64)] = e[bits_off:total].view(
-                    p.dtype
-                )
-        return outs
-    if not _native_cpu(device):
-        for i, ((width, _, tol, esc), e, p) in enumerate(zip(meta, encoded, parent)):
-            outs[i] = reference.dequantize_blob(e, p, width, tol, esc, QUANT_HEADER.size, _layout)
-        return outs
-    n = len(parent)
-    if n:
-        offs = [_layout(p.numel(), m[0], m[3], p.element_size()) for p, m in zip(parent, meta)]
-        _call(
-            "quantize_decode", _ptrs(parent), int64_table([p.numel() for p in parent]), _i32([m[1] for m in meta]),
-            _f64([m[2] for m in meta]), _i32([m[0] for m in meta]),
-            int64_table([e.data_ptr() + QUANT_HEADER.size for e in encoded]), int64_table([m[3] for m in meta]),
-            int64_table([e.data_ptr() + o[0] for e, o in zip(encoded, offs)]),
-            int64_table([e.data_ptr() + o[1] for e, o in zip(encoded, offs)]), _ptrs(outs), n,
-        )  # fmt: skip
-    return outs
-
-
-def _quantize_encode_cuda(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: list[int],
-                          tol: float) -> tuple[list[torch.Tensor], QuantStats]:  # fmt: skip
-    device = new[0].device
-    raw, max_delta = cuda.quantize_plan(new, parent, kinds, tol)  # host copies: widths decide sizes
-    widths = [_qwidth(int(m)) for m in raw[:, 0].tolist()]
-    escapes = raw[:, 1].tolist()
-    blobs = []
-    for t, kind, width, esc in zip(new, kinds, widths, escapes):
-        blob = torch.zeros(
-            _layout(t.numel(), width, esc, t.element_size())[2], dtype=torch.uint8, device=device
-        )
-        head = QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, width, kind, 0, tol, t.numel(), esc)
-        blob[: QUANT_HEADER.size] = _header_bytes(head, device)
-        blobs.append(blob)
-    indices = cuda.quantize_write(
-        new, parent, kinds, tol, widths, [b.data_ptr() + QUANT_HEADER.size for b in blobs]
-    )
-    for t, width, esc, blob, idx in zip(new, widths, escapes, blobs, indices):
-        if esc:
-            idx_off, bits_off, total = _layout(t.numel(), width, esc, t.element_size())
-            blob[idx_off:bits_off] = idx.view(torch.uint8)
-            blob[bits_off:total] = t.reshape(-1)[idx].contiguous().view(torch.uint8)
-    return blobs, QuantStats(raw[:, 0].clone(), raw[:, 1].clone(), raw[:, 2].clone(), max_delta)
+    if todo:
+        sub_new, sub_parent = [new[i] for i in todo], [parent[i] for i in todo]
+        if encoding == "quantized":
+            assert tolerance is not None
+            blobs, stats = quantize_encode(sub_new, sub_parent, tolerance)
+            changed[todo] = stats.changed.cpu()
+            max_delta[todo] = stats.max_delta.cpu()
+        else:
+            blobs, counts = xor_planes_encode(sub_new, sub_parent)
+            changed[todo] = counts.cpu()
+        for i, blob in zip(todo, blobs):
+            encoded[i] = blob
+    return DeltaBatch(hashes, unchanged, encoded, changed, max_delta)

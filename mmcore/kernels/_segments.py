@@ -1,0 +1,86 @@
+"""Shared by the delta encodings: validation of (new, parent) tables, native
+calls by address, and the encodings' framing constants (docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import torch
+
+from .._native import core
+from ..errors import InvalidArgumentError
+from . import cuda, int64_table
+
+ENCODING_VERSION = 1
+XOR_PLANES = 1
+QUANTIZED = 2
+XOR_HEADER = struct.Struct("<BBBBIQ")  # version, encoding, width, 0, 0, nbytes
+QUANT_HEADER = struct.Struct("<BBBBIdQQ")  # version, encoding, qwidth, kind, 0, tol, numel, escapes
+FLOAT_KINDS = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def plane_width(dtype: torch.dtype) -> int:
+    """Bytes per plane word: the element size, or the scalar size for complex dtypes."""
+    size = dtype.itemsize
+    return size // 2 if dtype.is_complex else size
+
+
+def check_pairs(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]) -> torch.device | None:
+    if len(new) != len(parent):
+        raise InvalidArgumentError(f"got {len(new)} new tensors but {len(parent)} parents")
+    device = None
+    for i, (a, b) in enumerate(zip(new, parent)):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            raise InvalidArgumentError(f"segment {i}: new and parent must be tensors")
+        if a.dtype != b.dtype:
+            raise InvalidArgumentError(
+                f"segment {i}: dtype {a.dtype} differs from the parent's {b.dtype}"
+            )
+        if a.shape != b.shape:
+            raise InvalidArgumentError(
+                f"segment {i}: shape {tuple(a.shape)} differs from the parent's {tuple(b.shape)}"
+            )
+        if a.device != b.device or (device is not None and a.device != device):
+            raise InvalidArgumentError(
+                f"segment {i}: all tensors must be on one device, got {a.device} and {b.device}"
+            )
+        if not (a.is_contiguous() and b.is_contiguous()):
+            raise InvalidArgumentError(
+                f"segment {i}: tensors must be contiguous (call .contiguous())"
+            )
+        device = a.device
+    return device
+
+
+def ptrs(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return int64_table([t.data_ptr() for t in ts])
+
+
+def call(name: str, *args: torch.Tensor | int) -> None:
+    """Calls a native kernel, passing tensors by address. ``args`` holds every
+    tensor until the call returns (an inline ``t.data_ptr()`` of a temporary
+    would free the memory before the kernel reads it)."""
+    addresses = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    getattr(core(), name)(*addresses)
+    del args
+
+
+def i32(values: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def f64(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def native_cpu(device: torch.device | None) -> bool:
+    return device is None or device.type == "cpu"
+
+
+def native_cuda(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda" and cuda.available()
+
+
+def header_bytes(data: bytes, device: torch.device | None) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device or "cpu")

@@ -1,0 +1,229 @@
+"""The ``quantized`` encoding: error-bounded uniform quantization against the
+parent as recovered (closed loop), with exact escapes. See docs/FORMAT.md."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidArgumentError
+from . import cuda, int64_table, reference
+from ._segments import (
+    ENCODING_VERSION,
+    FLOAT_KINDS,
+    QUANT_HEADER,
+    QUANTIZED,
+    call,
+    check_pairs,
+    f64,
+    header_bytes,
+    i32,
+    native_cpu,
+    native_cuda,
+    ptrs,
+)
+
+
+@dataclass
+class QuantStats:
+    """Per segment: largest |q|, escapes, changed elements, largest finite |new - parent|."""
+
+    max_abs_q: torch.Tensor
+    escapes: torch.Tensor
+    changed: torch.Tensor
+    max_delta: torch.Tensor
+
+
+def _qwidth(max_abs_q: int) -> int:
+    return 1 if max_abs_q <= 127 else 2 if max_abs_q <= 32767 else 4
+
+
+def _align8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _layout(numel: int, qwidth: int, escapes: int, itemsize: int) -> tuple[int, int, int]:
+    """Byte offsets of the escape indices and escape values, and the total size."""
+    idx = QUANT_HEADER.size + _align8(numel * qwidth)
+    bits = idx + 8 * escapes
+    return idx, bits, bits + escapes * itemsize
+
+
+def _check_tolerance(tolerance: float) -> float:
+    tol = float(tolerance)
+    if not (math.isfinite(tol) and tol > 0 and math.isfinite(2 * tol)):
+        raise InvalidArgumentError(f"tolerance must be a finite number > 0, got {tolerance!r}")
+    return tol
+
+
+def _check_float(dtype: torch.dtype, i: int) -> int:
+    try:
+        return FLOAT_KINDS[dtype]
+    except KeyError:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_KINDS)
+        raise InvalidArgumentError(
+            f"segment {i}: quantized encoding needs one of {names}, got {dtype}"
+        ) from None
+
+
+def quantize_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
+                    tolerance: float) -> tuple[list[torch.Tensor], QuantStats]:  # fmt: skip
+    """Encodes each new tensor against the parent *as recovered* (closed loop), so
+    that every decoded element is within ``tolerance`` of the new one."""
+    device = check_pairs(new, parent)
+    tol = _check_tolerance(tolerance)
+    kinds = [_check_float(t.dtype, i) for i, t in enumerate(new)]
+    n = len(new)
+    if native_cuda(device) and n:
+        return _quantize_encode_cuda(new, parent, kinds, tol)
+    if not native_cpu(device):
+        blobs, stats = [], []
+        for a, b, kind in zip(new, parent, kinds):
+            q, escaped, st = reference.quantize(a, b, tol)
+            blob, _ = _frame(q, escaped, a, kind, tol, st[0])
+            blobs.append(blob.to(device))
+            stats.append(st)
+        cols = list(zip(*stats)) if stats else [(), (), (), ()]
+        return blobs, QuantStats(
+            *(
+                torch.tensor(c, dtype=torch.float64 if j == 3 else torch.int64)
+                for j, c in enumerate(cols)
+            )
+        )
+    numels = int64_table([t.numel() for t in new])
+    kinds_t = torch.tensor(kinds, dtype=torch.int32)
+    tols = torch.full((n,), tol, dtype=torch.float64)
+    raw = torch.zeros((n, 4), dtype=torch.int64)
+    max_delta = torch.zeros(n, dtype=torch.float64)
+    news, parents = ptrs(new), ptrs(parent)
+    if n:
+        call("quantize_plan", news, parents, numels, kinds_t, tols, n, raw, max_delta)
+    widths = [_qwidth(int(m)) for m in raw[:, 0].tolist()]
+    blobs = []
+    for t, kind, width, esc in zip(new, kinds, widths, raw[:, 1].tolist()):
+        _, _, total = _layout(t.numel(), width, esc, t.element_size())
+        blob = torch.zeros(total, dtype=torch.uint8)
+        head = QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, width, kind, 0, tol, t.numel(), esc)
+        blob[: QUANT_HEADER.size] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        blobs.append(blob)
+    if n:
+        offs = [
+            _layout(t.numel(), w, e, t.element_size())
+            for t, w, e in zip(new, widths, raw[:, 1].tolist())
+        ]
+        call(
+            "quantize_write", news, parents, numels, kinds_t, tols, i32(widths),
+            int64_table([b.data_ptr() + QUANT_HEADER.size for b in blobs]),
+            int64_table([b.data_ptr() + o[0] for b, o in zip(blobs, offs)]),
+            int64_table([b.data_ptr() + o[1] for b, o in zip(blobs, offs)]), n,
+        )  # fmt: skip
+    return blobs, QuantStats(raw[:, 0].clone(), raw[:, 1].clone(), raw[:, 2].clone(), max_delta)
+
+
+def _frame(q: torch.Tensor, escaped: torch.Tensor, new: torch.Tensor, kind: int, tol: float,
+           max_abs_q: int) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """The byte layout of one quantized segment from reference results (CPU)."""
+    width = _qwidth(max_abs_q)
+    idx = escaped.reshape(-1).nonzero().reshape(-1).cpu()
+    esc = idx.numel()
+    idx_off, bits_off, total = _layout(new.numel(), width, esc, new.element_size())
+    blob = torch.zeros(total, dtype=torch.uint8)
+    head = QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, width, kind, 0, tol, new.numel(), esc)
+    blob[: QUANT_HEADER.size] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+    qt = {1: torch.int8, 2: torch.int16, 4: torch.int32}[width]
+    qbytes = q.reshape(-1).cpu().to(qt).view(torch.uint8)
+    blob[QUANT_HEADER.size : QUANT_HEADER.size + qbytes.numel()] = qbytes
+    blob[idx_off:bits_off] = idx.to(torch.int64).view(torch.uint8)
+    flat = new.detach().reshape(-1).cpu()
+    blob[bits_off:total] = flat[idx].contiguous().view(torch.uint8)
+    return blob, esc
+
+
+def _parse_quant(blob: torch.Tensor, parent: torch.Tensor, i: int) -> tuple[int, int, float, int]:
+    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() < QUANT_HEADER.size:
+        raise InvalidArgumentError(
+            f"segment {i}: not a quantized encoding (too short or not uint8)"
+        )
+    version, encoding, width, kind, _, tol, numel, esc = QUANT_HEADER.unpack(
+        bytes(blob[: QUANT_HEADER.size].cpu().tolist())
+    )
+    if version != ENCODING_VERSION or encoding != QUANTIZED or width not in (1, 2, 4):
+        raise InvalidArgumentError(
+            f"segment {i}: encoding version {version}, id {encoding} is not quantized v1"
+        )
+    if kind != FLOAT_KINDS.get(parent.dtype) or numel != parent.numel():
+        raise InvalidArgumentError(
+            f"segment {i}: encoding is for {numel} elements of kind {kind}; parent does not match"
+        )
+    if blob.numel() != _layout(numel, width, esc, parent.element_size())[2]:
+        raise InvalidArgumentError(
+            f"segment {i}: encoding has {blob.numel()} bytes, its header says otherwise"
+        )
+    return width, kind, tol, esc
+
+
+def quantize_decode(
+    encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Recovers each tensor: parent + q * 2 * tolerance, then the exact escapes."""
+    if len(encoded) != len(parent):
+        raise InvalidArgumentError(f"got {len(encoded)} encodings but {len(parent)} parents")
+    for i, p in enumerate(parent):
+        if not p.is_contiguous():
+            raise InvalidArgumentError(f"segment {i}: parent must be contiguous")
+    meta = [_parse_quant(e, p, i) for i, (e, p) in enumerate(zip(encoded, parent))]
+    device = parent[0].device if len(parent) else None
+    outs = [torch.empty_like(p) for p in parent]
+    if native_cuda(device):
+        cuda.quantize_decode(parent, [m[1] for m in meta], [m[2] for m in meta], [m[0] for m in meta],
+                             [e.data_ptr() + QUANT_HEADER.size for e in encoded], outs)  # fmt: skip
+        for (width, _, _, esc), e, p, out in zip(meta, encoded, parent, outs):
+            if esc:
+                idx_off, bits_off, total = _layout(p.numel(), width, esc, p.element_size())
+                out.view(-1)[e[idx_off:bits_off].view(torch.int64)] = e[bits_off:total].view(
+                    p.dtype
+                )
+        return outs
+    if not native_cpu(device):
+        for i, ((width, _, tol, esc), e, p) in enumerate(zip(meta, encoded, parent)):
+            outs[i] = reference.dequantize_blob(e, p, width, tol, esc, QUANT_HEADER.size, _layout)
+        return outs
+    n = len(parent)
+    if n:
+        offs = [_layout(p.numel(), m[0], m[3], p.element_size()) for p, m in zip(parent, meta)]
+        call(
+            "quantize_decode", ptrs(parent), int64_table([p.numel() for p in parent]), i32([m[1] for m in meta]),
+            f64([m[2] for m in meta]), i32([m[0] for m in meta]),
+            int64_table([e.data_ptr() + QUANT_HEADER.size for e in encoded]), int64_table([m[3] for m in meta]),
+            int64_table([e.data_ptr() + o[0] for e, o in zip(encoded, offs)]),
+            int64_table([e.data_ptr() + o[1] for e, o in zip(encoded, offs)]), ptrs(outs), n,
+        )  # fmt: skip
+    return outs
+
+
+def _quantize_encode_cuda(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: list[int],
+                          tol: float) -> tuple[list[torch.Tensor], QuantStats]:  # fmt: skip
+    device = new[0].device
+    raw, max_delta = cuda.quantize_plan(new, parent, kinds, tol)  # host copies: widths decide sizes
+    widths = [_qwidth(int(m)) for m in raw[:, 0].tolist()]
+    escapes = raw[:, 1].tolist()
+    blobs = []
+    for t, kind, width, esc in zip(new, kinds, widths, escapes):
+        blob = torch.zeros(
+            _layout(t.numel(), width, esc, t.element_size())[2], dtype=torch.uint8, device=device
+        )
+        head = QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, width, kind, 0, tol, t.numel(), esc)
+        blob[: QUANT_HEADER.size] = header_bytes(head, device)
+        blobs.append(blob)
+    indices = cuda.quantize_write(
+        new, parent, kinds, tol, widths, [b.data_ptr() + QUANT_HEADER.size for b in blobs]
+    )
+    for t, width, esc, blob, idx in zip(new, widths, escapes, blobs, indices):
+        if esc:
+            idx_off, bits_off, total = _layout(t.numel(), width, esc, t.element_size())
+            blob[idx_off:bits_off] = idx.view(torch.uint8)
+            blob[bits_off:total] = t.reshape(-1)[idx].contiguous().view(torch.uint8)
+    return blobs, QuantStats(raw[:, 0].clone(), raw[:, 1].clone(), raw[:, 2].clone(), max_delta)

@@ -1,0 +1,117 @@
+"""The ``xor-planes`` encoding: XOR with the parent, bytes regrouped into planes
+(byte 0 of every word, then byte 1, ...). Exact; see docs/FORMAT.md."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import InvalidArgumentError
+from . import cuda, int64_table, reference
+from ._segments import (
+    ENCODING_VERSION,
+    XOR_HEADER,
+    XOR_PLANES,
+    call,
+    check_pairs,
+    header_bytes,
+    i32,
+    native_cpu,
+    native_cuda,
+    plane_width,
+    ptrs,
+)
+
+
+def xor_planes_encode(
+    new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Encodes each pair; returns the framed encodings (uint8) and the count of changed words."""
+    device = check_pairs(new, parent)
+    n = len(new)
+    widths = [plane_width(t.dtype) for t in new]
+    nbytes = [t.numel() * t.element_size() for t in new]
+    outs = [torch.empty(XOR_HEADER.size + nb, dtype=torch.uint8, device=device) for nb in nbytes]
+    headers = [
+        XOR_HEADER.pack(ENCODING_VERSION, XOR_PLANES, w, 0, 0, nb) for w, nb in zip(widths, nbytes)
+    ]
+    if native_cuda(device):
+        for out, head in zip(outs, headers):
+            out[: XOR_HEADER.size] = header_bytes(head, device)
+        return outs, cuda.xor_planes_encode(
+            new, parent, [o.data_ptr() + XOR_HEADER.size for o in outs], widths
+        )
+    if not native_cpu(device):
+        changed = torch.empty(n, dtype=torch.int64)
+        for i in range(n):
+            planes, changed[i] = reference.xor_planes_encode(new[i], parent[i])
+            outs[i][XOR_HEADER.size :] = planes
+            outs[i][: XOR_HEADER.size] = torch.frombuffer(bytearray(headers[i]), dtype=torch.uint8)
+        return outs, changed
+    changed = torch.zeros(n, dtype=torch.int64)
+    if n:
+        for out, head in zip(outs, headers):
+            out[: XOR_HEADER.size] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        planes = int64_table([o.data_ptr() + XOR_HEADER.size for o in outs])
+        call(
+            "xor_planes_encode",
+            ptrs(new),
+            ptrs(parent),
+            int64_table(nbytes),
+            i32(widths),
+            planes,
+            changed,
+            n,
+        )
+    return outs, changed
+
+
+def _parse_xor(enc: torch.Tensor, parent: torch.Tensor, i: int) -> None:
+    if enc.dtype != torch.uint8 or enc.dim() != 1 or enc.numel() < XOR_HEADER.size:
+        raise InvalidArgumentError(
+            f"segment {i}: not an xor-planes encoding (too short or not uint8)"
+        )
+    version, encoding, width, _, _, nbytes = XOR_HEADER.unpack(
+        bytes(enc[: XOR_HEADER.size].cpu().tolist())
+    )
+    if version != ENCODING_VERSION or encoding != XOR_PLANES:
+        raise InvalidArgumentError(
+            f"segment {i}: encoding version {version}, id {encoding} is not xor-planes v1"
+        )
+    if nbytes != parent.numel() * parent.element_size() or width != plane_width(parent.dtype):
+        raise InvalidArgumentError(
+            f"segment {i}: encoding is for {nbytes} bytes, width {width}; parent does not match"
+        )
+    if enc.numel() != XOR_HEADER.size + nbytes:
+        raise InvalidArgumentError(
+            f"segment {i}: encoding has {enc.numel()} bytes, expected {XOR_HEADER.size + nbytes}"
+        )
+
+
+def xor_planes_decode(
+    encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Recovers each new tensor exactly from its encoding and its parent."""
+    if len(encoded) != len(parent):
+        raise InvalidArgumentError(f"got {len(encoded)} encodings but {len(parent)} parents")
+    for i, (e, p) in enumerate(zip(encoded, parent)):
+        _parse_xor(e, p, i)
+    device = parent[0].device if len(parent) else None
+    outs = [torch.empty_like(p) for p in parent]
+    if native_cuda(device):
+        planes = [e.data_ptr() + XOR_HEADER.size for e in encoded]
+        cuda.xor_planes_decode(planes, parent, outs, [plane_width(p.dtype) for p in parent])
+        return outs
+    if not native_cpu(device):
+        for i, (e, p) in enumerate(zip(encoded, parent)):
+            outs[i] = reference.xor_planes_decode(e[XOR_HEADER.size :], p)
+        return outs
+    n = len(parent)
+    if n:
+        call(
+            "xor_planes_decode", int64_table([e.data_ptr() + XOR_HEADER.size for e in encoded]), ptrs(parent),
+            int64_table([p.numel() * p.element_size() for p in parent]), i32([plane_width(p.dtype) for p in parent]),
+            ptrs(outs), n,
+        )  # fmt: skip
+    return outs
