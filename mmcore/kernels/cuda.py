@@ -35,9 +35,11 @@ def _stream(device: torch.device) -> int:
 
 
 def _table(
-    values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.int64
+    values: Sequence[int] | Sequence[float], device: torch.device, dtype: torch.dtype = torch.int64
 ) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=dtype).to(device)
+    """A host-built table on the device, copied asynchronously from pinned memory
+    (a pageable copy would make torch wait for the stream)."""
+    return torch.tensor(list(values), dtype=dtype).pin_memory().to(device, non_blocking=True)
 
 
 def _prefix(counts: Sequence[int]) -> list[int]:
