@@ -68,6 +68,21 @@ def _xor_kernels(
     return encode, decode
 
 
+def _blake3_package(new: list[torch.Tensor]) -> Callable[[], Any] | None:
+    """The official implementation's Python bindings on the same bytes, for scale."""
+    try:
+        import blake3
+    except ImportError:
+        return None
+    import ctypes
+
+    views = [
+        memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
+        for t in new
+    ]
+    return lambda: [blake3.blake3(v, max_threads=1).digest() for v in views]
+
+
 def workloads(
     mb: int, cells: int, device: str
 ) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
@@ -102,6 +117,9 @@ def _run_workload(
             cases[f"blake3 ({threads} thread{'s' if threads > 1 else ''})"] = lambda th=threads: (
                 kernels.blake3_segments(ptrs, lens, threads=th)
             )
+        reference_hash = _blake3_package(new)
+        if reference_hash is not None:
+            cases["blake3 package, 1 thread (reference)"] = reference_hash
     else:
         cases["blake3"] = lambda: kernels.blake3_tensors(new)
     enc, _ = delta.xor_planes_encode(new, parent)

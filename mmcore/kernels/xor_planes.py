@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InvalidArgumentError
-from . import cuda, int64_table, reference
+from . import cuda, gather, int64_table, reference
 from ._segments import (
     ENCODING_VERSION,
     XOR_HEADER,
@@ -27,15 +27,23 @@ from ._segments import (
 def xor_planes_encode(
     new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Encodes each pair; returns the framed encodings (uint8) and the count of changed words."""
+    """Encodes each pair; returns the framed encodings (uint8) and the count of changed words.
+
+    On the CPU the encodings are views of one buffer (one allocation per call).
+    """
     device = check_pairs(new, parent)
     n = len(new)
     widths = [plane_width(t.dtype) for t in new]
     nbytes = [t.numel() * t.element_size() for t in new]
-    outs = [torch.empty(XOR_HEADER.size + nb, dtype=torch.uint8, device=device) for nb in nbytes]
     headers = [
         XOR_HEADER.pack(ENCODING_VERSION, XOR_PLANES, w, 0, 0, nb) for w, nb in zip(widths, nbytes)
     ]
+    if native_cpu(device) and n:
+        outs = _framed_buffers(headers, [XOR_HEADER.size + nb for nb in nbytes])
+    else:
+        outs = [
+            torch.empty(XOR_HEADER.size + nb, dtype=torch.uint8, device=device) for nb in nbytes
+        ]
     if native_cuda(device):
         for out, head in zip(outs, headers):
             out[: XOR_HEADER.size] = header_bytes(head, device)
@@ -51,8 +59,6 @@ def xor_planes_encode(
         return outs, changed
     changed = torch.zeros(n, dtype=torch.int64)
     if n:
-        for out, head in zip(outs, headers):
-            out[: XOR_HEADER.size] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
         planes = int64_table([o.data_ptr() + XOR_HEADER.size for o in outs])
         call(
             "xor_planes_encode",
@@ -65,6 +71,23 @@ def xor_planes_encode(
             n,
         )
     return outs, changed
+
+
+def _framed_buffers(headers: list[bytes], sizes: list[int]) -> list[torch.Tensor]:
+    """One allocation for every encoding, each a view starting with its header
+    (written by one native gather, not one tensor operation per segment)."""
+    starts = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+    buf = torch.empty(int(starts[-1]), dtype=torch.uint8)
+    heads = torch.frombuffer(bytearray(b"".join(headers)), dtype=torch.uint8)
+    n = len(headers)
+    head_ptrs = torch.arange(n, dtype=torch.int64).mul_(XOR_HEADER.size).add_(heads.data_ptr())
+    gather(
+        buf,
+        head_ptrs,
+        torch.full((n,), XOR_HEADER.size, dtype=torch.int64),
+        starts[:-1].contiguous(),
+    )
+    return list(torch.split(buf, sizes))
 
 
 def _parse_xor(enc: torch.Tensor, parent: torch.Tensor, i: int) -> None:
@@ -89,15 +112,49 @@ def _parse_xor(enc: torch.Tensor, parent: torch.Tensor, i: int) -> None:
         )
 
 
+def _check_headers(encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]) -> None:
+    """All headers checked at once (one native gather); the first bad one is
+    re-parsed alone for its precise message."""
+    n = len(encoded)
+    for i, e in enumerate(encoded):
+        if (
+            e.dtype != torch.uint8
+            or e.dim() != 1
+            or e.numel() < XOR_HEADER.size
+            or e.device.type != "cpu"
+        ):
+            _parse_xor(e, parent[i], i)
+            raise InvalidArgumentError(f"segment {i}: not a contiguous CPU uint8 encoding")
+    heads = torch.empty((n, XOR_HEADER.size), dtype=torch.uint8)
+    size = torch.full((n,), XOR_HEADER.size, dtype=torch.int64)
+    gather(
+        heads,
+        int64_table([e.data_ptr() for e in encoded]),
+        size,
+        torch.arange(n, dtype=torch.int64) * XOR_HEADER.size,
+    )
+    nbytes = int64_table([p.numel() * p.element_size() for p in parent])
+    ok = (heads[:, 0] == ENCODING_VERSION) & (heads[:, 1] == XOR_PLANES)
+    ok &= heads[:, 2].to(torch.int64) == int64_table([plane_width(p.dtype) for p in parent])
+    ok &= heads[:, 8:16].contiguous().view(torch.int64).reshape(-1) == nbytes
+    ok &= int64_table([e.numel() for e in encoded]) == nbytes + XOR_HEADER.size
+    if not bool(ok.all()):
+        i = int((~ok).nonzero()[0, 0])
+        _parse_xor(encoded[i], parent[i], i)
+
+
 def xor_planes_decode(
     encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
     """Recovers each new tensor exactly from its encoding and its parent."""
     if len(encoded) != len(parent):
         raise InvalidArgumentError(f"got {len(encoded)} encodings but {len(parent)} parents")
-    for i, (e, p) in enumerate(zip(encoded, parent)):
-        _parse_xor(e, p, i)
     device = parent[0].device if len(parent) else None
+    if native_cpu(device) and len(parent):
+        _check_headers(encoded, parent)
+    else:
+        for i, (e, p) in enumerate(zip(encoded, parent)):
+            _parse_xor(e, p, i)
     outs = [torch.empty_like(p) for p in parent]
     if native_cuda(device):
         planes = [e.data_ptr() + XOR_HEADER.size for e in encoded]
