@@ -77,7 +77,9 @@ def _blake3_package(new: list[torch.Tensor]) -> Callable[[], Any] | None:
     import ctypes
 
     views = [
-        memoryview((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
+        memoryview(
+            (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+        ).cast("B")
         for t in new
     ]
     return lambda: [blake3.blake3(v, max_threads=1).digest() for v in views]

@@ -59,61 +59,49 @@ MMCORE_HD MMCORE_INLINE void g(Lane* s, int a, int b, int c, int d, Lane mx, Lan
   s[b] = rotr<7>(s[b] ^ s[c]);
 }
 
-// One round with the message words already permuted into `m`.
-template <typename Lane>
-MMCORE_HD MMCORE_INLINE void round_fn(Lane* s, const Lane* m) {
-  g(s, 0, 4, 8, 12, m[0], m[1]);
-  g(s, 1, 5, 9, 13, m[2], m[3]);
-  g(s, 2, 6, 10, 14, m[4], m[5]);
-  g(s, 3, 7, 11, 15, m[6], m[7]);
-  g(s, 0, 5, 10, 15, m[8], m[9]);
-  g(s, 1, 6, 11, 12, m[10], m[11]);
-  g(s, 2, 7, 8, 13, m[12], m[13]);
-  g(s, 3, 4, 9, 14, m[14], m[15]);
-}
+// The message word order of each of the 7 rounds (the spec's permutation
+// applied r times), so rounds index the message instead of moving it.
+#define MMCORE_BLAKE3_SCHEDULE                                                                  \
+  {{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},                                     \
+   {2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8},                                     \
+   {3, 4, 10, 12, 13, 2, 7, 14, 6, 5, 9, 0, 11, 15, 8, 1},                                     \
+   {10, 7, 12, 9, 14, 3, 13, 15, 4, 0, 11, 2, 5, 8, 1, 6},                                     \
+   {12, 13, 9, 11, 15, 10, 14, 8, 7, 2, 5, 3, 0, 1, 6, 4},                                     \
+   {9, 14, 11, 5, 8, 12, 15, 1, 13, 3, 0, 10, 2, 6, 4, 7},                                     \
+   {11, 15, 5, 0, 1, 9, 8, 6, 14, 10, 2, 12, 3, 4, 7, 13}}
 
-// The message permutation of the spec: m'[i] = m[perm[i]].
-template <typename Lane>
-MMCORE_HD MMCORE_INLINE void permute(Lane* m) {
-  Lane t[16];
-  t[0] = m[2];
-  t[1] = m[6];
-  t[2] = m[3];
-  t[3] = m[10];
-  t[4] = m[7];
-  t[5] = m[0];
-  t[6] = m[4];
-  t[7] = m[13];
-  t[8] = m[1];
-  t[9] = m[11];
-  t[10] = m[12];
-  t[11] = m[5];
-  t[12] = m[9];
-  t[13] = m[14];
-  t[14] = m[15];
-  t[15] = m[8];
-  for (int i = 0; i < 16; ++i) m[i] = t[i];
+template <int R, typename Lane>
+MMCORE_HD MMCORE_INLINE void round_fn(Lane* s, const Lane* m) {
+  constexpr uint8_t sched[7][16] = MMCORE_BLAKE3_SCHEDULE;
+  g(s, 0, 4, 8, 12, m[sched[R][0]], m[sched[R][1]]);
+  g(s, 1, 5, 9, 13, m[sched[R][2]], m[sched[R][3]]);
+  g(s, 2, 6, 10, 14, m[sched[R][4]], m[sched[R][5]]);
+  g(s, 3, 7, 11, 15, m[sched[R][6]], m[sched[R][7]]);
+  g(s, 0, 5, 10, 15, m[sched[R][8]], m[sched[R][9]]);
+  g(s, 1, 6, 11, 12, m[sched[R][10]], m[sched[R][11]]);
+  g(s, 2, 7, 8, 13, m[sched[R][12]], m[sched[R][13]]);
+  g(s, 3, 4, 9, 14, m[sched[R][14]], m[sched[R][15]]);
 }
 
 // Compresses one 64-byte block into the chaining value `cv` (in place): the
 // first eight output words, which are also the hash when `flags` has kRoot.
 template <typename Lane>
-MMCORE_HD MMCORE_INLINE void compress_in_place(Lane* cv, const Lane* block, Lane counter_lo,
+MMCORE_HD MMCORE_INLINE void compress_in_place(Lane* cv, const Lane* m, Lane counter_lo,
                                                Lane counter_hi, Lane block_len, Lane flags) {
   Lane s[16];
-  Lane m[16];
   for (int i = 0; i < 8; ++i) s[i] = cv[i];
   for (int i = 0; i < 4; ++i) s[8 + i] = splat<Lane>(iv(i));
   s[12] = counter_lo;
   s[13] = counter_hi;
   s[14] = block_len;
   s[15] = flags;
-  for (int i = 0; i < 16; ++i) m[i] = block[i];
-  round_fn(s, m);
-  for (int r = 1; r < 7; ++r) {
-    permute(m);
-    round_fn(s, m);
-  }
+  round_fn<0>(s, m);
+  round_fn<1>(s, m);
+  round_fn<2>(s, m);
+  round_fn<3>(s, m);
+  round_fn<4>(s, m);
+  round_fn<5>(s, m);
+  round_fn<6>(s, m);
   for (int i = 0; i < 8; ++i) cv[i] = s[i] ^ s[i + 8];
 }
 
