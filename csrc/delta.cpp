@@ -1,6 +1,7 @@
 #include "delta.h"
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "delta_math.h"
@@ -151,39 +152,100 @@ void xor_planes_decode_cpu(const uint8_t* const* encs, const uint8_t* const* par
   });
 }
 
+namespace {
+
+// The per-element loops are templated on the float kind, so the format
+// conversions in delta_math.h fold to straight-line code for each dtype.
+template <uint32_t K>
+void plan_segment(const uint8_t* news, const uint8_t* parents, uint64_t numel, double tol,
+                  int64_t* stats, double* max_delta) {
+  constexpr int size = K == delta::kF64 ? 8 : K == delta::kF32 ? 4 : 2;
+  const double step = 2.0 * tol;
+  int64_t max_q = 0, escapes = 0, changed = 0;
+  double max_d = 0.0;
+  for (uint64_t i = 0; i < numel; ++i) {
+    const uint64_t nb = delta::load_bits(news + i * size, K);
+    const uint64_t pb = delta::load_bits(parents + i * size, K);
+    changed += nb != pb;
+    const double x = delta::to_double(nb, K), p = delta::to_double(pb, K);
+    if (delta::is_finite(x) && delta::is_finite(p)) {
+      const double d = std::fabs(x - p);
+      if (d > max_d) max_d = d;
+    }
+    int32_t q;
+    if (delta::quantize_one(nb, pb, K, step, tol, &q)) {
+      const int64_t a = q < 0 ? -int64_t(q) : int64_t(q);
+      if (a > max_q) max_q = a;
+    } else {
+      ++escapes;
+    }
+  }
+  stats[0] = max_q;
+  stats[1] = escapes;
+  stats[2] = changed;
+  stats[3] = 0;
+  *max_delta = max_d;
+}
+
+template <uint32_t K>
+void write_segment(const uint8_t* news, const uint8_t* parents, uint64_t numel, double tol,
+                   uint32_t qwidth, uint8_t* q_out, uint8_t* esc_index, uint8_t* esc_bits) {
+  constexpr int size = K == delta::kF64 ? 8 : K == delta::kF32 ? 4 : 2;
+  const double step = 2.0 * tol;
+  uint64_t e = 0;
+  for (uint64_t i = 0; i < numel; ++i) {
+    const uint64_t nb = delta::load_bits(news + i * size, K);
+    const uint64_t pb = delta::load_bits(parents + i * size, K);
+    int32_t q = 0;
+    if (!delta::quantize_one(nb, pb, K, step, tol, &q)) {
+      q = 0;
+      std::memcpy(esc_index + 8 * e, &i, 8);
+      delta::store_bits(esc_bits + size * e, nb, K);
+      ++e;
+    }
+    store_q(q_out, i, qwidth, q);
+  }
+}
+
+template <uint32_t K>
+void decode_segment(const uint8_t* parents, uint64_t numel, double tol, uint32_t qwidth,
+                    const uint8_t* qs, uint64_t n_escapes, const uint8_t* esc_index,
+                    const uint8_t* esc_bits, uint8_t* out) {
+  constexpr int size = K == delta::kF64 ? 8 : K == delta::kF32 ? 4 : 2;
+  const double step = 2.0 * tol;
+  for (uint64_t i = 0; i < numel; ++i) {
+    const uint64_t pb = delta::load_bits(parents + i * size, K);
+    delta::store_bits(out + i * size, delta::dequantize_one(pb, load_q(qs, i, qwidth), K, step), K);
+  }
+  for (uint64_t e = 0; e < n_escapes; ++e) {
+    uint64_t i;
+    std::memcpy(&i, esc_index + 8 * e, 8);
+    if (i < numel) std::memcpy(out + i * size, esc_bits + size * e, size);
+  }
+}
+
+// Calls fn<K>() for the segment's float kind.
+template <typename Fn>
+void with_kind(uint32_t kind, Fn&& fn) {
+  switch (kind) {
+    case delta::kF16: fn(std::integral_constant<uint32_t, delta::kF16>{}); break;
+    case delta::kBF16: fn(std::integral_constant<uint32_t, delta::kBF16>{}); break;
+    case delta::kF32: fn(std::integral_constant<uint32_t, delta::kF32>{}); break;
+    default: fn(std::integral_constant<uint32_t, delta::kF64>{}); break;
+  }
+}
+
+}  // namespace
+
 void quantize_plan_cpu(const uint8_t* const* news, const uint8_t* const* parents,
                        const uint64_t* numels, const uint32_t* kinds, const double* tols, size_t n,
                        int64_t* stats, double* max_delta, int threads) {
   parallel_ranges(n, threads, 1, [&](size_t begin, size_t end) {
-    for (size_t s = begin; s < end; ++s) {
-      const uint32_t kind = kinds[s];
-      const int size = delta::kind_size(kind);
-      const double tol = tols[s], step = 2.0 * tol;
-      int64_t max_q = 0, escapes = 0, changed = 0;
-      double max_d = 0.0;
-      for (uint64_t i = 0; i < numels[s]; ++i) {
-        const uint64_t nb = delta::load_bits(news[s] + i * size, kind);
-        const uint64_t pb = delta::load_bits(parents[s] + i * size, kind);
-        changed += nb != pb;
-        const double x = delta::to_double(nb, kind), p = delta::to_double(pb, kind);
-        if (delta::is_finite(x) && delta::is_finite(p)) {
-          const double d = std::fabs(x - p);
-          if (d > max_d) max_d = d;
-        }
-        int32_t q;
-        if (delta::quantize_one(nb, pb, kind, step, tol, &q)) {
-          const int64_t a = q < 0 ? -int64_t(q) : int64_t(q);
-          if (a > max_q) max_q = a;
-        } else {
-          ++escapes;
-        }
-      }
-      stats[4 * s + 0] = max_q;
-      stats[4 * s + 1] = escapes;
-      stats[4 * s + 2] = changed;
-      stats[4 * s + 3] = 0;
-      max_delta[s] = max_d;
-    }
+    for (size_t s = begin; s < end; ++s)
+      with_kind(kinds[s], [&](auto k) {
+        plan_segment<decltype(k)::value>(news[s], parents[s], numels[s], tols[s], stats + 4 * s,
+                                         max_delta + s);
+      });
   });
 }
 
@@ -192,24 +254,11 @@ void quantize_write_cpu(const uint8_t* const* news, const uint8_t* const* parent
                         const uint32_t* qwidths, uint8_t* const* q_outs, uint8_t* const* esc_index,
                         uint8_t* const* esc_bits, size_t n, int threads) {
   parallel_ranges(n, threads, 1, [&](size_t begin, size_t end) {
-    for (size_t s = begin; s < end; ++s) {
-      const uint32_t kind = kinds[s];
-      const int size = delta::kind_size(kind);
-      const double tol = tols[s], step = 2.0 * tol;
-      uint64_t e = 0;
-      for (uint64_t i = 0; i < numels[s]; ++i) {
-        const uint64_t nb = delta::load_bits(news[s] + i * size, kind);
-        const uint64_t pb = delta::load_bits(parents[s] + i * size, kind);
-        int32_t q = 0;
-        if (!delta::quantize_one(nb, pb, kind, step, tol, &q)) {
-          q = 0;
-          std::memcpy(esc_index[s] + 8 * e, &i, 8);
-          delta::store_bits(esc_bits[s] + size * e, nb, kind);
-          ++e;
-        }
-        store_q(q_outs[s], i, qwidths[s], q);
-      }
-    }
+    for (size_t s = begin; s < end; ++s)
+      with_kind(kinds[s], [&](auto k) {
+        write_segment<decltype(k)::value>(news[s], parents[s], numels[s], tols[s], qwidths[s],
+                                          q_outs[s], esc_index[s], esc_bits[s]);
+      });
   });
 }
 
@@ -219,21 +268,11 @@ void quantize_decode_cpu(const uint8_t* const* parents, const uint64_t* numels,
                          const uint8_t* const* esc_index, const uint8_t* const* esc_bits,
                          uint8_t* const* outs, size_t n, int threads) {
   parallel_ranges(n, threads, 1, [&](size_t begin, size_t end) {
-    for (size_t s = begin; s < end; ++s) {
-      const uint32_t kind = kinds[s];
-      const int size = delta::kind_size(kind);
-      const double step = 2.0 * tols[s];
-      for (uint64_t i = 0; i < numels[s]; ++i) {
-        const uint64_t pb = delta::load_bits(parents[s] + i * size, kind);
-        const int32_t q = load_q(qs[s], i, qwidths[s]);
-        delta::store_bits(outs[s] + i * size, delta::dequantize_one(pb, q, kind, step), kind);
-      }
-      for (uint64_t e = 0; e < n_escapes[s]; ++e) {
-        uint64_t i;
-        std::memcpy(&i, esc_index[s] + 8 * e, 8);
-        if (i < numels[s]) std::memcpy(outs[s] + i * size, esc_bits[s] + size * e, size);
-      }
-    }
+    for (size_t s = begin; s < end; ++s)
+      with_kind(kinds[s], [&](auto k) {
+        decode_segment<decltype(k)::value>(parents[s], numels[s], tols[s], qwidths[s], qs[s],
+                                           n_escapes[s], esc_index[s], esc_bits[s], outs[s]);
+      });
   });
 }
 
