@@ -56,9 +56,9 @@ def _xor_kernels(
     changed = torch.zeros(len(new), dtype=torch.int64)
     a, b, o, d = (t.data_ptr() for t in tables)
 
-    def encode() -> None:
+    def encode(threads: int = 0) -> None:
         native.xor_planes_encode(
-            a, b, sizes.data_ptr(), widths.data_ptr(), o, changed.data_ptr(), len(new)
+            a, b, sizes.data_ptr(), widths.data_ptr(), o, changed.data_ptr(), len(new), threads
         )
 
     def decode() -> None:
@@ -127,9 +127,10 @@ def _run_workload(
     enc, _ = delta.xor_planes_encode(new, parent)
     qenc, _ = delta.quantize_encode(new, parent, 1e-3)
     if device == "cpu":  # the kernels alone: tables and outputs prepared once
-        cases["xor-planes encode (kernel)"], cases["xor-planes decode (kernel)"] = _xor_kernels(
-            new, parent
-        )
+        encode, decode = _xor_kernels(new, parent)
+        cases["xor-planes encode (kernel)"] = encode
+        cases["xor-planes encode (kernel, 1 thread)"] = lambda: encode(1)
+        cases["xor-planes decode (kernel)"] = decode
     cases["xor-planes encode (API)"] = lambda: delta.xor_planes_encode(new, parent)
     cases["xor-planes decode (API)"] = lambda: delta.xor_planes_decode(enc, parent)
     cases["quantized encode (tol 1e-3)"] = lambda: delta.quantize_encode(new, parent, 1e-3)

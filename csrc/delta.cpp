@@ -36,17 +36,20 @@ template <int W>
 uint64_t encode_planes(const uint8_t* next, const uint8_t* parent, uint8_t* out, uint64_t m,
                        uint64_t begin, uint64_t end) {
   using T = typename Word<W>::type;
-  constexpr uint64_t kBlock = 2048;
+  constexpr uint64_t kBlock = 4096;
   T x[kBlock];
-  T a[kBlock];
-  T b[kBlock];
   uint64_t changed = 0;
   for (uint64_t start = begin; start < end; start += kBlock) {
     const uint64_t len = end - start < kBlock ? end - start : kBlock;
-    std::memcpy(a, next + start * W, len * W);
-    std::memcpy(b, parent + start * W, len * W);
-    for (uint64_t i = 0; i < len; ++i) x[i] = T(a[i] ^ b[i]);
-    for (uint64_t i = 0; i < len; ++i) changed += x[i] != 0;
+    const uint8_t* na = next + start * W;
+    const uint8_t* pa = parent + start * W;
+    for (uint64_t i = 0; i < len; ++i) {
+      T u, v;
+      std::memcpy(&u, na + i * W, W);
+      std::memcpy(&v, pa + i * W, W);
+      x[i] = T(u ^ v);
+      changed += x[i] != 0;
+    }
     for (int p = 0; p < W; ++p) {
       uint8_t* plane = out + uint64_t(p) * m + start;
       for (uint64_t i = 0; i < len; ++i) plane[i] = uint8_t(x[i] >> (8 * p));
@@ -58,29 +61,6 @@ uint64_t encode_planes(const uint8_t* next, const uint8_t* parent, uint8_t* out,
 template <int W>
 void decode_planes(const uint8_t* enc, const uint8_t* parent, uint8_t* out, uint64_t m) {
   for (uint64_t i = 0; i < m; ++i) delta::xor_planes_decode_word<W>(enc, parent, out, i, m);
-}
-
-int32_t load_q(const uint8_t* q, uint64_t i, uint32_t width) {
-  if (width == 1) return int8_t(q[i]);
-  if (width == 2) {
-    int16_t v;
-    std::memcpy(&v, q + 2 * i, 2);
-    return v;
-  }
-  int32_t v;
-  std::memcpy(&v, q + 4 * i, 4);
-  return v;
-}
-
-void store_q(uint8_t* q, uint64_t i, uint32_t width, int32_t v) {
-  if (width == 1) {
-    q[i] = uint8_t(int8_t(v));
-  } else if (width == 2) {
-    int16_t s = int16_t(v);
-    std::memcpy(q + 2 * i, &s, 2);
-  } else {
-    std::memcpy(q + 4 * i, &v, 4);
-  }
 }
 
 }  // namespace
@@ -203,7 +183,7 @@ void write_segment(const uint8_t* news, const uint8_t* parents, uint64_t numel, 
       delta::store_bits(esc_bits + size * e, nb, K);
       ++e;
     }
-    store_q(q_out, i, qwidth, q);
+    delta::store_q(q_out, i, qwidth, q);
   }
 }
 
@@ -215,7 +195,8 @@ void decode_segment(const uint8_t* parents, uint64_t numel, double tol, uint32_t
   const double step = 2.0 * tol;
   for (uint64_t i = 0; i < numel; ++i) {
     const uint64_t pb = delta::load_bits(parents + i * size, K);
-    delta::store_bits(out + i * size, delta::dequantize_one(pb, load_q(qs, i, qwidth), K, step), K);
+    delta::store_bits(out + i * size,
+                      delta::dequantize_one(pb, delta::load_q(qs, i, qwidth), K, step), K);
   }
   for (uint64_t e = 0; e < n_escapes; ++e) {
     uint64_t i;

@@ -88,29 +88,6 @@ __global__ void quantize_plan_kernel(const uint8_t* const* news, const uint8_t* 
   }
 }
 
-__device__ __forceinline__ void store_q(uint8_t* q, uint64_t i, uint32_t width, int32_t v) {
-  if (width == 1) {
-    q[i] = uint8_t(int8_t(v));
-  } else if (width == 2) {
-    const int16_t h = int16_t(v);
-    memcpy(q + 2 * i, &h, 2);
-  } else {
-    memcpy(q + 4 * i, &v, 4);
-  }
-}
-
-__device__ __forceinline__ int32_t load_q(const uint8_t* q, uint64_t i, uint32_t width) {
-  if (width == 1) return int8_t(q[i]);
-  if (width == 2) {
-    int16_t h;
-    memcpy(&h, q + 2 * i, 2);
-    return h;
-  }
-  int32_t v;
-  memcpy(&v, q + 4 * i, 4);
-  return v;
-}
-
 __global__ void quantize_write_kernel(const uint8_t* const* news, const uint8_t* const* parents,
                                       const uint64_t* numels, const uint32_t* kinds,
                                       const double* tols, const uint32_t* qwidths,
@@ -126,7 +103,7 @@ __global__ void quantize_write_kernel(const uint8_t* const* news, const uint8_t*
   const uint64_t pb = delta::load_bits(parents[s] + it.index * size, kind);
   int32_t q = 0;
   const bool ok = delta::quantize_one(nb, pb, kind, 2.0 * tols[s], tols[s], &q);
-  store_q(q_outs[s], it.index, qwidths[s], ok ? q : 0);
+  delta::store_q(q_outs[s], it.index, qwidths[s], ok ? q : 0);
   flags[elem_base[s] + it.index] = ok ? 0 : 1;
 }
 
@@ -140,7 +117,7 @@ __global__ void quantize_decode_kernel(const uint8_t* const* parents, const uint
   const uint32_t kind = kinds[s];
   const int size = delta::kind_size(kind);
   const uint64_t pb = delta::load_bits(parents[s] + it.index * size, kind);
-  const int32_t q = load_q(qs[s], it.index, qwidths[s]);
+  const int32_t q = delta::load_q(qs[s], it.index, qwidths[s]);
   delta::store_bits(outs[s] + it.index * size, delta::dequantize_one(pb, q, kind, 2.0 * tols[s]),
                     kind);
 }

@@ -143,6 +143,30 @@ MMCORE_HD MMCORE_INLINE bool within(double a, double b, double tol) {
   return err == 0.0 || (err < 0.0) != (s < 0.0);
 }
 
+// q values are stored as little-endian int8, int16 or int32 (width 1, 2, 4).
+MMCORE_HD MMCORE_INLINE void store_q(uint8_t* q, uint64_t i, uint32_t width, int32_t v) {
+  if (width == 1) {
+    q[i] = uint8_t(int8_t(v));
+  } else if (width == 2) {
+    const int16_t h = int16_t(v);
+    memcpy(q + 2 * i, &h, 2);
+  } else {
+    memcpy(q + 4 * i, &v, 4);
+  }
+}
+
+MMCORE_HD MMCORE_INLINE int32_t load_q(const uint8_t* q, uint64_t i, uint32_t width) {
+  if (width == 1) return int8_t(q[i]);
+  if (width == 2) {
+    int16_t h;
+    memcpy(&h, q + 2 * i, 2);
+    return h;
+  }
+  int32_t v;
+  memcpy(&v, q + 4 * i, 4);
+  return v;
+}
+
 constexpr double kMaxQ = 2147483647.0;
 
 // Quantizes one element: returns false when it must be stored exactly (an
