@@ -61,7 +61,11 @@ def open(
 
 
 class ModelStore:
-    """A directory holding versions of model sets. Use as a context manager."""
+    """A directory holding versions of model sets. Use as a context manager.
+
+    One process may open a store for writing, any number read-only. A
+    ModelStore object is not thread-safe: use one per thread.
+    """
 
     def __init__(
         self, path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True
