@@ -87,3 +87,15 @@ def test_gc_reclaims_orphan_packs(store_path: Path) -> None:
         assert s.gc() >= 64
         assert len(s.tier.list()) == 1
         assert s.verify() == 12
+
+
+def test_loaded_tensors_outlive_store_close_delete_and_gc(store_path: Path) -> None:
+    models = small_set(30)
+    with mmcore.open(store_path) as s:
+        v = s.save(models)
+        loaded = s.load(v)
+    with mmcore.open(store_path) as s:
+        s.delete(v)
+        assert s.gc() > 0
+        assert s.tier.list() == []
+    assert_sets_equal(loaded, models)  # the mapping stays valid after the pack is unlinked
