@@ -185,6 +185,8 @@ class ModelStore:
             )
         self._check_writable()
         vid = secrets.token_hex(8)
+        while self.catalog.get("manifests", vid.encode()) is not None:  # 64 random bits; be sure
+            vid = secrets.token_hex(8)
         prev = None if ref is None else self.catalog.get("refs", ref.encode())
         writer = self.tier.create()
         try:
