@@ -84,3 +84,21 @@ def native_cuda(device: torch.device | None) -> bool:
 
 def header_bytes(data: bytes, device: torch.device | None) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device or "cpu")
+
+
+def framed_buffers(
+    headers: Sequence[bytes], sizes: Sequence[int], *, zeroed: bool = False
+) -> list[torch.Tensor]:
+    """One CPU allocation for every encoding of a call, each a view that starts
+    with its header (all headers written by one native gather)."""
+    from . import gather
+
+    n = len(headers)
+    starts = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
+    total = int(starts[-1])
+    buf = torch.zeros(total, dtype=torch.uint8) if zeroed else torch.empty(total, dtype=torch.uint8)
+    heads = torch.frombuffer(bytearray(b"".join(headers)), dtype=torch.uint8)
+    head_size = len(headers[0])
+    head_ptrs = torch.arange(n, dtype=torch.int64).mul_(head_size).add_(heads.data_ptr())
+    gather(buf, head_ptrs, torch.full((n,), head_size, dtype=torch.int64), starts[:-1].contiguous())
+    return list(torch.split(buf, list(sizes)))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgumentError
-from . import cuda, int64_table, reference
+from . import cuda, gather, int64_table, reference, tensor_bytes
 from ._segments import (
     ENCODING_VERSION,
     FLOAT_KINDS,
@@ -19,6 +19,7 @@ from ._segments import (
     call,
     check_pairs,
     f64,
+    framed_buffers,
     header_bytes,
     i32,
     native_cpu,
@@ -80,14 +81,14 @@ def quantize_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
     if native_cuda(device) and n:
         return _quantize_encode_cuda(new, parent, kinds, tol)
     if not native_cpu(device):
-        blobs, stats = [], []
+        ref_blobs, stats = [], []
         for a, b, kind in zip(new, parent, kinds):
             q, escaped, st = reference.quantize(a, b, tol)
             blob, _ = _frame(q, escaped, a, kind, tol, st[0])
-            blobs.append(blob.to(device))
+            ref_blobs.append(blob.to(device))
             stats.append(st)
         cols = list(zip(*stats)) if stats else [(), (), (), ()]
-        return blobs, QuantStats(
+        return ref_blobs, QuantStats(
             *(
                 torch.tensor(c, dtype=torch.float64 if j == 3 else torch.int64)
                 for j, c in enumerate(cols)
@@ -102,18 +103,15 @@ def quantize_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
     if n:
         call("quantize_plan", news, parents, numels, kinds_t, tols, n, raw, max_delta)
     widths = [_qwidth(int(m)) for m in raw[:, 0].tolist()]
-    blobs = []
-    for t, kind, width, esc in zip(new, kinds, widths, raw[:, 1].tolist()):
-        _, _, total = _layout(t.numel(), width, esc, t.element_size())
-        blob = torch.zeros(total, dtype=torch.uint8)
-        head = QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, width, kind, 0, tol, t.numel(), esc)
-        blob[: QUANT_HEADER.size] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        blobs.append(blob)
+    escapes = raw[:, 1].tolist()
+    blobs: list[torch.Tensor] = []
     if n:
-        offs = [
-            _layout(t.numel(), w, e, t.element_size())
-            for t, w, e in zip(new, widths, raw[:, 1].tolist())
+        offs = [_layout(t.numel(), w, e, t.element_size()) for t, w, e in zip(new, widths, escapes)]
+        headers = [
+            QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, w, k, 0, tol, t.numel(), e)
+            for t, k, w, e in zip(new, kinds, widths, escapes)
         ]
+        blobs = framed_buffers(headers, [o[2] for o in offs], zeroed=True)  # zero: q padding
         call(
             "quantize_write", news, parents, numels, kinds_t, tols, i32(widths),
             int64_table([b.data_ptr() + QUANT_HEADER.size for b in blobs]),
@@ -142,14 +140,36 @@ def _frame(q: torch.Tensor, escaped: torch.Tensor, new: torch.Tensor, kind: int,
     return blob, esc
 
 
-def _parse_quant(blob: torch.Tensor, parent: torch.Tensor, i: int) -> tuple[int, int, float, int]:
-    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() < QUANT_HEADER.size:
-        raise InvalidArgumentError(
-            f"segment {i}: not a quantized encoding (too short or not uint8)"
-        )
-    version, encoding, width, kind, _, tol, numel, esc = QUANT_HEADER.unpack(
-        bytes(blob[: QUANT_HEADER.size].cpu().tolist())
+def _headers(
+    encoded: Sequence[torch.Tensor],
+) -> list[tuple[int, int, int, int, int, float, int, int]]:
+    """Every encoding's header fields. CPU encodings are read by one native gather."""
+    for i, blob in enumerate(encoded):
+        if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() < QUANT_HEADER.size:
+            raise InvalidArgumentError(
+                f"segment {i}: not a quantized encoding (too short or not uint8)"
+            )
+    if not all(b.device.type == "cpu" and b.is_contiguous() for b in encoded):
+        return [QUANT_HEADER.unpack(bytes(b[: QUANT_HEADER.size].cpu().tolist())) for b in encoded]
+    n = len(encoded)
+    heads = torch.empty(n * QUANT_HEADER.size, dtype=torch.uint8)
+    size = torch.full((n,), QUANT_HEADER.size, dtype=torch.int64)
+    gather(
+        heads,
+        int64_table([b.data_ptr() for b in encoded]),
+        size,
+        torch.arange(n, dtype=torch.int64) * QUANT_HEADER.size,
     )
+    return list(QUANT_HEADER.iter_unpack(tensor_bytes(heads)))
+
+
+def _parse_quant(
+    blob: torch.Tensor,
+    parent: torch.Tensor,
+    i: int,
+    header: tuple[int, int, int, int, int, float, int, int],
+) -> tuple[int, int, float, int]:
+    version, encoding, width, kind, _, tol, numel, esc = header
     if version != ENCODING_VERSION or encoding != QUANTIZED or width not in (1, 2, 4):
         raise InvalidArgumentError(
             f"segment {i}: encoding version {version}, id {encoding} is not quantized v1"
@@ -174,7 +194,8 @@ def quantize_decode(
     for i, p in enumerate(parent):
         if not p.is_contiguous():
             raise InvalidArgumentError(f"segment {i}: parent must be contiguous")
-    meta = [_parse_quant(e, p, i) for i, (e, p) in enumerate(zip(encoded, parent))]
+    heads = _headers(encoded) if encoded else []
+    meta = [_parse_quant(e, p, i, h) for i, (e, p, h) in enumerate(zip(encoded, parent, heads))]
     device = parent[0].device if len(parent) else None
     outs = [torch.empty_like(p) for p in parent]
     if native_cuda(device):

@@ -15,6 +15,7 @@ from ._segments import (
     XOR_PLANES,
     call,
     check_pairs,
+    framed_buffers,
     header_bytes,
     i32,
     native_cpu,
@@ -39,7 +40,7 @@ def xor_planes_encode(
         XOR_HEADER.pack(ENCODING_VERSION, XOR_PLANES, w, 0, 0, nb) for w, nb in zip(widths, nbytes)
     ]
     if native_cpu(device) and n:
-        outs = _framed_buffers(headers, [XOR_HEADER.size + nb for nb in nbytes])
+        outs = framed_buffers(headers, [XOR_HEADER.size + nb for nb in nbytes])
     else:
         outs = [
             torch.empty(XOR_HEADER.size + nb, dtype=torch.uint8, device=device) for nb in nbytes
@@ -71,23 +72,6 @@ def xor_planes_encode(
             n,
         )
     return outs, changed
-
-
-def _framed_buffers(headers: list[bytes], sizes: list[int]) -> list[torch.Tensor]:
-    """One allocation for every encoding, each a view starting with its header
-    (written by one native gather, not one tensor operation per segment)."""
-    starts = torch.tensor([0, *sizes], dtype=torch.int64).cumsum(0)
-    buf = torch.empty(int(starts[-1]), dtype=torch.uint8)
-    heads = torch.frombuffer(bytearray(b"".join(headers)), dtype=torch.uint8)
-    n = len(headers)
-    head_ptrs = torch.arange(n, dtype=torch.int64).mul_(XOR_HEADER.size).add_(heads.data_ptr())
-    gather(
-        buf,
-        head_ptrs,
-        torch.full((n,), XOR_HEADER.size, dtype=torch.int64),
-        starts[:-1].contiguous(),
-    )
-    return list(torch.split(buf, sizes))
 
 
 def _parse_xor(enc: torch.Tensor, parent: torch.Tensor, i: int) -> None:
