@@ -10,24 +10,11 @@
 namespace mmcore {
 namespace {
 
+// The unsigned integer of W bytes.
 template <int W>
-struct Word;
-template <>
-struct Word<1> {
-  using type = uint8_t;
-};
-template <>
-struct Word<2> {
-  using type = uint16_t;
-};
-template <>
-struct Word<4> {
-  using type = uint32_t;
-};
-template <>
-struct Word<8> {
-  using type = uint64_t;
-};
+using Word = std::conditional_t<
+    W == 1, uint8_t,
+    std::conditional_t<W == 2, uint16_t, std::conditional_t<W == 4, uint32_t, uint64_t>>>;
 
 // Same bytes as delta::xor_planes_encode_word, in blocks the compiler
 // vectorises: XOR whole words into an L1-resident block, then peel one plane
@@ -35,7 +22,7 @@ struct Word<8> {
 template <int W>
 uint64_t encode_planes(const uint8_t* next, const uint8_t* parent, uint8_t* out, uint64_t m,
                        uint64_t begin, uint64_t end) {
-  using T = typename Word<W>::type;
+  using T = Word<W>;
   constexpr uint64_t kBlock = 4096;
   T x[kBlock];
   uint64_t changed = 0;

@@ -102,3 +102,19 @@ def framed_buffers(
     head_ptrs = torch.arange(n, dtype=torch.int64).mul_(head_size).add_(heads.data_ptr())
     gather(buf, head_ptrs, torch.full((n,), head_size, dtype=torch.int64), starts[:-1].contiguous())
     return list(torch.split(buf, list(sizes)))
+
+
+def gather_headers(encoded: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """The first ``size`` bytes of every (CPU, contiguous) encoding, as (n, size) uint8."""
+    from . import gather
+
+    n = len(encoded)
+    heads = torch.empty((n, size), dtype=torch.uint8)
+    lens = torch.full((n,), size, dtype=torch.int64)
+    gather(
+        heads,
+        int64_table([e.data_ptr() for e in encoded]),
+        lens,
+        torch.arange(n, dtype=torch.int64) * size,
+    )
+    return heads

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgumentError
-from . import cuda, gather, int64_table, reference, tensor_bytes
+from . import cuda, int64_table, reference, tensor_bytes
 from ._segments import (
     ENCODING_VERSION,
     FLOAT_KINDS,
@@ -20,6 +20,7 @@ from ._segments import (
     check_pairs,
     f64,
     framed_buffers,
+    gather_headers,
     header_bytes,
     i32,
     native_cpu,
@@ -151,15 +152,7 @@ def _headers(
             )
     if not all(b.device.type == "cpu" and b.is_contiguous() for b in encoded):
         return [QUANT_HEADER.unpack(bytes(b[: QUANT_HEADER.size].cpu().tolist())) for b in encoded]
-    n = len(encoded)
-    heads = torch.empty(n * QUANT_HEADER.size, dtype=torch.uint8)
-    size = torch.full((n,), QUANT_HEADER.size, dtype=torch.int64)
-    gather(
-        heads,
-        int64_table([b.data_ptr() for b in encoded]),
-        size,
-        torch.arange(n, dtype=torch.int64) * QUANT_HEADER.size,
-    )
+    heads = gather_headers(encoded, QUANT_HEADER.size)
     return list(QUANT_HEADER.iter_unpack(tensor_bytes(heads)))
 
 

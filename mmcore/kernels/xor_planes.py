@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import InvalidArgumentError
-from . import cuda, gather, int64_table, reference
+from . import cuda, int64_table, reference
 from ._segments import (
     ENCODING_VERSION,
     XOR_HEADER,
@@ -16,6 +16,7 @@ from ._segments import (
     call,
     check_pairs,
     framed_buffers,
+    gather_headers,
     header_bytes,
     i32,
     native_cpu,
@@ -99,7 +100,6 @@ def _parse_xor(enc: torch.Tensor, parent: torch.Tensor, i: int) -> None:
 def _check_headers(encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]) -> None:
     """All headers checked at once (one native gather); the first bad one is
     re-parsed alone for its precise message."""
-    n = len(encoded)
     for i, e in enumerate(encoded):
         if (
             e.dtype != torch.uint8
@@ -109,14 +109,7 @@ def _check_headers(encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tenso
         ):
             _parse_xor(e, parent[i], i)
             raise InvalidArgumentError(f"segment {i}: not a contiguous CPU uint8 encoding")
-    heads = torch.empty((n, XOR_HEADER.size), dtype=torch.uint8)
-    size = torch.full((n,), XOR_HEADER.size, dtype=torch.int64)
-    gather(
-        heads,
-        int64_table([e.data_ptr() for e in encoded]),
-        size,
-        torch.arange(n, dtype=torch.int64) * XOR_HEADER.size,
-    )
+    heads = gather_headers(encoded, XOR_HEADER.size)
     nbytes = int64_table([p.numel() * p.element_size() for p in parent])
     ok = (heads[:, 0] == ENCODING_VERSION) & (heads[:, 1] == XOR_PLANES)
     ok &= heads[:, 2].to(torch.int64) == int64_table([plane_width(p.dtype) for p in parent])
