@@ -9,10 +9,8 @@ one process, and compared with mmcore by ratio.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -29,6 +27,7 @@ import torch
 import mmcore
 
 from .measure import evict, files_under, human_bytes, machine_name, peak_rss, timed
+from .methods import Method, MMCore, Raw, SafetensorsOneFile, SafetensorsPerModel, TorchSavePerModel
 
 StateDicts = dict[str, dict[str, torch.Tensor]]
 LAYERS = (5, 48, 48, 48, 1)
@@ -76,177 +75,6 @@ def battery_set_fast(cells: int, seed: int = 0) -> StateDicts:
     for i in range(cells):
         out[f"cell_{i:06d}"] = {name: views[i] for name, views in columns}
     return out
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-def _fsync_files(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-
-class Method:
-    name = ""
-    slow = False  # one file per model: repeated fewer times
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def reset(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(parents=True)
-
-    def save(self, sds: StateDicts) -> None: ...
-    def load_all(self) -> Any: ...
-    def load_one(self, name: str) -> Any: ...
-    def close(self) -> None: ...
-
-
-class Raw(Method):
-    name = "raw bytes, one write (floor)"
-
-    def prepare(self, sds: StateDicts) -> None:
-        flat = [t.reshape(-1).view(torch.uint8) for sd in sds.values() for t in sd.values()]
-        self.buf = torch.cat(flat).cpu()
-        self.model_bytes = sum(
-            t.numel() * t.element_size() for t in next(iter(sds.values())).values()
-        )
-        self.index = {name: i for i, name in enumerate(sds)}
-
-    def save(self, sds: StateDicts) -> None:
-        path = self.root / "params.bin"
-        with open(path, "wb", buffering=0) as f:
-            f.write(
-                memoryview((ctypes.c_char * self.buf.numel()).from_address(self.buf.data_ptr()))
-            )
-            os.fsync(f.fileno())
-        _sync_dir(self.root)
-
-    def _read(self, offset: int, n: int) -> torch.Tensor:
-        buf = torch.empty(n, dtype=torch.uint8)
-        with open(self.root / "params.bin", "rb", buffering=0) as f:
-            f.seek(offset)
-            f.readinto(memoryview((ctypes.c_char * n).from_address(buf.data_ptr())))
-        return buf
-
-    def load_all(self) -> torch.Tensor:
-        return self._read(0, self.buf.numel())
-
-    def load_one(self, name: str) -> torch.Tensor:
-        return self._read(self.index[name] * self.model_bytes, self.model_bytes)
-
-
-class MMCore(Method):
-    name = "mmcore baseline"
-    store: mmcore.ModelStore | None = None
-
-    @property
-    def open_store(self) -> mmcore.ModelStore:
-        assert self.store is not None, "reset() opens the store"
-        return self.store
-
-    def reset(self) -> None:
-        self.close()
-        super().reset()
-        self.store = mmcore.open(self.root / "store.mm")
-
-    def save(self, sds: StateDicts) -> None:
-        self.version = self.open_store.save(sds, approach="baseline", ref="battery", progress=False)
-
-    def load_all(self, verify: bool = False) -> StateDicts:
-        return self.open_store.load(self.version, verify=verify)
-
-    def load_one(self, name: str) -> dict[str, torch.Tensor]:
-        return self.open_store.load_model(self.version, name)
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-            self.store = None
-
-
-class TorchSavePerModel(Method):
-    name = "torch.save, file per model"
-    slow = True
-
-    def save(self, sds: StateDicts) -> None:
-        paths = []
-        for name, sd in sds.items():
-            p = self.root / f"{name}.pt"
-            torch.save(sd, p)
-            paths.append(p)
-        _fsync_files(paths)
-        _sync_dir(self.root)
-        self.names = list(sds)
-
-    def load_all(self) -> StateDicts:
-        return {n: torch.load(self.root / f"{n}.pt", weights_only=True) for n in self.names}
-
-    def load_one(self, name: str) -> dict[str, torch.Tensor]:
-        return torch.load(self.root / f"{name}.pt", weights_only=True)  # type: ignore[no-any-return]
-
-
-class SafetensorsPerModel(Method):
-    name = "safetensors, file per model"
-    slow = True
-
-    def save(self, sds: StateDicts) -> None:
-        from safetensors.torch import save_file
-
-        paths = []
-        for name, sd in sds.items():
-            p = self.root / f"{name}.safetensors"
-            save_file(sd, str(p))
-            paths.append(p)
-        _fsync_files(paths)
-        _sync_dir(self.root)
-        self.names = list(sds)
-
-    def load_all(self) -> StateDicts:
-        from safetensors.torch import load_file
-
-        return {n: load_file(str(self.root / f"{n}.safetensors")) for n in self.names}
-
-    def load_one(self, name: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.root / f"{name}.safetensors"))
-
-
-class SafetensorsOneFile(Method):
-    name = "safetensors, one file for the set"
-
-    def save(self, sds: StateDicts) -> None:
-        from safetensors.torch import save_file
-
-        flat = {f"{m}/{k}": t for m, sd in sds.items() for k, t in sd.items()}
-        path = self.root / "set.safetensors"
-        save_file(flat, str(path))
-        _fsync_files([path])
-        _sync_dir(self.root)
-        self.keys = {m: list(sd) for m, sd in sds.items()}
-
-    def load_all(self) -> StateDicts:
-        from safetensors.torch import load_file
-
-        flat = load_file(str(self.root / "set.safetensors"))
-        out: StateDicts = {}
-        for key, t in flat.items():
-            m, _, k = key.partition("/")
-            out.setdefault(m, {})[k] = t
-        return out
-
-    def load_one(self, name: str) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        with safe_open(str(self.root / "set.safetensors"), framework="pt") as f:
-            return {k: f.get_tensor(f"{name}/{k}") for k in self.keys[name]}
 
 
 @dataclass
@@ -474,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_name()}; torch {torch.__version__}; mmcore {mmcore.__version__}")
     print(format_table(rows, param_bytes))
     checks = bars(rows, param_bytes, memory)
+    if args.cells != 10_000:
+        print("  (the bars below are stated for 10,000 cells; fixed costs weigh more in smaller sets)")
     for text, ok in checks:
         print(f"  [{'ok' if ok else 'MISSED'}] {text}")
     if args.json:
