@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, param_bytes))
     checks = bars(rows, param_bytes, memory)
     if args.cells != 10_000:
-        print("  (the bars below are stated for 10,000 cells; fixed costs weigh more in smaller sets)")
+        print(
+            "  (the bars below are stated for 10,000 cells; fixed costs weigh more in smaller sets)"
+        )
     for text, ok in checks:
         print(f"  [{'ok' if ok else 'MISSED'}] {text}")
     if args.json:
