@@ -45,7 +45,7 @@ def median_seconds(fn: Callable[[], Any], device: str, repeat: int) -> float:
 
 def _xor_kernels(
     new: list[torch.Tensor], parent: list[torch.Tensor]
-) -> tuple[Callable[[], Any], Callable[[], Any]]:
+) -> tuple[Callable[..., Any], Callable[[], Any], Callable[[], Any], Callable[[], Any]]:
     native = kernels.core()
     nbytes = [t.numel() * t.element_size() for t in new]
     outs = [torch.empty(nb, dtype=torch.uint8) for nb in nbytes]
@@ -64,8 +64,26 @@ def _xor_kernels(
     def decode() -> None:
         native.xor_planes_decode(o, b, sizes.data_ptr(), widths.data_ptr(), d, len(new))
 
+    hashes = torch.empty((len(new), 32), dtype=torch.uint8)
+
+    def fused() -> None:
+        native.xor_planes_encode_hashed(
+            a,
+            b,
+            sizes.data_ptr(),
+            widths.data_ptr(),
+            o,
+            changed.data_ptr(),
+            hashes.data_ptr(),
+            len(new),
+        )
+
+    def separate() -> None:
+        native.blake3_segments(a, sizes.data_ptr(), len(new), hashes.data_ptr())
+        encode()
+
     encode.keep = (tables, outs, dec)  # type: ignore[attr-defined]
-    return encode, decode
+    return encode, decode, fused, separate
 
 
 def _blake3_package(new: list[torch.Tensor]) -> Callable[[], Any] | None:
@@ -127,10 +145,12 @@ def _run_workload(
     enc, _ = delta.xor_planes_encode(new, parent)
     qenc, _ = delta.quantize_encode(new, parent, 1e-3)
     if device == "cpu":  # the kernels alone: tables and outputs prepared once
-        encode, decode = _xor_kernels(new, parent)
+        encode, decode, fused, separate = _xor_kernels(new, parent)
         cases["xor-planes encode (kernel)"] = encode
         cases["xor-planes encode (kernel, 1 thread)"] = lambda: encode(1)
         cases["xor-planes decode (kernel)"] = decode
+        cases["blake3 + xor-planes, fused (kernel)"] = fused
+        cases["blake3 + xor-planes, two passes (kernel)"] = separate
     cases["xor-planes encode (API)"] = lambda: delta.xor_planes_encode(new, parent)
     cases["xor-planes decode (API)"] = lambda: delta.xor_planes_decode(enc, parent)
     cases["quantized encode (tol 1e-3)"] = lambda: delta.quantize_encode(new, parent, 1e-3)

@@ -98,6 +98,15 @@ void xor_planes_encode(Addr news, Addr parents, Addr nbytes, Addr widths, Addr o
                                 ptr<uint8_t* const>(outs), ptr<uint64_t>(changed), n, threads);
 }
 
+void xor_planes_encode_hashed(Addr news, Addr parents, Addr nbytes, Addr widths, Addr outs,
+                              Addr changed, Addr hashes, size_t n, int threads) {
+  py::gil_scoped_release release;
+  mmcore::xor_planes_encode_hashed_cpu(
+      ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+      ptr<const uint64_t>(nbytes), ptr<const uint32_t>(widths), ptr<uint8_t* const>(outs),
+      ptr<uint64_t>(changed), ptr<uint8_t>(hashes), n, threads);
+}
+
 void xor_planes_decode(Addr encs, Addr parents, Addr nbytes, Addr widths, Addr outs, size_t n,
                        int threads) {
   py::gil_scoped_release release;
@@ -247,6 +256,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("xor_planes_encode", &xor_planes_encode, py::arg("news"), py::arg("parents"),
         py::arg("nbytes"), py::arg("widths"), py::arg("outs"), py::arg("changed"), py::arg("n"),
         py::arg("threads") = 0);
+  m.def("xor_planes_encode_hashed", &xor_planes_encode_hashed, py::arg("news"), py::arg("parents"),
+        py::arg("nbytes"), py::arg("widths"), py::arg("outs"), py::arg("changed"),
+        py::arg("hashes"), py::arg("n"), py::arg("threads") = 0,
+        "xor_planes_encode and BLAKE3 of the new segments in one pass over memory.");
   m.def("xor_planes_decode", &xor_planes_decode, py::arg("encs"), py::arg("parents"),
         py::arg("nbytes"), py::arg("widths"), py::arg("outs"), py::arg("n"),
         py::arg("threads") = 0);

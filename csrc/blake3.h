@@ -9,8 +9,16 @@ namespace mmcore {
 // Writes the 32-byte BLAKE3 hash of segment i to out + 32 * i. All segments
 // are hashed in one pass: full chunks of every segment share SIMD lanes, and
 // the work is split over `threads` threads (0 = all cores).
+// Optional visitor, called once per chunk (segment, byte offset, length) on the
+// thread that just hashed it, while its bytes are still in cache: how a fused
+// kernel does more work in the same pass over memory. Must be thread-safe.
+struct ChunkVisitor {
+  void (*visit)(void* ctx, size_t segment, uint64_t offset, uint32_t len);
+  void* ctx;
+};
+
 void blake3_segments_cpu(const uint8_t* const* ptrs, const uint64_t* lens, size_t n, uint8_t* out,
-                         int threads);
+                         int threads, const ChunkVisitor* visitor = nullptr);
 
 // Name of the instruction set the CPU path uses ("avx2" or "generic").
 const char* blake3_cpu_isa();

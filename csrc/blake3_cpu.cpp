@@ -49,17 +49,22 @@ uint64_t chunk_count(uint64_t len) {
 struct ChunkBatcher {
   const LaneKernels& k;
   uint32_t blocks;
+  const ChunkVisitor* visitor;
   int used = 0;
+  size_t segment[kMaxLanes];
+  uint64_t offset[kMaxLanes];
   const uint8_t* data[kMaxLanes];
   uint32_t len[kMaxLanes];
   uint64_t counter[kMaxLanes];
   uint8_t root[kMaxLanes];
   uint32_t* out[kMaxLanes];
 
-  ChunkBatcher(const LaneKernels& kernels, uint32_t block_count)
-      : k(kernels), blocks(block_count) {}
+  ChunkBatcher(const LaneKernels& kernels, uint32_t block_count, const ChunkVisitor* v)
+      : k(kernels), blocks(block_count), visitor(v) {}
 
-  void add(const uint8_t* d, uint32_t n, uint64_t c, bool r, uint32_t* o) {
+  void add(size_t s, uint64_t off, const uint8_t* d, uint32_t n, uint64_t c, bool r, uint32_t* o) {
+    segment[used] = s;
+    offset[used] = off;
     data[used] = d;
     len[used] = n;
     counter[used] = c;
@@ -78,6 +83,8 @@ struct ChunkBatcher {
       out[l] = scratch[l];
     }
     k.chunks(data, len, blocks, counter, root, out);
+    if (visitor)
+      for (int l = 0; l < used; ++l) visitor->visit(visitor->ctx, segment[l], offset[l], len[l]);
     used = 0;
   }
 };
@@ -123,7 +130,7 @@ void run_parent_jobs(const std::vector<ParentJob>& jobs, int threads) {
 const char* blake3_cpu_isa() { return kernels().isa; }
 
 void blake3_segments_cpu(const uint8_t* const* ptrs, const uint64_t* lens, size_t n, uint8_t* out,
-                         int threads) {
+                         int threads, const ChunkVisitor* visitor) {
   if (n == 0) return;
   std::vector<uint64_t> base(n + 1, 0);
   for (size_t s = 0; s < n; ++s) base[s + 1] = base[s] + chunk_count(lens[s]);
@@ -136,7 +143,7 @@ void blake3_segments_cpu(const uint8_t* const* ptrs, const uint64_t* lens, size_
     // One batcher per block count (1..16): chunks of one batch share a length class.
     std::vector<ChunkBatcher> batches;
     batches.reserve(16);
-    for (uint32_t b = 1; b <= 16; ++b) batches.emplace_back(k, b);
+    for (uint32_t b = 1; b <= 16; ++b) batches.emplace_back(k, b, visitor);
     size_t s =
         size_t(std::upper_bound(base.begin(), base.end(), uint64_t(begin)) - base.begin()) - 1;
     for (size_t c = begin; c < end; ++c) {
@@ -151,7 +158,8 @@ void blake3_segments_cpu(const uint8_t* const* ptrs, const uint64_t* lens, size_
       if (len == 0) {
         blake3::chunk_cv(nullptr, 0, index, root, cv);
       } else {
-        batches[(len - 1) / blake3::kBlockLen].add(ptrs[s] + offset, len, index, root, cv);
+        batches[(len - 1) / blake3::kBlockLen].add(s, offset, ptrs[s] + offset, len, index, root,
+                                                   cv);
       }
     }
     for (auto& b : batches) b.flush();

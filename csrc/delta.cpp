@@ -4,6 +4,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "blake3.h"
 #include "delta_math.h"
 #include "parallel.h"
 
@@ -101,6 +102,45 @@ void xor_planes_encode_cpu(const uint8_t* const* news, const uint8_t* const* par
   });
   for (size_t s = 0; s < n; ++s) changed[s] = 0;
   for (size_t k = 0; k < items.size(); ++k) changed[items[k].segment] += counts[k];
+}
+
+namespace {
+
+struct FusedXor {
+  const uint8_t* const* news;
+  const uint8_t* const* parents;
+  const uint64_t* nbytes;
+  const uint32_t* widths;
+  uint8_t* const* outs;
+  uint64_t* changed;
+};
+
+// Chunk boundaries are multiples of 1024 bytes, so of every word size: a chunk
+// covers whole words [offset / W, (offset + len) / W).
+void encode_chunk(void* ctx, size_t s, uint64_t offset, uint32_t len) {
+  const FusedXor& f = *static_cast<const FusedXor*>(ctx);
+  const uint32_t w = f.widths[s];
+  const uint64_t m = f.nbytes[s] / w, begin = offset / w, end = (offset + len) / w;
+  uint64_t count;
+  switch (w) {
+    case 1: count = encode_planes<1>(f.news[s], f.parents[s], f.outs[s], m, begin, end); break;
+    case 2: count = encode_planes<2>(f.news[s], f.parents[s], f.outs[s], m, begin, end); break;
+    case 4: count = encode_planes<4>(f.news[s], f.parents[s], f.outs[s], m, begin, end); break;
+    default: count = encode_planes<8>(f.news[s], f.parents[s], f.outs[s], m, begin, end); break;
+  }
+  if (count) __atomic_fetch_add(&f.changed[s], count, __ATOMIC_RELAXED);
+}
+
+}  // namespace
+
+void xor_planes_encode_hashed_cpu(const uint8_t* const* news, const uint8_t* const* parents,
+                                  const uint64_t* nbytes, const uint32_t* widths,
+                                  uint8_t* const* outs, uint64_t* changed, uint8_t* hashes,
+                                  size_t n, int threads) {
+  for (size_t s = 0; s < n; ++s) changed[s] = 0;
+  FusedXor ctx{news, parents, nbytes, widths, outs, changed};
+  const ChunkVisitor visitor{encode_chunk, &ctx};
+  blake3_segments_cpu(news, nbytes, n, hashes, threads, &visitor);
 }
 
 void xor_planes_decode_cpu(const uint8_t* const* encs, const uint8_t* const* parents,

@@ -14,6 +14,13 @@ void xor_planes_encode_cpu(const uint8_t* const* news, const uint8_t* const* par
                            const uint64_t* nbytes, const uint32_t* widths, uint8_t* const* outs,
                            uint64_t* changed, size_t n, int threads);
 
+// xor_planes_encode_cpu fused with BLAKE3 of every new segment (hashes: 32 * n
+// bytes): each 1 KiB chunk is hashed and encoded in the same pass over memory.
+void xor_planes_encode_hashed_cpu(const uint8_t* const* news, const uint8_t* const* parents,
+                                  const uint64_t* nbytes, const uint32_t* widths,
+                                  uint8_t* const* outs, uint64_t* changed, uint8_t* hashes,
+                                  size_t n, int threads);
+
 // The inverse: outs[s] = planes of encs[s] regrouped, XOR parent[s].
 void xor_planes_decode_cpu(const uint8_t* const* encs, const uint8_t* const* parents,
                            const uint64_t* nbytes, const uint32_t* widths, uint8_t* const* outs,

@@ -27,6 +27,17 @@ def xor_planes_encode(
     n: int,
     threads: int = 0,
 ) -> None: ...
+def xor_planes_encode_hashed(
+    news: int,
+    parents: int,
+    nbytes: int,
+    widths: int,
+    outs: int,
+    changed: int,
+    hashes: int,
+    n: int,
+    threads: int = 0,
+) -> None: ...
 def xor_planes_decode(
     encs: int, parents: int, nbytes: int, widths: int, outs: int, n: int, threads: int = 0
 ) -> None: ...

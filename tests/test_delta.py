@@ -203,3 +203,22 @@ def test_encode_against_skips_unchanged_segments(encoding: str, tolerance: float
         delta.encode_against(new, parent, encoding="quantized")
     with pytest.raises(InvalidArgumentError, match="encoding must be"):
         delta.encode_against(new, parent, encoding="zip")
+
+
+def test_fused_hash_and_xor_planes_match_the_separate_kernels() -> None:
+    g = torch.Generator().manual_seed(11)
+    sizes = [0, 1, 5, 255, 256, 257, 4096, 300_000, (3 << 20) + 3]
+    dtypes_ = [torch.float32, torch.float16, torch.uint8, torch.float64, torch.int32, torch.bfloat16,
+               torch.complex64, torch.float32, torch.float32]  # fmt: skip
+    parent = [torch.randn(n, generator=g).to(d) if not d.is_complex else torch.randn(n, generator=g, dtype=d)
+              for n, d in zip(sizes, dtypes_)]  # fmt: skip
+    new = [p.clone() for p in parent]
+    for t in new[::2]:
+        if t.numel():
+            t.view(torch.uint8)[::3] ^= 5
+    encoded, changed, hashes = delta.xor_planes_encode_hashed(new, parent)
+    want_encoded, want_changed = delta.xor_planes_encode(new, parent)
+    assert torch.equal(hashes, kernels.blake3_tensors(new))
+    assert torch.equal(changed, want_changed)
+    for got, want in zip(encoded, want_encoded):
+        assert torch.equal(got, want)

@@ -26,7 +26,7 @@ from ._segments import (
     plane_width,
 )
 from .quantized import QuantStats, _frame, _layout, quantize_decode, quantize_encode
-from .xor_planes import xor_planes_decode, xor_planes_encode
+from .xor_planes import xor_planes_decode, xor_planes_encode, xor_planes_encode_hashed
 
 __all__ = [
     "ENCODING_VERSION",
@@ -45,6 +45,7 @@ __all__ = [
     "quantize_encode",
     "xor_planes_decode",
     "xor_planes_encode",
+    "xor_planes_encode_hashed",
 ]
 
 
