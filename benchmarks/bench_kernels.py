@@ -11,6 +11,7 @@ same device measured in the same run. Results are checked against the CPU path.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from mmcore import kernels
+from mmcore._native import core
 from mmcore.bench.battery import battery_set_fast
 from mmcore.bench.measure import machine_name
 from mmcore.kernels import cuda, delta
@@ -46,7 +48,7 @@ def median_seconds(fn: Callable[[], Any], device: str, repeat: int) -> float:
 def _xor_kernels(
     new: list[torch.Tensor], parent: list[torch.Tensor]
 ) -> tuple[Callable[..., Any], Callable[[], Any], Callable[[], Any], Callable[[], Any]]:
-    native = kernels.core()
+    native = core()
     nbytes = [t.numel() * t.element_size() for t in new]
     outs = [torch.empty(nb, dtype=torch.uint8) for nb in nbytes]
     dec = [torch.empty_like(t) for t in new]
@@ -134,9 +136,8 @@ def _run_workload(
         ptrs = kernels.int64_table([t.data_ptr() for t in new])
         lens = kernels.int64_table([t.numel() * t.element_size() for t in new])
         for threads in (1, 2):
-            cases[f"blake3 ({threads} thread{'s' if threads > 1 else ''})"] = lambda th=threads: (
-                kernels.blake3_segments(ptrs, lens, threads=th)
-            )
+            label = f"blake3 ({threads} thread{'s' if threads > 1 else ''})"
+            cases[label] = functools.partial(kernels.blake3_segments, ptrs, lens, threads=threads)
         reference_hash = _blake3_package(new)
         if reference_hash is not None:
             cases["blake3 package, 1 thread (reference)"] = reference_hash
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         else args.devices.split(",")
     )
     print(
-        f"machine: {machine_name()}; torch {torch.__version__}; CPU BLAKE3 ISA: {kernels.core().blake3_isa()}"
+        f"machine: {machine_name()}; torch {torch.__version__}; CPU BLAKE3 ISA: {core().blake3_isa()}"
     )
     if "cuda" in devices:
         print(f"GPU: {torch.cuda.get_device_name()}")
