@@ -10,7 +10,7 @@ import torch
 
 from .._native import core
 from ..errors import InvalidArgumentError
-from . import cuda, int64_table
+from . import int64_table
 
 ENCODING_VERSION = 1
 XOR_PLANES = 1
@@ -79,6 +79,8 @@ def native_cpu(device: torch.device | None) -> bool:
 
 
 def native_cuda(device: torch.device | None) -> bool:
+    from . import cuda  # imported here: cuda.py uses call() from this module
+
     return device is not None and device.type == "cuda" and cuda.available()
 
 

@@ -9,11 +9,11 @@ quantized encoding's per-segment widths and escape counts).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from .._native import core
+from ._segments import call
 
 HASH_SIZE = 32
 CHUNK = 1024
@@ -49,11 +49,6 @@ def _prefix(counts: Sequence[int]) -> list[int]:
     return out
 
 
-def _call(name: str, *args: Any) -> None:
-    """Native call with tensors passed by address; ``args`` keeps them alive."""
-    getattr(core(), name)(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
-
-
 def blake3_segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """BLAKE3-256 of each CUDA tensor's bytes: a (n, 32) uint8 tensor on the device."""
     device = tensors[0].device
@@ -65,13 +60,13 @@ def blake3_segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     ptrs = _table([t.data_ptr() for t in tensors], device)
     cur = torch.empty(base[-1] * 8, dtype=torch.int32, device=device)
     cur_base = _table(base, device)
-    _call("cuda_blake3_chunks", ptrs, _table(lens, device), cur_base, n, base[-1], cur, stream)
+    call("cuda_blake3_chunks", ptrs, _table(lens, device), cur_base, n, base[-1], cur, stream)
     while max(counts) > 1:  # one launch per tree level, all segments together
         nxt_counts = [(c + 1) // 2 if c > 1 else 1 for c in counts]
         nxt_base = _prefix(nxt_counts)
         nxt = torch.empty(nxt_base[-1] * 8, dtype=torch.int32, device=device)
         nxt_base_t = _table(nxt_base, device)
-        _call(
+        call(
             "cuda_blake3_level",
             cur,
             cur_base,
@@ -84,7 +79,7 @@ def blake3_segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         )
         cur, cur_base, counts = nxt, nxt_base_t, nxt_counts
     out = torch.empty((n, HASH_SIZE), dtype=torch.uint8, device=device)
-    _call("cuda_blake3_output", cur, cur_base, n, out, stream)
+    call("cuda_blake3_output", cur, cur_base, n, out, stream)
     return out
 
 
@@ -100,7 +95,7 @@ def xor_planes_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor
     words = [t.numel() * t.element_size() // w for t, w in zip(new, widths)]
     block_base, blocks = _blocks(words, int(core().cuda_threads_per_block), device)
     changed = torch.zeros(len(new), dtype=torch.int64, device=device)
-    _call("cuda_xor_planes_encode", _table([t.data_ptr() for t in new], device),
+    call("cuda_xor_planes_encode", _table([t.data_ptr() for t in new], device),
           _table([t.data_ptr() for t in parent], device), _table(words, device),
           _table(widths, device, torch.int32), _table(planes, device), changed, block_base, len(new), blocks,
           _stream(device))  # fmt: skip
@@ -112,7 +107,7 @@ def xor_planes_decode(planes: Sequence[int], parent: Sequence[torch.Tensor], out
     device = parent[0].device
     words = [t.numel() * t.element_size() // w for t, w in zip(parent, widths)]
     block_base, blocks = _blocks(words, int(core().cuda_threads_per_block), device)
-    _call("cuda_xor_planes_decode", _table(planes, device), _table([t.data_ptr() for t in parent], device),
+    call("cuda_xor_planes_decode", _table(planes, device), _table([t.data_ptr() for t in parent], device),
           _table(words, device), _table(widths, device, torch.int32), _table([o.data_ptr() for o in outs], device),
           block_base, len(parent), blocks, _stream(device))  # fmt: skip
 
@@ -126,7 +121,7 @@ def quantize_plan(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], k
     block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
     stats = torch.zeros((n, 4), dtype=torch.int64, device=device)
     max_bits = torch.zeros(n, dtype=torch.int64, device=device)
-    _call("cuda_quantize_plan", _table([t.data_ptr() for t in new], device),
+    call("cuda_quantize_plan", _table([t.data_ptr() for t in new], device),
           _table([t.data_ptr() for t in parent], device), _table(numels, device),
           _table(kinds, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
           stats, max_bits, block_base, n, blocks, _stream(device))  # fmt: skip
@@ -142,7 +137,7 @@ def quantize_write(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], 
     elem_base = _prefix(numels)
     block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
     flags = torch.zeros(elem_base[-1], dtype=torch.uint8, device=device)
-    _call("cuda_quantize_write", _table([t.data_ptr() for t in new], device),
+    call("cuda_quantize_write", _table([t.data_ptr() for t in new], device),
           _table([t.data_ptr() for t in parent], device), _table(numels, device),
           _table(kinds, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
           _table(widths, device, torch.int32), _table(q_addrs, device), flags, _table(elem_base, device),
@@ -156,7 +151,7 @@ def quantize_decode(parent: Sequence[torch.Tensor], kinds: Sequence[int], tols: 
     n = len(parent)
     numels = [t.numel() for t in parent]
     block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
-    _call("cuda_quantize_decode", _table([t.data_ptr() for t in parent], device), _table(numels, device),
+    call("cuda_quantize_decode", _table([t.data_ptr() for t in parent], device), _table(numels, device),
           _table(kinds, device, torch.int32), _table(tols, device, torch.float64),
           _table(widths, device, torch.int32), _table(q_addrs, device), _table([o.data_ptr() for o in outs], device),
           block_base, n, blocks, _stream(device))  # fmt: skip
@@ -167,7 +162,7 @@ def gather(dst: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[in
     device = dst.device
     lens = [t.numel() * t.element_size() for t in srcs]
     block_base, blocks = _blocks(lens, int(core().cuda_copy_bytes_per_block), device)
-    _call("cuda_gather", dst, _table([t.data_ptr() for t in srcs], device), _table(lens, device),
+    call("cuda_gather", dst, _table([t.data_ptr() for t in srcs], device), _table(lens, device),
           _table(offsets, device), block_base, len(srcs), blocks, _stream(device))  # fmt: skip
 
 
@@ -175,5 +170,5 @@ def scatter(src: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[i
     device = src.device
     lens = [t.numel() * t.element_size() for t in dsts]
     block_base, blocks = _blocks(lens, int(core().cuda_copy_bytes_per_block), device)
-    _call("cuda_scatter", src, _table([t.data_ptr() for t in dsts], device), _table(lens, device),
+    call("cuda_scatter", src, _table([t.data_ptr() for t in dsts], device), _table(lens, device),
           _table(offsets, device), block_base, len(dsts), blocks, _stream(device))  # fmt: skip

@@ -161,7 +161,9 @@ def _parse_quant(
     parent: torch.Tensor,
     i: int,
     header: tuple[int, int, int, int, int, float, int, int],
-) -> tuple[int, int, float, int]:
+) -> tuple[int, int, float, int, int, int]:
+    """Checks one header against its parent; returns (qwidth, kind, tolerance,
+    escapes, escape-index offset, escape-bits offset)."""
     version, encoding, width, kind, _, tol, numel, esc = header
     if version != ENCODING_VERSION or encoding != QUANTIZED or width not in (1, 2, 4):
         raise InvalidArgumentError(
@@ -171,11 +173,12 @@ def _parse_quant(
         raise InvalidArgumentError(
             f"segment {i}: encoding is for {numel} elements of kind {kind}; parent does not match"
         )
-    if blob.numel() != _layout(numel, width, esc, parent.element_size())[2]:
+    idx_off, bits_off, total = _layout(numel, width, esc, parent.element_size())
+    if blob.numel() != total:
         raise InvalidArgumentError(
             f"segment {i}: encoding has {blob.numel()} bytes, its header says otherwise"
         )
-    return width, kind, tol, esc
+    return width, kind, tol, esc, idx_off, bits_off
 
 
 def quantize_decode(
@@ -194,26 +197,22 @@ def quantize_decode(
     if native_cuda(device):
         cuda.quantize_decode(parent, [m[1] for m in meta], [m[2] for m in meta], [m[0] for m in meta],
                              [e.data_ptr() + QUANT_HEADER.size for e in encoded], outs)  # fmt: skip
-        for (width, _, _, esc), e, p, out in zip(meta, encoded, parent, outs):
+        for (_, _, _, esc, idx_off, bits_off), e, p, out in zip(meta, encoded, parent, outs):
             if esc:
-                idx_off, bits_off, total = _layout(p.numel(), width, esc, p.element_size())
-                out.view(-1)[e[idx_off:bits_off].view(torch.int64)] = e[bits_off:total].view(
-                    p.dtype
-                )
+                out.view(-1)[e[idx_off:bits_off].view(torch.int64)] = e[bits_off:].view(p.dtype)
         return outs
     if not native_cpu(device):
-        for i, ((width, _, tol, esc), e, p) in enumerate(zip(meta, encoded, parent)):
+        for i, ((width, _, tol, esc, _, _), e, p) in enumerate(zip(meta, encoded, parent)):
             outs[i] = reference.dequantize_blob(e, p, width, tol, esc, QUANT_HEADER.size, _layout)
         return outs
     n = len(parent)
     if n:
-        offs = [_layout(p.numel(), m[0], m[3], p.element_size()) for p, m in zip(parent, meta)]
         call(
             "quantize_decode", ptrs(parent), int64_table([p.numel() for p in parent]), i32([m[1] for m in meta]),
             f64([m[2] for m in meta]), i32([m[0] for m in meta]),
             int64_table([e.data_ptr() + QUANT_HEADER.size for e in encoded]), int64_table([m[3] for m in meta]),
-            int64_table([e.data_ptr() + o[0] for e, o in zip(encoded, offs)]),
-            int64_table([e.data_ptr() + o[1] for e, o in zip(encoded, offs)]), ptrs(outs), n,
+            int64_table([e.data_ptr() + m[4] for e, m in zip(encoded, meta)]),
+            int64_table([e.data_ptr() + m[5] for e, m in zip(encoded, meta)]), ptrs(outs), n,
         )  # fmt: skip
     return outs
 
