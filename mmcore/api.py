@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from . import _args
 from ._progress import progress_bar
 from .errors import (
+    CorruptRecordError,
     InvalidArgumentError,
     ModelNotFoundError,
     ReadOnlyStoreError,
@@ -70,11 +72,19 @@ class ModelStore:
     def __init__(
         self, path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True
     ) -> None:
-        self.path = Path(path)
-        self.readonly = readonly
+        self.path = Path(_args.path(path))
+        self.readonly = _args.flag(readonly, "readonly")
+        _args.flag(create, "create")
+        self._closed = True  # until every resource below is open
         self._layout = StoreLayout(self.path)
-        self._layout.check_or_create(create=create and not readonly)
+        created = self._layout.check_or_create(create=create and not readonly)
         self.catalog = Catalog(self._layout.catalog, readonly=readonly)
+        if created is not None:
+            try:
+                self._layout.make_durable(created)
+            except BaseException:
+                self.catalog.close()
+                raise
         self.tier = LocalPackTier(self._layout.packs)
         self._reader = BlobReader(self.tier, self._content)
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
@@ -106,22 +116,35 @@ class ModelStore:
     def _content(self, key: bytes) -> ContentRecord:
         raw = self.catalog.get("content", key)
         if raw is None:
-            raise StoreError(f"content record {key.hex()[:16]} is missing: the store is damaged")
+            raise CorruptRecordError(
+                f"content record {key.hex()[:16]} is missing: the store's catalog is damaged"
+            )
         return ContentRecord.decode(raw)
+
+    def _ref_target(self, ref: str, raw: bytes) -> str:
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise CorruptRecordError(
+                f"ref {ref!r} holds {raw[:20]!r}, not a version id: the store's catalog is damaged"
+            ) from None
 
     def resolve(self, version_or_ref: str) -> str:
         """The full version id for an id, a unique id prefix (>= 4 hex digits), or a ref."""
         self._check_open()
-        if not isinstance(version_or_ref, str) or not version_or_ref:
-            raise InvalidArgumentError(
-                f"a version id or ref name is a non-empty string, got {version_or_ref!r}"
-            )
+        _args.version(version_or_ref)
         key = version_or_ref.encode()
         if self.catalog.get("manifests", key) is not None:
             return version_or_ref
         head = self.catalog.get("refs", key)
         if head is not None:
-            return head.decode()
+            vid = self._ref_target(version_or_ref, head)
+            if self.catalog.get("manifests", vid.encode()) is None:
+                raise CorruptRecordError(
+                    f"ref {version_or_ref!r} points to version {vid}, which is not in the store: "
+                    "the store's catalog is damaged"
+                )
+            return vid
         if len(version_or_ref) >= 4 and set(version_or_ref) <= _HEX:
             matches = [k.decode() for k, _ in self.catalog.scan("manifests", key)]
             if len(matches) == 1:
@@ -151,7 +174,11 @@ class ModelStore:
 
     def refs(self) -> dict[str, str]:
         self._check_open()
-        return {k.decode(): v.decode() for k, v in self.catalog.scan("refs")}
+        out = {}
+        for k, v in self.catalog.scan("refs"):
+            name = k.decode("utf-8", errors="replace")
+            out[name] = self._ref_target(name, v)
+        return out
 
     # -- save ------------------------------------------------------------
     def save(
@@ -179,23 +206,46 @@ class ModelStore:
                 "a baseline version stores every parameter and has no parent; "
                 "drop parent=, or save with approach='update'"
             )
-        if ref is not None and (not isinstance(ref, str) or not ref or len(ref) > 200):
-            raise InvalidArgumentError(
-                f"ref must be a non-empty string of at most 200 characters, got {ref!r}"
-            )
+        if ref is not None:
+            _args.ref_name(ref)
+        _args.optional_text(message, "message")
+        _args.optional_flag(progress, "progress")
         self._check_writable()
         vid = secrets.token_hex(8)
         while self.catalog.get("manifests", vid.encode()) is not None:  # 64 random bits; be sure
             vid = secrets.token_hex(8)
-        prev = None if ref is None else self.catalog.get("refs", ref.encode())
         writer = self.tier.create()
         try:
             with progress_bar(_count(models), "saving models", progress, unit="model") as bar:
                 written = baseline.write_set(writer, models, bar)
             pack_size = writer.finish()
+            puts, live_in_pack = self._version_records(
+                vid, approach, parent, ref, message, written, writer.pack_id, pack_size
+            )
         except BaseException:
-            writer.abort()
+            writer.abort()  # nothing references the pack yet
             raise
+        # From here on the pack stays whatever happens: a commit that raised (an
+        # interrupt arriving after the write, or a failed WAL sync) may still be
+        # durable and reference it. An unreferenced pack is reclaimed by gc().
+        self.catalog.commit(puts)
+        if not live_in_pack:  # every blob was already stored: the new pack holds nothing
+            self.tier.delete(writer.pack_id)
+        return vid
+
+    def _version_records(
+        self,
+        vid: str,
+        approach: str,
+        parent: str | None,
+        ref: str | None,
+        message: str | None,
+        written: baseline.WrittenSet,
+        pack_id: str,
+        pack_size: int,
+    ) -> tuple[list[tuple[str, bytes, bytes]], int]:
+        """The catalog puts of a new version, and how many of its blobs live in the new pack."""
+        prev = None if ref is None else self.catalog.get("refs", ref.encode())
         puts: list[tuple[str, bytes, bytes]] = []
         live_in_pack = 0
         for key, rec in written.blobs:
@@ -210,26 +260,18 @@ class ModelStore:
         manifest = Manifest(
             id=vid, approach=approach, created=now, models=written.names, groups=written.groups,
             logical_bytes=written.logical_bytes, parent=parent,
-            prev=None if prev is None else prev.decode(), ref=ref, message=message,
+            prev=None if prev is None else self._ref_target(str(ref), prev), ref=ref,
+            message=message,
         )  # fmt: skip
         new_bytes = 0
         if live_in_pack:
-            puts.append(("packs", writer.pack_id.encode(), pack_record(pack_size, now)))
+            puts.append(("packs", pack_id.encode(), pack_record(pack_size, now)))
             new_bytes = pack_size
-        manifest_bytes = manifest.encode()
-        manifest.stored_bytes = new_bytes + len(manifest_bytes)
-        manifest_bytes = manifest.encode()
-        puts.append(("manifests", vid.encode(), manifest_bytes))
+        manifest.stored_bytes = new_bytes + len(manifest.encode())
+        puts.append(("manifests", vid.encode(), manifest.encode()))
         if ref is not None:
             puts.append(("refs", ref.encode(), vid.encode()))
-        try:
-            self.catalog.commit(puts)
-        except BaseException:
-            writer.abort()
-            raise
-        if not live_in_pack:
-            self.tier.delete(writer.pack_id)
-        return vid
+        return puts, live_in_pack
 
     # -- load ------------------------------------------------------------
     def load(
@@ -245,13 +287,20 @@ class ModelStore:
         Tensors of one group are views of one buffer. With ``verify`` (default)
         every tensor's BLAKE3 is checked; a mismatch raises IntegrityError.
         """
+        _args.flag(verify, "verify")
+        dev = _args.device(device)
         if models is not None:
-            return {
-                name: self.load_model(version, name, device=device, verify=verify)
-                for name in models
-            }
+            names = _args.name_list(models, "models")
+            manifest = self.manifest(version)
+            missing = [n for n in names if manifest.locate(n) is None]
+            if missing:
+                raise ModelNotFoundError(
+                    f"version {manifest.id} has no model(s) {', '.join(map(repr, missing[:5]))} "
+                    f"({len(manifest.models)} models; store.info(version) describes them)"
+                )
+            return {name: self.load_model(manifest.id, name, device=dev, verify=verify)
+                    for name in names}  # fmt: skip
         manifest = self.manifest(version)
-        dev = _device(device)
         out: list[StateDict | None] = [None] * len(manifest.models)
         for group in manifest.groups:
             states = self._reader.read_group(
@@ -265,6 +314,9 @@ class ModelStore:
         self, version: str, name: str, *, device: str | torch.device = "cpu", verify: bool = True
     ) -> StateDict:
         """Recovers one model, reading only that model's bytes."""
+        _args.text(name, "model name")
+        _args.flag(verify, "verify")
+        dev = _args.device(device)
         manifest = self.manifest(version)
         where = manifest.locate(name)
         if where is None:
@@ -273,7 +325,7 @@ class ModelStore:
             )
         gi, pos = where
         return self._reader.read_model(
-            manifest, manifest.groups[gi], pos, verify=verify, device=_device(device)
+            manifest, manifest.groups[gi], pos, verify=verify, device=dev
         )
 
     # -- inspect ---------------------------------------------------------
@@ -301,16 +353,20 @@ class ModelStore:
         """
         if ref is None:
             return self.versions()
+        self._check_open()
+        _args.ref_name(ref)
         head = self.catalog.get("refs", ref.encode())
         if head is None:
             raise RefNotFoundError(
                 f"no ref {ref!r} in {self.path}; refs: {', '.join(sorted(self.refs())) or 'none'}"
             )
-        return list(self._walk(head.decode()))
+        return list(self._walk(self._ref_target(ref, head)))
 
     def _walk(self, vid: str | None) -> Iterator[VersionInfo]:
         seen: set[str] = set()
-        while vid is not None and vid not in seen:
+        # The walk ends at the first version that was deleted: an earlier head of
+        # the ref may be deleted while later versions stay.
+        while vid is not None and vid not in seen and self.catalog.get("manifests", vid.encode()):
             seen.add(vid)
             m = self.manifest(vid)
             yield self.info(vid)
@@ -334,6 +390,7 @@ class ModelStore:
     def delete_ref(self, ref: str) -> None:
         """Removes a ref (the versions it pointed to stay)."""
         self._check_writable()
+        _args.ref_name(ref)
         if self.catalog.get("refs", ref.encode()) is None:
             raise RefNotFoundError(f"no ref {ref!r} in {self.path}")
         self.catalog.commit(deletes=[("refs", ref.encode())])
@@ -407,12 +464,3 @@ def _count(models: Any) -> int | None:
         return len(models)
     except TypeError:
         return None
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidArgumentError(
-            f"device must be like 'cpu' or 'cuda:0', got {device!r}"
-        ) from exc

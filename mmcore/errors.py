@@ -19,6 +19,11 @@ class InvalidArgumentError(MMCoreError, ValueError):
     """An argument has a value mmcore does not accept (unknown approach, bad device...)."""
 
 
+class KernelError(MMCoreError, RuntimeError):
+    """A native kernel failed to launch or faulted while it ran; the message names
+    the kernel and carries the CUDA error."""
+
+
 class StoreError(MMCoreError):
     """Problems with the store directory itself."""
 
@@ -37,6 +42,14 @@ class ReadOnlyStoreError(StoreError):
 
 class FormatVersionError(StoreError):
     """The store or a record was written by a newer, unknown format version."""
+
+
+class CorruptRecordError(StoreError):
+    """A catalog record cannot be decoded: the catalog is damaged."""
+
+
+class DeviceUnavailableError(InvalidArgumentError):
+    """The device asked for does not exist or is not usable on this machine."""
 
 
 class NotFoundError(MMCoreError, KeyError):

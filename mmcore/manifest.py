@@ -12,8 +12,9 @@ from typing import Any
 
 import msgpack
 
-from .errors import FormatVersionError, StoreError
+from .errors import CorruptRecordError, FormatVersionError
 from .modelset import Schema
+from .record import DAMAGED, Record
 
 MANIFEST_FORMAT = 1
 CONTENT_FORMAT = 1
@@ -24,19 +25,21 @@ def _pack(obj: Any) -> bytes:
     return bytes(msgpack.packb(obj, use_bin_type=True))
 
 
-def _unpack(data: bytes, what: str, newest: int) -> dict[str, Any]:
+def _unpack(data: bytes, what: str, newest: int) -> Record:
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise StoreError(f"{what} record is not valid msgpack: {exc}") from exc
-    if not isinstance(obj, dict) or not isinstance(obj.get("format"), int):
-        raise StoreError(f"{what} record has no format number")
-    if obj["format"] > newest:
+        raise CorruptRecordError(f"{what} record is not valid msgpack ({exc}); {DAMAGED}") from exc
+    if not isinstance(obj, dict):
+        raise CorruptRecordError(f"{what} record is not a map; {DAMAGED}")
+    rec = Record(obj, what)
+    fmt = rec.integer("format", minimum=1)
+    if fmt > newest:
         raise FormatVersionError(
-            f"{what} record has format {obj['format']}, newer than this mmcore reads "
-            f"({newest}); upgrade mmcore"
+            f"{what} record has format {fmt}, newer than this mmcore reads ({newest}); "
+            "upgrade mmcore"
         )
-    return obj
+    return rec
 
 
 @dataclass
@@ -63,12 +66,18 @@ class GroupRecord:
         }
 
     @classmethod
-    def decode(cls, raw: dict[str, Any]) -> GroupRecord:
-        members = raw.get("members")
-        decoded = (
-            None if members is None else list(struct.unpack(f"<{len(members) // 4}I", members))
-        )
-        return cls(Schema.decode(raw["schema"]), int(raw["count"]), bytes(raw["blob"]), decoded)
+    def decode(cls, rec: Record) -> GroupRecord:
+        count = rec.integer("count")
+        blob = rec.binary("blob")
+        if len(blob) != 32:
+            raise rec.corrupt(f"blob key of {len(blob)} bytes, not 32")
+        members = rec.optional_binary("members")
+        decoded = None
+        if members is not None:
+            if len(members) != 4 * count:
+                raise rec.corrupt(f"{len(members)} bytes of members for {count} models")
+            decoded = list(struct.unpack(f"<{count}I", members))
+        return cls(Schema.decode(rec.submap("schema")), count, blob, decoded)
 
 
 @dataclass
@@ -120,21 +129,44 @@ class Manifest:
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
-        raw = _unpack(data, "manifest", MANIFEST_FORMAT)
+        rec = _unpack(data, "manifest", MANIFEST_FORMAT)
+        models = rec.text_list("models")
+        groups = [GroupRecord.decode(g) for g in rec.map_list("groups")]
+        _check_membership(rec, models, groups)
         return cls(
-            id=raw["id"],
-            approach=raw["approach"],
-            created=float(raw["created"]),
-            models=list(raw["models"]),
-            groups=[GroupRecord.decode(g) for g in raw["groups"]],
-            logical_bytes=int(raw["logical_bytes"]),
-            stored_bytes=int(raw["stored_bytes"]),
-            parent=raw.get("parent"),
-            prev=raw.get("prev"),
-            ref=raw.get("ref"),
-            message=raw.get("message"),
-            extra=dict(raw.get("extra") or {}),
+            id=rec.text("id"),
+            approach=rec.text("approach"),
+            created=rec.number("created"),
+            models=models,
+            groups=groups,
+            logical_bytes=rec.integer("logical_bytes"),
+            stored_bytes=rec.integer("stored_bytes"),
+            parent=rec.optional_text("parent"),
+            prev=rec.optional_text("prev"),
+            ref=rec.optional_text("ref"),
+            message=rec.optional_text("message"),
+            extra=rec.optional_map("extra"),
         )
+
+
+def _check_membership(rec: Record, models: list[str], groups: list[GroupRecord]) -> None:
+    """Every model belongs to exactly one group, at one position."""
+    if len(set(models)) != len(models):
+        raise rec.corrupt("a model name appears twice")
+    if len(groups) == 1 and groups[0].members is None:
+        if groups[0].count != len(models):
+            raise rec.corrupt(f"one group of {groups[0].count} models for {len(models)} names")
+        return
+    seen = bytearray(len(models))
+    for group in groups:
+        if group.members is None:
+            raise rec.corrupt("a group without a member list in a set of several groups")
+        for mi in group.members:
+            if mi >= len(models) or seen[mi]:
+                raise rec.corrupt(f"model index {mi} is out of range or in two groups")
+            seen[mi] = 1
+    if not all(seen):
+        raise rec.corrupt("a model belongs to no group")
 
 
 @dataclass
@@ -173,10 +205,12 @@ class ContentRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> ContentRecord:
-        raw = _unpack(data, "content", CONTENT_FORMAT)
-        ho, hl = raw["hashes"]
-        extents = [[int(o), int(c)] for o, c in raw["extents"]]
-        return cls(raw["pack"], extents, int(ho), int(hl), int(raw["refs"]))
+        rec = _unpack(data, "content", CONTENT_FORMAT)
+        extents = [list(pair) for pair in rec.integer_pairs("extents")]
+        hashes_offset, hashes_length = rec.integer_pair("hashes")
+        if hashes_length % 32:
+            raise rec.corrupt(f"a hash table of {hashes_length} bytes, not a multiple of 32")
+        return cls(rec.pack_id("pack"), extents, hashes_offset, hashes_length, rec.integer("refs"))
 
 
 def pack_record(size: int, created: float) -> bytes:
@@ -184,4 +218,5 @@ def pack_record(size: int, created: float) -> bytes:
 
 
 def decode_pack_record(data: bytes) -> dict[str, Any]:
-    return _unpack(data, "pack", 1)
+    rec = _unpack(data, "pack", 1)
+    return {"format": 1, "size": rec.integer("size"), "created": rec.number("created")}

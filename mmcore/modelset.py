@@ -7,6 +7,7 @@ bytes are laid out model after model with a fixed stride.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 
 from . import dtypes
 from .errors import InvalidModelSetError
+from .record import Record
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,29 @@ class Schema:
         }
 
     @classmethod
-    def decode(cls, raw: Mapping[str, Any]) -> Schema:
-        specs = [TensorSpec(n, d, tuple(s), o, b) for n, d, s, o, b in raw["tensors"]]
-        return cls(specs, int(raw["stride"]), int(raw["align"]))
+    def decode(cls, rec: Record) -> Schema:
+        """Checks the layout: known-size fields, tensors inside the stride, sizes that add up."""
+        stride = rec.integer("stride")
+        align = rec.integer("align", minimum=1)
+        specs = []
+        for raw in rec.array("tensors"):
+            if not isinstance(raw, list) or len(raw) != 5:
+                raise rec.corrupt("a tensor entry is not [name, dtype, shape, offset, nbytes]")
+            name, dtype, shape, offset, nbytes = raw
+            if not (isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list)):
+                raise rec.corrupt("a tensor entry has a name, dtype or shape of the wrong type")
+            dims = tuple(rec.check_integer(d, "shape") for d in shape)
+            offset = rec.check_integer(offset, "offset")
+            nbytes = rec.check_integer(nbytes, "nbytes")
+            if offset + nbytes > stride:
+                raise rec.corrupt(f"tensor {name!r} ends past the model stride {stride}")
+            known = dtypes.BY_NAME.get(dtype)
+            if known is not None and math.prod(dims) * known.itemsize != nbytes:
+                raise rec.corrupt(f"tensor {name!r}: {nbytes} bytes for shape {dims} of {dtype}")
+            specs.append(TensorSpec(name, dtype, dims, offset, nbytes))
+        if len({s.name for s in specs}) != len(specs):
+            raise rec.corrupt("a tensor name appears twice")
+        return cls(specs, stride, align)
 
 
 @dataclass

@@ -41,7 +41,13 @@ class StoreLayout:
     def marker(self) -> Path:
         return self.root / MARKER
 
-    def check_or_create(self, *, create: bool) -> None:
+    def check_or_create(self, *, create: bool) -> list[Path] | None:
+        """Checks an existing store, or creates the directories and the marker of a new one.
+
+        For a new store, returns the directories this call created (the root and
+        missing parents; empty when the root existed), else None. Nothing of a new
+        store is durable yet: call ``make_durable`` once the catalog exists too.
+        """
         root = self.root
         if root.exists() and not root.is_dir():
             raise NotAStoreError(
@@ -49,7 +55,7 @@ class StoreLayout:
             )
         if self.marker.is_file():
             self._check_marker()
-            return
+            return None
         if not create:
             raise NotAStoreError(f"{root} is not an mmcore store (no {MARKER} file)")
         if root.exists() and any(root.iterdir()):
@@ -57,6 +63,8 @@ class StoreLayout:
                 f"{root} is a non-empty directory without an {MARKER} file: not an mmcore store. "
                 "Give a new or empty directory to create one."
             )
+        absolute = root.absolute()
+        created = [d for d in (absolute, *absolute.parents) if not d.exists()]
         try:
             self.packs.mkdir(parents=True, exist_ok=True)
             tmp = root / (MARKER + ".tmp")
@@ -64,9 +72,20 @@ class StoreLayout:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, self.marker)
-            fsync_dir(root)
         except OSError as exc:
             raise StoreError(f"cannot create a store at {root}: {exc}") from exc
+        return created
+
+    def make_durable(self, created: list[Path]) -> None:
+        """Fsyncs the root (its marker, packs and catalog entries) and the parent of every
+        directory this store created, so a power cut after the first save cannot lose
+        the store itself."""
+        try:
+            fsync_dir(self.root)
+            for directory in created:
+                fsync_dir(directory.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot make the new store at {self.root} durable: {exc}") from exc
 
     def _check_marker(self) -> None:
         try:
