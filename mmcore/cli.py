@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -128,6 +129,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     repeat=args.repeat)  # fmt: skip
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmcore", description="Save and recover whole sets of models.")
     p.add_argument("--version", action="version", version=f"mmcore {__version__}")
@@ -147,11 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "demo", help="save and recover the battery model set; compare with other tools"
     )
-    s.add_argument("--cells", type=int, default=10_000, help="battery cells (models) in the set")
+    s.add_argument(
+        "--cells", type=_positive, default=10_000, help="battery cells (models) in the set"
+    )
     s.add_argument(
         "--store", default="mmcore-demo.mm", help="store directory (default ./mmcore-demo.mm)"
     )
-    s.add_argument("--repeat", type=int, default=3, help="runs per timing in the comparison")
+    s.add_argument("--repeat", type=_positive, default=3, help="runs per timing in the comparison")
     s.add_argument("--no-compare", action="store_true", help="skip the comparison with other tools")
     s.set_defaults(fn=cmd_demo)
     return p
@@ -164,6 +177,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MMCoreError as exc:
         print(f"mmcore: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`mmcore info PATH | head`): stop quietly
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # as if killed by SIGPIPE, like other command-line tools
+    except KeyboardInterrupt:
+        print("mmcore: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

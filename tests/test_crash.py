@@ -16,7 +16,7 @@ import torch
 import mmcore
 
 CHILD = textwrap.dedent("""
-    import sys, torch, mmcore
+    import sys, time, torch, mmcore
     path, cells, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     g = torch.Generator().manual_seed(seed)
     flat = torch.randn(cells * 5041, generator=g)
@@ -37,8 +37,10 @@ CHILD = textwrap.dedent("""
                     sd[name] = flat[off:off + n].view(shape)
                     off += n
                 models[f"cell_{c:05d}"] = sd
+            print("SAVING", i, flush=True)
+            t0 = time.perf_counter()
             vid = store.save(models, ref="fleet", message=str(i))
-            print("SAVED", vid, flush=True)
+            print("SAVED", vid, time.perf_counter() - t0, flush=True)
             i += 1
 """)
 
@@ -65,21 +67,31 @@ def test_sigkill_during_saves_leaves_whole_versions(tmp_path: Path) -> None:
     rng = random.Random(1234)
     committed: set[str] = set()
     checked: set[str] = set()
+    durations = [0.2]  # seconds per save, as the child reports them
     kills = 0
     for round_ in range(15):
         proc = subprocess.Popen([sys.executable, str(script), str(path), "3000", str(round_)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "READY", proc.stderr.read() if proc.stderr else ""
-        time.sleep(rng.uniform(0.0, 0.8))  # one save of this set takes about 0.1-0.3 s
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
+        # Kill while save number `target` runs, at a random point of a typical save's
+        # duration: the child's own progress lines, not wall-clock guesses, decide when,
+        # so a slow or loaded machine only stretches the test.
+        target = rng.randrange(3)
+        lines = [proc.stdout.readline()]
+        while lines[-1] and lines[-1].split() != ["SAVING", str(target)]:
+            lines.append(proc.stdout.readline())
+        assert lines[-1], f"the child ended early: {proc.communicate()[1]}"
+        time.sleep(rng.uniform(0.0, 1.2) * sorted(durations)[len(durations) // 2])
+        assert proc.poll() is None, proc.communicate()[1]
+        os.kill(proc.pid, signal.SIGKILL)
+        kills += 1
         out, err = proc.communicate(timeout=60)
         assert "Traceback" not in err, err
-        committed |= {line.split()[1] for line in out.splitlines() if line.startswith("SAVED")}
+        saved = [line.split() for line in "".join(lines).splitlines() + out.splitlines()]
+        committed |= {words[1] for words in saved if words and words[0] == "SAVED"}
+        durations += [float(words[2]) for words in saved if words and words[0] == "SAVED"]
         _check_store(path, committed, checked)
-    assert kills >= 12
+    assert kills == 15
     assert len(committed) >= 5, "the child never got far enough to test anything"
     with mmcore.open(path) as store:
         store.gc()

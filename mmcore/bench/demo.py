@@ -10,9 +10,34 @@ import torch
 
 import mmcore
 
+from ..errors import InvalidArgumentError
 from .battery import battery_set
 from .battery import main as battery_main
 from .measure import human_bytes
+
+DEMO_KEY = b"created-by"
+DEMO_VALUE = b"mmcore demo"
+
+
+def _clear_previous_demo(path: Path) -> None:
+    """Removes a store an earlier ``mmcore demo`` made at ``path``, and nothing else.
+
+    A missing path or an empty directory is fine; anything else (a file, a
+    directory of someone's files, a store with versions of its own) is refused.
+    """
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return
+    refuse = InvalidArgumentError(
+        f"{path} exists and was not made by `mmcore demo`; the demo deletes only stores it "
+        "made itself. Pass --store with a new path, or remove it yourself."
+    )
+    if not (path / "MMCORE").is_file():
+        raise refuse
+    with mmcore.open(path, readonly=True, create=False) as old:
+        made_by_demo = old.catalog.get("meta", DEMO_KEY) == DEMO_VALUE
+    if not made_by_demo:
+        raise refuse
+    shutil.rmtree(path)
 
 
 def _step(text: str, seconds: float) -> None:
@@ -25,9 +50,9 @@ def run(cells: int, store_path: Path, compare: bool, repeat: int) -> int:
     sds = battery_set(cells)
     nbytes = sum(t.numel() * t.element_size() for sd in sds.values() for t in sd.values())
     _step(f"built {cells:,} models ({human_bytes(nbytes)} of parameters)", time.perf_counter() - t0)
-    if store_path.exists():
-        shutil.rmtree(store_path)
+    _clear_previous_demo(store_path)
     with mmcore.open(store_path) as store:
+        store.catalog.commit([("meta", DEMO_KEY, DEMO_VALUE)])
         t0 = time.perf_counter()
         v1 = store.save(sds, approach="baseline", ref="battery", message="demo baseline")
         _step(f"saved baseline {v1} into {store_path}", time.perf_counter() - t0)
