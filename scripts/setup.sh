@@ -1,23 +1,54 @@
 #!/usr/bin/env bash
 # Creates .venv and installs mmcore with the given extras (default: none).
-# Torch: MMCORE_TORCH (default torch==2.13.0, the CPU wheel on the project's
-# machines) is installed first, so no CUDA build of several GB is pulled in; set
-# MMCORE_TORCH="" to keep a torch that is already in the environment.
+#
+# Incremental: each step runs only when what it depends on changed since the
+# last run (stamps in .venv/): the dependencies when pyproject.toml, the extras
+# or the torch spec changed; the package (a C++ and, where nvcc is found, CUDA
+# build of about 40 s on 2 cores the first time, reused from build/ later) when
+# csrc/, CMakeLists.txt or mmcore/ changed. A run with nothing to do takes about
+# a second. Torch: MMCORE_TORCH (default torch==2.13.0, the CPU wheel on the
+# project's machines) is installed first, so no CUDA build of several GB is
+# pulled in; set MMCORE_TORCH="" to keep a torch that is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 python="${PYTHON:-python3}"
+torch_spec="${MMCORE_TORCH-torch==2.13.0}"
+start=$SECONDS
+say() { printf 'setup [%3ds] %s\n' "$((SECONDS - start))" "$*"; }
+digest() { sha256sum | cut -c1-32; }
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip=(.venv/bin/python -m pip install -q)
+
 if [ ! -x .venv/bin/python ]; then
+  say "creating .venv ($("$python" --version 2>&1))"
   "$python" -m venv .venv
 fi
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/python -m pip install -q --upgrade pip
-torch_spec="${MMCORE_TORCH-torch==2.13.0}"
-if [ -n "$torch_spec" ]; then
-  .venv/bin/python -m pip install -q "$torch_spec"
+
+deps_key=$( { cat pyproject.toml; echo "extras=$extras torch=$torch_spec"; } | digest)
+src_key=$( { find CMakeLists.txt pyproject.toml csrc mmcore -type f \
+  ! -name '*.so' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum;
+  echo "MMCORE_CUDA=${MMCORE_CUDA:-AUTO}"; } | digest)
+
+if [ "$(cat .venv/.mmcore-deps 2>/dev/null)" != "$deps_key" ]; then
+  say "installing dependencies (torch: ${torch_spec:-already there}; extras: ${extras:-none})"
+  "${pip[@]}" --upgrade pip
+  if [ -n "$torch_spec" ]; then
+    "${pip[@]}" "$torch_spec"
+  fi
+  target="."
+  if [ -n "$extras" ]; then
+    target=".[$extras]"
+  fi
+  say "building mmcore and installing the rest (the first build takes about 40 s)"
+  "${pip[@]}" "$target"
+  echo "$deps_key" >.venv/.mmcore-deps
+  echo "$src_key" >.venv/.mmcore-build
+elif [ "$(cat .venv/.mmcore-build 2>/dev/null)" != "$src_key" ] \
+  || ! .venv/bin/python -c "import mmcore._core" 2>/dev/null; then
+  say "sources changed: rebuilding mmcore (incremental, in build/)"
+  "${pip[@]}" --no-deps --force-reinstall .
+  echo "$src_key" >.venv/.mmcore-build
 fi
-target="."
-if [ -n "$extras" ]; then
-  target=".[$extras]"
-fi
-.venv/bin/python -m pip install -q "$target"
+say "ready: $(.venv/bin/python -c 'import mmcore, torch; print(f"mmcore {mmcore.__version__}, torch {torch.__version__}, CUDA kernels usable: {mmcore.cuda_available()}")')"
+say "the command line is .venv/bin/mmcore (or: source .venv/bin/activate)"
