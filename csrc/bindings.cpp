@@ -149,7 +149,8 @@ void quantize_decode(Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwid
 namespace cu = mmcore::cuda;
 
 // Launch errors (bad configuration, missing device) surface here; errors inside
-// a kernel surface at the caller's next synchronisation, as with any CUDA work.
+// a kernel surface at the next synchronisation, which the Python side does once
+// per stage with cuda_stream_check.
 void check_launch(const char* what) {
   if (const char* err = cu::last_error())
     throw std::runtime_error(std::string("mmcore CUDA kernel ") + what +
@@ -236,6 +237,18 @@ void register_cuda(py::module_& m) {
                 ptr<void>(stream));
     check_launch("scatter");
   });
+  m.def(
+      "cuda_stream_check",
+      [](Addr stream) {
+        std::string err;
+        {
+          py::gil_scoped_release release;
+          err = mmcore::cuda_stream_check(ptr<void>(stream));
+        }
+        if (!err.empty()) throw std::runtime_error(err);
+      },
+      py::arg("stream"),
+      "Waits for a stream; raises RuntimeError with the CUDA error if a kernel on it failed.");
   m.attr("cuda_threads_per_block") = cu::kThreads;
   m.attr("cuda_copy_bytes_per_block") = cu::kCopyBytes;
 }

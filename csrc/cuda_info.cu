@@ -1,5 +1,7 @@
 #include <cuda_runtime_api.h>
 
+#include <string>
+
 #include "cuda_info.h"
 
 namespace mmcore {
@@ -11,6 +13,17 @@ int cuda_device_count() {
     return -1;
   }
   return count;
+}
+
+std::string cuda_stream_check(void* stream) {
+  cudaError_t err = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+  // A launch error not reported yet, or the error the synchronisation just
+  // returned: read it either way so that the next check starts clean (errors
+  // that corrupt the context stay, as CUDA makes them sticky).
+  const cudaError_t last = cudaGetLastError();
+  if (err == cudaSuccess) err = last;
+  if (err == cudaSuccess) return {};
+  return std::string(cudaGetErrorString(err)) + " (" + cudaGetErrorName(err) + ")";
 }
 
 }  // namespace mmcore

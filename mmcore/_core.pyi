@@ -16,7 +16,6 @@ def pwrite_segments(
     fd: int, offset: int, srcs: int, lens: int, dst_offsets: int, n: int, total: int
 ) -> None: ...
 def start_writeback(fd: int, offset: int, len: int) -> bool: ...
-def cuda_device_count() -> int: ...
 def xor_planes_encode(
     news: int,
     parents: int,
@@ -78,4 +77,91 @@ def quantize_decode(
     outs: int,
     n: int,
     threads: int = 0,
+) -> None: ...
+
+# Present only when built_with_cuda. Tables are device addresses; every kernel
+# enqueues on ``stream`` (a cudaStream_t as int) and raises RuntimeError if the
+# launch fails; cuda_stream_check waits for the stream and raises RuntimeError
+# with the CUDA error of any kernel that failed on it.
+cuda_threads_per_block: int
+cuda_copy_bytes_per_block: int
+
+def cuda_device_count() -> int: ...
+def cuda_stream_check(stream: int) -> None: ...
+def cuda_blake3_chunks(
+    ptrs: int, lens: int, base: int, n: int, total: int, cvs: int, stream: int
+) -> None: ...
+def cuda_blake3_level(
+    cur: int, cur_base: int, counts: int, next: int, next_base: int, n: int, total: int, stream: int
+) -> None: ...
+def cuda_blake3_output(cvs: int, base: int, n: int, out: int, stream: int) -> None: ...
+def cuda_xor_planes_encode(
+    news: int,
+    parents: int,
+    words: int,
+    widths: int,
+    outs: int,
+    changed: int,
+    block_base: int,
+    n: int,
+    blocks: int,
+    stream: int,
+) -> None: ...
+def cuda_xor_planes_decode(
+    encs: int,
+    parents: int,
+    words: int,
+    widths: int,
+    outs: int,
+    block_base: int,
+    n: int,
+    blocks: int,
+    stream: int,
+) -> None: ...
+def cuda_quantize_plan(
+    news: int,
+    parents: int,
+    numels: int,
+    kinds: int,
+    tols: int,
+    stats: int,
+    max_delta_bits: int,
+    block_base: int,
+    n: int,
+    blocks: int,
+    stream: int,
+) -> None: ...
+def cuda_quantize_write(
+    news: int,
+    parents: int,
+    numels: int,
+    kinds: int,
+    tols: int,
+    qwidths: int,
+    q_outs: int,
+    flags: int,
+    elem_base: int,
+    block_base: int,
+    n: int,
+    blocks: int,
+    stream: int,
+) -> None: ...
+def cuda_quantize_decode(
+    parents: int,
+    numels: int,
+    kinds: int,
+    tols: int,
+    qwidths: int,
+    qs: int,
+    outs: int,
+    block_base: int,
+    n: int,
+    blocks: int,
+    stream: int,
+) -> None: ...
+def cuda_gather(
+    dst: int, srcs: int, lens: int, offsets: int, block_base: int, n: int, blocks: int, stream: int
+) -> None: ...
+def cuda_scatter(
+    src: int, dsts: int, lens: int, offsets: int, block_base: int, n: int, blocks: int, stream: int
 ) -> None: ...

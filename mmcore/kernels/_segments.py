@@ -53,6 +53,41 @@ def check_pairs(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]) -> 
     return device
 
 
+def check_decode(
+    encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
+) -> torch.device | None:
+    """Checks (encoding, parent) pairs before any kernel reads them: parents
+    contiguous and on one device, each encoding a contiguous tensor on its
+    parent's device. Kernels get raw addresses, so a CPU encoding with a CUDA
+    parent (or the reverse) would hand one device a pointer into the other's memory."""
+    if len(encoded) != len(parent):
+        raise InvalidArgumentError(f"got {len(encoded)} encodings but {len(parent)} parents")
+    device = None
+    for i, (e, p) in enumerate(zip(encoded, parent)):
+        if not isinstance(e, torch.Tensor) or not isinstance(p, torch.Tensor):
+            raise InvalidArgumentError(f"segment {i}: encodings and parents must be tensors")
+        if not p.is_contiguous():
+            raise InvalidArgumentError(
+                f"segment {i}: parent must be contiguous (call .contiguous())"
+            )
+        if device is not None and p.device != device:
+            raise InvalidArgumentError(
+                f"segment {i}: parent is on {p.device} but the first parent is on {device}; "
+                "the parents of one call must be on one device"
+            )
+        device = p.device
+        if e.device != p.device:
+            raise InvalidArgumentError(
+                f"segment {i}: the encoding is on {e.device} but its parent is on {p.device}; "
+                f"an encoding is decoded where its parent is: move it with .to({str(p.device)!r})"
+            )
+        if not e.is_contiguous():
+            raise InvalidArgumentError(
+                f"segment {i}: the encoding must be contiguous (call .contiguous())"
+            )
+    return device
+
+
 def ptrs(ts: Sequence[torch.Tensor]) -> torch.Tensor:
     return int64_table([t.data_ptr() for t in ts])
 

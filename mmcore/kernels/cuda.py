@@ -1,22 +1,38 @@
 """Dispatch to the CUDA kernels (built when nvcc was found; see csrc/cuda_kernels.h).
 
-Tables of segments are built on the host from sizes the host knows, copied to
-the device once per call, and every launch goes to the caller's current
-stream. The only synchronisations are where a result must reach the host (the
-quantized encoding's per-segment widths and escape counts).
+Every public function validates its arguments in Python before any native call:
+each tensor a contiguous CUDA tensor, all of one call on one device, every
+segment inside the buffer it is read from or written to. The launches then run
+on that device (whatever the current device is) and on its current stream, and
+each function ends with one synchronisation that reports a fault inside a
+kernel as a :class:`~mmcore.errors.KernelError` naming the kernel, instead of
+letting it surface at some later, unrelated call. Tables of segments are built
+on the host from sizes the host knows and copied to the device once per call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import operator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NoReturn
 
 import torch
 
 from .._native import core
+from ..errors import InvalidArgumentError, KernelError, NativeModuleError
 from ._segments import call
 
 HASH_SIZE = 32
 CHUNK = 1024
+PLANE_WIDTHS = (1, 2, 4, 8)
+Q_WIDTHS = (1, 2, 4)
+KIND_SIZES = {1: 2, 2: 2, 3: 4, 4: 8}  # the kinds of _segments.FLOAT_KINDS: element bytes
+_AFTER_FAULT = (
+    "The CUDA context may be unusable now: restart the process. To locate the fault, "
+    "rerun under compute-sanitizer or with CUDA_LAUNCH_BLOCKING=1"
+)
 
 
 def available() -> bool:
@@ -30,8 +46,161 @@ def available() -> bool:
     )
 
 
-def _stream(device: torch.device) -> int:
-    return int(torch.cuda.current_stream(device).cuda_stream)
+# ---- validation (metadata only: nothing here touches a device or the native module) ----
+
+
+def _fail(fn: str, message: str) -> NoReturn:
+    raise InvalidArgumentError(f"cuda.{fn}: {message}")
+
+
+def _nbytes(fn: str, name: str, ts: Sequence[torch.Tensor], n: int | None = None) -> list[int]:
+    """The byte length of each entry, after checking it is a contiguous tensor
+    (and, given ``n``, that there is one per segment)."""
+    if n is not None and len(ts) != n:
+        _fail(fn, f"{name} has {len(ts)} entries but there are {n} segments; pass one per segment")
+    sizes = []
+    for i, t in enumerate(ts):
+        if not isinstance(t, torch.Tensor):
+            _fail(fn, f"segment {i}: {name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_contiguous():
+            _fail(fn, f"segment {i}: {name}[{i}] must be contiguous (call .contiguous() on it)")
+        sizes.append(t.numel() * t.element_size())
+    return sizes
+
+
+def _buffers(fn: str, name: str, ts: Sequence[torch.Tensor], n: int) -> list[int]:
+    """Like ``_nbytes`` for byte buffers (encodings): each must also be uint8."""
+    sizes = _nbytes(fn, name, ts, n)
+    for i, t in enumerate(ts):
+        if t.dtype != torch.uint8:
+            _fail(fn, f"segment {i}: {name}[{i}] must be a uint8 tensor, got {t.dtype}")
+    return sizes
+
+
+def _ints(fn: str, name: str, values: Sequence[int], n: int,
+          allowed: Sequence[int] | None = None) -> list[int]:  # fmt: skip
+    """One non-negative int per segment (from ``allowed`` when given)."""
+    if len(values) != n:
+        _fail(fn, f"{name} has {len(values)} entries but there are {n} segments")
+    out = []
+    for i, v in enumerate(values):
+        try:
+            x = operator.index(v)
+        except TypeError:
+            _fail(fn, f"segment {i}: {name}[{i}] must be an int, got {type(v).__name__}")
+        if x < 0:
+            _fail(fn, f"segment {i}: {name}[{i}] is {x}; it must not be negative")
+        if allowed is not None and x not in allowed:
+            names = ", ".join(map(str, allowed))
+            _fail(fn, f"segment {i}: {name}[{i}] is {x}; it must be one of {names}")
+        out.append(x)
+    return out
+
+
+def _offset(fn: str, offset: int) -> int:
+    try:
+        x = operator.index(offset)
+    except TypeError:
+        _fail(fn, f"offset must be an int, got {type(offset).__name__}")
+    if x < 0:
+        _fail(fn, f"offset is {x}; it must not be negative")
+    return x
+
+
+def _same_sizes(fn: str, name: str, sizes: Sequence[int], ref: str, ref_sizes: Sequence[int],
+                unit: str = "bytes") -> None:  # fmt: skip
+    for i, (a, b) in enumerate(zip(sizes, ref_sizes)):
+        if a != b:
+            _fail(fn, f"segment {i}: {name}[{i}] has {a} {unit} but {ref}[{i}] has {b}; "
+                      f"they must match (allocate {name} with torch.empty_like({ref}[i]))")  # fmt: skip
+
+
+def _room(fn: str, name: str, sizes: Sequence[int], offset: int, needed: Sequence[int]) -> None:
+    """Every buffer holds its segment's bytes from ``offset`` on."""
+    for i, (size, need) in enumerate(zip(sizes, needed)):
+        if offset + need > size:
+            _fail(fn, f"segment {i}: {name}[{i}] has {size} bytes, too few for {need} bytes from "
+                      f"byte {offset}; it needs at least {offset + need}")  # fmt: skip
+
+
+def _in_bounds(fn: str, name: str, size: int, offsets: Sequence[int], lens: Sequence[int]) -> None:
+    for i, (off, length) in enumerate(zip(offsets, lens)):
+        if off + length > size:
+            _fail(fn, f"segment {i}: {length} bytes at offsets[{i}] = {off} end at byte "
+                      f"{off + length}, past the end of {name} ({size} bytes); "
+                      f"make {name} larger or fix offsets[{i}]")  # fmt: skip
+
+
+def _kinds(fn: str, name: str, ts: Sequence[torch.Tensor], kinds: Sequence[int]) -> list[int]:
+    """Float kind codes, each matching its tensor's element size (the kernels
+    read numel * kind size bytes)."""
+    ks = _ints(fn, "kinds", kinds, len(ts), allowed=tuple(KIND_SIZES))
+    for i, (t, k) in enumerate(zip(ts, ks)):
+        if t.element_size() != KIND_SIZES[k]:
+            _fail(fn, f"segment {i}: kinds[{i}] = {k} is for {KIND_SIZES[k]}-byte elements but "
+                      f"{name}[{i}] is {t.dtype}; pass the kind of its dtype")  # fmt: skip
+    return ks
+
+
+def _tolerance(fn: str, tol: float) -> float:
+    x = float(tol)
+    if not (math.isfinite(x) and x > 0):
+        _fail(fn, f"tol must be a finite number > 0, got {tol!r}")
+    return x
+
+
+def _device(fn: str, anchor: str, t: torch.Tensor) -> torch.device:
+    if t.device.type != "cuda":
+        _fail(fn, f"{anchor} is on {t.device}, not on a CUDA device; these are the CUDA kernels: "
+                  "move the tensors with .cuda(), or call the dispatching functions of "
+                  "mmcore.kernels, which handle CPU tensors")  # fmt: skip
+    return t.device
+
+
+def _one_device(fn: str, device: torch.device, anchor: str,
+                **tables: Sequence[torch.Tensor]) -> None:  # fmt: skip
+    """Kernels get raw addresses: a tensor elsewhere would be read through a
+    pointer that means nothing (or something else) on ``device``."""
+    for name, ts in tables.items():
+        for i, t in enumerate(ts):
+            if t.device != device:
+                _fail(fn, f"segment {i}: {name}[{i}] is on {t.device} but {anchor} is on {device}; "
+                          f"every tensor of one call must be on one CUDA device "
+                          f"(move it with .to({str(device)!r}))")  # fmt: skip
+
+
+# ---- launching -----------------------------------------------------------------------
+
+
+@contextmanager
+def _launching(stage: str, device: torch.device) -> Iterator[int]:
+    """Runs one stage's launches on ``device`` and its current stream (yielded),
+    then synchronises once and reports a fault in any of them as a KernelError."""
+    mod = core()
+    if not getattr(mod, "built_with_cuda", False):
+        raise NativeModuleError(
+            f"cuda.{stage}: this build of mmcore has no CUDA kernels (nvcc was not found when it "
+            "was built); reinstall from source with nvcc on PATH or MMCORE_CUDA=ON"
+        )
+    with torch.cuda.device(device):
+        stream = int(torch.cuda.current_stream(device).cuda_stream)
+        yield stream
+        check_stream(stage, stream)
+
+
+def check_stream(stage: str, stream: int) -> None:
+    """Waits for ``stream``; a CUDA error on it becomes a KernelError naming ``stage``."""
+    try:
+        core().cuda_stream_check(stream)
+    except RuntimeError as exc:
+        raise KernelError(f"mmcore CUDA kernel {stage} failed: {exc}. {_AFTER_FAULT}") from exc
+
+
+def _launch(kernel: str, *args: torch.Tensor | int) -> None:
+    try:
+        call(f"cuda_{kernel}", *args)
+    except RuntimeError as exc:  # check_launch in bindings.cpp; its message names the kernel
+        raise KernelError(f"{exc}. {_AFTER_FAULT}") from exc
 
 
 def _table(
@@ -49,126 +218,219 @@ def _prefix(counts: Sequence[int]) -> list[int]:
     return out
 
 
-def blake3_segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """BLAKE3-256 of each CUDA tensor's bytes: a (n, 32) uint8 tensor on the device."""
-    device = tensors[0].device
-    n = len(tensors)
-    lens = [t.numel() * t.element_size() for t in tensors]
-    counts = [max(1, -(-length // CHUNK)) for length in lens]
-    base = _prefix(counts)
-    stream = _stream(device)
-    ptrs = _table([t.data_ptr() for t in tensors], device)
-    cur = torch.empty(base[-1] * 8, dtype=torch.int32, device=device)
-    cur_base = _table(base, device)
-    call("cuda_blake3_chunks", ptrs, _table(lens, device), cur_base, n, base[-1], cur, stream)
-    while max(counts) > 1:  # one launch per tree level, all segments together
-        nxt_counts = [(c + 1) // 2 if c > 1 else 1 for c in counts]
-        nxt_base = _prefix(nxt_counts)
-        nxt = torch.empty(nxt_base[-1] * 8, dtype=torch.int32, device=device)
-        nxt_base_t = _table(nxt_base, device)
-        call(
-            "cuda_blake3_level",
-            cur,
-            cur_base,
-            _table(counts, device),
-            nxt,
-            nxt_base_t,
-            n,
-            nxt_base[-1],
-            stream,
-        )
-        cur, cur_base, counts = nxt, nxt_base_t, nxt_counts
-    out = torch.empty((n, HASH_SIZE), dtype=torch.uint8, device=device)
-    call("cuda_blake3_output", cur, cur_base, n, out, stream)
-    return out
-
-
 def _blocks(items: Sequence[int], per_block: int, device: torch.device) -> tuple[torch.Tensor, int]:
     base = _prefix([-(-i // per_block) for i in items])
     return _table(base, device), base[-1]
 
 
-def xor_planes_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], planes: Sequence[int],
-                      widths: Sequence[int]) -> torch.Tensor:  # fmt: skip
-    """Writes the planes of each pair at the device addresses ``planes``; returns changed words."""
-    device = new[0].device
-    words = [t.numel() * t.element_size() // w for t, w in zip(new, widths)]
-    block_base, blocks = _blocks(words, int(core().cuda_threads_per_block), device)
-    changed = torch.zeros(len(new), dtype=torch.int64, device=device)
-    call("cuda_xor_planes_encode", _table([t.data_ptr() for t in new], device),
-          _table([t.data_ptr() for t in parent], device), _table(words, device),
-          _table(widths, device, torch.int32), _table(planes, device), changed, block_base, len(new), blocks,
-          _stream(device))  # fmt: skip
+def _addresses(ts: Sequence[torch.Tensor], device: torch.device, offset: int = 0) -> torch.Tensor:
+    return _table([t.data_ptr() + offset for t in ts], device)
+
+
+# ---- kernels ---------------------------------------------------------------------------
+
+
+def blake3_segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """BLAKE3-256 of each CUDA tensor's bytes: a (n, 32) uint8 tensor on their device.
+
+    An empty table gives an empty (0, 32) tensor on the CPU (there is no device to name).
+    """
+    fn = "blake3_segments"
+    lens = _nbytes(fn, "tensors", tensors)
+    if not tensors:
+        return torch.empty((0, HASH_SIZE), dtype=torch.uint8)
+    device = _device(fn, "tensors[0]", tensors[0])
+    _one_device(fn, device, "tensors[0]", tensors=tensors)
+    n = len(tensors)
+    counts = [max(1, -(-length // CHUNK)) for length in lens]
+    base = _prefix(counts)
+    with _launching(fn, device) as stream:
+        cur = torch.empty(base[-1] * 8, dtype=torch.int32, device=device)
+        cur_base = _table(base, device)
+        _launch("blake3_chunks", _addresses(tensors, device), _table(lens, device), cur_base, n,
+                base[-1], cur, stream)  # fmt: skip
+        while max(counts) > 1:  # one launch per tree level, all segments together
+            nxt_counts = [(c + 1) // 2 if c > 1 else 1 for c in counts]
+            nxt_base = _prefix(nxt_counts)
+            nxt = torch.empty(nxt_base[-1] * 8, dtype=torch.int32, device=device)
+            nxt_base_t = _table(nxt_base, device)
+            _launch("blake3_level", cur, cur_base, _table(counts, device), nxt, nxt_base_t, n,
+                    nxt_base[-1], stream)  # fmt: skip
+            cur, cur_base, counts = nxt, nxt_base_t, nxt_counts
+        out = torch.empty((n, HASH_SIZE), dtype=torch.uint8, device=device)
+        _launch("blake3_output", cur, cur_base, n, out, stream)
+    return out
+
+
+def xor_planes_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
+                      widths: Sequence[int], *, offset: int) -> torch.Tensor:  # fmt: skip
+    """Writes the planes of pair i into the uint8 buffer ``outs[i]`` from byte
+    ``offset`` on; returns each pair's count of changed words (int64, on the device)."""
+    fn = "xor_planes_encode"
+    nbytes = _nbytes(fn, "new", new)
+    n = len(new)
+    _same_sizes(fn, "parent", _nbytes(fn, "parent", parent, n), "new", nbytes)
+    ws = _ints(fn, "widths", widths, n, allowed=PLANE_WIDTHS)
+    at = _offset(fn, offset)
+    _room(fn, "outs", _buffers(fn, "outs", outs, n), at, nbytes)
+    if not n:
+        return torch.zeros(0, dtype=torch.int64)
+    device = _device(fn, "new[0]", new[0])
+    _one_device(fn, device, "new[0]", new=new, parent=parent, outs=outs)
+    words = [b // w for b, w in zip(nbytes, ws)]
+    with _launching(fn, device) as stream:
+        block_base, blocks = _blocks(words, int(core().cuda_threads_per_block), device)
+        changed = torch.zeros(n, dtype=torch.int64, device=device)
+        _launch(fn, _addresses(new, device), _addresses(parent, device), _table(words, device),
+                _table(ws, device, torch.int32), _addresses(outs, device, at), changed, block_base, n,
+                blocks, stream)  # fmt: skip
     return changed
 
 
-def xor_planes_decode(planes: Sequence[int], parent: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
-                      widths: Sequence[int]) -> None:  # fmt: skip
-    device = parent[0].device
-    words = [t.numel() * t.element_size() // w for t, w in zip(parent, widths)]
-    block_base, blocks = _blocks(words, int(core().cuda_threads_per_block), device)
-    call("cuda_xor_planes_decode", _table(planes, device), _table([t.data_ptr() for t in parent], device),
-          _table(words, device), _table(widths, device, torch.int32), _table([o.data_ptr() for o in outs], device),
-          block_base, len(parent), blocks, _stream(device))  # fmt: skip
+def xor_planes_decode(encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
+                      outs: Sequence[torch.Tensor], widths: Sequence[int], *, offset: int) -> None:  # fmt: skip
+    """Writes parent XOR the planes found in ``encoded[i]`` from byte ``offset`` on into ``outs[i]``."""
+    fn = "xor_planes_decode"
+    nbytes = _nbytes(fn, "parent", parent)
+    n = len(parent)
+    ws = _ints(fn, "widths", widths, n, allowed=PLANE_WIDTHS)
+    at = _offset(fn, offset)
+    _room(fn, "encoded", _buffers(fn, "encoded", encoded, n), at, nbytes)
+    _same_sizes(fn, "outs", _nbytes(fn, "outs", outs, n), "parent", nbytes)
+    if not n:
+        return
+    device = _device(fn, "parent[0]", parent[0])
+    _one_device(fn, device, "parent[0]", parent=parent, encoded=encoded, outs=outs)
+    words = [b // w for b, w in zip(nbytes, ws)]
+    with _launching(fn, device) as stream:
+        block_base, blocks = _blocks(words, int(core().cuda_threads_per_block), device)
+        _launch(fn, _addresses(encoded, device, at), _addresses(parent, device), _table(words, device),
+                _table(ws, device, torch.int32), _addresses(outs, device), block_base, n, blocks,
+                stream)  # fmt: skip
+
+
+def _check_quant_pairs(fn: str, new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
+                       kinds: Sequence[int]) -> tuple[list[int], list[int]]:  # fmt: skip
+    """(numels, kinds) of (new, parent) pairs of one float dtype each."""
+    nbytes = _nbytes(fn, "new", new)
+    _same_sizes(fn, "parent", _nbytes(fn, "parent", parent, len(new)), "new", nbytes)
+    ks = _kinds(fn, "new", new, kinds)
+    _kinds(fn, "parent", parent, ks)
+    return [t.numel() for t in new], ks
 
 
 def quantize_plan(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: Sequence[int],
                   tol: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per segment (max |q|, escapes, changed, 0) and max |delta|, on the host (synchronises)."""
-    device = new[0].device
+    fn = "quantize_plan"
+    numels, ks = _check_quant_pairs(fn, new, parent, kinds)
+    tol = _tolerance(fn, tol)
     n = len(new)
-    numels = [t.numel() for t in new]
-    block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
-    stats = torch.zeros((n, 4), dtype=torch.int64, device=device)
-    max_bits = torch.zeros(n, dtype=torch.int64, device=device)
-    call("cuda_quantize_plan", _table([t.data_ptr() for t in new], device),
-          _table([t.data_ptr() for t in parent], device), _table(numels, device),
-          _table(kinds, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
-          stats, max_bits, block_base, n, blocks, _stream(device))  # fmt: skip
+    if not n:
+        return torch.zeros((0, 4), dtype=torch.int64), torch.zeros(0, dtype=torch.float64)
+    device = _device(fn, "new[0]", new[0])
+    _one_device(fn, device, "new[0]", new=new, parent=parent)
+    with _launching(fn, device) as stream:
+        block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
+        stats = torch.zeros((n, 4), dtype=torch.int64, device=device)
+        max_bits = torch.zeros(n, dtype=torch.int64, device=device)
+        _launch(fn, _addresses(new, device), _addresses(parent, device), _table(numels, device),
+                _table(ks, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
+                stats, max_bits, block_base, n, blocks, stream)  # fmt: skip
     return stats.cpu(), max_bits.cpu().view(torch.float64)
 
 
-def quantize_write(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: Sequence[int], tol: float,
-                   widths: Sequence[int], q_addrs: Sequence[int]) -> list[torch.Tensor]:  # fmt: skip
-    """Writes q at ``q_addrs``; returns each segment's escaped element indices (device int64)."""
-    device = new[0].device
+def quantize_write(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: Sequence[int],
+                   tol: float, widths: Sequence[int], outs: Sequence[torch.Tensor], *,
+                   offset: int) -> list[torch.Tensor]:  # fmt: skip
+    """Writes the q values of pair i into the uint8 buffer ``outs[i]`` from byte
+    ``offset`` on; returns each segment's escaped element indices (device int64)."""
+    fn = "quantize_write"
+    numels, ks = _check_quant_pairs(fn, new, parent, kinds)
+    tol = _tolerance(fn, tol)
     n = len(new)
-    numels = [t.numel() for t in new]
+    ws = _ints(fn, "widths", widths, n, allowed=Q_WIDTHS)
+    at = _offset(fn, offset)
+    _room(fn, "outs", _buffers(fn, "outs", outs, n), at, [m * w for m, w in zip(numels, ws)])
+    if not n:
+        return []
+    device = _device(fn, "new[0]", new[0])
+    _one_device(fn, device, "new[0]", new=new, parent=parent, outs=outs)
     elem_base = _prefix(numels)
-    block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
-    flags = torch.zeros(elem_base[-1], dtype=torch.uint8, device=device)
-    call("cuda_quantize_write", _table([t.data_ptr() for t in new], device),
-          _table([t.data_ptr() for t in parent], device), _table(numels, device),
-          _table(kinds, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
-          _table(widths, device, torch.int32), _table(q_addrs, device), flags, _table(elem_base, device),
-          block_base, n, blocks, _stream(device))  # fmt: skip
+    with _launching(fn, device) as stream:
+        block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
+        flags = torch.zeros(elem_base[-1], dtype=torch.uint8, device=device)
+        _launch(fn, _addresses(new, device), _addresses(parent, device), _table(numels, device),
+                _table(ks, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
+                _table(ws, device, torch.int32), _addresses(outs, device, at), flags,
+                _table(elem_base, device), block_base, n, blocks, stream)  # fmt: skip
     return [flags[a:b].nonzero().reshape(-1) for a, b in zip(elem_base[:-1], elem_base[1:])]
 
 
 def quantize_decode(parent: Sequence[torch.Tensor], kinds: Sequence[int], tols: Sequence[float],
-                    widths: Sequence[int], q_addrs: Sequence[int], outs: Sequence[torch.Tensor]) -> None:  # fmt: skip
-    device = parent[0].device
+                    widths: Sequence[int], encoded: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
+                    offset: int) -> None:  # fmt: skip
+    """Writes parent + q * 2 * tol into ``outs[i]``, q read from ``encoded[i]``
+    from byte ``offset`` on; the caller writes the escapes over the result."""
+    fn = "quantize_decode"
+    nbytes = _nbytes(fn, "parent", parent)
     n = len(parent)
     numels = [t.numel() for t in parent]
-    block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
-    call("cuda_quantize_decode", _table([t.data_ptr() for t in parent], device), _table(numels, device),
-          _table(kinds, device, torch.int32), _table(tols, device, torch.float64),
-          _table(widths, device, torch.int32), _table(q_addrs, device), _table([o.data_ptr() for o in outs], device),
-          block_base, n, blocks, _stream(device))  # fmt: skip
+    ks = _kinds(fn, "parent", parent, kinds)
+    if len(tols) != n:
+        _fail(fn, f"tols has {len(tols)} entries but there are {n} segments")
+    ws = _ints(fn, "widths", widths, n, allowed=Q_WIDTHS)
+    at = _offset(fn, offset)
+    _room(
+        fn, "encoded", _buffers(fn, "encoded", encoded, n), at, [m * w for m, w in zip(numels, ws)]
+    )
+    _same_sizes(fn, "outs", _nbytes(fn, "outs", outs, n), "parent", nbytes)
+    if not n:
+        return
+    device = _device(fn, "parent[0]", parent[0])
+    _one_device(fn, device, "parent[0]", parent=parent, encoded=encoded, outs=outs)
+    with _launching(fn, device) as stream:
+        block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
+        _launch(fn, _addresses(parent, device), _table(numels, device), _table(ks, device, torch.int32),
+                _table([float(t) for t in tols], device, torch.float64), _table(ws, device, torch.int32),
+                _addresses(encoded, device, at), _addresses(outs, device), block_base, n, blocks,
+                stream)  # fmt: skip
+
+
+def _copy_table(fn: str, buf: torch.Tensor, name: str, segments: Sequence[torch.Tensor], seg_name: str,
+                offsets: Sequence[int]) -> tuple[torch.device, list[int], list[int]]:  # fmt: skip
+    """Checks a gather/scatter table against its contiguous uint8 buffer; returns
+    the device, the segments' byte lengths and the offsets."""
+    if not isinstance(buf, torch.Tensor) or buf.dtype != torch.uint8 or not buf.is_contiguous():
+        _fail(
+            fn,
+            f"{name} must be a contiguous uint8 tensor (use torch.empty(nbytes, dtype=torch.uint8))",
+        )
+    lens = _nbytes(fn, seg_name, segments)
+    offs = _ints(fn, "offsets", offsets, len(lens))
+    _in_bounds(fn, name, buf.numel(), offs, lens)
+    device = _device(fn, name, buf)
+    _one_device(fn, device, name, **{seg_name: segments})
+    return device, lens, offs
 
 
 def gather(dst: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
     """Copies each device tensor's bytes into ``dst`` (uint8, same device) at ``offsets``."""
-    device = dst.device
-    lens = [t.numel() * t.element_size() for t in srcs]
-    block_base, blocks = _blocks(lens, int(core().cuda_copy_bytes_per_block), device)
-    call("cuda_gather", dst, _table([t.data_ptr() for t in srcs], device), _table(lens, device),
-          _table(offsets, device), block_base, len(srcs), blocks, _stream(device))  # fmt: skip
+    device, lens, offs = _copy_table("gather", dst, "dst", srcs, "srcs", offsets)
+    if not srcs:
+        return
+    with _launching("gather", device) as stream:
+        block_base, blocks = _blocks(lens, int(core().cuda_copy_bytes_per_block), device)
+        _launch("gather", dst, _addresses(srcs, device), _table(lens, device), _table(offs, device),
+                block_base, len(srcs), blocks, stream)  # fmt: skip
 
 
 def scatter(src: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
-    device = src.device
-    lens = [t.numel() * t.element_size() for t in dsts]
-    block_base, blocks = _blocks(lens, int(core().cuda_copy_bytes_per_block), device)
-    call("cuda_scatter", src, _table([t.data_ptr() for t in dsts], device), _table(lens, device),
-          _table(offsets, device), block_base, len(dsts), blocks, _stream(device))  # fmt: skip
+    """Copies the bytes of ``src`` (uint8) at ``offsets`` into each device tensor."""
+    device, lens, offs = _copy_table("scatter", src, "src", dsts, "dsts", offsets)
+    if not dsts:
+        return
+    with _launching("scatter", device) as stream:
+        block_base, blocks = _blocks(lens, int(core().cuda_copy_bytes_per_block), device)
+        _launch("scatter", src, _addresses(dsts, device), _table(lens, device), _table(offs, device),
+                block_base, len(dsts), blocks, stream)  # fmt: skip

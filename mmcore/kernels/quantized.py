@@ -17,6 +17,7 @@ from ._segments import (
     QUANT_HEADER,
     QUANTIZED,
     call,
+    check_decode,
     check_pairs,
     f64,
     framed_buffers,
@@ -184,19 +185,15 @@ def _parse_quant(
 def quantize_decode(
     encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Recovers each tensor: parent + q * 2 * tolerance, then the exact escapes."""
-    if len(encoded) != len(parent):
-        raise InvalidArgumentError(f"got {len(encoded)} encodings but {len(parent)} parents")
-    for i, p in enumerate(parent):
-        if not p.is_contiguous():
-            raise InvalidArgumentError(f"segment {i}: parent must be contiguous")
+    """Recovers each tensor: parent + q * 2 * tolerance, then the exact escapes.
+    Encodings and parents must be on one device."""
+    device = check_decode(encoded, parent)
     heads = _headers(encoded) if encoded else []
     meta = [_parse_quant(e, p, i, h) for i, (e, p, h) in enumerate(zip(encoded, parent, heads))]
-    device = parent[0].device if len(parent) else None
     outs = [torch.empty_like(p) for p in parent]
     if native_cuda(device):
         cuda.quantize_decode(parent, [m[1] for m in meta], [m[2] for m in meta], [m[0] for m in meta],
-                             [e.data_ptr() + QUANT_HEADER.size for e in encoded], outs)  # fmt: skip
+                             encoded, outs, offset=QUANT_HEADER.size)  # fmt: skip
         for (_, _, _, esc, idx_off, bits_off), e, p, out in zip(meta, encoded, parent, outs):
             if esc:
                 out.view(-1)[e[idx_off:bits_off].view(torch.int64)] = e[bits_off:].view(p.dtype)
@@ -231,9 +228,7 @@ def _quantize_encode_cuda(new: Sequence[torch.Tensor], parent: Sequence[torch.Te
         head = QUANT_HEADER.pack(ENCODING_VERSION, QUANTIZED, width, kind, 0, tol, t.numel(), esc)
         blob[: QUANT_HEADER.size] = header_bytes(head, device)
         blobs.append(blob)
-    indices = cuda.quantize_write(
-        new, parent, kinds, tol, widths, [b.data_ptr() + QUANT_HEADER.size for b in blobs]
-    )
+    indices = cuda.quantize_write(new, parent, kinds, tol, widths, blobs, offset=QUANT_HEADER.size)
     for t, width, esc, blob, idx in zip(new, widths, escapes, blobs, indices):
         if esc:
             idx_off, bits_off, total = _layout(t.numel(), width, esc, t.element_size())

@@ -14,6 +14,7 @@ from ._segments import (
     XOR_HEADER,
     XOR_PLANES,
     call,
+    check_decode,
     check_pairs,
     framed_buffers,
     gather_headers,
@@ -69,8 +70,7 @@ def _encode(
     if native_cuda(device):
         for out, head in zip(outs, headers):
             out[: XOR_HEADER.size] = header_bytes(head, device)
-        planes_at = [o.data_ptr() + XOR_HEADER.size for o in outs]
-        changed = cuda.xor_planes_encode(new, parent, planes_at, widths)
+        changed = cuda.xor_planes_encode(new, parent, outs, widths, offset=XOR_HEADER.size)
         return outs, changed, blake3_tensors(new) if hashed else no_hashes
     if not native_cpu(device):
         changed = torch.empty(n, dtype=torch.int64)
@@ -139,10 +139,8 @@ def _check_headers(encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tenso
 def xor_planes_decode(
     encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """Recovers each new tensor exactly from its encoding and its parent."""
-    if len(encoded) != len(parent):
-        raise InvalidArgumentError(f"got {len(encoded)} encodings but {len(parent)} parents")
-    device = parent[0].device if len(parent) else None
+    """Recovers each new tensor exactly from its encoding and its parent (both on one device)."""
+    device = check_decode(encoded, parent)
     if native_cpu(device) and len(parent):
         _check_headers(encoded, parent)
     else:
@@ -150,8 +148,8 @@ def xor_planes_decode(
             _parse_xor(e, p, i)
     outs = [torch.empty_like(p) for p in parent]
     if native_cuda(device):
-        planes = [e.data_ptr() + XOR_HEADER.size for e in encoded]
-        cuda.xor_planes_decode(planes, parent, outs, [plane_width(p.dtype) for p in parent])
+        widths = [plane_width(p.dtype) for p in parent]
+        cuda.xor_planes_decode(encoded, parent, outs, widths, offset=XOR_HEADER.size)
         return outs
     if not native_cpu(device):
         for i, (e, p) in enumerate(zip(encoded, parent)):
