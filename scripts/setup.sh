@@ -5,10 +5,11 @@
 # last run (stamps in .venv/): the dependencies when pyproject.toml, the extras
 # or the torch spec changed; the package (a C++ and, where nvcc is found, CUDA
 # build of about 40 s on 2 cores the first time, reused from build/ later) when
-# csrc/, CMakeLists.txt or mmcore/ changed. A run with nothing to do takes a
-# few seconds (it imports torch once to say what is installed). Torch: MMCORE_TORCH (default torch==2.13.0, the CPU wheel on the
-# project's machines) is installed first, so no CUDA build of several GB is
-# pulled in; set MMCORE_TORCH="" to keep a torch that is already there.
+# csrc/, CMakeLists.txt or mmcore/ changed. A run with nothing to do takes a few
+# seconds (it imports torch once to say what is installed).
+# Torch: MMCORE_TORCH (default torch==2.13.0, the CPU wheel on the project's
+# machines) is installed first, so no CUDA build of several GB is pulled in;
+# set MMCORE_TORCH="" to keep a torch that is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
