@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +25,11 @@ from .errors import (
     StoreError,
     VersionNotFoundError,
 )
-from .manifest import APPROACHES, ContentRecord, Manifest, pack_record
+from .manifest import APPROACHES, ContentRecord, Manifest
 from .paths import baseline
+from .paths.commit import version_records
 from .paths.reader import BlobReader, StateDict
+from .record import ref_target
 from .store import Catalog, LocalPackTier, StoreLayout
 
 _HEX = frozenset("0123456789abcdef")
@@ -121,14 +122,6 @@ class ModelStore:
             )
         return ContentRecord.decode(raw)
 
-    def _ref_target(self, ref: str, raw: bytes) -> str:
-        try:
-            return raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise CorruptRecordError(
-                f"ref {ref!r} holds {raw[:20]!r}, not a version id: the store's catalog is damaged"
-            ) from None
-
     def resolve(self, version_or_ref: str) -> str:
         """The full version id for an id, a unique id prefix (>= 4 hex digits), or a ref."""
         self._check_open()
@@ -138,7 +131,7 @@ class ModelStore:
             return version_or_ref
         head = self.catalog.get("refs", key)
         if head is not None:
-            vid = self._ref_target(version_or_ref, head)
+            vid = ref_target(version_or_ref, head)
             if self.catalog.get("manifests", vid.encode()) is None:
                 raise CorruptRecordError(
                     f"ref {version_or_ref!r} points to version {vid}, which is not in the store: "
@@ -177,7 +170,7 @@ class ModelStore:
         out = {}
         for k, v in self.catalog.scan("refs"):
             name = k.decode("utf-8", errors="replace")
-            out[name] = self._ref_target(name, v)
+            out[name] = ref_target(name, v)
         return out
 
     # -- save ------------------------------------------------------------
@@ -219,8 +212,16 @@ class ModelStore:
             with progress_bar(_count(models), "saving models", progress, unit="model") as bar:
                 written = baseline.write_set(writer, models, bar)
             pack_size = writer.finish()
-            puts, live_in_pack = self._version_records(
-                vid, approach, parent, ref, message, written, writer.pack_id, pack_size
+            puts, live_in_pack = version_records(
+                self.catalog,
+                vid,
+                approach,
+                parent,
+                ref,
+                message,
+                written,
+                writer.pack_id,
+                pack_size,
             )
         except BaseException:
             writer.abort()  # nothing references the pack yet
@@ -232,46 +233,6 @@ class ModelStore:
         if not live_in_pack:  # every blob was already stored: the new pack holds nothing
             self.tier.delete(writer.pack_id)
         return vid
-
-    def _version_records(
-        self,
-        vid: str,
-        approach: str,
-        parent: str | None,
-        ref: str | None,
-        message: str | None,
-        written: baseline.WrittenSet,
-        pack_id: str,
-        pack_size: int,
-    ) -> tuple[list[tuple[str, bytes, bytes]], int]:
-        """The catalog puts of a new version, and how many of its blobs live in the new pack."""
-        prev = None if ref is None else self.catalog.get("refs", ref.encode())
-        puts: list[tuple[str, bytes, bytes]] = []
-        live_in_pack = 0
-        for key, rec in written.blobs:
-            existing = self.catalog.get("content", key)
-            if existing is not None:  # identical bytes already stored: reference them
-                rec = ContentRecord.decode(existing)
-                rec.refs += 1
-            else:
-                live_in_pack += 1
-            puts.append(("content", key, rec.encode()))
-        now = time.time()
-        manifest = Manifest(
-            id=vid, approach=approach, created=now, models=written.names, groups=written.groups,
-            logical_bytes=written.logical_bytes, parent=parent,
-            prev=None if prev is None else self._ref_target(str(ref), prev), ref=ref,
-            message=message,
-        )  # fmt: skip
-        new_bytes = 0
-        if live_in_pack:
-            puts.append(("packs", pack_id.encode(), pack_record(pack_size, now)))
-            new_bytes = pack_size
-        manifest.stored_bytes = new_bytes + len(manifest.encode())
-        puts.append(("manifests", vid.encode(), manifest.encode()))
-        if ref is not None:
-            puts.append(("refs", ref.encode(), vid.encode()))
-        return puts, live_in_pack
 
     # -- load ------------------------------------------------------------
     def load(
@@ -360,7 +321,7 @@ class ModelStore:
             raise RefNotFoundError(
                 f"no ref {ref!r} in {self.path}; refs: {', '.join(sorted(self.refs())) or 'none'}"
             )
-        return list(self._walk(self._ref_target(ref, head)))
+        return list(self._walk(ref_target(ref, head)))
 
     def _walk(self, vid: str | None) -> Iterator[VersionInfo]:
         seen: set[str] = set()

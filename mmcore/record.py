@@ -122,3 +122,13 @@ class Record:
         if len(value) != 16 or not set(value) <= _HEX:
             raise self.corrupt(f"field {key!r} is {value!r}, not a pack id (16 hex digits)")
         return value
+
+
+def ref_target(ref: str, raw: bytes) -> str:
+    """The version id a ref's value names; CorruptRecordError if it names none."""
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise CorruptRecordError(
+            f"ref {ref!r} holds {raw[:20]!r}, not a version id: the store's catalog is damaged"
+        ) from None
