@@ -26,12 +26,13 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 
-deps_key=$( { cat pyproject.toml; echo "extras=$extras torch=$torch_spec"; } | digest)
+deps_key=$( { cat pyproject.toml; echo "torch=$torch_spec"; } | digest)
+deps_stamp=".venv/.mmcore-deps-${extras:-none}"  # one per set of extras: demo.sh and test.sh alternate
 src_key=$( { find CMakeLists.txt pyproject.toml csrc mmcore -type f \
   ! -name '*.so' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum;
   echo "MMCORE_CUDA=${MMCORE_CUDA:-AUTO}"; } | digest)
 
-if [ "$(cat .venv/.mmcore-deps 2>/dev/null)" != "$deps_key" ]; then
+if [ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_key" ]; then
   say "installing dependencies (torch: ${torch_spec:-already there}; extras: ${extras:-none})"
   "${pip[@]}" --upgrade pip
   if [ -n "$torch_spec" ]; then
@@ -47,7 +48,7 @@ if [ "$(cat .venv/.mmcore-deps 2>/dev/null)" != "$deps_key" ]; then
   fi
   say "building mmcore and installing the rest (the first build takes about 40 s)"
   "${pip[@]}" --no-build-isolation "$target"
-  echo "$deps_key" >.venv/.mmcore-deps
+  echo "$deps_key" >"$deps_stamp"
   echo "$src_key" >.venv/.mmcore-build
 elif [ "$(cat .venv/.mmcore-build 2>/dev/null)" != "$src_key" ] \
   || ! .venv/bin/python -I -c "import mmcore._core" 2>/dev/null; then

@@ -226,3 +226,19 @@ def test_demo_refuses_bad_cell_counts(
     assert exc.value.code == 2
     assert f"expected a whole number >= 1, got '{cells}'" in capsys.readouterr().err
     assert not (tmp_path / "d.mm").exists()
+
+
+def test_thousands_of_small_groups_load_within_few_descriptors(store: mmcore.ModelStore) -> None:
+    """Each schema group is its own extent; mapping each would hold a descriptor apiece."""
+    import resource
+
+    models = {f"m{i}": {"w": torch.full((i + 1,), float(i))} for i in range(600)}
+    v = store.save(models)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 64, hard))
+    try:
+        loaded = store.load(v)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert_sets_equal(loaded, models)

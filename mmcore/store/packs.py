@@ -100,6 +100,11 @@ class PayloadTier(ABC):
     def size(self, pack_id: str) -> int: ...
 
 
+# Smaller ranges are read, not mapped: Python's mmap holds a duplicate file
+# descriptor per mapping, so a set of thousands of small groups (one small extent
+# each) would otherwise run out of descriptors ("Too many open files").
+MIN_MAP_BYTES = 1 << 20
+
 # Linux >= 5.14: fault every page in for reading (page-cache pages are mapped,
 # not copied; a later write copies just that page). MAP_POPULATE would instead
 # copy every page of a private writable mapping.
@@ -257,7 +262,7 @@ class LocalPackTier(PayloadTier):
         Writes to the tensor never reach the pack. The mapping lives as long as
         the tensor (or any view of it) does.
         """
-        if length == 0 or offset % mmap.ALLOCATIONGRANULARITY:
+        if length < MIN_MAP_BYTES or offset % mmap.ALLOCATIONGRANULARITY:
             return super().map_range(pack_id, offset, length)
         fd = self._fd(pack_id)
         size = os.fstat(fd).st_size

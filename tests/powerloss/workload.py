@@ -21,8 +21,6 @@ import torch
 import mmcore
 from mmcore.paths import baseline
 
-baseline.BATCH_BYTES = 16 << 10  # several extents, and several syncs, per save
-
 
 def models_for(seed: int) -> dict[str, dict[str, torch.Tensor]]:
     """A set of two schemas, the same bits for the same seed."""
@@ -55,6 +53,7 @@ class Marks:
 
 
 def run(mount: Path, rounds: int, seed: int) -> None:
+    baseline.BATCH_BYTES = 16 << 10  # several extents, and several syncs, per save
     rng = random.Random(seed)
     mark = Marks(mount)
     path = mount / "fleet.mm"
