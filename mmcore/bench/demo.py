@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +42,14 @@ def _clear_previous_demo(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def _command_name() -> str:
+    """How to run the ``mmcore`` command from here: its venv path when not on PATH."""
+    script = Path(sys.executable).parent / "mmcore"
+    if shutil.which("mmcore") == str(script) or not script.exists():
+        return "mmcore"
+    return os.path.relpath(script)
+
+
 def _step(text: str, seconds: float) -> None:
     print(f"  {text:<58} {seconds * 1e3:>9.1f} ms", flush=True)
 
@@ -51,6 +61,7 @@ def run(cells: int, store_path: Path, compare: bool, repeat: int) -> int:
     nbytes = sum(t.numel() * t.element_size() for sd in sds.values() for t in sd.values())
     _step(f"built {cells:,} models ({human_bytes(nbytes)} of parameters)", time.perf_counter() - t0)
     _clear_previous_demo(store_path)
+    cli = _command_name()
     with mmcore.open(store_path) as store:
         store.catalog.commit([("meta", DEMO_KEY, DEMO_VALUE)])
         t0 = time.perf_counter()
@@ -75,8 +86,8 @@ def run(cells: int, store_path: Path, compare: bool, repeat: int) -> int:
             f"({info.stored_bytes / info.logical_bytes:.4f}x)"
         )
     print(
-        f"  inspect it: mmcore info {store_path} {v1} | mmcore log {store_path} battery | "
-        f"mmcore verify {store_path}"
+        f"  inspect it: {cli} info {store_path} {v1} | {cli} log {store_path} battery | "
+        f"{cli} verify {store_path}"
     )
     if not same:
         return 1
