@@ -416,21 +416,20 @@ def _copy_table(fn: str, buf: torch.Tensor, name: str, segments: Sequence[torch.
 
 def gather(dst: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
     """Copies each device tensor's bytes into ``dst`` (uint8, same device) at ``offsets``."""
-    device, lens, offs = _copy_table("gather", dst, "dst", srcs, "srcs", offsets)
-    if not srcs:
-        return
-    with _launching("gather", device) as stream:
-        block_base, blocks = _blocks(lens, int(core().cuda_copy_bytes_per_block), device)
-        _launch("gather", dst, _addresses(srcs, device), _table(lens, device), _table(offs, device),
-                block_base, len(srcs), blocks, stream)  # fmt: skip
+    _copy("gather", dst, "dst", srcs, "srcs", offsets)
 
 
 def scatter(src: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
     """Copies the bytes of ``src`` (uint8) at ``offsets`` into each device tensor."""
-    device, lens, offs = _copy_table("scatter", src, "src", dsts, "dsts", offsets)
-    if not dsts:
+    _copy("scatter", src, "src", dsts, "dsts", offsets)
+
+
+def _copy(fn: str, buf: torch.Tensor, name: str, segments: Sequence[torch.Tensor], seg_name: str,
+          offsets: Sequence[int]) -> None:  # fmt: skip
+    device, lens, offs = _copy_table(fn, buf, name, segments, seg_name, offsets)
+    if not segments:
         return
-    with _launching("scatter", device) as stream:
+    with _launching(fn, device) as stream:
         block_base, blocks = _blocks(lens, int(core().cuda_copy_bytes_per_block), device)
-        _launch("scatter", src, _addresses(dsts, device), _table(lens, device), _table(offs, device),
-                block_base, len(dsts), blocks, stream)  # fmt: skip
+        _launch(fn, buf, _addresses(segments, device), _table(lens, device), _table(offs, device),
+                block_base, len(segments), blocks, stream)  # fmt: skip
