@@ -6,6 +6,7 @@ and says what is accepted, so a wrong call changes nothing and explains itself.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -62,6 +63,26 @@ def name_list(value: Any, what: str) -> list[str]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise InvalidArgumentError(f"{what} must be a list of model names, got {_show(value)}")
     return [text(v, f"each of {what}") for v in value]
+
+
+def tolerance(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentError(f"tolerance must be a number > 0, got {_show(value)}")
+    tol = float(value)
+    if not (math.isfinite(tol) and tol > 0 and math.isfinite(2 * tol)):
+        raise InvalidArgumentError(f"tolerance must be a finite number > 0, got {value!r}")
+    return tol
+
+
+MAX_CHAIN_LIMIT = 10_000
+
+
+def max_chain(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHAIN_LIMIT:
+        raise InvalidArgumentError(
+            f"max_chain must be a whole number from 1 to {MAX_CHAIN_LIMIT}, got {_show(value)}"
+        )
+    return value
 
 
 def device(value: Any) -> torch.device:

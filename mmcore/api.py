@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,15 @@ from .errors import (
     VersionNotFoundError,
 )
 from .manifest import APPROACHES, ContentRecord, Manifest
-from .paths import baseline
+from .paths import baseline, chain, update
 from .paths.commit import version_records
+from .paths.delta_blob import DeltaTable
 from .paths.reader import BlobReader, StateDict
 from .record import ref_target
 from .store import Catalog, LocalPackTier, StoreLayout
 
 _HEX = frozenset("0123456789abcdef")
+DEFAULT_MAX_CHAIN = 16
 _MANIFEST_CACHE = 8
 
 
@@ -48,11 +51,16 @@ class VersionInfo:
     stored_bytes: int
     refs: tuple[str, ...]
     message: str | None
+    depth: int = 0  # update versions back to the baseline
+    tolerance: float | None = None  # an update's bound; None: exact
+    max_chain: int | None = None
+    changes: dict[str, int] = field(default_factory=dict)  # an update's model counts and bytes
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["created"] = self.created.isoformat()
         d["refs"] = list(self.refs)
+        d["changes"] = dict(self.changes)
         return d
 
 
@@ -89,6 +97,7 @@ class ModelStore:
         self.tier = LocalPackTier(self._layout.packs)
         self._reader = BlobReader(self.tier, self._content)
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._delta_tables: dict[bytes, DeltaTable] = {}  # paths.chain.delta_table's cache
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcore-reader")
         self._closed = False
 
@@ -182,23 +191,38 @@ class ModelStore:
         parent: str | None = None,
         ref: str | None = None,
         message: str | None = None,
+        tolerance: float | None = None,
+        max_chain: int = DEFAULT_MAX_CHAIN,
         progress: bool | None = None,
     ) -> str:
         """Saves a model set as a new version and returns its id.
 
         ``models`` maps model names to ``torch.nn.Module`` objects or state dicts.
-        ``ref`` (optional) is moved to the new version in the same atomic commit.
+        ``approach="baseline"`` stores every parameter; ``"update"`` stores what
+        changed since ``parent`` (lossless, or within ``tolerance`` of every saved
+        element), storing a model whole once its chain of deltas would pass
+        ``max_chain``. ``ref`` (optional) is moved to the new version in the same
+        atomic commit.
         """
         self._check_open()
         if approach not in APPROACHES:
             raise InvalidArgumentError(
                 f"approach must be one of {', '.join(map(repr, APPROACHES))}, got {approach!r}"
             )
-        if approach == "baseline" and parent is not None:
+        if approach == "baseline" and (parent, tolerance) != (None, None):
             raise InvalidArgumentError(
-                "a baseline version stores every parameter and has no parent; "
-                "drop parent=, or save with approach='update'"
+                "a baseline version stores every parameter exactly and has no parent; "
+                "drop parent= and tolerance=, or save with approach='update'"
             )
+        if approach == "update":
+            if parent is None:
+                raise InvalidArgumentError(
+                    "an update version is stored relative to a parent: pass parent=VERSION_OR_REF"
+                )
+            parent = self.resolve(parent)
+            if tolerance is not None:
+                tolerance = _args.tolerance(tolerance)
+            _args.max_chain(max_chain)
         if ref is not None:
             _args.ref_name(ref)
         _args.optional_text(message, "message")
@@ -210,19 +234,22 @@ class ModelStore:
         writer = self.tier.create()
         try:
             with progress_bar(_count(models), "saving models", progress, unit="model") as bar:
-                written = baseline.write_set(writer, models, bar)
+                manifest = Manifest(id=vid, approach=approach, created=time.time(), models=[],
+                                    groups=[], logical_bytes=0, parent=parent, ref=ref,
+                                    message=message)  # fmt: skip
+                if approach == "update":
+                    assert parent is not None
+                    up = update.write_update(self, writer, models, parent, tolerance=tolerance,
+                                             max_chain=max_chain, progress=bar)  # fmt: skip
+                    manifest.groups, manifest.update = up.groups, up.update
+                    manifest.logical_bytes, blobs = up.logical_bytes, up.blobs
+                else:
+                    written = baseline.write_set(writer, models, bar)
+                    manifest.models, manifest.groups = written.names, written.groups
+                    manifest.logical_bytes, blobs = written.logical_bytes, written.blobs
             pack_size = writer.finish()
-            puts, live_in_pack = version_records(
-                self.catalog,
-                vid,
-                approach,
-                parent,
-                ref,
-                message,
-                written,
-                writer.pack_id,
-                pack_size,
-            )
+            puts, live_in_pack = version_records(self.catalog, manifest, blobs, writer.pack_id,
+                                                 pack_size)  # fmt: skip
         except BaseException:
             writer.abort()  # nothing references the pack yet
             raise
@@ -253,6 +280,8 @@ class ModelStore:
         if models is not None:
             names = _args.name_list(models, "models")
             manifest = self.manifest(version)
+            if manifest.update is not None:
+                return self._load_update(manifest, names, dev, verify)
             missing = [n for n in names if manifest.locate(n) is None]
             if missing:
                 raise ModelNotFoundError(
@@ -262,6 +291,8 @@ class ModelStore:
             return {name: self.load_model(manifest.id, name, device=dev, verify=verify)
                     for name in names}  # fmt: skip
         manifest = self.manifest(version)
+        if manifest.update is not None:
+            return self._load_update(manifest, None, dev, verify)
         out: list[StateDict | None] = [None] * len(manifest.models)
         for group in manifest.groups:
             states = self._reader.read_group(
@@ -271,14 +302,32 @@ class ModelStore:
                 out[mi] = state
         return {name: state for name, state in zip(manifest.models, out) if state is not None}
 
+    def _load_update(self, manifest: Manifest, names: list[str] | None, device: torch.device,
+                     verify: bool) -> dict[str, StateDict]:  # fmt: skip
+        got = chain.recover(self, manifest.id, None if names is None else set(names), verify=verify)
+        if names is not None:
+            missing = [n for n in names if n not in got]
+            if missing:
+                raise ModelNotFoundError(
+                    f"version {manifest.id} has no model(s) {', '.join(map(repr, missing[:5]))}; "
+                    "store.info(version) describes it"
+                )
+            got = {n: got[n] for n in names}
+        if device.type != "cpu":
+            got = {n: {k: t.to(device) for k, t in sd.items()} for n, sd in got.items()}
+        return got
+
     def load_model(
         self, version: str, name: str, *, device: str | torch.device = "cpu", verify: bool = True
     ) -> StateDict:
-        """Recovers one model, reading only that model's bytes."""
+        """Recovers one model, reading only that model's bytes (and, for an update
+        version, the deltas of its chain)."""
         _args.text(name, "model name")
         _args.flag(verify, "verify")
         dev = _args.device(device)
         manifest = self.manifest(version)
+        if manifest.update is not None:
+            return self._load_update(manifest, [name], dev, verify)[name]
         where = manifest.locate(name)
         if where is None:
             raise ModelNotFoundError(
@@ -293,11 +342,17 @@ class ModelStore:
     def info(self, version: str) -> VersionInfo:
         m = self.manifest(version)
         heads = tuple(sorted(r for r, v in self.refs().items() if v == m.id))
+        up = m.update
+        stats = {} if up is None else dict(up.stats)
         return VersionInfo(
             id=m.id, approach=m.approach, parent=m.parent,
-            created=datetime.fromtimestamp(m.created, tz=timezone.utc), num_models=len(m.models),
-            num_tensors=m.num_tensors, logical_bytes=m.logical_bytes, stored_bytes=m.stored_bytes,
-            refs=heads, message=m.message,
+            created=datetime.fromtimestamp(m.created, tz=timezone.utc),
+            num_models=len(m.models) if up is None else stats.get("models", 0),
+            num_tensors=m.num_tensors if up is None else stats.get("tensors", 0),
+            logical_bytes=m.logical_bytes, stored_bytes=m.stored_bytes, refs=heads,
+            message=m.message, depth=0 if up is None else up.depth,
+            tolerance=None if up is None else up.tolerance,
+            max_chain=None if up is None else up.max_chain, changes=stats,
         )  # fmt: skip
 
     def versions(self) -> list[VersionInfo]:
@@ -344,7 +399,13 @@ class ModelStore:
             m = self.manifest(vid)
             for group in m.groups:
                 self._reader.verify_group(m, group)
-            checked += m.num_tensors
+            if m.update is None:
+                checked += m.num_tensors
+                continue
+            checked += sum(g.count * len(g.schema.tensors) for g in m.groups)
+            if m.update.changed:  # decoding checks every decoded tensor's hash
+                got = chain.recover(self, vid, set(m.update.changed), verify=True)
+                checked += sum(len(got[name]) for name in m.update.changed)
         return checked
 
     # -- delete and reclaim ----------------------------------------------
@@ -379,13 +440,16 @@ class ModelStore:
                 f"version {m.id} is the parent of {', '.join(children)}; delete those first"
             )
         puts, deletes = [], [("manifests", m.id.encode())]
-        for group in m.groups:
-            rec = self._content(group.blob)
+        blobs = [g.blob for g in m.groups]
+        if m.update is not None and m.update.delta_blob is not None:
+            blobs.append(m.update.delta_blob)
+        for blob in blobs:
+            rec = self._content(blob)
             rec.refs -= 1
             if rec.refs > 0:
-                puts.append(("content", group.blob, rec.encode()))
+                puts.append(("content", blob, rec.encode()))
             else:
-                deletes.append(("content", group.blob))
+                deletes.append(("content", blob))
         self.catalog.commit(puts, deletes)
         self._manifests.pop(m.id, None)
 

@@ -84,10 +84,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"stored     {human_bytes(info.stored_bytes)} ({ratio:.3f}x the parameter bytes)")
         if info.message:
             print(f"message    {info.message}")
+        if info.approach == "update":
+            c = info.changes
+            print(f"depth      {info.depth} (versions back to the baseline; deltas per model "
+                  f"at most {info.max_chain}, here {c.get('max_delta_chain', 0)})")  # fmt: skip
+            print(f"tolerance  {info.tolerance if info.tolerance is not None else 'none (exact)'}")
+            print(f"models     {c.get('unchanged', 0):,} unchanged, {c.get('delta', 0):,} as deltas, "
+                  f"{c.get('whole', 0):,} whole ({c.get('added', 0):,} added), "
+                  f"{c.get('removed', 0):,} removed")  # fmt: skip
+            print(f"bytes      {human_bytes(c.get('payload_bytes', 0))} payload, "
+                  f"{human_bytes(c.get('metadata_bytes', 0))} tables and hashes, "
+                  f"{human_bytes(info.stored_bytes - c.get('payload_bytes', 0) - c.get('metadata_bytes', 0))} "
+                  "manifest and pack overhead")  # fmt: skip
+        if not manifest.groups:
+            return 0
         print()
         rows = []
         for gi, group in enumerate(manifest.groups):
-            first = manifest.models[group.positions()[0]]
+            first = group.names[0] if group.names else manifest.models[group.positions()[0]]
             rows.append([str(gi), f"{group.count:,}", str(len(group.schema.tensors)),
                          human_bytes(group.schema.stride), first])  # fmt: skip
         print(_table(["schema", "models", "tensors", "per model", "first model"], rows, {1, 2, 3}))

@@ -16,9 +16,9 @@ from .errors import CorruptRecordError, FormatVersionError
 from .modelset import Schema
 from .record import DAMAGED, Record
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # newest read; baseline manifests are still written as 1
 CONTENT_FORMAT = 1
-APPROACHES = ("baseline",)
+APPROACHES = ("baseline", "update")
 
 
 def _pack(obj: Any) -> bytes:
@@ -50,6 +50,9 @@ class GroupRecord:
     count: int
     blob: bytes  # content key of the blob (see ContentRecord)
     members: list[int] | None = None  # indices into Manifest.models; None: all, in order
+    names: list[str] | None = field(
+        default=None, compare=False
+    )  # update versions: UpdateInfo.whole
 
     def positions(self) -> list[int]:
         return list(range(self.count)) if self.members is None else self.members
@@ -81,6 +84,58 @@ class GroupRecord:
 
 
 @dataclass
+class UpdateInfo:
+    """What an update version records beyond a baseline's (docs/FORMAT.md).
+
+    The version's models are the parent's, less ``removed``, then ``added``.
+    A model is stored whole (in ``Manifest.groups``; ``whole[g]`` names group
+    g's models in order), as a delta (``changed``, in the order of the delta
+    blob's tables), or not at all: then it is the parent's.
+    """
+
+    depth: int  # versions back to the baseline
+    tolerance: float | None  # None: lossless
+    max_chain: int
+    removed: list[str]
+    added: list[str]
+    whole: list[list[str]]
+    changed: list[str]
+    delta_blob: bytes | None  # content key of the delta tables and model blobs
+    stats: dict[str, int]
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "depth": self.depth, "tolerance": self.tolerance, "max_chain": self.max_chain,
+            "removed": self.removed, "added": self.added, "whole": self.whole,
+            "changed": self.changed, "delta_blob": self.delta_blob, "stats": self.stats,
+        }  # fmt: skip
+
+    @classmethod
+    def decode(cls, rec: Record, groups: list[GroupRecord]) -> UpdateInfo:
+        tolerance = rec.raw.get("tolerance")
+        if tolerance is not None:
+            tolerance = rec.number("tolerance")
+        whole = [rec.check_text_list(names, "whole") for names in rec.array("whole")]
+        if [len(w) for w in whole] != [g.count for g in groups]:
+            raise rec.corrupt("the whole-model name lists do not match the groups")
+        for group, names in zip(groups, whole):
+            group.names = names
+        blob = rec.optional_binary("delta_blob")
+        if blob is not None and len(blob) != 32:
+            raise rec.corrupt(f"delta blob key of {len(blob)} bytes, not 32")
+        changed = rec.text_list("changed")
+        if (blob is None) != (not changed):
+            raise rec.corrupt("changed models without a delta blob, or the reverse")
+        stats = rec.optional_map("stats")
+        return cls(
+            depth=rec.integer("depth", minimum=1), tolerance=tolerance,
+            max_chain=rec.integer("max_chain", minimum=1), removed=rec.text_list("removed"),
+            added=rec.text_list("added"), whole=whole, changed=changed, delta_blob=blob,
+            stats={str(k): rec.check_integer(v, "stats") for k, v in stats.items()},
+        )  # fmt: skip
+
+
+@dataclass
 class Manifest:
     id: str
     approach: str
@@ -94,6 +149,7 @@ class Manifest:
     ref: str | None = None
     message: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    update: UpdateInfo | None = None
     _index: dict[str, tuple[int, int]] | None = field(default=None, repr=False)
 
     @property
@@ -111,8 +167,10 @@ class Manifest:
         return self._index.get(model)
 
     def encode(self) -> bytes:
+        fields = {"update": self.update.encode()} if self.update is not None else {}
         return _pack({
-            "format": MANIFEST_FORMAT,
+            "format": 1 if self.update is None else 2,
+            **fields,
             "id": self.id,
             "approach": self.approach,
             "created": self.created,
@@ -132,7 +190,11 @@ class Manifest:
         rec = _unpack(data, "manifest", MANIFEST_FORMAT)
         models = rec.text_list("models")
         groups = [GroupRecord.decode(g) for g in rec.map_list("groups")]
-        _check_membership(rec, models, groups)
+        update = None
+        if "update" in rec.raw:
+            update = UpdateInfo.decode(rec.submap("update"), groups)
+        else:
+            _check_membership(rec, models, groups)
         return cls(
             id=rec.text("id"),
             approach=rec.text("approach"),
@@ -146,6 +208,7 @@ class Manifest:
             ref=rec.optional_text("ref"),
             message=rec.optional_text("message"),
             extra=rec.optional_map("extra"),
+            update=update,
         )
 
 
@@ -182,6 +245,7 @@ class ContentRecord:
     hashes_offset: int
     hashes_length: int
     refs: int
+    table: tuple[int, int] | None = None  # a delta blob's entry table: (offset, length)
 
     def payload_length(self, stride: int) -> int:
         return sum(count for _, count in self.extents) * stride
@@ -201,6 +265,7 @@ class ContentRecord:
             "extents": self.extents,
             "hashes": [self.hashes_offset, self.hashes_length],
             "refs": self.refs,
+            **({} if self.table is None else {"table": list(self.table)}),
         })  # fmt: skip
 
     @classmethod
@@ -210,7 +275,9 @@ class ContentRecord:
         hashes_offset, hashes_length = rec.integer_pair("hashes")
         if hashes_length % 32:
             raise rec.corrupt(f"a hash table of {hashes_length} bytes, not a multiple of 32")
-        return cls(rec.pack_id("pack"), extents, hashes_offset, hashes_length, rec.integer("refs"))
+        table = rec.integer_pair("table") if "table" in rec.raw else None
+        return cls(rec.pack_id("pack"), extents, hashes_offset, hashes_length,
+                   rec.integer("refs"), table)  # fmt: skip
 
 
 def pack_record(size: int, created: float) -> bytes:

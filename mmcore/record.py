@@ -78,9 +78,11 @@ class Record:
         return value
 
     def text_list(self, key: str) -> list[str]:
-        values = self.array(key)
-        if not all(isinstance(v, str) for v in values):
-            raise self.corrupt(f"field {key!r} should hold strings only")
+        return self.check_text_list(self.array(key), key)
+
+    def check_text_list(self, values: Any, key: str) -> list[str]:
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise self.corrupt(f"field {key!r} should hold lists of strings only")
         return values
 
     def submap(self, key: str) -> Record:

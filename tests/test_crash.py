@@ -1,4 +1,5 @@
-"""SIGKILL in the middle of saving: every version is whole or absent, the store opens."""
+"""SIGKILL in the middle of saving (baselines and updates): every version is whole or
+absent, the store opens."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ CHILD = textwrap.dedent("""
         print("READY", flush=True)
         i = 0
         while True:
-            flat.add_(1.0)  # every version differs
+            flat[: (i % 4 + 1) * 5041 * cells // 8].add_(1.0)  # every version differs, in part
             models, off = {}, 0
             for c in range(cells):
                 sd = {}
@@ -39,7 +40,9 @@ CHILD = textwrap.dedent("""
                 models[f"cell_{c:05d}"] = sd
             print("SAVING", i, flush=True)
             t0 = time.perf_counter()
-            vid = store.save(models, ref="fleet", message=str(i))
+            head = store.refs().get("fleet")
+            update = {} if head is None or i % 3 == 0 else {"approach": "update", "parent": head}
+            vid = store.save(models, ref="fleet", message=str(i), **update)
             print("SAVED", vid, time.perf_counter() - t0, flush=True)
             i += 1
 """)
@@ -95,9 +98,11 @@ def test_sigkill_during_saves_leaves_whole_versions(tmp_path: Path) -> None:
     assert len(committed) >= 5, "the child never got far enough to test anything"
     with mmcore.open(path) as store:
         store.gc()
-        live = {
-            store._content(g.blob).pack
-            for v in store.versions()
-            for g in store.manifest(v.id).groups
-        }
+        live = set()
+        for v in store.versions():
+            m = store.manifest(v.id)
+            blobs = [g.blob for g in m.groups]
+            if m.update is not None and m.update.delta_blob is not None:
+                blobs.append(m.update.delta_blob)
+            live |= {store._content(b).pack for b in blobs}
         assert set(store.tier.list()) == live  # orphans of interrupted saves were reclaimed

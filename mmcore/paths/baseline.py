@@ -61,6 +61,7 @@ class WrittenSet:
     groups: list[GroupRecord]
     blobs: list[tuple[bytes, ContentRecord]]
     logical_bytes: int
+    end: int = 0  # first pack offset after everything written
 
 
 class _SetWriter:
@@ -150,7 +151,7 @@ class _SetWriter:
             members = None if single else g.members
             records.append(GroupRecord(g.schema, count, key, members))
         logical = sum(len(g.members) * sum(s.nbytes for s in g.schema.tensors) for g in self.groups)
-        return WrittenSet(names, records, blobs, logical)
+        return WrittenSet(names, records, blobs, logical, self.end)
 
 
 def write_set(writer: PackWriter, models: Any, progress: Progress) -> WrittenSet:

@@ -5,33 +5,29 @@ synced WriteBatch."""
 
 from __future__ import annotations
 
-import time
-
 from ..manifest import ContentRecord, Manifest, pack_record
 from ..record import ref_target
 from ..store import Catalog
-from .baseline import WrittenSet
 
 Put = tuple[str, bytes, bytes]
 
 
 def version_records(
     catalog: Catalog,
-    vid: str,
-    approach: str,
-    parent: str | None,
-    ref: str | None,
-    message: str | None,
-    written: WrittenSet,
+    manifest: Manifest,
+    blobs: list[tuple[bytes, ContentRecord]],
     pack_id: str,
     pack_size: int,
 ) -> tuple[list[Put], int]:
-    """The puts of a new version, and how many of its blobs live in the new pack
-    (0: every blob was stored already, and the new pack can go)."""
+    """The puts that commit ``manifest`` (its ``stored_bytes`` filled in here) and its
+    blobs, and how many blobs live in the new pack (0: every blob was stored already,
+    and the new pack can go). ``manifest.prev`` is set from the ref's current head."""
+    ref = manifest.ref
     prev = None if ref is None else catalog.get("refs", ref.encode())
+    manifest.prev = None if prev is None or ref is None else ref_target(ref, prev)
     puts: list[Put] = []
     live_in_pack = 0
-    for key, rec in written.blobs:
+    for key, rec in blobs:
         existing = catalog.get("content", key)
         if existing is not None:  # identical bytes already stored: reference them
             rec = ContentRecord.decode(existing)
@@ -39,18 +35,12 @@ def version_records(
         else:
             live_in_pack += 1
         puts.append(("content", key, rec.encode()))
-    now = time.time()
-    manifest = Manifest(
-        id=vid, approach=approach, created=now, models=written.names, groups=written.groups,
-        logical_bytes=written.logical_bytes, parent=parent,
-        prev=None if prev is None else ref_target(str(ref), prev), ref=ref, message=message,
-    )  # fmt: skip
     new_bytes = 0
     if live_in_pack:
-        puts.append(("packs", pack_id.encode(), pack_record(pack_size, now)))
+        puts.append(("packs", pack_id.encode(), pack_record(pack_size, manifest.created)))
         new_bytes = pack_size
     manifest.stored_bytes = new_bytes + len(manifest.encode())
-    puts.append(("manifests", vid.encode(), manifest.encode()))
+    puts.append(("manifests", manifest.id.encode(), manifest.encode()))
     if ref is not None:
-        puts.append(("refs", ref.encode(), vid.encode()))
+        puts.append(("refs", ref.encode(), manifest.id.encode()))
     return puts, live_in_pack

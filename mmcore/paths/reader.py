@@ -70,7 +70,10 @@ class BlobReader:
         if bad is None:
             return
         pos, ti = divmod(bad, len(group.schema.tensors))
-        model = manifest.models[group.positions()[first_pos + pos]]
+        at = first_pos + pos
+        model = (
+            group.names[at] if group.names is not None else manifest.models[group.positions()[at]]
+        )
         tensor = group.schema.tensors[ti].name
         raise IntegrityError(
             f"version {manifest.id}: model {model!r}, tensor {tensor!r} does not match its "
@@ -79,7 +82,7 @@ class BlobReader:
             tensor=tensor,
         )
 
-    def _stored_hashes(self, rec: ContentRecord) -> torch.Tensor:
+    def stored_hashes(self, rec: ContentRecord) -> torch.Tensor:
         stored = torch.empty(
             (rec.hashes_length // kernels.HASH_SIZE, kernels.HASH_SIZE), dtype=torch.uint8
         )
@@ -112,7 +115,7 @@ class BlobReader:
             lens = torch.cat([t[1] for t in tables])
 
             def hash_payload() -> tuple[torch.Tensor, torch.Tensor]:
-                return kernels.blake3_segments(ptrs, lens), self._stored_hashes(rec)
+                return kernels.blake3_segments(ptrs, lens), self.stored_hashes(rec)
 
             future = pool.submit(hash_payload)  # hashes while this thread builds the views
         models: list[StateDict] = []
@@ -160,7 +163,7 @@ class BlobReader:
         from .baseline import blob_key
 
         rec = self.content(group.blob)
-        stored = self._stored_hashes(rec)
+        stored = self.stored_hashes(rec)
         ntensors = len(group.schema.tensors)
         first = 0
         for off, count in rec.extents:

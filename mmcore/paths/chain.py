@@ -1,0 +1,264 @@
+"""Versions along a chain: what a version holds per model (schema, hashes, delta
+depth), and recovery of a whole set or of some models.
+
+Recovery walks the chain once, from the baseline forward: the baseline's groups
+are mapped (or, for a few models, read one by one), then each update drops its
+removed models, reads its whole-stored models, and decodes its deltas for all
+changed models in one batched call per encoding. Every tensor decoded from a
+delta is hashed and checked against the hash recorded at save time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import codec, kernels
+from ..errors import CorruptRecordError, IntegrityError
+from ..kernels.delta import quantize_decode, xor_planes_decode
+from ..manifest import GroupRecord, Manifest
+from ..modelset import Schema
+from .delta_blob import DeltaTable, decode_tables
+from .reader import StateDict
+
+if TYPE_CHECKING:
+    from ..api import ModelStore
+
+_DELTA_CACHE = 8
+# Below this share of a group's models, read them one by one instead of mapping the group.
+_FEW = 8
+
+
+@dataclass
+class ModelInfo:
+    schema: Schema
+    hashes: torch.Tensor  # (tensors, 32): BLAKE3 of each tensor as recovery produces it
+    depth: int  # deltas since the model was last stored whole
+
+
+def chain_of(store: ModelStore, vid: str) -> list[Manifest]:
+    """[the version, its parent, ..., the baseline]."""
+    chain = [store.manifest(vid)]
+    while chain[-1].update is not None:
+        parent = chain[-1].parent
+        if parent is None or len(chain) > 1_000_000:
+            raise CorruptRecordError(
+                f"update version {chain[-1].id} has no parent: the catalog is damaged"
+            )
+        chain.append(store.manifest(parent))
+    return chain
+
+
+def _group_names(manifest: Manifest, group: GroupRecord) -> list[str]:
+    if group.names is not None:
+        return group.names
+    return [manifest.models[i] for i in group.positions()]
+
+
+def delta_table(store: ModelStore, manifest: Manifest) -> DeltaTable:
+    """The parsed delta tables of an update version (cached per store)."""
+    assert manifest.update is not None and manifest.update.delta_blob is not None
+    key = manifest.update.delta_blob
+    cache = store._delta_tables
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    rec = store._content(key)
+    if rec.table is None:
+        raise CorruptRecordError(f"version {manifest.id}: its delta blob has no table record")
+    offset, length = rec.table
+    data = bytearray(length)
+    if length:
+        buf = torch.frombuffer(data, dtype=torch.uint8)
+        store.tier.read_into(rec.pack, offset, length, buf.data_ptr())
+    table = decode_tables(bytes(data), len(manifest.update.changed), store._reader.stored_hashes(rec),
+                          f"version {manifest.id}")  # fmt: skip
+    if len(cache) >= _DELTA_CACHE:
+        cache.pop(next(iter(cache)))
+    cache[key] = table
+    return table
+
+
+def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
+    """Every model of a version, in its order, with its schema, hashes and delta depth."""
+    chain = chain_of(store, vid)
+    base = chain[-1]
+    index: dict[str, ModelInfo] = {}
+    for group in base.groups:
+        _index_group(store, base, group, index)
+    index = {name: index[name] for name in base.models}
+    for m in reversed(chain[:-1]):
+        assert m.update is not None
+        for name in m.update.removed:
+            index.pop(name, None)
+        for group in m.groups:
+            _index_group(store, m, group, index)
+        if m.update.changed:
+            table = delta_table(store, m)
+            for i, name in enumerate(m.update.changed):
+                first, count = int(table.first[i]), int(table.count[i])
+                index[name] = ModelInfo(index[name].schema, table.hashes[first : first + count],
+                                        int(table.depth[i]))  # fmt: skip
+        added = set(m.update.added)
+        order = [n for n in index if n not in added] + m.update.added
+        index = {name: index[name] for name in order}
+    return index
+
+
+def _index_group(store: ModelStore, m: Manifest, group: GroupRecord,
+                 index: dict[str, ModelInfo]) -> None:  # fmt: skip
+    hashes = store._reader.stored_hashes(store._content(group.blob))
+    n = len(group.schema.tensors)
+    for pos, name in enumerate(_group_names(m, group)):
+        index[name] = ModelInfo(group.schema, hashes[pos * n : (pos + 1) * n], 0)
+
+
+def recover(
+    store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool
+) -> dict[str, StateDict]:
+    """The models of a version (or those in ``wanted``), in the version's order, on the CPU."""
+    chain = chain_of(store, vid)
+    base = chain[-1]
+    states: dict[str, StateDict] = {}
+    order = list(base.models)
+    for group in base.groups:
+        _read_group(store, base, group, wanted, states, verify)
+    for m in reversed(chain[:-1]):
+        assert m.update is not None
+        removed = set(m.update.removed)
+        for name in removed:
+            states.pop(name, None)
+        order = [n for n in order if n not in removed] + m.update.added
+        for group in m.groups:
+            _read_group(store, m, group, wanted, states, verify)
+        if m.update.changed:
+            _apply_deltas(store, m, states, verify)
+    return {n: states[n] for n in order if n in states}
+
+
+def _read_group(store: ModelStore, m: Manifest, group: GroupRecord, wanted: set[str] | None,
+                states: dict[str, StateDict], verify: bool) -> None:  # fmt: skip
+    names = _group_names(m, group)
+    cpu = torch.device("cpu")
+    if wanted is not None and len(wanted) * _FEW < len(names):
+        for pos, name in enumerate(names):
+            if name in wanted:
+                states[name] = store._reader.read_model(m, group, pos, verify=verify, device=cpu)
+        return
+    models = store._reader.read_group(m, group, verify=verify, device=cpu, pool=store._pool)
+    for name, state in zip(names, models):
+        if wanted is None or name in wanted:
+            states[name] = state
+
+
+def _model_plain(
+    store: ModelStore, m: Manifest, table: DeltaTable, i: int, pack: str
+) -> torch.Tensor:
+    stored, plain = int(table.stored[i]), int(table.plain[i])
+    raw = bytearray(stored)
+    if stored:
+        store.tier.read_into(
+            pack, int(table.offset[i]), stored, torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
+        )
+    what = f"version {m.id}, model {m.update.changed[i]!r}" if m.update else m.id
+    data = codec.decompress(raw, plain, what) if int(table.codec[i]) == codec.ZSTD else bytes(raw)
+    if len(data) != plain:
+        raise IntegrityError(f"{what}: {len(data)} payload bytes, not the {plain} recorded")
+    return (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data
+        else torch.empty(0, dtype=torch.uint8)
+    )
+
+
+def _apply_deltas(
+    store: ModelStore, m: Manifest, states: dict[str, StateDict], verify: bool
+) -> None:
+    """Decodes the deltas of every changed model present in ``states``, in place."""
+    assert m.update is not None and m.update.delta_blob is not None
+    table = delta_table(store, m)
+    pack = store._content(m.update.delta_blob).pack
+    jobs: dict[int, list[tuple[StateDict, str, torch.Tensor, torch.Tensor]]] = {
+        codec.XOR: [],
+        codec.QUANT: [],
+    }
+    checked: list[tuple[str, int, list[torch.Tensor]]] = []
+    for i, name in enumerate(m.update.changed):
+        state = states.get(name)
+        if state is None:
+            continue
+        first, count = int(table.first[i]), int(table.count[i])
+        if count != len(state):
+            raise IntegrityError(
+                f"version {m.id}, model {name!r}: {count} tensor entries for {len(state)} tensors"
+            )
+        plain = _model_plain(store, m, table, i, pack)
+        new_state = dict(state)
+        for t, key in enumerate(state):
+            e = first + t
+            kind, at, length = int(table.kind[e]), int(table.at[e]), int(table.length[e])
+            if kind == codec.SAME:
+                continue
+            if at + length > plain.numel():
+                raise IntegrityError(
+                    f"version {m.id}, model {name!r}, tensor {key!r}: entry past the payload"
+                )
+            piece = plain[at : at + length]
+            parent = state[key]
+            if kind == codec.RAW:
+                new_state[key] = _raw_tensor(piece, parent, m.id, name, key)
+            elif kind in jobs:
+                jobs[kind].append((new_state, key, piece, parent))
+            else:
+                raise IntegrityError(
+                    f"version {m.id}, model {name!r}, tensor {key!r}: unknown kind {kind}"
+                )
+        states[name] = new_state
+        checked.append((name, first, []))
+    for kind, decode in ((codec.XOR, xor_planes_decode), (codec.QUANT, quantize_decode)):
+        if jobs[kind]:
+            outs = decode([j[2] for j in jobs[kind]], [j[3] for j in jobs[kind]])
+            for (target, key, _, _), out in zip(jobs[kind], outs):
+                target[key] = out
+    if verify and checked:
+        _check_hashes(m, table, states, checked)
+
+
+def _raw_tensor(
+    piece: torch.Tensor, like: torch.Tensor, vid: str, model: str, key: str
+) -> torch.Tensor:
+    nbytes = like.numel() * like.element_size()
+    if piece.numel() != nbytes:
+        raise IntegrityError(
+            f"version {vid}, model {model!r}, tensor {key!r}: {piece.numel()} raw bytes, not {nbytes}"
+        )
+    if nbytes == 0:
+        return torch.empty_like(like)
+    return (
+        piece.view(like.dtype).view(like.shape)
+        if like.dtype != torch.uint8
+        else piece.view(like.shape)
+    )
+
+
+def _check_hashes(m: Manifest, table: DeltaTable, states: dict[str, StateDict],
+                  checked: Iterable[tuple[str, int, list[torch.Tensor]]]) -> None:  # fmt: skip
+    rows, tensors, where = [], [], []
+    for name, first, _ in checked:
+        for t, (key, tensor) in enumerate(states[name].items()):
+            rows.append(first + t)
+            tensors.append(tensor.contiguous())
+            where.append((name, key))
+    got = kernels.blake3_tensors(tensors)
+    want = table.hashes[torch.tensor(rows, dtype=torch.int64)]
+    bad = (got != want).any(dim=1).nonzero()
+    if bad.numel():
+        name, key = where[int(bad[0, 0])]
+        raise IntegrityError(
+            f"version {m.id}: model {name!r}, tensor {key!r} does not match its recorded BLAKE3 "
+            "hash after decoding its delta: the stored bytes are corrupted",
+            model=name, tensor=key,
+        )  # fmt: skip

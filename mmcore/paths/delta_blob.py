@@ -1,0 +1,77 @@
+"""The delta blob of an update version: one table entry per changed model and
+per tensor, the BLAKE3 of every recovered tensor, and the model blobs they point
+to (docs/FORMAT.md, "Update versions")."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from ..errors import IntegrityError
+
+# Per changed model: pack offset of its blob, stored length, plain length,
+# index of its first tensor entry, tensor count, delta depth, codec, padding.
+MODEL = struct.Struct("<QQQIIHB5x")
+# Per tensor: how it is stored (codec.SAME/RAW/XOR/QUANT), offset and length in the plain blob.
+TENSOR = struct.Struct("<B7xQQ")
+
+
+@dataclass
+class DeltaTable:
+    """The parsed tables: int64 columns, one row per changed model / per tensor."""
+
+    offset: torch.Tensor  # (m,) pack offset of each model blob
+    stored: torch.Tensor  # (m,) bytes in the pack
+    plain: torch.Tensor  # (m,) bytes after decompression
+    first: torch.Tensor  # (m,) first tensor entry
+    count: torch.Tensor  # (m,) tensor entries
+    depth: torch.Tensor  # (m,) deltas since the model was last stored whole
+    codec: torch.Tensor  # (m,)
+    kind: torch.Tensor  # (t,) per tensor entry
+    at: torch.Tensor  # (t,) offset in the plain blob
+    length: torch.Tensor  # (t,)
+    hashes: torch.Tensor  # (t, 32) BLAKE3 of each recovered tensor
+
+
+def encode_tables(models: list[tuple[int, int, int, int, int, int]],
+                  tensors: list[tuple[int, int, int]]) -> bytes:  # fmt: skip
+    """``models``: (offset, stored, plain, tensor count, depth, codec) in ``changed``
+    order; ``tensors``: (kind, offset, length) of every model's tensors, in order."""
+    out = bytearray()
+    first = 0
+    for offset, stored, plain, count, depth, codec in models:
+        out += MODEL.pack(offset, stored, plain, first, count, depth, codec)
+        first += count
+    if first != len(tensors):
+        raise ValueError(f"{first} tensor entries announced, {len(tensors)} given")
+    for kind, at, length in tensors:
+        out += TENSOR.pack(kind, at, length)
+    return bytes(out)
+
+
+def blob_key(table: bytes, hashes: torch.Tensor) -> bytes:
+    return kernels.blake3_bytes(b"mmcore-delta-v1" + table + kernels.tensor_bytes(hashes))
+
+
+def decode_tables(data: bytes, models: int, hashes: torch.Tensor, what: str) -> DeltaTable:
+    head = MODEL.size * models
+    if len(data) < head or (len(data) - head) % TENSOR.size:
+        raise IntegrityError(f"{what}: the delta table is {len(data)} bytes, not a valid length")
+    rows = torch.frombuffer(bytearray(data[:head]), dtype=torch.uint8).reshape(models, MODEL.size)
+    q = rows[:, :24].contiguous().view(torch.int64)
+    i = rows[:, 24:32].contiguous().view(torch.int32).to(torch.int64)
+    entries = (len(data) - head) // TENSOR.size
+    ents = torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8).reshape(entries, TENSOR.size)
+    table = DeltaTable(
+        offset=q[:, 0], stored=q[:, 1], plain=q[:, 2], first=i[:, 0], count=i[:, 1],
+        depth=rows[:, 32:34].contiguous().view(torch.int16).to(torch.int64).reshape(-1),
+        codec=rows[:, 34].to(torch.int64), kind=ents[:, 0].to(torch.int64),
+        at=ents[:, 8:16].contiguous().view(torch.int64).reshape(-1),
+        length=ents[:, 16:24].contiguous().view(torch.int64).reshape(-1), hashes=hashes,
+    )  # fmt: skip
+    if (models and int((table.first + table.count).max()) > entries) or hashes.shape[0] != entries:
+        raise IntegrityError(f"{what}: the delta table's entries do not add up")
+    return table

@@ -1,0 +1,217 @@
+"""The update save path: a version stored relative to its parent.
+
+One pass hashes every tensor of the new set (one native call over the whole
+table). A model whose hashes all equal the parent's costs nothing; a new model,
+one whose architecture changed, or one whose delta chain would exceed
+``max_chain`` is stored whole (through the baseline writer, into the same pack);
+every other changed model gets a *model blob*: its changed tensors encoded
+against the parent as recovery produces it (xor-planes, or quantized when a
+tolerance is given), one zstd frame per model, or the raw bytes when that is
+not smaller. Encoding runs batched over all changed tensors at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import codec, dtypes, kernels
+from ..errors import InvalidModelSetError
+from ..kernels.delta import FLOAT_KINDS, quantize_decode, quantize_encode, xor_planes_encode
+from ..manifest import ContentRecord, GroupRecord, UpdateInfo
+from ..modelset import ModelEntry, iter_models
+from ..store.packs import HEADER_SIZE, PackWriter, align_up
+from . import baseline, chain, delta_blob
+
+if TYPE_CHECKING:
+    from ..api import ModelStore
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class WrittenUpdate:
+    groups: list[GroupRecord]
+    blobs: list[tuple[bytes, ContentRecord]]
+    update: UpdateInfo
+    logical_bytes: int
+
+
+@dataclass
+class _Delta:
+    entry: ModelEntry
+    hashes: torch.Tensor  # of the new tensors
+    info: chain.ModelInfo
+    kinds: list[int]
+    pieces: list[torch.Tensor | None]  # encoding per tensor (None: unchanged)
+    recovered: torch.Tensor  # (tensors, 32) hashes of what recovery will produce
+
+
+def _same_schema(info: chain.ModelInfo, entry: ModelEntry) -> bool:
+    want = [(t.name, t.dtype, t.shape) for t in info.schema.tensors]
+    try:
+        got = [
+            (k, dtypes.NAME_OF[dt], tuple(shape))
+            for k, (dt, shape) in zip(entry.keys, entry.signature)
+        ]
+    except KeyError:
+        return False
+    return want == got
+
+
+def _hash_all(entries: list[ModelEntry]) -> list[torch.Tensor]:
+    sources = [t for e in entries for t in e.sources]
+    ptrs = kernels.int64_table([t.data_ptr() for t in sources])
+    lens = kernels.int64_table([t.numel() * t.element_size() for t in sources])
+    hashes = kernels.blake3_segments(ptrs, lens)
+    out, row = [], 0
+    for e in entries:
+        out.append(hashes[row : row + len(e.sources)])
+        row += len(e.sources)
+    return out
+
+
+def write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
+                 tolerance: float | None, max_chain: int, progress: Progress) -> WrittenUpdate:  # fmt: skip
+    entries = list(iter_models(models))
+    if not entries:
+        raise InvalidModelSetError("the model set is empty: pass at least one model")
+    parent_manifest = store.manifest(parent)
+    index = chain.model_index(store, parent)
+    whole: list[ModelEntry] = []
+    deltas: list[_Delta] = []
+    unchanged = restored = 0
+    for entry, hashes in zip(entries, _hash_all(entries)):
+        info = index.get(entry.name)
+        if info is None or not _same_schema(info, entry):
+            whole.append(entry)
+        elif torch.equal(hashes, info.hashes):
+            unchanged += 1
+        elif info.depth + 1 > max_chain:
+            whole.append(entry)
+            restored += 1
+        else:
+            deltas.append(_Delta(entry, hashes, info, [], [], hashes.clone()))
+        progress(1)
+    names = {e.name for e in entries}
+    added = [e.name for e in entries if e.name not in index]
+    removed = [n for n in index if n not in names]
+    if deltas:
+        _encode(store, parent, deltas, tolerance)
+        kept = [d for d in deltas if any(k != codec.SAME for k in d.kinds)]
+        unchanged += len(deltas) - len(kept)  # every change within tolerance: the parent's
+        deltas = kept
+
+    groups: list[GroupRecord] = []
+    blobs: list[tuple[bytes, ContentRecord]] = []
+    end = HEADER_SIZE
+    whole_names: list[list[str]] = []
+    if whole:
+        written = baseline.write_set(writer, {e.name: dict(zip(e.keys, e.sources)) for e in whole},
+                                     lambda n: None)  # fmt: skip
+        groups, blobs, end = written.groups, list(written.blobs), written.end
+        whole_names = [[written.names[i] for i in g.positions()] for g in groups]
+    delta_key = None
+    payload = sum(g.count * g.schema.stride for g in groups)
+    metadata = sum(g.count * len(g.schema.tensors) * kernels.HASH_SIZE for g in groups)
+    if deltas:
+        delta_key, rec, model_bytes, table_bytes = _write_deltas(writer, deltas, end)
+        blobs.append((delta_key, rec))
+        payload += model_bytes
+        metadata += table_bytes
+    depth = 1 if parent_manifest.update is None else parent_manifest.update.depth + 1
+    stats = {"models": len(entries), "tensors": sum(len(e.sources) for e in entries),
+             "unchanged": unchanged, "changed": len(deltas) + restored, "delta": len(deltas),
+             "whole": len(whole), "added": len(added), "removed": len(removed),
+             "payload_bytes": payload, "metadata_bytes": metadata,
+             "max_delta_chain": max([int(d.info.depth) + 1 for d in deltas], default=0)}  # fmt: skip
+    update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=removed,
+                        added=added, whole=whole_names, changed=[d.entry.name for d in deltas],
+                        delta_blob=delta_key, stats=stats)  # fmt: skip
+    logical = sum(t.numel() * t.element_size() for e in entries for t in e.sources)
+    return WrittenUpdate(groups, blobs, update, logical)
+
+
+def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: float | None) -> None:
+    """Fills kinds, pieces and recovered hashes: one batched encode per encoding."""
+    parents = chain.recover(store, parent, {d.entry.name for d in deltas}, verify=True)
+    xor: list[tuple[_Delta, int, torch.Tensor, torch.Tensor]] = []
+    quant: list[tuple[_Delta, int, torch.Tensor, torch.Tensor]] = []
+    for d in deltas:
+        old = list(parents[d.entry.name].values())
+        d.kinds = [codec.SAME] * len(old)
+        d.pieces = [None] * len(old)
+        for t, (new, before) in enumerate(zip(d.entry.sources, old)):
+            if torch.equal(d.hashes[t], d.info.hashes[t]):
+                continue
+            lossy = tolerance is not None and new.dtype in FLOAT_KINDS
+            (quant if lossy else xor).append((d, t, new.reshape(-1), before.reshape(-1)))
+    if xor:
+        encs, _ = xor_planes_encode([j[2] for j in xor], [j[3] for j in xor])
+        for (d, t, _, _), enc in zip(xor, encs):
+            d.kinds[t], d.pieces[t] = codec.XOR, enc
+    if quant:
+        assert tolerance is not None
+        encs, _ = quantize_encode([j[2] for j in quant], [j[3] for j in quant], tolerance)
+        decoded = quantize_decode(encs, [j[3] for j in quant])
+        got = kernels.blake3_tensors(decoded)
+        for (d, t, _, _), enc, h in zip(quant, encs, got):
+            if torch.equal(h, d.info.hashes[t]):  # within tolerance of the parent as recovered
+                d.recovered[t] = d.info.hashes[t]  # recovery keeps the parent's tensor
+                continue
+            d.kinds[t], d.pieces[t], d.recovered[t] = codec.QUANT, enc, h
+
+
+def _write_deltas(
+    writer: PackWriter, deltas: list[_Delta], end: int
+) -> tuple[bytes, ContentRecord, int, int]:
+    """Writes the model blobs, then the tables and hashes; returns the blob key, its
+    content record, the model blobs' bytes and the tables' and hashes' bytes."""
+    plains, raws = [], []
+    for d in deltas:
+        plains.append(b"".join(kernels.tensor_bytes(p) for p in d.pieces if p is not None))
+        raws.append(b"".join(kernels.tensor_bytes(d.entry.sources[t])
+                             for t, p in enumerate(d.pieces) if p is not None))  # fmt: skip
+    packed = codec.compress_many(plains)
+    start = offset = align_up(end, 64)
+    body = bytearray()
+    model_rows, tensor_rows = [], []
+    for d, raw, z in zip(deltas, raws, packed):
+        use_zstd = len(z) < len(raw)
+        data, kinds = (
+            (z, d.kinds)
+            if use_zstd
+            else (raw, [codec.RAW if k != codec.SAME else k for k in d.kinds])
+        )
+        if not use_zstd:  # stored exactly: recovery gives the new tensors
+            for t, piece in enumerate(d.pieces):
+                if piece is not None:
+                    d.recovered[t] = d.hashes[t]
+        pieces = d.pieces if use_zstd else [d.entry.sources[t] if p is not None else None
+                                            for t, p in enumerate(d.pieces)]  # fmt: skip
+        at = 0
+        for kind, piece in zip(kinds, pieces):
+            length = 0 if piece is None else piece.numel() * piece.element_size()
+            tensor_rows.append((kind, at, length))
+            at += length
+        codec_id = codec.ZSTD if use_zstd else codec.NONE
+        model_rows.append((offset, len(data), at, len(kinds), int(d.info.depth) + 1, codec_id))
+        body += data
+        offset += len(data)
+    table = delta_blob.encode_tables(model_rows, tensor_rows)
+    hashes = torch.cat([d.recovered for d in deltas]).contiguous()
+    table_at = align_up(offset, 64)
+    hashes_at = align_up(table_at + len(table), 64)
+    image = bytearray(hashes_at + hashes.numel() - start)
+    image[: len(body)] = body
+    image[table_at - start : table_at - start + len(table)] = table
+    image[hashes_at - start :] = kernels.tensor_bytes(hashes)
+    buf = torch.frombuffer(image, dtype=torch.uint8)
+    writer.write_ptr(buf.data_ptr(), buf.numel(), start)
+    rec = ContentRecord(
+        writer.pack_id, [], hashes_at, hashes.numel(), refs=1, table=(table_at, len(table))
+    )
+    return delta_blob.blob_key(table, hashes), rec, len(body), len(table) + hashes.numel()

@@ -1,0 +1,211 @@
+"""Update versions: exact and error-bounded deltas, chains, added/removed/re-shaped
+models, max_chain, corruption, and the life of update versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_bit_equal, assert_sets_equal, raw_bytes, small_set
+from test_roundtrip import _random_bits
+
+import mmcore
+from mmcore import dtypes
+from mmcore.errors import IntegrityError, InvalidArgumentError, ModelNotFoundError
+
+Set = dict[str, dict[str, torch.Tensor]]
+
+
+def _copy(models: Set) -> Set:
+    return {n: {k: t.clone() for k, t in sd.items()} for n, sd in models.items()}
+
+
+def _nudge(models: Set, every: int, scale: float, seed: int) -> Set:
+    """A copy with every ``every``-th model's float tensors moved a little."""
+    g = torch.Generator().manual_seed(seed)
+    out = _copy(models)
+    for i, sd in enumerate(out.values()):
+        if i % every == 0:
+            for t in sd.values():
+                if t.is_floating_point():
+                    t.add_(torch.randn(t.shape, generator=g).to(t.dtype) * scale)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(dtypes.BY_NAME))
+def test_every_dtype_through_a_lossless_update(store: mmcore.ModelStore, name: str) -> None:
+    dtype = dtypes.BY_NAME[name]
+    first = {f"m{i}": {"bits": _random_bits(dtype, (7, 3), seed=i), "scalar": _random_bits(dtype, (), seed=9 + i),
+                       "empty": _random_bits(dtype, (0, 4), seed=0)} for i in range(3)}  # fmt: skip
+    second = _copy(first)
+    second["m1"]["bits"] = _random_bits(dtype, (7, 3), seed=77)
+    second["m2"]["scalar"] = _random_bits(dtype, (), seed=78)
+    v1 = store.save(first)
+    v2 = store.save(second, approach="update", parent=v1)
+    assert_sets_equal(store.load(v2), second)
+    assert_sets_equal({"m1": store.load_model(v2, "m1")}, {"m1": second["m1"]})
+    same = sum(all(torch.equal(raw_bytes(first[n][k]), raw_bytes(t)) for k, t in sd.items())
+               for n, sd in second.items())  # fmt: skip
+    assert store.info(v2).changes["unchanged"] == same >= 1
+
+
+def test_odd_tensors_and_special_values_exact(store: mmcore.ModelStore) -> None:
+    base = {"a": {"w": torch.randn(6, 4), "h": torch.randn(5, dtype=torch.float64)}}
+    v1 = store.save(base)
+    w = torch.randn(4, 6).t()  # non-contiguous
+    w[0, 0], w[1, 1], w[2, 2] = float("nan"), -0.0, float("inf")
+    new = {
+        "a": {
+            "w": w,
+            "h": torch.tensor(
+                [-0.0, float("nan"), 1e-310, -float("inf"), 3.0], dtype=torch.float64
+            ),
+        }
+    }
+    for tol in (None, 1e-3):
+        v = store.save(new, approach="update", parent=v1, tolerance=tol)
+        got = store.load(v)["a"]
+        special = ~torch.isfinite(w) | (w == 0)
+        assert torch.equal(
+            got["w"][special].view(torch.int32), w[special].contiguous().view(torch.int32)
+        )
+        if tol is None:
+            assert_bit_equal(got["w"], w)
+            assert_bit_equal(got["h"], new["a"]["h"])
+        else:
+            finite = torch.isfinite(w)
+            assert float((got["w"][finite] - w[finite]).abs().max()) <= tol
+
+
+def test_lossless_chain_is_exact_and_small(store: mmcore.ModelStore) -> None:
+    models = small_set(200, seed=1)
+    v = store.save(models, ref="fleet")
+    base_bytes = store.info(v).stored_bytes
+    for step in range(6):
+        models = _nudge(models, every=50, scale=1e-3, seed=step)
+        v = store.save(models, approach="update", parent=v, ref="fleet")
+        info = store.info(v)
+        assert (
+            info.depth == step + 1
+            and info.changes["delta"] == 4
+            and info.changes["unchanged"] == 196
+        )
+        assert info.stored_bytes < 0.1 * base_bytes
+    assert_sets_equal(store.load("fleet"), models)
+    assert store.verify(v) > 0
+
+
+def test_twenty_lossy_versions_each_within_tolerance(store: mmcore.ModelStore) -> None:
+    tol = 1e-3
+    models = small_set(30, seed=2)
+    v = store.save(models)
+    saved = []
+    for step in range(20):
+        models = _nudge(models, every=3, scale=1e-2, seed=100 + step)
+        v = store.save(models, approach="update", parent=v, tolerance=tol)
+        saved.append((v, _copy(models)))
+    for vid, want in saved:
+        got = store.load(vid)
+        for name, sd in want.items():
+            for key, t in sd.items():
+                assert float((got[name][key] - t).abs().max()) <= tol, (vid, name, key)
+
+
+def test_added_removed_and_reshaped_models(store: mmcore.ModelStore) -> None:
+    first = small_set(5)
+    v1 = store.save(first)
+    second = _copy(first)
+    del second["cell_001"]
+    second["cell_003"] = {"other": torch.arange(10, dtype=torch.int32)}  # architecture changed
+    second["new_one"] = {"w": torch.randn(3, 3)}
+    v2 = store.save(second, approach="update", parent=v1)
+    info = store.info(v2)
+    assert (info.changes["added"], info.changes["removed"], info.changes["whole"]) == (1, 1, 2)
+    got = store.load(v2)
+    assert list(got) == ["cell_000", "cell_002", "cell_003", "cell_004", "new_one"]
+    assert_sets_equal(got, {n: second[n] for n in got})
+    with pytest.raises(ModelNotFoundError, match="cell_001"):
+        store.load_model(v2, "cell_001")
+    assert_sets_equal(store.load(v1), first)
+
+
+def test_max_chain_stores_changed_models_whole(store: mmcore.ModelStore) -> None:
+    models = small_set(4)
+    v = store.save(models)
+    depths = []
+    for step in range(5):
+        models = _nudge(models, every=1, scale=1e-2, seed=step)
+        v = store.save(models, approach="update", parent=v, max_chain=2)
+        info = store.info(v)
+        depths.append(
+            (info.changes["delta"], info.changes["whole"], info.changes["max_delta_chain"])
+        )
+    assert depths == [(4, 0, 1), (4, 0, 2), (0, 4, 0), (4, 0, 1), (4, 0, 2)]
+    assert_sets_equal(store.load(v), models)
+
+
+def test_bad_update_arguments(store: mmcore.ModelStore) -> None:
+    v = store.save(small_set(2))
+    for kwargs, message in [({}, "pass parent="), ({"parent": v, "tolerance": -1.0}, "tolerance must be"),
+                            ({"parent": v, "tolerance": "x"}, "tolerance must be a number"),
+                            ({"parent": v, "max_chain": 0}, "max_chain must be"),
+                            ({"parent": "nope"}, "no version or ref 'nope'")]:  # fmt: skip
+        with pytest.raises(
+            (InvalidArgumentError, mmcore.errors.VersionNotFoundError), match=message
+        ):
+            store.save(small_set(2), approach="update", **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="drop parent= and tolerance="):
+        store.save(small_set(2), tolerance=1e-3)
+    assert len(store.versions()) == 1
+
+
+def test_corrupt_delta_is_named(store_path: Path) -> None:
+    models = small_set(10, seed=3)
+    with mmcore.open(store_path) as s:
+        v1 = s.save(models)
+        new = _nudge(models, every=5, scale=1.0, seed=1)
+        v2 = s.save(new, approach="update", parent=v1)
+        m = s.manifest(v2)
+        assert m.update is not None and m.update.delta_blob is not None
+        rec = s._content(m.update.delta_blob)
+        pack = s.tier.path_of(rec.pack)
+        from mmcore.paths.chain import delta_table
+
+        table = delta_table(s, m)
+        at = int(table.offset[1]) + int(table.stored[1]) // 2
+    data = bytearray(pack.read_bytes())
+    data[at] ^= 0x40
+    pack.write_bytes(bytes(data))
+    with mmcore.open(store_path) as s:
+        with pytest.raises(IntegrityError, match="cell_005"):
+            s.load(v2)
+        with pytest.raises(IntegrityError, match="cell_005"):
+            s.verify(v2)
+        assert_sets_equal({"cell_000": s.load_model(v2, "cell_000")}, {"cell_000": new["cell_000"]})
+
+
+def test_delete_and_gc_with_updates(store: mmcore.ModelStore) -> None:
+    models = small_set(20)
+    v1 = store.save(models)
+    v2 = store.save(_nudge(models, 2, 1e-2, 0), approach="update", parent=v1)
+    with pytest.raises(InvalidArgumentError, match="parent of"):
+        store.delete(v1)
+    store.delete(v2)
+    reclaimed = store.gc()
+    assert reclaimed > 0 and len(store.tier.list()) == 1
+    assert_sets_equal(store.load(v1), models)
+
+
+def test_update_metadata_scales_with_the_change(store: mmcore.ModelStore) -> None:
+    models = small_set(2000, seed=4)
+    v1 = store.save(models)
+    one_pct = _nudge(models, every=100, scale=1e-3, seed=5)
+    v2 = store.save(one_pct, approach="update", parent=v1)
+    info = store.info(v2)
+    manifest_bytes = len(store.catalog.get("manifests", v2.encode()) or b"")
+    assert info.changes["delta"] == 20
+    assert manifest_bytes < 2000  # the 1,980 unchanged names are not restated
+    assert info.changes["metadata_bytes"] < 20 * (4 * 24 + 4 * 32 + 40) + 64
+    got = store.load(v2)
+    assert_sets_equal(got, one_pct)
