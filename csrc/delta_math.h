@@ -170,7 +170,8 @@ MMCORE_HD MMCORE_INLINE int32_t load_q(const uint8_t* q, uint64_t i, uint32_t wi
 constexpr double kMaxQ = 2147483647.0;
 
 // Quantizes one element: returns false when it must be stored exactly (an
-// escape), else sets q such that recovering parent + q*step lands within tol.
+// escape: not finite, out of q's range, or a zero that would not come back as
+// the same zero), else sets q such that recovering parent + q*step lands within tol.
 MMCORE_HD MMCORE_INLINE bool quantize_one(uint64_t new_bits, uint64_t parent_bits, uint32_t kind,
                                           double step, double tol, int32_t* q) {
   const double x = to_double(new_bits, kind);
@@ -179,8 +180,10 @@ MMCORE_HD MMCORE_INLINE bool quantize_one(uint64_t new_bits, uint64_t parent_bit
   const double qd = rint((x - p) / step);
   if (!(fabs(qd) <= kMaxQ)) return false;
   const int32_t qi = int32_t(qd);
-  const double rec = to_double(from_double(p + double(qi) * step, kind), kind);
+  const uint64_t rec_bits = from_double(p + double(qi) * step, kind);
+  const double rec = to_double(rec_bits, kind);
   if (!is_finite(rec) || !within(rec, x, tol)) return false;
+  if (x == 0.0 && rec_bits != new_bits) return false;  // a zero keeps its exact bits (sign)
   *q = qi;
   return true;
 }

@@ -36,7 +36,7 @@ from .store import Catalog, LocalPackTier, StoreLayout
 
 _HEX = frozenset("0123456789abcdef")
 DEFAULT_MAX_CHAIN = 16
-_MANIFEST_CACHE = 8
+_MANIFEST_CACHE = 64  # a chain of updates is walked whole on every load
 
 
 @dataclass(frozen=True)

@@ -222,3 +222,17 @@ def test_fused_hash_and_xor_planes_match_the_separate_kernels() -> None:
     assert torch.equal(changed, want_changed)
     for got, want in zip(encoded, want_encoded):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_quantized_zeros_keep_their_sign(dtype: torch.dtype) -> None:
+    """A zero within tolerance of the parent still comes back as the same zero (-0.0 over
+    a +0.0 or a nonzero parent is escaped), natively and in the reference alike."""
+    new = torch.tensor([-0.0, 0.0, -0.0, 0.25], dtype=dtype)
+    parent = torch.tensor([0.0, -0.0, 1e-3, 0.25], dtype=dtype)
+    (enc,), _ = delta.quantize_encode([new], [parent], 0.5)
+    (got,) = delta.quantize_decode([enc], [parent])
+    assert_bit_equal(got, new)
+    _, escaped, _ = reference.quantize(new, parent, 0.5)
+    # +0.0 over a -0.0 parent needs no escape: -0.0 + 0 * step is +0.0 in IEEE arithmetic
+    assert escaped.tolist() == [True, False, True, False]

@@ -26,6 +26,7 @@ import torch
 
 import mmcore
 
+from . import updates
 from .measure import evict, files_under, human_bytes, machine_name, peak_rss, timed
 from .methods import Method, MMCore, Raw, SafetensorsOneFile, SafetensorsPerModel, TorchSavePerModel
 
@@ -261,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument(
+        "--updates", action="store_true",
+        help="also save 1%%, 10%% and 100%% retrained versions as updates, and a chain of ten",
+    )  # fmt: skip
+    p.add_argument(
         "--device", default="cpu", help="where the model set lives before saving (cpu, cuda)"
     )
     args = p.parse_args(argv)
@@ -292,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                 method.close()
                 shutil.rmtree(method.root, ignore_errors=True)
         memory = memory_check(args.memory_cells, root, log) if args.memory_cells else None
+        update_res = None
+        if args.updates:
+            log("update path ...")
+            cpu_sds = {m: {k: t.cpu() for k, t in sd.items()} for m, sd in sds.items()}
+            update_res = updates.run(cpu_sds, root, args.repeat, log)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -302,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine_name()}; torch {torch.__version__}; mmcore {mmcore.__version__}")
     print(format_table(rows, param_bytes))
     checks = bars(rows, param_bytes, memory)
+    if update_res is not None:
+        checks += updates.report(update_res)
     if args.cells != 10_000:
         print(
             "  (the bars below are stated for 10,000 cells; fixed costs weigh more in smaller sets)"
@@ -312,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "cells": args.cells, "param_bytes": param_bytes, "cold": args.cold, "machine": machine_name(),
             "torch": torch.__version__, "rows": [asdict(r) for r in rows], "memory": memory,
-            "bars": [{"check": t, "ok": ok} for t, ok in checks],
+            "bars": [{"check": t, "ok": ok} for t, ok in checks], "updates": update_res,
         }, indent=2))  # fmt: skip
     return 0
 

@@ -130,8 +130,10 @@ def quantize(
     qd = torch.round((x - p) / step)
     ok = finite & (qd.abs() <= 2147483647.0)
     qi = torch.where(ok, qd, torch.zeros_like(qd)).to(torch.int64)
-    rec = to_double(from_double(p + qi.to(torch.float64) * step, new.dtype))
+    rec_t = from_double(p + qi.to(torch.float64) * step, new.dtype)
+    rec = to_double(rec_t)
     ok = ok & torch.isfinite(rec) & within(rec, x, tol)
+    ok = ok & ((x != 0) | (_bits(rec_t) == _bits(new)).reshape(x.shape))  # a zero keeps its sign
     q = torch.where(ok, qi, torch.zeros_like(qi))
     changed = int((_bits(new) != _bits(parent)).sum())
     deltas = (x - p).abs()[finite]

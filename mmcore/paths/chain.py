@@ -10,7 +10,6 @@ delta is hashed and checked against the hash recorded at save time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,7 @@ from .reader import StateDict
 if TYPE_CHECKING:
     from ..api import ModelStore
 
-_DELTA_CACHE = 8
+_DELTA_CACHE = 64
 # Below this share of a group's models, read them one by one instead of mapping the group.
 _FEW = 8
 
@@ -98,10 +97,11 @@ def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
             _index_group(store, m, group, index)
         if m.update.changed:
             table = delta_table(store, m)
-            for i, name in enumerate(m.update.changed):
-                first, count = int(table.first[i]), int(table.count[i])
-                index[name] = ModelInfo(index[name].schema, table.hashes[first : first + count],
-                                        int(table.depth[i]))  # fmt: skip
+            for name, row in zip(m.update.changed, table.rows):
+                first, count = row[3], row[4]
+                index[name] = ModelInfo(
+                    index[name].schema, table.hashes[first : first + count], row[5]
+                )
         added = set(m.update.added)
         order = [n for n in index if n not in added] + m.update.added
         index = {name: index[name] for name in order}
@@ -123,6 +123,9 @@ def recover(
     chain = chain_of(store, vid)
     base = chain[-1]
     states: dict[str, StateDict] = {}
+    # model -> hashes its tensors must have after its last delta: checked once, on the final
+    # tensors (a wrong intermediate state can only matter through them)
+    last_delta: dict[str, torch.Tensor] = {}
     order = list(base.models)
     for group in base.groups:
         _read_group(store, base, group, wanted, states, verify)
@@ -131,40 +134,61 @@ def recover(
         removed = set(m.update.removed)
         for name in removed:
             states.pop(name, None)
-        order = [n for n in order if n not in removed] + m.update.added
-        for group in m.groups:
+            last_delta.pop(name, None)
+        if removed:
+            order = [n for n in order if n not in removed]
+        order += m.update.added
+        for group in m.groups:  # stored whole here: verified as it is read
             _read_group(store, m, group, wanted, states, verify)
+            for name in group.names or ():
+                last_delta.pop(name, None)
         if m.update.changed:
-            _apply_deltas(store, m, states, verify)
+            _apply_deltas(store, m, states, last_delta)
+    if verify and last_delta:
+        _check_hashes(vid, last_delta, states)
+    if wanted is not None:
+        return {n: states[n] for n in states if n in wanted}
     return {n: states[n] for n in order if n in states}
 
 
 def _read_group(store: ModelStore, m: Manifest, group: GroupRecord, wanted: set[str] | None,
                 states: dict[str, StateDict], verify: bool) -> None:  # fmt: skip
-    names = _group_names(m, group)
     cpu = torch.device("cpu")
-    if wanted is not None and len(wanted) * _FEW < len(names):
-        for pos, name in enumerate(names):
-            if name in wanted:
-                states[name] = store._reader.read_model(m, group, pos, verify=verify, device=cpu)
+    if wanted is not None and len(wanted) * _FEW < group.count:
+        for name in wanted:
+            where = _position(m, group, name)
+            if where is not None:
+                states[name] = store._reader.read_model(m, group, where, verify=verify, device=cpu)
         return
+    names = _group_names(m, group)
     models = store._reader.read_group(m, group, verify=verify, device=cpu, pool=store._pool)
     for name, state in zip(names, models):
         if wanted is None or name in wanted:
             states[name] = state
 
 
+def _position(m: Manifest, group: GroupRecord, name: str) -> int | None:
+    """The position of ``name`` in ``group``, or None."""
+    if group.names is None:
+        where = m.locate(name)
+        return None if where is None or m.groups[where[0]] is not group else where[1]
+    try:
+        return group.names.index(name)
+    except ValueError:
+        return None
+
+
 def _model_plain(
-    store: ModelStore, m: Manifest, table: DeltaTable, i: int, pack: str
+    store: ModelStore, m: Manifest, row: tuple[int, ...], name: str, pack: str
 ) -> torch.Tensor:
-    stored, plain = int(table.stored[i]), int(table.plain[i])
+    offset, stored, plain = row[0], row[1], row[2]
     raw = bytearray(stored)
     if stored:
         store.tier.read_into(
-            pack, int(table.offset[i]), stored, torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
+            pack, offset, stored, torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
         )
-    what = f"version {m.id}, model {m.update.changed[i]!r}" if m.update else m.id
-    data = codec.decompress(raw, plain, what) if int(table.codec[i]) == codec.ZSTD else bytes(raw)
+    what = f"version {m.id}, model {name!r}"
+    data = codec.decompress(raw, plain, what) if row[6] == codec.ZSTD else bytes(raw)
     if len(data) != plain:
         raise IntegrityError(f"{what}: {len(data)} payload bytes, not the {plain} recorded")
     return (
@@ -175,9 +199,13 @@ def _model_plain(
 
 
 def _apply_deltas(
-    store: ModelStore, m: Manifest, states: dict[str, StateDict], verify: bool
+    store: ModelStore,
+    m: Manifest,
+    states: dict[str, StateDict],
+    last_delta: dict[str, torch.Tensor],
 ) -> None:
-    """Decodes the deltas of every changed model present in ``states``, in place."""
+    """Decodes the deltas of every changed model present in ``states``, in place, and
+    notes in ``last_delta`` the hashes its tensors must have."""
     assert m.update is not None and m.update.delta_blob is not None
     table = delta_table(store, m)
     pack = store._content(m.update.delta_blob).pack
@@ -185,21 +213,20 @@ def _apply_deltas(
         codec.XOR: [],
         codec.QUANT: [],
     }
-    checked: list[tuple[str, int, list[torch.Tensor]]] = []
-    for i, name in enumerate(m.update.changed):
+    for name, row in zip(m.update.changed, table.rows):
         state = states.get(name)
         if state is None:
             continue
-        first, count = int(table.first[i]), int(table.count[i])
+        first, count = row[3], row[4]
         if count != len(state):
             raise IntegrityError(
                 f"version {m.id}, model {name!r}: {count} tensor entries for {len(state)} tensors"
             )
-        plain = _model_plain(store, m, table, i, pack)
+        plain = _model_plain(store, m, row, name, pack)
         new_state = dict(state)
-        for t, key in enumerate(state):
-            e = first + t
-            kind, at, length = int(table.kind[e]), int(table.at[e]), int(table.length[e])
+        for (key, parent), (kind, at, length) in zip(
+            state.items(), table.entries[first : first + count]
+        ):
             if kind == codec.SAME:
                 continue
             if at + length > plain.numel():
@@ -207,7 +234,6 @@ def _apply_deltas(
                     f"version {m.id}, model {name!r}, tensor {key!r}: entry past the payload"
                 )
             piece = plain[at : at + length]
-            parent = state[key]
             if kind == codec.RAW:
                 new_state[key] = _raw_tensor(piece, parent, m.id, name, key)
             elif kind in jobs:
@@ -217,14 +243,12 @@ def _apply_deltas(
                     f"version {m.id}, model {name!r}, tensor {key!r}: unknown kind {kind}"
                 )
         states[name] = new_state
-        checked.append((name, first, []))
+        last_delta[name] = table.hashes[first : first + count]
     for kind, decode in ((codec.XOR, xor_planes_decode), (codec.QUANT, quantize_decode)):
         if jobs[kind]:
             outs = decode([j[2] for j in jobs[kind]], [j[3] for j in jobs[kind]])
             for (target, key, _, _), out in zip(jobs[kind], outs):
                 target[key] = out
-    if verify and checked:
-        _check_hashes(m, table, states, checked)
 
 
 def _raw_tensor(
@@ -244,21 +268,23 @@ def _raw_tensor(
     )
 
 
-def _check_hashes(m: Manifest, table: DeltaTable, states: dict[str, StateDict],
-                  checked: Iterable[tuple[str, int, list[torch.Tensor]]]) -> None:  # fmt: skip
-    rows, tensors, where = [], [], []
-    for name, first, _ in checked:
-        for t, (key, tensor) in enumerate(states[name].items()):
-            rows.append(first + t)
+def _check_hashes(
+    vid: str, expected: dict[str, torch.Tensor], states: dict[str, StateDict]
+) -> None:
+    """One BLAKE3 call over every tensor decoded from a delta, against its recorded hash."""
+    tensors, where = [], []
+    for name in expected:
+        for key, tensor in states[name].items():
             tensors.append(tensor.contiguous())
             where.append((name, key))
     got = kernels.blake3_tensors(tensors)
-    want = table.hashes[torch.tensor(rows, dtype=torch.int64)]
+    want = torch.cat(list(expected.values()))
     bad = (got != want).any(dim=1).nonzero()
     if bad.numel():
         name, key = where[int(bad[0, 0])]
         raise IntegrityError(
-            f"version {m.id}: model {name!r}, tensor {key!r} does not match its recorded BLAKE3 "
-            "hash after decoding its delta: the stored bytes are corrupted",
-            model=name, tensor=key,
-        )  # fmt: skip
+            f"version {vid}: model {name!r}, tensor {key!r} does not match its recorded BLAKE3 "
+            "hash after decoding its deltas: the stored bytes are corrupted",
+            model=name,
+            tensor=key,
+        )

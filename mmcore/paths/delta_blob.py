@@ -35,6 +35,12 @@ class DeltaTable:
     length: torch.Tensor  # (t,)
     hashes: torch.Tensor  # (t, 32) BLAKE3 of each recovered tensor
 
+    def __post_init__(self) -> None:
+        # Python lists of the columns: recovery reads them entry by entry
+        self.rows = list(zip(*(c.tolist() for c in (self.offset, self.stored, self.plain, self.first,
+                                                      self.count, self.depth, self.codec))))  # fmt: skip
+        self.entries = list(zip(self.kind.tolist(), self.at.tolist(), self.length.tolist()))
+
 
 def encode_tables(models: list[tuple[int, int, int, int, int, int]],
                   tensors: list[tuple[int, int, int]]) -> bytes:  # fmt: skip

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import codec, dtypes, kernels
+from .._gc import gc_paused
 from ..errors import InvalidModelSetError
 from ..kernels.delta import FLOAT_KINDS, quantize_decode, quantize_encode, xor_planes_encode
 from ..manifest import ContentRecord, GroupRecord, UpdateInfo
@@ -76,6 +77,13 @@ def _hash_all(entries: list[ModelEntry]) -> list[torch.Tensor]:
 
 def write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
                  tolerance: float | None, max_chain: int, progress: Progress) -> WrittenUpdate:  # fmt: skip
+    with gc_paused():  # tens of thousands of small objects, no cycles among them
+        return _write_update(store, writer, models, parent, tolerance=tolerance, max_chain=max_chain,
+                             progress=progress)  # fmt: skip
+
+
+def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
+                  tolerance: float | None, max_chain: int, progress: Progress) -> WrittenUpdate:  # fmt: skip
     entries = list(iter_models(models))
     if not entries:
         raise InvalidModelSetError("the model set is empty: pass at least one model")

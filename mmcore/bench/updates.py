@@ -1,0 +1,145 @@
+"""The update save path on the battery use case: versions in which 1%, 10% and
+100% of the cells were retrained (a few SGD steps on synthetic data, all changed
+cells trained together as one batched computation), saved as updates of the
+baseline; and a chain of ten 1% updates, loaded whole and one model at a time.
+Every time is a median of repeated runs in this process, next to the baseline's.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import mmcore
+
+StateDicts = dict[str, dict[str, torch.Tensor]]
+LAYER_KEYS = [
+    ("0.weight", "0.bias"),
+    ("2.weight", "2.bias"),
+    ("4.weight", "4.bias"),
+    ("6.weight", "6.bias"),
+]
+
+
+def retrain(
+    sds: StateDicts, fraction: float, seed: int, steps: int = 5, lr: float = 0.05
+) -> StateDicts:
+    """A copy of the set in which ``fraction`` of the cells took ``steps`` SGD steps."""
+    names = list(sds)
+    k = max(1, round(len(names) * fraction))
+    picked = sorted(random.Random(seed).sample(range(len(names)), k))
+    g = torch.Generator().manual_seed(seed)
+    params = {key: torch.stack([sds[names[i]][key] for i in picked]).requires_grad_()
+              for pair in LAYER_KEYS for key in pair}  # fmt: skip
+    x = torch.rand(k, 64, 5, generator=g)  # per cell: voltage, current, temperature, ...
+    y = (x * torch.linspace(0.5, 1.5, 5)).sum(-1).sin() + 0.01 * torch.randn(k, 64, generator=g)
+    for _ in range(steps):
+        h = x
+        for i, (w, b) in enumerate(LAYER_KEYS):
+            h = torch.baddbmm(params[b].unsqueeze(1), h, params[w].transpose(1, 2))
+            if i < len(LAYER_KEYS) - 1:
+                h = h.relu()
+        loss = (h.squeeze(-1) - y).square().mean() * k  # each cell's own mean loss
+        loss.backward()  # type: ignore[no-untyped-call]
+        with torch.no_grad():
+            for p in params.values():
+                assert p.grad is not None
+                p.sub_(lr * p.grad)
+                p.grad = None
+    out = dict(sds)
+    for j, i in enumerate(picked):
+        out[names[i]] = {key: params[key][j].detach().clone() for key in sds[names[i]]}
+    return out
+
+
+def _median(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def run(sds: StateDicts, root: Path, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Save and load times and stored bytes of update versions, with the baseline's."""
+    out: dict[str, Any] = {"rows": []}
+    with mmcore.open(root / "updates.mm") as store:
+        base_s, v1 = _median(lambda: store.save(sds, progress=False), repeat)
+        base_bytes = store.info(v1).stored_bytes
+        out["baseline"] = {"save_s": base_s, "stored_bytes": base_bytes}
+        for fraction, tol in ((0.01, None), (0.1, None), (1.0, None), (1.0, 1e-4)):
+            log(f"  update: {fraction:.0%} of cells retrained, tolerance {tol} ...")
+            new = retrain(sds, fraction, seed=int(fraction * 1000) + 1)
+            save_s, vid = _median(lambda new=new, tol=tol: store.save(  # type: ignore[misc]
+                new, approach="update", parent=v1, tolerance=tol, progress=False), repeat)  # fmt: skip
+            info = store.info(vid)
+            got = store.load(vid)
+            worst = max(
+                float((got[n][k] - t).abs().max()) for n, sd in new.items() for k, t in sd.items()
+            )
+            if (tol is None and worst != 0) or (tol is not None and worst > tol):
+                raise AssertionError(f"update round trip off by {worst}")
+            out["rows"].append({"fraction": fraction, "tolerance": tol, "save_s": save_s,
+                                "stored_bytes": info.stored_bytes, "changes": info.changes})  # fmt: skip
+            del got
+        log("  chain of ten 1% updates ...")
+        v, current = v1, sds
+        for step in range(10):
+            current = retrain(current, 0.01, seed=100 + step)
+            v = store.save(current, approach="update", parent=v, progress=False)
+        base_load, _ = _median(lambda: store.load(v1), repeat)
+        chain_load, got = _median(lambda: store.load(v), repeat)
+        if any(not torch.equal(got[n][k], t) for n, sd in current.items() for k, t in sd.items()):
+            raise AssertionError("the chain's last version does not load bit-exact")
+        del got
+        names = list(current)
+        rng = random.Random(3)
+        store.load_model(v, names[0])
+        one = []
+        for _ in range(100):
+            t0 = time.perf_counter()
+            store.load_model(v, rng.choice(names))
+            one.append(time.perf_counter() - t0)
+        out["chain"] = {"load_baseline_s": base_load, "load_last_s": chain_load,
+                        "load_model_ms": statistics.median(one) * 1e3}  # fmt: skip
+    return out
+
+
+def report(res: dict[str, Any]) -> list[tuple[str, bool]]:
+    base = res["baseline"]
+    print(
+        f"\nupdate path (baseline: save {base['save_s']:.3f} s, stored {base['stored_bytes'] / 1e6:.1f} MB)"
+    )
+    print(f"{'cells retrained':>16} {'tolerance':>10} {'save s':>8} {'save/base':>9} {'stored MB':>10} "
+          f"{'stored/base':>11} {'payload MB':>10} {'tables MB':>9}")  # fmt: skip
+    for r in res["rows"]:
+        c = r["changes"]
+        print(f"{r['fraction']:>16.0%} {r['tolerance'] or 'exact':>10} {r['save_s']:>8.3f} "
+              f"{r['save_s'] / base['save_s']:>8.2f}x {r['stored_bytes'] / 1e6:>10.2f} "
+              f"{r['stored_bytes'] / base['stored_bytes']:>10.2%} {c['payload_bytes'] / 1e6:>10.2f} "
+              f"{c['metadata_bytes'] / 1e6:>9.3f}")  # fmt: skip
+    ch = res["chain"]
+    print(f"chain of 10 x 1%: load last {ch['load_last_s']:.3f} s vs baseline {ch['load_baseline_s']:.3f} s; "
+          f"load_model {ch['load_model_ms']:.2f} ms")  # fmt: skip
+    by = {(r["fraction"], r["tolerance"]): r for r in res["rows"]}
+
+    def ratio(key: tuple[float, float | None]) -> float:
+        return float(by[key]["stored_bytes"]) / float(base["stored_bytes"])
+
+    return [
+        (f"1% update stored <= 1.3% of the baseline: {ratio((0.01, None)):.2%}", ratio((0.01, None)) <= 0.013),
+        (f"100% lossless <= 75%: {ratio((1.0, None)):.1%}", ratio((1.0, None)) <= 0.75),
+        (f"100% tolerance 1e-4 <= 30%: {ratio((1.0, 1e-4)):.1%}", ratio((1.0, 1e-4)) <= 0.30),
+        (f"1% update save <= 0.5x baseline save: {by[(0.01, None)]['save_s'] / base['save_s']:.2f}x",
+         by[(0.01, None)]["save_s"] <= 0.5 * base["save_s"]),
+        (f"load of a 10-update chain <= 2x baseline load: {ch['load_last_s'] / ch['load_baseline_s']:.2f}x",
+         ch["load_last_s"] <= 2 * ch["load_baseline_s"]),
+        (f"load_model from the chain < 5 ms: {ch['load_model_ms']:.2f} ms", ch["load_model_ms"] < 5),
+    ]  # fmt: skip
