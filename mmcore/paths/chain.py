@@ -34,8 +34,13 @@ _FEW = 8
 @dataclass
 class ModelInfo:
     schema: Schema
-    hashes: torch.Tensor  # (tensors, 32): BLAKE3 of each tensor as recovery produces it
+    table: torch.Tensor  # (rows, 32) hash table holding this model's rows
+    first: int  # its first row: one row per tensor, BLAKE3 of the tensor as recovery produces it
     depth: int  # deltas since the model was last stored whole
+
+    @property
+    def hashes(self) -> torch.Tensor:
+        return self.table[self.first : self.first + len(self.schema.tensors)]
 
 
 def chain_of(store: ModelStore, vid: str) -> list[Manifest]:
@@ -98,10 +103,13 @@ def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
         if m.update.changed:
             table = delta_table(store, m)
             for name, row in zip(m.update.changed, table.rows):
-                first, count = row[3], row[4]
-                index[name] = ModelInfo(
-                    index[name].schema, table.hashes[first : first + count], row[5]
-                )
+                schema = index[name].schema
+                if row[4] != len(schema.tensors):
+                    raise IntegrityError(
+                        f"version {m.id}, model {name!r}: {row[4]} tensor entries for a model of "
+                        f"{len(schema.tensors)} tensors"
+                    )
+                index[name] = ModelInfo(schema, table.hashes, row[3], row[5])
         added = set(m.update.added)
         order = [n for n in index if n not in added] + m.update.added
         index = {name: index[name] for name in order}
@@ -113,7 +121,7 @@ def _index_group(store: ModelStore, m: Manifest, group: GroupRecord,
     hashes = store._reader.stored_hashes(store._content(group.blob))
     n = len(group.schema.tensors)
     for pos, name in enumerate(_group_names(m, group)):
-        index[name] = ModelInfo(group.schema, hashes[pos * n : (pos + 1) * n], 0)
+        index[name] = ModelInfo(group.schema, hashes, pos * n, 0)
 
 
 def recover(

@@ -12,7 +12,9 @@ not smaller. Encoding runs batched over all changed tensors at once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,28 +53,59 @@ class _Delta:
     recovered: torch.Tensor  # (tensors, 32) hashes of what recovery will produce
 
 
-def _same_schema(info: chain.ModelInfo, entry: ModelEntry) -> bool:
-    want = [(t.name, t.dtype, t.shape) for t in info.schema.tensors]
-    try:
+def _same_schema(info: chain.ModelInfo, entry: ModelEntry, memo: dict[Any, bool]) -> bool:
+    key = (id(info.schema), entry.keys, entry.signature)
+    same = memo.get(key)
+    if same is None:
+        want = [(t.name, t.dtype, t.shape) for t in info.schema.tensors]
         got = [
-            (k, dtypes.NAME_OF[dt], tuple(shape))
+            (k, dtypes.NAME_OF.get(dt), tuple(shape))
             for k, (dt, shape) in zip(entry.keys, entry.signature)
         ]
-    except KeyError:
-        return False
-    return want == got
+        same = memo[key] = want == got
+    return same
 
 
-def _hash_all(entries: list[ModelEntry]) -> list[torch.Tensor]:
-    sources = [t for e in entries for t in e.sources]
-    ptrs = kernels.int64_table([t.data_ptr() for t in sources])
-    lens = kernels.int64_table([t.numel() * t.element_size() for t in sources])
-    hashes = kernels.blake3_segments(ptrs, lens)
-    out, row = [], 0
-    for e in entries:
-        out.append(hashes[row : row + len(e.sources)])
-        row += len(e.sources)
-    return out
+def _validate_and_hash(models: Any, progress: Progress) -> tuple[list[ModelEntry], torch.Tensor]:
+    """Validates the set and hashes every tensor: a hash thread works on the batches
+    already validated while this thread validates the next (the kernel releases the GIL)."""
+    entries: list[ModelEntry] = []
+    by_signature: dict[Any, list[int]] = {}
+    parts: list[Future[torch.Tensor]] = []
+    ptrs: list[int] = []
+    lens: list[int] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="mmcore-hash") as pool:
+
+        def submit() -> None:
+            p, n = kernels.int64_table(ptrs), kernels.int64_table(lens)
+            parts.append(pool.submit(kernels.blake3_segments, p, n, threads=1))
+            ptrs.clear()
+            lens.clear()
+
+        try:
+            for entry in iter_models(models):
+                entries.append(entry)  # holds the sources until every hash is done
+                sizes = by_signature.get(entry.signature)
+                if (
+                    sizes is None
+                ):  # the byte sizes follow from (dtype, shape): once per architecture
+                    sizes = by_signature[entry.signature] = [
+                        t.numel() * t.element_size() for t in entry.sources
+                    ]
+                ptrs.extend([t.data_ptr() for t in entry.sources])
+                lens.extend(sizes)
+                if len(ptrs) >= _HASH_BATCH:
+                    submit()
+                progress(1)
+            submit()
+            hashes = torch.cat([f.result() for f in parts])
+        finally:
+            for f in parts:  # never leave a job reading freed sources
+                f.cancel() or f.exception()
+    return entries, hashes
+
+
+_HASH_BATCH = 16384  # tensors per hash job
 
 
 def write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
@@ -84,26 +117,33 @@ def write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str
 
 def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
                   tolerance: float | None, max_chain: int, progress: Progress) -> WrittenUpdate:  # fmt: skip
-    entries = list(iter_models(models))
+    entries, new_hashes = _validate_and_hash(models, progress)
     if not entries:
         raise InvalidModelSetError("the model set is empty: pass at least one model")
     parent_manifest = store.manifest(parent)
     index = chain.model_index(store, parent)
+    infos = [index.get(e.name) for e in entries]
+    memo: dict[Any, bool] = {}
+    comparable = [
+        info is not None and _same_schema(info, e, memo) for e, info in zip(entries, infos)
+    ]
+    differs = _differing_tensors(entries, infos, comparable, new_hashes)
     whole: list[ModelEntry] = []
     deltas: list[_Delta] = []
     unchanged = restored = 0
-    for entry, hashes in zip(entries, _hash_all(entries)):
-        info = index.get(entry.name)
-        if info is None or not _same_schema(info, entry):
+    row = 0
+    for entry, info, same_schema, ndiff in zip(entries, infos, comparable, differs):
+        hashes = new_hashes[row : row + len(entry.sources)]
+        row += len(entry.sources)
+        if info is None or not same_schema:
             whole.append(entry)
-        elif torch.equal(hashes, info.hashes):
+        elif ndiff == 0:
             unchanged += 1
         elif info.depth + 1 > max_chain:
             whole.append(entry)
             restored += 1
         else:
             deltas.append(_Delta(entry, hashes, info, [], [], hashes.clone()))
-        progress(1)
     names = {e.name for e in entries}
     added = [e.name for e in entries if e.name not in index]
     removed = [n for n in index if n not in names]
@@ -139,8 +179,47 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=removed,
                         added=added, whole=whole_names, changed=[d.entry.name for d in deltas],
                         delta_blob=delta_key, stats=stats)  # fmt: skip
-    logical = sum(t.numel() * t.element_size() for e in entries for t in e.sources)
+    logical = int(new_hashes.shape[0] and sum(_nbytes(e) for e in entries))
     return WrittenUpdate(groups, blobs, update, logical)
+
+
+def _nbytes(entry: ModelEntry) -> int:
+    return sum(math.prod(shape) * dt.itemsize for dt, shape in entry.signature)
+
+
+def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | None],
+                       comparable: list[bool], new_hashes: torch.Tensor) -> list[int]:  # fmt: skip
+    """Per model, how many of its tensors' hashes differ from the parent's: one
+    vectorised comparison over the whole table (models without a comparable parent: 1)."""
+    tables: dict[
+        int, tuple[int, torch.Tensor]
+    ] = {}  # id -> (first row in the concatenation, table)
+    starts, counts = [], []
+    rows_total = 0
+    for entry, info, ok in zip(entries, infos, comparable):
+        counts.append(len(entry.sources))
+        if not ok or info is None:
+            starts.append(-1)
+            continue
+        if id(info.table) not in tables:
+            tables[id(info.table)] = (rows_total, info.table)
+            rows_total += info.table.shape[0]
+        starts.append(tables[id(info.table)][0] + info.first)
+    if not tables:
+        return [1] * len(entries)
+    parent = torch.cat([t for _, t in tables.values()])
+    count_t = torch.tensor(counts, dtype=torch.int64)
+    start_t = torch.tensor(starts, dtype=torch.int64)
+    model_of = torch.repeat_interleave(torch.arange(len(entries)), count_t)
+    before = torch.cumsum(count_t, 0) - count_t
+    rows = start_t[model_of] + (torch.arange(new_hashes.shape[0]) - before[model_of])
+    valid = start_t[model_of] >= 0
+    same = torch.zeros(new_hashes.shape[0], dtype=torch.bool)
+    same[valid] = (new_hashes[valid] == parent[rows[valid]]).all(dim=1)
+    differ = torch.zeros(len(entries), dtype=torch.int64).index_add_(
+        0, model_of, (~same).to(torch.int64)
+    )
+    return [d if ok else max(d, 1) for d, ok in zip(differ.tolist(), comparable)]
 
 
 def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: float | None) -> None:
