@@ -89,7 +89,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"depth      {info.depth} (versions back to the baseline; deltas per model "
                   f"at most {info.max_chain}, here {c.get('max_delta_chain', 0)})")  # fmt: skip
             print(f"tolerance  {info.tolerance if info.tolerance is not None else 'none (exact)'}")
-            print(f"models     {c.get('unchanged', 0):,} unchanged, {c.get('delta', 0):,} as deltas, "
+            print(f"changes    {c.get('unchanged', 0):,} unchanged, {c.get('delta', 0):,} as deltas, "
                   f"{c.get('whole', 0):,} whole ({c.get('added', 0):,} added), "
                   f"{c.get('removed', 0):,} removed")  # fmt: skip
             print(f"bytes      {human_bytes(c.get('payload_bytes', 0))} payload, "
