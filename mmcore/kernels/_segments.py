@@ -155,3 +155,20 @@ def gather_headers(encoded: Sequence[torch.Tensor], size: int) -> torch.Tensor:
         torch.arange(n, dtype=torch.int64) * size,
     )
     return heads
+
+
+def outputs_like(parent: Sequence[torch.Tensor], device: torch.device | None) -> list[torch.Tensor]:
+    """Empty tensors shaped like ``parent``: on the CPU, views of one allocation
+    (one allocator call per decode instead of one per segment)."""
+    if not native_cpu(device) or len(parent) < 2:
+        return [torch.empty_like(p) for p in parent]
+    sizes = [p.numel() * p.element_size() for p in parent]
+    align = 16  # every view starts aligned for its dtype
+    padded = [-(-n // align) * align for n in sizes]
+    buf = torch.empty(sum(padded), dtype=torch.uint8)
+    outs, at = [], 0
+    for p, n, step in zip(parent, sizes, padded):
+        part = buf[at : at + n]
+        outs.append((part.view(p.dtype) if n else torch.empty(0, dtype=p.dtype)).view(p.shape))
+        at += step
+    return outs

@@ -26,6 +26,7 @@ from ._segments import (
     i32,
     native_cpu,
     native_cuda,
+    outputs_like,
     ptrs,
 )
 
@@ -190,7 +191,7 @@ def quantize_decode(
     device = check_decode(encoded, parent)
     heads = _headers(encoded) if encoded else []
     meta = [_parse_quant(e, p, i, h) for i, (e, p, h) in enumerate(zip(encoded, parent, heads))]
-    outs = [torch.empty_like(p) for p in parent]
+    outs = outputs_like(parent, device)
     if native_cuda(device):
         cuda.quantize_decode(parent, [m[1] for m in meta], [m[2] for m in meta], [m[0] for m in meta],
                              encoded, outs, offset=QUANT_HEADER.size)  # fmt: skip

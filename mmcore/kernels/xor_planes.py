@@ -22,6 +22,7 @@ from ._segments import (
     i32,
     native_cpu,
     native_cuda,
+    outputs_like,
     plane_width,
     ptrs,
 )
@@ -146,7 +147,7 @@ def xor_planes_decode(
     else:
         for i, (e, p) in enumerate(zip(encoded, parent)):
             _parse_xor(e, p, i)
-    outs = [torch.empty_like(p) for p in parent]
+    outs = outputs_like(parent, device)
     if native_cuda(device):
         widths = [plane_width(p.dtype) for p in parent]
         cuda.xor_planes_decode(encoded, parent, outs, widths, offset=XOR_HEADER.size)

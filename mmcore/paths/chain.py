@@ -3,8 +3,9 @@ depth), and recovery of a whole set or of some models.
 
 Recovery walks the chain once, from the baseline forward: the baseline's groups
 are mapped (or, for a few models, read one by one), then each update drops its
-removed models, reads its whole-stored models, and decodes its deltas for all
-changed models in one batched call per encoding. Every tensor decoded from a
+removed models, reads its whole-stored models and queues its deltas. The queued
+deltas are then decoded in waves (the first delta of every model, then the
+second...), one batched call per encoding and wave. Every tensor decoded from a
 delta is hashed and checked against the hash recorded at save time.
 """
 
@@ -134,6 +135,7 @@ def recover(
     # model -> hashes its tensors must have after its last delta: checked once, on the final
     # tensors (a wrong intermediate state can only matter through them)
     last_delta: dict[str, torch.Tensor] = {}
+    pending: dict[str, list[_Delta]] = {}  # model -> its deltas since it was last read whole
     order = list(base.models)
     for group in base.groups:
         _read_group(store, base, group, wanted, states, verify)
@@ -146,12 +148,29 @@ def recover(
         if removed:
             order = [n for n in order if n not in removed]
         order += m.update.added
+        for name in removed:
+            pending.pop(name, None)
         for group in m.groups:  # stored whole here: verified as it is read
             _read_group(store, m, group, wanted, states, verify)
             for name in group.names or ():
                 last_delta.pop(name, None)
+                pending.pop(name, None)  # earlier deltas of it no longer matter
         if m.update.changed:
-            _apply_deltas(store, m, states, last_delta)
+            table = delta_table(store, m)
+            assert m.update.delta_blob is not None
+            pack = store._content(m.update.delta_blob).pack
+            for name, row in zip(m.update.changed, table.rows):
+                if name in states:
+                    pending.setdefault(name, []).append(_Delta(name, m, table, row, pack))
+    # Waves: the k-th delta of every model at once. Models changed in different versions
+    # are independent, so a chain of 1% updates decodes in about one batched call.
+    wave = 0
+    while True:
+        batch = [ops[wave] for ops in pending.values() if len(ops) > wave]
+        if not batch:
+            break
+        _apply_deltas(store, batch, states, last_delta)
+        wave += 1
     if verify and last_delta:
         _check_hashes(vid, last_delta, states)
     if wanted is not None:
@@ -206,34 +225,39 @@ def _model_plain(
     )
 
 
+@dataclass
+class _Delta:
+    name: str
+    m: Manifest
+    table: DeltaTable
+    row: tuple[int, ...]
+    pack: str
+
+
 def _apply_deltas(
     store: ModelStore,
-    m: Manifest,
+    batch: list[_Delta],
     states: dict[str, StateDict],
     last_delta: dict[str, torch.Tensor],
 ) -> None:
-    """Decodes the deltas of every changed model present in ``states``, in place, and
-    notes in ``last_delta`` the hashes its tensors must have."""
-    assert m.update is not None and m.update.delta_blob is not None
-    table = delta_table(store, m)
-    pack = store._content(m.update.delta_blob).pack
+    """Decodes one delta of each model in ``batch`` (all against ``states``), in place,
+    with one call per encoding, and notes in ``last_delta`` the hashes they must have."""
     jobs: dict[int, list[tuple[StateDict, str, torch.Tensor, torch.Tensor]]] = {
         codec.XOR: [],
         codec.QUANT: [],
     }
-    for name, row in zip(m.update.changed, table.rows):
-        state = states.get(name)
-        if state is None:
-            continue
+    for d in batch:
+        name, m, row = d.name, d.m, d.row
+        state = states[name]
         first, count = row[3], row[4]
         if count != len(state):
             raise IntegrityError(
                 f"version {m.id}, model {name!r}: {count} tensor entries for {len(state)} tensors"
             )
-        plain = _model_plain(store, m, row, name, pack)
+        plain = _model_plain(store, m, row, name, d.pack)
         new_state = dict(state)
         for (key, parent), (kind, at, length) in zip(
-            state.items(), table.entries[first : first + count]
+            state.items(), d.table.entries[first : first + count]
         ):
             if kind == codec.SAME:
                 continue
@@ -251,7 +275,7 @@ def _apply_deltas(
                     f"version {m.id}, model {name!r}, tensor {key!r}: unknown kind {kind}"
                 )
         states[name] = new_state
-        last_delta[name] = table.hashes[first : first + count]
+        last_delta[name] = d.table.hashes[first : first + count]
     for kind, decode in ((codec.XOR, xor_planes_decode), (codec.QUANT, quantize_decode)):
         if jobs[kind]:
             outs = decode([j[2] for j in jobs[kind]], [j[3] for j in jobs[kind]])
