@@ -216,3 +216,47 @@ def test_update_metadata_scales_with_the_change(store: mmcore.ModelStore) -> Non
     assert info.changes["metadata_bytes"] < 20 * (4 * 24 + 4 * 32 + 40) + 64
     got = store.load(v2)
     assert_sets_equal(got, one_pct)
+
+
+def test_cli_info_of_an_update(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mmcore.cli import main
+
+    models = small_set(50)
+    with mmcore.open(store_path) as s:
+        v1 = s.save(models)
+        v2 = s.save(
+            _nudge(models, 10, 1e-2, 0), approach="update", parent=v1, tolerance=1e-3, ref="fleet"
+        )
+    assert main(["info", str(store_path), "fleet"]) == 0
+    out = capsys.readouterr().out
+    assert f"version    {v2}" in out and "approach   update" in out and "tolerance  0.001" in out
+    assert "changes    45 unchanged, 5 as deltas, 0 whole (0 added), 0 removed" in out
+    assert (
+        "depth      1 (versions back to the baseline; deltas per model at most 16, here 1)" in out
+    )
+    assert main(["verify", str(store_path), v2]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_update_saved_from_the_gpu_equals_the_cpu_one(tmp_path: Path) -> None:
+    models = small_set(40, seed=6)
+    new = _nudge(models, 4, 1e-2, 1)
+    blobs = []
+    for device in ("cpu", "cuda"):
+        on = {n: {k: t.to(device) for k, t in sd.items()} for n, sd in new.items()}
+        with mmcore.open(tmp_path / f"{device}.mm") as s:
+            v1 = s.save(models)
+            v2 = s.save(on, approach="update", parent=v1, tolerance=1e-3)
+            m = s.manifest(v2)
+            assert m.update is not None and m.update.delta_blob is not None
+            rec = s._content(m.update.delta_blob)
+            blobs.append(m.update.delta_blob)
+            got_cpu = s.load(v2)
+            got_gpu = s.load(v2, device="cuda")
+            for name, sd in got_cpu.items():
+                for key, t in sd.items():
+                    assert got_gpu[name][key].is_cuda
+                    assert_bit_equal(got_gpu[name][key].cpu(), t)
+            assert rec.table is not None
+    assert blobs[0] == blobs[1]  # the delta blob's key: its tables and hashes, byte for byte
