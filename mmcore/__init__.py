@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from . import errors
 from ._native import cuda_available
-from .api import ModelStore, VersionInfo, open
+from .api import ModelStore, open
+from .versions import VersionInfo
 
 __version__ = "0.1.0"
 

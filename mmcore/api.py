@@ -8,8 +8,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,35 +31,11 @@ from .paths.delta_blob import DeltaTable
 from .paths.reader import BlobReader, StateDict
 from .record import ref_target
 from .store import Catalog, LocalPackTier, StoreLayout
+from .versions import VersionInfo
 
 _HEX = frozenset("0123456789abcdef")
 DEFAULT_MAX_CHAIN = 16
 _MANIFEST_CACHE = 64  # a chain of updates is walked whole on every load
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    id: str
-    approach: str
-    parent: str | None
-    created: datetime
-    num_models: int
-    num_tensors: int
-    logical_bytes: int
-    stored_bytes: int
-    refs: tuple[str, ...]
-    message: str | None
-    depth: int = 0  # update versions back to the baseline
-    tolerance: float | None = None  # an update's bound; None: exact
-    max_chain: int | None = None
-    changes: dict[str, int] = field(default_factory=dict)  # an update's model counts and bytes
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["created"] = self.created.isoformat()
-        d["refs"] = list(self.refs)
-        d["changes"] = dict(self.changes)
-        return d
 
 
 def open(
@@ -341,19 +315,7 @@ class ModelStore:
     # -- inspect ---------------------------------------------------------
     def info(self, version: str) -> VersionInfo:
         m = self.manifest(version)
-        heads = tuple(sorted(r for r, v in self.refs().items() if v == m.id))
-        up = m.update
-        stats = {} if up is None else dict(up.stats)
-        return VersionInfo(
-            id=m.id, approach=m.approach, parent=m.parent,
-            created=datetime.fromtimestamp(m.created, tz=timezone.utc),
-            num_models=len(m.models) if up is None else stats.get("models", 0),
-            num_tensors=m.num_tensors if up is None else stats.get("tensors", 0),
-            logical_bytes=m.logical_bytes, stored_bytes=m.stored_bytes, refs=heads,
-            message=m.message, depth=0 if up is None else up.depth,
-            tolerance=None if up is None else up.tolerance,
-            max_chain=None if up is None else up.max_chain, changes=stats,
-        )  # fmt: skip
+        return VersionInfo.of(m, tuple(sorted(r for r, v in self.refs().items() if v == m.id)))
 
     def versions(self) -> list[VersionInfo]:
         """Every version in the store, newest first."""

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from . import __version__
 from . import open as open_store
-from .api import ModelStore, VersionInfo
+from .api import ModelStore
 from .bench.measure import human_bytes
 from .errors import IntegrityError, MMCoreError
+from .versions import VersionInfo
 
 
 def _table(

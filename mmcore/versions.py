@@ -1,0 +1,49 @@
+"""What ``ModelStore.info`` and ``log`` report about a version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .manifest import Manifest
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    id: str
+    approach: str
+    parent: str | None
+    created: datetime
+    num_models: int
+    num_tensors: int
+    logical_bytes: int
+    stored_bytes: int
+    refs: tuple[str, ...]
+    message: str | None
+    depth: int = 0  # update versions back to the baseline
+    tolerance: float | None = None  # an update's bound; None: exact
+    max_chain: int | None = None
+    changes: dict[str, int] = field(default_factory=dict)  # an update's model counts and bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["created"] = self.created.isoformat()
+        d["refs"] = list(self.refs)
+        d["changes"] = dict(self.changes)
+        return d
+
+    @classmethod
+    def of(cls, m: Manifest, refs: tuple[str, ...]) -> VersionInfo:
+        up = m.update
+        stats = {} if up is None else dict(up.stats)
+        return cls(
+            id=m.id, approach=m.approach, parent=m.parent,
+            created=datetime.fromtimestamp(m.created, tz=timezone.utc),
+            num_models=len(m.models) if up is None else stats.get("models", 0),
+            num_tensors=m.num_tensors if up is None else stats.get("tensors", 0),
+            logical_bytes=m.logical_bytes, stored_bytes=m.stored_bytes, refs=refs,
+            message=m.message, depth=0 if up is None else up.depth,
+            tolerance=None if up is None else up.tolerance,
+            max_chain=None if up is None else up.max_chain, changes=stats,
+        )  # fmt: skip
