@@ -32,10 +32,17 @@ def _valid_records() -> list[tuple[Callable[[bytes], Any], bytes]]:
     with tempfile.TemporaryDirectory() as d, mmcore.open(Path(d) / "s.mm") as store:
         v = store.save(models, ref="fleet", message="fuzz")
         manifest = store.catalog.get("manifests", v.encode())
+        changed = dict(models)
+        changed["cell_001"] = {k: t + 1 for k, t in models["cell_001"].items()}
+        del changed["cell_002"]
+        changed["new"] = {"w": torch.ones(3)}
+        u = store.save(changed, approach="update", parent=v, tolerance=1e-3)
+        update = store.catalog.get("manifests", u.encode())
         contents = [raw for _, raw in store.catalog.scan("content")]
-    assert manifest is not None and len(contents) == 2
+    assert manifest is not None and update is not None and len(contents) == 4
     return [
         (Manifest.decode, manifest),
+        (Manifest.decode, update),
         *[(ContentRecord.decode, raw) for raw in contents],
         (decode_pack_record, pack_record(4096, 1.5)),
     ]
@@ -113,7 +120,8 @@ values = st.recursive(
 )  # fmt: skip
 FIELDS = ["format", "id", "approach", "created", "models", "groups", "logical_bytes", "stored_bytes",
           "parent", "schema", "count", "blob", "members", "tensors", "stride", "align", "pack",
-          "extents", "hashes", "refs", "size"]  # fmt: skip
+          "extents", "hashes", "refs", "size", "update", "depth", "tolerance", "max_chain", "removed",
+          "added", "whole", "changed", "delta_blob", "stats", "table"]  # fmt: skip
 
 
 @FUZZ
@@ -131,6 +139,8 @@ def test_well_formed_msgpack_with_wrong_fields(decode: Callable[[bytes], Any],
             first.update(changes)  # reach into a group and its schema as well
             if isinstance(first.get("schema"), dict):
                 first["schema"].update(changes)
+    if isinstance(base.get("update"), dict) and changes:
+        base["update"].update(changes)  # and into an update version's own map
     try:
         data = msgpack.packb(base, use_bin_type=True)
     except (OverflowError, ValueError):

@@ -260,3 +260,61 @@ def test_update_saved_from_the_gpu_equals_the_cpu_one(tmp_path: Path) -> None:
                     assert_bit_equal(got_gpu[name][key].cpu(), t)
             assert rec.table is not None
     assert blobs[0] == blobs[1]  # the delta blob's key: its tables and hashes, byte for byte
+
+
+@pytest.mark.parametrize("name", sorted(dtypes.BY_NAME))
+def test_every_dtype_through_a_lossy_update(store: mmcore.ModelStore, name: str) -> None:
+    """Float kinds the quantizer knows come back within tolerance; every other dtype exact."""
+    from mmcore.kernels.delta import FLOAT_KINDS
+
+    dtype = dtypes.BY_NAME[name]
+    first = {"m": {"w": _random_bits(dtype, (5, 4), seed=1), "s": _random_bits(dtype, (), seed=2)}}
+    if dtype in FLOAT_KINDS:  # finite values, so the bound applies everywhere
+        first = {"m": {"w": torch.randn(5, 4).to(dtype), "s": torch.randn(()).to(dtype)}}
+    second = _copy(first)
+    for key, t in second["m"].items():
+        second["m"][key] = (
+            (t.float() + 0.01).to(dtype)
+            if dtype in FLOAT_KINDS
+            else _random_bits(dtype, tuple(t.shape), 9)
+        )
+    v1 = store.save(first)
+    v2 = store.save(second, approach="update", parent=v1, tolerance=0.05)
+    got = store.load(v2)["m"]
+    for key, want in second["m"].items():
+        if dtype in FLOAT_KINDS:
+            assert float((got[key].double() - want.double()).abs().max()) <= 0.05
+        else:
+            assert_bit_equal(got[key], want)
+
+
+def test_models_without_tensors_and_an_all_unchanged_update(store: mmcore.ModelStore) -> None:
+    first = {"empty": {}, **small_set(3)}
+    v1 = store.save(first)
+    v2 = store.save({**first, "also_empty": {}}, approach="update", parent=v1)
+    assert list(store.load(v2)) == ["empty", "cell_000", "cell_001", "cell_002", "also_empty"]
+    packs = store.tier.list()
+    v3 = store.save({**first, "also_empty": {}}, approach="update", parent=v2)
+    info = store.info(v3)
+    assert info.changes["unchanged"] == 5 and info.changes["payload_bytes"] == 0
+    assert store.tier.list() == packs  # v3 kept no pack of its own
+    assert_sets_equal(store.load(v3), {**first, "also_empty": {}})
+
+
+def test_identical_updates_share_their_delta_blob(store: mmcore.ModelStore) -> None:
+    models = small_set(10)
+    v1 = store.save(models)
+    new = _nudge(models, 2, 1e-2, 3)
+    a = store.save(new, approach="update", parent=v1)
+    b = store.save(new, approach="update", parent=v1)
+    ma, mb = store.manifest(a), store.manifest(b)
+    assert (
+        ma.update is not None
+        and mb.update is not None
+        and ma.update.delta_blob == mb.update.delta_blob
+    )
+    store.delete(a)
+    assert_sets_equal(store.load(b), new)
+    store.gc()
+    assert_sets_equal(store.load(b), new)
+    assert store.verify(b) > 0

@@ -99,11 +99,22 @@ def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
         assert m.update is not None
         for name in m.update.removed:
             index.pop(name, None)
+        fresh = set(m.update.added)
+        if fresh & index.keys() or not fresh <= {n for g in m.groups for n in g.names or ()}:
+            raise CorruptRecordError(
+                f"version {m.id} adds models its parent has, or does not store them: "
+                "the store's catalog is damaged"
+            )
         for group in m.groups:
             _index_group(store, m, group, index)
         if m.update.changed:
             table = delta_table(store, m)
             for name, row in zip(m.update.changed, table.rows):
+                if name not in index:
+                    raise CorruptRecordError(
+                        f"version {m.id} holds a delta for {name!r}, which its parent does not have: "
+                        "the store's catalog is damaged"
+                    )
                 schema = index[name].schema
                 if row[4] != len(schema.tensors):
                     raise IntegrityError(
