@@ -164,3 +164,36 @@ def xor_planes_decode(
             ptrs(outs), n,
         )  # fmt: skip
     return outs
+
+
+def xor_planes_decode_table(
+    enc: torch.Tensor, enc_lens: torch.Tensor, parents: torch.Tensor, outs: torch.Tensor,
+    nbytes: torch.Tensor, widths: torch.Tensor,
+) -> None:  # fmt: skip
+    """Decodes n framed encodings given by address (CPU int64 tables, one row per
+    segment) into memory at ``outs``: the whole table in one native call, headers
+    checked vectorised. The caller keeps every addressed buffer alive and in bounds;
+    a header that does not match raises InvalidArgumentError naming the segment."""
+    n = enc.numel()
+    if n == 0:
+        return
+    from . import gather
+
+    size = XOR_HEADER.size
+    heads = torch.empty((n, size), dtype=torch.uint8)
+    gather(
+        heads,
+        enc,
+        torch.full((n,), size, dtype=torch.int64),
+        torch.arange(n, dtype=torch.int64) * size,
+    )
+    ok = (heads[:, 0] == ENCODING_VERSION) & (heads[:, 1] == XOR_PLANES)
+    ok &= heads[:, 2].to(torch.int64) == widths
+    ok &= heads[:, 8:16].contiguous().view(torch.int64).reshape(-1) == nbytes
+    ok &= enc_lens == nbytes + size
+    if not bool(ok.all()):
+        i = int((~ok).nonzero()[0, 0])
+        raise InvalidArgumentError(
+            f"segment {i}: not an xor-planes v1 encoding of {int(nbytes[i])} bytes, width {int(widths[i])}"
+        )
+    call("xor_planes_decode", enc + size, parents, nbytes, widths.to(torch.int32), outs, n)

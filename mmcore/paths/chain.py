@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import codec, kernels
-from ..errors import CorruptRecordError, IntegrityError
+from .. import codec, dtypes, kernels
+from ..errors import CorruptRecordError, IntegrityError, InvalidArgumentError
+from ..kernels._segments import plane_width
 from ..kernels.delta import quantize_decode, xor_planes_decode
+from ..kernels.xor_planes import xor_planes_decode_table
 from ..manifest import GroupRecord, Manifest
 from ..modelset import Schema
 from .delta_blob import DeltaTable, decode_tables
-from .reader import StateDict
+from .reader import StateDict, record_views
 
 if TYPE_CHECKING:
     from ..api import ModelStore
@@ -146,10 +148,11 @@ def recover(
     # model -> hashes its tensors must have after its last delta: checked once, on the final
     # tensors (a wrong intermediate state can only matter through them)
     last_delta: dict[str, torch.Tensor] = {}
+    schemas: dict[str, Schema] = {}  # model -> its schema (deltas keep it)
     pending: dict[str, list[_Delta]] = {}  # model -> its deltas since it was last read whole
     order = list(base.models)
     for group in base.groups:
-        _read_group(store, base, group, wanted, states, verify)
+        _read_group(store, base, group, wanted, states, schemas, verify)
     for m in reversed(chain[:-1]):
         assert m.update is not None
         removed = set(m.update.removed)
@@ -162,7 +165,7 @@ def recover(
         for name in removed:
             pending.pop(name, None)
         for group in m.groups:  # stored whole here: verified as it is read
-            _read_group(store, m, group, wanted, states, verify)
+            _read_group(store, m, group, wanted, states, schemas, verify)
             for name in group.names or ():
                 last_delta.pop(name, None)
                 pending.pop(name, None)  # earlier deltas of it no longer matter
@@ -180,29 +183,32 @@ def recover(
         batch = [ops[wave] for ops in pending.values() if len(ops) > wave]
         if not batch:
             break
-        _apply_deltas(store, batch, states, last_delta)
+        rest = _apply_records(store, batch, states, schemas, last_delta)
+        _apply_deltas(store, rest, states, last_delta)
         wave += 1
     if verify and last_delta:
-        _check_hashes(vid, last_delta, states)
+        _check_hashes(vid, last_delta, states, schemas)
     if wanted is not None:
         return {n: states[n] for n in states if n in wanted}
     return {n: states[n] for n in order if n in states}
 
 
 def _read_group(store: ModelStore, m: Manifest, group: GroupRecord, wanted: set[str] | None,
-                states: dict[str, StateDict], verify: bool) -> None:  # fmt: skip
+                states: dict[str, StateDict], schemas: dict[str, Schema], verify: bool) -> None:  # fmt: skip
     cpu = torch.device("cpu")
     if wanted is not None and len(wanted) * _FEW < group.count:
         for name in wanted:
             where = _position(m, group, name)
             if where is not None:
                 states[name] = store._reader.read_model(m, group, where, verify=verify, device=cpu)
+                schemas[name] = group.schema
         return
     names = _group_names(m, group)
     models = store._reader.read_group(m, group, verify=verify, device=cpu, pool=store._pool)
     for name, state in zip(names, models):
         if wanted is None or name in wanted:
             states[name] = state
+            schemas[name] = group.schema
 
 
 def _position(m: Manifest, group: GroupRecord, name: str) -> int | None:
@@ -234,6 +240,99 @@ def _model_plain(
         if data
         else torch.empty(0, dtype=torch.uint8)
     )
+
+
+def _record_address(state: StateDict, schema: Schema) -> int | None:
+    """The address of the model record the state's tensors are views of, or None
+    when they are not laid out as one record of ``schema``."""
+    base = None
+    for spec in schema.tensors:
+        if spec.nbytes == 0:
+            continue
+        t = state.get(spec.name)
+        if t is None or t.device.type != "cpu":
+            return None
+        at = t.data_ptr() - spec.offset
+        if base is None:
+            base = at
+        elif at != base:
+            return None
+    return base
+
+
+def _apply_records(store: ModelStore, batch: list[_Delta], states: dict[str, StateDict],
+                   schemas: dict[str, Schema], last_delta: dict[str, torch.Tensor]) -> list[_Delta]:  # fmt: skip
+    """Decodes whole model records: per schema, every model of ``batch`` whose parent is
+    one record and whose delta holds no quantized tensor, in a few native calls over
+    address tables (parent records copied, raw tensors gathered, xor-planes decoded),
+    then views as the reader builds them. Returns the deltas left for ``_apply_deltas``."""
+    by_schema: dict[int, list[tuple[_Delta, int]]] = {}
+    rest = []
+    for d in batch:
+        schema = schemas.get(d.name)
+        first, count = d.row[3], d.row[4]
+        address = None if schema is None else _record_address(states[d.name], schema)
+        kinds = {e[0] for e in d.table.entries[first : first + count]}
+        if (
+            address is None
+            or schema is None
+            or codec.QUANT in kinds
+            or count != len(schema.tensors)
+        ):
+            rest.append(d)
+        else:
+            by_schema.setdefault(id(schema), []).append((d, address))
+    for group in by_schema.values():
+        _decode_records(store, group, schemas[group[0][0].name], states, last_delta)
+    return rest
+
+
+def _decode_records(store: ModelStore, group: list[tuple[_Delta, int]], schema: Schema,
+                    states: dict[str, StateDict], last_delta: dict[str, torch.Tensor]) -> None:  # fmt: skip
+    n, stride, t = len(group), schema.stride, len(schema.tensors)
+    out = torch.empty(n * stride, dtype=torch.uint8)
+    rows = torch.arange(n, dtype=torch.int64)
+    parents = torch.tensor([a for _, a in group], dtype=torch.int64)
+    kernels.gather(out, parents, torch.full((n,), stride, dtype=torch.int64), rows * stride)
+    plains = [_model_plain(store, d.m, d.row, d.name, d.pack) for d, _ in group]
+    plain_at = torch.tensor([p.data_ptr() for p in plains], dtype=torch.int64)
+    plain_len = torch.tensor([p.numel() for p in plains], dtype=torch.int64)
+    entries = [e for d, _ in group for e in d.table.entries[d.row[3] : d.row[3] + t]]
+    kind, at, length = torch.tensor(entries, dtype=torch.int64).reshape(n * t, 3).unbind(1)
+    model = rows.repeat_interleave(t)
+    offsets = torch.tensor([s.offset for s in schema.tensors], dtype=torch.int64).repeat(n)
+    nbytes = torch.tensor([s.nbytes for s in schema.tensors], dtype=torch.int64).repeat(n)
+    bad = (at + length > plain_len[model]) | ((kind == codec.RAW) & (length != nbytes))
+    bad |= (kind != codec.SAME) & (kind != codec.RAW) & (kind != codec.XOR)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        d = group[i // t][0]
+        raise IntegrityError(
+            f"version {d.m.id}, model {d.name!r}, tensor {schema.tensors[i % t].name!r}: "
+            "its delta entry does not fit its payload or its tensor"
+        )
+    src = plain_at[model] + at
+    dst = rows[model] * stride + offsets
+    raw = (kind == codec.RAW).nonzero().reshape(-1)
+    if raw.numel():
+        kernels.gather(out, src[raw].contiguous(), nbytes[raw].contiguous(), dst[raw].contiguous())
+    xor = (kind == codec.XOR).nonzero().reshape(-1)
+    if xor.numel():
+        widths = torch.tensor([plane_width(dtypes.from_name(s.dtype)) for s in schema.tensors],
+                              dtype=torch.int64).repeat(n)  # fmt: skip
+        try:
+            xor_planes_decode_table(src[xor].contiguous(), length[xor].contiguous(),
+                                    (parents[model] + offsets)[xor].contiguous(),
+                                    (dst[xor] + out.data_ptr()).contiguous(), nbytes[xor].contiguous(),
+                                    widths[xor].contiguous())  # fmt: skip
+        except InvalidArgumentError as exc:
+            raise IntegrityError(
+                f"a delta of {group[0][0].m.id}'s chain is damaged: {exc}"
+            ) from None
+    del plains  # every decoded byte is in ``out`` now
+    for (d, _), state in zip(group, record_views(out, schema, n)):
+        states[d.name] = state
+        last_delta[d.name] = d.table.hashes[d.row[3] : d.row[3] + t]
 
 
 @dataclass
@@ -311,17 +410,32 @@ def _raw_tensor(
     )
 
 
-def _check_hashes(
-    vid: str, expected: dict[str, torch.Tensor], states: dict[str, StateDict]
-) -> None:
-    """One BLAKE3 call over every tensor decoded from a delta, against its recorded hash."""
-    tensors, where = [], []
+def _check_hashes(vid: str, expected: dict[str, torch.Tensor], states: dict[str, StateDict],
+                  schemas: dict[str, Schema]) -> None:  # fmt: skip
+    """One BLAKE3 call over every tensor decoded from a delta, against its recorded hash
+    (segment tables built from record addresses where the model is one record)."""
+    ptrs: list[int] = []
+    lens: list[int] = []
+    keep: list[torch.Tensor] = []
+    where: list[tuple[str, str]] = []
     for name in expected:
-        for key, tensor in states[name].items():
-            tensors.append(tensor.contiguous())
+        state, schema = states[name], schemas.get(name)
+        address = None if schema is None else _record_address(state, schema)
+        if address is not None and schema is not None:
+            ptrs.extend([address + s.offset for s in schema.tensors])
+            lens.extend([s.nbytes for s in schema.tensors])
+            where.extend((name, s.name) for s in schema.tensors)
+            continue
+        for key, tensor in state.items():
+            flat = tensor.contiguous()
+            keep.append(flat)
+            ptrs.append(flat.data_ptr())
+            lens.append(flat.numel() * flat.element_size())
             where.append((name, key))
-    got = kernels.blake3_tensors(tensors)
+    got = kernels.blake3_segments(kernels.int64_table(ptrs), kernels.int64_table(lens))
     want = torch.cat(list(expected.values()))
+    if got.shape != want.shape:
+        raise IntegrityError(f"version {vid}: the recorded hashes do not match the models' tensors")
     bad = (got != want).any(dim=1).nonzero()
     if bad.numel():
         name, key = where[int(bad[0, 0])]

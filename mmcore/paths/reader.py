@@ -36,7 +36,7 @@ def _first_mismatch(computed: torch.Tensor, stored: torch.Tensor) -> int | None:
     return int(bad[0, 0])
 
 
-def _views(buf: torch.Tensor, schema: Schema, count: int) -> list[StateDict]:
+def record_views(buf: torch.Tensor, schema: Schema, count: int) -> list[StateDict]:
     """count state dicts whose tensors are views of ``buf`` (count x stride bytes)."""
     with gc_paused():
         rows = buf.view(count, schema.stride) if schema.stride else buf.new_empty((count, 0))
@@ -121,12 +121,12 @@ class BlobReader:
         models: list[StateDict] = []
         if on_cpu:
             for buf, count in buffers:
-                models.extend(_views(buf, schema, count))
+                models.extend(record_views(buf, schema, count))
         if future is not None:
             self._check(manifest, group, *future.result())
         if not on_cpu:
             for buf, count in buffers:
-                models.extend(_views(buf.to(device), schema, count))
+                models.extend(record_views(buf.to(device), schema, count))
         return models
 
     def read_model(
@@ -156,7 +156,7 @@ class BlobReader:
             self._check(manifest, group, kernels.blake3_segments(ptrs, lens), stored, first_pos=pos)
         if device.type != "cpu":
             buf = buf.to(device)
-        return _views(buf, schema, 1)[0]
+        return record_views(buf, schema, 1)[0]
 
     def verify_group(self, manifest: Manifest, group: GroupRecord) -> None:
         """Re-hashes every byte of the group, and checks the hash table against the blob key."""
