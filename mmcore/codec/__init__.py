@@ -10,6 +10,7 @@ self-describing encodings, mmcore.kernels.delta).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,13 +57,19 @@ def compress_many(blobs: Sequence[bytes | memoryview]) -> list[bytes]:
     return out
 
 
+_local = (
+    threading.local()
+)  # one decompression context per thread: making one costs more than a small frame
+
+
 def decompress(frame: bytes | bytearray | memoryview, plain_length: int, what: str) -> bytes:
     """The plain bytes of one zstd frame, which must be exactly ``plain_length`` long."""
     zstandard = _zstd()
+    context = getattr(_local, "decompressor", None)
+    if context is None:
+        context = _local.decompressor = zstandard.ZstdDecompressor()  # type: ignore[attr-defined]
     try:
-        plain = zstandard.ZstdDecompressor().decompress(  # type: ignore[attr-defined]
-            frame, max_output_size=plain_length
-        )
+        plain = context.decompress(frame, max_output_size=plain_length)
     except zstandard.ZstdError as exc:  # type: ignore[attr-defined]
         raise IntegrityError(f"{what}: the compressed payload is damaged ({exc})") from None
     if len(plain) != plain_length:
