@@ -225,13 +225,17 @@ def _position(m: Manifest, group: GroupRecord, name: str) -> int | None:
 def _model_plain(
     store: ModelStore, m: Manifest, row: tuple[int, ...], name: str, pack: str
 ) -> torch.Tensor:
-    offset, stored, plain = row[0], row[1], row[2]
-    raw = bytearray(stored)
-    if stored:
+    raw = bytearray(row[1])
+    if row[1]:
         store.tier.read_into(
-            pack, offset, stored, torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
+            pack, row[0], row[1], torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
         )
-    what = f"version {m.id}, model {name!r}"
+    return _plain_of(raw, row, f"version {m.id}, model {name!r}")
+
+
+def _plain_of(raw: bytes | bytearray | memoryview, row: tuple[int, ...], what: str) -> torch.Tensor:
+    """The plain model blob from its stored bytes."""
+    plain = row[2]
     data = codec.decompress(raw, plain, what) if row[6] == codec.ZSTD else bytes(raw)
     if len(data) != plain:
         raise IntegrityError(f"{what}: {len(data)} payload bytes, not the {plain} recorded")
@@ -240,6 +244,34 @@ def _model_plain(
         if data
         else torch.empty(0, dtype=torch.uint8)
     )
+
+
+def _model_plains(store: ModelStore, batch: list[_Delta]) -> list[torch.Tensor]:
+    """The plain model blobs of ``batch``. The blobs of one version lie one after
+    another in its pack: where most of a version's blobs are wanted, one read covers them."""
+    out: list[torch.Tensor | None] = [None] * len(batch)
+    by_version: dict[tuple[str, str], list[int]] = {}
+    for i, d in enumerate(batch):
+        by_version.setdefault((d.m.id, d.pack), []).append(i)
+    for (_, pack), idx in by_version.items():
+        lo = min(batch[i].row[0] for i in idx)
+        hi = max(batch[i].row[0] + batch[i].row[1] for i in idx)
+        wanted = sum(batch[i].row[1] for i in idx)
+        if len(idx) < 4 or hi - lo > 2 * wanted:
+            for i in idx:
+                d = batch[i]
+                out[i] = _model_plain(store, d.m, d.row, d.name, d.pack)
+            continue
+        region = torch.empty(hi - lo, dtype=torch.uint8)
+        store.tier.read_into(pack, lo, hi - lo, region.data_ptr())
+        view = memoryview(kernels.tensor_bytes(region))
+        for i in idx:
+            d = batch[i]
+            at = d.row[0] - lo
+            out[i] = _plain_of(
+                view[at : at + d.row[1]], d.row, f"version {d.m.id}, model {d.name!r}"
+            )
+    return [t for t in out if t is not None]
 
 
 def _record_address(state: StateDict, schema: Schema) -> int | None:
@@ -294,7 +326,7 @@ def _decode_records(store: ModelStore, group: list[tuple[_Delta, int]], schema: 
     rows = torch.arange(n, dtype=torch.int64)
     parents = torch.tensor([a for _, a in group], dtype=torch.int64)
     kernels.gather(out, parents, torch.full((n,), stride, dtype=torch.int64), rows * stride)
-    plains = [_model_plain(store, d.m, d.row, d.name, d.pack) for d, _ in group]
+    plains = _model_plains(store, [d for d, _ in group])
     plain_at = torch.tensor([p.data_ptr() for p in plains], dtype=torch.int64)
     plain_len = torch.tensor([p.numel() for p in plains], dtype=torch.int64)
     entries = [e for d, _ in group for e in d.table.entries[d.row[3] : d.row[3] + t]]
