@@ -6,13 +6,13 @@ and says what is accepted, so a wrong call changes nothing and explains itself.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import torch
 
 from .errors import DeviceUnavailableError, InvalidArgumentError
+from .kernels.quantized import check_tolerance
 
 MAX_NAME = 200
 
@@ -68,10 +68,7 @@ def name_list(value: Any, what: str) -> list[str]:
 def tolerance(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgumentError(f"tolerance must be a number > 0, got {_show(value)}")
-    tol = float(value)
-    if not (math.isfinite(tol) and tol > 0 and math.isfinite(2 * tol)):
-        raise InvalidArgumentError(f"tolerance must be a finite number > 0, got {value!r}")
-    return tol
+    return check_tolerance(value)  # the quantized encoding's own bound on it
 
 
 MAX_CHAIN_LIMIT = 10_000

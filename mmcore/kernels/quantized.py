@@ -56,7 +56,7 @@ def _layout(numel: int, qwidth: int, escapes: int, itemsize: int) -> tuple[int, 
     return idx, bits, bits + escapes * itemsize
 
 
-def _check_tolerance(tolerance: float) -> float:
+def check_tolerance(tolerance: float) -> float:
     tol = float(tolerance)
     if not (math.isfinite(tol) and tol > 0 and math.isfinite(2 * tol)):
         raise InvalidArgumentError(f"tolerance must be a finite number > 0, got {tolerance!r}")
@@ -78,7 +78,7 @@ def quantize_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
     """Encodes each new tensor against the parent *as recovered* (closed loop), so
     that every decoded element is within ``tolerance`` of the new one."""
     device = check_pairs(new, parent)
-    tol = _check_tolerance(tolerance)
+    tol = check_tolerance(tolerance)
     kinds = [_check_float(t.dtype, i) for i, t in enumerate(new)]
     n = len(new)
     if native_cuda(device) and n:
