@@ -180,7 +180,7 @@ def test_corrupt_delta_is_named(store_path: Path) -> None:
         from mmcore.paths.chain import delta_table
 
         table = delta_table(s, m)
-        at = int(table.offset[1]) + int(table.stored[1]) // 2
+        at = table.rows[1][0] + table.rows[1][1] // 2  # the middle of cell_005's model blob
     data = bytearray(pack.read_bytes())
     data[at] ^= 0x40
     pack.write_bytes(bytes(data))

@@ -24,7 +24,7 @@ from ..kernels.xor_planes import xor_planes_decode_table
 from ..manifest import GroupRecord, Manifest
 from ..modelset import Schema
 from .delta_blob import DeltaTable, decode_tables
-from .reader import StateDict, record_views
+from .reader import StateDict, record_views, segment_table
 
 if TYPE_CHECKING:
     from ..api import ModelStore
@@ -149,7 +149,7 @@ def recover(
     # tensors (a wrong intermediate state can only matter through them)
     last_delta: dict[str, torch.Tensor] = {}
     schemas: dict[str, Schema] = {}  # model -> its schema (deltas keep it)
-    pending: dict[str, list[_Delta]] = {}  # model -> its deltas since it was last read whole
+    pending: dict[str, list[_Queued]] = {}  # model -> its deltas since it was last read whole
     order = list(base.models)
     for group in base.groups:
         _read_group(store, base, group, wanted, states, schemas, verify)
@@ -175,7 +175,7 @@ def recover(
             pack = store._content(m.update.delta_blob).pack
             for name, row in zip(m.update.changed, table.rows):
                 if name in states:
-                    pending.setdefault(name, []).append(_Delta(name, m, table, row, pack))
+                    pending.setdefault(name, []).append(_Queued(name, m, table, row, pack))
     # Waves: the k-th delta of every model at once. Models changed in different versions
     # are independent, so a chain of 1% updates decodes in about one batched call.
     wave = 0
@@ -246,7 +246,7 @@ def _plain_of(raw: bytes | bytearray | memoryview, row: tuple[int, ...], what: s
     )
 
 
-def _model_plains(store: ModelStore, batch: list[_Delta]) -> list[torch.Tensor]:
+def _model_plains(store: ModelStore, batch: list[_Queued]) -> list[torch.Tensor]:
     """The plain model blobs of ``batch``. The blobs of one version lie one after
     another in its pack: where most of a version's blobs are wanted, one read covers them."""
     out: list[torch.Tensor | None] = [None] * len(batch)
@@ -292,13 +292,13 @@ def _record_address(state: StateDict, schema: Schema) -> int | None:
     return base
 
 
-def _apply_records(store: ModelStore, batch: list[_Delta], states: dict[str, StateDict],
-                   schemas: dict[str, Schema], last_delta: dict[str, torch.Tensor]) -> list[_Delta]:  # fmt: skip
+def _apply_records(store: ModelStore, batch: list[_Queued], states: dict[str, StateDict],
+                   schemas: dict[str, Schema], last_delta: dict[str, torch.Tensor]) -> list[_Queued]:  # fmt: skip
     """Decodes whole model records: per schema, every model of ``batch`` whose parent is
     one record and whose delta holds no quantized tensor, in a few native calls over
     address tables (parent records copied, raw tensors gathered, xor-planes decoded),
     then views as the reader builds them. Returns the deltas left for ``_apply_deltas``."""
-    by_schema: dict[int, list[tuple[_Delta, int]]] = {}
+    by_schema: dict[int, list[tuple[_Queued, int]]] = {}
     rest = []
     for d in batch:
         schema = schemas.get(d.name)
@@ -319,7 +319,7 @@ def _apply_records(store: ModelStore, batch: list[_Delta], states: dict[str, Sta
     return rest
 
 
-def _decode_records(store: ModelStore, group: list[tuple[_Delta, int]], schema: Schema,
+def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema: Schema,
                     states: dict[str, StateDict], last_delta: dict[str, torch.Tensor]) -> None:  # fmt: skip
     n, stride, t = len(group), schema.stride, len(schema.tensors)
     out = torch.empty(n * stride, dtype=torch.uint8)
@@ -332,8 +332,8 @@ def _decode_records(store: ModelStore, group: list[tuple[_Delta, int]], schema: 
     entries = [e for d, _ in group for e in d.table.entries[d.row[3] : d.row[3] + t]]
     kind, at, length = torch.tensor(entries, dtype=torch.int64).reshape(n * t, 3).unbind(1)
     model = rows.repeat_interleave(t)
-    offsets = torch.tensor([s.offset for s in schema.tensors], dtype=torch.int64).repeat(n)
-    nbytes = torch.tensor([s.nbytes for s in schema.tensors], dtype=torch.int64).repeat(n)
+    dst, nbytes = segment_table(0, schema, n)  # each tensor's offset in ``out``, and its length
+    offsets = dst - model * stride
     bad = (at + length > plain_len[model]) | ((kind == codec.RAW) & (length != nbytes))
     bad |= (kind != codec.SAME) & (kind != codec.RAW) & (kind != codec.XOR)
     if bool(bad.any()):
@@ -344,7 +344,6 @@ def _decode_records(store: ModelStore, group: list[tuple[_Delta, int]], schema: 
             "its delta entry does not fit its payload or its tensor"
         )
     src = plain_at[model] + at
-    dst = rows[model] * stride + offsets
     raw = (kind == codec.RAW).nonzero().reshape(-1)
     if raw.numel():
         kernels.gather(out, src[raw].contiguous(), nbytes[raw].contiguous(), dst[raw].contiguous())
@@ -368,7 +367,7 @@ def _decode_records(store: ModelStore, group: list[tuple[_Delta, int]], schema: 
 
 
 @dataclass
-class _Delta:
+class _Queued:
     name: str
     m: Manifest
     table: DeltaTable
@@ -378,7 +377,7 @@ class _Delta:
 
 def _apply_deltas(
     store: ModelStore,
-    batch: list[_Delta],
+    batch: list[_Queued],
     states: dict[str, StateDict],
     last_delta: dict[str, torch.Tensor],
 ) -> None:

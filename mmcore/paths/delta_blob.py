@@ -21,25 +21,12 @@ TENSOR = struct.Struct("<B7xQQ")
 
 @dataclass
 class DeltaTable:
-    """The parsed tables: int64 columns, one row per changed model / per tensor."""
+    """The parsed tables, as recovery reads them."""
 
-    offset: torch.Tensor  # (m,) pack offset of each model blob
-    stored: torch.Tensor  # (m,) bytes in the pack
-    plain: torch.Tensor  # (m,) bytes after decompression
-    first: torch.Tensor  # (m,) first tensor entry
-    count: torch.Tensor  # (m,) tensor entries
-    depth: torch.Tensor  # (m,) deltas since the model was last stored whole
-    codec: torch.Tensor  # (m,)
-    kind: torch.Tensor  # (t,) per tensor entry
-    at: torch.Tensor  # (t,) offset in the plain blob
-    length: torch.Tensor  # (t,)
-    hashes: torch.Tensor  # (t, 32) BLAKE3 of each recovered tensor
-
-    def __post_init__(self) -> None:
-        # Python lists of the columns: recovery reads them entry by entry
-        self.rows = list(zip(*(c.tolist() for c in (self.offset, self.stored, self.plain, self.first,
-                                                      self.count, self.depth, self.codec))))  # fmt: skip
-        self.entries = list(zip(self.kind.tolist(), self.at.tolist(), self.length.tolist()))
+    rows: list[tuple[int, ...]]  # per changed model: MODEL's fields (offset, stored, plain,
+    #                              first, count, depth, codec)
+    entries: list[tuple[int, int, int]]  # per tensor: (kind, offset, length) in the plain blob
+    hashes: torch.Tensor  # (tensors, 32) BLAKE3 of each recovered tensor
 
 
 def encode_tables(models: list[tuple[int, int, int, int, int, int]],
@@ -69,15 +56,16 @@ def decode_tables(data: bytes, models: int, hashes: torch.Tensor, what: str) -> 
     rows = torch.frombuffer(bytearray(data[:head]), dtype=torch.uint8).reshape(models, MODEL.size)
     q = rows[:, :24].contiguous().view(torch.int64)
     i = rows[:, 24:32].contiguous().view(torch.int32).to(torch.int64)
+    depth = rows[:, 32:34].contiguous().view(torch.int16).to(torch.int64)
     entries = (len(data) - head) // TENSOR.size
     ents = torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8).reshape(entries, TENSOR.size)
-    table = DeltaTable(
-        offset=q[:, 0], stored=q[:, 1], plain=q[:, 2], first=i[:, 0], count=i[:, 1],
-        depth=rows[:, 32:34].contiguous().view(torch.int16).to(torch.int64).reshape(-1),
-        codec=rows[:, 34].to(torch.int64), kind=ents[:, 0].to(torch.int64),
-        at=ents[:, 8:16].contiguous().view(torch.int64).reshape(-1),
-        length=ents[:, 16:24].contiguous().view(torch.int64).reshape(-1), hashes=hashes,
-    )  # fmt: skip
-    if (models and int((table.first + table.count).max()) > entries) or hashes.shape[0] != entries:
+    kind = ents[:, :1].to(torch.int64)
+    spans = ents[:, 8:24].contiguous().view(torch.int64)
+    if (models and int((i[:, 0] + i[:, 1]).max()) > entries) or hashes.shape[0] != entries:
         raise IntegrityError(f"{what}: the delta table's entries do not add up")
-    return table
+    columns = torch.cat([q, i, depth, rows[:, 34:35].to(torch.int64)], dim=1)
+    return DeltaTable(
+        rows=[tuple(r) for r in columns.tolist()],
+        entries=[(k, a, b) for k, a, b in torch.cat([kind, spans], dim=1).tolist()],
+        hashes=hashes,
+    )

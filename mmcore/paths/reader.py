@@ -22,7 +22,8 @@ from ..store.packs import PayloadTier
 StateDict = dict[str, torch.Tensor]
 
 
-def _segment_table(base: int, schema: Schema, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_table(base: int, schema: Schema, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Address (or, from base 0, offset) and length of every tensor of ``count`` records."""
     offsets = kernels.int64_table([s.offset for s in schema.tensors])
     lens = kernels.int64_table([s.nbytes for s in schema.tensors])
     rows = torch.arange(count, dtype=torch.int64).mul_(schema.stride).add_(base).unsqueeze(1)
@@ -110,7 +111,7 @@ class BlobReader:
         on_cpu = device.type == "cpu"
         future = None
         if verify:
-            tables = [_segment_table(buf.data_ptr(), schema, count) for buf, count in buffers]
+            tables = [segment_table(buf.data_ptr(), schema, count) for buf, count in buffers]
             ptrs = torch.cat([t[0] for t in tables])
             lens = torch.cat([t[1] for t in tables])
 
@@ -152,7 +153,7 @@ class BlobReader:
             self.tier.read_into(
                 rec.pack, rec.hashes_offset + pos * nbytes, nbytes, stored.data_ptr()
             )
-            ptrs, lens = _segment_table(buf.data_ptr(), schema, 1)
+            ptrs, lens = segment_table(buf.data_ptr(), schema, 1)
             self._check(manifest, group, kernels.blake3_segments(ptrs, lens), stored, first_pos=pos)
         if device.type != "cpu":
             buf = buf.to(device)
@@ -169,7 +170,7 @@ class BlobReader:
         for off, count in rec.extents:
             buf = torch.empty(count * group.schema.stride, dtype=torch.uint8)
             self.tier.read_into(rec.pack, off, buf.numel(), buf.data_ptr())
-            ptrs, lens = _segment_table(buf.data_ptr(), group.schema, count)
+            ptrs, lens = segment_table(buf.data_ptr(), group.schema, count)
             part = stored[first * ntensors : (first + count) * ntensors]
             self._check(manifest, group, kernels.blake3_segments(ptrs, lens), part, first_pos=first)
             first += count
