@@ -256,12 +256,7 @@ class ModelStore:
             manifest = self.manifest(version)
             if manifest.update is not None:
                 return self._load_update(manifest, names, dev, verify)
-            missing = [n for n in names if manifest.locate(n) is None]
-            if missing:
-                raise ModelNotFoundError(
-                    f"version {manifest.id} has no model(s) {', '.join(map(repr, missing[:5]))} "
-                    f"({len(manifest.models)} models; store.info(version) describes them)"
-                )
+            _refuse_missing(manifest.id, [n for n in names if manifest.locate(n) is None])
             return {name: self.load_model(manifest.id, name, device=dev, verify=verify)
                     for name in names}  # fmt: skip
         manifest = self.manifest(version)
@@ -280,12 +275,7 @@ class ModelStore:
                      verify: bool) -> dict[str, StateDict]:  # fmt: skip
         got = chain.recover(self, manifest.id, None if names is None else set(names), verify=verify)
         if names is not None:
-            missing = [n for n in names if n not in got]
-            if missing:
-                raise ModelNotFoundError(
-                    f"version {manifest.id} has no model(s) {', '.join(map(repr, missing[:5]))}; "
-                    "store.info(version) describes it"
-                )
+            _refuse_missing(manifest.id, [n for n in names if n not in got])
             got = {n: got[n] for n in names}
         if device.type != "cpu":
             got = {n: {k: t.to(device) for k, t in sd.items()} for n, sd in got.items()}
@@ -444,6 +434,14 @@ class ModelStore:
         """Bytes the whole store occupies on disk: packs plus catalog."""
         packs = sum(p.stat().st_size for p in self._layout.packs.glob("*.pack"))
         return packs + self.catalog.approximate_bytes()
+
+
+def _refuse_missing(vid: str, missing: list[str]) -> None:
+    if missing:
+        raise ModelNotFoundError(
+            f"version {vid} has no model(s) {', '.join(map(repr, missing[:5]))}; "
+            "store.info(version) describes the version"
+        )
 
 
 def _count(models: Any) -> int | None:
