@@ -94,13 +94,17 @@ class Run:
     marks: list[tuple[int, str]]
     blobs: Path
 
+    def __post_init__(self) -> None:  # the op indices, searched once per cut
+        self._state_ops = [st[0] for st in self.states]
+        self._mark_ops = [m[0] for m in self.marks]
+
     def state_before(self, op: int) -> tuple[dict[str, int], list[str]]:
         """The durable state if power is lost just before operation ``op``."""
-        i = bisect.bisect_left([s[0] for s in self.states], op) - 1
+        i = bisect.bisect_left(self._state_ops, op) - 1
         return self.states[i][1], self.states[i][2]
 
     def phase_of(self, op: int) -> str:
-        i = bisect.bisect_left([m[0] for m in self.marks], op) - 1
+        i = bisect.bisect_left(self._mark_ops, op) - 1
         if i < 0:
             return "idle"
         step, kind = self.marks[i][1].split("-")[1:3]
