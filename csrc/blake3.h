@@ -20,7 +20,7 @@ struct ChunkVisitor {
 void blake3_segments_cpu(const uint8_t* const* ptrs, const uint64_t* lens, size_t n, uint8_t* out,
                          int threads, const ChunkVisitor* visitor = nullptr);
 
-// Name of the instruction set the CPU path uses ("avx2" or "generic").
+// Name of the instruction set the CPU path uses ("avx512", "avx2" or "generic").
 const char* blake3_cpu_isa();
 
 namespace blake3 {
@@ -32,7 +32,8 @@ struct LaneKernels {
   void (*parents)(const uint32_t* const*, const uint32_t* const*, const uint8_t*, uint32_t* const*);
   const char* isa;
 };
-LaneKernels avx2_kernels();  // defined in blake3_avx2.cpp (x86-64 only)
+LaneKernels avx2_kernels();    // defined in blake3_avx2.cpp (x86-64 only)
+LaneKernels avx512_kernels();  // defined in blake3_avx512.cpp (x86-64 only)
 }  // namespace blake3
 
 }  // namespace mmcore

@@ -1,6 +1,7 @@
 // AVX2 instantiation of the lane kernels: this file alone is compiled with
 // -mavx2, and is only called after a runtime CPU check.
 #include "blake3.h"
+#define MMCORE_LANES_ISA isa_avx2
 #include "blake3_lanes.h"
 
 namespace mmcore::blake3 {

@@ -2,11 +2,14 @@
 // segment in SIMD lanes, then the tree merged level by level (left-complete
 // binary tree, as the spec defines), all segments together.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "blake3.h"
+#define MMCORE_LANES_ISA isa_generic
 #include "blake3_lanes.h"
 #include "parallel.h"
 
@@ -15,7 +18,7 @@ namespace {
 
 using blake3::LaneKernels;
 
-constexpr int kMaxLanes = 8;
+constexpr int kMaxLanes = 16;
 
 void chunks_x4(const uint8_t* const* data, const uint32_t* len, uint32_t blocks,
                const uint64_t* counter, const uint8_t* root, uint32_t* const* out) {
@@ -27,10 +30,18 @@ void parents_x4(const uint32_t* const* left, const uint32_t* const* right, const
   blake3::parents_lanes<4>(left, right, root, out);
 }
 
+// The widest instruction set the CPU has, capped by MMCORE_BLAKE3_ISA
+// ("avx512", "avx2" or "generic") when set: how the tests run every path on
+// one machine.
 LaneKernels select_kernels() {
+  const char* cap = std::getenv("MMCORE_BLAKE3_ISA");
+  const std::string limit = cap ? cap : "avx512";
+  const bool avx512 = limit == "avx512", avx2 = avx512 || limit == "avx2";
+  (void)avx2;
 #if defined(__x86_64__) && defined(MMCORE_HAVE_AVX2_TU)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) return blake3::avx2_kernels();
+  if (avx512 && __builtin_cpu_supports("avx512f")) return blake3::avx512_kernels();
+  if (avx2 && __builtin_cpu_supports("avx2")) return blake3::avx2_kernels();
 #endif
   return LaneKernels{4, chunks_x4, parents_x4, "generic"};
 }

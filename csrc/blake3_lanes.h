@@ -1,6 +1,9 @@
 // Many BLAKE3 compressions side by side on the CPU: one compiler-vector lane
 // per independent chunk or parent node. Included by one translation unit per
-// instruction set (baseline and AVX2), each compiled with its own flags.
+// instruction set (baseline, AVX2, AVX-512), each compiled with its own flags.
+// Each defines MMCORE_LANES_ISA first: the non-inlined functions live in a
+// namespace of that name, so the linker never swaps one TU's AVX-512 copy of
+// a function into a path that runs on a CPU without AVX-512.
 #pragma once
 
 #include <cstring>
@@ -11,23 +14,16 @@
 #include <immintrin.h>
 #endif
 
+#if !defined(MMCORE_LANES_ISA)
+#error "define MMCORE_LANES_ISA (a namespace name) before including blake3_lanes.h"
+#endif
+
 namespace mmcore::blake3 {
 
 template <int W>
 struct LaneVec {
   typedef uint32_t type __attribute__((vector_size(4 * W)));
 };
-
-// m[w][l] = word w of the 64-byte block at data[l] + offset.
-template <int W>
-static inline void load_block_lanes(const uint8_t* const* data, uint32_t offset,
-                                    typename LaneVec<W>::type* m) {
-  for (int l = 0; l < W; ++l) {
-    uint32_t words[16];
-    std::memcpy(words, data[l] + offset, kBlockLen);
-    for (int w = 0; w < 16; ++w) m[w][l] = words[w];
-  }
-}
 
 #if defined(__AVX2__)
 using Lane8 = LaneVec<8>::type;
@@ -47,6 +43,22 @@ MMCORE_INLINE Lane8 rotr<8, Lane8>(Lane8 x) {
   return (Lane8)_mm256_shuffle_epi8((__m256i)x, idx);
 }
 
+#endif
+
+inline namespace MMCORE_LANES_ISA {
+
+// m[w][l] = word w of the 64-byte block at data[l] + offset.
+template <int W>
+static inline void load_block_lanes(const uint8_t* const* data, uint32_t offset,
+                                    typename LaneVec<W>::type* m) {
+  for (int l = 0; l < W; ++l) {
+    uint32_t words[16];
+    std::memcpy(words, data[l] + offset, kBlockLen);
+    for (int w = 0; w < 16; ++w) m[w][l] = words[w];
+  }
+}
+
+#if defined(__AVX2__)
 // Eight rows of eight words become eight columns.
 static MMCORE_INLINE void transpose8x8(__m256i* v) {
   __m256i ab_lo = _mm256_unpacklo_epi32(v[0], v[1]), ab_hi = _mm256_unpackhi_epi32(v[0], v[1]);
@@ -111,15 +123,21 @@ static inline void chunks_lanes(const uint8_t* const* data, const uint32_t* len,
     load_block_lanes<W>(data, b * kBlockLen, m);
     compress_in_place(cv, m, counter_lo, counter_hi, full_len, splat<V>(b == 0 ? kChunkStart : 0u));
   }
-  // The last block is copied into zero padding, lane by lane.
-  alignas(32) uint8_t padded[W][kBlockLen];
-  const uint8_t* padded_ptr[W];
-  for (int l = 0; l < W; ++l) {
-    std::memset(padded[l], 0, kBlockLen);
-    std::memcpy(padded[l], data[l] + last * kBlockLen, len[l] - last * kBlockLen);
-    padded_ptr[l] = padded[l];
+  // A partial last block is copied into zero padding, lane by lane.
+  bool full = true;
+  for (int l = 0; l < W; ++l) full = full && len[l] == blocks * kBlockLen;
+  if (full) {
+    load_block_lanes<W>(data, last * kBlockLen, m);
+  } else {
+    alignas(64) uint8_t padded[W][kBlockLen];
+    const uint8_t* padded_ptr[W];
+    for (int l = 0; l < W; ++l) {
+      std::memset(padded[l], 0, kBlockLen);
+      std::memcpy(padded[l], data[l] + last * kBlockLen, len[l] - last * kBlockLen);
+      padded_ptr[l] = padded[l];
+    }
+    load_block_lanes<W>(padded_ptr, 0, m);
   }
-  load_block_lanes<W>(padded_ptr, 0, m);
   V flags = splat<V>(kChunkEnd | (last == 0 ? kChunkStart : 0u)) | root_flag;
   compress_in_place(cv, m, counter_lo, counter_hi, last_len, flags);
   for (int l = 0; l < W; ++l)
@@ -147,4 +165,5 @@ static inline void parents_lanes(const uint32_t* const* left, const uint32_t* co
     for (int i = 0; i < 8; ++i) out[l][i] = cv[i][l];
 }
 
+}  // namespace MMCORE_LANES_ISA
 }  // namespace mmcore::blake3

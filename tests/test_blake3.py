@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 
 import blake3
 import pytest
@@ -26,7 +30,39 @@ def _expected(bufs: list[torch.Tensor]) -> list[bytes]:
 
 
 def test_isa_is_reported() -> None:
-    assert core().blake3_isa() in {"avx2", "generic"}
+    assert core().blake3_isa() in {"avx512", "avx2", "generic"}
+
+
+_EVERY_ISA = """
+import json, random, sys, blake3, torch
+from mmcore import kernels
+from mmcore._native import core
+from mmcore.kernels.delta import xor_planes_encode_hashed
+rng = random.Random(5)
+lengths = [0, 1, 64, 65, 1023, 1024, 1025, 16 * 1024 + 1, 100_003] + [rng.randrange(0, 5000) for _ in range(400)]
+bufs = [torch.frombuffer(bytearray(rng.randbytes(n)), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+        for n in lengths]
+want = [blake3.blake3(kernels.tensor_bytes(b)).digest() for b in bufs]
+ok = kernels.hash_rows_to_bytes(kernels.blake3_tensors(bufs, threads=2)) == want
+_, _, fused = xor_planes_encode_hashed(bufs, [torch.zeros_like(b) for b in bufs])
+ok = ok and kernels.hash_rows_to_bytes(fused) == want
+print(json.dumps([core().blake3_isa(), ok]))
+"""
+
+
+@pytest.mark.parametrize("cap", ["avx512", "avx2", "generic"])
+def test_every_instruction_set_matches_reference(cap: str) -> None:
+    """MMCORE_BLAKE3_ISA caps the instruction set, so every lane width this CPU
+    has runs here (plain and fused with the xor-planes encoder)."""
+    env = dict(os.environ, MMCORE_BLAKE3_ISA=cap)
+    out = subprocess.run([sys.executable, "-c", _EVERY_ISA], env=env, capture_output=True,
+                         text=True, check=True, cwd=os.path.dirname(__file__))  # fmt: skip
+    isa, ok = json.loads(out.stdout)
+    order = ["generic", "avx2", "avx512"]
+    assert order.index(isa) <= order.index(cap)
+    if cap == "generic":
+        assert isa == "generic"
+    assert ok, f"{isa}: hashes differ from the blake3 package"
 
 
 @pytest.mark.parametrize("length", LENGTHS)
