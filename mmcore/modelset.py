@@ -75,6 +75,7 @@ class ModelEntry:
     keys: tuple[str, ...]
     signature: tuple[tuple[torch.dtype, torch.Size], ...]
     sources: list[torch.Tensor]  # CPU, contiguous, exactly the bits to store
+    ptrs: list[int]  # the sources' addresses (read once here: each read costs Python ~0.2 us)
 
 
 def _check_utf8(text: str, what: str) -> None:
@@ -187,8 +188,9 @@ def iter_models(models: Any) -> Iterator[ModelEntry]:
         keys = tuple(sd.keys())
         sig = []
         sources = []
+        ptrs = []
         for key, t in zip(keys, sd.values()):
-            if not isinstance(t, tensor_type):
+            if type(t) is not tensor_type and not isinstance(t, tensor_type):
                 raise InvalidModelSetError(
                     f"model {name!r}, entry {key!r}: expected a torch.Tensor, got {type(t).__name__}"
                 )
@@ -201,7 +203,8 @@ def iter_models(models: Any) -> Iterator[ModelEntry]:
             ):
                 t = _slow_source(name, key, t)
             sources.append(t)
-        yield ModelEntry(name, keys, tuple(sig), sources)
+            ptrs.append(t.data_ptr())
+        yield ModelEntry(name, keys, tuple(sig), sources, ptrs)
 
 
 class Grouper:

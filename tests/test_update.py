@@ -192,6 +192,33 @@ def test_corrupt_delta_is_named(store_path: Path) -> None:
         assert_sets_equal({"cell_000": s.load_model(v2, "cell_000")}, {"cell_000": new["cell_000"]})
 
 
+def test_corrupt_parent_is_named_by_the_update_that_reads_it(store_path: Path) -> None:
+    """An update reads back the parent models it diffs against (a few of many: one
+    buffer, one hash call); a flipped byte in one of them is named, nothing is saved."""
+    models = small_set(64, seed=4)
+    with mmcore.open(store_path) as s:
+        v1 = s.save(models)
+        m = s.manifest(v1)
+        rec = s._content(m.groups[0].blob)
+        pack = s.tier.path_of(rec.pack)
+        pos = m.models.index("cell_009")
+        extent, index = rec.locate(pos)
+        at = extent + index * m.groups[0].schema.stride + 3
+    data = bytearray(pack.read_bytes())
+    data[at] ^= 0x01
+    pack.write_bytes(bytes(data))
+    new = _copy(models)
+    for name in ("cell_002", "cell_009", "cell_040"):  # 3 of 64: read one by one
+        for t in new[name].values():
+            if t.is_floating_point():
+                t.add_(1.0)
+    with mmcore.open(store_path) as s:
+        with pytest.raises(IntegrityError, match="cell_009"):
+            s.save(new, approach="update", parent=v1)
+        assert [i.id for i in s.versions()] == [v1]
+        assert set(s.load(v1, models=["cell_002", "cell_040"])) == {"cell_002", "cell_040"}
+
+
 def test_delete_and_gc_with_updates(store: mmcore.ModelStore) -> None:
     models = small_set(20)
     v1 = store.save(models)

@@ -22,7 +22,7 @@ import torch
 from .. import kernels
 from .._gc import gc_paused
 from ..manifest import ContentRecord, GroupRecord
-from ..modelset import Grouper, Schema, iter_models
+from ..modelset import Grouper, ModelEntry, Schema, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 
 # Bytes per batch (one extent): large enough for sequential writes, small
@@ -75,13 +75,13 @@ class _SetWriter:
         self.groups: list[_GroupState] = []
         self.futures: list[Future[None]] = []
 
-    def add(self, gi: int, schema: Schema, index: int, sources: list[torch.Tensor]) -> None:
+    def add(self, gi: int, schema: Schema, index: int, entry: ModelEntry) -> None:
         if gi == len(self.groups):
             self.groups.append(_GroupState(schema))
         g = self.groups[gi]
         g.members.append(index)
-        g.pending_ptrs.extend([t.data_ptr() for t in sources])
-        g.pending_sources.append(sources)
+        g.pending_ptrs.extend(entry.ptrs)
+        g.pending_sources.append(entry.sources)
         if len(g.pending_sources) >= g.batch_models:
             self._flush(g)
 
@@ -167,7 +167,7 @@ def write_set(writer: PackWriter, models: Any, progress: Progress) -> WrittenSet
         try:
             for entry in iter_models(models):
                 gi = grouper.group_of(entry)
-                sw.add(gi, grouper.schemas[gi], len(names), entry.sources)
+                sw.add(gi, grouper.schemas[gi], len(names), entry)
                 names.append(entry.name)
                 progress(1)
             if not names:

@@ -197,11 +197,13 @@ def _read_group(store: ModelStore, m: Manifest, group: GroupRecord, wanted: set[
                 states: dict[str, StateDict], schemas: dict[str, Schema], verify: bool) -> None:  # fmt: skip
     cpu = torch.device("cpu")
     if wanted is not None and len(wanted) * _FEW < group.count:
-        for name in wanted:
-            where = _position(m, group, name)
-            if where is not None:
-                states[name] = store._reader.read_model(m, group, where, verify=verify, device=cpu)
-                schemas[name] = group.schema
+        found = [(name, _position(m, group, name)) for name in wanted]
+        hits = [(name, where) for name, where in found if where is not None]
+        models = store._reader.read_models(m, group, [where for _, where in hits], verify=verify,
+                                           device=cpu)  # fmt: skip
+        for (name, _), state in zip(hits, models):
+            states[name] = state
+            schemas[name] = group.schema
         return
     names = _group_names(m, group)
     models = store._reader.read_group(m, group, verify=verify, device=cpu, pool=store._pool)

@@ -139,25 +139,42 @@ class BlobReader:
         verify: bool,
         device: torch.device,
     ) -> StateDict:
+        return self.read_models(manifest, group, [pos], verify=verify, device=device)[0]
+
+    def read_models(
+        self,
+        manifest: Manifest,
+        group: GroupRecord,
+        positions: list[int],
+        *,
+        verify: bool,
+        device: torch.device,
+    ) -> list[StateDict]:
+        """Some models of a group: each one read into one shared buffer, all hashed by one call."""
         rec = self.content(group.blob)
         schema = group.schema
-        extent_offset, index = rec.locate(pos)
-        buf = torch.empty(schema.stride, dtype=torch.uint8)
-        self.tier.read_into(
-            rec.pack, extent_offset + index * schema.stride, schema.stride, buf.data_ptr()
-        )
-        if verify:
+        k, stride = len(positions), schema.stride
+        buf = torch.empty(k * stride, dtype=torch.uint8)
+        base = buf.data_ptr()
+        for i, pos in enumerate(positions):
+            extent_offset, index = rec.locate(pos)
+            self.tier.read_into(rec.pack, extent_offset + index * stride, stride, base + i * stride)
+        if verify and k:
             ntensors = len(schema.tensors)
-            stored = torch.empty((ntensors, kernels.HASH_SIZE), dtype=torch.uint8)
             nbytes = ntensors * kernels.HASH_SIZE
-            self.tier.read_into(
-                rec.pack, rec.hashes_offset + pos * nbytes, nbytes, stored.data_ptr()
-            )
-            ptrs, lens = segment_table(buf.data_ptr(), schema, 1)
-            self._check(manifest, group, kernels.blake3_segments(ptrs, lens), stored, first_pos=pos)
+            stored = torch.empty((k * ntensors, kernels.HASH_SIZE), dtype=torch.uint8)
+            for i, pos in enumerate(positions):
+                self.tier.read_into(rec.pack, rec.hashes_offset + pos * nbytes, nbytes,
+                                    stored.data_ptr() + i * nbytes)  # fmt: skip
+            computed = kernels.blake3_segments(*segment_table(base, schema, k))
+            bad = _first_mismatch(computed, stored)
+            if bad is not None:
+                i = bad // ntensors
+                rows = slice(i * ntensors, (i + 1) * ntensors)
+                self._check(manifest, group, computed[rows], stored[rows], first_pos=positions[i])
         if device.type != "cpu":
             buf = buf.to(device)
-        return record_views(buf, schema, 1)[0]
+        return record_views(buf, schema, k)
 
     def verify_group(self, manifest: Manifest, group: GroupRecord) -> None:
         """Re-hashes every byte of the group, and checks the hash table against the blob key."""

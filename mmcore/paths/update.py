@@ -66,14 +66,18 @@ def _same_schema(info: chain.ModelInfo, entry: ModelEntry, memo: dict[Any, bool]
     return same
 
 
-def _validate_and_hash(models: Any, progress: Progress) -> tuple[list[ModelEntry], torch.Tensor]:
+def _validate_and_hash(
+    models: Any, progress: Progress
+) -> tuple[list[ModelEntry], torch.Tensor, int]:
     """Validates the set and hashes every tensor: a hash thread works on the batches
-    already validated while this thread validates the next (the kernel releases the GIL)."""
+    already validated while this thread validates the next (the kernel releases the GIL).
+    Returns the models, the (tensors, 32) hashes and the set's logical bytes."""
     entries: list[ModelEntry] = []
-    by_signature: dict[Any, list[int]] = {}
+    by_signature: dict[Any, tuple[list[int], int]] = {}  # -> (tensor byte sizes, their sum)
     parts: list[Future[torch.Tensor]] = []
     ptrs: list[int] = []
     lens: list[int] = []
+    logical = 0
     with ThreadPoolExecutor(1, thread_name_prefix="mmcore-hash") as pool:
 
         def submit() -> None:
@@ -86,14 +90,12 @@ def _validate_and_hash(models: Any, progress: Progress) -> tuple[list[ModelEntry
             for entry in iter_models(models):
                 entries.append(entry)  # holds the sources until every hash is done
                 sizes = by_signature.get(entry.signature)
-                if (
-                    sizes is None
-                ):  # the byte sizes follow from (dtype, shape): once per architecture
-                    sizes = by_signature[entry.signature] = [
-                        t.numel() * t.element_size() for t in entry.sources
-                    ]
-                ptrs.extend([t.data_ptr() for t in entry.sources])
-                lens.extend(sizes)
+                if sizes is None:  # sizes follow from (dtype, shape): once per architecture
+                    each = [math.prod(shape) * dt.itemsize for dt, shape in entry.signature]
+                    sizes = by_signature[entry.signature] = (each, sum(each))
+                ptrs.extend(entry.ptrs)
+                lens.extend(sizes[0])
+                logical += sizes[1]
                 if len(ptrs) >= _HASH_BATCH:
                     submit()
                 progress(1)
@@ -102,7 +104,7 @@ def _validate_and_hash(models: Any, progress: Progress) -> tuple[list[ModelEntry
         finally:
             for f in parts:  # never leave a job reading freed sources
                 f.cancel() or f.exception()
-    return entries, hashes
+    return entries, hashes, logical
 
 
 _HASH_BATCH = 16384  # tensors per hash job
@@ -117,7 +119,7 @@ def write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str
 
 def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
                   tolerance: float | None, max_chain: int, progress: Progress) -> WrittenUpdate:  # fmt: skip
-    entries, new_hashes = _validate_and_hash(models, progress)
+    entries, new_hashes, logical = _validate_and_hash(models, progress)
     if not entries:
         raise InvalidModelSetError("the model set is empty: pass at least one model")
     parent_manifest = store.manifest(parent)
@@ -179,12 +181,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=removed,
                         added=added, whole=whole_names, changed=[d.entry.name for d in deltas],
                         delta_blob=delta_key, stats=stats)  # fmt: skip
-    logical = int(new_hashes.shape[0] and sum(_nbytes(e) for e in entries))
     return WrittenUpdate(groups, blobs, update, logical)
-
-
-def _nbytes(entry: ModelEntry) -> int:
-    return sum(math.prod(shape) * dt.itemsize for dt, shape in entry.signature)
 
 
 def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | None],
