@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +17,6 @@ from ._segments import (
     call,
     check_decode,
     check_pairs,
-    framed_buffers,
     gather_headers,
     header_bytes,
     i32,
@@ -58,38 +58,125 @@ def _encode(
     n = len(new)
     widths = [plane_width(t.dtype) for t in new]
     nbytes = [t.numel() * t.element_size() for t in new]
+    no_hashes = torch.empty((0, 32), dtype=torch.uint8)
+    if native_cpu(device):
+        if not n:
+            return [], torch.zeros(0, dtype=torch.int64), no_hashes
+        table = xor_planes_encode_table(ptrs(new), ptrs(parent), int64_table(nbytes),
+                                        int64_table(widths), hashed=hashed)  # fmt: skip
+        return list(table.views()), table.changed, table.hashes
     headers = [
         XOR_HEADER.pack(ENCODING_VERSION, XOR_PLANES, w, 0, 0, nb) for w, nb in zip(widths, nbytes)
     ]
-    if native_cpu(device) and n:
-        outs = framed_buffers(headers, [XOR_HEADER.size + nb for nb in nbytes])
-    else:
-        outs = [
-            torch.empty(XOR_HEADER.size + nb, dtype=torch.uint8, device=device) for nb in nbytes
-        ]
-    no_hashes = torch.empty((0, 32), dtype=torch.uint8)
+    outs = [torch.empty(XOR_HEADER.size + nb, dtype=torch.uint8, device=device) for nb in nbytes]
     if native_cuda(device):
         for out, head in zip(outs, headers):
             out[: XOR_HEADER.size] = header_bytes(head, device)
         changed = cuda.xor_planes_encode(new, parent, outs, widths, offset=XOR_HEADER.size)
         return outs, changed, blake3_tensors(new) if hashed else no_hashes
-    if not native_cpu(device):
-        changed = torch.empty(n, dtype=torch.int64)
-        for i in range(n):
-            planes, changed[i] = reference.xor_planes_encode(new[i], parent[i])
-            outs[i][XOR_HEADER.size :] = planes
-            outs[i][: XOR_HEADER.size] = torch.frombuffer(bytearray(headers[i]), dtype=torch.uint8)
-        return outs, changed, blake3_tensors(new) if hashed else no_hashes
+    changed = torch.empty(n, dtype=torch.int64)
+    for i in range(n):
+        planes, changed[i] = reference.xor_planes_encode(new[i], parent[i])
+        outs[i][XOR_HEADER.size :] = planes
+        outs[i][: XOR_HEADER.size] = torch.frombuffer(bytearray(headers[i]), dtype=torch.uint8)
+    return outs, changed, blake3_tensors(new) if hashed else no_hashes
+
+
+@dataclass
+class EncodedTable:
+    """Framed encodings of a whole table in one buffer: encoding i is
+    ``buf[offsets[i] : offsets[i + 1]]`` (header, then planes)."""
+
+    buf: torch.Tensor  # uint8
+    offsets: torch.Tensor  # (n + 1,) int64
+    changed: torch.Tensor  # (n,) int64: words that differ from the parent
+    hashes: torch.Tensor  # (n, 32) uint8 BLAKE3 of each new segment, or (0, 32) when not asked
+
+    def views(self) -> tuple[torch.Tensor, ...]:
+        return torch.split(self.buf, (self.offsets[1:] - self.offsets[:-1]).tolist())
+
+
+def _check_table(name: str, t: torch.Tensor, n: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.shape != (n,):
+        raise InvalidArgumentError(f"{name} must be an int64 tensor of shape ({n},)")
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise InvalidArgumentError(f"{name} must be a contiguous CPU tensor")
+
+
+def xor_planes_encode_table(
+    new_ptrs: torch.Tensor,
+    parent_ptrs: torch.Tensor,
+    nbytes: torch.Tensor,
+    widths: torch.Tensor,
+    *,
+    hashed: bool = False,
+    out: torch.Tensor | None = None,
+) -> EncodedTable:
+    """Encodes n (new, parent) segments given by address: one buffer for every
+    framed encoding, the headers built vectorised and gathered by one native call,
+    the planes (and, with ``hashed``, the BLAKE3 of each new segment, fused) by one
+    more. Nothing here touches a tensor object per segment, so a save that already
+    holds its address tables encodes at the kernel's rate.
+
+    ``new_ptrs``, ``parent_ptrs``, ``nbytes``, ``widths``: CPU int64 tensors of one
+    shape (n,); ``widths`` is each segment's plane width (1, 2, 4 or 8, dividing
+    its bytes). The caller keeps every addressed byte alive for the call.
+    ``out``: a contiguous CPU uint8 buffer to write into (at least the table's
+    bytes: ``nbytes.sum() + 16 * n``), reused across calls to spare the allocation
+    and the first-touch page faults; ``buf`` is then its leading part.
+    """
+    from . import gather
+
+    n = new_ptrs.numel() if isinstance(new_ptrs, torch.Tensor) else -1
+    for name, t in (("new_ptrs", new_ptrs), ("parent_ptrs", parent_ptrs), ("nbytes", nbytes),
+                    ("widths", widths)):  # fmt: skip
+        _check_table(name, t, max(n, 0))
+    if n and int(nbytes.min()) < 0:
+        raise InvalidArgumentError("nbytes must not be negative")
+    if n and not bool(((widths == 1) | (widths == 2) | (widths == 4) | (widths == 8)).all()):
+        raise InvalidArgumentError("widths must be 1, 2, 4 or 8")
+    if n and bool((nbytes % widths).any()):
+        i = int((nbytes % widths).nonzero()[0, 0])
+        raise InvalidArgumentError(
+            f"segment {i}: {int(nbytes[i])} bytes is not a whole number of {int(widths[i])}-byte words"
+        )
+    size = XOR_HEADER.size
+    offsets = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(nbytes + size, 0, out=offsets[1:])
+    total = int(offsets[-1])
+    if out is None:
+        buf = torch.empty(total, dtype=torch.uint8)
+    elif (
+        not isinstance(out, torch.Tensor)
+        or out.dtype != torch.uint8
+        or out.device.type != "cpu"
+        or not out.is_contiguous()
+        or out.numel() < total
+    ):
+        raise InvalidArgumentError(
+            f"out must be a contiguous CPU uint8 tensor of at least {total} bytes"
+        )
+    else:
+        buf = out.view(-1)[:total]
     changed = torch.zeros(n, dtype=torch.int64)
-    hashes = torch.empty((n, 32), dtype=torch.uint8) if hashed else no_hashes
-    if n:
-        planes = int64_table([o.data_ptr() + XOR_HEADER.size for o in outs])
-        tables = (ptrs(new), ptrs(parent), int64_table(nbytes), i32(widths), planes, changed)
-        if hashed:
-            call("xor_planes_encode_hashed", *tables, hashes, n)
-        else:
-            call("xor_planes_encode", *tables, n)
-    return outs, changed, hashes
+    hashes = torch.empty((n if hashed else 0, 32), dtype=torch.uint8)
+    if n == 0:
+        return EncodedTable(buf, offsets, changed, hashes)
+    heads = torch.zeros((n, size), dtype=torch.uint8)  # XOR_HEADER, one row per segment
+    heads[:, 0] = ENCODING_VERSION
+    heads[:, 1] = XOR_PLANES
+    heads[:, 2] = widths.to(torch.uint8)
+    heads[:, 8:16] = nbytes.view(torch.uint8).view(n, 8)
+    starts = offsets[:-1]
+    head_ptrs = torch.arange(n, dtype=torch.int64).mul_(size).add_(heads.data_ptr())
+    gather(buf, head_ptrs, torch.full((n,), size, dtype=torch.int64), starts.contiguous())
+    planes = starts + (buf.data_ptr() + size)
+    args = (new_ptrs, parent_ptrs, nbytes, widths.to(torch.int32), planes, changed)
+    if hashed:
+        call("xor_planes_encode_hashed", *args, hashes, n)
+    else:
+        call("xor_planes_encode", *args, n)
+    return EncodedTable(buf, offsets, changed, hashes)
 
 
 def _parse_xor(enc: torch.Tensor, parent: torch.Tensor, i: int) -> None:

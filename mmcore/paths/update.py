@@ -23,7 +23,8 @@ import torch
 from .. import codec, dtypes, kernels
 from .._gc import gc_paused
 from ..errors import InvalidModelSetError
-from ..kernels.delta import FLOAT_KINDS, quantize_decode, quantize_encode, xor_planes_encode
+from ..kernels.delta import FLOAT_KINDS, plane_width, quantize_decode, quantize_encode
+from ..kernels.xor_planes import xor_planes_encode_table
 from ..manifest import ContentRecord, GroupRecord, UpdateInfo
 from ..modelset import ModelEntry, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
@@ -220,22 +221,34 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
 
 
 def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: float | None) -> None:
-    """Fills kinds, pieces and recovered hashes: one batched encode per encoding."""
+    """Fills kinds, pieces and recovered hashes: one batched encode per encoding (the
+    exact one over address tables: no per-tensor work beyond reading the parent's address)."""
     parents = chain.recover(store, parent, {d.entry.name for d in deltas}, verify=True)
-    xor: list[tuple[_Delta, int, torch.Tensor, torch.Tensor]] = []
+    xor: list[tuple[_Delta, int]] = []
+    xor_tables: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
     quant: list[tuple[_Delta, int, torch.Tensor, torch.Tensor]] = []
+    keep: list[torch.Tensor] = []  # every parent tensor addressed by the table
     for d in deltas:
         old = list(parents[d.entry.name].values())
         d.kinds = [codec.SAME] * len(old)
         d.pieces = [None] * len(old)
+        same = (d.hashes == d.info.hashes).all(dim=1).tolist()
         for t, (new, before) in enumerate(zip(d.entry.sources, old)):
-            if torch.equal(d.hashes[t], d.info.hashes[t]):
+            if same[t]:
                 continue
-            lossy = tolerance is not None and new.dtype in FLOAT_KINDS
-            (quant if lossy else xor).append((d, t, new.reshape(-1), before.reshape(-1)))
+            if tolerance is not None and new.dtype in FLOAT_KINDS:
+                quant.append((d, t, new.reshape(-1), before.reshape(-1)))
+                continue
+            xor.append((d, t))
+            before = before.contiguous()  # recovery's tensors are; this keeps that a fact
+            keep.append(before)
+            for column, value in zip(xor_tables, (d.entry.ptrs[t], before.data_ptr(),
+                                                  before.numel() * before.element_size(),
+                                                  plane_width(before.dtype))):  # fmt: skip
+                column.append(value)
     if xor:
-        encs, _ = xor_planes_encode([j[2] for j in xor], [j[3] for j in xor])
-        for (d, t, _, _), enc in zip(xor, encs):
+        table = xor_planes_encode_table(*(kernels.int64_table(c) for c in xor_tables))
+        for (d, t), enc in zip(xor, table.views()):
             d.kinds[t], d.pieces[t] = codec.XOR, enc
     if quant:
         assert tolerance is not None
@@ -254,22 +267,22 @@ def _write_deltas(
 ) -> tuple[bytes, ContentRecord, int, int]:
     """Writes the model blobs, then the tables and hashes; returns the blob key, its
     content record, the model blobs' bytes and the tables' and hashes' bytes."""
-    plains, raws = [], []
-    for d in deltas:
-        plains.append(b"".join(kernels.tensor_bytes(p) for p in d.pieces if p is not None))
-        raws.append(b"".join(kernels.tensor_bytes(d.entry.sources[t])
-                             for t, p in enumerate(d.pieces) if p is not None))  # fmt: skip
+    plains = [b"".join(kernels.tensor_bytes(p) for p in d.pieces if p is not None) for d in deltas]
     packed = codec.compress_many(plains)
     start = offset = align_up(end, 64)
     body = bytearray()
     model_rows, tensor_rows = [], []
-    for d, raw, z in zip(deltas, raws, packed):
-        use_zstd = len(z) < len(raw)
-        data, kinds = (
-            (z, d.kinds)
-            if use_zstd
-            else (raw, [codec.RAW if k != codec.SAME else k for k in d.kinds])
+    for d, z in zip(deltas, packed):
+        changed = [t for t, p in enumerate(d.pieces) if p is not None]
+        raw_size = sum(
+            d.entry.sources[t].numel() * d.entry.sources[t].element_size() for t in changed
         )
+        use_zstd = len(z) < raw_size
+        if use_zstd:
+            data, kinds = z, d.kinds
+        else:  # the changed tensors as they are: built only when zstd does not pay
+            data = b"".join(kernels.tensor_bytes(d.entry.sources[t]) for t in changed)
+            kinds = [codec.RAW if k != codec.SAME else k for k in d.kinds]
         if not use_zstd:  # stored exactly: recovery gives the new tensors
             for t, piece in enumerate(d.pieces):
                 if piece is not None:
