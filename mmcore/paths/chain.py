@@ -189,8 +189,12 @@ def recover(
     if verify and last_delta:
         _check_hashes(vid, last_delta, states, schemas)
     if wanted is not None:
-        return {n: states[n] for n in states if n in wanted}
-    return {n: states[n] for n in order if n in states}
+        return {n: _plain_dict(states[n]) for n in states if n in wanted}
+    return {n: _plain_dict(states[n]) for n in order if n in states}
+
+
+def _plain_dict(state: StateDict) -> StateDict:
+    return dict(state) if type(state) is _LooseState else state
 
 
 def _read_group(store: ModelStore, m: Manifest, group: GroupRecord, wanted: set[str] | None,
@@ -267,31 +271,39 @@ def _model_plains(store: ModelStore, batch: list[_Queued]) -> list[torch.Tensor]
         region = torch.empty(hi - lo, dtype=torch.uint8)
         store.tier.read_into(pack, lo, hi - lo, region.data_ptr())
         view = memoryview(kernels.tensor_bytes(region))
-        for i in idx:
-            d = batch[i]
-            at = d.row[0] - lo
-            out[i] = _plain_of(
-                view[at : at + d.row[1]], d.row, f"version {d.m.id}, model {d.name!r}"
-            )
+
+        def decode(part: list[int], view: memoryview = view, lo: int = lo) -> None:
+            for i in part:
+                d = batch[i]
+                at = d.row[0] - lo
+                out[i] = _plain_of(
+                    view[at : at + d.row[1]], d.row, f"version {d.m.id}, model {d.name!r}"
+                )
+
+        # zstd releases the GIL: the reader thread takes every other model blob
+        helper = store._pool.submit(decode, idx[1::2]) if len(idx) >= 64 else None
+        try:
+            decode(idx[0::2] if helper else idx)
+        finally:
+            if helper is not None:
+                helper.result()
     return [t for t in out if t is not None]
 
 
+class _LooseState(dict[str, torch.Tensor]):
+    """A state assembled tensor by tensor (``_apply_deltas``): not one model record."""
+
+
 def _record_address(state: StateDict, schema: Schema) -> int | None:
-    """The address of the model record the state's tensors are views of, or None
-    when they are not laid out as one record of ``schema``."""
-    base = None
+    """The address of the model record ``state``'s tensors are views of, or None for a
+    state assembled tensor by tensor. Every other state of a recovery is built by
+    ``record_views`` over one buffer, so one tensor's address locates the record."""
+    if type(state) is _LooseState:
+        return None
     for spec in schema.tensors:
-        if spec.nbytes == 0:
-            continue
-        t = state.get(spec.name)
-        if t is None or t.device.type != "cpu":
-            return None
-        at = t.data_ptr() - spec.offset
-        if base is None:
-            base = at
-        elif at != base:
-            return None
-    return base
+        if spec.nbytes:
+            return state[spec.name].data_ptr() - spec.offset
+    return 0  # nothing to read
 
 
 def _apply_records(store: ModelStore, batch: list[_Queued], states: dict[str, StateDict],
@@ -398,7 +410,7 @@ def _apply_deltas(
                 f"version {m.id}, model {name!r}: {count} tensor entries for {len(state)} tensors"
             )
         plain = _model_plain(store, m, row, name, d.pack)
-        new_state = dict(state)
+        new_state = _LooseState(state)
         for (key, parent), (kind, at, length) in zip(
             state.items(), d.table.entries[first : first + count]
         ):
@@ -450,27 +462,25 @@ def _check_hashes(vid: str, expected: dict[str, torch.Tensor], states: dict[str,
     ptrs: list[int] = []
     lens: list[int] = []
     keep: list[torch.Tensor] = []
-    where: list[tuple[str, str]] = []
     for name in expected:
         state, schema = states[name], schemas.get(name)
         address = None if schema is None else _record_address(state, schema)
         if address is not None and schema is not None:
             ptrs.extend([address + s.offset for s in schema.tensors])
             lens.extend([s.nbytes for s in schema.tensors])
-            where.extend((name, s.name) for s in schema.tensors)
             continue
-        for key, tensor in state.items():
+        for tensor in state.values():
             flat = tensor.contiguous()
             keep.append(flat)
             ptrs.append(flat.data_ptr())
             lens.append(flat.numel() * flat.element_size())
-            where.append((name, key))
     got = kernels.blake3_segments(kernels.int64_table(ptrs), kernels.int64_table(lens))
     want = torch.cat(list(expected.values()))
     if got.shape != want.shape:
         raise IntegrityError(f"version {vid}: the recorded hashes do not match the models' tensors")
     bad = (got != want).any(dim=1).nonzero()
-    if bad.numel():
+    if bad.numel():  # the culprit's name, found by walking the rows again (errors only)
+        where = [(name, key) for name in expected for key in states[name]]
         name, key = where[int(bad[0, 0])]
         raise IntegrityError(
             f"version {vid}: model {name!r}, tensor {key!r} does not match its recorded BLAKE3 "
