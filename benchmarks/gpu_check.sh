@@ -56,9 +56,9 @@ timeout 240 compute-sanitizer --tool memcheck --error-exitcode 99 --target-proce
 log "compute-sanitizer memcheck over the GPU tests: rc=$? ($(grep -E "ERROR SUMMARY" "$LOGS/sanitizer.log" | sort | uniq -c | tr -s ' ' | head -3))"
 timeout 120 "$PY" "$ROOT/benchmarks/bench_kernels.py" --json "$OUT/kernels.json" >"$LOGS/kernels.txt" 2>&1
 log "bench_kernels: rc=$?"
-timeout 120 "$PY" "$ROOT/benchmarks/battery.py" --cells 10000 --device cuda \
+timeout 180 "$PY" "$ROOT/benchmarks/battery.py" --cells 10000 --device cuda --updates --repeat 3 \
   --methods raw,mmcore,safetensors-set --json "$OUT/battery.json" >"$LOGS/battery.txt" 2>&1
-log "battery (set on the GPU): rc=$?"
+log "battery (set on the GPU, update path with its GPU rows): rc=$?"
 cat "$LOGS/kernels.txt" "$LOGS/battery.txt" >>"$OUT/summary.txt" 2>/dev/null
 log "done after $(( $(date +%s) - start )) s"
 tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .

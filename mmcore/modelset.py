@@ -76,6 +76,7 @@ class ModelEntry:
     signature: tuple[tuple[torch.dtype, torch.Size], ...]
     sources: list[torch.Tensor]  # CPU, contiguous, exactly the bits to store
     ptrs: list[int]  # the sources' addresses (read once here: each read costs Python ~0.2 us)
+    device: torch.device | None = None  # the CUDA device of every source, or None: all on the CPU
 
 
 def _check_utf8(text: str, what: str) -> None:
@@ -134,7 +135,7 @@ def _schema_for(
     return Schema(specs, stride, align)
 
 
-def _slow_source(model: str, key: str, t: torch.Tensor) -> torch.Tensor:
+def _slow_source(model: str, key: str, t: torch.Tensor, keep_cuda: bool = False) -> torch.Tensor:
     if t.layout is not torch.strided:
         raise InvalidModelSetError(
             f"model {model!r}, tensor {key!r}: layout {t.layout} is not supported; "
@@ -144,26 +145,29 @@ def _slow_source(model: str, key: str, t: torch.Tensor) -> torch.Tensor:
         raise InvalidModelSetError(
             f"model {model!r}, tensor {key!r} is on the meta device and has no data"
         )
-    return _as_source(t)
+    return _as_source(t, keep_cuda)
 
 
-def _as_source(t: torch.Tensor) -> torch.Tensor:
-    """A CPU, contiguous tensor holding exactly the bits of ``t``."""
+def _as_source(t: torch.Tensor, keep_cuda: bool = False) -> torch.Tensor:
+    """A contiguous tensor holding exactly the bits of ``t``: on the CPU, or, with
+    ``keep_cuda``, left on its CUDA device."""
     t = t.detach()
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    if t.device.type != "cpu":
+    if t.device.type != "cpu" and not (keep_cuda and t.device.type == "cuda"):
         t = t.to("cpu")
     return t.contiguous()
 
 
-def iter_models(models: Any) -> Iterator[ModelEntry]:
+def iter_models(models: Any, *, keep_cuda: bool = False) -> Iterator[ModelEntry]:
     """Validates models one at a time; raises InvalidModelSetError naming the culprit.
 
     Callers consume this while earlier models are already being written, so a
-    bad model late in the set is reported before anything is committed.
+    bad model late in the set is reported before anything is committed. Sources
+    are CPU tensors, except with ``keep_cuda``, where CUDA tensors stay on their
+    device (``ModelEntry.device`` then names it, and ``ptrs`` are device addresses).
     """
     seen: set[str] = set()
     tensor_type = torch.Tensor
@@ -189,6 +193,7 @@ def iter_models(models: Any) -> Iterator[ModelEntry]:
         sig = []
         sources = []
         ptrs = []
+        devices: list[torch.device] = []  # of the sources left on a CUDA device
         for key, t in zip(keys, sd.values()):
             if type(t) is not tensor_type and not isinstance(t, tensor_type):
                 raise InvalidModelSetError(
@@ -201,10 +206,19 @@ def iter_models(models: Any) -> Iterator[ModelEntry]:
                 or t.is_neg()
                 or (dtype in complex_dtypes and t.is_conj())
             ):
-                t = _slow_source(name, key, t)
+                t = _slow_source(name, key, t, keep_cuda)
+                if not t.is_cpu:
+                    devices.append(t.device)
             sources.append(t)
             ptrs.append(t.data_ptr())
-        yield ModelEntry(name, keys, tuple(sig), sources, ptrs)
+        device = None
+        if devices:
+            if len(set(devices)) > 1 or len(devices) < len(sources):  # mixed: all to the host
+                sources = [t.cpu() for t in sources]
+                ptrs = [t.data_ptr() for t in sources]
+            else:
+                device = devices[0]
+        yield ModelEntry(name, keys, tuple(sig), sources, ptrs, device)
 
 
 class Grouper:

@@ -192,6 +192,66 @@ def test_corrupt_delta_is_named(store_path: Path) -> None:
         assert_sets_equal({"cell_000": s.load_model(v2, "cell_000")}, {"cell_000": new["cell_000"]})
 
 
+@pytest.mark.parametrize("tolerance", [None, 1e-3])
+def test_device_path_code_gives_the_host_path_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tolerance: float | None
+) -> None:
+    """The update save's device path (diff where the hashes are, parents moved over in
+    one copy, encodings back in one copy) runs here on CPU tensors: the same delta blob,
+    byte for byte, as the host path, for every kind of change (xor-planes, quantized,
+    raw when zstd does not pay, ints under a tolerance, added and removed models)."""
+    from mmcore.paths import update
+
+    models = small_set(24, seed=8)
+    for i, sd in enumerate(models.values()):
+        sd["steps"] = torch.tensor([i, 2 * i], dtype=torch.int64)
+    models["cell_001"]["big"] = torch.randn(8192, generator=torch.Generator().manual_seed(4))
+    new = _nudge(models, 3, 1e-2, 2)
+    new["cell_001"]["big"][5] += 1.0  # one element of a large tensor: xor-planes, then zstd
+    new["cell_004"]["steps"] += 1  # an int tensor changes: xor-planes even with a tolerance
+    for t in new["cell_007"].values():  # noise: raw beats zstd
+        if t.is_floating_point():
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(3)).to(t.dtype))
+    del new["cell_010"]
+    new["fresh"] = _copy(small_set(1, seed=9))["cell_000"]
+    keys, loaded = [], []
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(update, "_work_device", lambda entries: torch.device("cpu"))
+        with mmcore.open(tmp_path / f"{forced}.mm") as s:
+            v1 = s.save(models)
+            v2 = s.save(new, approach="update", parent=v1, tolerance=tolerance)
+            m = s.manifest(v2)
+            assert m.update is not None and m.update.delta_blob is not None
+            assert m.update.added == ["fresh"] and m.update.removed == ["cell_010"]
+            keys.append(m.update.delta_blob)
+            loaded.append(s.load(v2))
+    assert keys[0] == keys[1]
+    with mmcore.open(tmp_path / "True.mm") as s:
+        from mmcore.paths.chain import delta_table
+
+        m = s.manifest(s.versions()[0].id)
+        table = delta_table(s, m)
+        kinds = {e[0] for e in table.entries}
+        assert {1, 2 if tolerance is None else 3} <= kinds  # raw, and xor-planes or quantized
+        assert {r[6] for r in table.rows} == {0, 1}  # some blobs stored raw, some zstd
+    assert list(loaded[0]) == list(loaded[1])
+    for name, sd in loaded[0].items():
+        for key, t in sd.items():
+            assert_bit_equal(loaded[1][name][key], t)
+    if tolerance is None:
+        assert_sets_equal(loaded[0], new)
+
+
+def test_tensor_bytes_refuses_a_device_address() -> None:
+    from mmcore import kernels
+
+    with pytest.raises(
+        InvalidArgumentError, match="tensor_bytes needs a CPU tensor, got one on meta"
+    ):
+        kernels.tensor_bytes(torch.empty(4, device="meta"))
+
+
 def test_corrupt_parent_is_named_by_the_update_that_reads_it(store_path: Path) -> None:
     """An update reads back the parent models it diffs against (a few of many: one
     buffer, one hash call); a flipped byte in one of them is named, nothing is saved."""

@@ -143,6 +143,8 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw bytes of a CPU tensor as one bytes object (one copy)."""
     import ctypes
 
+    if t.device.type != "cpu":  # a device address must never reach ctypes
+        raise InvalidArgumentError(f"tensor_bytes needs a CPU tensor, got one on {t.device}")
     t = t.contiguous()
     nbytes = t.numel() * t.element_size()
     return ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b""

@@ -23,7 +23,14 @@ import torch
 from .. import codec, dtypes, kernels
 from .._gc import gc_paused
 from ..errors import InvalidModelSetError
-from ..kernels.delta import FLOAT_KINDS, plane_width, quantize_decode, quantize_encode
+from ..kernels import cuda
+from ..kernels.delta import (
+    FLOAT_KINDS,
+    plane_width,
+    quantize_decode,
+    quantize_encode,
+    xor_planes_encode,
+)
 from ..kernels.xor_planes import xor_planes_encode_table
 from ..manifest import ContentRecord, GroupRecord, UpdateInfo
 from ..modelset import ModelEntry, iter_models
@@ -69,16 +76,19 @@ def _same_schema(info: chain.ModelInfo, entry: ModelEntry, memo: dict[Any, bool]
 
 def _validate_and_hash(
     models: Any, progress: Progress
-) -> tuple[list[ModelEntry], torch.Tensor, int]:
+) -> tuple[list[ModelEntry], torch.Tensor, int, torch.device | None]:
     """Validates the set and hashes every tensor: a hash thread works on the batches
     already validated while this thread validates the next (the kernel releases the GIL).
-    Returns the models, the (tensors, 32) hashes and the set's logical bytes."""
+    A set that lives on one CUDA device is hashed there, in one call, once validated.
+    Returns the models, the (tensors, 32) hashes (on that device, else the CPU), the
+    set's logical bytes, and the device the rest of the save works on (None: the CPU)."""
     entries: list[ModelEntry] = []
     by_signature: dict[Any, tuple[list[int], int]] = {}  # -> (tensor byte sizes, their sum)
     parts: list[Future[torch.Tensor]] = []
     ptrs: list[int] = []
     lens: list[int] = []
     logical = 0
+    on_device = 0
     with ThreadPoolExecutor(1, thread_name_prefix="mmcore-hash") as pool:
 
         def submit() -> None:
@@ -88,24 +98,67 @@ def _validate_and_hash(
             lens.clear()
 
         try:
-            for entry in iter_models(models):
+            for entry in iter_models(models, keep_cuda=True):
                 entries.append(entry)  # holds the sources until every hash is done
                 sizes = by_signature.get(entry.signature)
                 if sizes is None:  # sizes follow from (dtype, shape): once per architecture
                     each = [math.prod(shape) * dt.itemsize for dt, shape in entry.signature]
                     sizes = by_signature[entry.signature] = (each, sum(each))
+                logical += sizes[1]
+                if entry.device is not None:  # hashed below, where it lives
+                    on_device += 1
+                    progress(1)
+                    continue
                 ptrs.extend(entry.ptrs)
                 lens.extend(sizes[0])
-                logical += sizes[1]
                 if len(ptrs) >= _HASH_BATCH:
                     submit()
                 progress(1)
             submit()
-            hashes = torch.cat([f.result() for f in parts])
+            host = torch.cat([f.result() for f in parts])
         finally:
             for f in parts:  # never leave a job reading freed sources
                 f.cancel() or f.exception()
-    return entries, hashes, logical
+    if not on_device:
+        return entries, host, logical, _work_device(entries)
+    devices = {e.device for e in entries}
+    if len(devices) == 1 and cuda.available():  # the whole set on one GPU: stay there
+        device = entries[0].device
+        assert device is not None
+        return (
+            entries,
+            kernels.blake3_tensors([t for e in entries for t in e.sources]),
+            logical,
+            device,
+        )
+    for e in entries:  # on the CPU and on GPUs, or kernels not built: all to the host
+        if e.device is not None:
+            e.sources = [t.cpu() for t in e.sources]
+            TRANSFERS.device_to_host += sum(t.numel() * t.element_size() for t in e.sources)
+            e.ptrs, e.device = [t.data_ptr() for t in e.sources], None
+    table = [(p, t.numel() * t.element_size()) for e in entries for p, t in zip(e.ptrs, e.sources)]
+    hashes = kernels.blake3_segments(kernels.int64_table([p for p, _ in table]),
+                                     kernels.int64_table([n for _, n in table]))  # fmt: skip
+    return entries, hashes, logical, None
+
+
+def _work_device(entries: list[ModelEntry]) -> torch.device | None:
+    """Where a set held on the CPU is diffed and encoded: the CPU (None). The tests
+    patch this to run the device path's code with CPU tensors."""
+    return None
+
+
+@dataclass
+class Transfers:
+    """Bytes an update save moved between a GPU and the host (a measurement aid for
+    the benchmarks: reset by each update save, not meaningful across concurrent ones)."""
+
+    device_to_host: int = 0
+    host_to_device: int = 0
+    encodings: int = 0  # of which: the encoded tensors (framed, before zstd)
+
+
+TRANSFERS = Transfers()
 
 
 _HASH_BATCH = 16384  # tensors per hash job
@@ -120,7 +173,8 @@ def write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str
 
 def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
                   tolerance: float | None, max_chain: int, progress: Progress) -> WrittenUpdate:  # fmt: skip
-    entries, new_hashes, logical = _validate_and_hash(models, progress)
+    TRANSFERS.device_to_host = TRANSFERS.host_to_device = TRANSFERS.encodings = 0
+    entries, new_hashes, logical, device = _validate_and_hash(models, progress)
     if not entries:
         raise InvalidModelSetError("the model set is empty: pass at least one model")
     parent_manifest = store.manifest(parent)
@@ -132,11 +186,10 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     ]
     differs = _differing_tensors(entries, infos, comparable, new_hashes)
     whole: list[ModelEntry] = []
-    deltas: list[_Delta] = []
+    delta_rows: list[tuple[ModelEntry, chain.ModelInfo, int]] = []
     unchanged = restored = 0
     row = 0
     for entry, info, same_schema, ndiff in zip(entries, infos, comparable, differs):
-        hashes = new_hashes[row : row + len(entry.sources)]
         row += len(entry.sources)
         if info is None or not same_schema:
             whole.append(entry)
@@ -146,12 +199,13 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
             whole.append(entry)
             restored += 1
         else:
-            deltas.append(_Delta(entry, hashes, info, [], [], hashes.clone()))
+            delta_rows.append((entry, info, row - len(entry.sources)))
+    deltas = _deltas(delta_rows, new_hashes)
     names = {e.name for e in entries}
     added = [e.name for e in entries if e.name not in index]
     removed = [n for n in index if n not in names]
     if deltas:
-        _encode(store, parent, deltas, tolerance)
+        _encode(store, parent, deltas, tolerance, device)
         kept = [d for d in deltas if any(k != codec.SAME for k in d.kinds)]
         unchanged += len(deltas) - len(kept)  # every change within tolerance: the parent's
         deltas = kept
@@ -161,6 +215,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     end = HEADER_SIZE
     whole_names: list[list[str]] = []
     if whole:
+        TRANSFERS.device_to_host += sum(_nbytes(e) for e in whole if e.device is not None)
         written = baseline.write_set(writer, {e.name: dict(zip(e.keys, e.sources)) for e in whole},
                                      lambda n: None)  # fmt: skip
         groups, blobs, end = written.groups, list(written.blobs), written.end
@@ -185,6 +240,29 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     return WrittenUpdate(groups, blobs, update, logical)
 
 
+def _nbytes(entry: ModelEntry) -> int:
+    return sum(t.numel() * t.element_size() for t in entry.sources)
+
+
+def _deltas(
+    rows: list[tuple[ModelEntry, chain.ModelInfo, int]], new_hashes: torch.Tensor
+) -> list[_Delta]:
+    """The delta models with their new hashes on the host: one gather and one copy
+    of just their rows (the hashes of a set on a GPU stay there otherwise)."""
+    if not rows:
+        return []
+    index = torch.cat([torch.arange(first, first + len(e.sources)) for e, _, first in rows])
+    host = new_hashes[index.to(new_hashes.device)].cpu()
+    if new_hashes.device.type != "cpu":
+        TRANSFERS.device_to_host += host.numel()
+    out, at = [], 0
+    for entry, info, _ in rows:
+        hashes = host[at : at + len(entry.sources)]
+        at += len(entry.sources)
+        out.append(_Delta(entry, hashes, info, [], [], hashes.clone()))
+    return out
+
+
 def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | None],
                        comparable: list[bool], new_hashes: torch.Tensor) -> list[int]:  # fmt: skip
     """Per model, how many of its tensors' hashes differ from the parent's: one
@@ -205,25 +283,34 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
         starts.append(tables[id(info.table)][0] + info.first)
     if not tables:
         return [1] * len(entries)
-    parent = torch.cat([t for _, t in tables.values()])
-    count_t = torch.tensor(counts, dtype=torch.int64)
-    start_t = torch.tensor(starts, dtype=torch.int64)
-    model_of = torch.repeat_interleave(torch.arange(len(entries)), count_t)
+    device = new_hashes.device  # where the new hashes are: the parent's rows go there
+    parent = torch.cat([t for _, t in tables.values()]).to(device)
+    count_t = torch.tensor(counts, dtype=torch.int64, device=device)
+    start_t = torch.tensor(starts, dtype=torch.int64, device=device)
+    model_of = torch.repeat_interleave(torch.arange(len(entries), device=device), count_t)
     before = torch.cumsum(count_t, 0) - count_t
-    rows = start_t[model_of] + (torch.arange(new_hashes.shape[0]) - before[model_of])
+    rows = start_t[model_of] + (torch.arange(new_hashes.shape[0], device=device) - before[model_of])
     valid = start_t[model_of] >= 0
-    same = torch.zeros(new_hashes.shape[0], dtype=torch.bool)
+    same = torch.zeros(new_hashes.shape[0], dtype=torch.bool, device=device)
     same[valid] = (new_hashes[valid] == parent[rows[valid]]).all(dim=1)
-    differ = torch.zeros(len(entries), dtype=torch.int64).index_add_(
+    differ = torch.zeros(len(entries), dtype=torch.int64, device=device).index_add_(
         0, model_of, (~same).to(torch.int64)
     )
+    if device.type != "cpu":
+        TRANSFERS.host_to_device += parent.numel()
+        TRANSFERS.device_to_host += differ.numel() * 8
     return [d if ok else max(d, 1) for d, ok in zip(differ.tolist(), comparable)]
 
 
-def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: float | None) -> None:
-    """Fills kinds, pieces and recovered hashes: one batched encode per encoding (the
-    exact one over address tables: no per-tensor work beyond reading the parent's address)."""
+def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: float | None,
+            device: torch.device | None) -> None:  # fmt: skip
+    """Fills kinds, pieces and recovered hashes: one batched encode per encoding (on the
+    CPU the exact one over address tables: no per-tensor work beyond reading the parent's
+    address; on a GPU where the new tensors are, only the encodings coming back)."""
     parents = chain.recover(store, parent, {d.entry.name for d in deltas}, verify=True)
+    if device is not None:
+        _encode_on(device, parents, deltas, tolerance)
+        return
     xor: list[tuple[_Delta, int]] = []
     xor_tables: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
     quant: list[tuple[_Delta, int, torch.Tensor, torch.Tensor]] = []
@@ -262,6 +349,77 @@ def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: flo
             d.kinds[t], d.pieces[t], d.recovered[t] = codec.QUANT, enc, h
 
 
+def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]],
+               deltas: list[_Delta], tolerance: float | None) -> None:  # fmt: skip
+    """``_encode`` where the new tensors live on ``device``: the parents go there in one
+    copy, the encode (and, for quantized, the decode and hash of what recovery will
+    give) run there, and only the encodings and hashes come back, in one copy each."""
+    jobs: dict[int, list[tuple[_Delta, int, torch.Tensor, torch.Tensor]]] = {
+        codec.XOR: [],
+        codec.QUANT: [],
+    }
+    for d in deltas:
+        old = list(parents[d.entry.name].values())
+        d.kinds = [codec.SAME] * len(old)
+        d.pieces = [None] * len(old)
+        same = (d.hashes == d.info.hashes).all(dim=1).tolist()
+        for t, (new, before) in enumerate(zip(d.entry.sources, old)):
+            if not same[t]:
+                lossy = tolerance is not None and new.dtype in FLOAT_KINDS
+                jobs[codec.QUANT if lossy else codec.XOR].append(
+                    (d, t, new.reshape(-1), before.reshape(-1))
+                )
+    for kind, batch in jobs.items():
+        if not batch:
+            continue
+        befores = _to_device([j[3] for j in batch], device)
+        news = [j[2] for j in batch]
+        if kind == codec.XOR:
+            encs, _ = xor_planes_encode(news, befores)
+            for (d, t, _, _), enc in zip(batch, _to_host(encs)):
+                d.kinds[t], d.pieces[t] = codec.XOR, enc
+            continue
+        assert tolerance is not None
+        encs, _ = quantize_encode(news, befores, tolerance)
+        got = kernels.blake3_tensors(quantize_decode(encs, befores)).cpu()
+        if device.type != "cpu":
+            TRANSFERS.device_to_host += got.numel()
+        for (d, t, _, _), enc, h in zip(batch, _to_host(encs), got):
+            if torch.equal(h, d.info.hashes[t]):  # within tolerance of the parent as recovered
+                d.recovered[t] = d.info.hashes[t]
+                continue
+            d.kinds[t], d.pieces[t], d.recovered[t] = codec.QUANT, enc, h
+
+
+def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """CPU tensors copied to ``device`` in one transfer: packed into one host buffer
+    (each piece 16-byte aligned, by one native gather), copied, and viewed again."""
+    if device.type == "cpu":
+        return [t.contiguous() for t in tensors]
+    keep = [t.contiguous() for t in tensors]
+    sizes = [t.numel() * t.element_size() for t in keep]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + -(-n // 16) * 16)
+    host = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    kernels.gather(host, kernels.int64_table([t.data_ptr() for t in keep]), kernels.int64_table(sizes),
+                   kernels.int64_table(starts[:-1]))  # fmt: skip
+    on = host.to(device, non_blocking=False)
+    TRANSFERS.host_to_device += host.numel()
+    return [on[a : a + n].view(t.dtype).view(t.shape) if n else torch.empty(t.shape, dtype=t.dtype, device=device)
+            for t, a, n in zip(keep, starts, sizes)]  # fmt: skip
+
+
+def _to_host(encodings: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Device encodings (uint8) brought to the host in one copy, split again."""
+    if not encodings or encodings[0].device.type == "cpu":
+        return encodings
+    flat = torch.cat([e.reshape(-1) for e in encodings]).cpu()
+    TRANSFERS.device_to_host += flat.numel()
+    TRANSFERS.encodings += flat.numel()
+    return list(torch.split(flat, [e.numel() for e in encodings]))
+
+
 def _write_deltas(
     writer: PackWriter, deltas: list[_Delta], end: int
 ) -> tuple[bytes, ContentRecord, int, int]:
@@ -281,7 +439,7 @@ def _write_deltas(
         if use_zstd:
             data, kinds = z, d.kinds
         else:  # the changed tensors as they are: built only when zstd does not pay
-            data = b"".join(kernels.tensor_bytes(d.entry.sources[t]) for t in changed)
+            data = b"".join(kernels.tensor_bytes(_host(d.entry.sources[t])) for t in changed)
             kinds = [codec.RAW if k != codec.SAME else k for k in d.kinds]
         if not use_zstd:  # stored exactly: recovery gives the new tensors
             for t, piece in enumerate(d.pieces):
@@ -312,3 +470,10 @@ def _write_deltas(
         writer.pack_id, [], hashes_at, hashes.numel(), refs=1, table=(table_at, len(table))
     )
     return delta_blob.blob_key(table, hashes), rec, len(body), len(table) + hashes.numel()
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t
+    TRANSFERS.device_to_host += t.numel() * t.element_size()
+    return t.cpu()
