@@ -273,12 +273,11 @@ class ModelStore:
 
     def _load_update(self, manifest: Manifest, names: list[str] | None, device: torch.device,
                      verify: bool) -> dict[str, StateDict]:  # fmt: skip
-        got = chain.recover(self, manifest.id, None if names is None else set(names), verify=verify)
+        got = chain.recover(self, manifest.id, None if names is None else set(names), verify=verify,
+                            device=None if device.type == "cpu" else device)  # fmt: skip
         if names is not None:
             _refuse_missing(manifest.id, [n for n in names if n not in got])
             got = {n: got[n] for n in names}
-        if device.type != "cpu":
-            got = {n: {k: t.to(device) for k, t in sd.items()} for n, sd in got.items()}
         return got
 
     def load_model(
