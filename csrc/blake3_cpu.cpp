@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -35,7 +36,10 @@ void parents_x4(const uint32_t* const* left, const uint32_t* const* right, const
 // one machine.
 LaneKernels select_kernels() {
   const char* cap = std::getenv("MMCORE_BLAKE3_ISA");
-  const std::string limit = cap ? cap : "avx512";
+  const std::string limit = cap && *cap ? cap : "avx512";
+  if (limit != "avx512" && limit != "avx2" && limit != "generic")
+    throw std::invalid_argument("MMCORE_BLAKE3_ISA must be avx512, avx2 or generic, not '" + limit +
+                                "'");
   const bool avx512 = limit == "avx512", avx2 = avx512 || limit == "avx2";
   (void)avx2;
 #if defined(__x86_64__) && defined(MMCORE_HAVE_AVX2_TU)

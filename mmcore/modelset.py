@@ -74,7 +74,7 @@ class ModelEntry:
     name: str
     keys: tuple[str, ...]
     signature: tuple[tuple[torch.dtype, torch.Size], ...]
-    sources: list[torch.Tensor]  # CPU, contiguous, exactly the bits to store
+    sources: list[torch.Tensor]  # contiguous, exactly the bits to store: on the CPU or on `device`
     ptrs: list[int]  # the sources' addresses (read once here: each read costs Python ~0.2 us)
     device: torch.device | None = None  # the CUDA device of every source, or None: all on the CPU
 
@@ -168,6 +168,8 @@ def iter_models(models: Any, *, keep_cuda: bool = False) -> Iterator[ModelEntry]
     bad model late in the set is reported before anything is committed. Sources
     are CPU tensors, except with ``keep_cuda``, where CUDA tensors stay on their
     device (``ModelEntry.device`` then names it, and ``ptrs`` are device addresses).
+    Sources are the caller's own tensors wherever no copy was needed: a save reads
+    them more than once (hash, encode, write), so they must not change during it.
     """
     seen: set[str] = set()
     tensor_type = torch.Tensor

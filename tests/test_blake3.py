@@ -65,6 +65,15 @@ def test_every_instruction_set_matches_reference(cap: str) -> None:
     assert ok, f"{isa}: hashes differ from the blake3 package"
 
 
+def test_an_unknown_instruction_set_cap_is_refused() -> None:
+    env = dict(os.environ, MMCORE_BLAKE3_ISA="sse9")
+    code = "from mmcore import kernels; import torch; kernels.blake3_tensors([torch.ones(3)])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(__file__))  # fmt: skip
+    assert out.returncode != 0
+    assert "ValueError: MMCORE_BLAKE3_ISA must be avx512, avx2 or generic, not 'sse9'" in out.stderr
+
+
 @pytest.mark.parametrize("length", LENGTHS)
 def test_single_segment_matches_reference(length: int) -> None:
     bufs = _bufs([length], seed=length)

@@ -97,6 +97,8 @@ def test_xor_planes_table_api_refuses_bad_tables() -> None:
         InvalidArgumentError, match=r"segment 0: 12 bytes is not a whole number of 8-byte"
     ):
         xor_planes_encode_table(p, p, kernels.int64_table([12]), kernels.int64_table([8]))
+    with pytest.raises(InvalidArgumentError, match="a segment with bytes has a null address"):
+        xor_planes_encode_table(p, kernels.int64_table([0]), *ok[2:])
     with pytest.raises(InvalidArgumentError, match="nbytes must not be negative"):
         xor_planes_encode_table(p, p, kernels.int64_table([-2]), kernels.int64_table([2]))
     with pytest.raises(

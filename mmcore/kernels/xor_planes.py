@@ -123,7 +123,9 @@ def xor_planes_encode_table(
     its bytes). The caller keeps every addressed byte alive for the call.
     ``out``: a contiguous CPU uint8 buffer to write into (at least the table's
     bytes: ``nbytes.sum() + 16 * n``), reused across calls to spare the allocation
-    and the first-touch page faults; ``buf`` is then its leading part.
+    and the first-touch page faults; ``buf`` (and every view of it) is then its
+    leading part, overwritten by the next call given the same ``out``. ``out`` must
+    not overlap the segments read.
     """
     from . import gather
 
@@ -133,6 +135,8 @@ def xor_planes_encode_table(
         _check_table(name, t, max(n, 0))
     if n and int(nbytes.min()) < 0:
         raise InvalidArgumentError("nbytes must not be negative")
+    if n and bool((((new_ptrs == 0) | (parent_ptrs == 0)) & (nbytes > 0)).any()):
+        raise InvalidArgumentError("a segment with bytes has a null address")
     if n and not bool(((widths == 1) | (widths == 2) | (widths == 4) | (widths == 8)).all()):
         raise InvalidArgumentError("widths must be 1, 2, 4 or 8")
     if n and bool((nbytes % widths).any()):

@@ -325,9 +325,12 @@ def _model_plains(store: ModelStore, batch: list[_Queued]) -> list[torch.Tensor]
         helper = store._pool.submit(decode, idx[1::2]) if len(idx) >= 64 else None
         try:
             decode(idx[0::2] if helper else idx)
-        finally:
+        except BaseException:
             if helper is not None:
-                helper.result()
+                helper.exception()  # waits, and keeps this thread's error the one raised
+            raise
+        if helper is not None:
+            helper.result()
     return [t for t in out if t is not None]
 
 
@@ -344,7 +347,7 @@ def _record_address(state: StateDict, schema: Schema) -> int | None:
     for spec in schema.tensors:
         if spec.nbytes:
             return state[spec.name].data_ptr() - spec.offset
-    return 0  # nothing to read
+    return 0 if schema.stride == 0 else None  # nothing to read; else not a record we know
 
 
 def _apply_records(store: ModelStore, batch: list[_Queued], states: dict[str, StateDict],
