@@ -11,8 +11,18 @@ from __future__ import annotations
 from . import errors
 from ._native import cuda_available
 from .api import ModelStore, open
+from .provenance import Recipe, trainer
 from .versions import VersionInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["ModelStore", "VersionInfo", "__version__", "cuda_available", "errors", "open"]
+__all__ = [
+    "ModelStore",
+    "Recipe",
+    "VersionInfo",
+    "__version__",
+    "cuda_available",
+    "errors",
+    "open",
+    "trainer",
+]

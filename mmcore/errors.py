@@ -78,3 +78,20 @@ class IntegrityError(MMCoreError):
         super().__init__(message)
         self.model = model
         self.tensor = tensor
+
+
+class ProvenanceError(MMCoreError):
+    """A provenance recipe cannot be run as asked (data missing, a trainer's result
+    of the wrong shape...)."""
+
+
+class TrainerNotFoundError(ProvenanceError, LookupError):
+    """No trainer of that name is registered in this process."""
+
+
+class ProvenanceMismatchError(ProvenanceError):
+    """Retraining did not reproduce the recorded models bit for bit; ``models`` names them."""
+
+    def __init__(self, message: str, *, models: list[str] | None = None):
+        super().__init__(message)
+        self.models = models or []

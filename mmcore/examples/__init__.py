@@ -1,0 +1,1 @@
+"""Worked use cases that ship with mmcore (models, data and registered trainers)."""

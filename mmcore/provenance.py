@@ -1,0 +1,278 @@
+"""Provenance: how to re-create a set's parameters instead of the parameters.
+
+A *trainer* is a function of the running process, registered by name with
+:func:`trainer`; its code is hashed when it is registered. A :class:`Recipe`
+names a trainer, a dataset stored in the store, JSON-representable parameters,
+a seed and optionally the models to retrain. Nothing stored is ever executed: a
+recipe read back from a store is only a name, looked up in this process's
+registry (docs/ARCHITECTURE.md, "Never pickle, never exec").
+
+>>> @mmcore.trainer("battery.sgd")                      # doctest: +SKIP
+... def sgd(models, data, *, lr, epochs, seed): ...
+>>> recipe = mmcore.Recipe("battery.sgd", data=ds, params={"lr": 1e-3, "epochs": 2}, seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import marshal
+import math
+import os
+import platform
+import textwrap
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from .errors import InvalidArgumentError, ProvenanceError, TrainerNotFoundError
+
+StateDicts = dict[str, dict[str, torch.Tensor]]
+Data = Mapping[str, Mapping[str, torch.Tensor]]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A registered training function and the hash of its code at registration."""
+
+    name: str
+    fn: Callable[..., Mapping[str, Mapping[str, torch.Tensor]]]
+    code_hash: str  # hex BLAKE3 of the function's source (its bytecode where there is no source)
+
+
+_REGISTRY: dict[str, Trainer] = {}
+
+
+def code_hash(fn: Callable[..., Any]) -> str:
+    """BLAKE3 of a function's qualified name and source text (dedented), or of its
+    bytecode where Python has no source for it. Only the function itself is
+    covered: a helper it calls can change without changing this hash."""
+    from .kernels import blake3_bytes
+
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    try:
+        body = textwrap.dedent(inspect.getsource(fn)).encode()
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            raise InvalidArgumentError(
+                f"cannot hash the code of {name}: register a Python function"
+            ) from None
+        body = marshal.dumps(code)
+    return blake3_bytes(b"mmcore-trainer-v1\0" + name.encode() + b"\0" + body).hex()
+
+
+def trainer(name: str) -> Callable[[F], F]:
+    """Registers ``fn(models, data, *, seed, **params) -> models`` under ``name``.
+
+    ``models``: {name: state dict} of the models to retrain; ``data``: {name:
+    {tensor name: tensor}} for the same models; the result: {name: state dict}
+    for exactly those models, same tensor names, dtypes and shapes. Registering
+    a name again replaces the earlier function (re-running a notebook cell).
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"a trainer name must be a non-empty string, got {name!r}")
+
+    def register(fn: F) -> F:
+        if not callable(fn):
+            raise InvalidArgumentError(f"trainer {name!r}: {fn!r} is not callable")
+        _REGISTRY[name] = Trainer(name, fn, code_hash(fn))
+        return fn
+
+    return register
+
+
+def registered(name: str) -> Trainer:
+    """The trainer registered under ``name`` in this process."""
+    found = _REGISTRY.get(name)
+    if found is None:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise TrainerNotFoundError(
+            f"no trainer {name!r} is registered in this process (registered: {known}); "
+            "import the module that defines it (its @mmcore.trainer registers it) first"
+        )
+    return found
+
+
+def _check_json(value: Any, where: str) -> None:
+    """JSON-representable: str keys, finite numbers, lists, no other types."""
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidArgumentError(f"{where}: {value} is not a finite number")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidArgumentError(f"{where}: key {key!r} is not a string")
+            _check_json(item, f"{where}[{key!r}]")
+        return
+    raise InvalidArgumentError(
+        f"{where}: a {type(value).__name__} is not JSON-representable "
+        "(use numbers, strings, booleans, None, lists and maps)"
+    )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a provenance version's models are re-created from its parent's.
+
+    ``trainer``: a registered trainer's name; ``data``: a dataset id from
+    ``store.put_dataset``; ``params``: keyword arguments of the trainer
+    (JSON-representable); ``seed``: passed to the trainer, and seeds torch
+    before the call; ``models``: the models to retrain (None: every model of
+    the parent); the others are the parent's, unchanged.
+    """
+
+    trainer: str
+    data: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    models: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.trainer, str) or not self.trainer:
+            raise InvalidArgumentError(
+                f"Recipe.trainer must be a trainer name, got {self.trainer!r}"
+            )
+        if not isinstance(self.data, str) or not self.data:
+            raise InvalidArgumentError(
+                f"Recipe.data must be a dataset id (from store.put_dataset), got {self.data!r}"
+            )
+        if not isinstance(self.params, Mapping):
+            raise InvalidArgumentError(
+                f"Recipe.params must be a mapping, got {type(self.params).__name__}"
+            )
+        _check_json(dict(self.params), "Recipe.params")
+        reserved = {"seed"} & set(self.params)
+        if reserved:
+            raise InvalidArgumentError("Recipe.params must not hold 'seed': pass seed= instead")
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**63
+        ):
+            raise InvalidArgumentError(
+                f"Recipe.seed must be an int in [0, 2**63), got {self.seed!r}"
+            )
+        if self.models is not None:
+            if isinstance(self.models, str) or not all(
+                isinstance(m, str) and m for m in self.models
+            ):
+                raise InvalidArgumentError("Recipe.models must be None or a list of model names")
+            if len(set(self.models)) != len(self.models):
+                raise InvalidArgumentError("Recipe.models names a model twice")
+            if not self.models:
+                raise InvalidArgumentError(
+                    "Recipe.models is empty: pass None to retrain every model"
+                )
+        object.__setattr__(self, "params", json.loads(json.dumps(dict(self.params))))
+        if self.models is not None:
+            object.__setattr__(self, "models", list(self.models))
+
+    def encode(self) -> dict[str, Any]:
+        return {"trainer": self.trainer, "data": self.data, "params": dict(self.params),
+                "seed": self.seed, "models": None if self.models is None else list(self.models)}  # fmt: skip
+
+
+def environment(device: torch.device | None = None) -> dict[str, Any]:
+    """What can make a retraining differ: library versions, the device kind and
+    name, and the determinism settings in force."""
+    from . import __version__
+
+    dev = device or torch.device("cpu")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": dev.type,
+        "device_name": name,
+        "deterministic": True,  # retraining always runs under use_deterministic_algorithms
+        "python": platform.python_version(),
+        "mmcore": __version__,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    return [f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]  # fmt: skip
+
+
+@contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Seeded, deterministic torch for one call; every setting restored after."""
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:  # deterministic cuBLAS needs it (read when cuBLAS starts)
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    try:
+        torch.use_deterministic_algorithms(True)
+        torch.manual_seed(seed)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def run(found: Trainer, recipe: Recipe, models: StateDicts, data: Data) -> StateDicts:
+    """Calls the trainer on ``models`` (the ones the recipe retrains) with their data,
+    seeded and deterministic; checks that it returned those models, same tensors."""
+    missing = [n for n in models if n not in data]
+    if missing:
+        raise ProvenanceError(
+            f"the dataset has no data for {len(missing)} model(s) to retrain, e.g. {missing[0]!r}"
+        )
+    with deterministic(recipe.seed):
+        got = found.fn(
+            dict(models), {n: data[n] for n in models}, seed=recipe.seed, **recipe.params
+        )
+    if not isinstance(got, Mapping) or set(got) != set(models):
+        raise ProvenanceError(
+            f"trainer {found.name!r} must return a state dict for exactly the {len(models)} "
+            "model(s) it was given"
+        )
+    out: StateDicts = {}
+    for name, before in models.items():
+        after = got[name]
+        if not isinstance(after, Mapping) or list(after) != list(before):
+            raise ProvenanceError(
+                f"trainer {found.name!r}: model {name!r} came back with other tensor names"
+            )
+        for key, t in after.items():
+            old = before[key]
+            if not isinstance(t, torch.Tensor) or t.dtype != old.dtype or t.shape != old.shape:
+                raise ProvenanceError(
+                    f"trainer {found.name!r}: model {name!r}, tensor {key!r} came back with "
+                    "another type, dtype or shape"
+                )
+        out[name] = dict(after)
+    return out
