@@ -17,6 +17,7 @@ from . import _args
 from ._progress import progress_bar
 from .errors import (
     CorruptRecordError,
+    IntegrityError,
     InvalidArgumentError,
     ModelNotFoundError,
     ReadOnlyStoreError,
@@ -24,11 +25,12 @@ from .errors import (
     StoreError,
     VersionNotFoundError,
 )
-from .manifest import APPROACHES, ContentRecord, Manifest
-from .paths import baseline, chain, update
+from .manifest import APPROACHES, ContentRecord, DatasetRecord, Manifest
+from .paths import baseline, chain, retrain, update
 from .paths.commit import version_records
 from .paths.delta_blob import DeltaTable
 from .paths.reader import BlobReader, StateDict
+from .provenance import Recipe
 from .record import ref_target
 from .store import Catalog, LocalPackTier, StoreLayout
 from .versions import VersionInfo
@@ -167,6 +169,8 @@ class ModelStore:
         message: str | None = None,
         tolerance: float | None = None,
         max_chain: int = DEFAULT_MAX_CHAIN,
+        recipe: Recipe | None = None,
+        check: bool = True,
         progress: bool | None = None,
     ) -> str:
         """Saves a model set as a new version and returns its id.
@@ -175,8 +179,12 @@ class ModelStore:
         ``approach="baseline"`` stores every parameter; ``"update"`` stores what
         changed since ``parent`` (lossless, or within ``tolerance`` of every saved
         element), storing a model whole once its chain of deltas would pass
-        ``max_chain``. ``ref`` (optional) is moved to the new version in the same
-        atomic commit.
+        ``max_chain``. ``"provenance"`` stores how to re-create the models from
+        ``parent`` instead of them: ``recipe`` (an ``mmcore.Recipe``) names a
+        registered trainer, a dataset from ``put_dataset``, its parameters and seed;
+        with ``check`` (default) the recipe is run on the parent first and must give
+        the models passed, bit for bit. ``ref`` (optional) is moved to the new
+        version in the same atomic commit.
         """
         self._check_open()
         if approach not in APPROACHES:
@@ -188,12 +196,29 @@ class ModelStore:
                 "a baseline version stores every parameter exactly and has no parent; "
                 "drop parent= and tolerance=, or save with approach='update'"
             )
+        if (recipe is not None) != (approach == "provenance"):
+            raise InvalidArgumentError(
+                "recipe= goes with approach='provenance', and a provenance save needs one"
+            )
+        _args.flag(check, "check")
+        if approach == "provenance":
+            if parent is None or tolerance is not None:
+                raise InvalidArgumentError(
+                    "a provenance version re-creates its models from a parent: pass "
+                    "parent=VERSION_OR_REF (and no tolerance=)"
+                )
+            parent = self.resolve(parent)
         if approach == "update":
             if parent is None:
                 raise InvalidArgumentError(
                     "an update version is stored relative to a parent: pass parent=VERSION_OR_REF"
                 )
             parent = self.resolve(parent)
+            if self.manifest(parent).provenance is not None:
+                raise InvalidArgumentError(
+                    f"version {parent} is a provenance version: an update is stored against a "
+                    "baseline or update version (save this set as a baseline, or update another parent)"
+                )
             if tolerance is not None:
                 tolerance = _args.tolerance(tolerance)
             _args.max_chain(max_chain)
@@ -217,6 +242,12 @@ class ModelStore:
                                              max_chain=max_chain, progress=bar)  # fmt: skip
                     manifest.groups, manifest.update = up.groups, up.update
                     manifest.logical_bytes, blobs = up.logical_bytes, up.blobs
+                elif approach == "provenance":
+                    assert parent is not None and recipe is not None
+                    pv = retrain.write_provenance(self, writer, models, parent, recipe, check=check,
+                                                  progress=bar)  # fmt: skip
+                    manifest.provenance, blobs = pv.info, pv.blobs
+                    manifest.logical_bytes = pv.logical_bytes
                 else:
                     written = baseline.write_set(writer, models, bar)
                     manifest.models, manifest.groups = written.names, written.groups
@@ -243,23 +274,34 @@ class ModelStore:
         device: str | torch.device = "cpu",
         verify: bool = True,
         models: list[str] | None = None,
+        allow_code_change: bool = False,
     ) -> dict[str, StateDict]:
         """Recovers a whole set: {model name: {tensor name: tensor}} in saved order.
 
         Tensors of one group are views of one buffer. With ``verify`` (default)
-        every tensor's BLAKE3 is checked; a mismatch raises IntegrityError.
+        every tensor's BLAKE3 is checked; a mismatch raises IntegrityError. A
+        provenance version is retrained (on ``device``) and always checked against
+        its recorded hashes; ``allow_code_change`` retrains with a trainer whose
+        code changed since the save.
         """
         _args.flag(verify, "verify")
+        _args.flag(allow_code_change, "allow_code_change")
         dev = _args.device(device)
+        manifest = self.manifest(version)
+        if manifest.provenance is not None:
+            got = retrain.recover(self, manifest, device=dev, allow_code_change=allow_code_change)
+            if models is None:
+                return got
+            names = _args.name_list(models, "models")
+            _refuse_missing(manifest.id, [n for n in names if n not in got])
+            return {n: got[n] for n in names}
         if models is not None:
             names = _args.name_list(models, "models")
-            manifest = self.manifest(version)
             if manifest.update is not None:
                 return self._load_update(manifest, names, dev, verify)
             _refuse_missing(manifest.id, [n for n in names if manifest.locate(n) is None])
             return {name: self.load_model(manifest.id, name, device=dev, verify=verify)
                     for name in names}  # fmt: skip
-        manifest = self.manifest(version)
         if manifest.update is not None:
             return self._load_update(manifest, None, dev, verify)
         out: list[StateDict | None] = [None] * len(manifest.models)
@@ -281,14 +323,25 @@ class ModelStore:
         return got
 
     def load_model(
-        self, version: str, name: str, *, device: str | torch.device = "cpu", verify: bool = True
+        self,
+        version: str,
+        name: str,
+        *,
+        device: str | torch.device = "cpu",
+        verify: bool = True,
+        allow_code_change: bool = False,
     ) -> StateDict:
         """Recovers one model, reading only that model's bytes (and, for an update
-        version, the deltas of its chain)."""
+        version, the deltas of its chain; a provenance version retrains as ``load``:
+        the same batched computation, so the same bits)."""
         _args.text(name, "model name")
         _args.flag(verify, "verify")
         dev = _args.device(device)
         manifest = self.manifest(version)
+        if manifest.provenance is not None:
+            return self.load(
+                manifest.id, device=dev, models=[name], allow_code_change=allow_code_change
+            )[name]
         if manifest.update is not None:
             return self._load_update(manifest, [name], dev, verify)[name]
         where = manifest.locate(name)
@@ -350,6 +403,14 @@ class ModelStore:
             m = self.manifest(vid)
             for group in m.groups:
                 self._reader.verify_group(m, group)
+            if m.provenance is not None:  # its hash table and its dataset (retraining: load it)
+                table = self._reader.stored_hashes(self._content(m.provenance.hashes_blob))
+                if retrain.roots_key(table) != m.provenance.hashes_blob:
+                    raise IntegrityError(
+                        f"version {m.id}: its table of recorded hashes is corrupted"
+                    )
+                checked += retrain.verify_dataset(self, str(m.provenance.recipe["data"]))
+                continue
             if m.update is None:
                 checked += m.num_tensors
                 continue
@@ -394,6 +455,8 @@ class ModelStore:
         blobs = [g.blob for g in m.groups]
         if m.update is not None and m.update.delta_blob is not None:
             blobs.append(m.update.delta_blob)
+        if m.provenance is not None:
+            blobs.append(m.provenance.hashes_blob)
         for blob in blobs:
             rec = self._content(blob)
             rec.refs -= 1
@@ -403,6 +466,39 @@ class ModelStore:
                 deletes.append(("content", blob))
         self.catalog.commit(puts, deletes)
         self._manifests.pop(m.id, None)
+
+    # -- datasets ----------------------------------------------------------
+    def put_dataset(self, data: Any, *, progress: bool | None = None) -> str:
+        """Stores a dataset ({name: {tensor name: tensor}}, e.g. per model its inputs and
+        targets) and returns its id for ``mmcore.Recipe(data=...)``. Content-addressed:
+        the same names and bytes stored again cost nothing and give the same id."""
+        self._check_writable()
+        _args.optional_flag(progress, "progress")
+        with progress_bar(_count(data), "storing dataset", progress, unit="entry") as bar:
+            return retrain.put_dataset(self, data, bar)
+
+    def datasets(self) -> dict[str, dict[str, Any]]:
+        """{dataset id: its entries, logical and stored bytes, and the versions using it}."""
+        self._check_open()
+        out = {}
+        for key, raw in self.catalog.scan("datasets"):
+            rec = DatasetRecord.decode(raw)
+            out[key.decode()] = {"entries": len(rec.names), "logical_bytes": rec.logical_bytes,
+                                 "stored_bytes": rec.stored_bytes,
+                                 "used_by": retrain.users(self, rec.id)}  # fmt: skip
+        return out
+
+    def load_dataset(
+        self, dataset: str, *, device: str | torch.device = "cpu"
+    ) -> dict[str, StateDict]:
+        """A stored dataset, every tensor hash-checked."""
+        self._check_open()
+        return retrain.load_dataset(self, dataset, _args.device(device))
+
+    def delete_dataset(self, dataset: str) -> None:
+        """Deletes a dataset no version uses; ``gc()`` then reclaims its bytes."""
+        self._check_writable()
+        retrain.delete_dataset(self, dataset)
 
     def gc(self) -> int:
         """Deletes pack files nothing references (deleted versions, interrupted saves).

@@ -97,6 +97,19 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"{human_bytes(c.get('metadata_bytes', 0))} tables and hashes, "
                   f"{human_bytes(info.stored_bytes - c.get('payload_bytes', 0) - c.get('metadata_bytes', 0))} "
                   "manifest and pack overhead")  # fmt: skip
+        if manifest.provenance is not None:
+            pv, c = manifest.provenance, info.changes
+            recipe = pv.recipe
+            print(f"recipe     trainer {recipe['trainer']} (code {pv.code_hash[:12]}), seed {recipe['seed']}, "
+                  f"params {recipe.get('params') or {}}")  # fmt: skip
+            print(f"retrains   {c.get('retrained', 0):,} model(s) of the parent, {c.get('unchanged', 0):,} unchanged; "
+                  f"{info.depth} provenance version(s) back to stored parameters")  # fmt: skip
+            print(f"dataset    {recipe['data'][:16]}... ({human_bytes(c.get('dataset_bytes', 0))}, "
+                  "stored apart, shared by every version using it)")  # fmt: skip
+            env = pv.environment
+            print(
+                f"saved on   torch {env.get('torch')}, {env.get('device')} ({env.get('device_name')})"
+            )
         if not manifest.groups:
             return 0
         print()

@@ -71,6 +71,10 @@ class ModelNotFoundError(NotFoundError):
     """The version holds no model with this name."""
 
 
+class DatasetNotFoundError(NotFoundError):
+    """No dataset with this id is in the store."""
+
+
 class IntegrityError(MMCoreError):
     """Stored bytes do not match their recorded hash."""
 

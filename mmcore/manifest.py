@@ -16,9 +16,10 @@ from .errors import CorruptRecordError, FormatVersionError
 from .modelset import Schema
 from .record import DAMAGED, Record
 
-MANIFEST_FORMAT = 2  # newest read; baseline manifests are still written as 1
+MANIFEST_FORMAT = 3  # newest read; baselines are written as 1, updates 2, provenance 3
 CONTENT_FORMAT = 1
-APPROACHES = ("baseline", "update")
+DATASET_FORMAT = 1
+APPROACHES = ("baseline", "update", "provenance")
 
 
 def _pack(obj: Any) -> bytes:
@@ -136,6 +137,54 @@ class UpdateInfo:
 
 
 @dataclass
+class ProvenanceInfo:
+    """What a provenance version records (docs/FORMAT.md, "Provenance versions").
+
+    The version's models are its parent's, in the parent's order; ``retrained``
+    (in that order) are re-created by running ``recipe`` on the parent's models
+    and the dataset ``recipe["data"]``; ``hashes_blob`` holds, per retrained
+    model, the BLAKE3 over its tensors' BLAKE3 hashes (its *root*).
+    """
+
+    recipe: dict[str, Any]  # Recipe.encode(): trainer, data, params, seed, models
+    code_hash: str  # the trainer's code hash at save time (hex)
+    environment: dict[str, Any]
+    retrained: list[str]
+    hashes_blob: bytes  # content key of the roots table
+    depth: int  # provenance versions back to the nearest stored version
+    stats: dict[str, int]
+
+    def encode(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "code_hash": self.code_hash, "environment": self.environment,
+                "retrained": self.retrained, "hashes_blob": self.hashes_blob, "depth": self.depth,
+                "stats": self.stats}  # fmt: skip
+
+    @classmethod
+    def decode(cls, rec: Record) -> ProvenanceInfo:
+        from .errors import InvalidArgumentError
+        from .provenance import Recipe
+
+        raw = rec.submap("recipe")
+        models = raw.raw.get("models")
+        try:
+            recipe = Recipe(trainer=raw.text("trainer"), data=raw.text("data"),
+                            params=raw.optional_map("params"), seed=raw.integer("seed"),
+                            models=None if models is None else raw.text_list("models"))  # fmt: skip
+        except InvalidArgumentError as exc:
+            raise rec.corrupt(f"its recipe is not valid ({exc})") from None
+        blob = rec.binary("hashes_blob")
+        if len(blob) != 32:
+            raise rec.corrupt(f"hashes blob key of {len(blob)} bytes, not 32")
+        stats = rec.optional_map("stats")
+        return cls(
+            recipe=recipe.encode(), code_hash=rec.text("code_hash"),
+            environment=rec.optional_map("environment"), retrained=rec.text_list("retrained"),
+            hashes_blob=blob, depth=rec.integer("depth", minimum=1),
+            stats={str(k): rec.check_integer(v, "stats") for k, v in stats.items()},
+        )  # fmt: skip
+
+
+@dataclass
 class Manifest:
     id: str
     approach: str
@@ -150,6 +199,7 @@ class Manifest:
     message: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     update: UpdateInfo | None = None
+    provenance: ProvenanceInfo | None = None
     _index: dict[str, tuple[int, int]] | None = field(default=None, repr=False)
 
     @property
@@ -168,8 +218,10 @@ class Manifest:
 
     def encode(self) -> bytes:
         fields = {"update": self.update.encode()} if self.update is not None else {}
+        if self.provenance is not None:
+            fields = {"provenance": self.provenance.encode()}
         return _pack({
-            "format": 1 if self.update is None else 2,
+            "format": 3 if self.provenance is not None else 1 if self.update is None else 2,
             **fields,
             "id": self.id,
             "approach": self.approach,
@@ -190,9 +242,13 @@ class Manifest:
         rec = _unpack(data, "manifest", MANIFEST_FORMAT)
         models = rec.text_list("models")
         groups = [GroupRecord.decode(g) for g in rec.map_list("groups")]
-        update = None
+        update = provenance = None
         if "update" in rec.raw:
             update = UpdateInfo.decode(rec.submap("update"), groups)
+        elif "provenance" in rec.raw:
+            provenance = ProvenanceInfo.decode(rec.submap("provenance"))
+            if groups or models:
+                raise rec.corrupt("a provenance version stores no models itself")
         else:
             _check_membership(rec, models, groups)
         return cls(
@@ -209,6 +265,7 @@ class Manifest:
             message=rec.optional_text("message"),
             extra=rec.optional_map("extra"),
             update=update,
+            provenance=provenance,
         )
 
 
@@ -287,3 +344,30 @@ def pack_record(size: int, created: float) -> bytes:
 def decode_pack_record(data: bytes) -> dict[str, Any]:
     rec = _unpack(data, "pack", 1)
     return {"format": 1, "size": rec.integer("size"), "created": rec.number("created")}
+
+
+@dataclass
+class DatasetRecord:
+    """A dataset in the store: named groups of tensors, stored like a model set
+    (docs/FORMAT.md, "Datasets"), content-addressed by its id."""
+
+    id: str
+    names: list[str]
+    groups: list[GroupRecord]
+    logical_bytes: int
+    stored_bytes: int
+    created: float
+
+    def encode(self) -> bytes:
+        return _pack({"format": DATASET_FORMAT, "id": self.id, "names": self.names,
+                      "groups": [g.encode() for g in self.groups], "logical_bytes": self.logical_bytes,
+                      "stored_bytes": self.stored_bytes, "created": self.created})  # fmt: skip
+
+    @classmethod
+    def decode(cls, data: bytes) -> DatasetRecord:
+        rec = _unpack(data, "dataset", DATASET_FORMAT)
+        names = rec.text_list("names")
+        groups = [GroupRecord.decode(g) for g in rec.map_list("groups")]
+        _check_membership(rec, names, groups)
+        return cls(rec.text("id"), names, groups, rec.integer("logical_bytes"),
+                   rec.integer("stored_bytes"), rec.number("created"))  # fmt: skip

@@ -24,7 +24,8 @@ class VersionInfo:
     depth: int = 0  # update versions back to the baseline
     tolerance: float | None = None  # an update's bound; None: exact
     max_chain: int | None = None
-    changes: dict[str, int] = field(default_factory=dict)  # an update's model counts and bytes
+    changes: dict[str, int] = field(default_factory=dict)  # an update's or provenance version's
+    # model counts and bytes (a provenance version's dataset_bytes: its data, stored apart)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -35,6 +36,16 @@ class VersionInfo:
 
     @classmethod
     def of(cls, m: Manifest, refs: tuple[str, ...]) -> VersionInfo:
+        pv = m.provenance
+        if pv is not None:
+            stats = dict(pv.stats)
+            return cls(
+                id=m.id, approach=m.approach, parent=m.parent,
+                created=datetime.fromtimestamp(m.created, tz=timezone.utc),
+                num_models=stats.get("models", 0), num_tensors=stats.get("tensors", 0),
+                logical_bytes=m.logical_bytes, stored_bytes=m.stored_bytes, refs=refs,
+                message=m.message, depth=pv.depth, changes=stats,
+            )  # fmt: skip
         up = m.update
         stats = {} if up is None else dict(up.stats)
         return cls(

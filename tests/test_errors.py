@@ -80,7 +80,8 @@ def test_bad_model_late_in_set_changes_nothing(store: mmcore.ModelStore) -> None
 
 def test_unknown_approach(store: mmcore.ModelStore) -> None:
     with pytest.raises(
-        InvalidArgumentError, match="approach must be one of 'baseline', 'update', got 'delta'"
+        InvalidArgumentError,
+        match="approach must be one of 'baseline', 'update', 'provenance', got 'delta'",
     ):
         store.save(small_set(1), approach="delta")
     assert _snapshot(store) == ([], [], {})

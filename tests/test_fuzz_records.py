@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 import mmcore
 from mmcore.errors import CorruptRecordError, FormatVersionError
-from mmcore.manifest import ContentRecord, Manifest, decode_pack_record, pack_record
+from mmcore.examples import battery
+from mmcore.manifest import ContentRecord, DatasetRecord, Manifest, decode_pack_record, pack_record
 
 TYPED = (CorruptRecordError, FormatVersionError)
 FUZZ = settings(max_examples=2500, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
@@ -38,18 +39,33 @@ def _valid_records() -> list[tuple[Callable[[bytes], Any], bytes]]:
         changed["new"] = {"w": torch.ones(3)}
         u = store.save(changed, approach="update", parent=v, tolerance=1e-3)
         update = store.catalog.get("manifests", u.encode())
+        cells = battery.make_cells(3, seed=0)
+        data = battery.make_data(list(cells), rows=8, seed=0)
+        b = store.save(cells)
+        ds = store.put_dataset(data)
+        recipe = mmcore.Recipe(battery.TRAINER, data=ds, params={"lr": 0.1, "epochs": 1}, seed=2,
+                               models=["cell_000001"])  # fmt: skip
+        trained = dict(cells)
+        trained.update(battery.train({"cell_000001": cells["cell_000001"]},
+                                     {"cell_000001": data["cell_000001"]}, lr=0.1, epochs=1, seed=2))  # fmt: skip
+        p = store.save(trained, approach="provenance", parent=b, recipe=recipe)
+        prov = store.catalog.get("manifests", p.encode())
+        dataset = store.catalog.get("datasets", ds.encode())
         contents = [raw for _, raw in store.catalog.scan("content")]
-    assert manifest is not None and update is not None and len(contents) == 4
+    assert manifest is not None and update is not None and len(contents) == 7
+    assert prov is not None and dataset is not None
     return [
         (Manifest.decode, manifest),
         (Manifest.decode, update),
+        (Manifest.decode, prov),
+        (DatasetRecord.decode, dataset),
         *[(ContentRecord.decode, raw) for raw in contents],
         (decode_pack_record, pack_record(4096, 1.5)),
     ]
 
 
 VALID = _valid_records()
-DECODERS = [Manifest.decode, ContentRecord.decode, decode_pack_record]
+DECODERS = [Manifest.decode, ContentRecord.decode, DatasetRecord.decode, decode_pack_record]
 record = st.sampled_from(VALID)
 
 

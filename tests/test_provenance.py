@@ -10,7 +10,15 @@ import torch
 
 import mmcore
 from mmcore import provenance
-from mmcore.errors import InvalidArgumentError, ProvenanceError, TrainerNotFoundError
+from mmcore.errors import (
+    DatasetNotFoundError,
+    IntegrityError,
+    InvalidArgumentError,
+    InvalidModelSetError,
+    ProvenanceError,
+    ProvenanceMismatchError,
+    TrainerNotFoundError,
+)
 from mmcore.examples import battery
 
 
@@ -131,3 +139,187 @@ def test_battery_data_and_cells_are_seeded() -> None:
     assert d["x"]["x"].shape == (10, 5) and d["x"]["y"].shape == (10, 1)
     with pytest.raises(InvalidArgumentError, match="rows must be a positive int"):
         battery.make_data(["x"], rows=0)
+
+
+# -- provenance versions in a store --------------------------------------------
+
+KW = {"lr": 0.05, "epochs": 2}
+
+
+@pytest.fixture
+def battery_store(store: mmcore.ModelStore) -> tuple[mmcore.ModelStore, str, dict, str, dict]:  # type: ignore[type-arg]
+    cells = battery.make_cells(12, seed=0)
+    data = battery.make_data(list(cells), rows=32, seed=1)
+    v1 = store.save(cells)
+    ds = store.put_dataset(data)
+    return store, v1, cells, ds, data
+
+
+def _equal_sets(a: dict, b: dict) -> bool:  # type: ignore[type-arg]
+    return list(a) == list(b) and all(
+        list(a[n]) == list(b[n]) and all(torch.equal(a[n][k], b[n][k]) for k in a[n]) for n in a
+    )
+
+
+def test_provenance_on_baseline_update_and_provenance_parents(battery_store, store_path) -> None:  # type: ignore[no-untyped-def]
+    store, v1, cells, ds, data = battery_store
+    recipe = mmcore.Recipe(battery.TRAINER, data=ds, params=KW, seed=0)
+    first = battery.train(cells, data, seed=0, **KW)
+    v2 = store.save(first, approach="provenance", parent=v1, recipe=recipe)
+    nudged = {
+        n: {k: t + (1e-3 if n == "cell_000003" else 0) for k, t in sd.items()}
+        for n, sd in first.items()
+    }
+    v_up = store.save(nudged, approach="update", parent=v1)
+    on_update = battery.train(nudged, data, seed=0, **KW)
+    v3 = store.save(on_update, approach="provenance", parent=v_up, recipe=recipe)
+    subset = mmcore.Recipe(battery.TRAINER, data=ds, params={"lr": 0.1, "epochs": 1}, seed=5,
+                           models=["cell_000002", "cell_000009"])  # fmt: skip
+    again = dict(first)
+    again.update(battery.train({n: first[n] for n in subset.models}, {n: data[n] for n in subset.models},
+                               lr=0.1, epochs=1, seed=5))  # fmt: skip
+    v4 = store.save(again, approach="provenance", parent=v2, recipe=subset)
+    info = store.info(v4)
+    assert info.approach == "provenance" and info.depth == 2
+    assert info.changes["retrained"] == 2 and info.changes["unchanged"] == 10
+    assert info.stored_bytes < 0.05 * store.info(v1).stored_bytes
+    store.close()
+    with mmcore.open(store_path) as fresh:  # nothing from the saves is cached
+        assert _equal_sets(fresh.load(v2), first)
+        assert _equal_sets(fresh.load(v3), on_update)
+        assert _equal_sets(fresh.load(v4), again)
+        assert torch.equal(
+            fresh.load_model(v4, "cell_000009")["6.bias"], again["cell_000009"]["6.bias"]
+        )
+        assert list(fresh.load(v4, models=["cell_000002"])) == ["cell_000002"]
+        assert fresh.verify(v4) > 0
+
+
+def test_an_irreproducible_recipe_is_refused_and_nothing_is_written(battery_store) -> None:  # type: ignore[no-untyped-def]
+    store, v1, cells, ds, data = battery_store
+    recipe = mmcore.Recipe(battery.TRAINER, data=ds, params=KW, seed=0)
+    wrong = battery.train(cells, data, seed=1, **KW)  # another seed: other bits
+    before = {v.id for v in store.versions()}
+    with pytest.raises(
+        ProvenanceMismatchError, match=r"does not reproduce 12 of the 12 model"
+    ) as err:
+        store.save(wrong, approach="provenance", parent=v1, recipe=recipe, ref="fleet")
+    assert len(err.value.models) == 12
+    assert {v.id for v in store.versions()} == before and "fleet" not in store.refs()
+    # check=False records the given models' hashes; recovery then finds the mismatch
+    v2 = store.save(wrong, approach="provenance", parent=v1, recipe=recipe, check=False)
+    with pytest.raises(ProvenanceMismatchError, match="did not reproduce 12 model"):
+        store.load(v2)
+
+
+def test_models_outside_the_subset_must_be_the_parents(battery_store) -> None:  # type: ignore[no-untyped-def]
+    store, v1, cells, ds, _ = battery_store
+    recipe = mmcore.Recipe(battery.TRAINER, data=ds, params=KW, seed=0, models=["cell_000001"])
+    changed = {n: {k: t.clone() for k, t in sd.items()} for n, sd in cells.items()}
+    changed["cell_000004"]["0.bias"][0] += 1
+    with pytest.raises(
+        InvalidModelSetError, match=r"\['cell_000004'\] are not retrained by the recipe"
+    ):
+        store.save(changed, approach="provenance", parent=v1, recipe=recipe, check=False)
+    with pytest.raises(InvalidModelSetError, match="holds its parent's models"):
+        store.save(
+            {n: cells[n] for n in list(cells)[:5]}, approach="provenance", parent=v1, recipe=recipe
+        )
+    with pytest.raises(InvalidArgumentError, match="not models of the parent"):
+        store.save(cells, approach="provenance", parent=v1,
+                   recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=KW, models=["nope"]))  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match="recipe= goes with approach='provenance'"):
+        store.save(cells, approach="provenance", parent=v1)
+    with pytest.raises(DatasetNotFoundError, match="no dataset"):
+        store.save(cells, approach="provenance", parent=v1,
+                   recipe=mmcore.Recipe(battery.TRAINER, data="ab" * 32, params=KW))  # fmt: skip
+    with pytest.raises(TrainerNotFoundError):
+        store.save(
+            cells, approach="provenance", parent=v1, recipe=mmcore.Recipe("tests.absent", data=ds)
+        )
+
+
+def test_code_change_is_refused_unless_allowed(
+    battery_store, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    store, v1, cells, ds, data = battery_store
+    recipe = mmcore.Recipe(battery.TRAINER, data=ds, params=KW, seed=0)
+    trained = battery.train(cells, data, seed=0, **KW)
+    v2 = store.save(trained, approach="provenance", parent=v1, recipe=recipe)
+    real = provenance.registered(battery.TRAINER)
+    monkeypatch.setitem(
+        provenance._REGISTRY, battery.TRAINER, provenance.Trainer(real.name, real.fn, "f" * 64)
+    )
+    with pytest.raises(ProvenanceError, match="has changed since the save"):
+        store.load(v2)
+    assert _equal_sets(store.load(v2, allow_code_change=True), trained)  # same results: accepted
+    monkeypatch.delitem(provenance._REGISTRY, battery.TRAINER)
+    with pytest.raises(TrainerNotFoundError, match="import the module that defines it"):
+        store.load(v2)
+
+
+def test_another_environment_warns(battery_store, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from mmcore.paths.retrain import EnvironmentWarning
+
+    store, v1, cells, ds, data = battery_store
+    recipe = mmcore.Recipe(battery.TRAINER, data=ds, params=KW, seed=0, models=["cell_000000"])
+    trained = dict(cells)
+    trained.update(battery.train({"cell_000000": cells["cell_000000"]}, {"cell_000000": data["cell_000000"]},
+                                 seed=0, **KW))  # fmt: skip
+    v2 = store.save(trained, approach="provenance", parent=v1, recipe=recipe)
+    real = provenance.environment
+    monkeypatch.setattr(
+        provenance, "environment", lambda device=None: {**real(device), "torch": "0.0"}
+    )
+    with pytest.warns(EnvironmentWarning, match="torch: .* then, '0.0' now"):
+        store.load(v2)
+
+
+def test_datasets_are_shared_counted_kept_and_checked(battery_store, store_path) -> None:  # type: ignore[no-untyped-def]
+    store, v1, cells, ds, data = battery_store
+    assert store.put_dataset(data) == ds  # the same bytes: one dataset
+    listed = store.datasets()
+    assert list(listed) == [ds] and listed[ds]["entries"] == 12 and listed[ds]["used_by"] == []
+    recipe = mmcore.Recipe(battery.TRAINER, data=ds, params=KW, seed=0)
+    trained = battery.train(cells, data, seed=0, **KW)
+    v2 = store.save(trained, approach="provenance", parent=v1, recipe=recipe)
+    v3 = store.save(trained, approach="provenance", parent=v1, recipe=recipe)
+    assert sorted(store.datasets()[ds]["used_by"]) == sorted([v2, v3])
+    assert store.info(v2).changes["dataset_bytes"] == listed[ds]["logical_bytes"]
+    with pytest.raises(InvalidArgumentError, match="is the data of version"):
+        store.delete_dataset(ds)
+    store.delete(v3)
+    store.gc()
+    assert _equal_sets(store.load(v2), trained)  # gc kept the dataset a version uses
+    loaded = store.load_dataset(ds)
+    assert torch.equal(loaded["cell_000005"]["x"], data["cell_000005"]["x"])
+    rec = store._content(retrain_dataset_group_blob(store, ds))
+    pack = store.tier.path_of(rec.pack)
+    store.close()
+    raw = bytearray(pack.read_bytes())
+    raw[rec.extents[0][0] + 10] ^= 0x20
+    pack.write_bytes(bytes(raw))
+    with mmcore.open(store_path) as again:
+        with pytest.raises(IntegrityError, match="dataset"):
+            again.load(v2)
+        with pytest.raises(IntegrityError):
+            again.verify(v2)
+        again.delete(v2)
+        again.delete_dataset(ds)
+        assert again.datasets() == {}
+        assert again.gc() > 0
+
+
+def retrain_dataset_group_blob(store: mmcore.ModelStore, ds: str) -> bytes:
+    from mmcore.paths import retrain
+
+    return retrain.dataset(store, ds).groups[0].blob
+
+
+def test_an_update_on_a_provenance_parent_is_refused(battery_store) -> None:  # type: ignore[no-untyped-def]
+    store, v1, cells, ds, data = battery_store
+    trained = battery.train(cells, data, seed=0, **KW)
+    v2 = store.save(trained, approach="provenance", parent=v1,
+                    recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=KW))  # fmt: skip
+    with pytest.raises(InvalidArgumentError, match="is a provenance version"):
+        store.save(trained, approach="update", parent=v2)

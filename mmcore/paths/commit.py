@@ -12,6 +12,27 @@ from ..store import Catalog
 Put = tuple[str, bytes, bytes]
 
 
+def content_records(catalog: Catalog, blobs: list[tuple[bytes, ContentRecord]], pack_id: str,
+                    pack_size: int, created: float) -> tuple[list[Put], int, int]:  # fmt: skip
+    """The puts of ``blobs`` (a blob stored already gets one more reference instead)
+    and of the new pack when any blob lives in it; how many do, and the new bytes."""
+    puts: list[Put] = []
+    live_in_pack = 0
+    for key, rec in blobs:
+        existing = catalog.get("content", key)
+        if existing is not None:  # identical bytes already stored: reference them
+            rec = ContentRecord.decode(existing)
+            rec.refs += 1
+        else:
+            live_in_pack += 1
+        puts.append(("content", key, rec.encode()))
+    new_bytes = 0
+    if live_in_pack:
+        puts.append(("packs", pack_id.encode(), pack_record(pack_size, created)))
+        new_bytes = pack_size
+    return puts, live_in_pack, new_bytes
+
+
 def version_records(
     catalog: Catalog,
     manifest: Manifest,
@@ -25,20 +46,8 @@ def version_records(
     ref = manifest.ref
     prev = None if ref is None else catalog.get("refs", ref.encode())
     manifest.prev = None if prev is None or ref is None else ref_target(ref, prev)
-    puts: list[Put] = []
-    live_in_pack = 0
-    for key, rec in blobs:
-        existing = catalog.get("content", key)
-        if existing is not None:  # identical bytes already stored: reference them
-            rec = ContentRecord.decode(existing)
-            rec.refs += 1
-        else:
-            live_in_pack += 1
-        puts.append(("content", key, rec.encode()))
-    new_bytes = 0
-    if live_in_pack:
-        puts.append(("packs", pack_id.encode(), pack_record(pack_size, manifest.created)))
-        new_bytes = pack_size
+    puts, live_in_pack, new_bytes = content_records(catalog, blobs, pack_id, pack_size,
+                                                    manifest.created)  # fmt: skip
     manifest.stored_bytes = new_bytes + len(manifest.encode())
     puts.append(("manifests", manifest.id.encode(), manifest.encode()))
     if ref is not None:

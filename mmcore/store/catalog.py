@@ -14,7 +14,7 @@ from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
 
 from ..errors import ReadOnlyStoreError, StoreError, StoreLockedError
 
-COLUMN_FAMILIES = ("manifests", "refs", "content", "packs", "meta")
+COLUMN_FAMILIES = ("manifests", "refs", "content", "packs", "meta", "datasets")
 
 Put = tuple[str, bytes, bytes]
 Delete = tuple[str, bytes]

@@ -1,0 +1,304 @@
+"""The provenance save path and datasets in the store.
+
+A dataset is stored like a model set (``baseline.write_set``: names, groups of
+one schema, content-addressed blobs) under a ``datasets`` record whose id is
+the BLAKE3 of its names and blob keys, so the same bytes stored twice are one
+dataset. A provenance version stores no parameters: its recipe, the trainer's
+code hash, the environment, and per retrained model the BLAKE3 over its
+tensors' BLAKE3 hashes (its *root*, 32 bytes per model). Recovery loads the
+parent, runs the registered trainer on the recipe's models (seeded,
+deterministic, batched as the trainer does it) and checks every root.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import torch
+
+from .. import kernels, provenance
+from ..errors import (
+    CorruptRecordError,
+    DatasetNotFoundError,
+    IntegrityError,
+    InvalidArgumentError,
+    InvalidModelSetError,
+    ProvenanceError,
+    ProvenanceMismatchError,
+)
+from ..manifest import ContentRecord, DatasetRecord, Manifest, ProvenanceInfo
+from ..modelset import iter_models
+from ..store.packs import HEADER_SIZE, PackWriter, align_up
+from . import baseline
+from .commit import content_records
+
+if TYPE_CHECKING:
+    from ..api import ModelStore
+
+StateDicts = dict[str, dict[str, torch.Tensor]]
+
+
+class EnvironmentWarning(UserWarning):
+    """A provenance version is recovered in another environment than it was saved in."""
+
+
+# -- datasets ---------------------------------------------------------------
+
+
+def dataset_id(names: list[str], blob_keys: list[bytes]) -> str:
+    head = b"mmcore-dataset-v1" + bytes(msgpack.packb(names, use_bin_type=True))
+    return kernels.blake3_bytes(head + b"".join(blob_keys)).hex()
+
+
+def put_dataset(store: ModelStore, data: Any, progress: Any) -> str:
+    """Stores ``data`` ({name: {tensor name: tensor}}) and returns its id; data stored
+    before (same names, same bytes) is not stored again."""
+    writer = store.tier.create()
+    try:
+        written = baseline.write_set(writer, data, progress)
+        pack_size = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    did = dataset_id(written.names, [g.blob for g in written.groups])
+    if store.catalog.get("datasets", did.encode()) is not None:
+        store.tier.delete(writer.pack_id)
+        return did
+    now = time.time()
+    puts, live, new_bytes = content_records(store.catalog, list(written.blobs), writer.pack_id,
+                                            pack_size, now)  # fmt: skip
+    rec = DatasetRecord(did, written.names, written.groups, written.logical_bytes, new_bytes, now)
+    puts.append(("datasets", did.encode(), rec.encode()))
+    store.catalog.commit(puts)  # the pack stays from here on (see ModelStore.save)
+    if not live:
+        store.tier.delete(writer.pack_id)
+    return did
+
+
+def dataset(store: ModelStore, did: str) -> DatasetRecord:
+    if not isinstance(did, str) or not did:
+        raise InvalidArgumentError(f"a dataset id is a string from store.put_dataset, got {did!r}")
+    raw = store.catalog.get("datasets", did.encode())
+    if raw is None:
+        raise DatasetNotFoundError(
+            f"no dataset {did[:16]!r}... in {store.path}; store.datasets() lists them"
+        )
+    return DatasetRecord.decode(raw)
+
+
+def _as_manifest(rec: DatasetRecord) -> Manifest:
+    """The dataset seen as a manifest, for the blob reader (and its error messages)."""
+    return Manifest(id=f"dataset {rec.id[:16]}", approach="dataset", created=rec.created,
+                    models=rec.names, groups=rec.groups, logical_bytes=rec.logical_bytes)  # fmt: skip
+
+
+def load_dataset(
+    store: ModelStore, did: str, device: torch.device
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every entry of a dataset, hash-checked, in its order."""
+    rec = dataset(store, did)
+    m = _as_manifest(rec)
+    out: list[dict[str, torch.Tensor] | None] = [None] * len(rec.names)
+    for group in rec.groups:
+        states = store._reader.read_group(m, group, verify=True, device=device, pool=store._pool)
+        for pos, state in zip(group.positions(), states):
+            out[pos] = state
+    return {name: state for name, state in zip(rec.names, out) if state is not None}
+
+
+def verify_dataset(store: ModelStore, did: str) -> int:
+    rec = dataset(store, did)
+    m = _as_manifest(rec)
+    for group in rec.groups:
+        store._reader.verify_group(m, group)
+    return sum(g.count * len(g.schema.tensors) for g in rec.groups)
+
+
+def users(store: ModelStore, did: str) -> list[str]:
+    """The versions whose recipe reads dataset ``did``."""
+    found = []
+    for key, raw in store.catalog.scan("manifests"):
+        m = Manifest.decode(raw)
+        if m.provenance is not None and m.provenance.recipe.get("data") == did:
+            found.append(key.decode())
+    return found
+
+
+def delete_dataset(store: ModelStore, did: str) -> None:
+    rec = dataset(store, did)
+    using = users(store, did)
+    if using:
+        raise InvalidArgumentError(
+            f"dataset {did[:16]}... is the data of version(s) {', '.join(using[:5])}; "
+            "delete those versions first"
+        )
+    puts, deletes = [], [("datasets", did.encode())]
+    for group in rec.groups:
+        content = store._content(group.blob)
+        content.refs -= 1
+        if content.refs > 0:
+            puts.append(("content", group.blob, content.encode()))
+        else:
+            deletes.append(("content", group.blob))
+    store.catalog.commit(puts, deletes)
+
+
+# -- provenance versions ------------------------------------------------------
+
+
+@dataclass
+class WrittenProvenance:
+    info: ProvenanceInfo
+    blobs: list[tuple[bytes, ContentRecord]]
+    logical_bytes: int
+
+
+def roots(models: StateDicts, names: list[str]) -> torch.Tensor:
+    """(models, 32): per model, BLAKE3 over the BLAKE3 hashes of its tensors in order."""
+    tensors = [t for n in names for t in models[n].values()]
+    hashes = (
+        kernels.blake3_tensors(tensors).cpu().contiguous()
+        if tensors
+        else torch.empty((0, 32), dtype=torch.uint8)
+    )
+    counts = [len(models[n]) for n in names]
+    starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)[:-1]
+    ptrs = starts * kernels.HASH_SIZE + hashes.data_ptr()
+    lens = torch.tensor(counts, dtype=torch.int64) * kernels.HASH_SIZE
+    return (
+        kernels.blake3_segments(ptrs.contiguous(), lens)
+        if names
+        else torch.empty((0, 32), dtype=torch.uint8)
+    )
+
+
+def roots_key(table: torch.Tensor) -> bytes:
+    return kernels.blake3_bytes(b"mmcore-provenance-roots-v1" + kernels.tensor_bytes(table))
+
+
+def _mismatches(a: torch.Tensor, b: torch.Tensor, names: list[str]) -> list[str]:
+    bad = (a != b).any(dim=1).nonzero().reshape(-1).tolist()
+    return [names[i] for i in bad]
+
+
+def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent: str,
+                     recipe: provenance.Recipe, *, check: bool, progress: Any) -> WrittenProvenance:  # fmt: skip
+    if not isinstance(recipe, provenance.Recipe):
+        raise InvalidArgumentError(
+            f"a provenance save needs recipe=mmcore.Recipe(...), got {type(recipe).__name__}"
+        )
+    found = provenance.registered(recipe.trainer)
+    dataset(store, recipe.data)  # exists
+    given: StateDicts = {}
+    for entry in iter_models(models):
+        given[entry.name] = dict(zip(entry.keys, entry.sources))
+        progress(1)
+    parent_models = store.load(parent)
+    if set(given) != set(parent_models):
+        extra = sorted(set(given) - set(parent_models))[:3]
+        gone = sorted(set(parent_models) - set(given))[:3]
+        raise InvalidModelSetError(
+            "a provenance version holds its parent's models (the recipe's retrained, the rest "
+            f"unchanged); not in the parent: {extra or 'none'}, missing here: {gone or 'none'}"
+        )
+    order = list(parent_models)
+    subset = list(recipe.models) if recipe.models is not None else order
+    unknown = [n for n in subset if n not in parent_models]
+    if unknown:
+        raise InvalidArgumentError(f"Recipe.models names {unknown[:3]}, not models of the parent")
+    for name in order:
+        want, got = parent_models[name], given[name]
+        if [(k, t.dtype, t.shape) for k, t in want.items()] != [
+            (k, t.dtype, t.shape) for k, t in got.items()
+        ]:
+            raise InvalidModelSetError(
+                f"model {name!r} has other tensors (names, dtypes or shapes) than in the parent: "
+                "retraining keeps a model's architecture"
+            )
+    chosen = set(subset)
+    others = [n for n in order if n not in chosen]
+    if others:
+        differ = _mismatches(roots(given, others), roots(parent_models, others), others)
+        if differ:
+            raise InvalidModelSetError(
+                f"model(s) {differ[:3]} are not retrained by the recipe but differ from the parent; "
+                "list them in Recipe.models, or pass the parent's tensors"
+            )
+    table = roots(given, subset)
+    if check:
+        data = load_dataset(store, recipe.data, torch.device("cpu"))
+        trained = provenance.run(found, recipe, {n: parent_models[n] for n in subset}, data)
+        bad = _mismatches(roots(trained, subset), table, subset)
+        if bad:
+            raise ProvenanceMismatchError(
+                f"the recipe does not reproduce {len(bad)} of the {len(subset)} model(s) given, e.g. "
+                f"{bad[:3]}: nothing was saved. Check the trainer is deterministic for this seed, "
+                "or save with check=False to record the given models' hashes anyway",
+                models=bad,
+            )
+    offset = align_up(HEADER_SIZE, 64)
+    if table.numel():
+        writer.write_ptr(table.data_ptr(), table.numel(), offset)
+    key = roots_key(table)
+    rec = ContentRecord(writer.pack_id, [], offset, table.numel(), refs=1)
+    pm = store.manifest(parent)
+    depth = 1 if pm.provenance is None else pm.provenance.depth + 1
+    tensors = sum(len(sd) for sd in given.values())
+    logical = sum(t.numel() * t.element_size() for sd in given.values() for t in sd.values())
+    stats = {"models": len(order), "tensors": tensors, "retrained": len(subset),
+             "unchanged": len(others), "roots_bytes": table.numel(),
+             "dataset_bytes": dataset(store, recipe.data).logical_bytes}  # fmt: skip
+    info = ProvenanceInfo(recipe=recipe.encode(), code_hash=found.code_hash,
+                          environment=provenance.environment(torch.device("cpu")), retrained=subset,
+                          hashes_blob=key, depth=depth, stats=stats)  # fmt: skip
+    return WrittenProvenance(info, [(key, rec)], logical)
+
+
+def recover(store: ModelStore, m: Manifest, *, device: torch.device,
+            allow_code_change: bool) -> StateDicts:  # fmt: skip
+    """The models of provenance version ``m``: its parent's, the recipe's retrained."""
+    info = m.provenance
+    assert info is not None and m.parent is not None
+    found = provenance.registered(str(info.recipe["trainer"]))
+    if found.code_hash != info.code_hash and not allow_code_change:
+        raise ProvenanceError(
+            f"version {m.id}: trainer {found.name!r} has changed since the save (code hash "
+            f"{found.code_hash[:12]}, recorded {info.code_hash[:12]}); pass allow_code_change=True "
+            "to retrain with the new code (the result is still checked against the recorded hashes)"
+        )
+    differences = provenance.environment_differences(
+        info.environment, provenance.environment(device)
+    )
+    if differences:
+        warnings.warn(
+            f"version {m.id} was saved in another environment ({'; '.join(differences)}); "
+            "retraining may not reproduce it bit for bit",
+            EnvironmentWarning,
+            stacklevel=4,
+        )
+    recipe = provenance.Recipe(**info.recipe)  # validated when the manifest was decoded
+    parent_models = store.load(m.parent, device=device, allow_code_change=allow_code_change)
+    missing = [n for n in info.retrained if n not in parent_models]
+    if missing:
+        raise CorruptRecordError(
+            f"version {m.id} retrains {missing[:3]}, which its parent does not hold"
+        )
+    data = load_dataset(store, recipe.data, device)
+    trained = provenance.run(found, recipe, {n: parent_models[n] for n in info.retrained}, data)
+    rec = store._content(info.hashes_blob)
+    stored = store._reader.stored_hashes(rec)
+    if roots_key(stored) != info.hashes_blob or stored.shape[0] != len(info.retrained):
+        raise IntegrityError(f"version {m.id}: its table of recorded hashes is corrupted")
+    bad = _mismatches(roots(trained, info.retrained), stored, info.retrained)
+    if bad:
+        raise ProvenanceMismatchError(
+            f"version {m.id}: retraining did not reproduce {len(bad)} model(s), e.g. {bad[:3]} "
+            "(another device kind, library version or trainer code gives other bits); the "
+            "version cannot be recovered here",
+            models=bad,
+        )
+    return {name: trained.get(name, parent_models[name]) for name in parent_models}
