@@ -79,44 +79,56 @@ def make_data(
 def train(models: Mapping[str, Mapping[str, torch.Tensor]], data: Mapping[str, Mapping[str, torch.Tensor]],
           *, lr: float, epochs: int, seed: int, batch_size: int = 16) -> StateDicts:  # fmt: skip
     """MSE loss, plain SGD, mini-batches of ``batch_size`` rows, ALL cells at once:
-    their weights stacked, each layer one batched matmul. The loss is the sum of
-    the cells' own mean losses, so each cell's gradient is the one it would get
-    alone; every cell sees its rows in the same seeded order, so the result is,
-    up to float rounding, each cell trained alone with the same seed and data.
-    Runs where the models are (CPU or one GPU)."""
+    their weights stacked, each layer one batched matmul, forward and backward
+    written out (the weight update fused into the gradient's matmul). The loss is
+    each cell's own mean, so each cell's gradient is the one it would get alone;
+    every cell sees its rows in the same seeded order, so the result is, up to
+    float rounding, each cell trained alone with the same seed and data. Runs
+    where the models are (CPU or one GPU)."""
     names = list(models)
     if not names:
         return {}
-    device = models[names[0]][KEYS[0][0]].device
-    params = [torch.stack([models[n][key] for n in names]).to(device=device, dtype=torch.float32).requires_grad_()
-              for pair in KEYS for key in pair]  # fmt: skip
+    keys = [key for pair in KEYS for key in pair]
+    device = models[names[0]][keys[0]].device
+    params = [torch.stack([models[n][key] for n in names]).to(device=device, dtype=torch.float32)
+              for key in keys]  # fmt: skip
+    weights, biases = params[0::2], params[1::2]
     x = torch.stack([data[n]["x"] for n in names]).to(device=device, dtype=torch.float32)
     y = torch.stack([data[n]["y"] for n in names]).to(device=device, dtype=torch.float32)
-    rows = x.shape[1]
+    rows, last = x.shape[1], len(KEYS) - 1
     order_rng = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(rows, generator=order_rng).to(device)
+        xs, ys = x[:, order], y[:, order]  # this epoch's row order: each mini-batch a slice
         for start in range(0, rows, batch_size):
-            idx = order[start : start + batch_size]
-            h = x[:, idx]
+            acts = [xs[:, start : start + batch_size]]  # the input of each layer
+            pre = []  # each hidden layer's pre-activation
             for layer in range(len(KEYS)):
-                w, b = params[2 * layer], params[2 * layer + 1]
-                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
-                if layer < len(KEYS) - 1:
-                    h = h.relu()
-            loss = (h - y[:, idx]).square().mean(dim=(1, 2)).sum()
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for p, grad in zip(params, grads):
-                    p.sub_(lr * grad)
-    keys = [key for pair in KEYS for key in pair]
-    return {
-        name: {
-            key: params[k][i].detach().to(models[name][key].dtype).clone()
-            for k, key in enumerate(keys)
-        }
-        for i, name in enumerate(names)
-    }
+                z = torch.baddbmm(
+                    biases[layer].unsqueeze(1), acts[-1], weights[layer].transpose(1, 2)
+                )
+                if layer < last:
+                    pre.append(z)
+                    z = z.relu()
+                acts.append(z)
+            # d(mean squared error)/d(output), per cell
+            grad = (acts[-1] - ys[:, start : start + batch_size]).mul_(2.0 / acts[-1][0].numel())
+            for layer in range(last, -1, -1):
+                below = None
+                if layer > 0:  # with the weights before this step's update
+                    below = _relu_backward(torch.bmm(grad, weights[layer]), pre[layer - 1])
+                weights[layer].baddbmm_(grad.transpose(1, 2), acts[layer], alpha=-lr)
+                biases[layer].sub_(grad.sum(dim=1), alpha=lr)
+                if below is not None:
+                    grad = below
+    columns = [p.to(models[names[0]][key].dtype).unbind(0) for p, key in zip(params, keys)]
+    return {name: dict(zip(keys, row)) for name, row in zip(names, zip(*columns))}
+
+
+def _relu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``grad`` where ``pre`` > 0, else 0: one fused pass (autograd's own ReLU backward)."""
+    out: torch.Tensor = torch.ops.aten.threshold_backward.default(grad, pre, 0)
+    return out
 
 
 def train_one_by_one(models: Mapping[str, Mapping[str, torch.Tensor]],

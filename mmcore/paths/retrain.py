@@ -270,8 +270,11 @@ def recover(store: ModelStore, m: Manifest, *, device: torch.device,
             f"{found.code_hash[:12]}, recorded {info.code_hash[:12]}); pass allow_code_change=True "
             "to retrain with the new code (the result is still checked against the recorded hashes)"
         )
+    # retrain on the kind of device the save ran the recipe on (another kind gives other bits)
+    saved_on = info.environment.get("device")
+    train_on = torch.device("cpu") if saved_on == "cpu" or device.type == "cpu" else device
     differences = provenance.environment_differences(
-        info.environment, provenance.environment(device)
+        info.environment, provenance.environment(train_on)
     )
     if differences:
         warnings.warn(
@@ -281,13 +284,13 @@ def recover(store: ModelStore, m: Manifest, *, device: torch.device,
             stacklevel=4,
         )
     recipe = provenance.Recipe(**info.recipe)  # validated when the manifest was decoded
-    parent_models = store.load(m.parent, device=device, allow_code_change=allow_code_change)
+    parent_models = store.load(m.parent, device=train_on, allow_code_change=allow_code_change)
     missing = [n for n in info.retrained if n not in parent_models]
     if missing:
         raise CorruptRecordError(
             f"version {m.id} retrains {missing[:3]}, which its parent does not hold"
         )
-    data = load_dataset(store, recipe.data, device)
+    data = load_dataset(store, recipe.data, train_on)
     trained = provenance.run(found, recipe, {n: parent_models[n] for n in info.retrained}, data)
     rec = store._content(info.hashes_blob)
     stored = store._reader.stored_hashes(rec)
@@ -301,4 +304,7 @@ def recover(store: ModelStore, m: Manifest, *, device: torch.device,
             "version cannot be recovered here",
             models=bad,
         )
-    return {name: trained.get(name, parent_models[name]) for name in parent_models}
+    out = {name: trained.get(name, parent_models[name]) for name in parent_models}
+    if train_on != device:
+        out = {n: {k: t.to(device) for k, t in sd.items()} for n, sd in out.items()}
+    return out
