@@ -220,6 +220,16 @@ def environment_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) ->
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]  # fmt: skip
 
 
+def _set_deterministic(mode: bool, *, warn_only: bool) -> None:
+    """``torch.use_deterministic_algorithms`` without its first-call import of
+    torch._dynamo and torch._inductor (~2 s); the public call where the setter moved."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
+
+
 @contextmanager
 def deterministic(seed: int) -> Iterator[None]:
     """Seeded, deterministic torch for one call; every setting restored after."""
@@ -231,11 +241,11 @@ def deterministic(seed: int) -> Iterator[None]:
     if workspace is None:  # deterministic cuBLAS needs it (read when cuBLAS starts)
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
     try:
-        torch.use_deterministic_algorithms(True)
+        _set_deterministic(True, warn_only=False)
         torch.manual_seed(seed)
         yield
     finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+        _set_deterministic(was, warn_only=warn_only)
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
