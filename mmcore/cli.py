@@ -1,4 +1,4 @@
-"""The ``mmcore`` command: inspect, verify and demo a store."""
+"""The ``mmcore`` command: inspect, measure, verify and demo a store."""
 
 from __future__ import annotations
 
@@ -150,6 +150,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_du(args: argparse.Namespace) -> int:
+    """Where a store's bytes go: versions by approach (their own bytes), datasets
+    apart, and the total on disk (packs, catalog, and what gc would reclaim)."""
+    with _open_ro(args.path) as store:
+        infos = store.versions()
+        rows = []
+        for approach in ("baseline", "update", "provenance"):
+            mine = [i for i in infos if i.approach == approach]
+            if mine:
+                rows.append([f"{approach} versions", f"{len(mine):,}", human_bytes(sum(i.logical_bytes for i in mine)),
+                             human_bytes(sum(i.stored_bytes for i in mine))])  # fmt: skip
+        datasets = store.datasets()
+        if datasets:
+            rows.append(["datasets", f"{len(datasets):,}",
+                         human_bytes(sum(d["logical_bytes"] for d in datasets.values())),
+                         human_bytes(sum(d["stored_bytes"] for d in datasets.values()))])  # fmt: skip
+        print(
+            _table(["", "count", "logical", "stored"], rows, {1, 2, 3}) if rows else "empty store"
+        )
+        print(
+            f"on disk    {human_bytes(store.stored_bytes())} (packs and catalog; `gc` reclaims unreferenced packs)"
+        )
+        for did, d in datasets.items():
+            users = ", ".join(d["used_by"][:3]) + (" ..." if len(d["used_by"]) > 3 else "")
+            print(f"dataset    {did[:16]}  {d['entries']:,} entries, {human_bytes(d['stored_bytes'])}, "
+                  f"used by {users or 'no version'}")  # fmt: skip
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .bench import demo
 
@@ -183,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("version", nargs="?")
     s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("du", help="a store's bytes: versions by approach, datasets, total on disk")
+    s.add_argument("path")
+    s.set_defaults(fn=cmd_du)
     s = sub.add_parser(
         "demo", help="save and recover the battery model set; compare with other tools"
     )

@@ -323,3 +323,27 @@ def test_an_update_on_a_provenance_parent_is_refused(battery_store) -> None:  # 
                     recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=KW))  # fmt: skip
     with pytest.raises(InvalidArgumentError, match="is a provenance version"):
         store.save(trained, approach="update", parent=v2)
+
+
+def test_cli_shows_provenance_and_datasets(
+    battery_store, store_path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    from mmcore.cli import main
+
+    store, v1, cells, ds, data = battery_store
+    trained = battery.train(cells, data, seed=0, **KW)
+    v2 = store.save(trained, approach="provenance", parent=v1,
+                    recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=KW))  # fmt: skip
+    store.close()
+    assert main(["info", str(store_path), v2]) == 0
+    out = capsys.readouterr().out
+    assert "approach   provenance" in out and f"trainer {battery.TRAINER}" in out
+    assert (
+        "retrains   12 model(s) of the parent, 0 unchanged" in out
+        and f"dataset    {ds[:16]}" in out
+    )
+    assert main(["du", str(store_path)]) == 0
+    out = capsys.readouterr().out
+    assert "provenance versions      1" in out and "datasets                 1" in out
+    assert f"dataset    {ds[:16]}  12 entries" in out and v2 in out
+    assert main(["verify", str(store_path), v2]) == 0
