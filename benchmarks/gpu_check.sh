@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU check, in one call: build mmcore with the CUDA kernels, run the WHOLE
 # test suite (not only -m gpu: a GPU machine must pass every test), the GPU
-# tests again under compute-sanitizer, the kernel benchmark and the battery
-# benchmark with the set on the GPU. Everything comes back in at most 8 files
+# tests again under compute-sanitizer, the kernel benchmark, the battery
+# benchmark with the set on the GPU (update rows included) and the provenance
+# benchmark with the cells trained on the GPU. Everything comes back in at most 8 files
 # under $OUT (./gpu_out when unset): summary.txt, logs.tar.gz (every log),
 # kernels.json, battery.json, gpu.txt. Budget: about 8 minutes on an H100.
 #
@@ -59,6 +60,8 @@ log "bench_kernels: rc=$?"
 timeout 180 "$PY" "$ROOT/benchmarks/battery.py" --cells 10000 --device cuda --updates --repeat 3 \
   --methods raw,mmcore,safetensors-set --json "$OUT/battery.json" >"$LOGS/battery.txt" 2>&1
 log "battery (set on the GPU, update path with its GPU rows): rc=$?"
-cat "$LOGS/kernels.txt" "$LOGS/battery.txt" >>"$OUT/summary.txt" 2>/dev/null
+timeout 120 "$PY" "$ROOT/benchmarks/provenance.py" --device cuda >"$LOGS/provenance.txt" 2>&1
+log "provenance (cells trained and recovered on the GPU): rc=$?"
+cat "$LOGS/kernels.txt" "$LOGS/battery.txt" "$LOGS/provenance.txt" >>"$OUT/summary.txt" 2>/dev/null
 log "done after $(( $(date +%s) - start )) s"
 tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .

@@ -9,7 +9,7 @@ bytes beside them), the recovery time (load: retrain batched + check every
 model's hash) against retraining the same cells one after another with the same
 trainer, and that the recovered models equal the saved ones bit for bit.
 
-    python benchmarks/provenance.py [--cells 10000] [--rows 256] [--epochs 2]
+    python benchmarks/provenance.py [--cells 10000] [--rows 256] [--epochs 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -36,15 +36,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument(
+        "--device", default="cpu", help="where the cells and their data live and train (cpu, cuda)"
+    )
+    p.add_argument(
         "--root", default=None, help="directory for the store (default: a temporary one)"
     )
     args = p.parse_args(argv)
     root = Path(args.root or tempfile.mkdtemp(prefix="mmcore-provenance-"))
     log = lambda text: print(text, flush=True)  # noqa: E731
     try:
-        log(f"machine: {machine_name()}; torch {torch.__version__}; mmcore {mmcore.__version__}")
-        cells = battery.make_cells(args.cells, seed=0)
-        data = battery.make_data(list(cells), rows=args.rows, seed=1)
+        log(
+            f"machine: {machine_name()}; torch {torch.__version__}; mmcore {mmcore.__version__}; "
+            f"device {args.device}"
+            + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+        )
+        dev = torch.device(args.device)
+        cells = {
+            n: {k: t.to(dev) for k, t in sd.items()}
+            for n, sd in battery.make_cells(args.cells, seed=0).items()
+        }
+        data = {n: {k: t.to(dev) for k, t in d.items()}
+                for n, d in battery.make_data(list(cells), rows=args.rows, seed=1).items()}  # fmt: skip
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         params = {"lr": args.lr, "epochs": args.epochs}
         with mmcore.open(root / "battery.mm") as store:
             v1 = store.save(cells, progress=False)
@@ -54,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             t0 = time.perf_counter()
             trained = battery.train(cells, data, seed=0, **params)  # type: ignore[arg-type]
+            sync()
             train_s = time.perf_counter() - t0
             recipe = mmcore.Recipe(battery.TRAINER, data=ds, params=params, seed=0)
             t0 = time.perf_counter()
@@ -65,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             dataset_bytes = store.datasets()[ds]["stored_bytes"]
             log("recovering it (retrain batched, check every model) ...")
             t0 = time.perf_counter()
-            got = store.load(v2)
+            got = store.load(v2, device=dev)
+            sync()
             recover_s = time.perf_counter() - t0
             exact = all(torch.equal(got[n][k], trained[n][k]) for n in trained for k in trained[n])
             log("retraining the same cells one after another with the same trainer ...")
             t0 = time.perf_counter()
             battery.train_one_by_one(cells, data, seed=0, **params)  # type: ignore[arg-type]
+            sync()
             sequential_s = time.perf_counter() - t0
         own = prov.stored_bytes / base.stored_bytes
         speedup = sequential_s / recover_s

@@ -347,3 +347,21 @@ def test_cli_shows_provenance_and_datasets(
     assert "provenance versions      1" in out and "datasets                 1" in out
     assert f"dataset    {ds[:16]}  12 entries" in out and v2 in out
     assert main(["verify", str(store_path), v2]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_provenance_trained_on_the_gpu_recovers_there_and_to_the_cpu(battery_store) -> None:  # type: ignore[no-untyped-def]
+    store, v1, cells, ds, data = battery_store
+    on_gpu = {n: {k: t.cuda() for k, t in sd.items()} for n, sd in cells.items()}
+    gpu_data = {n: {k: t.cuda() for k, t in d.items()} for n, d in data.items()}
+    trained = battery.train(on_gpu, gpu_data, seed=0, **KW)
+    v2 = store.save(trained, approach="provenance", parent=v1,
+                    recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=KW))  # fmt: skip
+    assert store.manifest(v2).provenance.environment["device"] == "cuda"  # type: ignore[union-attr]
+    for device in ("cuda", "cpu"):
+        got = store.load(v2, device=device)
+        for name, sd in trained.items():
+            for key, t in sd.items():
+                assert got[name][key].device.type == device
+                assert torch.equal(got[name][key].cpu(), t.cpu())

@@ -194,10 +194,18 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
     found = provenance.registered(recipe.trainer)
     dataset(store, recipe.data)  # exists
     given: StateDicts = {}
-    for entry in iter_models(models):
+    devices = set()
+    for entry in iter_models(models, keep_cuda=True):
         given[entry.name] = dict(zip(entry.keys, entry.sources))
+        if entry.sources:
+            devices.add(entry.device)
         progress(1)
-    parent_models = store.load(parent)
+    # the recipe runs where the models are: one GPU, or else the CPU
+    device = devices.pop() if len(devices) == 1 and None not in devices else None
+    if device is None:
+        given = {n: {k: t.cpu() for k, t in sd.items()} for n, sd in given.items()}
+        device = torch.device("cpu")
+    parent_models = store.load(parent, device=device)
     if set(given) != set(parent_models):
         extra = sorted(set(given) - set(parent_models))[:3]
         gone = sorted(set(parent_models) - set(given))[:3]
@@ -228,9 +236,9 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
                 f"model(s) {differ[:3]} are not retrained by the recipe but differ from the parent; "
                 "list them in Recipe.models, or pass the parent's tensors"
             )
-    table = roots(given, subset)
+    table = roots(given, subset)  # on the host
     if check:
-        data = load_dataset(store, recipe.data, torch.device("cpu"))
+        data = load_dataset(store, recipe.data, device)
         trained = provenance.run(found, recipe, {n: parent_models[n] for n in subset}, data)
         bad = _mismatches(roots(trained, subset), table, subset)
         if bad:
@@ -253,7 +261,7 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
              "unchanged": len(others), "roots_bytes": table.numel(),
              "dataset_bytes": dataset(store, recipe.data).logical_bytes}  # fmt: skip
     info = ProvenanceInfo(recipe=recipe.encode(), code_hash=found.code_hash,
-                          environment=provenance.environment(torch.device("cpu")), retrained=subset,
+                          environment=provenance.environment(device), retrained=subset,
                           hashes_blob=key, depth=depth, stats=stats)  # fmt: skip
     return WrittenProvenance(info, [(key, rec)], logical)
 
@@ -270,9 +278,13 @@ def recover(store: ModelStore, m: Manifest, *, device: torch.device,
             f"{found.code_hash[:12]}, recorded {info.code_hash[:12]}); pass allow_code_change=True "
             "to retrain with the new code (the result is still checked against the recorded hashes)"
         )
-    # retrain on the kind of device the save ran the recipe on (another kind gives other bits)
+    # retrain on the kind of device the save ran the recipe on (another kind gives other
+    # bits), then move the result where it was asked for
     saved_on = info.environment.get("device")
-    train_on = torch.device("cpu") if saved_on == "cpu" or device.type == "cpu" else device
+    if saved_on == "cuda" and torch.cuda.is_available():
+        train_on = device if device.type == "cuda" else torch.device("cuda")
+    else:
+        train_on = torch.device("cpu")
     differences = provenance.environment_differences(
         info.environment, provenance.environment(train_on)
     )
