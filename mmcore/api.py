@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import _args
+from . import _args, exchange
 from ._progress import progress_bar
 from .errors import (
     CorruptRecordError,
@@ -466,6 +466,44 @@ class ModelStore:
                 deletes.append(("content", blob))
         self.catalog.commit(puts, deletes)
         self._manifests.pop(m.id, None)
+
+    # -- exchange ----------------------------------------------------------
+    def export(
+        self,
+        version: str,
+        directory: str | os.PathLike[str],
+        *,
+        models: list[str] | None = None,
+        progress: bool | None = None,
+    ) -> list[Path]:
+        """Writes each model of a version (or ``models``) to ``directory/<name>.safetensors``,
+        tensor names kept. Everything is checked first (free file names, dtypes the
+        format holds): an error leaves no file behind. Returns the files written."""
+        self._check_open()
+        _args.optional_flag(progress, "progress")
+        target = Path(_args.path(directory))
+        got = self.load(version, models=models)
+        exchange.check_exportable(got, target)
+        with progress_bar(len(got), "exporting models", progress, unit="model") as bar:
+            return exchange.export_models(got, target, bar)
+
+    def import_(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        approach: str = "baseline",
+        parent: str | None = None,
+        ref: str | None = None,
+        message: str | None = None,
+        tolerance: float | None = None,
+        progress: bool | None = None,
+    ) -> str:
+        """Saves the ``.safetensors`` files of ``directory`` (one model each, named after
+        the file) as a new version: a baseline, or an update of ``parent``."""
+        self._check_writable()
+        files = exchange.exported_files(Path(_args.path(directory)))
+        return self.save(exchange.read_models(files), approach=approach, parent=parent, ref=ref,
+                         message=message, tolerance=tolerance, progress=progress)  # fmt: skip
 
     # -- datasets ----------------------------------------------------------
     def put_dataset(self, data: Any, *, progress: bool | None = None) -> str:

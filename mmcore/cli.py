@@ -179,6 +179,24 @@ def cmd_du(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    with _open_ro(args.path) as store:
+        files = store.export(args.version, args.directory, models=args.model or None)
+        print(f"exported {len(files):,} model(s) to {args.directory}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    with open_store(args.path, create=False) as store:
+        vid = store.import_(args.directory, approach="update" if args.parent else "baseline",
+                            parent=args.parent, ref=args.ref, message=args.message)  # fmt: skip
+        info = store.info(vid)
+        print(
+            f"imported {info.num_models:,} model(s) from {args.directory} as {info.approach} version {vid}"
+        )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .bench import demo
 
@@ -212,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("version", nargs="?")
     s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("export", help="write a version's models as DIRECTORY/<model>.safetensors")
+    s.add_argument("path")
+    s.add_argument("version")
+    s.add_argument("directory")
+    s.add_argument("--model", action="append", help="export only this model (repeatable)")
+    s.set_defaults(fn=cmd_export)
+    s = sub.add_parser(
+        "import", help="save DIRECTORY's .safetensors files (a model each) as a version"
+    )
+    s.add_argument("path")
+    s.add_argument("directory")
+    s.add_argument("--parent", help="store an update of this version instead of a baseline")
+    s.add_argument("--ref", help="move this ref to the new version")
+    s.add_argument("--message")
+    s.set_defaults(fn=cmd_import)
     s = sub.add_parser("du", help="a store's bytes: versions by approach, datasets, total on disk")
     s.add_argument("path")
     s.set_defaults(fn=cmd_du)
