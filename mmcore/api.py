@@ -17,6 +17,7 @@ from . import _args, exchange
 from ._progress import progress_bar
 from .errors import (
     CorruptRecordError,
+    DependentsError,
     IntegrityError,
     InvalidArgumentError,
     ModelNotFoundError,
@@ -429,43 +430,61 @@ class ModelStore:
             raise RefNotFoundError(f"no ref {ref!r} in {self.path}")
         self.catalog.commit(deletes=[("refs", ref.encode())])
 
-    def delete(self, version: str) -> None:
-        """Deletes a version; its bytes are reclaimed by ``gc()`` once nothing references them.
+    def delete(self, version: str, *, cascade: bool = False) -> list[str]:
+        """Deletes a version; its bytes are reclaimed by ``gc()`` once nothing references
+        them. Returns the ids deleted.
 
-        Refuses while a ref points at the version or another version names it as parent.
+        A version other versions are stored against (update children, provenance
+        children) is refused with ``DependentsError`` naming them, unless ``cascade``:
+        then it goes with every version that needs it, in one atomic commit. Refused
+        while a ref points at any of them. A version named only as an older head of a
+        ref (``prev``) may go: ``log`` then ends where it was.
         """
         self._check_writable()
+        _args.flag(cascade, "cascade")
         m = self.manifest(version)
-        heads = sorted(r for r, v in self.refs().items() if v == m.id)
+        children: dict[str, list[str]] = {}
+        for key, raw in self.catalog.scan("manifests"):
+            parent = Manifest.decode(raw).parent
+            if parent is not None:
+                children.setdefault(parent, []).append(key.decode())
+        doomed = [m.id]
+        if children.get(m.id) and not cascade:
+            raise DependentsError(
+                f"version {m.id} is the parent of {', '.join(sorted(children[m.id]))}, which are "
+                "stored against it; delete those first, or pass cascade=True to delete them too",
+                dependents=sorted(children[m.id]),
+            )
+        for vid in doomed:  # grows while it is walked: every descendant, parents first
+            doomed.extend(c for c in children.get(vid, []) if c not in doomed)
+        heads = sorted(r for r, v in self.refs().items() if v in doomed)
         if heads:
             raise InvalidArgumentError(
-                f"version {m.id} is the head of ref(s) {', '.join(heads)}; move them with a new save "
-                "or remove them with store.delete_ref(name) first"
+                f"version(s) to delete are the head of ref(s) {', '.join(heads)}; move them with "
+                "a new save or remove them with store.delete_ref(name) first"
             )
-        children = [
-            k.decode()
-            for k, raw in self.catalog.scan("manifests")
-            if Manifest.decode(raw).parent == m.id
-        ]
-        if children:
-            raise InvalidArgumentError(
-                f"version {m.id} is the parent of {', '.join(children)}; delete those first"
-            )
-        puts, deletes = [], [("manifests", m.id.encode())]
-        blobs = [g.blob for g in m.groups]
-        if m.update is not None and m.update.delta_blob is not None:
-            blobs.append(m.update.delta_blob)
-        if m.provenance is not None:
-            blobs.append(m.provenance.hashes_blob)
-        for blob in blobs:
+        counts: dict[bytes, int] = {}
+        for vid in doomed:
+            dm = self.manifest(vid)
+            blobs = [g.blob for g in dm.groups]
+            if dm.update is not None and dm.update.delta_blob is not None:
+                blobs.append(dm.update.delta_blob)
+            if dm.provenance is not None:
+                blobs.append(dm.provenance.hashes_blob)
+            for blob in blobs:
+                counts[blob] = counts.get(blob, 0) + 1
+        puts, deletes = [], [("manifests", vid.encode()) for vid in doomed]
+        for blob, n in counts.items():
             rec = self._content(blob)
-            rec.refs -= 1
+            rec.refs -= n
             if rec.refs > 0:
                 puts.append(("content", blob, rec.encode()))
             else:
                 deletes.append(("content", blob))
         self.catalog.commit(puts, deletes)
-        self._manifests.pop(m.id, None)
+        for vid in doomed:
+            self._manifests.pop(vid, None)
+        return doomed
 
     # -- exchange ----------------------------------------------------------
     def export(

@@ -179,6 +179,25 @@ def cmd_du(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    with open_store(args.path, create=False) as store:
+        gone = store.delete(args.version, cascade=args.cascade)
+        print(
+            f"deleted {len(gone):,} version(s): {', '.join(gone)}; `mmcore gc {args.path}` reclaims their bytes"
+        )
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with open_store(args.path, create=False) as store:
+        before = store.stored_bytes()
+        freed = store.gc()
+        print(
+            f"reclaimed {human_bytes(freed)} ({human_bytes(before)} -> {human_bytes(store.stored_bytes())} on disk)"
+        )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     with _open_ro(args.path) as store:
         files = store.export(args.version, args.directory, models=args.model or None)
@@ -230,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("version", nargs="?")
     s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser(
+        "delete", help="delete a version (with --cascade, every version stored against it)"
+    )
+    s.add_argument("path")
+    s.add_argument("version")
+    s.add_argument("--cascade", action="store_true", help="also delete the versions that need it")
+    s.set_defaults(fn=cmd_delete)
+    s = sub.add_parser("gc", help="delete pack files nothing references; print the bytes reclaimed")
+    s.add_argument("path")
+    s.set_defaults(fn=cmd_gc)
     s = sub.add_parser("export", help="write a version's models as DIRECTORY/<model>.safetensors")
     s.add_argument("path")
     s.add_argument("version")

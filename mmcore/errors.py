@@ -99,3 +99,11 @@ class ProvenanceMismatchError(ProvenanceError):
     def __init__(self, message: str, *, models: list[str] | None = None):
         super().__init__(message)
         self.models = models or []
+
+
+class DependentsError(InvalidArgumentError):
+    """A version cannot go alone: other versions are stored against it (``dependents``)."""
+
+    def __init__(self, message: str, *, dependents: list[str] | None = None):
+        super().__init__(message)
+        self.dependents = dependents or []

@@ -1,0 +1,84 @@
+"""Deleting versions that others depend on: DependentsError naming them, cascade
+deleting the whole subtree in one commit, refs guarding their heads, and gc then
+reclaiming the bytes while every remaining version loads exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_sets_equal, small_set
+
+import mmcore
+from mmcore.errors import DependentsError, InvalidArgumentError
+from mmcore.examples import battery
+
+
+def _nudged(models: dict, seed: int) -> dict:  # type: ignore[type-arg]
+    g = torch.Generator().manual_seed(seed)
+    return {n: {k: (t + torch.randn(t.shape, generator=g).to(t.dtype) * 0.01 if t.is_floating_point() else t.clone())
+                for k, t in sd.items()} for n, sd in models.items()}  # fmt: skip
+
+
+def test_dependents_are_named_and_cascade_takes_them_all(store: mmcore.ModelStore) -> None:
+    cells = battery.make_cells(8, seed=0)
+    data = battery.make_data(list(cells), rows=16, seed=1)
+    v1 = store.save(cells)
+    v2 = store.save(_nudged(cells, 1), approach="update", parent=v1)
+    v3 = store.save(_nudged(cells, 2), approach="update", parent=v2)
+    ds = store.put_dataset(data)
+    kw = {"lr": 0.1, "epochs": 1}
+    parent2 = store.load(v2)
+    p = store.save(battery.train(parent2, data, seed=0, **kw), approach="provenance", parent=v2,
+                   recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=kw))  # fmt: skip
+    before = {v.id for v in store.versions()}
+    with pytest.raises(DependentsError, match=f"version {v2} is the parent of") as err:
+        store.delete(v2)
+    assert sorted(err.value.dependents) == sorted([v3, p])
+    assert {v.id for v in store.versions()} == before
+    store.save(_nudged(cells, 3), approach="update", parent=v3, ref="tip")
+    with pytest.raises(InvalidArgumentError, match="head of ref"):
+        store.delete(v2, cascade=True)  # the ref's head would go: nothing changes
+    assert {v.id for v in store.versions()} == before | {store.refs()["tip"]}
+    store.delete_ref("tip")
+    gone = store.delete(v2, cascade=True)
+    assert gone[0] == v2 and len(gone) == 4 and set(gone) >= {v3, p}
+    assert [v.id for v in store.versions()] == [v1]
+    assert_sets_equal(store.load(v1), cells)
+    assert store.verify() > 0
+
+
+def test_deleting_a_leaf_and_gc_shrinks_the_store(store_path: Path) -> None:
+    with mmcore.open(store_path) as s:
+        models = small_set(40, seed=3)
+        v1 = s.save(models)
+        v2 = s.save(_nudged(models, 4), approach="update", parent=v1)
+        leaf_models = {
+            n: {k: t + 1 if t.is_floating_point() else t for k, t in sd.items()}
+            for n, sd in models.items()
+        }
+        v3 = s.save(leaf_models, approach="update", parent=v2)
+        leaf = s.info(v3).stored_bytes
+        before = s.stored_bytes()
+        assert s.delete(v3) == [v3]
+        s.gc()
+        assert before - s.stored_bytes() >= leaf // 2
+        assert_sets_equal(s.load(v1), models)
+        assert_sets_equal(s.load(v2), _nudged(models, 4))
+        assert s.verify() > 0
+
+
+def test_cli_delete_and_gc(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mmcore.cli import main
+
+    with mmcore.open(store_path) as s:
+        models = small_set(5)
+        v1 = s.save(models)
+        v2 = s.save(_nudged(models, 1), approach="update", parent=v1)
+    assert main(["delete", str(store_path), v1]) == 1
+    assert "is the parent of" in capsys.readouterr().err
+    assert main(["delete", str(store_path), v1, "--cascade"]) == 0
+    assert f"deleted 2 version(s): {v1}, {v2}" in capsys.readouterr().out
+    assert main(["gc", str(store_path)]) == 0
+    assert "reclaimed" in capsys.readouterr().out
