@@ -28,12 +28,13 @@ from .errors import (
 )
 from .manifest import APPROACHES, ContentRecord, DatasetRecord, Manifest
 from .paths import baseline, chain, retrain, update
-from .paths.commit import version_records
+from .paths.commit import swap_references, version_blobs, version_records
 from .paths.delta_blob import DeltaTable
 from .paths.reader import BlobReader, StateDict
 from .provenance import Recipe
 from .record import ref_target
 from .store import Catalog, LocalPackTier, StoreLayout
+from .store.packs import PackWriter
 from .versions import VersionInfo
 
 _HEX = frozenset("0123456789abcdef")
@@ -237,22 +238,9 @@ class ModelStore:
                 manifest = Manifest(id=vid, approach=approach, created=time.time(), models=[],
                                     groups=[], logical_bytes=0, parent=parent, ref=ref,
                                     message=message)  # fmt: skip
-                if approach == "update":
-                    assert parent is not None
-                    up = update.write_update(self, writer, models, parent, tolerance=tolerance,
-                                             max_chain=max_chain, progress=bar)  # fmt: skip
-                    manifest.groups, manifest.update = up.groups, up.update
-                    manifest.logical_bytes, blobs = up.logical_bytes, up.blobs
-                elif approach == "provenance":
-                    assert parent is not None and recipe is not None
-                    pv = retrain.write_provenance(self, writer, models, parent, recipe, check=check,
-                                                  progress=bar)  # fmt: skip
-                    manifest.provenance, blobs = pv.info, pv.blobs
-                    manifest.logical_bytes = pv.logical_bytes
-                else:
-                    written = baseline.write_set(writer, models, bar)
-                    manifest.models, manifest.groups = written.names, written.groups
-                    manifest.logical_bytes, blobs = written.logical_bytes, written.blobs
+                blobs = self._write_payload(writer, manifest, models, tolerance=tolerance,
+                                            max_chain=max_chain, recipe=recipe, check=check,
+                                            progress=bar)  # fmt: skip
             pack_size = writer.finish()
             puts, live_in_pack = version_records(self.catalog, manifest, blobs, writer.pack_id,
                                                  pack_size)  # fmt: skip
@@ -266,6 +254,79 @@ class ModelStore:
         if not live_in_pack:  # every blob was already stored: the new pack holds nothing
             self.tier.delete(writer.pack_id)
         return vid
+
+    def _write_payload(self, writer: PackWriter, manifest: Manifest, models: Any, *,
+                       tolerance: float | None, max_chain: int, recipe: Recipe | None, check: bool,
+                       progress: Any) -> list[tuple[bytes, ContentRecord]]:  # fmt: skip
+        """Writes a version's payload by its approach into ``writer``; fills the manifest's
+        models, groups and path records; returns the blobs to reference."""
+        parent = manifest.parent
+        if manifest.approach == "update":
+            assert parent is not None
+            up = update.write_update(self, writer, models, parent, tolerance=tolerance,
+                                     max_chain=max_chain, progress=progress)  # fmt: skip
+            manifest.groups, manifest.update, manifest.logical_bytes = (
+                up.groups,
+                up.update,
+                up.logical_bytes,
+            )
+            return up.blobs
+        if manifest.approach == "provenance":
+            assert parent is not None and recipe is not None
+            pv = retrain.write_provenance(
+                self, writer, models, parent, recipe, check=check, progress=progress
+            )
+            manifest.provenance, manifest.logical_bytes = pv.info, pv.logical_bytes
+            return pv.blobs
+        written = baseline.write_set(writer, models, progress)
+        manifest.models, manifest.groups = written.names, written.groups
+        manifest.logical_bytes = written.logical_bytes
+        return list(written.blobs)
+
+    def rebase(
+        self, version: str, *, parent: str | None = None, progress: bool | None = None
+    ) -> None:
+        """Rewrites a version in place (same id, same models, bit for bit) as a baseline,
+        or as a lossless update of another ``parent``, so that what it was stored against
+        can be deleted. Versions stored against it stay valid: it recovers to the same
+        bytes. Refs, ``prev`` and the message are kept; one atomic commit."""
+        self._check_writable()
+        _args.optional_flag(progress, "progress")
+        m = self.manifest(version)
+        if parent is not None:
+            parent = self.resolve(parent)
+            up: str | None = parent
+            while up is not None:  # the new parent must not be stored against this version
+                if up == m.id:
+                    raise InvalidArgumentError(
+                        f"version {parent} depends on {m.id}: rebasing onto it would make a cycle"
+                    )
+                up = self.manifest(up).parent
+            if self.manifest(parent).provenance is not None:
+                raise InvalidArgumentError(
+                    f"version {parent} is a provenance version: an update is stored against a "
+                    "baseline or update version"
+                )
+        models = self.load(m.id)
+        new = Manifest(id=m.id, approach="update" if parent else "baseline", created=m.created,
+                       models=[], groups=[], logical_bytes=0, parent=parent, prev=m.prev, ref=m.ref,
+                       message=m.message, extra=m.extra)  # fmt: skip
+        writer = self.tier.create()
+        try:
+            with progress_bar(len(models), "rebasing models", progress, unit="model") as bar:
+                blobs = self._write_payload(writer, new, models, tolerance=None,
+                                            max_chain=DEFAULT_MAX_CHAIN, recipe=None, check=True,
+                                            progress=bar)  # fmt: skip
+            pack_size = writer.finish()
+            puts, deletes, live_in_pack = swap_references(self.catalog, blobs, version_blobs(m),
+                                                          writer.pack_id, pack_size, new)  # fmt: skip
+        except BaseException:
+            writer.abort()
+            raise
+        self.catalog.commit(puts, deletes)  # the pack stays from here on (see save)
+        self._manifests.pop(m.id, None)
+        if not live_in_pack:
+            self.tier.delete(writer.pack_id)
 
     # -- load ------------------------------------------------------------
     def load(
@@ -465,13 +526,7 @@ class ModelStore:
             )
         counts: dict[bytes, int] = {}
         for vid in doomed:
-            dm = self.manifest(vid)
-            blobs = [g.blob for g in dm.groups]
-            if dm.update is not None and dm.update.delta_blob is not None:
-                blobs.append(dm.update.delta_blob)
-            if dm.provenance is not None:
-                blobs.append(dm.provenance.hashes_blob)
-            for blob in blobs:
+            for blob in version_blobs(self.manifest(vid)):
                 counts[blob] = counts.get(blob, 0) + 1
         puts, deletes = [], [("manifests", vid.encode()) for vid in doomed]
         for blob, n in counts.items():

@@ -188,6 +188,23 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rebase(args: argparse.Namespace) -> int:
+    with open_store(args.path, create=False) as store:
+        store.rebase(args.version, parent=args.parent)
+        info = store.info(args.version)
+        onto = f"an update of {info.parent}" if info.parent else "a baseline"
+        print(f"rebased {info.id}: now {onto}, {human_bytes(info.stored_bytes)} stored")
+    return 0
+
+
+def cmd_refs(args: argparse.Namespace) -> int:
+    with _open_ro(args.path) as store:
+        refs = store.refs()
+        rows = [[name, vid] for name, vid in sorted(refs.items())]
+        print(_table(["ref", "version"], rows) if rows else "no refs")
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_store(args.path, create=False) as store:
         before = store.stored_bytes()
@@ -256,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("version")
     s.add_argument("--cascade", action="store_true", help="also delete the versions that need it")
     s.set_defaults(fn=cmd_delete)
+    s = sub.add_parser(
+        "rebase", help="rewrite a version as a baseline (or an update of --parent), same id"
+    )
+    s.add_argument("path")
+    s.add_argument("version")
+    s.add_argument("--parent", help="store it as a lossless update of this version instead")
+    s.set_defaults(fn=cmd_rebase)
+    s = sub.add_parser("refs", help="the store's refs and the versions they point at")
+    s.add_argument("path")
+    s.set_defaults(fn=cmd_refs)
     s = sub.add_parser("gc", help="delete pack files nothing references; print the bytes reclaimed")
     s.add_argument("path")
     s.set_defaults(fn=cmd_gc)

@@ -82,3 +82,55 @@ def test_cli_delete_and_gc(store_path: Path, capsys: pytest.CaptureFixture[str])
     assert f"deleted 2 version(s): {v1}, {v2}" in capsys.readouterr().out
     assert main(["gc", str(store_path)]) == 0
     assert "reclaimed" in capsys.readouterr().out
+    with mmcore.open(store_path) as s:
+        a = s.save(small_set(3), ref="main")
+        b = s.save(_nudged(small_set(3), 2), approach="update", parent=a)
+    assert main(["refs", str(store_path)]) == 0
+    assert f"main  {a}" in capsys.readouterr().out
+    assert main(["rebase", str(store_path), b]) == 0
+    assert f"rebased {b}: now a baseline" in capsys.readouterr().out
+
+
+def test_rebase_lets_the_base_of_a_chain_go(store: mmcore.ModelStore) -> None:
+    models = small_set(30, seed=5)
+    v1 = store.save(models)
+    m2, m3 = _nudged(models, 1), _nudged(_nudged(models, 1), 2)
+    v2 = store.save(m2, approach="update", parent=v1, ref="main")
+    v3 = store.save(m3, approach="update", parent=v2)
+    store.rebase(v2)
+    info = store.info(v2)
+    assert info.approach == "baseline" and info.parent is None and info.refs == ("main",)
+    assert store.delete(v1) == [v1]  # nothing depends on it any more
+    store.gc()
+    assert_sets_equal(store.load(v2), m2)
+    assert_sets_equal(store.load(v3), m3)  # its deltas still decode against v2
+    assert store.verify() > 0
+    # onto another parent: a lossless update of it, v3 still exact
+    v4 = store.save(_nudged(m2, 7))
+    store.rebase(v2, parent=v4)
+    assert store.info(v2).approach == "update" and store.info(v2).parent == v4
+    assert_sets_equal(store.load(v2), m2)
+    assert_sets_equal(store.load(v3), m3)
+    with pytest.raises(InvalidArgumentError, match="would make a cycle"):
+        store.rebase(v4, parent=v3)
+    assert store.info(v4).approach == "baseline"
+
+
+def test_rebase_of_a_provenance_version_stores_its_models(store: mmcore.ModelStore) -> None:
+    cells = battery.make_cells(6, seed=0)
+    data = battery.make_data(list(cells), rows=16, seed=1)
+    v1 = store.save(cells)
+    ds = store.put_dataset(data)
+    kw = {"lr": 0.1, "epochs": 1}
+    trained = battery.train(cells, data, seed=0, **kw)
+    p = store.save(
+        trained,
+        approach="provenance",
+        parent=v1,
+        recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=kw),
+    )
+    store.rebase(p)
+    assert store.info(p).approach == "baseline"
+    store.delete(v1)
+    store.delete_dataset(ds)  # no version needs the data now
+    assert_sets_equal(store.load(p), trained)

@@ -53,3 +53,62 @@ def version_records(
     if ref is not None:
         puts.append(("refs", ref.encode(), manifest.id.encode()))
     return puts, live_in_pack
+
+
+def version_blobs(manifest: Manifest) -> list[bytes]:
+    """Every blob a version references (one reference each)."""
+    blobs = [g.blob for g in manifest.groups]
+    if manifest.update is not None and manifest.update.delta_blob is not None:
+        blobs.append(manifest.update.delta_blob)
+    if manifest.provenance is not None:
+        blobs.append(manifest.provenance.hashes_blob)
+    return blobs
+
+
+Delete = tuple[str, bytes]
+
+
+def swap_references(
+    catalog: Catalog,
+    added: list[tuple[bytes, ContentRecord]],
+    removed: list[bytes],
+    pack_id: str,
+    pack_size: int,
+    manifest: Manifest,
+) -> tuple[list[Put], list[Delete], int]:
+    """The records that replace a version's manifest by ``manifest`` (same id): its new
+    blobs referenced once more (or created), its old ones once less (deleted at zero),
+    the pack recorded when a new blob lives in it. Refs are not touched."""
+    records: dict[bytes, ContentRecord] = {}
+    live_in_pack = 0
+    for key, rec in added:
+        existing = catalog.get("content", key)
+        if key in records:
+            records[key].refs += 1
+        elif existing is not None:
+            records[key] = ContentRecord.decode(existing)
+            records[key].refs += 1
+        else:
+            records[key] = rec
+            live_in_pack += 1
+    for key in removed:
+        if key not in records:
+            raw = catalog.get("content", key)
+            if raw is None:
+                continue
+            records[key] = ContentRecord.decode(raw)
+        records[key].refs -= 1
+    puts: list[Put] = []
+    deletes: list[Delete] = []
+    for key, rec in records.items():
+        if rec.refs > 0:
+            puts.append(("content", key, rec.encode()))
+        else:
+            deletes.append(("content", key))
+    new_bytes = 0
+    if live_in_pack:
+        puts.append(("packs", pack_id.encode(), pack_record(pack_size, manifest.created)))
+        new_bytes = pack_size
+    manifest.stored_bytes = new_bytes + len(manifest.encode())
+    puts.append(("manifests", manifest.id.encode(), manifest.encode()))
+    return puts, deletes, live_in_pack
