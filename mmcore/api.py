@@ -20,6 +20,7 @@ from .errors import (
     DependentsError,
     IntegrityError,
     InvalidArgumentError,
+    MMCoreError,
     ModelNotFoundError,
     ReadOnlyStoreError,
     RefNotFoundError,
@@ -35,7 +36,7 @@ from .provenance import Recipe
 from .record import ref_target
 from .store import Catalog, LocalPackTier, StoreLayout
 from .store.packs import PackWriter
-from .versions import VersionInfo
+from .versions import VerifyReport, VersionInfo
 
 _HEX = frozenset("0123456789abcdef")
 DEFAULT_MAX_CHAIN = 16
@@ -457,30 +458,67 @@ class ModelStore:
     def verify(self, version: str | None = None) -> int:
         """Re-hashes every stored byte of one version (or all); returns tensors checked.
 
-        Raises IntegrityError naming the first corrupted model and tensor.
+        Raises IntegrityError naming the first corrupted model and tensor. ``check``
+        collects every problem instead of stopping at the first.
         """
         ids = [self.resolve(version)] if version is not None else [v.id for v in self.versions()]
+        return sum(self._verify_one(vid) for vid in ids)
+
+    def _verify_one(self, vid: str) -> int:
+        m = self.manifest(vid)
         checked = 0
-        for vid in ids:
-            m = self.manifest(vid)
-            for group in m.groups:
-                self._reader.verify_group(m, group)
-            if m.provenance is not None:  # its hash table and its dataset (retraining: load it)
-                table = self._reader.stored_hashes(self._content(m.provenance.hashes_blob))
-                if retrain.roots_key(table) != m.provenance.hashes_blob:
-                    raise IntegrityError(
-                        f"version {m.id}: its table of recorded hashes is corrupted"
-                    )
-                checked += retrain.verify_dataset(self, str(m.provenance.recipe["data"]))
-                continue
-            if m.update is None:
-                checked += m.num_tensors
-                continue
-            checked += sum(g.count * len(g.schema.tensors) for g in m.groups)
-            if m.update.changed:  # decoding checks every decoded tensor's hash
-                got = chain.recover(self, vid, set(m.update.changed), verify=True)
-                checked += sum(len(got[name]) for name in m.update.changed)
+        for group in m.groups:
+            self._reader.verify_group(m, group)
+        if m.provenance is not None:  # its hash table and its dataset (retraining: load it)
+            table = self._reader.stored_hashes(self._content(m.provenance.hashes_blob))
+            if retrain.roots_key(table) != m.provenance.hashes_blob:
+                raise IntegrityError(f"version {m.id}: its table of recorded hashes is corrupted")
+            return retrain.verify_dataset(self, str(m.provenance.recipe["data"]))
+        if m.update is None:
+            return m.num_tensors
+        checked += sum(g.count * len(g.schema.tensors) for g in m.groups)
+        if m.update.changed:  # decoding checks every decoded tensor's hash
+            got = chain.recover(self, vid, set(m.update.changed), verify=True)
+            checked += sum(len(got[name]) for name in m.update.changed)
         return checked
+
+    def check(self, version: str | None = None) -> VerifyReport:
+        """``verify`` that goes on past a problem: every version (or one) re-hashed, and,
+        for the whole store, every content record's reference count recomputed from the
+        manifests and datasets that use it. Returns what it found; raises nothing for
+        damage it can name."""
+        self._check_open()
+        ids = [self.resolve(version)] if version is not None else [v.id for v in self.versions()]
+        report = VerifyReport()
+        for vid in ids:
+            try:
+                report.tensors += self._verify_one(vid)
+                report.versions += 1
+            except MMCoreError as exc:
+                report.problems.append(f"version {vid}: {exc}")
+        if version is None:
+            report.problems += self.check_references()
+        return report
+
+    def check_references(self) -> list[str]:
+        """Content records whose reference counts differ from the manifests and
+        datasets that reference them, and references to blobs that have no record."""
+        want: dict[bytes, int] = {}
+        for _, raw in self.catalog.scan("manifests"):
+            for blob in version_blobs(Manifest.decode(raw)):
+                want[blob] = want.get(blob, 0) + 1
+        for _, raw in self.catalog.scan("datasets"):
+            for group in DatasetRecord.decode(raw).groups:
+                want[group.blob] = want.get(group.blob, 0) + 1
+        problems = []
+        have = {key: ContentRecord.decode(raw).refs for key, raw in self.catalog.scan("content")}
+        for key in sorted(set(want) | set(have)):
+            if want.get(key, 0) != have.get(key, 0):
+                problems.append(
+                    f"content {key.hex()[:16]}: {have.get(key, 'no record')} reference(s) recorded, "
+                    f"{want.get(key, 0)} in use"
+                )
+        return problems
 
     # -- delete and reclaim ----------------------------------------------
     def delete_ref(self, ref: str) -> None:

@@ -58,3 +58,17 @@ class VersionInfo:
             tolerance=None if up is None else up.tolerance,
             max_chain=None if up is None else up.max_chain, changes=stats,
         )  # fmt: skip
+
+
+@dataclass
+class VerifyReport:
+    """What ``ModelStore.check`` found: tensors re-hashed, versions that passed, and
+    every problem (empty: the store is whole)."""
+
+    tensors: int = 0
+    versions: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems

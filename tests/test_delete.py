@@ -134,3 +134,39 @@ def test_rebase_of_a_provenance_version_stores_its_models(store: mmcore.ModelSto
     store.delete(v1)
     store.delete_dataset(ds)  # no version needs the data now
     assert_sets_equal(store.load(p), trained)
+
+
+def test_check_collects_every_problem_and_recounts_references(store_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from mmcore.cli import main
+    from mmcore.manifest import ContentRecord
+
+    with mmcore.open(store_path) as s:
+        a = s.save(small_set(4, seed=1))
+        b = s.save(small_set(4, seed=2))
+        c = s.save(small_set(4, seed=3))
+        assert s.check().ok and s.check().versions == 3
+        packs = {}
+        for vid in (a, b):
+            rec = s._content(s.manifest(vid).groups[0].blob)
+            packs[vid] = (s.tier.path_of(rec.pack), rec.extents[0][0])
+        key = s.manifest(c).groups[0].blob
+        rec = s._content(key)
+        rec.refs += 2  # a reference count the versions do not account for
+        s.catalog.commit([("content", key, rec.encode())])
+    for path, at in packs.values():  # damage two versions
+        raw = bytearray(path.read_bytes())
+        raw[at + 5] ^= 0x10
+        path.write_bytes(bytes(raw))
+    with mmcore.open(store_path) as s:
+        report = s.check()
+        assert not report.ok and report.versions == 1
+        assert sum(p.startswith(f"version {a}") for p in report.problems) == 1
+        assert sum(p.startswith(f"version {b}") for p in report.problems) == 1
+        assert any("3 reference(s) recorded, 1 in use" in p for p in report.problems)
+        assert (
+            ContentRecord.decode(s.catalog.get("content", key) or b"").refs == 3
+        )  # check changes nothing
+    assert main(["verify", str(store_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("CORRUPT") == 3 and a in err and b in err
