@@ -175,6 +175,20 @@ def cmd_du(args: argparse.Namespace) -> int:
         print(
             _table(["", "count", "logical", "stored"], rows, {1, 2, 3}) if rows else "empty store"
         )
+        per = []
+        for i in infos:
+            m = store.manifest(i.id)
+            c = i.changes
+            if m.update is not None:
+                payload, meta = c.get("payload_bytes", 0), c.get("metadata_bytes", 0)
+            elif m.provenance is not None:
+                payload, meta = 0, c.get("roots_bytes", 0)
+            else:
+                payload = sum(g.count * g.schema.stride for g in m.groups)
+                meta = sum(g.count * len(g.schema.tensors) * 32 for g in m.groups)
+            per.append([i.id, i.approach, human_bytes(i.logical_bytes), human_bytes(i.stored_bytes),
+                        human_bytes(payload), human_bytes(meta),
+                        human_bytes(c["dataset_bytes"]) if "dataset_bytes" in c else "-"])  # fmt: skip
         print(
             f"on disk    {human_bytes(store.stored_bytes())} (packs and catalog; `gc` reclaims unreferenced packs)"
         )
@@ -182,6 +196,10 @@ def cmd_du(args: argparse.Namespace) -> int:
             users = ", ".join(d["used_by"][:3]) + (" ..." if len(d["used_by"]) > 3 else "")
             print(f"dataset    {did[:16]}  {d['entries']:,} entries, {human_bytes(d['stored_bytes'])}, "
                   f"used by {users or 'no version'}")  # fmt: skip
+        if per:
+            print()
+            print(_table(["version", "approach", "logical", "stored", "payload", "hashes+tables", "dataset"],
+                         per, {2, 3, 4, 5, 6}))  # fmt: skip
     return 0
 
 
