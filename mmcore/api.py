@@ -34,7 +34,7 @@ from .paths.delta_blob import DeltaTable
 from .paths.reader import BlobReader, StateDict
 from .provenance import Recipe
 from .record import ref_target
-from .store import Catalog, LocalPackTier, StoreLayout
+from .store import Catalog, LocalPackTier, StoreLayout, compact
 from .store.packs import PackWriter
 from .versions import VerifyReport, VersionInfo
 
@@ -649,12 +649,24 @@ class ModelStore:
         self._check_writable()
         retrain.delete_dataset(self, dataset)
 
-    def gc(self) -> int:
-        """Deletes pack files nothing references (deleted versions, interrupted saves).
+    def gc(self, *, compact_below: float = 0.5) -> int:
+        """Deletes pack files nothing references (deleted versions, interrupted saves),
+        then rewrites every pack whose live bytes are below ``compact_below`` of its size
+        (0: never; above 1: every pack) with only those bytes. Crash-safe: a kill at any
+        point loses no referenced byte, and the next gc reclaims what it left.
 
-        Returns the bytes reclaimed. Run it while no reader still needs deleted versions.
+        Returns the bytes reclaimed. Run it while no other process reads the store
+        (a reader that cached a compacted pack's offsets must reopen).
         """
         self._check_writable()
+        if (
+            isinstance(compact_below, bool)
+            or not isinstance(compact_below, (int, float))
+            or not 0 <= compact_below <= 2
+        ):
+            raise InvalidArgumentError(
+                f"compact_below must be a number in [0, 2], got {compact_below!r}"
+            )
         live = {ContentRecord.decode(raw).pack for _, raw in self.catalog.scan("content")}
         recorded = {k.decode() for k, _ in self.catalog.scan("packs")}
         dead_records = sorted(recorded - live)
@@ -665,7 +677,7 @@ class ModelStore:
             if pack not in live:
                 reclaimed += self.tier.size(pack)
                 self.tier.delete(pack)
-        return reclaimed
+        return reclaimed + compact.compact(self, float(compact_below))
 
     def _check_writable(self) -> None:
         self._check_open()

@@ -17,7 +17,7 @@ from .modelset import Schema
 from .record import DAMAGED, Record
 
 MANIFEST_FORMAT = 3  # newest read; baselines are written as 1, updates 2, provenance 3
-CONTENT_FORMAT = 1
+CONTENT_FORMAT = 2  # newest read; 2 only for a delta blob moved by compaction ("shift")
 DATASET_FORMAT = 1
 APPROACHES = ("baseline", "update", "provenance")
 
@@ -303,6 +303,7 @@ class ContentRecord:
     hashes_length: int
     refs: int
     table: tuple[int, int] | None = None  # a delta blob's entry table: (offset, length)
+    shift: int = 0  # a delta blob moved by compaction: add to the pack offsets its table holds
 
     def payload_length(self, stride: int) -> int:
         return sum(count for _, count in self.extents) * stride
@@ -317,12 +318,13 @@ class ContentRecord:
 
     def encode(self) -> bytes:
         return _pack({
-            "format": CONTENT_FORMAT,
+            "format": 1 if self.shift == 0 else 2,  # a reader of 1 would miss the shift: refuse
             "pack": self.pack,
             "extents": self.extents,
             "hashes": [self.hashes_offset, self.hashes_length],
             "refs": self.refs,
             **({} if self.table is None else {"table": list(self.table)}),
+            **({} if self.shift == 0 else {"shift": self.shift}),
         })  # fmt: skip
 
     @classmethod
@@ -333,8 +335,11 @@ class ContentRecord:
         if hashes_length % 32:
             raise rec.corrupt(f"a hash table of {hashes_length} bytes, not a multiple of 32")
         table = rec.integer_pair("table") if "table" in rec.raw else None
+        shift = rec.raw.get("shift", 0)
+        if type(shift) is not int or abs(shift) >= 2**63 or (shift and table is None):
+            raise rec.corrupt(f"shift {shift!r} is not an int of a delta blob")
         return cls(rec.pack_id("pack"), extents, hashes_offset, hashes_length,
-                   rec.integer("refs"), table)  # fmt: skip
+                   rec.integer("refs"), table, shift)  # fmt: skip
 
 
 def pack_record(size: int, created: float) -> bytes:

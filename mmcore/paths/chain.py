@@ -83,6 +83,8 @@ def delta_table(store: ModelStore, manifest: Manifest) -> DeltaTable:
         store.tier.read_into(rec.pack, offset, length, buf.data_ptr())
     table = decode_tables(bytes(data), len(manifest.update.changed), store._reader.stored_hashes(rec),
                           f"version {manifest.id}")  # fmt: skip
+    if rec.shift:  # moved by compaction: the model blobs are where the table says, plus shift
+        table.rows = [(row[0] + rec.shift, *row[1:]) for row in table.rows]
     if len(cache) >= _DELTA_CACHE:
         cache.pop(next(iter(cache)))
     cache[key] = table

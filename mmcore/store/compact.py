@@ -1,0 +1,157 @@
+"""Compaction: packs that are mostly dead are rewritten with only their live bytes.
+
+A pack is written by one save and holds that save's new blobs; when some of
+them lose their last reference (their version deleted, others still used by a
+version that deduplicated them), the pack's dead bytes stay until gc. This
+rewrites such a pack: every live blob's byte ranges are copied into a new pack
+(group extents and hash tables each; a delta blob's model blobs, table and
+hashes as one span, its records' pack offsets then fixed by the content
+record's ``shift``), the new pack is made durable, ONE WriteBatch points every
+moved content record at it and swaps the pack records, and only then is the old
+pack unlinked. A crash before the commit leaves the new pack unreferenced, after
+it the old one: either is deleted by the next gc.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..manifest import ContentRecord, DatasetRecord, Manifest, pack_record
+from ..paths.delta_blob import MODEL
+from .packs import HEADER_SIZE, align_up
+
+if TYPE_CHECKING:
+    from ..api import ModelStore
+
+_CHUNK = 32 << 20  # bytes copied per read/write
+_FIRST = HEADER_SIZE  # where a rewritten pack's first blob goes (the tests move it)
+
+
+@dataclass
+class _Live:
+    key: bytes
+    rec: ContentRecord
+    kind: str  # "group", "delta" or "roots"
+    ranges: list[tuple[int, int]]  # (pack offset, length) to copy
+
+
+def _owners(store: ModelStore) -> tuple[dict[bytes, int], dict[bytes, int], set[bytes]]:
+    """What each referenced blob is: group blobs' strides, delta blobs' model counts,
+    provenance roots tables."""
+    strides: dict[bytes, int] = {}
+    deltas: dict[bytes, int] = {}
+    roots: set[bytes] = set()
+    for _, raw in store.catalog.scan("manifests"):
+        m = Manifest.decode(raw)
+        for g in m.groups:
+            strides[g.blob] = g.schema.stride
+        if m.update is not None and m.update.delta_blob is not None:
+            deltas[m.update.delta_blob] = len(m.update.changed)
+        if m.provenance is not None:
+            roots.add(m.provenance.hashes_blob)
+    for _, raw in store.catalog.scan("datasets"):
+        for g in DatasetRecord.decode(raw).groups:
+            strides[g.blob] = g.schema.stride
+    return strides, deltas, roots
+
+
+def _delta_span(store: ModelStore, rec: ContentRecord, models: int) -> tuple[int, int]:
+    """The bytes of a delta blob: from its first model blob to the end of its hashes."""
+    assert rec.table is not None
+    start = rec.table[0]
+    if models:
+        head = bytearray(MODEL.size * models)
+        store.tier.read_into(
+            rec.pack, rec.table[0], len(head), torch.frombuffer(head, dtype=torch.uint8).data_ptr()
+        )
+        start = min(start, *(row[0] + rec.shift for row in struct.iter_unpack(MODEL.format, head)))
+    return start, rec.hashes_offset + rec.hashes_length - start
+
+
+def plan(store: ModelStore) -> dict[str, list[_Live]]:
+    """Per pack, its live blobs and their byte ranges; None for a pack holding a blob
+    nothing here can place (then the pack is left alone)."""
+    strides, deltas, roots = _owners(store)
+    packs: dict[str, list[_Live] | None] = {}
+    for key, raw in store.catalog.scan("content"):
+        rec = ContentRecord.decode(raw)
+        items = packs.setdefault(rec.pack, [])
+        if items is None:
+            continue
+        if key in deltas and rec.table is not None:
+            live = _Live(key, rec, "delta", [_delta_span(store, rec, deltas[key])])
+        elif key in strides and rec.table is None:
+            stride = strides[key]
+            spans = [(off, count * stride) for off, count in rec.extents]
+            live = _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)])
+        elif key in roots and not rec.extents and rec.table is None:
+            live = _Live(key, rec, "roots", [(rec.hashes_offset, rec.hashes_length)])
+        else:
+            packs[rec.pack] = None
+            continue
+        items.append(live)
+    return {pack: items for pack, items in packs.items() if items is not None}
+
+
+def _copy(store: ModelStore, pack: str, offset: int, length: int, writer: object, to: int) -> None:
+    buf = torch.empty(min(length, _CHUNK), dtype=torch.uint8)
+    done = 0
+    while done < length:
+        n = min(_CHUNK, length - done)
+        store.tier.read_into(pack, offset + done, n, buf.data_ptr())
+        writer.write_ptr(buf.data_ptr(), n, to + done)  # type: ignore[attr-defined]
+        done += n
+
+
+def _relocated(item: _Live, moved: dict[int, int], pack: str) -> ContentRecord:
+    rec = item.rec
+    if item.kind == "delta":
+        start = item.ranges[0][0]
+        d = moved[start] - start
+        assert rec.table is not None
+        return replace(rec, pack=pack, table=(rec.table[0] + d, rec.table[1]),
+                       hashes_offset=rec.hashes_offset + d, shift=rec.shift + d)  # fmt: skip
+    extents = [[moved[off], count] for off, count in rec.extents]
+    return replace(rec, pack=pack, extents=extents, hashes_offset=moved[rec.hashes_offset])
+
+
+def compact(store: ModelStore, below: float) -> int:
+    """Rewrites every pack whose live bytes are less than ``below`` of its size;
+    returns the bytes reclaimed."""
+    if below <= 0:
+        return 0
+    freed = 0
+    for pack, items in plan(store).items():
+        size = store.tier.size(pack)
+        live = sum(length for item in items for _, length in item.ranges)
+        if live >= below * (size - HEADER_SIZE):
+            continue
+        writer = store.tier.create()
+        try:
+            at = _FIRST
+            records = []
+            for item in sorted(items, key=lambda i: min(off for off, _ in i.ranges)):
+                moved: dict[int, int] = {}
+                for offset, length in item.ranges:
+                    at = align_up(at, 64)
+                    moved[offset] = at
+                    if length:
+                        _copy(store, pack, offset, length, writer, at)
+                    at += length
+                records.append((item.key, _relocated(item, moved, writer.pack_id)))
+            new_size = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        puts = [("content", key, rec.encode()) for key, rec in records]
+        puts.append(("packs", writer.pack_id.encode(), pack_record(new_size, time.time())))
+        store.catalog.commit(puts, [("packs", pack.encode())])  # from here the old pack is garbage
+        store._delta_tables.clear()  # parsed with the old offsets
+        store.tier.delete(pack)
+        freed += size - new_size
+    return freed
