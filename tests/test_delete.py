@@ -170,3 +170,51 @@ def test_check_collects_every_problem_and_recounts_references(store_path: Path,
     assert main(["verify", str(store_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("CORRUPT") == 3 and a in err and b in err
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda s, v: s.delete(v, cascade="yes"), InvalidArgumentError, "cascade"),
+        (lambda s, v: s.rebase("nope"), mmcore.errors.VersionNotFoundError, "no version or ref"),
+        (
+            lambda s, v: s.rebase(v, parent="nope"),
+            mmcore.errors.VersionNotFoundError,
+            "no version or ref",
+        ),
+        (lambda s, v: s.rebase(v, parent=v), InvalidArgumentError, "would make a cycle"),
+        (lambda s, v: s.export(v, 5), InvalidArgumentError, "path"),
+        (
+            lambda s, v: s.export(v, "/tmp/x", models=["nope"]),
+            mmcore.errors.ModelNotFoundError,
+            "nope",
+        ),
+        (lambda s, v: s.import_(5), InvalidArgumentError, "path"),
+        (lambda s, v: s.gc(compact_below="x"), InvalidArgumentError, "compact_below"),
+        (lambda s, v: s.put_dataset(5), mmcore.errors.InvalidModelSetError, "mapping"),
+        (lambda s, v: s.put_dataset({}), mmcore.errors.InvalidModelSetError, "empty"),
+        (lambda s, v: s.load_dataset("nope"), mmcore.errors.DatasetNotFoundError, "no dataset"),
+        (lambda s, v: s.delete_dataset("nope"), mmcore.errors.DatasetNotFoundError, "no dataset"),
+        (lambda s, v: s.check("nope"), mmcore.errors.VersionNotFoundError, "no version or ref"),
+    ],
+)
+def test_bad_input_to_the_new_verbs_changes_nothing(
+    store: mmcore.ModelStore, call, error, message
+) -> None:  # type: ignore[no-untyped-def]
+    v = store.save(small_set(2))
+    before = (
+        {i.id for i in store.versions()},
+        sorted(store.tier.list()),
+        store.refs(),
+        store.datasets(),
+    )
+    with pytest.raises(error, match=message):
+        call(store, v)
+    after = (
+        {i.id for i in store.versions()},
+        sorted(store.tier.list()),
+        store.refs(),
+        store.datasets(),
+    )
+    assert before == after
+    assert store.check().ok
