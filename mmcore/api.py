@@ -649,7 +649,7 @@ class ModelStore:
         self._check_writable()
         retrain.delete_dataset(self, dataset)
 
-    def gc(self, *, compact_below: float = 0.5) -> int:
+    def gc(self, *, compact_below: float = 0.5, progress: bool | None = None) -> int:
         """Deletes pack files nothing references (deleted versions, interrupted saves),
         then rewrites every pack whose live bytes are below ``compact_below`` of its size
         (0: never; above 1: every pack) with only those bytes. Crash-safe: a kill at any
@@ -677,7 +677,7 @@ class ModelStore:
             if pack not in live:
                 reclaimed += self.tier.size(pack)
                 self.tier.delete(pack)
-        return reclaimed + compact.compact(self, float(compact_below))
+        return reclaimed + compact.compact(self, float(compact_below), progress)
 
     def _check_writable(self) -> None:
         self._check_open()

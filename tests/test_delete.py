@@ -218,3 +218,38 @@ def test_bad_input_to_the_new_verbs_changes_nothing(
     )
     assert before == after
     assert store.check().ok
+
+
+def test_log_ends_where_a_deleted_older_head_was(store: mmcore.ModelStore) -> None:
+    v1 = store.save(small_set(2, seed=1), ref="fleet")
+    v2 = store.save(small_set(2, seed=2), ref="fleet")
+    v3 = store.save(small_set(2, seed=3), ref="fleet")
+    assert store.delete(v2) == [v2]  # only v3's prev: no version is stored against it
+    assert [i.id for i in store.log("fleet")] == [v3]
+    assert {i.id for i in store.versions()} == {v1, v3}
+
+
+def test_export_of_chain_and_provenance_versions(store: mmcore.ModelStore, tmp_path: Path) -> None:
+    from conftest import assert_bit_equal
+
+    cells = battery.make_cells(5, seed=0)
+    data = battery.make_data(list(cells), rows=16, seed=1)
+    v1 = store.save(cells)
+    v2 = store.save(_nudged(cells, 2), approach="update", parent=v1)
+    ds = store.put_dataset(data)
+    kw = {"lr": 0.1, "epochs": 1}
+    parent = store.load(v2)
+    trained = battery.train(parent, data, seed=0, **kw)
+    p = store.save(
+        trained,
+        approach="provenance",
+        parent=v2,
+        recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=kw),
+    )
+    for vid, want in ((v2, _nudged(cells, 2)), (p, trained)):
+        out = tmp_path / vid
+        store.export(vid, out)
+        back = store.load(store.import_(out))
+        for name, sd in want.items():
+            for key, t in sd.items():
+                assert_bit_equal(back[name][key], t)

@@ -120,38 +120,50 @@ def _relocated(item: _Live, moved: dict[int, int], pack: str) -> ContentRecord:
     return replace(rec, pack=pack, extents=extents, hashes_offset=moved[rec.hashes_offset])
 
 
-def compact(store: ModelStore, below: float) -> int:
+def compact(store: ModelStore, below: float, progress: bool | None = None) -> int:
     """Rewrites every pack whose live bytes are less than ``below`` of its size;
     returns the bytes reclaimed."""
+    from .._progress import progress_bar
+
     if below <= 0:
         return 0
-    freed = 0
+    todo = []
     for pack, items in plan(store).items():
         size = store.tier.size(pack)
         live = sum(length for item in items for _, length in item.ranges)
-        if live >= below * (size - HEADER_SIZE):
-            continue
-        writer = store.tier.create()
-        try:
-            at = _FIRST
-            records = []
-            for item in sorted(items, key=lambda i: min(off for off, _ in i.ranges)):
-                moved: dict[int, int] = {}
-                for offset, length in item.ranges:
-                    at = align_up(at, 64)
-                    moved[offset] = at
-                    if length:
-                        _copy(store, pack, offset, length, writer, at)
-                    at += length
-                records.append((item.key, _relocated(item, moved, writer.pack_id)))
-            new_size = writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        puts = [("content", key, rec.encode()) for key, rec in records]
-        puts.append(("packs", writer.pack_id.encode(), pack_record(new_size, time.time())))
-        store.catalog.commit(puts, [("packs", pack.encode())])  # from here the old pack is garbage
-        store._delta_tables.clear()  # parsed with the old offsets
-        store.tier.delete(pack)
-        freed += size - new_size
+        if live < below * (size - HEADER_SIZE):
+            todo.append((pack, items, size, live))
+    freed = 0
+    total = sum(live for *_, live in todo)
+    with progress_bar(total, "compacting packs", progress, min_total=64 << 20) as bar:
+        for pack, items, size, live in todo:
+            freed += _rewrite(store, pack, items, size)
+            bar(live)
     return freed
+
+
+def _rewrite(store: ModelStore, pack: str, items: list[_Live], size: int) -> int:
+    """One pack's live bytes into a new pack; returns the bytes it frees."""
+    writer = store.tier.create()
+    try:
+        at = _FIRST
+        records = []
+        for item in sorted(items, key=lambda i: min(off for off, _ in i.ranges)):
+            moved: dict[int, int] = {}
+            for offset, length in item.ranges:
+                at = align_up(at, 64)
+                moved[offset] = at
+                if length:
+                    _copy(store, pack, offset, length, writer, at)
+                at += length
+            records.append((item.key, _relocated(item, moved, writer.pack_id)))
+        new_size = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    puts = [("content", key, rec.encode()) for key, rec in records]
+    puts.append(("packs", writer.pack_id.encode(), pack_record(new_size, time.time())))
+    store.catalog.commit(puts, [("packs", pack.encode())])  # from here the old pack is garbage
+    store._delta_tables.clear()  # parsed with the old offsets
+    store.tier.delete(pack)
+    return size - new_size
