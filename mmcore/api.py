@@ -455,14 +455,20 @@ class ModelStore:
             yield self.info(vid)
             vid = m.parent if m.parent is not None else m.prev
 
-    def verify(self, version: str | None = None) -> int:
-        """Re-hashes every stored byte of one version (or all); returns tensors checked.
-
-        Raises IntegrityError naming the first corrupted model and tensor. ``check``
-        collects every problem instead of stopping at the first.
+    def verify(self, version: str | None = None) -> VerifyReport:
+        """Re-hashes every stored byte of one version (or all, and then also recounts
+        every content record's references). Goes on past a problem: raises ONE
+        IntegrityError listing every problem found (``.problems``; ``.model`` and
+        ``.tensor`` of the first), or returns the report, an int of the tensors checked.
+        ``check`` returns the report without raising.
         """
-        ids = [self.resolve(version)] if version is not None else [v.id for v in self.versions()]
-        return sum(self._verify_one(vid) for vid in ids)
+        report = self.check(version)
+        if report.problems:
+            first = report.first_error
+            count = f"{len(report.problems)} problems: " if len(report.problems) > 1 else ""
+            raise IntegrityError(count + " | ".join(report.problems), model=getattr(first, "model", None),
+                                 tensor=getattr(first, "tensor", None), problems=report.problems)  # fmt: skip
+        return report
 
     def _verify_one(self, vid: str) -> int:
         m = self.manifest(vid)
@@ -489,16 +495,22 @@ class ModelStore:
         damage it can name."""
         self._check_open()
         ids = [self.resolve(version)] if version is not None else [v.id for v in self.versions()]
-        report = VerifyReport()
+        tensors = versions = 0
+        problems: list[str] = []
+        first: Exception | None = None
         for vid in ids:
             try:
-                report.tensors += self._verify_one(vid)
-                report.versions += 1
+                tensors += self._verify_one(vid)
+                versions += 1
             except MMCoreError as exc:
-                report.problems.append(f"version {vid}: {exc}")
+                text = str(exc)
+                problems.append(
+                    text if text.startswith(f"version {vid}") else f"version {vid}: {text}"
+                )
+                first = first or exc
         if version is None:
-            report.problems += self.check_references()
-        return report
+            problems += self.check_references()
+        return VerifyReport(tensors, versions, problems, first)
 
     def check_references(self) -> list[str]:
         """Content records whose reference counts differ from the manifests and

@@ -78,10 +78,12 @@ class DatasetNotFoundError(NotFoundError):
 class IntegrityError(MMCoreError):
     """Stored bytes do not match their recorded hash."""
 
-    def __init__(self, message: str, *, model: str | None = None, tensor: str | None = None):
+    def __init__(self, message: str, *, model: str | None = None, tensor: str | None = None,
+                 problems: list[str] | None = None):  # fmt: skip
         super().__init__(message)
         self.model = model
         self.tensor = tensor
+        self.problems = problems if problems is not None else [message]  # verify: every one found
 
 
 class ProvenanceError(MMCoreError):

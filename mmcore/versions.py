@@ -60,15 +60,31 @@ class VersionInfo:
         )  # fmt: skip
 
 
-@dataclass
-class VerifyReport:
-    """What ``ModelStore.check`` found: tensors re-hashed, versions that passed, and
-    every problem (empty: the store is whole)."""
+class VerifyReport(int):
+    """What ``verify`` / ``check`` found. As an int: the tensors re-hashed (what
+    ``verify`` returned before it collected problems). ``problems`` lists every one
+    found (empty: the store, or the version, is whole); ``versions`` counts the
+    versions that passed."""
 
-    tensors: int = 0
-    versions: int = 0
-    problems: list[str] = field(default_factory=list)
+    problems: list[str]
+    versions: int
+    first_error: Exception | None
+
+    def __new__(cls, tensors: int = 0, versions: int = 0, problems: list[str] | None = None,
+                first_error: Exception | None = None) -> VerifyReport:  # fmt: skip
+        report = super().__new__(cls, tensors)
+        report.versions = versions
+        report.problems = list(problems or [])
+        report.first_error = first_error
+        return report
+
+    @property
+    def tensors(self) -> int:
+        return int(self)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def __repr__(self) -> str:
+        return f"VerifyReport(tensors={int(self)}, versions={self.versions}, problems={self.problems!r})"

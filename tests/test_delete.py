@@ -164,9 +164,11 @@ def test_check_collects_every_problem_and_recounts_references(store_path: Path,
         assert sum(p.startswith(f"version {a}") for p in report.problems) == 1
         assert sum(p.startswith(f"version {b}") for p in report.problems) == 1
         assert any("3 reference(s) recorded, 1 in use" in p for p in report.problems)
-        assert (
-            ContentRecord.decode(s.catalog.get("content", key) or b"").refs == 3
-        )  # check changes nothing
+        assert ContentRecord.decode(s.catalog.get("content", key) or b"").refs == 3  # unchanged
+        with pytest.raises(mmcore.errors.IntegrityError, match=r"^3 problems: version ") as err:
+            s.verify()  # collects them all too, then raises once
+        assert err.value.problems == report.problems and err.value.model is not None
+        assert s.verify(c) == report.tensors  # the one whole version: the report, an int of tensors
     assert main(["verify", str(store_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("CORRUPT") == 3 and a in err and b in err
