@@ -457,17 +457,20 @@ class ModelStore:
 
     def verify(self, version: str | None = None) -> VerifyReport:
         """Re-hashes every stored byte of one version (or all, and then also recounts
-        every content record's references). Goes on past a problem: raises ONE
-        IntegrityError listing every problem found (``.problems``; ``.model`` and
-        ``.tensor`` of the first), or returns the report, an int of the tensors checked.
-        ``check`` returns the report without raising.
+        every content record's references). Goes on past a problem: a single problem
+        raises its own error (IntegrityError naming model and tensor, CorruptRecordError
+        ...); several raise ONE IntegrityError listing them all (``.problems``; ``.model``
+        and ``.tensor`` of the first); none returns the report, an int of the tensors
+        checked. ``check`` returns the report without raising.
         """
         report = self.check(version)
+        first = report.first_error
+        if len(report.problems) == 1 and first is not None:
+            raise first  # one problem: its own error, of its own type (CorruptRecordError, ...)
         if report.problems:
-            first = report.first_error
-            count = f"{len(report.problems)} problems: " if len(report.problems) > 1 else ""
-            raise IntegrityError(count + " | ".join(report.problems), model=getattr(first, "model", None),
-                                 tensor=getattr(first, "tensor", None), problems=report.problems)  # fmt: skip
+            raise IntegrityError(f"{len(report.problems)} problems: " + " | ".join(report.problems),
+                                 model=getattr(first, "model", None), tensor=getattr(first, "tensor", None),
+                                 problems=report.problems)  # fmt: skip
         return report
 
     def _verify_one(self, vid: str) -> int:
