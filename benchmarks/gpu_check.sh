@@ -5,16 +5,17 @@
 # benchmark with the set on the GPU (update rows included) and the provenance
 # benchmark with the cells trained on the GPU. Everything comes back in at most 8 files
 # under $OUT (./gpu_out when unset): summary.txt, logs.tar.gz (every log),
-# kernels.json, battery.json, gpu.txt. Budget: about 8 minutes on an H100.
+# kernels.json, battery.json, gpu.txt. Budget: about 8 minutes on an H100 (the
+# update and provenance benchmarks were added without a device run: time them).
 #
 # Made for a GPU machine with no network whose python3 already has torch,
 # scikit-build-core, pybind11, msgpack, tqdm, pytest, hypothesis, safetensors
-# and numpy (the lent H100/H200 image). rocksdict and blake3 are installed from
-# wheels in ./.whl (no index is reached). Prepare them here first:
+# and numpy (the lent H100/H200 image). rocksdict, blake3 and zstandard are
+# installed from wheels in ./.whl (no index is reached). Prepare them here first:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl rocksdict blake3
+#     -d .whl rocksdict blake3 zstandard
 # and carry `.whl` with the call. MMCORE_WHEEL=path installs a wheel built
 # elsewhere instead of building here (say which in RESULTS.md). FUSE is not
 # installed there, so the power-loss test skips with its reason.
