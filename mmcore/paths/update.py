@@ -311,53 +311,37 @@ def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: flo
     if device is not None:
         _encode_on(device, parents, deltas, tolerance)
         return
-    xor: list[tuple[_Delta, int]] = []
+    jobs = _changed_tensors(deltas, parents, tolerance)
     xor_tables: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
-    quant: list[tuple[_Delta, int, torch.Tensor, torch.Tensor]] = []
     keep: list[torch.Tensor] = []  # every parent tensor addressed by the table
-    for d in deltas:
-        old = list(parents[d.entry.name].values())
-        d.kinds = [codec.SAME] * len(old)
-        d.pieces = [None] * len(old)
-        same = (d.hashes == d.info.hashes).all(dim=1).tolist()
-        for t, (new, before) in enumerate(zip(d.entry.sources, old)):
-            if same[t]:
-                continue
-            if tolerance is not None and new.dtype in FLOAT_KINDS:
-                quant.append((d, t, new.reshape(-1), before.reshape(-1)))
-                continue
-            xor.append((d, t))
-            before = before.contiguous()  # recovery's tensors are; this keeps that a fact
-            keep.append(before)
-            for column, value in zip(xor_tables, (d.entry.ptrs[t], before.data_ptr(),
-                                                  before.numel() * before.element_size(),
-                                                  plane_width(before.dtype))):  # fmt: skip
-                column.append(value)
-    if xor:
+    for d, t, _, before in jobs[codec.XOR]:
+        before = before.contiguous()  # recovery's tensors are; this keeps that a fact
+        keep.append(before)
+        for column, value in zip(xor_tables, (d.entry.ptrs[t], before.data_ptr(),
+                                              before.numel() * before.element_size(),
+                                              plane_width(before.dtype))):  # fmt: skip
+            column.append(value)
+    if jobs[codec.XOR]:
         table = xor_planes_encode_table(*(kernels.int64_table(c) for c in xor_tables))
-        for (d, t), enc in zip(xor, table.views()):
+        for (d, t, _, _), enc in zip(jobs[codec.XOR], table.views()):
             d.kinds[t], d.pieces[t] = codec.XOR, enc
+    quant = jobs[codec.QUANT]
     if quant:
         assert tolerance is not None
         encs, _ = quantize_encode([j[2] for j in quant], [j[3] for j in quant], tolerance)
-        decoded = quantize_decode(encs, [j[3] for j in quant])
-        got = kernels.blake3_tensors(decoded)
-        for (d, t, _, _), enc, h in zip(quant, encs, got):
-            if torch.equal(h, d.info.hashes[t]):  # within tolerance of the parent as recovered
-                d.recovered[t] = d.info.hashes[t]  # recovery keeps the parent's tensor
-                continue
-            d.kinds[t], d.pieces[t], d.recovered[t] = codec.QUANT, enc, h
+        got = kernels.blake3_tensors(quantize_decode(encs, [j[3] for j in quant]))
+        _take_quantized(quant, encs, got)
 
 
-def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]],
-               deltas: list[_Delta], tolerance: float | None) -> None:  # fmt: skip
-    """``_encode`` where the new tensors live on ``device``: the parents go there in one
-    copy, the encode (and, for quantized, the decode and hash of what recovery will
-    give) run there, and only the encodings and hashes come back, in one copy each."""
-    jobs: dict[int, list[tuple[_Delta, int, torch.Tensor, torch.Tensor]]] = {
-        codec.XOR: [],
-        codec.QUANT: [],
-    }
+_Job = tuple[_Delta, int, torch.Tensor, torch.Tensor]  # delta, tensor index, new, parent (flat)
+
+
+def _changed_tensors(deltas: list[_Delta], parents: dict[str, dict[str, torch.Tensor]],
+                     tolerance: float | None) -> dict[int, list[_Job]]:  # fmt: skip
+    """Starts every delta as unchanged and sorts its changed tensors (hash differing
+    from the parent's) by the encoding they get: quantized (a float with a tolerance)
+    or xor-planes."""
+    jobs: dict[int, list[_Job]] = {codec.XOR: [], codec.QUANT: []}
     for d in deltas:
         old = list(parents[d.entry.name].values())
         d.kinds = [codec.SAME] * len(old)
@@ -369,6 +353,25 @@ def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]]
                 jobs[codec.QUANT if lossy else codec.XOR].append(
                     (d, t, new.reshape(-1), before.reshape(-1))
                 )
+    return jobs
+
+
+def _take_quantized(batch: list[_Job], encs: list[torch.Tensor], recovered: torch.Tensor) -> None:
+    """Records each quantized encoding, or none where what recovery would give hashes
+    as the parent's tensor (every element within tolerance of it: the parent's stays)."""
+    for (d, t, _, _), enc, h in zip(batch, encs, recovered):
+        if torch.equal(h, d.info.hashes[t]):
+            d.recovered[t] = d.info.hashes[t]
+            continue
+        d.kinds[t], d.pieces[t], d.recovered[t] = codec.QUANT, enc, h
+
+
+def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]],
+               deltas: list[_Delta], tolerance: float | None) -> None:  # fmt: skip
+    """``_encode`` where the new tensors live on ``device``: the parents go there in one
+    copy, the encode (and, for quantized, the decode and hash of what recovery will
+    give) run there, and only the encodings and hashes come back, in one copy each."""
+    jobs = _changed_tensors(deltas, parents, tolerance)
     for kind, batch in jobs.items():
         if not batch:
             continue
@@ -384,11 +387,7 @@ def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]]
         got = kernels.blake3_tensors(quantize_decode(encs, befores)).cpu()
         if device.type != "cpu":
             TRANSFERS.device_to_host += got.numel()
-        for (d, t, _, _), enc, h in zip(batch, _to_host(encs), got):
-            if torch.equal(h, d.info.hashes[t]):  # within tolerance of the parent as recovered
-                d.recovered[t] = d.info.hashes[t]
-                continue
-            d.kinds[t], d.pieces[t], d.recovered[t] = codec.QUANT, enc, h
+        _take_quantized(batch, _to_host(encs), got)
 
 
 def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
