@@ -53,3 +53,15 @@ def store_path(tmp_path: Path) -> Path:
 def store(store_path: Path) -> Iterator[mmcore.ModelStore]:
     with mmcore.open(store_path) as s:
         yield s
+
+
+def save_retrained(store: mmcore.ModelStore, parent: str, data: dict[str, dict[str, torch.Tensor]],
+                   dataset: str) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:  # fmt: skip
+    """A provenance version of ``parent``: every model retrained one epoch by the battery
+    example's trainer on ``data`` (stored as ``dataset``). Returns its id and models."""
+    from mmcore.examples import battery
+
+    kw = {"lr": 0.1, "epochs": 1}
+    trained = battery.train(store.load(parent), data, seed=0, **kw)
+    recipe = mmcore.Recipe(battery.TRAINER, data=dataset, params=kw)
+    return store.save(trained, approach="provenance", parent=parent, recipe=recipe), trained

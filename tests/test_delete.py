@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_sets_equal, small_set
+from conftest import assert_sets_equal, save_retrained, small_set
 
 import mmcore
 from mmcore.errors import DependentsError, InvalidArgumentError
@@ -27,11 +27,7 @@ def test_dependents_are_named_and_cascade_takes_them_all(store: mmcore.ModelStor
     v1 = store.save(cells)
     v2 = store.save(_nudged(cells, 1), approach="update", parent=v1)
     v3 = store.save(_nudged(cells, 2), approach="update", parent=v2)
-    ds = store.put_dataset(data)
-    kw = {"lr": 0.1, "epochs": 1}
-    parent2 = store.load(v2)
-    p = store.save(battery.train(parent2, data, seed=0, **kw), approach="provenance", parent=v2,
-                   recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=kw))  # fmt: skip
+    p, _ = save_retrained(store, v2, data, store.put_dataset(data))
     before = {v.id for v in store.versions()}
     with pytest.raises(DependentsError, match=f"version {v2} is the parent of") as err:
         store.delete(v2)
@@ -121,14 +117,7 @@ def test_rebase_of_a_provenance_version_stores_its_models(store: mmcore.ModelSto
     data = battery.make_data(list(cells), rows=16, seed=1)
     v1 = store.save(cells)
     ds = store.put_dataset(data)
-    kw = {"lr": 0.1, "epochs": 1}
-    trained = battery.train(cells, data, seed=0, **kw)
-    p = store.save(
-        trained,
-        approach="provenance",
-        parent=v1,
-        recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=kw),
-    )
+    p, trained = save_retrained(store, v1, data, ds)
     store.rebase(p)
     assert store.info(p).approach == "baseline"
     store.delete(v1)
@@ -238,16 +227,7 @@ def test_export_of_chain_and_provenance_versions(store: mmcore.ModelStore, tmp_p
     data = battery.make_data(list(cells), rows=16, seed=1)
     v1 = store.save(cells)
     v2 = store.save(_nudged(cells, 2), approach="update", parent=v1)
-    ds = store.put_dataset(data)
-    kw = {"lr": 0.1, "epochs": 1}
-    parent = store.load(v2)
-    trained = battery.train(parent, data, seed=0, **kw)
-    p = store.save(
-        trained,
-        approach="provenance",
-        parent=v2,
-        recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=kw),
-    )
+    p, trained = save_retrained(store, v2, data, store.put_dataset(data))
     for vid, want in ((v2, _nudged(cells, 2)), (p, trained)):
         out = tmp_path / vid
         store.export(vid, out)

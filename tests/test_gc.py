@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_sets_equal, small_set
+from conftest import assert_sets_equal, save_retrained, small_set
 
 import mmcore
 from mmcore.examples import battery
@@ -68,16 +68,7 @@ def _everything(s: mmcore.ModelStore) -> dict[str, dict[str, dict[str, torch.Ten
     data = battery.make_data(list(cells), rows=16, seed=1)
     b = s.save(cells)
     expect[b] = cells
-    ds = s.put_dataset(data)
-    kw = {"lr": 0.1, "epochs": 1}
-    trained = battery.train(cells, data, seed=0, **kw)
-    p = s.save(
-        trained,
-        approach="provenance",
-        parent=b,
-        recipe=mmcore.Recipe(battery.TRAINER, data=ds, params=kw),
-    )
-    expect[p] = trained
+    p, expect[p] = save_retrained(s, b, data, s.put_dataset(data))
     return expect
 
 
