@@ -160,20 +160,11 @@ class WrittenProvenance:
 def roots(models: StateDicts, names: list[str]) -> torch.Tensor:
     """(models, 32): per model, BLAKE3 over the BLAKE3 hashes of its tensors in order."""
     tensors = [t for n in names for t in models[n].values()]
-    hashes = (
-        kernels.blake3_tensors(tensors).cpu().contiguous()
-        if tensors
-        else torch.empty((0, 32), dtype=torch.uint8)
-    )
-    counts = [len(models[n]) for n in names]
-    starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)[:-1]
+    hashes = kernels.blake3_tensors(tensors).cpu().contiguous()  # (an empty list: (0, 32))
+    counts = torch.tensor([len(models[n]) for n in names], dtype=torch.int64)
+    starts = torch.cumsum(counts, 0) - counts
     ptrs = starts * kernels.HASH_SIZE + hashes.data_ptr()
-    lens = torch.tensor(counts, dtype=torch.int64) * kernels.HASH_SIZE
-    return (
-        kernels.blake3_segments(ptrs.contiguous(), lens)
-        if names
-        else torch.empty((0, 32), dtype=torch.uint8)
-    )
+    return kernels.blake3_segments(ptrs, counts * kernels.HASH_SIZE)
 
 
 def roots_key(table: torch.Tensor) -> bytes:
@@ -192,7 +183,7 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
             f"a provenance save needs recipe=mmcore.Recipe(...), got {type(recipe).__name__}"
         )
     found = provenance.registered(recipe.trainer)
-    dataset(store, recipe.data)  # exists
+    data_rec = dataset(store, recipe.data)  # exists
     given: StateDicts = {}
     devices = set()
     for entry in iter_models(models, keep_cuda=True):
@@ -259,7 +250,7 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
     logical = sum(t.numel() * t.element_size() for sd in given.values() for t in sd.values())
     stats = {"models": len(order), "tensors": tensors, "retrained": len(subset),
              "unchanged": len(others), "roots_bytes": table.numel(),
-             "dataset_bytes": dataset(store, recipe.data).logical_bytes}  # fmt: skip
+             "dataset_bytes": data_rec.logical_bytes}  # fmt: skip
     info = ProvenanceInfo(recipe=recipe.encode(), code_hash=found.code_hash,
                           environment=provenance.environment(device), retrained=subset,
                           hashes_blob=key, depth=depth, stats=stats)  # fmt: skip
