@@ -206,6 +206,16 @@ def recover(
     return {n: _plain_dict(states[n]) for n in names}
 
 
+def _gather_records(addresses: torch.Tensor, stride: int, *, pin: bool = False) -> torch.Tensor:
+    """The model records at ``addresses`` (int64, ``stride`` bytes each) copied one after
+    another into a new buffer, by one native gather."""
+    n = addresses.numel()
+    out = torch.empty(n * stride, dtype=torch.uint8, pin_memory=pin)
+    kernels.gather(out, addresses, torch.full((n,), stride, dtype=torch.int64),
+                   torch.arange(n, dtype=torch.int64) * stride)  # fmt: skip
+    return out
+
+
 def move_states(states: dict[str, StateDict], schemas: dict[str, Schema],
                 device: torch.device) -> dict[str, StateDict]:  # fmt: skip
     """CPU states moved to ``device`` in a few large copies: per schema, the records of
@@ -224,12 +234,9 @@ def move_states(states: dict[str, StateDict], schemas: dict[str, Schema],
     out: dict[str, StateDict] = {}
     for members in by_schema.values():
         schema = schemas[members[0][0]]
-        n, stride = len(members), schema.stride
-        host = torch.empty(n * stride, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        kernels.gather(host, kernels.int64_table([a for _, a in members]),
-                       torch.full((n,), stride, dtype=torch.int64),
-                       torch.arange(n, dtype=torch.int64) * stride)  # fmt: skip
-        for (name, _), state in zip(members, record_views(host.to(device), schema, n)):
+        addresses = kernels.int64_table([a for _, a in members])
+        host = _gather_records(addresses, schema.stride, pin=device.type == "cuda")
+        for (name, _), state in zip(members, record_views(host.to(device), schema, len(members))):
             out[name] = state
     for name in loose:
         out[name] = {k: t.to(device) for k, t in states[name].items()}
@@ -382,10 +389,9 @@ def _apply_records(store: ModelStore, batch: list[_Queued], states: dict[str, St
 def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema: Schema,
                     states: dict[str, StateDict], last_delta: dict[str, torch.Tensor]) -> None:  # fmt: skip
     n, stride, t = len(group), schema.stride, len(schema.tensors)
-    out = torch.empty(n * stride, dtype=torch.uint8)
     rows = torch.arange(n, dtype=torch.int64)
     parents = torch.tensor([a for _, a in group], dtype=torch.int64)
-    kernels.gather(out, parents, torch.full((n,), stride, dtype=torch.int64), rows * stride)
+    out = _gather_records(parents, stride)
     plains = _model_plains(store, [d for d, _ in group])
     plain_at = torch.tensor([p.data_ptr() for p in plains], dtype=torch.int64)
     plain_len = torch.tensor([p.numel() for p in plains], dtype=torch.int64)
