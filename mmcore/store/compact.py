@@ -23,7 +23,7 @@ import torch
 
 from ..manifest import ContentRecord, DatasetRecord, Manifest, pack_record
 from ..paths.delta_blob import MODEL
-from .packs import HEADER_SIZE, align_up
+from .packs import HEADER_SIZE, PackWriter, align_up
 
 if TYPE_CHECKING:
     from ..api import ModelStore
@@ -98,13 +98,15 @@ def plan(store: ModelStore) -> dict[str, list[_Live]]:
     return {pack: items for pack, items in packs.items() if items is not None}
 
 
-def _copy(store: ModelStore, pack: str, offset: int, length: int, writer: object, to: int) -> None:
+def _copy(
+    store: ModelStore, pack: str, offset: int, length: int, writer: PackWriter, to: int
+) -> None:
     buf = torch.empty(min(length, _CHUNK), dtype=torch.uint8)
     done = 0
     while done < length:
         n = min(_CHUNK, length - done)
         store.tier.read_into(pack, offset + done, n, buf.data_ptr())
-        writer.write_ptr(buf.data_ptr(), n, to + done)  # type: ignore[attr-defined]
+        writer.write_ptr(buf.data_ptr(), n, to + done)
         done += n
 
 
