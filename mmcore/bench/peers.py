@@ -1,0 +1,137 @@
+"""ZipNN (the lossless float compressor on PyPI) as a peer of the harness: on a
+set's baseline bytes, and on the XOR of a set with its parent (the bytes an
+update stores before entropy coding). And mmcore's own encoder of those XOR
+deltas, timed alone, for the like-for-like comparison.
+
+ZipNN 0.5.4 rewrites the buffer it compresses in place (seen here: the bytes
+passed to ``compress`` differ afterwards); each save hands it a fresh copy,
+made before the clock starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import codec, kernels
+from ..kernels.delta import plane_width
+from ..kernels.xor_planes import xor_planes_encode_table
+
+StateDicts = dict[str, dict[str, torch.Tensor]]
+
+
+@functools.cache
+def _zipnn_module() -> Any:
+    try:
+        with warnings.catch_warnings():  # zipnn 0.5 calls torch.jit.script at import
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import zipnn
+    except ImportError:
+        return None
+    return zipnn
+
+
+def zipnn_version() -> str | None:
+    """The installed ZipNN's version, or None when it is not installed."""
+    if _zipnn_module() is None:
+        return None
+    from importlib.metadata import version
+
+    return version("zipnn")
+
+
+def zipnn_codec() -> Any:
+    """A ZipNN compressor for float32 bytes (ZipNN must be installed)."""
+    return _zipnn_module().ZipNN(bytearray_dtype="float32", input_format="byte")
+
+
+def set_bytes(sds: StateDicts) -> torch.Tensor:
+    """Every tensor's bytes, model after model, as one uint8 tensor."""
+    return torch.cat([t.detach().cpu().reshape(-1).view(torch.uint8) for sd in sds.values()
+                      for t in sd.values()])  # fmt: skip
+
+
+def xor_bytes(new: StateDicts, parent: StateDicts) -> torch.Tensor:
+    """The XOR of each tensor's bytes with its parent's, all tensors in one uint8 tensor."""
+    a, b = set_bytes(new), set_bytes(parent)
+    if a.numel() % 4 == 0:
+        return (a.view(torch.int32) ^ b.view(torch.int32)).view(torch.uint8)
+    return a ^ b
+
+
+def _durable_write(path: Path, data: bytes | bytearray | memoryview) -> None:
+    with open(path, "wb", buffering=0) as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+class ZipNNFile:
+    """One ZipNN-compressed file holding ``plain`` (a set's bytes or its XOR delta).
+    ``recover`` reads and decompresses it; with ``parent`` (the parent set's bytes, held
+    in memory: its own read is not counted) the XOR is undone too."""
+
+    def __init__(self, root: Path, plain: torch.Tensor, parent: torch.Tensor | None = None) -> None:
+        self.root, self.plain, self.parent = root, plain, parent
+        self.path = root / "set.zipnn"
+        self.fresh: bytearray | None = None
+
+    def reset(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        self.fresh = bytearray(self.plain.numpy().tobytes())  # ZipNN rewrites its input
+
+    def save(self) -> None:
+        assert self.fresh is not None, "reset() first"
+        _durable_write(self.path, zipnn_codec().compress(self.fresh))
+        self.fresh = None
+
+    def recover(self) -> torch.Tensor:
+        out = torch.frombuffer(
+            bytearray(zipnn_codec().decompress(self.path.read_bytes())), dtype=torch.uint8
+        )
+        if self.parent is not None:
+            out = (out.view(torch.int32) ^ self.parent.view(torch.int32)).view(torch.uint8)
+        return out
+
+    def stored_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def mmcore_xor_encode(new: StateDicts, parent: StateDicts) -> int:
+    """mmcore's lossless update encoder over EVERY tensor of the set (the bytes ZipNN
+    gets): xor-planes against the parent for the whole table in one native call, then
+    one zstd frame per model, as the update path writes a changed model. Returns the
+    compressed bytes. Unchanged models are not skipped here (the update path skips
+    them by hash, before encoding)."""
+    pairs = [(t.detach().cpu(), parent[name][k]) for name, sd in new.items() for k, t in sd.items()]
+    keep = [p.detach().cpu().contiguous() for _, p in pairs]
+    news = [n.contiguous() for n, _ in pairs]
+    table = xor_planes_encode_table(
+        kernels.int64_table([t.data_ptr() for t in news]),
+        kernels.int64_table([t.data_ptr() for t in keep]),
+        kernels.int64_table([t.numel() * t.element_size() for t in news]),
+        kernels.int64_table([plane_width(t.dtype) for t in news]),
+    )
+    views = table.views()
+    plains, at = [], 0
+    for sd in new.values():
+        plains.append(b"".join(kernels.tensor_bytes(v) for v in views[at : at + len(sd)]))
+        at += len(sd)
+    return sum(len(frame) for frame in codec.compress_many(plains))
+
+
+def timed_once(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out

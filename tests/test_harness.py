@@ -1,0 +1,160 @@
+"""The benchmark harness itself (mmcore.bench.harness, python -m benchmarks.run): a tiny
+configuration runs every part, every table row is produced, every recovery is the
+set saved, and the report keeps the rest of RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("pybamm")
+pytest.importorskip("sklearn")
+
+from mmcore.bench import contenders, harness, peers, report
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = harness.CONFIGS["tiny"]
+BASELINE_ROWS = {"mmcore baseline", "torch.save, file per model", "safetensors, file per model",
+                 "safetensors, one file for the set", "raw bytes, one write (floor)"}  # fmt: skip
+UPDATE_ROWS = BASELINE_ROWS | {"mmcore update, lossless", "mmcore update, tolerance 0.0001",
+                               "mmcore provenance"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("harness")
+    written = harness.run(TINY, harness.PARTS, results=root / "results", work=root / "work",
+                          cache=root / "cache", device=torch.device("cpu"), log=lambda _: None)  # fmt: skip
+    return {"root": root, "files": written,
+            "res": {p.stem.split("-", 1)[1]: json.loads(p.read_text()) for p in written}}  # fmt: skip
+
+
+def _methods(s: dict[str, Any]) -> set[str]:
+    return {r["method"] for r in s["rows"]}
+
+
+def test_every_part_writes_its_results_file(tiny_run: dict[str, Any]) -> None:
+    assert sorted(p.name for p in tiny_run["files"]) == [
+        "tiny-battery.json", "tiny-image.json", "tiny-scale.json"]  # fmt: skip
+    assert not list((tiny_run["root"] / "work").iterdir())  # scratch stores removed
+
+
+def test_battery_rows(tiny_run: dict[str, Any]) -> None:
+    res = tiny_run["res"]["battery"]
+    first, *updates = res["sets"]
+    zipnn = peers.zipnn_version() is not None
+    assert _methods(first) == BASELINE_ROWS | ({"ZipNN, set bytes"} if zipnn else set())
+    assert [s["retrained"]["cells"] for s in updates] == [3, 12]  # 25% and 100% of 12 cells
+    for s in updates:
+        want = UPDATE_ROWS | (
+            {"ZipNN, set bytes", "ZipNN, XOR with the parent"} if zipnn else set()
+        )
+        assert _methods(s) == want
+        prov = next(r for r in s["rows"] if r["method"] == "mmcore provenance")
+        assert prov["dataset_bytes"] > 0 and prov["stored_bytes"] < prov["dataset_bytes"]
+        assert s["encoder"]["mmcore"]["ratio"] > 0
+    for s in res["sets"]:
+        assert s["metric_original"] > 0  # RMSE in mV of real (if tiny) models
+        for r in s["rows"]:
+            assert r["save_s"]["runs"] >= 1 and r["save_s"]["min"] <= r["save_s"]["median"]
+            assert r["stored_bytes"] > 0
+            if r["tolerance"] is None:
+                assert r["exact"], r["method"]  # the recovered models are the saved ones
+            else:
+                assert r["within_tolerance"] and r["max_error"] <= r["tolerance"]
+                assert r["metric"] is not None
+    assert res["training"]["rmse_mv"]["median"] > 0
+
+
+def test_image_rows(tiny_run: dict[str, Any]) -> None:
+    res = tiny_run["res"]["image"]
+    assert [(s["arch"], s["mode"]) for s in res["sets"]] == [
+        ("resnet18", "head"), ("resnet18", "all")]  # fmt: skip
+    for s in res["sets"]:
+        assert _methods(s) >= UPDATE_ROWS
+        assert all(r["exact"] for r in s["rows"] if r["tolerance"] is None)
+        assert 0 <= s["metric_original"] <= 100
+    head = res["sets"][0]
+    base = next(r for r in head["rows"] if r["method"] == "mmcore baseline")
+    upd = next(r for r in head["rows"] if r["method"] == "mmcore update, lossless")
+    assert upd["stored_bytes"] < 0.2 * base["stored_bytes"]  # only the heads changed
+
+
+def test_scale_rows(tiny_run: dict[str, Any]) -> None:
+    res = tiny_run["res"]["scale"]
+    assert [p["cells"] for p in res["points"]] == [8, 16]
+    for p in res["points"]:
+        mm = next(r for r in p["rows"] if r["method"] == "mmcore baseline")
+        assert mm["metadata_bytes_per_model"] > 0
+        assert {"raw bytes, one write (floor)", "torch.save, file per model"} <= _methods(p)
+
+
+def test_report_tables_plots_and_the_rest_of_results_md(
+    tiny_run: dict[str, Any], tmp_path: Path
+) -> None:
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Measured results\n\nkept above\n")
+    report.update_results_md(tiny_run["root"] / "results", md)
+    first = md.read_text()
+    assert first.startswith("# Measured results\n\nkept above\n")
+    assert first.count(report.BEGIN) == 1 and first.count(report.END) == 1
+    for title in ("Battery use case: `tiny`", "Image use case: `tiny`", "Scale: `tiny`"):
+        assert title in first
+    assert "| mmcore update, tolerance 0.0001 |" in first
+    md.write_text(first + "\nkept below\n")
+    report.update_results_md(tiny_run["root"] / "results", md)  # replaced, not appended
+    again = md.read_text()
+    assert again.count(report.BEGIN) == 1 and again.endswith("kept below\n")
+    pytest.importorskip("matplotlib")
+    for path in tiny_run["files"]:
+        png = report.plot(path)
+        assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_catches_a_changed_model() -> None:
+    saved = {"m": {"w": torch.ones(4), "i": torch.arange(3)}}
+    assert contenders.check(saved, {"m": {"w": torch.ones(4), "i": torch.arange(3)}}).exact
+    bad = contenders.check(saved, {"m": {"w": torch.tensor([1, 1, 1.5, 1]), "i": torch.arange(3)}})
+    assert not bad.exact and bad.max_error == 0.5
+    neg_zero = contenders.check({"m": {"w": torch.zeros(1)}}, {"m": {"w": -torch.zeros(1)}})
+    assert not neg_zero.exact  # bit for bit, not ==
+    raw = peers.set_bytes(saved)
+    assert contenders.check(saved, raw.clone()).exact
+    raw[0] ^= 1
+    assert not contenders.check(saved, raw).exact
+
+
+def test_without_zipnn_its_rows_are_skipped_with_a_note(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    monkeypatch.setattr(peers, "zipnn_version", lambda: None)
+    sds = {f"m{i}": {"w": torch.randn(8, 8)} for i in range(3)}
+    parent = {n: {"w": sd["w"] + 1} for n, sd in sds.items()}
+    res = harness.compare(TINY, tmp_path, "a set", sds, parent=parent, recipe=None, metric=None,
+                          per_model_files=False, device=torch.device("cpu"), log=lambda _: None)  # fmt: skip
+    assert not any("ZipNN" in m for m in _methods(res))
+    assert any("ZipNN rows skipped" in n for n in res["notes"])
+    assert any("one-file-per-model peers not run" in n for n in res["notes"])
+    assert "zipnn" not in res["encoder"]
+
+
+def test_zipnn_peer_round_trips_although_it_rewrites_its_input(tmp_path: Path) -> None:
+    pytest.importorskip("zipnn")
+    sds = {"a": {"w": torch.randn(1000)}, "b": {"w": torch.randn(1000)}}
+    c = contenders.ZipNNSave(tmp_path / "z", sds)
+    c.reset()
+    c.save(sds)
+    assert contenders.check(sds, c.recover()).exact
+    assert torch.equal(c.recover_one("b"), sds["b"]["w"].view(torch.uint8))
+
+
+def test_command_rejects_an_unknown_part() -> None:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--parts", "battery,nope"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown part(s) nope; the parts are battery, image, scale" in proc.stderr
