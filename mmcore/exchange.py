@@ -11,7 +11,6 @@ byte of data is used (a file is untrusted input).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .errors import InvalidArgumentError, MMCoreError
 
 SUFFIX = ".safetensors"
@@ -101,7 +101,7 @@ def encode_file(sd: StateDict) -> tuple[list[bytes | memoryview], list[torch.Ten
             "data_offsets": [at, at + n],
         }
         if n:
-            pieces.append(memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B"))
+            pieces.append(kernels.tensor_view(t))
         at += n
     head = json.dumps(entries, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # data starts 8-byte aligned

