@@ -181,7 +181,9 @@ class ModelStore:
         ``models`` maps model names to ``torch.nn.Module`` objects or state dicts.
         ``approach="baseline"`` stores every parameter; ``"update"`` stores what
         changed since ``parent`` (lossless, or within ``tolerance`` of every saved
-        element), storing a model whole once its chain of deltas would pass
+        element; normalisation statistics, tensors named ``*running_mean`` and
+        ``*running_var``, stay exact: an absolute error can turn a small variance
+        negative), storing a model whole once its chain of deltas would pass
         ``max_chain``. ``"provenance"`` stores how to re-create the models from
         ``parent`` instead of them: ``recipe`` (an ``mmcore.Recipe``) names a
         registered trainer, a dataset from ``put_dataset``, its parameters and seed;

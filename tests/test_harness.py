@@ -158,3 +158,65 @@ def test_command_rejects_an_unknown_part() -> None:
                           cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert "unknown part(s) nope; the parts are battery, image, scale" in proc.stderr
+
+
+def test_own_architectures_have_torchvisions_parameter_counts() -> None:
+    from mmcore.bench import vision
+
+    assert vision.check_param_counts() == vision.TORCHVISION_PARAMS
+    keys = list(vision.resnet50(10).state_dict())
+    assert keys[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    assert "layer1.0.downsample.0.weight" in keys and keys[-2:] == ["fc.weight", "fc.bias"]
+    assert list(vision.mobilenet_v2(10).state_dict())[-2:] == [
+        "classifier.1.weight",
+        "classifier.1.bias",
+    ]
+    with pytest.raises(ValueError, match="resnet18"):
+        vision.build("vgg16")
+
+
+def test_frozen_backbone_fine_tune_changes_only_the_head() -> None:
+    from mmcore.bench import vision
+
+    data = vision.digits(size=8, seed=0)
+    base = vision.train_base("resnet18", data, steps=1, seed=0)
+    tuned = vision.fine_tune("resnet18", base, vision.task(data, 1), mode="head", steps=2, seed=0)
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    with pytest.raises(ValueError, match="mode"):
+        vision.fine_tune("resnet18", base, data, mode="some", steps=1, seed=0)
+
+
+def test_cell_data_differs_per_cell_and_is_cached(tmp_path: Path) -> None:
+    from mmcore.bench import cells
+
+    names = [f"cell_{i}" for i in range(4)]
+    a = cells.cell_data(names, distinct=2, aged=False, seed=0, cache_dir=tmp_path)
+    assert [p.name.startswith("cells-v") for p in tmp_path.iterdir()] == [True]
+    b = cells.cell_data(names, distinct=2, aged=False, seed=0, cache_dir=tmp_path)  # from the cache
+    for n in names:
+        assert a[n]["x"].shape == (cells.ROWS, 5) and a[n]["y"].shape == (cells.ROWS, 1)
+        assert torch.equal(a[n]["x"], b[n]["x"]) and torch.equal(a[n]["y"], b[n]["y"])
+    # cell 2 is simulated cell 0 again, with its own sensor errors and noise
+    assert not torch.equal(a["cell_0"]["y"], a["cell_2"]["y"])
+    aged = cells.cell_data(names, distinct=2, aged=True, seed=1, cache_dir=tmp_path)
+    assert not torch.equal(aged["cell_0"]["y"], a["cell_0"]["y"])
+
+
+def test_compare_a_rerun(tiny_run: dict[str, Any], tmp_path: Path) -> None:
+    results = tiny_run["root"] / "results"
+    same = report.compare(results, results)
+    assert len(same) == 3 and all("within the earlier run's min-max" in line for line in same)
+    assert all("median 1.00x" in line for line in same)
+    slower = tmp_path / "slower"
+    slower.mkdir()
+    res = json.loads((results / "tiny-scale.json").read_text())
+    for p in res["points"]:
+        for r in p["rows"]:
+            r["save_s"]["median"] *= 3
+            r["stored_bytes"] += 1
+    (slower / "tiny-scale.json").write_text(json.dumps(res))
+    (line,) = report.compare(results, slower)
+    rows = sum(len(p["rows"]) for p in res["points"])
+    assert f"{rows} rows; stored bytes equal in 0" in line
+    assert f"{rows} of {2 * rows} within" in line  # the recoveries, not the slower saves

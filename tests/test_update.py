@@ -119,6 +119,26 @@ def test_twenty_lossy_versions_each_within_tolerance(store: mmcore.ModelStore) -
                 assert float((got[name][key] - t).abs().max()) <= tol, (vid, name, key)
 
 
+def test_tolerance_keeps_normalisation_statistics_exact(store: mmcore.ModelStore) -> None:
+    """Quantizing a small running variance within an absolute tolerance can make it
+    negative (a BatchNorm then gives NaN): those statistics are stored exactly."""
+    bn = torch.nn.BatchNorm1d(64)
+    bn.running_var.fill_(5e-5)  # smaller than the tolerance
+    first = {"m": {k: t.clone() for k, t in bn.state_dict().items()}}
+    v1 = store.save(first)
+    second = {"m": {k: t.clone() for k, t in first["m"].items()}}
+    second["m"]["running_var"] = torch.full((64,), 1e-5) + torch.rand(64) * 1e-5
+    second["m"]["running_mean"] = torch.rand(64) * 1e-3
+    second["m"]["weight"] = first["m"]["weight"] + torch.rand(64) * 1e-2
+    v2 = store.save(second, approach="update", parent=v1, tolerance=1e-4)
+    got = store.load(v2)["m"]
+    assert_bit_equal(got["running_var"], second["m"]["running_var"])
+    assert_bit_equal(got["running_mean"], second["m"]["running_mean"])
+    assert bool((got["running_var"] > 0).all())
+    err = float((got["weight"] - second["m"]["weight"]).abs().max())
+    assert 0 < err <= 1e-4  # the weights are quantized
+
+
 def test_added_removed_and_reshaped_models(store: mmcore.ModelStore) -> None:
     first = small_set(5)
     v1 = store.save(first)

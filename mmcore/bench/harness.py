@@ -333,6 +333,11 @@ def image_part(cfg: Config, root: Path, device: torch.device, log: Log) -> dict[
     data = vision.digits(size=cfg.image_size, seed=0)
     sets = []
     archs = []
+    # the architectures' own definitions stand in for torchvision's where it does not
+    # install beside this torch: their parameter counts must be torchvision's
+    checked = (
+        vision.check_param_counts() if vision.build(cfg.archs[0])[1] == vision.SOURCE_OWN else None
+    )
     for arch in cfg.archs:
         _, source = vision.build(arch)
         log(f"image: {arch} ({source}): training the base on digits ({cfg.base_steps} steps) ...")
@@ -357,7 +362,7 @@ def image_part(cfg: Config, root: Path, device: torch.device, log: Log) -> dict[
             steps = cfg.head_steps if mode == "head" else cfg.all_steps
             log(f"image: {arch}: {cfg.finetunes} fine-tunes, {label} ({steps} steps) ...")
             params: dict[str, Any] = {"arch": arch, "mode": mode, "steps": steps,
-                                      "lr": vision.FINETUNE_LR[mode], "batch_size": 64}  # fmt: skip
+                                      "lr": vision.finetune_lr(arch, mode), "batch_size": 64}  # fmt: skip
             task_data = {n: {"x": tasks[i].train_x, "y": tasks[i].train_y}
                          for i, n in enumerate(names)}  # fmt: skip
             t0 = time.perf_counter()
@@ -379,7 +384,7 @@ def image_part(cfg: Config, root: Path, device: torch.device, log: Log) -> dict[
             sets.append(res)
         archs.append(info)
     return {"part": "image", "metric": "mean top-1 (%) of the set's classifiers on their tasks",
-            "archs": archs, "sets": sets}  # fmt: skip
+            "archs": archs, "sets": sets, "param_counts_checked": checked}  # fmt: skip
 
 
 def _parameters(sd: dict[str, torch.Tensor]) -> int:
@@ -498,6 +503,8 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
     p.add_argument("--cache", type=Path,
                    default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmcore-bench",
                    help="where simulated battery data is kept between runs")  # fmt: skip
+    p.add_argument("--compare", type=Path, default=None, metavar="DIR",
+                   help="after the run, compare its results with an earlier run's results directory")  # fmt: skip
     p.add_argument("--report-only", action="store_true",
                    help="only regenerate plots and RESULTS.md from the results files")  # fmt: skip
     args = p.parse_args(argv)
@@ -521,5 +528,8 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
             print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
             break
     report.update_results_md(args.results, args.results_md)
+    if args.compare is not None:
+        for line in report.compare(args.compare, args.results):
+            print(line)
     print(f"tables: {args.results_md}; results and plots: {args.results}")
     return 0

@@ -136,6 +136,10 @@ def image_section(res: dict[str, Any], tag: str) -> list[str]:
     return out
 
 
+def _meta(v: float | None) -> str:
+    return "- (compressed)" if v is None else f"{v:.1f}"
+
+
 def scale_section(res: dict[str, Any], tag: str) -> list[str]:
     head = "| cells | method | save s | recover s | one model ms | metadata B/model | save GB/s | recover GB/s |"
     out = [f"{res['note'][0].upper()}{res['note'][1:]}.", "", head, "|" + "---|" * 8]
@@ -143,7 +147,7 @@ def scale_section(res: dict[str, Any], tag: str) -> list[str]:
         for r in p["rows"]:
             out.append(
                 f"| {p['cells']:,} | {r['method']} | {_t(r['save_s'])} | {_t(r['recover_s'])} | "
-                f"{_t(r['recover_one_ms'], digits=2)} | {r['metadata_bytes_per_model']:.1f} | "
+                f"{_t(r['recover_one_ms'], digits=2)} | {_meta(r['metadata_bytes_per_model'])} | "
                 f"{r['save_gbps']:.2f} | {r['recover_gbps']:.2f} |"
             )
     out += ["", f"![scale](results/{tag}-scale.png)"]
@@ -226,9 +230,12 @@ def plot(path: Path) -> Path | None:
             xs = [n for n, _ in pts]
             axes[0].plot(xs, [r["save_s"]["median"] for _, r in pts], "o-", label=method)
             axes[1].plot(xs, [r["recover_s"]["median"] for _, r in pts], "o-", label=method)
-            axes[2].plot(
-                xs, [max(r["metadata_bytes_per_model"], 0.1) for _, r in pts], "o-", label=method
-            )
+            meta = [(n, r["metadata_bytes_per_model"]) for n, r in pts]
+            meta = [(n, v) for n, v in meta if v is not None]  # none for a compressor
+            if meta:
+                axes[2].plot(
+                    [n for n, _ in meta], [max(v, 0.1) for _, v in meta], "o-", label=method
+                )
         for ax, title in zip(
             axes,
             ("save (s)", "recover the set (s)", "stored bytes per model beyond its parameters"),
@@ -334,3 +341,43 @@ def update_results_md(results_dir: Path, results_md: Path) -> None:
     tmp = results_md.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(results_md)
+
+
+# -- reruns ---------------------------------------------------------------------------------------
+
+
+def _rows_by_key(res: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    groups = res.get("sets") or [
+        {"set": f"{p['cells']:,} cells", **p} for p in res.get("points", [])
+    ]
+    return {(s["set"], r["method"]): r for s in groups for r in s["rows"]}
+
+
+def compare(old_dir: Path, new_dir: Path) -> list[str]:
+    """How a rerun's results compare with an earlier run's, file by file: stored bytes
+    and task metrics (deterministic: they must match), and each timing's ratio of
+    medians (new / old) with the share inside the earlier run's spread widened by 25%."""
+    lines = []
+    for new_path in sorted(new_dir.glob("*.json")):
+        old_path = old_dir / new_path.name
+        if not old_path.exists():
+            continue
+        old, new = (_rows_by_key(json.loads(p.read_text())) for p in (old_path, new_path))
+        keys = [k for k in new if k in old]
+        same_bytes = sum(old[k]["stored_bytes"] == new[k]["stored_bytes"] for k in keys)
+        same_metric = sum(old[k].get("metric") == new[k].get("metric") for k in keys)
+        ratios, inside = [], 0
+        for k in keys:
+            for what in ("save_s", "recover_s"):
+                o, n = old[k][what], new[k][what]
+                ratios.append(n["median"] / o["median"])
+                inside += 0.8 * o["min"] <= n["median"] <= 1.25 * o["max"]
+        ratios.sort()
+        mid = ratios[len(ratios) // 2]
+        lines.append(
+            f"{new_path.stem}: {len(keys)} rows; stored bytes equal in {same_bytes}, task metric "
+            f"equal in {same_metric}; timing medians new/old: median {mid:.2f}x, range "
+            f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x, {inside} of {len(ratios)} within the earlier "
+            "run's min-max widened by 25%"
+        )
+    return lines
