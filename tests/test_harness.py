@@ -220,3 +220,22 @@ def test_compare_a_rerun(tiny_run: dict[str, Any], tmp_path: Path) -> None:
     rows = sum(len(p["rows"]) for p in res["points"])
     assert f"{rows} rows; stored bytes equal in 0" in line
     assert f"{rows} of {2 * rows} within" in line  # the recoveries, not the slower saves
+
+
+def test_a_failing_peer_gives_a_row_saying_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mmcore.bench import methods
+
+    def boom(self: Any, sds: Any) -> None:
+        raise OSError("too many open files")
+
+    monkeypatch.setattr(methods.SafetensorsOneFile, "save", boom)
+    sds = {f"m{i}": {"w": torch.randn(8, 8)} for i in range(3)}
+    res = harness.compare(TINY, tmp_path, "a set", sds, parent=None, recipe=None, metric=None,
+                          per_model_files=False, device=torch.device("cpu"), log=lambda _: None)  # fmt: skip
+    failed = next(r for r in res["rows"] if r["method"] == "safetensors, one file for the set")
+    assert failed["failed"] == "OSError: too many open files"
+    assert all("failed" not in r for r in res["rows"] if r is not failed)
+    lines = report.set_table(res, "metric", 2)
+    assert any("| failed: OSError: too many open files |" in line for line in lines)

@@ -246,7 +246,26 @@ class Measured:
 def measure(c: Contender, sds: StateDicts, *, repeat: int, one_samples: int, log: Log,
             slow_repeat: int = 1) -> Measured:  # fmt: skip
     """Saves ``sds`` with ``c`` (``repeat`` times, each after an untimed reset), recovers
-    the whole set and single models, checks the recovery and returns the row."""
+    the whole set and single models, checks the recovery and returns the row. A peer
+    that fails (safetensors cannot map 100,000 files in one process, say) gives a row
+    saying how it failed; mmcore's failures propagate."""
+    if c.family == "mmcore":
+        return _measure(
+            c, sds, repeat=repeat, one_samples=one_samples, log=log, slow_repeat=slow_repeat
+        )
+    try:
+        return _measure(
+            c, sds, repeat=repeat, one_samples=one_samples, log=log, slow_repeat=slow_repeat
+        )
+    except Exception as exc:  # a peer's limit is a result
+        c.close()
+        log(f"    {c.name}: failed: {type(exc).__name__}: {exc}")
+        return Measured({"method": c.name, "family": c.family, "tolerance": c.tolerance,
+                         "failed": f"{type(exc).__name__}: {str(exc)[:200]}"}, None)  # fmt: skip
+
+
+def _measure(c: Contender, sds: StateDicts, *, repeat: int, one_samples: int, log: Log,
+             slow_repeat: int) -> Measured:  # fmt: skip
     reps = slow_repeat if c.slow else repeat
     if isinstance(c, Peer):
         c.prepare(sds)
@@ -294,9 +313,11 @@ def add_rates(rows: list[dict[str, Any]], logical: int) -> None:
     """GB/s of each row (the set's logical bytes over its median time) and that rate as a
     fraction of the raw-bytes floor's, measured in the same run; stored bytes as a
     fraction of mmcore baseline's."""
-    raw = next((r for r in rows if r["family"] == "floor"), None)
+    raw = next((r for r in rows if r["family"] == "floor" and "failed" not in r), None)
     base = next((r for r in rows if r["method"] == "mmcore baseline"), None)
     for r in rows:
+        if "failed" in r:
+            continue
         for what in ("save", "recover"):
             t = r[f"{what}_s"]["median"]
             r[f"{what}_gbps"] = logical / t / 1e9 if t > 0 else None

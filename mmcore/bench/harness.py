@@ -89,7 +89,7 @@ CONFIGS = {
                    head_steps=60, all_steps=40, finetunes=10,
                    provenance_sets=("resnet18/head", "resnet18/all", "resnet50/head",
                                     "mobilenet_v2/head"),
-                   scale_cells=(1_000, 10_000, 100_000), per_model_files_up_to=100_000),
+                   scale_cells=(1_000, 10_000, 100_000), per_model_files_up_to=10_000),
     "quick": Config("quick", repeat=3, slow_repeat=1, one_samples=20, cells=1_000, distinct=16,
                     epochs=30, retrain_epochs=30, lr=0.05, batch_size=16,
                     fractions=(0.01, 0.1, 1.0), tolerances=(1e-5, 1e-4, 1e-3),
@@ -195,6 +195,9 @@ def compare(cfg: Config, root: Path, title: str, sds: StateDicts, *, parent: Sta
     for c in cs:
         m = ct.measure(c, sds, repeat=cfg.repeat, slow_repeat=cfg.slow_repeat,
                        one_samples=cfg.one_samples, log=log)  # fmt: skip
+        if "failed" in m.row:
+            rows.append(m.row)
+            continue
         if metric is not None and not m.row["exact"] and not isinstance(m.recovered, torch.Tensor):
             m.row["metric"] = metric(m.recovered)
         elif original is not None and m.row["exact"]:
@@ -417,6 +420,9 @@ def scale_part(cfg: Config, root: Path, device: torch.device, log: Log) -> dict[
         for c in cs:
             m = ct.measure(c, sds, repeat=cfg.repeat, slow_repeat=cfg.slow_repeat,
                            one_samples=cfg.one_samples, log=log)  # fmt: skip
+            if "failed" in m.row:
+                rows.append(m.row)
+                continue
             if not m.row["exact"]:
                 raise AssertionError(f"{c.name} did not recover {n} cells exactly")
             # what a format stores beyond the parameters; not defined for a compressor

@@ -58,6 +58,9 @@ def set_table(s: dict[str, Any], metric_name: str, digits: int) -> list[str]:
             f"| recover, x raw rate | max error | {metric_name} (change) |")  # fmt: skip
     lines = [head, "|" + "---|" * 10]
     for r in s["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['method']} | failed: {r['failed']} |" + " |" * 8)
+            continue
         stored = _mb(r["stored_bytes"])
         if r.get("dataset_bytes"):
             stored += f" + dataset {_mb(r['dataset_bytes'])}"
@@ -145,6 +148,9 @@ def scale_section(res: dict[str, Any], tag: str) -> list[str]:
     out = [f"{res['note'][0].upper()}{res['note'][1:]}.", "", head, "|" + "---|" * 8]
     for p in res["points"]:
         for r in p["rows"]:
+            if "failed" in r:
+                out.append(f"| {p['cells']:,} | {r['method']} | failed: {r['failed']} |" + " |" * 5)
+                continue
             out.append(
                 f"| {p['cells']:,} | {r['method']} | {_t(r['save_s'])} | {_t(r['recover_s'])} | "
                 f"{_t(r['recover_one_ms'], digits=2)} | {_meta(r['metadata_bytes_per_model'])} | "
@@ -158,7 +164,7 @@ def scale_section(res: dict[str, Any], tag: str) -> list[str]:
 
 
 def _row(s: dict[str, Any], method: str) -> dict[str, Any] | None:
-    return next((r for r in s["rows"] if r["method"] == method), None)
+    return next((r for r in s["rows"] if r["method"] == method and "failed" not in r), None)
 
 
 def bars(res: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -167,7 +173,7 @@ def bars(res: dict[str, Any]) -> list[tuple[str, bool]]:
         s = res["sets"][0]
         mm, raw = _row(s, "mmcore baseline"), _row(s, "raw bytes, one write (floor)")
         assert mm is not None and raw is not None
-        others = [r for r in s["rows"] if r["family"] == "peer" and r["exact"]]
+        others = [r for r in s["rows"] if r["family"] == "peer" and r.get("exact")]
         for what in ("save", "recover"):
             best = min(others, key=lambda r: r[f"{what}_s"]["median"], default=None)
             if best is not None:
@@ -225,7 +231,10 @@ def plot(path: Path) -> Path | None:
         methods = [r["method"] for r in res["points"][0]["rows"]]
         for method in methods:
             pts = [
-                (p["cells"], r) for p in res["points"] for r in p["rows"] if r["method"] == method
+                (p["cells"], r)
+                for p in res["points"]
+                for r in p["rows"]
+                if r["method"] == method and "failed" not in r
             ]
             xs = [n for n, _ in pts]
             axes[0].plot(xs, [r["save_s"]["median"] for _, r in pts], "o-", label=method)
@@ -250,7 +259,7 @@ def plot(path: Path) -> Path | None:
         sets = res["sets"]
         fig, axes = plt.subplots(len(sets), 2, figsize=(14, 2.6 * len(sets)), squeeze=False)
         for (ax_b, ax_t), s in zip(axes, sets):
-            rows = s["rows"]
+            rows = [r for r in s["rows"] if "failed" not in r]
             labels = [r["method"] for r in rows]
             ys = range(len(rows))
             ax_b.barh(ys, [r["stored_bytes"] for r in rows], color="tab:blue")
@@ -363,7 +372,7 @@ def compare(old_dir: Path, new_dir: Path) -> list[str]:
         if not old_path.exists():
             continue
         old, new = (_rows_by_key(json.loads(p.read_text())) for p in (old_path, new_path))
-        keys = [k for k in new if k in old]
+        keys = [k for k in new if k in old and "failed" not in new[k] and "failed" not in old[k]]
         same_bytes = sum(old[k]["stored_bytes"] == new[k]["stored_bytes"] for k in keys)
         same_metric = sum(old[k].get("metric") == new[k].get("metric") for k in keys)
         ratios, inside = [], 0
