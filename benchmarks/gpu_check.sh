@@ -19,9 +19,10 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl rocksdict blake3 zstandard zipnn
-# and the harness's simulated battery cells (PyBaMM is not there; the data is):
-#   echo /.bench-cache/ >> .git/info/exclude
-#   .venv/bin/python -m benchmarks.run --quick --parts battery --cache .bench-cache
+# and the harness's simulated battery cells (PyBaMM is not there; the data is;
+# .bench-cache is git-ignored):
+#   .venv/bin/python -m benchmarks.run --quick --parts battery --cache .bench-cache \
+#     --results /tmp/cells-only --results-md /tmp/cells-only.md
 # and carry `.whl` and `.bench-cache` with the call. MMCORE_WHEEL=path installs a wheel built
 # elsewhere instead of building here (say which in RESULTS.md). FUSE is not
 # installed there, so the power-loss test skips with its reason.
