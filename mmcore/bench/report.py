@@ -327,8 +327,8 @@ def section(results_dir: Path) -> str:
         if checks:
             out.append("")
             out.append(
-                "Bars of issue 10 "
-                + ("(stated for the full configuration):" if cfg["name"] != "full" else ":")
+                "Bars of issue 10"
+                + (" (stated for the full configuration):" if cfg["name"] != "full" else ":")
             )
             out.append("")
             out += [f"- [{'ok' if ok else 'MISSED'}] {text}" for text, ok in checks]
