@@ -195,6 +195,7 @@ def compare(cfg: Config, root: Path, title: str, sds: StateDicts, *, parent: Sta
     for c in cs:
         m = ct.measure(c, sds, repeat=cfg.repeat, slow_repeat=cfg.slow_repeat,
                        one_samples=cfg.one_samples, log=log)  # fmt: skip
+        shutil.rmtree(c.root, ignore_errors=True)  # measured: its files are not needed
         if "failed" in m.row:
             rows.append(m.row)
             continue
@@ -208,7 +209,6 @@ def compare(cfg: Config, root: Path, title: str, sds: StateDicts, *, parent: Sta
             raise AssertionError(f"{c.name} did not recover {title} exactly")
         rows.append(m.row)
         del m
-        shutil.rmtree(c.root, ignore_errors=True)
     logical = ct.set_nbytes(sds)
     ct.add_rates(rows, logical)
     out: dict[str, Any] = {"set": title, "models": len(sds), "logical_bytes": logical,
@@ -407,33 +407,14 @@ def scale_part(cfg: Config, root: Path, device: torch.device, log: Log) -> dict[
         sds = battery.make_cells(n, seed=n)
         if device.type != "cpu":
             sds = {m: {k: t.to(device) for k, t in sd.items()} for m, sd in sds.items()}
-        cs: list[ct.Contender] = [ct.MMCoreSave(root / "mm", "baseline", device=device),
-                                  ct.Peer(root / "st-set", methods.SafetensorsOneFile)]  # fmt: skip
-        if n <= cfg.per_model_files_up_to:
-            cs += [ct.Peer(root / "torch", methods.TorchSavePerModel),
-                   ct.Peer(root / "st", methods.SafetensorsPerModel)]  # fmt: skip
-        if peers.zipnn_version() is not None:
-            cs.append(ct.ZipNNSave(root / "zipnn", sds))
-        cs.append(ct.Peer(root / "raw", methods.Raw))
-        rows = []
-        logical = ct.set_nbytes(sds)
-        for c in cs:
-            m = ct.measure(c, sds, repeat=cfg.repeat, slow_repeat=cfg.slow_repeat,
-                           one_samples=cfg.one_samples, log=log)  # fmt: skip
-            if "failed" in m.row:
-                rows.append(m.row)
-                continue
-            if not m.row["exact"]:
-                raise AssertionError(f"{c.name} did not recover {n} cells exactly")
-            # what a format stores beyond the parameters; not defined for a compressor
-            compressed = isinstance(c, ct.ZipNNSave)
-            m.row["metadata_bytes_per_model"] = (
-                None if compressed else (m.row["stored_bytes"] - logical) / n
-            )
-            rows.append(m.row)
-            shutil.rmtree(c.root, ignore_errors=True)
-        ct.add_rates(rows, logical)
-        points.append({"cells": n, "logical_bytes": logical, "rows": rows})
+        res = compare(cfg, root, f"{n:,} cells", sds, parent=None, recipe=None, metric=None,
+                      per_model_files=n <= cfg.per_model_files_up_to, device=device, log=log)  # fmt: skip
+        for r in res["rows"]:
+            if "failed" not in r:  # what a format stores beyond the parameters
+                extra = r["stored_bytes"] - res["logical_bytes"]
+                r["metadata_bytes_per_model"] = None if r["compressed"] else extra / n
+        points.append({"cells": n, "logical_bytes": res["logical_bytes"], "rows": res["rows"],
+                       "notes": res["notes"]})  # fmt: skip
         del sds
     return {"part": "scale", "note": "freshly initialised cells (the baseline path stores bytes "
             "as they are: values do not change its cost)", "points": points}  # fmt: skip

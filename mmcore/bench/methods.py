@@ -24,6 +24,20 @@ def _sync_dir(path: Path) -> None:
     os.close(fd)
 
 
+def write_durable(path: Path, data: bytes | bytearray | memoryview) -> None:
+    """Writes ``data`` as the file ``path`` in one write, then fsyncs it and its directory."""
+    with open(path, "wb", buffering=0) as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    _sync_dir(path.parent)
+
+
+def set_bytes(sds: StateDicts) -> torch.Tensor:
+    """Every tensor's bytes, model after model, as one uint8 tensor on the CPU."""
+    return torch.cat([t.detach().cpu().reshape(-1).view(torch.uint8) for sd in sds.values()
+                      for t in sd.values()])  # fmt: skip
+
+
 def _fsync_files(paths: list[Path]) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
@@ -52,21 +66,15 @@ class Raw(Method):
     name = "raw bytes, one write (floor)"
 
     def prepare(self, sds: StateDicts) -> None:
-        flat = [t.reshape(-1).view(torch.uint8) for sd in sds.values() for t in sd.values()]
-        self.buf = torch.cat(flat).cpu()
+        self.buf = set_bytes(sds)
         self.model_bytes = sum(
             t.numel() * t.element_size() for t in next(iter(sds.values())).values()
         )
         self.index = {name: i for i, name in enumerate(sds)}
 
     def save(self, sds: StateDicts) -> None:
-        path = self.root / "params.bin"
-        with open(path, "wb", buffering=0) as f:
-            f.write(
-                memoryview((ctypes.c_char * self.buf.numel()).from_address(self.buf.data_ptr()))
-            )
-            os.fsync(f.fileno())
-        _sync_dir(self.root)
+        view = memoryview((ctypes.c_char * self.buf.numel()).from_address(self.buf.data_ptr()))
+        write_durable(self.root / "params.bin", view)
 
     def _read(self, offset: int, n: int) -> torch.Tensor:
         buf = torch.empty(n, dtype=torch.uint8)

@@ -4,19 +4,16 @@ update stores before entropy coding). And mmcore's own encoder of those XOR
 deltas, timed alone, for the like-for-like comparison.
 
 ZipNN 0.5.4 rewrites the buffer it compresses in place (seen here: the bytes
-passed to ``compress`` differ afterwards); each save hands it a fresh copy,
+passed to ``compress`` differ afterwards); the harness hands it a fresh copy,
 made before the clock starts.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +21,7 @@ import torch
 from .. import codec, kernels
 from ..kernels.delta import plane_width
 from ..kernels.xor_planes import xor_planes_encode_table
+from .methods import set_bytes
 
 StateDicts = dict[str, dict[str, torch.Tensor]]
 
@@ -53,59 +51,12 @@ def zipnn_codec() -> Any:
     return _zipnn_module().ZipNN(bytearray_dtype="float32", input_format="byte")
 
 
-def set_bytes(sds: StateDicts) -> torch.Tensor:
-    """Every tensor's bytes, model after model, as one uint8 tensor."""
-    return torch.cat([t.detach().cpu().reshape(-1).view(torch.uint8) for sd in sds.values()
-                      for t in sd.values()])  # fmt: skip
-
-
 def xor_bytes(new: StateDicts, parent: StateDicts) -> torch.Tensor:
     """The XOR of each tensor's bytes with its parent's, all tensors in one uint8 tensor."""
     a, b = set_bytes(new), set_bytes(parent)
     if a.numel() % 4 == 0:
         return (a.view(torch.int32) ^ b.view(torch.int32)).view(torch.uint8)
     return a ^ b
-
-
-def _durable_write(path: Path, data: bytes | bytearray | memoryview) -> None:
-    with open(path, "wb", buffering=0) as f:
-        f.write(data)
-        os.fsync(f.fileno())
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-class ZipNNFile:
-    """One ZipNN-compressed file holding ``plain`` (a set's bytes or its XOR delta).
-    ``recover`` reads and decompresses it; with ``parent`` (the parent set's bytes, held
-    in memory: its own read is not counted) the XOR is undone too."""
-
-    def __init__(self, root: Path, plain: torch.Tensor, parent: torch.Tensor | None = None) -> None:
-        self.root, self.plain, self.parent = root, plain, parent
-        self.path = root / "set.zipnn"
-        self.fresh: bytearray | None = None
-
-    def reset(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(parents=True)
-        self.fresh = bytearray(self.plain.numpy().tobytes())  # ZipNN rewrites its input
-
-    def save(self) -> None:
-        assert self.fresh is not None, "reset() first"
-        _durable_write(self.path, zipnn_codec().compress(self.fresh))
-        self.fresh = None
-
-    def recover(self) -> torch.Tensor:
-        out = torch.frombuffer(
-            bytearray(zipnn_codec().decompress(self.path.read_bytes())), dtype=torch.uint8
-        )
-        if self.parent is not None:
-            out = (out.view(torch.int32) ^ self.parent.view(torch.int32)).view(torch.uint8)
-        return out
-
-    def stored_bytes(self) -> int:
-        return self.path.stat().st_size
 
 
 class MMCoreXorEncoder:
