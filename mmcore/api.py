@@ -6,7 +6,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from .errors import (
     DependentsError,
     IntegrityError,
     InvalidArgumentError,
+    InvalidModelSetError,
     MMCoreError,
     ModelNotFoundError,
     ReadOnlyStoreError,
@@ -28,12 +29,14 @@ from .errors import (
     VersionNotFoundError,
 )
 from .manifest import APPROACHES, ContentRecord, DatasetRecord, Manifest
+from .modelset import Schema, StackedInput
 from .paths import baseline, chain, retrain, update
 from .paths.commit import swap_references, version_blobs, version_records
 from .paths.delta_blob import DeltaTable
-from .paths.reader import BlobReader, StateDict
+from .paths.reader import BlobReader, StateDict, record_columns
 from .provenance import Recipe
 from .record import ref_target
+from .stacked import Stack, StackedSet, build_modules
 from .store import Catalog, LocalPackTier, StoreLayout, compact
 from .store.packs import PackWriter
 from .versions import VerifyReport, VersionInfo
@@ -354,7 +357,9 @@ class ModelStore:
         dev = _args.device(device)
         manifest = self.manifest(version)
         if manifest.provenance is not None:
-            got = retrain.recover(self, manifest, device=dev, allow_code_change=allow_code_change)
+            got = retrain.recover(
+                self, manifest, device=dev, allow_code_change=allow_code_change
+            ).state_dicts()
             if models is None:
                 return got
             names = _args.name_list(models, "models")
@@ -377,6 +382,93 @@ class ModelStore:
             for mi, state in zip(group.positions(), states):
                 out[mi] = state
         return {name: state for name, state in zip(manifest.models, out) if state is not None}
+
+    def load_stacked(
+        self,
+        version: str,
+        *,
+        device: str | torch.device = "cpu",
+        verify: bool = True,
+        allow_code_change: bool = False,
+    ) -> StackedSet:
+        """Recovers a whole set as stacks: per architecture group, the model names and
+        {tensor name: [N, ...] tensor} (an ``mmcore.stacked.StackedSet``; a set of one
+        architecture also answers ``.names``, ``.params`` and ``.forward``).
+
+        On the CPU a baseline group's tensors are strided views of its stored records:
+        no copy (copy-on-write, as ``load``); an update version's models are gathered
+        into one buffer per group by one native call; a provenance version is retrained
+        (stacked where its trainer is). On a device: one copy per group. With
+        ``verify`` (default) every tensor's BLAKE3 is checked."""
+        _args.flag(verify, "verify")
+        _args.flag(allow_code_change, "allow_code_change")
+        dev = _args.device(device)
+        manifest = self.manifest(version)
+        if manifest.provenance is not None:
+            return retrain.recover(self, manifest, device=dev, allow_code_change=allow_code_change)
+        if manifest.update is not None:
+            return StackedSet([
+                _stack_of(names, buf, schema, dev)
+                for schema, names, buf in chain.recover_records(self, manifest.id, verify=verify)
+            ])  # fmt: skip
+        return self._stacked_groups(manifest, verify=verify, device=dev)
+
+    def _stacked_groups(
+        self, manifest: Manifest, *, verify: bool, device: torch.device
+    ) -> StackedSet:
+        """The groups of a baseline manifest (or a dataset's) as stacks."""
+        stacks = []
+        for group in manifest.groups:
+            buf = self._reader.read_records(manifest, group, verify=verify, pool=self._pool)
+            names = [manifest.models[i] for i in group.positions()]
+            stacks.append(_stack_of(names, buf, group.schema, device))
+        return StackedSet(stacks)
+
+    def save_stacked(self, names: Any, params: Mapping[str, torch.Tensor] | None = None,
+                     **kwargs: Any) -> str:  # fmt: skip
+        """Saves a set given as stacked tensors and returns the version id, as ``save``
+        does with the same keywords (approach, parent, ref, message, tolerance, ...).
+
+        ``names`` (N model names) with ``params`` ({tensor name: [N, ...] tensor}, on
+        the CPU or one GPU) is one architecture; a ``Stack`` or ``StackedSet`` (from
+        ``load_stacked``) is passed alone. The version is the one saving
+        ``{names[i]: {k: params[k][i]}}`` gives, bit for bit; a baseline is written
+        from address tables over the stacks' strides, with no step per model."""
+        parts = _stack_parts(names) if params is None else [(names, params)]
+        return self.save(StackedInput(parts), **kwargs)
+
+    def load_modules(
+        self,
+        version: str,
+        factory: Callable[[str], torch.nn.Module] | torch.nn.Module,
+        *,
+        device: str | torch.device = "cpu",
+        verify: bool = True,
+        allow_code_change: bool = False,
+    ) -> dict[str, torch.nn.Module]:
+        """Recovers a set as ``nn.Module`` objects, {name: module}, group by group (a set
+        of one architecture: in the version's order).
+
+        ``factory(name)`` builds an empty module of a group's architecture (called once
+        per architecture, with the group's first model's name; ``torch.device("meta")``
+        construction works and is fastest), or pass one template module. It is checked
+        against the stored tensors as a strict ``load_state_dict`` would; every model is
+        then a clone of it (same class, attributes, ``training`` flag, ``requires_grad``,
+        shared parameters shared) whose parameters and buffers are that model's
+        recovered tensors (views of the group's records, copy-on-write), without running
+        ``__init__`` per model: the modules a loop of ``factory()`` and
+        ``load_state_dict`` makes, many times faster."""
+        if not (callable(factory) or isinstance(factory, torch.nn.Module)):
+            raise InvalidArgumentError(
+                f"factory must be a callable returning a torch.nn.Module (or a module), got {type(factory).__name__}"
+            )
+        stacks = self.load_stacked(
+            version, device=device, verify=verify, allow_code_change=allow_code_change
+        )
+        built: dict[str, torch.nn.Module] = {}
+        for g in stacks.groups:
+            built.update(build_modules(g, factory))
+        return built
 
     def _load_update(self, manifest: Manifest, names: list[str] | None, device: torch.device,
                      verify: bool) -> dict[str, StateDict]:  # fmt: skip
@@ -707,6 +799,23 @@ class ModelStore:
         """Bytes the whole store occupies on disk: packs plus catalog."""
         packs = sum(p.stat().st_size for p in self._layout.packs.glob("*.pack"))
         return packs + self.catalog.approximate_bytes()
+
+
+def _stack_of(names: list[str], buf: torch.Tensor, schema: Schema, device: torch.device) -> Stack:
+    """The stack viewing ``buf`` (records of ``schema``), moved to ``device`` in one copy."""
+    stack = Stack(names, record_columns(buf, schema, len(names)), records=(buf, schema))
+    return stack.to(device)
+
+
+def _stack_parts(stacks: Any) -> list[tuple[Any, Any]]:
+    if isinstance(stacks, Stack):
+        return [(stacks.names, stacks.params)]
+    if isinstance(stacks, StackedSet):
+        return [(g.names, g.params) for g in stacks.groups]
+    raise InvalidModelSetError(
+        "save_stacked takes names and {tensor name: [models, ...] tensor}, or a Stack or "
+        f"StackedSet alone; got {type(stacks).__name__} and no params"
+    )
 
 
 def _refuse_missing(vid: str, missing: list[str]) -> None:

@@ -34,6 +34,11 @@ class Schema:
     stride: int  # bytes from one model's record to the next
     align: int
 
+    def layout_key(self) -> tuple[Any, ...]:
+        """Equal for schemas of the same layout (versions along a chain hold equal
+        schemas as distinct objects)."""
+        return (tuple((t.name, t.dtype, t.shape, t.offset) for t in self.tensors), self.stride)
+
     def encode(self) -> dict[str, Any]:
         return {
             "tensors": [[t.name, t.dtype, list(t.shape), t.offset, t.nbytes] for t in self.tensors],
@@ -88,9 +93,59 @@ def _check_utf8(text: str, what: str) -> None:
         ) from None
 
 
+_PLAIN_CLASSES: dict[type, bool] = {}
+
+
+def _plain(cls: type) -> bool:
+    """Whether ``cls`` saves its state as ``nn.Module`` does: no override of
+    ``state_dict``, ``_save_to_state_dict`` or ``get_extra_state``."""
+    plain = _PLAIN_CLASSES.get(cls)
+    if plain is None:
+        base = torch.nn.Module
+        plain = _PLAIN_CLASSES[cls] = all(
+            getattr(cls, attr, None) is getattr(base, attr, None)
+            for attr in ("state_dict", "_save_to_state_dict", "get_extra_state")
+        )
+    return plain
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()``: the same names, order and tensors (detached), read
+    from the modules' parameter and buffer tables directly. ``state_dict()`` costs
+    about 50 us per small module in its per-submodule hooks and calls; where a
+    module class or instance customises saving (an override, hooks, extra state),
+    this is ``state_dict()`` itself."""
+    out: dict[str, torch.Tensor] = {}
+
+    def walk(m: torch.nn.Module, prefix: str) -> None:
+        d = m.__dict__
+        if not _plain(type(m)) or d.get("_state_dict_hooks") or d.get("_state_dict_pre_hooks"):
+            raise _NotPlain
+        for key, p in d["_parameters"].items():
+            if p is not None:
+                out[prefix + key] = p.detach()
+        skip = d["_non_persistent_buffers_set"]
+        for key, b in d["_buffers"].items():
+            if b is not None and key not in skip:
+                out[prefix + key] = b.detach()
+        for key, child in d["_modules"].items():
+            if child is not None:
+                walk(child, prefix + key + ".")
+
+    try:
+        walk(module, "")
+    except (_NotPlain, KeyError):  # KeyError: a torch whose modules keep other tables
+        return dict(module.state_dict(keep_vars=False))
+    return out
+
+
 def _state_dict(name: str, value: Any) -> Mapping[str, Any]:
     if isinstance(value, torch.nn.Module):
-        return value.state_dict(keep_vars=False)
+        return module_state(value)
     if isinstance(value, Mapping):
         return value
     raise InvalidModelSetError(
@@ -171,6 +226,9 @@ def iter_models(models: Any, *, keep_cuda: bool = False) -> Iterator[ModelEntry]
     Sources are the caller's own tensors wherever no copy was needed: a save reads
     them more than once (hash, encode, write), so they must not change during it.
     """
+    if isinstance(models, StackedInput):  # already validated: one entry per model row
+        yield from models.entries(keep_cuda)
+        return
     seen: set[str] = set()
     tensor_type = torch.Tensor
     complex_dtypes = dtypes.COMPLEX
@@ -231,10 +289,132 @@ class Grouper:
         self._by_key: dict[Any, int] = {}
 
     def group_of(self, entry: ModelEntry) -> int:
-        key = (entry.keys, entry.signature)
+        return self.group_of_layout(entry.keys, entry.signature, entry.name)
+
+    def group_of_layout(self, keys: tuple[str, ...],
+                        signature: tuple[tuple[torch.dtype, torch.Size], ...], model: str) -> int:  # fmt: skip
+        key = (keys, signature)
         gi = self._by_key.get(key)
         if gi is None:
             gi = len(self.schemas)
             self._by_key[key] = gi
-            self.schemas.append(_schema_for(entry.keys, entry.signature, entry.name))
+            self.schemas.append(_schema_for(keys, signature, model))
         return gi
+
+
+@dataclass
+class StackPart:
+    """Models of one architecture given stacked: row i of every column is model i's tensor."""
+
+    names: list[str]
+    keys: tuple[str, ...]
+    columns: list[torch.Tensor]  # [N, ...] each; every row contiguous; all on one device
+    signature: tuple[tuple[torch.dtype, torch.Size], ...]
+
+    @property
+    def device(self) -> torch.device:
+        return self.columns[0].device
+
+    def row_table(self) -> torch.Tensor:
+        """(N, tensors) int64: the address of each model's tensor, row by row."""
+        n = len(self.names)
+        bases = torch.tensor([c.data_ptr() for c in self.columns], dtype=torch.int64)
+        steps = torch.tensor([c.stride(0) * c.element_size() if n > 1 else 0 for c in self.columns],
+                             dtype=torch.int64)  # fmt: skip
+        return torch.arange(n, dtype=torch.int64).unsqueeze(1) * steps + bases
+
+    def on_host(self) -> StackPart:
+        if self.device.type == "cpu":
+            return self
+        return StackPart(self.names, self.keys, [_rows_contiguous(c.cpu()) for c in self.columns],
+                         self.signature)  # fmt: skip
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if each of its rows (``t[i]``) is one contiguous run of memory, else a copy."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return t.contiguous()
+        expected *= size
+    return t
+
+
+class StackedInput:
+    """A model set given as stacked tensors (``ModelStore.save_stacked``): per
+    architecture, the model names and ``{tensor name: [N, ...] tensor}``. Validated
+    once here; ``iter_models`` yields its models as views of the stacks, and the
+    baseline writer writes it without a per-model step."""
+
+    def __init__(self, parts: list[tuple[Any, Any]]) -> None:
+        self.parts: list[StackPart] = []
+        seen: set[str] = set()
+        for names, params in parts:
+            self.parts.append(_stack_part(names, params, seen))
+        if not self.parts:
+            raise InvalidModelSetError("the model set is empty: pass at least one model")
+
+    def __len__(self) -> int:
+        return sum(len(p.names) for p in self.parts)
+
+    def entries(self, keep_cuda: bool) -> Iterator[ModelEntry]:
+        for part in self.parts:
+            device = part.device if keep_cuda and part.device.type == "cuda" else None
+            if device is None:
+                part = part.on_host()
+            rows = part.row_table().tolist()
+            for name, views, ptrs in zip(part.names, zip(*[c.unbind(0) for c in part.columns]),
+                                         rows):  # fmt: skip
+                yield ModelEntry(name, part.keys, part.signature, list(views), ptrs, device)
+
+
+def _stack_part(names: Any, params: Any, seen: set[str]) -> StackPart:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise InvalidModelSetError(
+            f"names must be a sequence of model names (strings), got {type(names).__name__}"
+        )
+    names = list(names)
+    if not names:
+        raise InvalidModelSetError("a stack needs at least one model name")
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise InvalidModelSetError(f"model names must be non-empty strings, got {name!r}")
+        _check_utf8(name, "model name")
+        if name in seen:
+            raise InvalidModelSetError(f"duplicate model name {name!r}: names must be unique")
+        seen.add(name)
+    if not isinstance(params, Mapping) or not params:
+        raise InvalidModelSetError(
+            "stacked parameters must be a non-empty mapping of tensor name to a tensor of "
+            f"[models, ...], got {type(params).__name__ if not isinstance(params, Mapping) else 'an empty mapping'}"
+        )
+    first = names[0] if names else "?"
+    keys, columns, devices = [], [], set()
+    for key, t in params.items():
+        if not isinstance(key, str):
+            raise InvalidModelSetError(f"tensor names must be strings, got {type(key).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise InvalidModelSetError(
+                f"stacked tensor {key!r}: expected a torch.Tensor of [models, ...], got {type(t).__name__}"
+            )
+        if t.dim() == 0 or t.shape[0] != len(names):
+            lead = "no leading dimension" if t.dim() == 0 else f"leading dimension {t.shape[0]}"
+            raise InvalidModelSetError(
+                f"stacked tensor {key!r} has {lead}, but {len(names)} model names were given: "
+                "every tensor of a stack is [models, ...], one row per name"
+            )
+        t = _slow_source(first, key, t, keep_cuda=True) if not t.is_cpu or t.is_neg() or (
+            t.dtype in dtypes.COMPLEX and t.is_conj()) else t.detach()  # fmt: skip
+        if t.layout is not torch.strided:
+            raise InvalidModelSetError(
+                f"stacked tensor {key!r}: layout {t.layout} is not supported"
+            )
+        dtypes.name_of(t.dtype, where=f"stacked tensor {key!r}")
+        keys.append(key)
+        columns.append(t)
+        devices.add(t.device)
+    if len(devices) > 1:  # mixed: all to the host
+        columns = [c.cpu() for c in columns]
+    columns = [_rows_contiguous(c) for c in columns]
+    signature = tuple((c.dtype, c.shape[1:]) for c in columns)
+    return StackPart(names, tuple(keys), columns, signature)

@@ -24,11 +24,14 @@ import textwrap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from .errors import InvalidArgumentError, ProvenanceError, TrainerNotFoundError
+
+if TYPE_CHECKING:
+    from .stacked import StackedSet
 
 StateDicts = dict[str, dict[str, torch.Tensor]]
 Data = Mapping[str, Mapping[str, torch.Tensor]]
@@ -40,8 +43,9 @@ class Trainer:
     """A registered training function and the hash of its code at registration."""
 
     name: str
-    fn: Callable[..., Mapping[str, Mapping[str, torch.Tensor]]]
+    fn: Callable[..., Mapping[str, Any]]
     code_hash: str  # hex BLAKE3 of the function's source (its bytecode where there is no source)
+    stacked: bool = False  # takes and returns stacks (mmcore.stacked.Stack), not state dicts
 
 
 _REGISTRY: dict[str, Trainer] = {}
@@ -66,21 +70,29 @@ def code_hash(fn: Callable[..., Any]) -> str:
     return blake3_bytes(b"mmcore-trainer-v1\0" + name.encode() + b"\0" + body).hex()
 
 
-def trainer(name: str) -> Callable[[F], F]:
+def trainer(name: str, *, stacked: bool = False) -> Callable[[F], F]:
     """Registers ``fn(models, data, *, seed, **params) -> models`` under ``name``.
 
     ``models``: {name: state dict} of the models to retrain; ``data``: {name:
     {tensor name: tensor}} for the same models; the result: {name: state dict}
-    for exactly those models, same tensor names, dtypes and shapes. Registering
-    a name again replaces the earlier function (re-running a notebook cell).
+    for exactly those models, same tensor names, dtypes and shapes.
+
+    With ``stacked=True`` the trainer works on stacks instead, as thousands of small
+    models train best: ``models`` is an ``mmcore.stacked.Stack`` (names and
+    {tensor name: [N, ...] tensor}) of one architecture, ``data`` the Stack of their
+    data rows in the same order, and it returns {tensor name: [N, ...] tensor}; it is
+    called once per architecture and must not modify its inputs in place.
+    Registering a name again replaces the earlier function (re-running a notebook cell).
     """
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"a trainer name must be a non-empty string, got {name!r}")
+    if not isinstance(stacked, bool):
+        raise InvalidArgumentError(f"stacked must be True or False, got {stacked!r}")
 
     def register(fn: F) -> F:
         if not callable(fn):
             raise InvalidArgumentError(f"trainer {name!r}: {fn!r} is not callable")
-        _REGISTRY[name] = Trainer(name, fn, code_hash(fn))
+        _REGISTRY[name] = Trainer(name, fn, code_hash(fn), stacked)
         return fn
 
     return register
@@ -286,3 +298,43 @@ def run(found: Trainer, recipe: Recipe, models: StateDicts, data: Data) -> State
                 )
         out[name] = dict(after)
     return out
+
+
+def run_stacked(found: Trainer, recipe: Recipe, models: StackedSet, data: StackedSet) -> StackedSet:
+    """Calls a stacked trainer once per architecture group of ``models`` with the data
+    rows of the same models (seeded, deterministic); checks what it returned."""
+    from .stacked import Stack, StackedSet
+
+    where = {
+        name: (gi, row) for gi, g in enumerate(data.groups) for row, name in enumerate(g.names)
+    }
+    out = []
+    for group in models.groups:
+        found_in = {where[n][0] for n in group.names if n in where}
+        missing = [n for n in group.names if n not in where]
+        if missing:
+            raise ProvenanceError(
+                f"the dataset has no data for {len(missing)} model(s) to retrain, e.g. {missing[0]!r}"
+            )
+        if len(found_in) != 1:
+            raise ProvenanceError(
+                f"trainer {found.name!r} is stacked: the data of models of one architecture must "
+                "have one shape (its entries' tensors differ in shape)"
+            )
+        rows = data.groups[found_in.pop()].select(group.names)
+        with deterministic(recipe.seed):
+            got = found.fn(group, rows, seed=recipe.seed, **recipe.params)
+        if not isinstance(got, Mapping) or list(got) != list(group.params):
+            raise ProvenanceError(
+                f"trainer {found.name!r} must return {{tensor name: [models, ...] tensor}} with "
+                f"the tensor names it was given ({list(group.params)[:3]}...)"
+            )
+        for key, t in got.items():
+            old = group.params[key]
+            if not isinstance(t, torch.Tensor) or t.dtype != old.dtype or t.shape != old.shape:
+                raise ProvenanceError(
+                    f"trainer {found.name!r}: stacked tensor {key!r} came back with another "
+                    "type, dtype or shape"
+                )
+        out.append(Stack(group.names, got))
+    return StackedSet(out)

@@ -41,7 +41,7 @@ def test_registry_records_the_code_hash_and_refuses_unknown_names() -> None:
         provenance.registered("tests.nothing")
     with pytest.raises(InvalidArgumentError, match="non-empty string"):
         mmcore.trainer("")
-    assert provenance.registered(battery.TRAINER).fn is battery.train
+    assert provenance.registered(battery.TRAINER).fn is battery.train_stacked
 
 
 @pytest.mark.parametrize(
@@ -248,7 +248,9 @@ def test_code_change_is_refused_unless_allowed(
     v2 = store.save(trained, approach="provenance", parent=v1, recipe=recipe)
     real = provenance.registered(battery.TRAINER)
     monkeypatch.setitem(
-        provenance._REGISTRY, battery.TRAINER, provenance.Trainer(real.name, real.fn, "f" * 64)
+        provenance._REGISTRY,
+        battery.TRAINER,
+        provenance.Trainer(real.name, real.fn, "f" * 64, real.stacked),
     )
     with pytest.raises(ProvenanceError, match="has changed since the save"):
         store.load(v2)

@@ -150,15 +150,39 @@ def test_large_models_span_many_extents(
 ) -> None:
     from mmcore.paths import baseline
 
-    monkeypatch.setattr(baseline, "BATCH_BYTES", 1000)  # five small models per extent
-    models = small_set(40) | {"big": {"w": torch.randn(3000)}}
+    monkeypatch.setattr(baseline, "BATCH_BYTES", 1000)  # five small models per batch
+    cells = small_set(40)
+    # two architectures taking turns: each group's batches lie between the other's
+    models: dict[str, dict[str, torch.Tensor]] = {}
+    for i, (name, sd) in enumerate(cells.items()):
+        models[name] = sd
+        models[f"other_{i:03d}"] = {"w": torch.randn(50)}
+    models["big"] = {"w": torch.randn(3000)}
     v = store.save(models)
     rec = store._content(store.manifest(v).groups[0].blob)
     assert len(rec.extents) > 5
     assert_sets_equal(store.load(v), models)
-    for name in ("cell_000", "cell_017", "cell_039", "big"):
+    for name in ("cell_000", "cell_017", "cell_039", "other_011", "big"):
         assert_sets_equal({name: store.load_model(v, name)}, {name: models[name]})
-    assert store.verify(v) == 161
+    assert store.verify(v) == 201
+    stacked = store.load_stacked(v).state_dicts()  # extents joined: one buffer per group
+    assert_sets_equal({name: stacked[name] for name in models}, models)
+
+
+def test_batches_of_one_group_are_one_extent(
+    store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmcore.paths import baseline
+
+    monkeypatch.setattr(baseline, "BATCH_BYTES", 1000)  # five small models per batch
+    models = small_set(40)
+    v = store.save(models)
+    rec = store._content(store.manifest(v).groups[0].blob)
+    stride = store.manifest(v).groups[0].schema.stride
+    assert rec.extents == [[rec.extents[0][0], 40]] and rec.extents[0][0] % 4096 == 0
+    assert stride * 5 % 4096  # the batches do not end on a section boundary: still joined
+    assert_sets_equal(store.load(v), models)
+    assert store.verify(v) == 160
 
 
 def test_load_subset_by_name(store: mmcore.ModelStore) -> None:

@@ -9,7 +9,9 @@ ONE batched computation (stacked weights, batched matmuls).
 >>> sorted(trained) == sorted(cells)
 True
 
-Importing this module registers ``train`` as ``"mmcore.examples.battery.sgd"``.
+Importing this module registers ``train_stacked`` (the stacked form: it takes the
+``Stack`` that ``load_stacked`` gives) as ``"mmcore.examples.battery.sgd"``;
+``train`` is the same on state dicts.
 The data is synthetic (a per-cell voltage curve over current, temperature and
 state of charge, with noise); the benchmark issue brings real physics.
 """
@@ -23,6 +25,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..provenance import trainer
+from ..stacked import Stack
 
 LAYERS = (5, 48, 48, 48, 1)
 KEYS = (
@@ -75,26 +78,24 @@ def make_data(
     return {name: {"x": x[i].clone(), "y": y[i].clone()} for i, name in enumerate(names)}
 
 
-@trainer(TRAINER)
-def train(models: Mapping[str, Mapping[str, torch.Tensor]], data: Mapping[str, Mapping[str, torch.Tensor]],
-          *, lr: float, epochs: int, seed: int, batch_size: int = 16) -> StateDicts:  # fmt: skip
-    """MSE loss, plain SGD, mini-batches of ``batch_size`` rows, ALL cells at once:
-    their weights stacked, each layer one batched matmul, forward and backward
-    written out (the weight update fused into the gradient's matmul). The loss is
-    each cell's own mean, so each cell's gradient is the one it would get alone;
-    every cell sees its rows in the same seeded order, so the result is, up to
-    float rounding, each cell trained alone with the same seed and data. Runs
-    where the models are (CPU or one GPU)."""
-    names = list(models)
-    if not names:
-        return {}
+@trainer(TRAINER, stacked=True)
+def train_stacked(models: Stack, data: Stack, *, lr: float, epochs: int, seed: int,
+                  batch_size: int = 16) -> dict[str, torch.Tensor]:  # fmt: skip
+    """MSE loss, plain SGD, mini-batches of ``batch_size`` rows, ALL cells at once on
+    their stacked weights (as ``load_stacked`` gives them): each layer one batched
+    matmul, forward and backward written out (the weight update fused into the
+    gradient's matmul). The loss is each cell's own mean, so each cell's gradient is
+    the one it would get alone; every cell sees its rows in the same seeded order,
+    so the result is, up to float rounding, each cell trained alone with the same
+    seed and data. Runs where the models are (CPU or one GPU); returns the stacked
+    weights in the models' dtype."""
     keys = [key for pair in KEYS for key in pair]
-    device = models[names[0]][keys[0]].device
-    params = [torch.stack([models[n][key] for n in names]).to(device=device, dtype=torch.float32)
-              for key in keys]  # fmt: skip
+    stored = [models.params[key] for key in keys]
+    device = stored[0].device
+    params = [p.to(device=device, dtype=torch.float32, copy=True) for p in stored]
     weights, biases = params[0::2], params[1::2]
-    x = torch.stack([data[n]["x"] for n in names]).to(device=device, dtype=torch.float32)
-    y = torch.stack([data[n]["y"] for n in names]).to(device=device, dtype=torch.float32)
+    x = data.params["x"].to(device=device, dtype=torch.float32)
+    y = data.params["y"].to(device=device, dtype=torch.float32)
     rows, last = x.shape[1], len(KEYS) - 1
     order_rng = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -121,8 +122,20 @@ def train(models: Mapping[str, Mapping[str, torch.Tensor]], data: Mapping[str, M
                 biases[layer].sub_(grad.sum(dim=1), alpha=lr)
                 if below is not None:
                     grad = below
-    columns = [p.to(models[names[0]][key].dtype).unbind(0) for p, key in zip(params, keys)]
-    return {name: dict(zip(keys, row)) for name, row in zip(names, zip(*columns))}
+    return {key: p.to(s.dtype) for key, p, s in zip(keys, params, stored)}
+
+
+def train(models: Mapping[str, Mapping[str, torch.Tensor]], data: Mapping[str, Mapping[str, torch.Tensor]],
+          *, lr: float, epochs: int, seed: int, batch_size: int = 16) -> StateDicts:  # fmt: skip
+    """``train_stacked`` on state dicts: stacked once, trained, returned as views of the
+    trained stacks (the form a caller holding state dicts uses)."""
+    names = list(models)
+    if not names:
+        return {}
+    stack = Stack.from_state_dicts({n: models[n] for n in names})
+    rows = Stack.from_state_dicts({n: data[n] for n in names})
+    out = train_stacked(stack, rows, lr=lr, epochs=epochs, seed=seed, batch_size=batch_size)
+    return Stack(names, out).state_dicts()
 
 
 def _relu_backward(grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from .. import kernels
 from .._gc import gc_paused
 from ..manifest import ContentRecord, GroupRecord
-from ..modelset import Grouper, ModelEntry, Schema, iter_models
+from ..modelset import Grouper, ModelEntry, Schema, StackedInput, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 
 # Bytes per batch (one extent): large enough for sequential writes, small
@@ -89,28 +89,54 @@ class _SetWriter:
         count = len(g.pending_sources)
         if count == 0:
             return
+        keep = g.pending_sources  # the sources must outlive both jobs
+        ptrs = kernels.int64_table(g.pending_ptrs)
+        g.pending_ptrs, g.pending_sources = [], []
+        self._write_batch(g, count, ptrs, keep)
+
+    def add_rows(self, gi: int, schema: Schema, first: int, rows: torch.Tensor, keep: Any) -> None:
+        """Queues models given as an address table (models, tensors): batch by batch,
+        no per-model step. ``keep`` holds the memory behind the addresses."""
+        if gi == len(self.groups):
+            self.groups.append(_GroupState(schema))
+        g = self.groups[gi]
+        self._flush(g)
+        count = rows.shape[0]
+        g.members.extend(range(first, first + count))
+        step = g.batch_models
+        for start in range(0, count, step):
+            part = rows[start : start + step]
+            self._write_batch(g, part.shape[0], part.reshape(-1).contiguous(), keep)
+
+    def _write_batch(self, g: _GroupState, count: int, ptrs: torch.Tensor, keep: Any) -> None:
+        """Hashes and writes ``count`` models (``ptrs``: each tensor's address, model
+        after model) as the group's next records. A batch that follows the group's
+        previous one directly extends its extent: a group written without another in
+        between is one extent, one contiguous run of records."""
         schema = g.schema
         nbytes = count * schema.stride
-        offset = align_up(self.end)
+        last = g.extents[-1] if g.extents else None
+        if last is not None and last[0] + last[1] * schema.stride == self.end:
+            offset = self.end
+            last[1] += count
+        else:
+            offset = align_up(self.end)
+            g.extents.append([offset, count])
         self.end = offset + nbytes
-        g.extents.append([offset, count])
-        ptrs = kernels.int64_table(g.pending_ptrs)
         lens = kernels.int64_table([s.nbytes for s in schema.tensors]).repeat(count)
         spec_offsets = kernels.int64_table([s.offset for s in schema.tensors])
         rows = torch.arange(count, dtype=torch.int64).mul_(schema.stride).unsqueeze(1)
         dst_offsets = (rows + spec_offsets.unsqueeze(0)).reshape(-1)
         hashes = torch.empty((ptrs.numel(), kernels.HASH_SIZE), dtype=torch.uint8)
         g.hash_parts.append(hashes)
-        keep = g.pending_sources  # the sources must outlive both jobs
-        g.pending_ptrs, g.pending_sources = [], []
 
         # Both jobs hold `keep`, so the source tensors outlive every read of them.
         def hash_job() -> None:
-            assert keep
+            assert keep is not None
             kernels.blake3_segments(ptrs, lens, out=hashes, threads=1)
 
         def write_job() -> None:
-            assert keep
+            assert keep is not None
             self.writer.write_segments(offset, ptrs, lens, dst_offsets, nbytes)
 
         self.futures.append(self.hash_pool.submit(hash_job))
@@ -165,6 +191,14 @@ def write_set(writer: PackWriter, models: Any, progress: Progress) -> WrittenSet
             ThreadPoolExecutor(1, thread_name_prefix="mmcore-write") as wp, gc_paused():  # fmt: skip
         sw = _SetWriter(writer, hp, wp)
         try:
+            if isinstance(models, StackedInput):  # address tables from the stacks' strides
+                for part in models.parts:
+                    part = part.on_host()
+                    gi = grouper.group_of_layout(part.keys, part.signature, part.names[0])
+                    sw.add_rows(gi, grouper.schemas[gi], len(names), part.row_table(), part.columns)
+                    names.extend(part.names)
+                    progress(len(part.names))
+                return sw.finish(names)
             for entry in iter_models(models):
                 gi = grouper.group_of(entry)
                 sw.add(gi, grouper.schemas[gi], len(names), entry)

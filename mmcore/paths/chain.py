@@ -12,7 +12,7 @@ delta is hashed and checked against the hash recorded at save time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -150,6 +150,56 @@ def recover(
 ) -> dict[str, StateDict]:
     """The models of a version (or those in ``wanted``), in the version's order, on the
     CPU; or, given a ``device``, recovered on the CPU and moved there in large pieces."""
+    names, states, schemas = _recover(store, vid, wanted, verify=verify)
+    if device is not None:
+        return move_states({n: states[n] for n in names}, schemas, device)
+    return {n: _plain_dict(states[n]) for n in names}
+
+
+def recover_records(store: ModelStore, vid: str, *,
+                    verify: bool) -> list[tuple[Schema, list[str], torch.Tensor]]:  # fmt: skip
+    """The models of a version as record buffers, one per architecture (in order of
+    first appearance): (schema, names, count x stride bytes, model after model),
+    each gathered by one native call from wherever recovery left the models."""
+    names, states, schemas = _recover(store, vid, None, verify=verify)
+    groups: dict[Any, tuple[Schema, list[str]]] = {}
+    for name in names:
+        schema = schemas[name]
+        groups.setdefault(schema.layout_key(), (schema, []))[1].append(name)
+    return [(schema, members, _gather_states(states, members, schema))
+            for schema, members in groups.values()]  # fmt: skip
+
+
+def _gather_states(
+    states: dict[str, StateDict], members: list[str], schema: Schema
+) -> torch.Tensor:
+    """The models ``members`` laid out as records of ``schema`` in one new buffer: one
+    native gather over every tensor's address (a model that is one record: its record's
+    address plus each tensor's offset; a model assembled tensor by tensor: its tensors)."""
+    n, stride, t = len(members), schema.stride, len(schema.tensors)
+    offsets = kernels.int64_table([s.offset for s in schema.tensors])
+    addresses = [_record_address(states[name], schema) for name in members]
+    ptrs = torch.tensor([a if a is not None else 0 for a in addresses], dtype=torch.int64)
+    ptrs = (ptrs.unsqueeze(1) + offsets.unsqueeze(0)).reshape(-1)
+    keep = []
+    for i, (name, address) in enumerate(zip(members, addresses)):
+        if address is None:  # loose: each tensor where it is
+            for j, tensor in enumerate(states[name].values()):
+                flat = tensor.contiguous()
+                keep.append(flat)
+                ptrs[i * t + j] = flat.data_ptr()
+    dst, lens = segment_table(0, schema, n)
+    out = torch.empty(n * stride, dtype=torch.uint8)
+    if stride and n:
+        kernels.gather(out, ptrs, lens, dst)
+    return out
+
+
+def _recover(
+    store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool
+) -> tuple[list[str], dict[str, StateDict], dict[str, Schema]]:
+    """The recovered states (record views where a model is one record), their names
+    in the version's order, and each model's schema."""
     chain = chain_of(store, vid)
     base = chain[-1]
     states: dict[str, StateDict] = {}
@@ -201,9 +251,7 @@ def recover(
         if wanted is not None
         else [n for n in order if n in states]
     )
-    if device is not None:
-        return move_states({n: states[n] for n in names}, schemas, device)
-    return {n: _plain_dict(states[n]) for n in names}
+    return names, states, schemas
 
 
 def _gather_records(addresses: torch.Tensor, stride: int, *, pin: bool = False) -> torch.Tensor:

@@ -8,7 +8,7 @@ thread hashes the bytes while this thread builds the views.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -37,17 +37,24 @@ def _first_mismatch(computed: torch.Tensor, stored: torch.Tensor) -> int | None:
     return int(bad[0, 0])
 
 
+def record_columns(buf: torch.Tensor, schema: Schema, count: int) -> dict[str, torch.Tensor]:
+    """Per tensor of the schema, a [count, *shape] strided view of ``buf`` (count records
+    of ``stride`` bytes, model after model): the models' tensors, stacked, no copy."""
+    rows = buf.view(count, schema.stride) if schema.stride else buf.new_empty((count, 0))
+    columns = {}
+    for spec in schema.tensors:
+        dtype = dtypes.from_name(spec.dtype)
+        col = rows[:, spec.offset : spec.offset + spec.nbytes]
+        if dtype != torch.uint8:
+            col = col.view(dtype)
+        columns[spec.name] = col.view((count, *spec.shape))
+    return columns
+
+
 def record_views(buf: torch.Tensor, schema: Schema, count: int) -> list[StateDict]:
     """count state dicts whose tensors are views of ``buf`` (count x stride bytes)."""
     with gc_paused():
-        rows = buf.view(count, schema.stride) if schema.stride else buf.new_empty((count, 0))
-        columns = []
-        for spec in schema.tensors:
-            dtype = dtypes.from_name(spec.dtype)
-            col = rows[:, spec.offset : spec.offset + spec.nbytes]
-            if dtype != torch.uint8:
-                col = col.view(dtype)
-            columns.append(col.view((count, *spec.shape)).unbind(0))
+        columns = [col.unbind(0) for col in record_columns(buf, schema, count).values()]
         names = [spec.name for spec in schema.tensors]
         if not names:
             return [{} for _ in range(count)]
@@ -96,6 +103,36 @@ class BlobReader:
             for off, count in rec.extents
         ]
 
+    def _hash_extents(self, rec: ContentRecord, schema: Schema, buffers: list[tuple[torch.Tensor, int]],
+                      pool: ThreadPoolExecutor) -> Future[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+        """Hashes the extents' tensors on the pool's thread: (computed, stored) hashes."""
+        tables = [segment_table(buf.data_ptr(), schema, count) for buf, count in buffers]
+        ptrs = torch.cat([t[0] for t in tables])
+        lens = torch.cat([t[1] for t in tables])
+
+        def hash_payload() -> tuple[torch.Tensor, torch.Tensor]:
+            assert buffers  # the mapped bytes outlive the hashing
+            return kernels.blake3_segments(ptrs, lens), self.stored_hashes(rec)
+
+        return pool.submit(hash_payload)
+
+    def read_records(self, manifest: Manifest, group: GroupRecord, *, verify: bool,
+                     pool: ThreadPoolExecutor) -> torch.Tensor:  # fmt: skip
+        """The group's records as one CPU buffer (count x stride bytes, model after
+        model): its one extent mapped (copy-on-write, no copy), or its extents joined."""
+        rec = self.content(group.blob)
+        buffers = self._extent_buffers(rec, group.schema)
+        future = self._hash_extents(rec, group.schema, buffers, pool) if verify else None
+        if len(buffers) == 1:
+            buf = buffers[0][0]
+        elif buffers:
+            buf = torch.cat([b for b, _ in buffers])
+        else:
+            buf = torch.empty(0, dtype=torch.uint8)
+        if future is not None:
+            self._check(manifest, group, *future.result())
+        return buf
+
     def read_group(
         self,
         manifest: Manifest,
@@ -109,16 +146,8 @@ class BlobReader:
         schema = group.schema
         buffers = self._extent_buffers(rec, schema)
         on_cpu = device.type == "cpu"
-        future = None
-        if verify:
-            tables = [segment_table(buf.data_ptr(), schema, count) for buf, count in buffers]
-            ptrs = torch.cat([t[0] for t in tables])
-            lens = torch.cat([t[1] for t in tables])
-
-            def hash_payload() -> tuple[torch.Tensor, torch.Tensor]:
-                return kernels.blake3_segments(ptrs, lens), self.stored_hashes(rec)
-
-            future = pool.submit(hash_payload)  # hashes while this thread builds the views
+        # hashes while this thread builds the views
+        future = self._hash_extents(rec, schema, buffers, pool) if verify else None
         models: list[StateDict] = []
         if on_cpu:
             for buf, count in buffers:

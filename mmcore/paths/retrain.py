@@ -31,7 +31,8 @@ from ..errors import (
     ProvenanceMismatchError,
 )
 from ..manifest import ContentRecord, DatasetRecord, Manifest, ProvenanceInfo
-from ..modelset import iter_models
+from ..modelset import StackPart, _rows_contiguous, iter_models
+from ..stacked import StackedSet, stack_sets
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 from . import baseline
 from .commit import content_records
@@ -110,6 +111,12 @@ def load_dataset(
     return {name: state for name, state in zip(rec.names, out) if state is not None}
 
 
+def load_dataset_stacked(store: ModelStore, did: str, device: torch.device) -> StackedSet:
+    """A stored dataset as stacks (one per shape of its entries), hash-checked."""
+    rec = dataset(store, did)
+    return store._stacked_groups(_as_manifest(rec), verify=True, device=device)
+
+
 def verify_dataset(store: ModelStore, did: str) -> int:
     rec = dataset(store, did)
     m = _as_manifest(rec)
@@ -167,6 +174,32 @@ def roots(models: StateDicts, names: list[str]) -> torch.Tensor:
     return kernels.blake3_segments(ptrs, counts * kernels.HASH_SIZE)
 
 
+def stacked_roots(stacks: StackedSet, names: list[str]) -> torch.Tensor:
+    """``roots`` of the models ``names`` held in ``stacks``, in that order: each tensor
+    hashed where it lies in its stack (an address table from the strides)."""
+    found: dict[str, torch.Tensor] = {}
+    for g in stacks.groups:
+        if g.device.type != "cpu":
+            table = roots(g.state_dicts(), list(g.names))
+        else:
+            part = StackPart(list(g.names), tuple(g.params), [_rows_contiguous(t) for t in g.params.values()],
+                             ())  # fmt: skip
+            lens = torch.tensor([t[0].numel() * t.element_size() for t in part.columns],
+                                dtype=torch.int64).repeat(len(g))  # fmt: skip
+            hashes = kernels.blake3_segments(part.row_table().reshape(-1), lens)
+            per = len(part.columns)
+            ptrs = (
+                torch.arange(len(g), dtype=torch.int64) * (per * kernels.HASH_SIZE)
+                + hashes.data_ptr()
+            )
+            table = kernels.blake3_segments(ptrs, torch.full((len(g),), per * kernels.HASH_SIZE,
+                                                             dtype=torch.int64))  # fmt: skip
+        found.update(zip(g.names, table))
+    if not names:
+        return torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
+    return torch.stack([found[n] for n in names])
+
+
 def roots_key(table: torch.Tensor) -> bytes:
     return kernels.blake3_bytes(b"mmcore-provenance-roots-v1" + kernels.tensor_bytes(table))
 
@@ -196,7 +229,8 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
     if device is None:
         given = {n: {k: t.cpu() for k, t in sd.items()} for n, sd in given.items()}
         device = torch.device("cpu")
-    parent_models = store.load(parent, device=device)
+    parent_set = store.load_stacked(parent, device=device)
+    parent_models = parent_set.state_dicts()  # views of the stacks
     if set(given) != set(parent_models):
         extra = sorted(set(given) - set(parent_models))[:3]
         gone = sorted(set(parent_models) - set(given))[:3]
@@ -229,9 +263,8 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
             )
     table = roots(given, subset)  # on the host
     if check:
-        data = load_dataset(store, recipe.data, device)
-        trained = provenance.run(found, recipe, {n: parent_models[n] for n in subset}, data)
-        bad = _mismatches(roots(trained, subset), table, subset)
+        again = _retrain(store, found, recipe, parent_set, subset, device)
+        bad = _mismatches(stacked_roots(again, subset), table, subset)
         if bad:
             raise ProvenanceMismatchError(
                 f"the recipe does not reproduce {len(bad)} of the {len(subset)} model(s) given, e.g. "
@@ -257,9 +290,25 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
     return WrittenProvenance(info, [(key, rec)], logical)
 
 
+def _retrain(store: ModelStore, found: provenance.Trainer, recipe: provenance.Recipe,
+             parent: StackedSet, subset: list[str], device: torch.device) -> StackedSet:  # fmt: skip
+    """Runs the recipe on the models ``subset`` of ``parent``: a stacked trainer on the
+    parent's stacks (and the dataset's) as they are; another on state dicts."""
+    if found.stacked:
+        chosen = set(subset)
+        groups = [g.select([n for n in subset if n in set(g.names)]) for g in parent.groups
+                  if chosen.intersection(g.names)]  # fmt: skip
+        rows = load_dataset_stacked(store, recipe.data, device)
+        return provenance.run_stacked(found, recipe, StackedSet(groups), rows)
+    models = parent.state_dicts()
+    data = load_dataset(store, recipe.data, device)
+    return stack_sets(provenance.run(found, recipe, {n: models[n] for n in subset}, data))
+
+
 def recover(store: ModelStore, m: Manifest, *, device: torch.device,
-            allow_code_change: bool) -> StateDicts:  # fmt: skip
-    """The models of provenance version ``m``: its parent's, the recipe's retrained."""
+            allow_code_change: bool) -> StackedSet:  # fmt: skip
+    """The models of provenance version ``m`` as stacks: its parent's, the recipe's
+    retrained (their rows replaced in the parent's stacks)."""
     info = m.provenance
     assert info is not None and m.parent is not None
     found = provenance.registered(str(info.recipe["trainer"]))
@@ -287,19 +336,19 @@ def recover(store: ModelStore, m: Manifest, *, device: torch.device,
             stacklevel=4,
         )
     recipe = provenance.Recipe(**info.recipe)  # validated when the manifest was decoded
-    parent_models = store.load(m.parent, device=train_on, allow_code_change=allow_code_change)
-    missing = [n for n in info.retrained if n not in parent_models]
+    parent = store.load_stacked(m.parent, device=train_on, allow_code_change=allow_code_change)
+    held = {n for g in parent.groups for n in g.names}
+    missing = [n for n in info.retrained if n not in held]
     if missing:
         raise CorruptRecordError(
             f"version {m.id} retrains {missing[:3]}, which its parent does not hold"
         )
-    data = load_dataset(store, recipe.data, train_on)
-    trained = provenance.run(found, recipe, {n: parent_models[n] for n in info.retrained}, data)
+    trained = _retrain(store, found, recipe, parent, info.retrained, train_on)
     rec = store._content(info.hashes_blob)
     stored = store._reader.stored_hashes(rec)
     if roots_key(stored) != info.hashes_blob or stored.shape[0] != len(info.retrained):
         raise IntegrityError(f"version {m.id}: its table of recorded hashes is corrupted")
-    bad = _mismatches(roots(trained, info.retrained), stored, info.retrained)
+    bad = _mismatches(stacked_roots(trained, info.retrained), stored, info.retrained)
     if bad:
         raise ProvenanceMismatchError(
             f"version {m.id}: retraining did not reproduce {len(bad)} model(s), e.g. {bad[:3]} "
@@ -307,7 +356,29 @@ def recover(store: ModelStore, m: Manifest, *, device: torch.device,
             "version cannot be recovered here",
             models=bad,
         )
-    out = {name: trained.get(name, parent_models[name]) for name in parent_models}
-    if train_on != device:
-        out = {n: {k: t.to(device) for k, t in sd.items()} for n, sd in out.items()}
-    return out
+    out = _replace_rows(parent, trained)
+    return out.to(device) if train_on != device else out
+
+
+def _replace_rows(parent: StackedSet, trained: StackedSet) -> StackedSet:
+    """``parent`` with the models of ``trained`` replaced: a group retrained whole is the
+    trainer's stack; otherwise its rows are written into the parent's stack."""
+    new = {n: (g, i) for g in trained.groups for i, n in enumerate(g.names)}
+    out = []
+    for g in parent.groups:
+        rows = [(i, new[n]) for i, n in enumerate(g.names) if n in new]
+        if not rows:
+            out.append(g)
+            continue
+        first = rows[0][1][0]
+        if len(rows) == len(g) and first.names == g.names:
+            out.append(first)
+            continue
+        for key, column in g.params.items():
+            for source in {id(src): src for _, (src, _) in rows}.values():
+                at = [(i, j) for i, (src, j) in rows if src is source]
+                dst = torch.tensor([i for i, _ in at], dtype=torch.int64, device=column.device)
+                idx = torch.tensor([j for _, j in at], dtype=torch.int64, device=column.device)
+                column.index_copy_(0, dst, source.params[key].index_select(0, idx))
+        out.append(g)
+    return StackedSet(out)
