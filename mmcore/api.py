@@ -269,8 +269,9 @@ class ModelStore:
         parent = manifest.parent
         if manifest.approach == "update":
             assert parent is not None
-            up = update.write_update(self, writer, models, parent, tolerance=tolerance,
-                                     max_chain=max_chain, progress=progress)  # fmt: skip
+            with torch.no_grad():  # a module's parameters are read as they are, not detached
+                up = update.write_update(self, writer, models, parent, tolerance=tolerance,
+                                         max_chain=max_chain, progress=progress)  # fmt: skip
             manifest.groups, manifest.update, manifest.logical_bytes = (
                 up.groups,
                 up.update,
@@ -284,7 +285,8 @@ class ModelStore:
             )
             manifest.provenance, manifest.logical_bytes = pv.info, pv.logical_bytes
             return pv.blobs
-        written = baseline.write_set(writer, models, progress)
+        with torch.no_grad():
+            written = baseline.write_set(writer, models, progress)
         manifest.models, manifest.groups = written.names, written.groups
         manifest.logical_bytes = written.logical_bytes
         return list(written.blobs)

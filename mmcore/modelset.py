@@ -114,32 +114,42 @@ class _NotPlain(Exception):
 
 
 def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()``: the same names, order and tensors (detached), read
-    from the modules' parameter and buffer tables directly. ``state_dict()`` costs
-    about 50 us per small module in its per-submodule hooks and calls; where a
-    module class or instance customises saving (an override, hooks, extra state),
-    this is ``state_dict()`` itself."""
+    """``module.state_dict(keep_vars=True)``: the same names, order and tensors, read
+    from the modules' parameter and buffer tables directly (``state_dict()`` costs
+    about 55 us per small module in its per-submodule calls; this about a third).
+    Saving reads only the tensors' bytes, so parameters are not detached (saves run
+    under ``torch.no_grad``). Where a module class or instance customises saving (an
+    override, hooks, extra state), this is ``state_dict()`` itself."""
     out: dict[str, torch.Tensor] = {}
+    plain = _PLAIN_CLASSES
 
     def walk(m: torch.nn.Module, prefix: str) -> None:
         d = m.__dict__
-        if not _plain(type(m)) or d.get("_state_dict_hooks") or d.get("_state_dict_pre_hooks"):
+        if plain.get(type(m)) is not True and not _plain(type(m)):
             raise _NotPlain
-        for key, p in d["_parameters"].items():
-            if p is not None:
-                out[prefix + key] = p.detach()
-        skip = d["_non_persistent_buffers_set"]
-        for key, b in d["_buffers"].items():
-            if b is not None and key not in skip:
-                out[prefix + key] = b.detach()
-        for key, child in d["_modules"].items():
-            if child is not None:
-                walk(child, prefix + key + ".")
+        if d["_state_dict_hooks"] or d["_state_dict_pre_hooks"]:
+            raise _NotPlain
+        params = d["_parameters"]
+        if params:
+            for key, p in params.items():
+                if p is not None:
+                    out[prefix + key] = p
+        buffers = d["_buffers"]
+        if buffers:
+            skip = d["_non_persistent_buffers_set"]
+            for key, b in buffers.items():
+                if b is not None and key not in skip:
+                    out[prefix + key] = b
+        children = d["_modules"]
+        if children:
+            for key, child in children.items():
+                if child is not None:
+                    walk(child, prefix + key + ".")
 
     try:
         walk(module, "")
     except (_NotPlain, KeyError):  # KeyError: a torch whose modules keep other tables
-        return dict(module.state_dict(keep_vars=False))
+        return dict(module.state_dict(keep_vars=True))
     return out
 
 

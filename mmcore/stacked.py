@@ -17,6 +17,7 @@ torch.Size([2, 4, 2])
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -140,7 +141,9 @@ class Stack:
         with each model's tensors by ``torch.func.functional_call`` under
         ``torch.vmap``. ``x`` is [N, batch, ...] (model i gets ``x[i]``), or, with
         ``shared``, one input every model gets. ``chunk_size`` bounds how many models
-        run at once (memory). Returns [N, ...] outputs.
+        run at once (memory; a Sequential of Linear layers and activations, run as
+        batched matmuls, picks chunks whose activations stay in cache). Returns [N, ...]
+        outputs, equal to a loop over the models up to float rounding.
 
         Limits: every parameter and buffer of the template must be in the stack (a
         non-persistent buffer is not stored: give the template real values for it);
@@ -222,10 +225,22 @@ def _hooked(m: torch.nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
+# Models per chunk on the direct path by default: their widest activation about this
+# many bytes, so that it stays in cache between layers (10,000 battery cells on 64 rows:
+# 0.09 s in chunks of 100-500, 0.42 s all at once).
+CHUNK_BYTES = 4 << 20
+
+
 def _run_direct(steps: list[tuple[str, Any]], params: StateDict, x: torch.Tensor, shared: bool,
                 chunk_size: int | None, n: int) -> torch.Tensor:  # fmt: skip
     """The steps on all models (``chunk_size`` at a time): [models, ..., out]."""
-    step = chunk_size or n
+    if chunk_size is None:
+        rows = math.prod(x.shape[:-1] if shared else x.shape[1:-1])
+        widest = max(
+            [x.shape[-1]] + [params[w + "weight"].shape[1] for k, w in steps if k == "linear"]
+        )
+        chunk_size = max(1, CHUNK_BYTES // max(1, rows * widest * x.element_size()))
+    step = chunk_size
     outs = []
     for start in range(0, n, step):
         end = min(n, start + step)

@@ -23,10 +23,10 @@ def timed(
     times = []
     result: Any = None
     for _ in range(repeat):
+        result = None  # before setup: a result that maps a file would keep its pages cached
+        gc.collect()
         if setup is not None:
             setup()
-        result = None
-        gc.collect()
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
