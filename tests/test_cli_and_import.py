@@ -89,6 +89,7 @@ def test_demo_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     )
     out = capsys.readouterr().out
     assert "bit-exact round trip: yes" in out and "saved baseline" in out
+    assert "ran all 50 on 64 rows each" in out and "ensemble output (50, 64, 1)" in out
 
 
 def test_console_script_runs(tmp_path: Path) -> None:

@@ -10,19 +10,13 @@ from conftest import assert_bit_equal, assert_sets_equal, small_set
 
 import mmcore
 from mmcore import provenance
+from mmcore.bench.battery import ffnn
 from mmcore.errors import InvalidArgumentError, InvalidModelSetError
 from mmcore.examples import battery
 from mmcore.modelset import module_state
 from mmcore.stacked import Stack, StackedSet, stack_sets
 
 needs_cuda_device = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-def ffnn() -> torch.nn.Sequential:
-    return torch.nn.Sequential(
-        torch.nn.Linear(5, 48), torch.nn.ReLU(), torch.nn.Linear(48, 48), torch.nn.ReLU(),
-        torch.nn.Linear(48, 48), torch.nn.ReLU(), torch.nn.Linear(48, 1),
-    )  # fmt: skip
 
 
 def by_name(stacked: StackedSet, order: list[str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ import torch
 import mmcore
 
 from ..errors import InvalidArgumentError
-from .battery import battery_set
+from .battery import battery_set, ffnn
 from .battery import main as battery_main
 from .measure import human_bytes
 
@@ -79,6 +79,24 @@ def run(cells: int, store_path: Path, compare: bool, repeat: int) -> int:
         t0 = time.perf_counter()
         checked = store.verify(v1)
         _step(f"verified {checked:,} tensors", time.perf_counter() - t0)
+        x = torch.randn(cells, 64, 5, generator=torch.Generator().manual_seed(1))
+        with torch.device("meta"):
+            template = ffnn()  # structure only: the stack brings every cell's tensors
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ens = store.load_stacked(v1)  # every tensor a [cells, ...] view of the records
+            y = ens.forward(template, x)
+        _step(
+            f"recovered as one stack, ran all {cells:,} on 64 rows each", time.perf_counter() - t0
+        )
+        first = ffnn()
+        first.load_state_dict(sds[name])
+        with torch.no_grad():
+            gap = float((y[0] - first(x[0])).abs().max())
+        print(
+            f"  ensemble output {tuple(y.shape)}; {name} as a module gives the same within {gap:.1e}"
+        )
+        del ens, y
         info = store.info(v1)
         print(f"  bit-exact round trip: {'yes' if same else 'NO'}")
         print(

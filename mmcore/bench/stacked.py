@@ -34,17 +34,11 @@ import torch
 
 import mmcore
 
+from .battery import ffnn
 from .measure import evict, files_under, human_bytes, machine_name, timed
 from .methods import Raw
 
 ROWS = 64
-
-
-def ffnn() -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Linear(5, 48), torch.nn.ReLU(), torch.nn.Linear(48, 48), torch.nn.ReLU(),
-        torch.nn.Linear(48, 48), torch.nn.ReLU(), torch.nn.Linear(48, 1),
-    )  # fmt: skip
 
 
 def meta_ffnn(name: str = "") -> torch.nn.Module:
