@@ -78,8 +78,7 @@ class Stack:
         return len(self.names)
 
     def __repr__(self) -> str:
-        device = next(iter(self.params.values())).device if self.params else "cpu"
-        return f"Stack({len(self.names)} models, {len(self.params)} tensors, device={device})"
+        return f"Stack({len(self.names)} models, {len(self.params)} tensors, device={self.device})"
 
     @property
     def device(self) -> torch.device:

@@ -475,3 +475,25 @@ def test_stacks_on_the_gpu_equal_the_cpu(store: mmcore.ModelStore) -> None:
     params = {k: t.cuda() for k, t in Stack.from_state_dicts(moved).params.items()}
     v3 = store.save_stacked(list(moved), params, approach="update", parent=v1)
     assert_sets_equal(store.load(v3), moved)
+
+
+def test_moving_recovered_states_gathers_each_architecture_once(store: mmcore.ModelStore) -> None:
+    from mmcore.paths import chain
+
+    models = mixed_set()
+    v1 = store.save(models)
+    lossy = copy.deepcopy(models)
+    lossy["mlp_1"]["w"] += 0.25  # quantized: assembled tensor by tensor
+    lossy["odd_2"]["n"][0, 0] = 7  # xor: one record
+    v2 = store.save(lossy, approach="update", parent=v1, tolerance=1e-3)
+    names, states, schemas = chain._recover(store, v2, None, verify=True)
+    moved = chain.move_states({n: states[n] for n in names}, schemas, torch.device("cpu"))
+    assert_sets_equal(moved, store.load(v2))
+    for kind in ("mlp", "odd"):  # one buffer per architecture, records in the version's order
+        members = [n for n in names if n.startswith(kind)]
+        key = next(iter(moved[members[0]]))
+        stride = schemas[members[0]].stride
+        base = moved[members[0]][key].data_ptr()
+        assert [moved[n][key].data_ptr() - base for n in members] == [
+            i * stride for i in range(len(members))
+        ]

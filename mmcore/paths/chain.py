@@ -171,7 +171,7 @@ def recover_records(store: ModelStore, vid: str, *,
 
 
 def _gather_states(
-    states: dict[str, StateDict], members: list[str], schema: Schema
+    states: dict[str, StateDict], members: list[str], schema: Schema, *, pin: bool = False
 ) -> torch.Tensor:
     """The models ``members`` laid out as records of ``schema`` in one new buffer: one
     native gather over every tensor's address (a model that is one record: its record's
@@ -189,7 +189,7 @@ def _gather_states(
                 keep.append(flat)
                 ptrs[i * t + j] = flat.data_ptr()
     dst, lens = segment_table(0, schema, n)
-    out = torch.empty(n * stride, dtype=torch.uint8)
+    out = torch.empty(n * stride, dtype=torch.uint8, pin_memory=pin)
     if stride and n:
         kernels.gather(out, ptrs, lens, dst)
     return out
@@ -254,11 +254,11 @@ def _recover(
     return names, states, schemas
 
 
-def _gather_records(addresses: torch.Tensor, stride: int, *, pin: bool = False) -> torch.Tensor:
+def _gather_records(addresses: torch.Tensor, stride: int) -> torch.Tensor:
     """The model records at ``addresses`` (int64, ``stride`` bytes each) copied one after
     another into a new buffer, by one native gather."""
     n = addresses.numel()
-    out = torch.empty(n * stride, dtype=torch.uint8, pin_memory=pin)
+    out = torch.empty(n * stride, dtype=torch.uint8)
     kernels.gather(out, addresses, torch.full((n,), stride, dtype=torch.int64),
                    torch.arange(n, dtype=torch.int64) * stride)  # fmt: skip
     return out
@@ -266,25 +266,22 @@ def _gather_records(addresses: torch.Tensor, stride: int, *, pin: bool = False) 
 
 def move_states(states: dict[str, StateDict], schemas: dict[str, Schema],
                 device: torch.device) -> dict[str, StateDict]:  # fmt: skip
-    """CPU states moved to ``device`` in a few large copies: per schema, the records of
-    every model laid out as one record are gathered into one buffer (one native call),
-    copied once, and viewed there as the reader views a group; a state assembled
-    tensor by tensor moves tensor by tensor. Bit-exact, in ``states``' order."""
-    by_schema: dict[int, list[tuple[str, int]]] = {}
+    """CPU states moved to ``device`` in a few large copies: per architecture, every
+    model is gathered into one (pinned) buffer of records by one native call
+    (``_gather_states``), copied once, and viewed there as the reader views a group.
+    Bit-exact, in ``states``' order."""
+    groups: dict[Any, tuple[Schema, list[str]]] = {}
     loose: list[str] = []
-    for name, state in states.items():
+    for name in states:
         schema = schemas.get(name)
-        address = None if schema is None else _record_address(state, schema)
-        if address is None or schema is None:
+        if schema is None:
             loose.append(name)
         else:
-            by_schema.setdefault(id(schema), []).append((name, address))
+            groups.setdefault(schema.layout_key(), (schema, []))[1].append(name)
     out: dict[str, StateDict] = {}
-    for members in by_schema.values():
-        schema = schemas[members[0][0]]
-        addresses = kernels.int64_table([a for _, a in members])
-        host = _gather_records(addresses, schema.stride, pin=device.type == "cuda")
-        for (name, _), state in zip(members, record_views(host.to(device), schema, len(members))):
+    for schema, members in groups.values():
+        host = _gather_states(states, members, schema, pin=device.type == "cuda")
+        for name, state in zip(members, record_views(host.to(device), schema, len(members))):
             out[name] = state
     for name in loose:
         out[name] = {k: t.to(device) for k, t in states[name].items()}
