@@ -116,7 +116,8 @@ class _NotPlain(Exception):
 def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``module.state_dict(keep_vars=True)``: the same names, order and tensors, read
     from the modules' parameter and buffer tables directly (``state_dict()`` costs
-    about 55 us per small module in its per-submodule calls; this about a third).
+    about 55 us per battery FFNN in its per-submodule calls; this walk about 8 us, most
+    of it memory traffic: the same walk in C++ took 7 us).
     Saving reads only the tensors' bytes, so parameters are not detached (saves run
     under ``torch.no_grad``). Where a module class or instance customises saving (an
     override, hooks, extra state), this is ``state_dict()`` itself."""
@@ -241,6 +242,7 @@ def iter_models(models: Any, *, keep_cuda: bool = False) -> Iterator[ModelEntry]
         return
     seen: set[str] = set()
     tensor_type = torch.Tensor
+    parameter_type = torch.nn.Parameter  # isinstance() of one goes through a metaclass hook
     complex_dtypes = dtypes.COMPLEX
     for item in _items(models):
         try:
@@ -265,7 +267,12 @@ def iter_models(models: Any, *, keep_cuda: bool = False) -> Iterator[ModelEntry]
         ptrs = []
         devices: list[torch.device] = []  # of the sources left on a CUDA device
         for key, t in zip(keys, sd.values()):
-            if type(t) is not tensor_type and not isinstance(t, tensor_type):
+            kind = type(t)
+            if (
+                kind is not tensor_type
+                and kind is not parameter_type
+                and not isinstance(t, tensor_type)
+            ):
                 raise InvalidModelSetError(
                     f"model {name!r}, entry {key!r}: expected a torch.Tensor, got {type(t).__name__}"
                 )

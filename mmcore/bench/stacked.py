@@ -88,16 +88,21 @@ def build_options(sds: dict[str, dict[str, torch.Tensor]], store: mmcore.ModelSt
     }
 
 
-def alternating(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
-    """Median seconds of each function, run in turns (A, B, C, A, B, C, ...): on a
-    shared, noisy machine the ratios between them hold better than back-to-back runs."""
+def fresh_saves(root: Path, fns: dict[str, Callable[[mmcore.ModelStore], Any]],
+                repeat: int) -> dict[str, float]:  # fmt: skip
+    """Median seconds of each save, each into a new store (made and removed untimed, so
+    every save writes its bytes: none is a duplicate of a stored blob), run in turns
+    (A, B, C, A, B, C, ...): on a shared, noisy machine the ratios hold better so."""
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
+    for i in range(repeat):
         for name, fn in fns.items():
-            gc.collect()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            path = root / f"save-{i}-{len(times[name])}-{name[:12].replace(' ', '_')}"
+            with mmcore.open(path) as store:
+                gc.collect()
+                t0 = time.perf_counter()
+                fn(store)
+                times[name].append(time.perf_counter() - t0)
+            shutil.rmtree(path)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -166,10 +171,10 @@ def run(cells: int, repeat: int, option_cells: int, root: Path) -> dict[str, Any
 
     store = mmcore.open(path)
     stack = ens.groups[0]
-    t.update(alternating({
-        "save, state dicts": lambda: store.save(sds),
-        "save, nn.Modules": lambda: store.save(slow_modules),
-        "save_stacked": lambda: store.save_stacked(stack.names, stack.params),
+    t.update(fresh_saves(root, {
+        "save, state dicts": lambda s: s.save(sds),
+        "save, nn.Modules": lambda s: s.save(slow_modules),
+        "save_stacked": lambda s: s.save_stacked(stack.names, stack.params),
     }, repeat))  # fmt: skip
     t["state_dict() of every module"] = timed(
         lambda: [m.state_dict() for m in slow_modules.values()], repeat
