@@ -17,9 +17,13 @@ from .._gc import gc_paused
 from ..errors import IntegrityError
 from ..manifest import ContentRecord, GroupRecord, Manifest
 from ..modelset import Schema
-from ..store.packs import PayloadTier
+from ..store.packs import PayloadTier, populate_range
 
 StateDict = dict[str, torch.Tensor]
+
+# Bytes of records brought in and handed to the hashing thread at a time: from a cold
+# page cache the disk read of one piece overlaps the hashing of the one before.
+HASH_PIECE = 16 << 20
 
 
 def segment_table(base: int, schema: Schema, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,40 +101,65 @@ class BlobReader:
         self.tier.read_into(rec.pack, rec.hashes_offset, rec.hashes_length, stored.data_ptr())
         return stored
 
-    def _extent_buffers(self, rec: ContentRecord, schema: Schema) -> list[tuple[torch.Tensor, int]]:
+    def _extent_buffers(self, rec: ContentRecord, schema: Schema, *,
+                        populate: bool = True) -> list[tuple[torch.Tensor, int]]:  # fmt: skip
         return [
-            (self.tier.map_range(rec.pack, off, count * schema.stride), count)
+            (self.tier.map_range(rec.pack, off, count * schema.stride, populate=populate), count)
             for off, count in rec.extents
         ]
 
-    def _hash_extents(self, rec: ContentRecord, schema: Schema, buffers: list[tuple[torch.Tensor, int]],
-                      pool: ThreadPoolExecutor) -> Future[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
-        """Hashes the extents' tensors on the pool's thread: (computed, stored) hashes."""
-        tables = [segment_table(buf.data_ptr(), schema, count) for buf, count in buffers]
-        ptrs = torch.cat([t[0] for t in tables])
-        lens = torch.cat([t[1] for t in tables])
+    def _mapped_and_hashed(
+        self, rec: ContentRecord, schema: Schema, pool: ThreadPoolExecutor
+    ) -> tuple[list[tuple[torch.Tensor, int]], Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+        """The extents mapped, and a function giving (computed, stored) hashes. The
+        pages are brought in piece by piece (``HASH_PIECE`` bytes of whole records)
+        while the pool's thread hashes the pieces already in: from a cold page cache
+        the disk read and the hashing overlap instead of following each other."""
+        buffers = self._extent_buffers(rec, schema, populate=False)
+        per = max(1, HASH_PIECE // max(schema.stride, 1))
+        jobs: list[Future[torch.Tensor]] = []
+        try:
+            for buf, count in buffers:
+                for first in range(0, count, per):
+                    n = min(per, count - first)
+                    populate_range(buf, first * schema.stride, n * schema.stride)
+                    ptrs, lens = segment_table(buf.data_ptr() + first * schema.stride, schema, n)
+                    jobs.append(pool.submit(kernels.blake3_segments, ptrs, lens))
+        except BaseException:
+            for job in jobs:  # never leave a job reading a mapping that goes away
+                job.cancel() or job.exception()
+            raise
 
-        def hash_payload() -> tuple[torch.Tensor, torch.Tensor]:
+        def hashes() -> tuple[torch.Tensor, torch.Tensor]:
             assert buffers  # the mapped bytes outlive the hashing
-            return kernels.blake3_segments(ptrs, lens), self.stored_hashes(rec)
+            parts = [job.result() for job in jobs]
+            computed = (
+                torch.cat(parts)
+                if parts
+                else torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
+            )
+            return computed, self.stored_hashes(rec)
 
-        return pool.submit(hash_payload)
+        return buffers, hashes
 
     def read_records(self, manifest: Manifest, group: GroupRecord, *, verify: bool,
                      pool: ThreadPoolExecutor) -> torch.Tensor:  # fmt: skip
         """The group's records as one CPU buffer (count x stride bytes, model after
         model): its one extent mapped (copy-on-write, no copy), or its extents joined."""
         rec = self.content(group.blob)
-        buffers = self._extent_buffers(rec, group.schema)
-        future = self._hash_extents(rec, group.schema, buffers, pool) if verify else None
+        hashes = None
+        if verify:
+            buffers, hashes = self._mapped_and_hashed(rec, group.schema, pool)
+        else:
+            buffers = self._extent_buffers(rec, group.schema)
         if len(buffers) == 1:
             buf = buffers[0][0]
         elif buffers:
             buf = torch.cat([b for b, _ in buffers])
         else:
             buf = torch.empty(0, dtype=torch.uint8)
-        if future is not None:
-            self._check(manifest, group, *future.result())
+        if hashes is not None:
+            self._check(manifest, group, *hashes())
         return buf
 
     def read_group(
@@ -144,16 +173,18 @@ class BlobReader:
     ) -> list[StateDict]:
         rec = self.content(group.blob)
         schema = group.schema
-        buffers = self._extent_buffers(rec, schema)
         on_cpu = device.type == "cpu"
-        # hashes while this thread builds the views
-        future = self._hash_extents(rec, schema, buffers, pool) if verify else None
+        hashes = None  # hashed on the pool's thread while this one builds the views
+        if verify:
+            buffers, hashes = self._mapped_and_hashed(rec, schema, pool)
+        else:
+            buffers = self._extent_buffers(rec, schema)
         models: list[StateDict] = []
         if on_cpu:
             for buf, count in buffers:
                 models.extend(record_views(buf, schema, count))
-        if future is not None:
-            self._check(manifest, group, *future.result())
+        if hashes is not None:
+            self._check(manifest, group, *hashes())
         if not on_cpu:
             for buf, count in buffers:
                 models.extend(record_views(buf.to(device), schema, count))

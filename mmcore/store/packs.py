@@ -7,6 +7,8 @@ A pack is written once, synced, and only then referenced by a catalog commit.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 import os
 import secrets
@@ -81,10 +83,14 @@ class PayloadTier(ABC):
     def read_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
         """Reads exactly ``length`` bytes at ``offset`` into memory at ``address``."""
 
-    def map_range(self, pack_id: str, offset: int, length: int) -> torch.Tensor:
+    def map_range(
+        self, pack_id: str, offset: int, length: int, *, populate: bool = True
+    ) -> torch.Tensor:
         """A writable (copy-on-write where possible) uint8 CPU tensor of the range.
 
-        The default reads into fresh memory; tiers with local files map them instead.
+        The default reads into fresh memory; tiers with local files map them instead,
+        with every page faulted in unless ``populate`` is False (then
+        ``populate_range`` brings pieces in, or pages fault in on first touch).
         """
         buf = torch.empty(length, dtype=torch.uint8)
         self.read_into(pack_id, offset, length, buf.data_ptr())
@@ -116,6 +122,25 @@ def _populate_read(mapped: mmap.mmap) -> None:
         mapped.madvise(_MADV_POPULATE_READ)
     except OSError:  # older kernel: read ahead instead, pages fault in on first touch
         mapped.madvise(mmap.MADV_WILLNEED)
+
+
+def populate_range(buf: torch.Tensor, start: int, length: int) -> None:
+    """Faults in bytes [start, start + length) of a tensor from ``map_range`` (pages of
+    a mapped pack come from the page cache or the disk; memory that was read already
+    is resident and this costs a system call). Whole pages around the range."""
+    page = mmap.PAGESIZE
+    lo = (buf.data_ptr() + start) // page * page
+    hi = buf.data_ptr() + start + length
+    if hi <= lo:
+        return
+    libc = _libc()
+    if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_READ) != 0:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_WILLNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 class _Syncer:
@@ -256,8 +281,10 @@ class LocalPackTier(PayloadTier):
                 f"at offset {offset}; the pack is truncated"
             )
 
-    def map_range(self, pack_id: str, offset: int, length: int) -> torch.Tensor:
-        """Maps the range privately (copy-on-write) and pre-faults it.
+    def map_range(
+        self, pack_id: str, offset: int, length: int, *, populate: bool = True
+    ) -> torch.Tensor:
+        """Maps the range privately (copy-on-write) and pre-faults it (``populate``).
 
         Writes to the tensor never reach the pack. The mapping lives as long as
         the tensor (or any view of it) does.
@@ -273,7 +300,8 @@ class LocalPackTier(PayloadTier):
             )
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         mapped = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=prot, offset=offset)
-        _populate_read(mapped)
+        if populate:
+            _populate_read(mapped)
         self.bytes_read += length
         return torch.frombuffer(mapped, dtype=torch.uint8)
 
