@@ -405,7 +405,7 @@ def _stack_part(names: Any, params: Any, seen: set[str]) -> StackPart:
             "stacked parameters must be a non-empty mapping of tensor name to a tensor of "
             f"[models, ...], got {type(params).__name__ if not isinstance(params, Mapping) else 'an empty mapping'}"
         )
-    first = names[0] if names else "?"
+    first = names[0]
     keys, columns, devices = [], [], set()
     for key, t in params.items():
         if not isinstance(key, str):

@@ -168,7 +168,11 @@ def roots(models: StateDicts, names: list[str]) -> torch.Tensor:
     """(models, 32): per model, BLAKE3 over the BLAKE3 hashes of its tensors in order."""
     tensors = [t for n in names for t in models[n].values()]
     hashes = kernels.blake3_tensors(tensors).cpu().contiguous()  # (an empty list: (0, 32))
-    counts = torch.tensor([len(models[n]) for n in names], dtype=torch.int64)
+    return _roots_of(hashes, torch.tensor([len(models[n]) for n in names], dtype=torch.int64))
+
+
+def _roots_of(hashes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per model, BLAKE3 over its ``counts[i]`` consecutive rows of ``hashes`` (host)."""
     starts = torch.cumsum(counts, 0) - counts
     ptrs = starts * kernels.HASH_SIZE + hashes.data_ptr()
     return kernels.blake3_segments(ptrs, counts * kernels.HASH_SIZE)
@@ -187,13 +191,7 @@ def stacked_roots(stacks: StackedSet, names: list[str]) -> torch.Tensor:
             lens = torch.tensor([t[0].numel() * t.element_size() for t in part.columns],
                                 dtype=torch.int64).repeat(len(g))  # fmt: skip
             hashes = kernels.blake3_segments(part.row_table().reshape(-1), lens)
-            per = len(part.columns)
-            ptrs = (
-                torch.arange(len(g), dtype=torch.int64) * (per * kernels.HASH_SIZE)
-                + hashes.data_ptr()
-            )
-            table = kernels.blake3_segments(ptrs, torch.full((len(g),), per * kernels.HASH_SIZE,
-                                                             dtype=torch.int64))  # fmt: skip
+            table = _roots_of(hashes, torch.full((len(g),), len(part.columns), dtype=torch.int64))
         found.update(zip(g.names, table))
     if not names:
         return torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
