@@ -2,12 +2,14 @@
 # One GPU check, in one call: build mmcore with the CUDA kernels, run the WHOLE
 # test suite (not only -m gpu: a GPU machine must pass every test), the GPU
 # tests again under compute-sanitizer, the kernel benchmark, the battery
-# benchmark with the set on the GPU (update rows included) and the provenance
-# benchmark with the cells trained on the GPU, and the benchmark harness's battery and
-# scale parts with the sets on the GPU (results tagged gpu). Everything comes back in
-# at most 8 files under $OUT (./gpu_out when unset): summary.txt, logs.tar.gz (every
-# log), kernels.json, battery.json, gpu.txt, harness.tar.gz (benchmarks/results/gpu-*.json:
-# unpack into benchmarks/results, then `python -m benchmarks.run --report-only`).
+# benchmark with the set on the GPU (update rows included), the provenance benchmark
+# with the cells trained on the GPU, the stacks benchmark (load_stacked, forward and
+# save_stacked on the GPU), and the benchmark harness's battery and scale parts with
+# the sets on the GPU (results tagged gpu). Everything comes back in at most 8 files
+# under $OUT (./gpu_out when unset): summary.txt, logs.tar.gz (every log),
+# kernels.json, battery.json, stacked.json, gpu.txt, harness.tar.gz
+# (benchmarks/results/gpu-*.json: unpack into benchmarks/results, then
+# `python -m benchmarks.run --report-only`).
 # Budget: about 8 minutes on an H100 (the update, provenance and harness steps were
 # added without a device run: time them).
 #
@@ -71,6 +73,9 @@ log "battery (set on the GPU, update path with its GPU rows): rc=$?"
 timeout 120 "$PY" "$ROOT/benchmarks/provenance.py" --device cuda --sequential-cells 1000 \
   >"$LOGS/provenance.txt" 2>&1
 log "provenance (cells trained and recovered on the GPU): rc=$?"
+timeout 90 "$PY" "$ROOT/benchmarks/stacked.py" --cells 10000 --repeat 3 --device cuda \
+  --json "$OUT/stacked.json" >"$LOGS/stacked.txt" 2>&1
+log "stacks (load_stacked to the GPU, forward there against a loop over modules): rc=$?"
 # the harness from the repository root (benchmarks/__init__.py keeps the source tree's
 # mmcore, which has no native module, from shadowing the installed one)
 (cd "$ROOT" && timeout 240 "$PY" -m benchmarks.run --config quick --device cuda --tag gpu \
@@ -78,6 +83,7 @@ log "provenance (cells trained and recovered on the GPU): rc=$?"
   --results-md "$LOGS/RESULTS.md") >"$LOGS/harness.txt" 2>&1
 log "harness (quick: battery from the carried cells, scale; sets on the GPU): rc=$?"
 tar -czf "$OUT/harness.tar.gz" -C "$LOGS/results" . 2>/dev/null
-cat "$LOGS/kernels.txt" "$LOGS/battery.txt" "$LOGS/provenance.txt" >>"$OUT/summary.txt" 2>/dev/null
+cat "$LOGS/kernels.txt" "$LOGS/battery.txt" "$LOGS/provenance.txt" "$LOGS/stacked.txt" \
+  >>"$OUT/summary.txt" 2>/dev/null
 log "done after $(( $(date +%s) - start )) s"
 tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
