@@ -65,6 +65,13 @@ def record_views(buf: torch.Tensor, schema: Schema, count: int) -> list[StateDic
         return [dict(zip(names, row)) for row in zip(*columns)]
 
 
+def _hash_piece(buf: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """The hashes of segments inside ``buf``. ``buf`` is an argument so that the queued
+    job holds the mapping: it stays while it is read even if the caller has gone (an
+    error while the job waited)."""
+    return kernels.blake3_segments(ptrs, lens)
+
+
 class BlobReader:
     def __init__(self, tier: PayloadTier, content: Callable[[bytes], ContentRecord]) -> None:
         self.tier = tier
@@ -124,7 +131,7 @@ class BlobReader:
                     n = min(per, count - first)
                     populate_range(buf, first * schema.stride, n * schema.stride)
                     ptrs, lens = segment_table(buf.data_ptr() + first * schema.stride, schema, n)
-                    jobs.append(pool.submit(kernels.blake3_segments, ptrs, lens))
+                    jobs.append(pool.submit(_hash_piece, buf, ptrs, lens))
         except BaseException:
             for job in jobs:  # never leave a job reading a mapping that goes away
                 job.cancel() or job.exception()
@@ -132,7 +139,12 @@ class BlobReader:
 
         def hashes() -> tuple[torch.Tensor, torch.Tensor]:
             assert buffers  # the mapped bytes outlive the hashing
-            parts = [job.result() for job in jobs]
+            try:
+                parts = [job.result() for job in jobs]
+            except BaseException:
+                for job in jobs:  # every job done before the mappings can go
+                    job.cancel() or job.exception()
+                raise
             computed = (
                 torch.cat(parts)
                 if parts
