@@ -409,10 +409,9 @@ class ModelStore:
         if manifest.provenance is not None:
             return retrain.recover(self, manifest, device=dev, allow_code_change=allow_code_change)
         if manifest.update is not None:
-            return StackedSet([
-                _stack_of(names, buf, schema, dev)
-                for schema, names, buf in chain.recover_records(self, manifest.id, verify=verify)
-            ])  # fmt: skip
+            order, parts = chain.recover_records(self, manifest.id, verify=verify)
+            return StackedSet([_stack_of(names, buf, schema, dev) for schema, names, buf in parts],
+                              order)  # fmt: skip
         return self._stacked_groups(manifest, verify=verify, device=dev)
 
     def _stacked_groups(
@@ -424,7 +423,7 @@ class ModelStore:
             buf = self._reader.read_records(manifest, group, verify=verify, pool=self._pool)
             names = [manifest.models[i] for i in group.positions()]
             stacks.append(_stack_of(names, buf, group.schema, device))
-        return StackedSet(stacks)
+        return StackedSet(stacks, manifest.models)
 
     def save_stacked(self, names: Any, params: Mapping[str, torch.Tensor] | None = None,
                      **kwargs: Any) -> str:  # fmt: skip
@@ -433,11 +432,15 @@ class ModelStore:
 
         ``names`` (N model names) with ``params`` ({tensor name: [N, ...] tensor}, on
         the CPU or one GPU) is one architecture; a ``Stack`` or ``StackedSet`` (from
-        ``load_stacked``) is passed alone. The version is the one saving
-        ``{names[i]: {k: params[k][i]}}`` gives, bit for bit; a baseline is written
+        ``load_stacked``, whose version order is kept) is passed alone. The version is
+        the one saving ``{names[i]: {k: params[k][i]}}`` gives, bit for bit; a baseline is written
         from address tables over the stacks' strides, with no step per model."""
-        parts = _stack_parts(names) if params is None else [(names, params)]
-        return self.save(StackedInput(parts), **kwargs)
+        if params is None:
+            parts = _stack_parts(names)
+            order = names.order if isinstance(names, StackedSet) else None
+        else:
+            parts, order = [(names, params)], None
+        return self.save(StackedInput(parts, order), **kwargs)
 
     def load_modules(
         self,
@@ -448,8 +451,7 @@ class ModelStore:
         verify: bool = True,
         allow_code_change: bool = False,
     ) -> dict[str, torch.nn.Module]:
-        """Recovers a set as ``nn.Module`` objects, {name: module}, group by group (a set
-        of one architecture: in the version's order).
+        """Recovers a set as ``nn.Module`` objects, {name: module} in the version's order.
 
         ``factory(name)`` builds an empty module of a group's architecture (called once
         per architecture, with the group's first model's name; ``torch.device("meta")``
@@ -470,7 +472,7 @@ class ModelStore:
         built: dict[str, torch.nn.Module] = {}
         for g in stacks.groups:
             built.update(build_modules(g, factory))
-        return built
+        return stacks.in_order(built)
 
     def _load_update(self, manifest: Manifest, names: list[str] | None, device: torch.device,
                      verify: bool) -> dict[str, StateDict]:  # fmt: skip

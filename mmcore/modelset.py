@@ -330,7 +330,7 @@ class StackPart:
 
     @property
     def device(self) -> torch.device:
-        return self.columns[0].device
+        return self.columns[0].device if self.columns else torch.device("cpu")
 
     def row_table(self) -> torch.Tensor:
         """(N, tensors) int64: the address of each model's tensor, row by row."""
@@ -363,26 +363,39 @@ class StackedInput:
     once here; ``iter_models`` yields its models as views of the stacks, and the
     baseline writer writes it without a per-model step."""
 
-    def __init__(self, parts: list[tuple[Any, Any]]) -> None:
+    def __init__(self, parts: list[tuple[Any, Any]], order: list[str] | None = None) -> None:
         self.parts: list[StackPart] = []
         seen: set[str] = set()
         for names, params in parts:
             self.parts.append(_stack_part(names, params, seen))
         if not self.parts:
             raise InvalidModelSetError("the model set is empty: pass at least one model")
+        if order is not None and (len(order) != len(seen) or set(order) != seen):
+            raise InvalidModelSetError("the set's order must name each of its models once")
+        # the version's order of the models: the parts one after another unless given
+        self.order = list(order) if order is not None else [n for p in self.parts for n in p.names]
 
     def __len__(self) -> int:
-        return sum(len(p.names) for p in self.parts)
+        return len(self.order)
+
+    def positions(self, part: StackPart) -> list[int]:
+        """Where each model of ``part`` is in the set's order."""
+        at = {name: i for i, name in enumerate(self.order)}
+        return [at[name] for name in part.names]
 
     def entries(self, keep_cuda: bool) -> Iterator[ModelEntry]:
+        made: list[ModelEntry | None] = [None] * len(self.order)
         for part in self.parts:
             device = part.device if keep_cuda and part.device.type == "cuda" else None
             if device is None:
                 part = part.on_host()
             rows = part.row_table().tolist()
-            for name, views, ptrs in zip(part.names, zip(*[c.unbind(0) for c in part.columns]),
-                                         rows):  # fmt: skip
-                yield ModelEntry(name, part.keys, part.signature, list(views), ptrs, device)
+            views = zip(*[c.unbind(0) for c in part.columns]) if part.columns else [()] * len(rows)
+            for at, name, own, ptrs in zip(self.positions(part), part.names, views, rows):
+                made[at] = ModelEntry(name, part.keys, part.signature, list(own), ptrs, device)
+        for entry in made:  # in the set's order
+            assert entry is not None
+            yield entry
 
 
 def _stack_part(names: Any, params: Any, seen: set[str]) -> StackPart:
@@ -400,10 +413,10 @@ def _stack_part(names: Any, params: Any, seen: set[str]) -> StackPart:
         if name in seen:
             raise InvalidModelSetError(f"duplicate model name {name!r}: names must be unique")
         seen.add(name)
-    if not isinstance(params, Mapping) or not params:
+    if not isinstance(params, Mapping):  # (empty: models without tensors, as a state dict may be)
         raise InvalidModelSetError(
-            "stacked parameters must be a non-empty mapping of tensor name to a tensor of "
-            f"[models, ...], got {type(params).__name__ if not isinstance(params, Mapping) else 'an empty mapping'}"
+            "stacked parameters must be a mapping of tensor name to a tensor of "
+            f"[models, ...], got {type(params).__name__}"
         )
     first = names[0]
     keys, columns, devices = [], [], set()

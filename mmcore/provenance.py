@@ -336,5 +336,6 @@ def run_stacked(found: Trainer, recipe: Recipe, models: StackedSet, data: Stacke
                     f"trainer {found.name!r}: stacked tensor {key!r} came back with another "
                     "type, dtype or shape"
                 )
-        out.append(Stack(group.names, got))
+        # the bits the values have: lazy conjugation or negation resolved (hashes read memory)
+        out.append(Stack(group.names, {k: t.resolve_conj().resolve_neg() for k, t in got.items()}))
     return StackedSet(out)

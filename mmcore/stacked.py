@@ -25,7 +25,7 @@ import torch
 
 from ._gc import gc_paused
 from .errors import InvalidArgumentError, InvalidModelSetError
-from .modelset import Schema
+from .modelset import Schema, module_state
 
 StateDict = dict[str, torch.Tensor]
 
@@ -87,6 +87,8 @@ class Stack:
     def state_dicts(self) -> dict[str, StateDict]:
         """{name: state dict} whose tensors are views of the stacked tensors (no copy)."""
         keys = list(self.params)
+        if not keys:  # models without tensors
+            return {name: {} for name in self.names}
         columns = [t.unbind(0) for t in self.params.values()]
         return {name: dict(zip(keys, row)) for name, row in zip(self.names, zip(*columns))}
 
@@ -99,7 +101,8 @@ class Stack:
         return {k: t[i] for k, t in self.params.items()}
 
     def to(self, device: str | torch.device) -> Stack:
-        """The stack on ``device``: a stack viewing stored records moves in one copy."""
+        """The stack on ``device``: a stack viewing stored records moves as one buffer
+        (through pinned memory to a GPU)."""
         device = torch.device(device)
         if device == self.device:
             return self
@@ -221,7 +224,14 @@ def _direct_steps(template: torch.nn.Module) -> list[tuple[str, Any]] | None:
 
 
 def _hooked(m: torch.nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+    """Forward hooks on ``m``, or registered for every module."""
+    glob = torch.nn.modules.module
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or getattr(glob, "_global_forward_hooks", None)
+        or getattr(glob, "_global_forward_pre_hooks", None)
+    )
 
 
 # Models per chunk on the direct path on the CPU by default: their widest activation
@@ -282,11 +292,11 @@ def _template_tensors(template: torch.nn.Module, stack: Stack) -> StateDict:
                 f"the template's {type(m).__name__} is in training mode: it would update its "
                 "running statistics in place, which torch.vmap cannot batch; call template.eval()"
             )
-    stored = {k: tuple(t.shape[1:]) for k, t in stack.params.items()}
+    shapes = {k: tuple(t.shape[1:]) for k, t in stack.params.items()}
     own: StateDict = dict(template.named_parameters(remove_duplicate=False))
     own.update(template.named_buffers(remove_duplicate=False))
-    wrong = [k for k, t in own.items() if k in stored and tuple(t.shape) != stored[k]]
-    unknown = [k for k in stored if k not in own]
+    wrong = [k for k, t in own.items() if k in shapes and tuple(t.shape) != shapes[k]]
+    unknown = [k for k in shapes if k not in own]
     if wrong or unknown:
         what = (
             f"tensors {wrong[:3]} have other shapes than in the stack"
@@ -295,6 +305,13 @@ def _template_tensors(template: torch.nn.Module, stack: Stack) -> StateDict:
         )
         raise InvalidArgumentError(f"the template is not the stack's architecture: {what}")
     extra = {k: t for k, t in own.items() if k not in stack.params}
+    stored = set(module_state(template))  # what a save of the template would hold
+    missing = [k for k in extra if k in stored]
+    if missing:
+        raise InvalidArgumentError(
+            f"the template is not the stack's architecture: the stack lacks {missing[:3]}, "
+            "which the template's state dict holds"
+        )
     empty = [k for k, t in extra.items() if t.device.type == "meta"]
     if empty:
         raise InvalidArgumentError(
@@ -309,8 +326,9 @@ class StackedSet:
     order of first appearance. A set of one architecture also answers ``names``,
     ``params`` and ``forward`` as its one stack does."""
 
-    def __init__(self, groups: Sequence[Stack]) -> None:
+    def __init__(self, groups: Sequence[Stack], order: Sequence[str] | None = None) -> None:
         self.groups = list(groups)
+        self.order = list(order) if order is not None else None  # the version's model order
 
     def __iter__(self) -> Iterator[Stack]:
         return iter(self.groups)
@@ -345,14 +363,21 @@ class StackedSet:
         return self._one("forward(...)").forward(template, x, **kwargs)
 
     def state_dicts(self) -> dict[str, StateDict]:
-        """{name: state dict} of every model (views of the stacks), group by group."""
+        """{name: state dict} of every model (views of the stacks), in the version's order
+        (group by group for a set built without one)."""
         out: dict[str, StateDict] = {}
         for g in self.groups:
             out.update(g.state_dicts())
-        return out
+        return self.in_order(out)
+
+    def in_order(self, by_name: dict[str, Any]) -> dict[str, Any]:
+        """``by_name`` (one entry per model) in the version's order, where it is known."""
+        if self.order is None or len(self.order) != len(by_name):
+            return by_name
+        return {name: by_name[name] for name in self.order}
 
     def to(self, device: str | torch.device) -> StackedSet:
-        return StackedSet([g.to(device) for g in self.groups])
+        return StackedSet([g.to(device) for g in self.groups], self.order)
 
 
 def stack_sets(models: Mapping[str, Mapping[str, torch.Tensor]]) -> StackedSet:
@@ -363,7 +388,8 @@ def stack_sets(models: Mapping[str, Mapping[str, torch.Tensor]]) -> StackedSet:
         key = tuple((k, t.dtype, t.shape) for k, t in sd.items())
         by_layout.setdefault(key, []).append(name)
     return StackedSet(
-        [Stack.from_state_dicts({n: models[n] for n in names}) for names in by_layout.values()]
+        [Stack.from_state_dicts({n: models[n] for n in names}) for names in by_layout.values()],
+        list(models),
     )
 
 
@@ -384,7 +410,7 @@ class _ClonePlan:
         self.nodes: list[tuple[Any, ...]] = []
         self.order: list[str] = []
         index: dict[int, int] = {}
-        slots: dict[int, int] = {}  # id(parameter) -> its slot
+        slots: dict[int, int] = {}  # id(parameter or buffer) -> its slot: shared stays shared
 
         def visit(m: torch.nn.Module, prefix: str) -> int:
             if id(m) in index:
@@ -404,9 +430,12 @@ class _ClonePlan:
             for key, b in m._buffers.items():
                 if b is None or key in m._non_persistent_buffers_set:
                     buffers.append((key, None, b))  # not stored: each clone gets a copy
-                else:
-                    buffers.append((key, len(self.order), None))
+                    continue
+                slot = slots.get(id(b))
+                if slot is None:
+                    slot = slots[id(b)] = len(self.order)
                     self.order.append(prefix + key)
+                buffers.append((key, slot, None))
             children = [(key, None if c is None else visit(c, prefix + key + "."))
                         for key, c in m._modules.items()]  # fmt: skip
             copied = [
@@ -418,11 +447,11 @@ class _ClonePlan:
         visit(template, "")
 
     def build(self, tensors: Sequence[torch.Tensor]) -> torch.nn.Module:
-        made: list[Any] = [None] * len(self.nodes)
+        # every module object first: a module shared by two parents may come after either
+        made: list[Any] = [node[0].__new__(node[0]) for node in self.nodes]
         shared: dict[int, torch.nn.Parameter] = {}
         parameter = torch.nn.Parameter
-        for at in range(len(self.nodes) - 1, -1, -1):  # children come after their parent
-            cls, base, copied, params, buffers, children = self.nodes[at]
+        for at, (_cls, base, copied, params, buffers, children) in enumerate(self.nodes):
             d = base.copy()
             for key in copied:
                 d[key] = base[key].copy()
@@ -439,9 +468,7 @@ class _ClonePlan:
             d["_buffers"] = {key: tensors[slot] if slot is not None else (b if b is None else b.clone())
                              for key, slot, b in buffers}  # fmt: skip
             d["_modules"] = {key: None if child is None else made[child] for key, child in children}
-            new = cls.__new__(cls)
-            object.__setattr__(new, "__dict__", d)
-            made[at] = new
+            object.__setattr__(made[at], "__dict__", d)
         return made[0]  # type: ignore[no-any-return]
 
 
@@ -457,8 +484,6 @@ def build_modules(
         raise InvalidArgumentError(
             f"factory must return a torch.nn.Module, got {type(template).__name__}"
         )
-    from .modelset import module_state
-
     want = module_state(template)
     have = stack.params
     if list(want) != list(have):
@@ -485,8 +510,9 @@ def build_modules(
             "state dicts with store.load and load_state_dict instead"
         )
     columns = [have[k].unbind(0) for k in plan.order]
+    rows = zip(*columns) if columns else [()] * len(stack.names)  # (models without tensors)
     with gc_paused():  # many small objects, no cycles among them
-        return {name: plan.build(row) for name, row in zip(stack.names, zip(*columns))}
+        return {name: plan.build(row) for name, row in zip(stack.names, rows)}
 
 
 def _refuse_meta_buffers(template: torch.nn.Module) -> None:

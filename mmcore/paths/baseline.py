@@ -94,15 +94,17 @@ class _SetWriter:
         g.pending_ptrs, g.pending_sources = [], []
         self._write_batch(g, count, ptrs, keep)
 
-    def add_rows(self, gi: int, schema: Schema, first: int, rows: torch.Tensor, keep: Any) -> None:
-        """Queues models given as an address table (models, tensors): batch by batch,
-        no per-model step. ``keep`` holds the memory behind the addresses."""
+    def add_rows(self, gi: int, schema: Schema, members: list[int], rows: torch.Tensor,
+                 keep: Any) -> None:  # fmt: skip
+        """Queues models given as an address table (models, tensors), at ``members`` (their
+        positions in the set, ascending): batch by batch, no per-model step. ``keep``
+        holds the memory behind the addresses."""
         if gi == len(self.groups):
             self.groups.append(_GroupState(schema))
         g = self.groups[gi]
         self._flush(g)
         count = rows.shape[0]
-        g.members.extend(range(first, first + count))
+        g.members.extend(members)
         step = g.batch_models
         for start in range(0, count, step):
             part = rows[start : start + step]
@@ -195,10 +197,14 @@ def write_set(writer: PackWriter, models: Any, progress: Progress) -> WrittenSet
                 for part in models.parts:
                     part = part.on_host()
                     gi = grouper.group_of_layout(part.keys, part.signature, part.names[0])
-                    sw.add_rows(gi, grouper.schemas[gi], len(names), part.row_table(), part.columns)
-                    names.extend(part.names)
+                    at = torch.tensor(models.positions(part), dtype=torch.int64)
+                    at, by = torch.sort(
+                        at
+                    )  # the group's records in the set's order, as a dict gives
+                    sw.add_rows(gi, grouper.schemas[gi], at.tolist(), part.row_table()[by],
+                                part.columns)  # fmt: skip
                     progress(len(part.names))
-                return sw.finish(names)
+                return sw.finish(models.order)
             for entry in iter_models(models):
                 gi = grouper.group_of(entry)
                 sw.add(gi, grouper.schemas[gi], len(names), entry)

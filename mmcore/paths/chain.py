@@ -156,18 +156,19 @@ def recover(
     return {n: _plain_dict(states[n]) for n in names}
 
 
-def recover_records(store: ModelStore, vid: str, *,
-                    verify: bool) -> list[tuple[Schema, list[str], torch.Tensor]]:  # fmt: skip
-    """The models of a version as record buffers, one per architecture (in order of
-    first appearance): (schema, names, count x stride bytes, model after model),
-    each gathered by one native call from wherever recovery left the models."""
+def recover_records(store: ModelStore, vid: str, *, verify: bool
+                    ) -> tuple[list[str], list[tuple[Schema, list[str], torch.Tensor]]]:  # fmt: skip
+    """The version's model names in its order, and its models as record buffers, one
+    per architecture (in order of first appearance): (schema, names, count x stride
+    bytes, model after model), each gathered by one native call from wherever
+    recovery left the models."""
     names, states, schemas = _recover(store, vid, None, verify=verify)
     groups: dict[Any, tuple[Schema, list[str]]] = {}
     for name in names:
         schema = schemas[name]
         groups.setdefault(schema.layout_key(), (schema, []))[1].append(name)
-    return [(schema, members, _gather_states(states, members, schema))
-            for schema, members in groups.values()]  # fmt: skip
+    return names, [(schema, members, _gather_states(states, members, schema))
+                   for schema, members in groups.values()]  # fmt: skip
 
 
 def _gather_states(

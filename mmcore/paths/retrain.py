@@ -379,4 +379,4 @@ def _replace_rows(parent: StackedSet, trained: StackedSet) -> StackedSet:
                 idx = torch.tensor([j for _, j in at], dtype=torch.int64, device=column.device)
                 column.index_copy_(0, dst, source.params[key].index_select(0, idx))
         out.append(g)
-    return StackedSet(out)
+    return StackedSet(out, parent.order)
