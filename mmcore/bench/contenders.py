@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import random
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ def set_nbytes(sds: StateDicts) -> int:
     return sum(t.numel() * t.element_size() for sd in sds.values() for t in sd.values())
 
 
-class Contender:
+class Contender(methods.Scratch):
     name = ""
     family = "peer"  # "mmcore", "peer" or "floor"
     tolerance: float | None = None
@@ -50,13 +49,6 @@ class Contender:
         False  # recovering one model costs recovering the set (retraining, one stream): timed once
     )
     compresses = False  # stores the set compressed: no "bytes beyond the parameters"
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def reset(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(parents=True)
 
     def save(self, sds: StateDicts) -> None: ...
     def recover(self) -> Any: ...

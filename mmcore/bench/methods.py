@@ -45,9 +45,9 @@ def _fsync_files(paths: list[Path]) -> None:
         os.close(fd)
 
 
-class Method:
-    name = ""
-    slow = False  # one file per model: repeated fewer times
+class Scratch:
+    """Something measured that keeps its files in its own directory, emptied by ``reset``
+    (a method here, a contender of the harness)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -55,6 +55,11 @@ class Method:
     def reset(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
+
+
+class Method(Scratch):
+    name = ""
+    slow = False  # one file per model: repeated fewer times
 
     def save(self, sds: StateDicts) -> None: ...
     def load_all(self) -> Any: ...

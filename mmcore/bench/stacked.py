@@ -46,11 +46,13 @@ def meta_ffnn(name: str = "") -> torch.nn.Module:
         return ffnn()
 
 
-def build_slow(sds: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.nn.Module]:
-    """What a user does without mmcore: construct each module and load its state."""
+def build_slow(sds: dict[str, dict[str, torch.Tensor]],
+               device: torch.device | None = None) -> dict[str, torch.nn.Module]:  # fmt: skip
+    """What a user does without mmcore: construct each module (moved to ``device``, a
+    GPU) and load its state."""
     out = {}
     for name, sd in sds.items():
-        m = ffnn()
+        m = ffnn() if device is None else ffnn().to(device)
         m.load_state_dict(sd)
         out[name] = m
     return out
@@ -259,11 +261,7 @@ def run_on_device(cells: int, repeat: int, root: Path, device: str) -> dict[str,
 
     def slow_path() -> torch.Tensor:
         with mmcore.open(path, readonly=True) as s:
-            built = {}
-            for name, sd in s.load("cells", device=dev).items():
-                m = ffnn().to(dev)
-                m.load_state_dict(sd)
-                built[name] = m
+            built = build_slow(s.load("cells", device=dev), dev)
         return loop(built, x)
 
     t["end to end, load_stacked + forward"] = timed(synced(fast_path), repeat)[0]
