@@ -333,18 +333,22 @@ class StackPart:
         return self.columns[0].device if self.columns else torch.device("cpu")
 
     def row_table(self) -> torch.Tensor:
-        """(N, tensors) int64: the address of each model's tensor, row by row."""
-        n = len(self.names)
-        bases = torch.tensor([c.data_ptr() for c in self.columns], dtype=torch.int64)
-        steps = torch.tensor([c.stride(0) * c.element_size() if n > 1 else 0 for c in self.columns],
-                             dtype=torch.int64)  # fmt: skip
-        return torch.arange(n, dtype=torch.int64).unsqueeze(1) * steps + bases
+        return row_addresses(self.columns, len(self.names))
 
     def on_host(self) -> StackPart:
         if self.device.type == "cpu":
             return self
         return StackPart(self.names, self.keys, [_rows_contiguous(c.cpu()) for c in self.columns],
                          self.signature)  # fmt: skip
+
+
+def row_addresses(columns: list[torch.Tensor], n: int) -> torch.Tensor:
+    """(n, columns) int64: the address of row i of every [n, ...] column, row by row
+    (each row one contiguous run: see ``_rows_contiguous``)."""
+    bases = torch.tensor([c.data_ptr() for c in columns], dtype=torch.int64)
+    steps = torch.tensor([c.stride(0) * c.element_size() if n > 1 else 0 for c in columns],
+                         dtype=torch.int64)  # fmt: skip
+    return torch.arange(n, dtype=torch.int64).unsqueeze(1) * steps + bases
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -374,14 +378,14 @@ class StackedInput:
             raise InvalidModelSetError("the set's order must name each of its models once")
         # the version's order of the models: the parts one after another unless given
         self.order = list(order) if order is not None else [n for p in self.parts for n in p.names]
+        self._at = {name: i for i, name in enumerate(self.order)}
 
     def __len__(self) -> int:
         return len(self.order)
 
     def positions(self, part: StackPart) -> list[int]:
         """Where each model of ``part`` is in the set's order."""
-        at = {name: i for i, name in enumerate(self.order)}
-        return [at[name] for name in part.names]
+        return [self._at[name] for name in part.names]
 
     def entries(self, keep_cuda: bool) -> Iterator[ModelEntry]:
         made: list[ModelEntry | None] = [None] * len(self.order)

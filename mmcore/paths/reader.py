@@ -116,12 +116,17 @@ class BlobReader:
         ]
 
     def _mapped_and_hashed(
-        self, rec: ContentRecord, schema: Schema, pool: ThreadPoolExecutor
-    ) -> tuple[list[tuple[torch.Tensor, int]], Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
-        """The extents mapped, and a function giving (computed, stored) hashes. The
-        pages are brought in piece by piece (``HASH_PIECE`` bytes of whole records)
-        while the pool's thread hashes the pieces already in: from a cold page cache
-        the disk read and the hashing overlap instead of following each other."""
+        self, rec: ContentRecord, schema: Schema, pool: ThreadPoolExecutor, verify: bool
+    ) -> tuple[
+        list[tuple[torch.Tensor, int]], Callable[[], tuple[torch.Tensor, torch.Tensor]] | None
+    ]:
+        """The extents mapped, and (with ``verify``) a function giving (computed, stored)
+        hashes. The pages are then brought in piece by piece (``HASH_PIECE`` bytes of
+        whole records) while the pool's thread hashes the pieces already in: from a cold
+        page cache the disk read and the hashing overlap instead of following each other.
+        Without ``verify`` every page is brought in at once."""
+        if not verify:
+            return self._extent_buffers(rec, schema), None
         buffers = self._extent_buffers(rec, schema, populate=False)
         per = max(1, HASH_PIECE // max(schema.stride, 1))
         jobs: list[Future[torch.Tensor]] = []
@@ -159,11 +164,7 @@ class BlobReader:
         """The group's records as one CPU buffer (count x stride bytes, model after
         model): its one extent mapped (copy-on-write, no copy), or its extents joined."""
         rec = self.content(group.blob)
-        hashes = None
-        if verify:
-            buffers, hashes = self._mapped_and_hashed(rec, group.schema, pool)
-        else:
-            buffers = self._extent_buffers(rec, group.schema)
+        buffers, hashes = self._mapped_and_hashed(rec, group.schema, pool, verify)
         if len(buffers) == 1:
             buf = buffers[0][0]
         elif buffers:
@@ -186,11 +187,8 @@ class BlobReader:
         rec = self.content(group.blob)
         schema = group.schema
         on_cpu = device.type == "cpu"
-        hashes = None  # hashed on the pool's thread while this one builds the views
-        if verify:
-            buffers, hashes = self._mapped_and_hashed(rec, schema, pool)
-        else:
-            buffers = self._extent_buffers(rec, schema)
+        # hashed on the pool's thread while this one builds the views
+        buffers, hashes = self._mapped_and_hashed(rec, schema, pool, verify)
         models: list[StateDict] = []
         if on_cpu:
             for buf, count in buffers:

@@ -31,7 +31,7 @@ from ..errors import (
     ProvenanceMismatchError,
 )
 from ..manifest import ContentRecord, DatasetRecord, Manifest, ProvenanceInfo
-from ..modelset import StackPart, _rows_contiguous, iter_models
+from ..modelset import _rows_contiguous, iter_models, row_addresses
 from ..stacked import StackedSet, stack_sets
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 from . import baseline
@@ -186,12 +186,11 @@ def stacked_roots(stacks: StackedSet, names: list[str]) -> torch.Tensor:
         if g.device.type != "cpu":
             table = roots(g.state_dicts(), list(g.names))
         else:
-            part = StackPart(list(g.names), tuple(g.params), [_rows_contiguous(t) for t in g.params.values()],
-                             ())  # fmt: skip
-            lens = torch.tensor([t[0].numel() * t.element_size() for t in part.columns],
+            columns = [_rows_contiguous(t) for t in g.params.values()]
+            lens = torch.tensor([t[0].numel() * t.element_size() for t in columns],
                                 dtype=torch.int64).repeat(len(g))  # fmt: skip
-            hashes = kernels.blake3_segments(part.row_table().reshape(-1), lens)
-            table = _roots_of(hashes, torch.full((len(g),), len(part.columns), dtype=torch.int64))
+            hashes = kernels.blake3_segments(row_addresses(columns, len(g)).reshape(-1), lens)
+            table = _roots_of(hashes, torch.full((len(g),), len(columns), dtype=torch.int64))
         found.update(zip(g.names, table))
     if not names:
         return torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
