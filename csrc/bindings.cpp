@@ -9,6 +9,8 @@
 #include <string>
 
 #include "blake3.h"
+#include "blake3_plan.h"
+#include "blake3_tree.h"
 #include "delta.h"
 #include "gather.h"
 #include "io.h"
@@ -90,6 +92,35 @@ bool start_writeback(int fd, uint64_t offset, uint64_t len) {
 
 using Addr = uintptr_t;
 
+// The GPU BLAKE3's plan: (bytes, stages, nodes), each stage a tuple
+// (tasks_offset, ctas_offset, tasks, ctas, node_base); see blake3_plan.h.
+py::tuple blake3_tree_plan(Addr lens, size_t n) {
+  mmcore::blake3::TreePlan plan;
+  {
+    py::gil_scoped_release release;
+    plan = mmcore::blake3::tree_plan(ptr<const uint64_t>(lens), n);
+  }
+  py::list stages;
+  for (const auto& st : plan.stages)
+    stages.append(py::make_tuple(st.tasks_offset, st.ctas_offset, st.tasks, st.ctas, st.node_base));
+  return py::make_tuple(
+      py::bytes(reinterpret_cast<const char*>(plan.bytes.data()), plan.bytes.size()), stages,
+      plan.nodes);
+}
+
+void blake3_tree_emulate_stage(bool leaf, Addr ptrs, Addr lens, Addr leaves, Addr tasks,
+                               Addr cta_first, uint64_t ctas, Addr nodes, Addr out) {
+  py::gil_scoped_release release;
+  const mmcore::blake3::tree::StageArgs a{ptr<const uint8_t* const>(ptrs),
+                                          ptr<const uint64_t>(lens),
+                                          ptr<const uint32_t>(leaves),
+                                          ptr<const mmcore::blake3::tree::Task>(tasks),
+                                          ptr<const uint32_t>(cta_first),
+                                          ptr<uint32_t>(nodes),
+                                          ptr<uint8_t>(out)};
+  mmcore::blake3::tree_emulate_stage(leaf, a, ctas);
+}
+
 void xor_planes_encode(Addr news, Addr parents, Addr nbytes, Addr widths, Addr outs, Addr changed,
                        size_t n, int threads) {
   py::gil_scoped_release release;
@@ -158,23 +189,13 @@ void check_launch(const char* what) {
 }
 
 void register_cuda(py::module_& m) {
-  m.def("cuda_blake3_chunks", [](Addr ptrs, Addr lens, Addr base, size_t n, uint64_t total,
-                                 Addr cvs, Addr stream) {
-    cu::blake3_chunks(ptr<const uint8_t* const>(ptrs), ptr<const uint64_t>(lens),
-                      ptr<const uint64_t>(base), n, total, ptr<uint32_t>(cvs), ptr<void>(stream));
-    check_launch("blake3_chunks");
-  });
-  m.def("cuda_blake3_level", [](Addr cur, Addr cur_base, Addr counts, Addr next, Addr next_base,
-                                size_t n, uint64_t total, Addr stream) {
-    cu::blake3_level(ptr<const uint32_t>(cur), ptr<const uint64_t>(cur_base),
-                     ptr<const uint64_t>(counts), ptr<uint32_t>(next),
-                     ptr<const uint64_t>(next_base), n, total, ptr<void>(stream));
-    check_launch("blake3_level");
-  });
-  m.def("cuda_blake3_output", [](Addr cvs, Addr base, size_t n, Addr out, Addr stream) {
-    cu::blake3_output(ptr<const uint32_t>(cvs), ptr<const uint64_t>(base), n, ptr<uint8_t>(out),
-                      ptr<void>(stream));
-    check_launch("blake3_output");
+  m.def("cuda_blake3_stage", [](bool leaf, Addr ptrs, Addr lens, Addr leaves, Addr tasks,
+                                Addr cta_first, uint64_t ctas, Addr nodes, Addr out, Addr stream) {
+    cu::blake3_stage(leaf, ptr<const uint8_t* const>(ptrs), ptr<const uint64_t>(lens),
+                     ptr<const uint32_t>(leaves), ptr<const void>(tasks),
+                     ptr<const uint32_t>(cta_first), ctas, ptr<uint32_t>(nodes), ptr<uint8_t>(out),
+                     ptr<void>(stream));
+    check_launch("blake3_stage");
   });
   m.def("cuda_xor_planes_encode",
         [](Addr news, Addr parents, Addr words, Addr widths, Addr outs, Addr changed,
@@ -261,6 +282,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("blake3_segments", &blake3_segments, py::arg("ptrs"), py::arg("lens"), py::arg("n"),
         py::arg("out"), py::arg("threads") = 0,
         "BLAKE3-256 of n segments given as uint64 tables of addresses and lengths.");
+  m.def("blake3_tree_plan", &blake3_tree_plan, py::arg("lens"), py::arg("n"),
+        "The GPU BLAKE3's launch plan for n segments of these byte lengths.");
+  m.def("blake3_tree_emulate_stage", &blake3_tree_emulate_stage,
+        "cuda_blake3_stage's kernel run thread by thread on the CPU, on host memory (for tests).");
   m.def("blake3_isa", &mmcore::blake3_cpu_isa, "Instruction set of the CPU BLAKE3 path.");
   m.def("gather", &gather, py::arg("dst"), py::arg("srcs"), py::arg("lens"), py::arg("offsets"),
         py::arg("n"), py::arg("threads") = 0);

@@ -12,15 +12,12 @@ namespace mmcore::cuda {
 
 using Stream = void*;  // cudaStream_t
 
-// BLAKE3: chunk chaining values (cvs: total_chunks * 8 words), then one call
-// per tree level, then the 32-byte hashes.
-void blake3_chunks(const uint8_t* const* ptrs, const uint64_t* lens, const uint64_t* chunk_base,
-                   size_t n, uint64_t total_chunks, uint32_t* cvs, Stream stream);
-void blake3_level(const uint32_t* cur, const uint64_t* cur_base, const uint64_t* counts,
-                  uint32_t* next, const uint64_t* next_base, size_t n, uint64_t total_next,
-                  Stream stream);
-void blake3_output(const uint32_t* cvs, const uint64_t* base, size_t n, uint8_t* out,
-                   Stream stream);
+// BLAKE3: one call per stage of the host's plan (blake3_plan.h, tree_plan):
+// stage 0 (leaf) hashes the chunks of ptrs/lens, later stages the nodes
+// `leaves` of the stage before; tasks and cta_first are the stage's tables.
+void blake3_stage(bool leaf, const uint8_t* const* ptrs, const uint64_t* lens,
+                  const uint32_t* leaves, const void* tasks, const uint32_t* cta_first,
+                  uint64_t ctas, uint32_t* nodes, uint8_t* out, Stream stream);
 
 // Elementwise families run one thread per item, 256 items per block;
 // block_base[s] is segment s's first block.

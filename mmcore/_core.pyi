@@ -8,6 +8,20 @@ built_with_cuda: bool
 
 def blake3_segments(ptrs: int, lens: int, n: int, out: int, threads: int = 0) -> None: ...
 def blake3_isa() -> str: ...
+def blake3_tree_plan(
+    lens: int, n: int
+) -> tuple[bytes, list[tuple[int, int, int, int, int]], int]: ...
+def blake3_tree_emulate_stage(
+    leaf: bool,
+    ptrs: int,
+    lens: int,
+    leaves: int,
+    tasks: int,
+    cta_first: int,
+    ctas: int,
+    nodes: int,
+    out: int,
+) -> None: ...
 def gather(dst: int, srcs: int, lens: int, offsets: int, n: int, threads: int = 0) -> None: ...
 def scatter(src: int, dsts: int, lens: int, offsets: int, n: int, threads: int = 0) -> None: ...
 def pwrite(fd: int, data: int, len: int, offset: int) -> None: ...
@@ -88,13 +102,18 @@ cuda_copy_bytes_per_block: int
 
 def cuda_device_count() -> int: ...
 def cuda_stream_check(stream: int) -> None: ...
-def cuda_blake3_chunks(
-    ptrs: int, lens: int, base: int, n: int, total: int, cvs: int, stream: int
+def cuda_blake3_stage(
+    leaf: bool,
+    ptrs: int,
+    lens: int,
+    leaves: int,
+    tasks: int,
+    cta_first: int,
+    ctas: int,
+    nodes: int,
+    out: int,
+    stream: int,
 ) -> None: ...
-def cuda_blake3_level(
-    cur: int, cur_base: int, counts: int, next: int, next_base: int, n: int, total: int, stream: int
-) -> None: ...
-def cuda_blake3_output(cvs: int, base: int, n: int, out: int, stream: int) -> None: ...
 def cuda_xor_planes_encode(
     news: int,
     parents: int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NoReturn
 
@@ -25,7 +25,6 @@ from ..errors import InvalidArgumentError, KernelError, NativeModuleError
 from ._segments import call
 
 HASH_SIZE = 32
-CHUNK = 1024
 PLANE_WIDTHS = (1, 2, 4, 8)
 Q_WIDTHS = (1, 2, 4)
 KIND_SIZES = {1: 2, 2: 2, 3: 4, 4: 8}  # the kinds of _segments.FLOAT_KINDS: element bytes
@@ -242,24 +241,42 @@ def blake3_segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     device = _device(fn, "tensors[0]", tensors[0])
     _one_device(fn, device, "tensors[0]", tensors=tensors)
     n = len(tensors)
-    counts = [max(1, -(-length // CHUNK)) for length in lens]
-    base = _prefix(counts)
+    plan, stages, nodes = blake3_plan(lens)
     with _launching(fn, device) as stream:
-        cur = torch.empty(base[-1] * 8, dtype=torch.int32, device=device)
-        cur_base = _table(base, device)
-        _launch("blake3_chunks", _addresses(tensors, device), _table(lens, device), cur_base, n,
-                base[-1], cur, stream)  # fmt: skip
-        while max(counts) > 1:  # one launch per tree level, all segments together
-            nxt_counts = [(c + 1) // 2 if c > 1 else 1 for c in counts]
-            nxt_base = _prefix(nxt_counts)
-            nxt = torch.empty(nxt_base[-1] * 8, dtype=torch.int32, device=device)
-            nxt_base_t = _table(nxt_base, device)
-            _launch("blake3_level", cur, cur_base, _table(counts, device), nxt, nxt_base_t, n,
-                    nxt_base[-1], stream)  # fmt: skip
-            cur, cur_base, counts = nxt, nxt_base_t, nxt_counts
+        tables = (
+            torch.frombuffer(bytearray(plan), dtype=torch.uint8)
+            .pin_memory()
+            .to(device, non_blocking=True)
+        )
+        ptrs, lens_t = _addresses(tensors, device), _table(lens, device)
+        node_buf = torch.empty(nodes * 8, dtype=torch.int32, device=device)
         out = torch.empty((n, HASH_SIZE), dtype=torch.uint8, device=device)
-        _launch("blake3_output", cur, cur_base, n, out, stream)
+        run_blake3_plan(
+            lambda *args: _launch("blake3_stage", *args, stream),
+            stages, tables.data_ptr(), ptrs.data_ptr(), lens_t.data_ptr(), node_buf.data_ptr(),
+            out.data_ptr(),
+        )  # fmt: skip
     return out
+
+
+def run_blake3_plan(launch: Callable[..., None], stages: Sequence[tuple[int, int, int, int, int]],
+                    tables: int, ptrs: int, lens: int, nodes: int, out: int) -> None:  # fmt: skip
+    """Launches each stage of a plan whose tables lie at address ``tables``:
+    stage 0 reads the segments, each later one the nodes of the one before
+    (``launch`` is the CUDA launcher, or the CPU emulation in the tests)."""
+    leaves = 0
+    for k, (tasks_at, ctas_at, _, ctas, node_base) in enumerate(stages):
+        here = nodes + node_base * HASH_SIZE
+        launch(k == 0, ptrs, lens, leaves, tables + tasks_at, tables + ctas_at, ctas, here, out)
+        leaves = here
+
+
+def blake3_plan(lens: Sequence[int]) -> tuple[bytes, list[tuple[int, int, int, int, int]], int]:
+    """The launch plan of the GPU BLAKE3 for segments of these byte lengths:
+    (tables, stages, nodes), built natively (see csrc/blake3_tree.h)."""
+    table = torch.tensor(list(lens), dtype=torch.int64)
+    plan, stages, nodes = core().blake3_tree_plan(table.data_ptr(), len(table))
+    return plan, list(stages), int(nodes)
 
 
 def xor_planes_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
