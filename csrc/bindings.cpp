@@ -12,6 +12,8 @@
 #include "blake3_plan.h"
 #include "blake3_tree.h"
 #include "delta.h"
+#include "delta_emulate.h"
+#include "delta_units.h"
 #include "gather.h"
 #include "io.h"
 #ifdef MMCORE_WITH_CUDA
@@ -176,6 +178,80 @@ void quantize_decode(Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwid
       ptr<const uint8_t* const>(esc_bits), ptr<uint8_t* const>(outs), n, threads);
 }
 
+// A launch's tiles (cuda::Tiles, or EmuTiles for the emulation).
+template <typename T>
+T tiles(Addr base, Addr segment, uint64_t total) {
+  return T{ptr<const uint64_t>(base), ptr<const uint32_t>(segment), total};
+}
+
+// The elementwise GPU kernels run on the CPU (delta_emulate.h): same arguments
+// as the cuda_* launchers, without the stream, on host memory. For the tests.
+void register_emulation(py::module_& m) {
+  namespace u = mmcore::delta::units;
+  using Tiles = u::EmuTiles;
+  m.attr("tile_threads") = u::kTileThreads;
+  m.attr("unit_words") = u::kUnit;
+  m.attr("quant_unit_bytes") = u::kQuantBytes;
+  m.attr("copy_tile_bytes") = u::kCopyTile;
+  m.def("emulate_xor_planes_encode", [](Addr news, Addr parents, Addr words, Addr widths, Addr outs,
+                                        Addr changed, Addr base, Addr segment, uint64_t total) {
+    py::gil_scoped_release release;
+    u::emulate_xor_planes_encode(ptr<const uint8_t* const>(news),
+                                 ptr<const uint8_t* const>(parents), ptr<const uint64_t>(words),
+                                 ptr<const uint32_t>(widths), ptr<uint8_t* const>(outs),
+                                 ptr<uint64_t>(changed), tiles<Tiles>(base, segment, total));
+  });
+  m.def("emulate_xor_planes_decode", [](Addr encs, Addr parents, Addr words, Addr widths, Addr outs,
+                                        Addr base, Addr segment, uint64_t total) {
+    py::gil_scoped_release release;
+    u::emulate_xor_planes_decode(ptr<const uint8_t* const>(encs),
+                                 ptr<const uint8_t* const>(parents), ptr<const uint64_t>(words),
+                                 ptr<const uint32_t>(widths), ptr<uint8_t* const>(outs),
+                                 tiles<Tiles>(base, segment, total));
+  });
+  m.def("emulate_quantize_plan", [](Addr news, Addr parents, Addr numels, Addr kinds, Addr tols,
+                                    Addr stats, Addr max_delta_bits, Addr base, Addr segment,
+                                    uint64_t total) {
+    py::gil_scoped_release release;
+    u::emulate_quantize_plan(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+                             ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
+                             ptr<const double>(tols), ptr<uint64_t>(stats),
+                             ptr<uint64_t>(max_delta_bits), tiles<Tiles>(base, segment, total));
+  });
+  m.def("emulate_quantize_write", [](Addr news, Addr parents, Addr numels, Addr kinds, Addr tols,
+                                     Addr qwidths, Addr q_outs, Addr flags, Addr flag_base,
+                                     Addr base, Addr segment, uint64_t total) {
+    py::gil_scoped_release release;
+    u::emulate_quantize_write(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+                              ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
+                              ptr<const double>(tols), ptr<const uint32_t>(qwidths),
+                              ptr<uint8_t* const>(q_outs), ptr<uint8_t>(flags),
+                              ptr<const uint64_t>(flag_base), tiles<Tiles>(base, segment, total));
+  });
+  m.def(
+      "emulate_quantize_decode", [](Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwidths,
+                                    Addr qs, Addr outs, Addr base, Addr segment, uint64_t total) {
+        py::gil_scoped_release release;
+        u::emulate_quantize_decode(ptr<const uint8_t* const>(parents), ptr<const uint64_t>(numels),
+                                   ptr<const uint32_t>(kinds), ptr<const double>(tols),
+                                   ptr<const uint32_t>(qwidths), ptr<const uint8_t* const>(qs),
+                                   ptr<uint8_t* const>(outs), tiles<Tiles>(base, segment, total));
+      });
+  m.def("emulate_gather", [](Addr dst, Addr srcs, Addr lens, Addr offsets, Addr base, Addr segment,
+                             uint64_t total) {
+    py::gil_scoped_release release;
+    u::emulate_gather(ptr<uint8_t>(dst), ptr<const uint8_t* const>(srcs), ptr<const uint64_t>(lens),
+                      ptr<const uint64_t>(offsets), tiles<Tiles>(base, segment, total));
+  });
+  m.def("emulate_scatter",
+        [](Addr src, Addr dsts, Addr lens, Addr offsets, Addr base, Addr segment, uint64_t total) {
+          py::gil_scoped_release release;
+          u::emulate_scatter(ptr<const uint8_t>(src), ptr<uint8_t* const>(dsts),
+                             ptr<const uint64_t>(lens), ptr<const uint64_t>(offsets),
+                             tiles<Tiles>(base, segment, total));
+        });
+}
+
 #ifdef MMCORE_WITH_CUDA
 namespace cu = mmcore::cuda;
 
@@ -198,63 +274,62 @@ void register_cuda(py::module_& m) {
     check_launch("blake3_stage");
   });
   m.def("cuda_xor_planes_encode",
-        [](Addr news, Addr parents, Addr words, Addr widths, Addr outs, Addr changed,
-           Addr block_base, size_t n, uint64_t blocks, Addr stream) {
+        [](Addr news, Addr parents, Addr words, Addr widths, Addr outs, Addr changed, Addr base,
+           Addr segment, uint64_t total, Addr stream) {
           cu::xor_planes_encode(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
                                 ptr<const uint64_t>(words), ptr<const uint32_t>(widths),
                                 ptr<uint8_t* const>(outs), ptr<unsigned long long>(changed),
-                                ptr<const uint64_t>(block_base), n, blocks, ptr<void>(stream));
+                                tiles<cu::Tiles>(base, segment, total), ptr<void>(stream));
           check_launch("xor_planes_encode");
         });
   m.def("cuda_xor_planes_decode", [](Addr encs, Addr parents, Addr words, Addr widths, Addr outs,
-                                     Addr block_base, size_t n, uint64_t blocks, Addr stream) {
+                                     Addr base, Addr segment, uint64_t total, Addr stream) {
     cu::xor_planes_decode(ptr<const uint8_t* const>(encs), ptr<const uint8_t* const>(parents),
                           ptr<const uint64_t>(words), ptr<const uint32_t>(widths),
-                          ptr<uint8_t* const>(outs), ptr<const uint64_t>(block_base), n, blocks,
+                          ptr<uint8_t* const>(outs), tiles<cu::Tiles>(base, segment, total),
                           ptr<void>(stream));
     check_launch("xor_planes_decode");
   });
   m.def("cuda_quantize_plan",
         [](Addr news, Addr parents, Addr numels, Addr kinds, Addr tols, Addr stats,
-           Addr max_delta_bits, Addr block_base, size_t n, uint64_t blocks, Addr stream) {
+           Addr max_delta_bits, Addr base, Addr segment, uint64_t total, Addr stream) {
           cu::quantize_plan(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
                             ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
                             ptr<const double>(tols), ptr<unsigned long long>(stats),
                             ptr<unsigned long long>(max_delta_bits),
-                            ptr<const uint64_t>(block_base), n, blocks, ptr<void>(stream));
+                            tiles<cu::Tiles>(base, segment, total), ptr<void>(stream));
           check_launch("quantize_plan");
         });
-  m.def("cuda_quantize_write",
-        [](Addr news, Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwidths, Addr q_outs,
-           Addr flags, Addr elem_base, Addr block_base, size_t n, uint64_t blocks, Addr stream) {
-          cu::quantize_write(ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
-                             ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
-                             ptr<const double>(tols), ptr<const uint32_t>(qwidths),
-                             ptr<uint8_t* const>(q_outs), ptr<uint8_t>(flags),
-                             ptr<const uint64_t>(elem_base), ptr<const uint64_t>(block_base), n,
-                             blocks, ptr<void>(stream));
-          check_launch("quantize_write");
-        });
+  m.def("cuda_quantize_write", [](Addr news, Addr parents, Addr numels, Addr kinds, Addr tols,
+                                  Addr qwidths, Addr q_outs, Addr flags, Addr flag_base, Addr base,
+                                  Addr segment, uint64_t total, Addr stream) {
+    cu::quantize_write(
+        ptr<const uint8_t* const>(news), ptr<const uint8_t* const>(parents),
+        ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds), ptr<const double>(tols),
+        ptr<const uint32_t>(qwidths), ptr<uint8_t* const>(q_outs), ptr<uint8_t>(flags),
+        ptr<const uint64_t>(flag_base), tiles<cu::Tiles>(base, segment, total), ptr<void>(stream));
+    check_launch("quantize_write");
+  });
   m.def("cuda_quantize_decode", [](Addr parents, Addr numels, Addr kinds, Addr tols, Addr qwidths,
-                                   Addr qs, Addr outs, Addr block_base, size_t n, uint64_t blocks,
+                                   Addr qs, Addr outs, Addr base, Addr segment, uint64_t total,
                                    Addr stream) {
     cu::quantize_decode(
         ptr<const uint8_t* const>(parents), ptr<const uint64_t>(numels), ptr<const uint32_t>(kinds),
         ptr<const double>(tols), ptr<const uint32_t>(qwidths), ptr<const uint8_t* const>(qs),
-        ptr<uint8_t* const>(outs), ptr<const uint64_t>(block_base), n, blocks, ptr<void>(stream));
+        ptr<uint8_t* const>(outs), tiles<cu::Tiles>(base, segment, total), ptr<void>(stream));
     check_launch("quantize_decode");
   });
-  m.def("cuda_gather", [](Addr dst, Addr srcs, Addr lens, Addr offsets, Addr block_base, size_t n,
-                          uint64_t blocks, Addr stream) {
+  m.def("cuda_gather", [](Addr dst, Addr srcs, Addr lens, Addr offsets, Addr base, Addr segment,
+                          uint64_t total, Addr stream) {
     cu::gather(ptr<uint8_t>(dst), ptr<const uint8_t* const>(srcs), ptr<const uint64_t>(lens),
-               ptr<const uint64_t>(offsets), ptr<const uint64_t>(block_base), n, blocks,
+               ptr<const uint64_t>(offsets), tiles<cu::Tiles>(base, segment, total),
                ptr<void>(stream));
     check_launch("gather");
   });
-  m.def("cuda_scatter", [](Addr src, Addr dsts, Addr lens, Addr offsets, Addr block_base, size_t n,
-                           uint64_t blocks, Addr stream) {
+  m.def("cuda_scatter", [](Addr src, Addr dsts, Addr lens, Addr offsets, Addr base, Addr segment,
+                           uint64_t total, Addr stream) {
     cu::scatter(ptr<const uint8_t>(src), ptr<uint8_t* const>(dsts), ptr<const uint64_t>(lens),
-                ptr<const uint64_t>(offsets), ptr<const uint64_t>(block_base), n, blocks,
+                ptr<const uint64_t>(offsets), tiles<cu::Tiles>(base, segment, total),
                 ptr<void>(stream));
     check_launch("scatter");
   });
@@ -270,8 +345,6 @@ void register_cuda(py::module_& m) {
       },
       py::arg("stream"),
       "Waits for a stream; raises RuntimeError with the CUDA error if a kernel on it failed.");
-  m.attr("cuda_threads_per_block") = cu::kThreads;
-  m.attr("cuda_copy_bytes_per_block") = cu::kCopyBytes;
 }
 #endif
 
@@ -318,6 +391,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("start_writeback", &start_writeback, py::arg("fd"), py::arg("offset"), py::arg("len"),
         "Starts write-back of a file range without waiting; False where unsupported.");
   m.def("pread", &pread_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
+  register_emulation(m);
 #ifdef MMCORE_WITH_CUDA
   m.attr("built_with_cuda") = true;
   register_cuda(m);

@@ -1,4 +1,4 @@
-// Helpers shared by the .cu files: segment lookup and launch checks.
+// Helpers shared by the .cu files.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,21 +7,21 @@
 
 namespace mmcore::cuda {
 
-// The segment s with base[s] <= item < base[s + 1] (base has n + 1 entries).
-__device__ __forceinline__ size_t find_segment(const uint64_t* base, size_t n, uint64_t item) {
-  size_t lo = 0, hi = n;  // invariant: base[lo] <= item < base[hi]
-  while (hi - lo > 1) {
-    size_t mid = lo + (hi - lo) / 2;
-    if (base[mid] <= item)
-      lo = mid;
-    else
-      hi = mid;
+// Streaming multiprocessors of the current device (asked once per device).
+inline unsigned sm_count() {
+  constexpr int kDevices = 64;
+  static int known[kDevices] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device >= 0 && device < kDevices && known[device]) return unsigned(known[device]);
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    cudaGetLastError();  // not a launch's error: leave none behind for check_launch
+    sms = 132;
   }
-  return lo;
-}
-
-inline unsigned grid_for(uint64_t items, unsigned threads) {
-  return unsigned((items + threads - 1) / threads);
+  if (device >= 0 && device < kDevices) known[device] = sms;
+  return unsigned(sms);
 }
 
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }

@@ -19,46 +19,46 @@ void blake3_stage(bool leaf, const uint8_t* const* ptrs, const uint64_t* lens,
                   const uint32_t* leaves, const void* tasks, const uint32_t* cta_first,
                   uint64_t ctas, uint32_t* nodes, uint8_t* out, Stream stream);
 
-// Elementwise families run one thread per item, 256 items per block;
-// block_base[s] is segment s's first block.
-constexpr int kThreads = 256;
+// The elementwise kernels (delta_units.h) work in tiles of one segment each:
+// base[s] is segment s's first tile, segment[i] tile i's segment (total tiles).
+struct Tiles {
+  const uint64_t* base;
+  const uint32_t* segment;
+  uint64_t total;
+};
 
+// Tiles of kTileThreads units of kUnit words: 4,096 words per tile.
 void xor_planes_encode(const uint8_t* const* news, const uint8_t* const* parents,
                        const uint64_t* words, const uint32_t* widths, uint8_t* const* outs,
-                       unsigned long long* changed, const uint64_t* block_base, size_t n,
-                       uint64_t total_blocks, Stream stream);
+                       unsigned long long* changed, Tiles tiles, Stream stream);
 void xor_planes_decode(const uint8_t* const* encs, const uint8_t* const* parents,
                        const uint64_t* words, const uint32_t* widths, uint8_t* const* outs,
-                       const uint64_t* block_base, size_t n, uint64_t total_blocks, Stream stream);
+                       Tiles tiles, Stream stream);
 
-// stats: 4 per segment as in delta.h (max |q|, escapes, changed, 0), zeroed by
-// the caller; max_delta_bits: the bits of max |new - parent| (non-negative
-// doubles order like their bits), zeroed by the caller.
+// Tiles of 4,096 elements. stats: 4 per segment as in delta.h (max |q|,
+// escapes, changed, 0), zeroed by the caller; max_delta_bits: the bits of max
+// |new - parent| (non-negative doubles order like their bits), zeroed by the caller.
 void quantize_plan(const uint8_t* const* news, const uint8_t* const* parents,
                    const uint64_t* numels, const uint32_t* kinds, const double* tols,
-                   unsigned long long* stats, unsigned long long* max_delta_bits,
-                   const uint64_t* block_base, size_t n, uint64_t total_blocks, Stream stream);
+                   unsigned long long* stats, unsigned long long* max_delta_bits, Tiles tiles,
+                   Stream stream);
 // q values (escapes hold 0) and one escape flag byte per element at
-// flags[elem_base[s] + i]; the caller compacts the flags (in index order).
+// flags[flag_base[s] + i] (flag_base[s] a multiple of 16); the caller compacts
+// the flags (in index order).
 void quantize_write(const uint8_t* const* news, const uint8_t* const* parents,
                     const uint64_t* numels, const uint32_t* kinds, const double* tols,
                     const uint32_t* qwidths, uint8_t* const* q_outs, uint8_t* flags,
-                    const uint64_t* elem_base, const uint64_t* block_base, size_t n,
-                    uint64_t total_blocks, Stream stream);
+                    const uint64_t* flag_base, Tiles tiles, Stream stream);
 // parent + q * step; the caller writes the escapes over the result.
 void quantize_decode(const uint8_t* const* parents, const uint64_t* numels, const uint32_t* kinds,
                      const double* tols, const uint32_t* qwidths, const uint8_t* const* qs,
-                     uint8_t* const* outs, const uint64_t* block_base, size_t n,
-                     uint64_t total_blocks, Stream stream);
+                     uint8_t* const* outs, Tiles tiles, Stream stream);
 
-// Copies: block_base counts blocks of kCopyBytes bytes per segment.
-constexpr uint64_t kCopyBytes = 16 * 1024;
+// Copies in tiles of kCopyTile (16 KiB) bytes.
 void gather(uint8_t* dst, const uint8_t* const* srcs, const uint64_t* lens,
-            const uint64_t* dst_offsets, const uint64_t* block_base, size_t n,
-            uint64_t total_blocks, Stream stream);
+            const uint64_t* dst_offsets, Tiles tiles, Stream stream);
 void scatter(const uint8_t* src, uint8_t* const* dsts, const uint64_t* lens,
-             const uint64_t* src_offsets, const uint64_t* block_base, size_t n,
-             uint64_t total_blocks, Stream stream);
+             const uint64_t* src_offsets, Tiles tiles, Stream stream);
 
 // cudaGetLastError() as a message, or nullptr when the last launch succeeded.
 const char* last_error();

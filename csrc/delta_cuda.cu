@@ -1,172 +1,207 @@
-// Delta encodings on the GPU: the per-element math of delta_math.h, one thread
-// per word or element, blocks mapped to segments through block_base.
+// The elementwise kernels on the GPU: delta encodings and copies, one thread
+// per unit of delta_units.h (the code the CPU emulation runs), tiles of one
+// segment per CTA, the grid striding over the tiles. Per-segment results are
+// summed in registers while a CTA stays on one segment, then reduced per warp
+// with one atomic each.
 #include "cuda_common.cuh"
 #include "cuda_kernels.h"
-#include "delta_math.h"
+#include "delta_units.h"
 
 namespace mmcore::cuda {
 namespace {
 
-struct Item {
-  size_t segment;
-  uint64_t index;  // word or element index inside the segment
-};
+namespace units = delta::units;
 
-__device__ __forceinline__ Item locate(const uint64_t* block_base, size_t n) {
-  const size_t s = find_segment(block_base, n, blockIdx.x);
-  return Item{s, (uint64_t(blockIdx.x) - block_base[s]) * kThreads + threadIdx.x};
+__device__ __forceinline__ unsigned long long warp_sum(unsigned long long v) {
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ unsigned long long warp_max(unsigned long long v) {
+  for (int o = 16; o; o >>= 1) {
+    const unsigned long long w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+__device__ __forceinline__ bool lane0() { return (threadIdx.x & 31) == 0; }
+
+// body(s, u) for this thread's unit u of every tile of the grid's stride; flush(s)
+// once the CTA leaves segment s (every thread of the CTA calls it together).
+template <class Body, class Flush>
+__device__ __forceinline__ void for_tiles(const Tiles& tiles, Body body, Flush flush) {
+  uint32_t current = UINT32_MAX;
+  for (uint64_t tile = blockIdx.x; tile < tiles.total; tile += gridDim.x) {
+    const uint32_t s = tiles.segment[tile];
+    if (s != current) {
+      if (current != UINT32_MAX) flush(current);
+      current = s;
+    }
+    body(s, (tile - tiles.base[s]) * units::kTileThreads + threadIdx.x);
+  }
+  if (current != UINT32_MAX) flush(current);
+}
+
+template <class Body>
+__device__ __forceinline__ void for_tiles(const Tiles& tiles, Body body) {
+  for_tiles(tiles, body, [](uint32_t) {});
 }
 
 __global__ void xor_encode_kernel(const uint8_t* const* news, const uint8_t* const* parents,
                                   const uint64_t* words, const uint32_t* widths,
-                                  uint8_t* const* outs, unsigned long long* changed,
-                                  const uint64_t* block_base, size_t n) {
-  const Item it = locate(block_base, n);
-  const size_t s = it.segment;
-  const uint64_t m = words[s];
-  int differs = 0;
-  if (it.index < m) {
-    const uint32_t w = widths[s];
-    const uint8_t* a = news[s] + it.index * w;
-    const uint8_t* b = parents[s] + it.index * w;
-    for (uint32_t p = 0; p < w; ++p) {
-      const uint8_t x = a[p] ^ b[p];
-      outs[s][uint64_t(p) * m + it.index] = x;
-      differs |= x;
-    }
-  }
-  const int count = __syncthreads_count(differs != 0);
-  if (threadIdx.x == 0 && count) atomicAdd(changed + s, (unsigned long long)count);
+                                  uint8_t* const* outs, unsigned long long* changed, Tiles tiles) {
+  unsigned long long acc = 0;
+  for_tiles(
+      tiles,
+      [&](uint32_t s, uint64_t u) {
+        acc += units::xor_encode_thread(news, parents, words, widths, outs, s, u);
+      },
+      [&](uint32_t s) {
+        const unsigned long long total = warp_sum(acc);
+        if (lane0() && total) atomicAdd(changed + s, total);
+        acc = 0;
+      });
 }
 
 __global__ void xor_decode_kernel(const uint8_t* const* encs, const uint8_t* const* parents,
                                   const uint64_t* words, const uint32_t* widths,
-                                  uint8_t* const* outs, const uint64_t* block_base, size_t n) {
-  const Item it = locate(block_base, n);
-  const size_t s = it.segment;
-  const uint64_t m = words[s];
-  if (it.index >= m) return;
-  const uint32_t w = widths[s];
-  for (uint32_t p = 0; p < w; ++p)
-    outs[s][it.index * w + p] = encs[s][uint64_t(p) * m + it.index] ^ parents[s][it.index * w + p];
+                                  uint8_t* const* outs, Tiles tiles) {
+  for_tiles(tiles, [&](uint32_t s, uint64_t u) {
+    units::xor_decode_thread(encs, parents, words, widths, outs, s, u);
+  });
 }
 
 __global__ void quantize_plan_kernel(const uint8_t* const* news, const uint8_t* const* parents,
                                      const uint64_t* numels, const uint32_t* kinds,
                                      const double* tols, unsigned long long* stats,
-                                     unsigned long long* max_delta_bits, const uint64_t* block_base,
-                                     size_t n) {
-  __shared__ unsigned long long block_max_q, block_max_d;
-  if (threadIdx.x == 0) block_max_q = block_max_d = 0;
-  __syncthreads();
-  const Item it = locate(block_base, n);
-  const size_t s = it.segment;
-  int escaped = 0, changed = 0;
-  if (it.index < numels[s]) {
-    const uint32_t kind = kinds[s];
-    const int size = delta::kind_size(kind);
-    const uint64_t nb = delta::load_bits(news[s] + it.index * size, kind);
-    const uint64_t pb = delta::load_bits(parents[s] + it.index * size, kind);
-    changed = nb != pb;
-    const double x = delta::to_double(nb, kind), p = delta::to_double(pb, kind);
-    if (delta::is_finite(x) && delta::is_finite(p))
-      atomicMax(&block_max_d, (unsigned long long)delta::double_bits(fabs(x - p)));
-    int32_t q;
-    if (delta::quantize_one(nb, pb, kind, 2.0 * tols[s], tols[s], &q)) {
-      atomicMax(&block_max_q, (unsigned long long)(q < 0 ? -int64_t(q) : int64_t(q)));
-    } else {
-      escaped = 1;
-    }
-  }
-  const int escapes = __syncthreads_count(escaped);
-  const int changes = __syncthreads_count(changed);
-  if (threadIdx.x == 0) {
-    if (block_max_q) atomicMax(stats + 4 * s, block_max_q);
-    if (escapes) atomicAdd(stats + 4 * s + 1, (unsigned long long)escapes);
-    if (changes) atomicAdd(stats + 4 * s + 2, (unsigned long long)changes);
-    if (block_max_d) atomicMax(max_delta_bits + s, block_max_d);
-  }
+                                     unsigned long long* max_delta_bits, Tiles tiles) {
+  units::QuantStats acc{0, 0, 0, 0};
+  for_tiles(
+      tiles,
+      [&](uint32_t s, uint64_t u) {
+        const units::QuantStats st =
+            units::quantize_plan_thread(news, parents, numels, kinds, tols, s, u);
+        acc.max_q = st.max_q > acc.max_q ? st.max_q : acc.max_q;
+        acc.max_delta_bits =
+            st.max_delta_bits > acc.max_delta_bits ? st.max_delta_bits : acc.max_delta_bits;
+        acc.escapes += st.escapes;
+        acc.changed += st.changed;
+      },
+      [&](uint32_t s) {
+        const unsigned long long max_q = warp_max(acc.max_q);
+        const unsigned long long escapes = warp_sum(acc.escapes);
+        const unsigned long long changed = warp_sum(acc.changed);
+        const unsigned long long max_d = warp_max(acc.max_delta_bits);
+        if (lane0()) {
+          if (max_q) atomicMax(stats + 4 * s, max_q);
+          if (escapes) atomicAdd(stats + 4 * s + 1, escapes);
+          if (changed) atomicAdd(stats + 4 * s + 2, changed);
+          if (max_d) atomicMax(max_delta_bits + s, max_d);
+        }
+        acc = units::QuantStats{0, 0, 0, 0};
+      });
 }
 
 __global__ void quantize_write_kernel(const uint8_t* const* news, const uint8_t* const* parents,
                                       const uint64_t* numels, const uint32_t* kinds,
                                       const double* tols, const uint32_t* qwidths,
                                       uint8_t* const* q_outs, uint8_t* flags,
-                                      const uint64_t* elem_base, const uint64_t* block_base,
-                                      size_t n) {
-  const Item it = locate(block_base, n);
-  const size_t s = it.segment;
-  if (it.index >= numels[s]) return;
-  const uint32_t kind = kinds[s];
-  const int size = delta::kind_size(kind);
-  const uint64_t nb = delta::load_bits(news[s] + it.index * size, kind);
-  const uint64_t pb = delta::load_bits(parents[s] + it.index * size, kind);
-  int32_t q = 0;
-  const bool ok = delta::quantize_one(nb, pb, kind, 2.0 * tols[s], tols[s], &q);
-  delta::store_q(q_outs[s], it.index, qwidths[s], ok ? q : 0);
-  flags[elem_base[s] + it.index] = ok ? 0 : 1;
+                                      const uint64_t* flag_base, Tiles tiles) {
+  for_tiles(tiles, [&](uint32_t s, uint64_t u) {
+    units::quantize_write_thread(news, parents, numels, kinds, tols, qwidths, q_outs, flags,
+                                 flag_base, s, u);
+  });
 }
 
 __global__ void quantize_decode_kernel(const uint8_t* const* parents, const uint64_t* numels,
                                        const uint32_t* kinds, const double* tols,
                                        const uint32_t* qwidths, const uint8_t* const* qs,
-                                       uint8_t* const* outs, const uint64_t* block_base, size_t n) {
-  const Item it = locate(block_base, n);
-  const size_t s = it.segment;
-  if (it.index >= numels[s]) return;
-  const uint32_t kind = kinds[s];
-  const int size = delta::kind_size(kind);
-  const uint64_t pb = delta::load_bits(parents[s] + it.index * size, kind);
-  const int32_t q = delta::load_q(qs[s], it.index, qwidths[s]);
-  delta::store_bits(outs[s] + it.index * size, delta::dequantize_one(pb, q, kind, 2.0 * tols[s]),
-                    kind);
+                                       uint8_t* const* outs, Tiles tiles) {
+  for_tiles(tiles, [&](uint32_t s, uint64_t u) {
+    units::quantize_decode_thread(parents, numels, kinds, tols, qwidths, qs, outs, s, u);
+  });
+}
+
+__global__ void gather_kernel(uint8_t* dst, const uint8_t* const* srcs, const uint64_t* lens,
+                              const uint64_t* dst_offsets, Tiles tiles) {
+  for (uint64_t tile = blockIdx.x; tile < tiles.total; tile += gridDim.x) {
+    const uint32_t s = tiles.segment[tile];
+    units::copy_tile(dst + dst_offsets[s], srcs[s], lens[s], tile - tiles.base[s], threadIdx.x);
+  }
+}
+
+__global__ void scatter_kernel(const uint8_t* src, uint8_t* const* dsts, const uint64_t* lens,
+                               const uint64_t* src_offsets, Tiles tiles) {
+  for (uint64_t tile = blockIdx.x; tile < tiles.total; tile += gridDim.x) {
+    const uint32_t s = tiles.segment[tile];
+    units::copy_tile(dsts[s], src + src_offsets[s], lens[s], tile - tiles.base[s], threadIdx.x);
+  }
+}
+
+// CTAs to launch: enough to fill every SM (8 CTAs of 256 threads each), no more
+// than there are tiles.
+unsigned grid(const Tiles& tiles) {
+  const uint64_t limit = uint64_t(sm_count()) * 8;
+  return unsigned(tiles.total < limit ? tiles.total : limit);
 }
 
 }  // namespace
 
 void xor_planes_encode(const uint8_t* const* news, const uint8_t* const* parents,
                        const uint64_t* words, const uint32_t* widths, uint8_t* const* outs,
-                       unsigned long long* changed, const uint64_t* block_base, size_t n,
-                       uint64_t total_blocks, Stream stream) {
-  if (total_blocks == 0) return;
-  xor_encode_kernel<<<unsigned(total_blocks), kThreads, 0, as_stream(stream)>>>(
-      news, parents, words, widths, outs, changed, block_base, n);
+                       unsigned long long* changed, Tiles tiles, Stream stream) {
+  if (tiles.total == 0) return;
+  xor_encode_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
+      news, parents, words, widths, outs, changed, tiles);
 }
 
 void xor_planes_decode(const uint8_t* const* encs, const uint8_t* const* parents,
                        const uint64_t* words, const uint32_t* widths, uint8_t* const* outs,
-                       const uint64_t* block_base, size_t n, uint64_t total_blocks, Stream stream) {
-  if (total_blocks == 0) return;
-  xor_decode_kernel<<<unsigned(total_blocks), kThreads, 0, as_stream(stream)>>>(
-      encs, parents, words, widths, outs, block_base, n);
+                       Tiles tiles, Stream stream) {
+  if (tiles.total == 0) return;
+  xor_decode_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
+      encs, parents, words, widths, outs, tiles);
 }
 
 void quantize_plan(const uint8_t* const* news, const uint8_t* const* parents,
                    const uint64_t* numels, const uint32_t* kinds, const double* tols,
-                   unsigned long long* stats, unsigned long long* max_delta_bits,
-                   const uint64_t* block_base, size_t n, uint64_t total_blocks, Stream stream) {
-  if (total_blocks == 0) return;
-  quantize_plan_kernel<<<unsigned(total_blocks), kThreads, 0, as_stream(stream)>>>(
-      news, parents, numels, kinds, tols, stats, max_delta_bits, block_base, n);
+                   unsigned long long* stats, unsigned long long* max_delta_bits, Tiles tiles,
+                   Stream stream) {
+  if (tiles.total == 0) return;
+  quantize_plan_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
+      news, parents, numels, kinds, tols, stats, max_delta_bits, tiles);
 }
 
 void quantize_write(const uint8_t* const* news, const uint8_t* const* parents,
                     const uint64_t* numels, const uint32_t* kinds, const double* tols,
                     const uint32_t* qwidths, uint8_t* const* q_outs, uint8_t* flags,
-                    const uint64_t* elem_base, const uint64_t* block_base, size_t n,
-                    uint64_t total_blocks, Stream stream) {
-  if (total_blocks == 0) return;
-  quantize_write_kernel<<<unsigned(total_blocks), kThreads, 0, as_stream(stream)>>>(
-      news, parents, numels, kinds, tols, qwidths, q_outs, flags, elem_base, block_base, n);
+                    const uint64_t* flag_base, Tiles tiles, Stream stream) {
+  if (tiles.total == 0) return;
+  quantize_write_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
+      news, parents, numels, kinds, tols, qwidths, q_outs, flags, flag_base, tiles);
 }
 
 void quantize_decode(const uint8_t* const* parents, const uint64_t* numels, const uint32_t* kinds,
                      const double* tols, const uint32_t* qwidths, const uint8_t* const* qs,
-                     uint8_t* const* outs, const uint64_t* block_base, size_t n,
-                     uint64_t total_blocks, Stream stream) {
-  if (total_blocks == 0) return;
-  quantize_decode_kernel<<<unsigned(total_blocks), kThreads, 0, as_stream(stream)>>>(
-      parents, numels, kinds, tols, qwidths, qs, outs, block_base, n);
+                     uint8_t* const* outs, Tiles tiles, Stream stream) {
+  if (tiles.total == 0) return;
+  quantize_decode_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
+      parents, numels, kinds, tols, qwidths, qs, outs, tiles);
+}
+
+void gather(uint8_t* dst, const uint8_t* const* srcs, const uint64_t* lens,
+            const uint64_t* dst_offsets, Tiles tiles, Stream stream) {
+  if (tiles.total == 0) return;
+  gather_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(dst, srcs, lens,
+                                                                            dst_offsets, tiles);
+}
+
+void scatter(const uint8_t* src, uint8_t* const* dsts, const uint64_t* lens,
+             const uint64_t* src_offsets, Tiles tiles, Stream stream) {
+  if (tiles.total == 0) return;
+  scatter_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(src, dsts, lens,
+                                                                             src_offsets, tiles);
 }
 
 }  // namespace mmcore::cuda

@@ -11,6 +11,93 @@ def blake3_isa() -> str: ...
 def blake3_tree_plan(
     lens: int, n: int
 ) -> tuple[bytes, list[tuple[int, int, int, int, int]], int]: ...
+
+# The elementwise GPU kernels run on the CPU on host memory (the tests'
+# emulation): the cuda_* launchers' arguments, without the stream.
+tile_threads: int
+unit_words: int
+quant_unit_bytes: int
+copy_tile_bytes: int
+
+def emulate_xor_planes_encode(
+    news: int,
+    parents: int,
+    words: int,
+    widths: int,
+    outs: int,
+    changed: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
+) -> None: ...
+def emulate_xor_planes_decode(
+    encs: int,
+    parents: int,
+    words: int,
+    widths: int,
+    outs: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
+) -> None: ...
+def emulate_quantize_plan(
+    news: int,
+    parents: int,
+    numels: int,
+    kinds: int,
+    tols: int,
+    stats: int,
+    max_delta_bits: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
+) -> None: ...
+def emulate_quantize_write(
+    news: int,
+    parents: int,
+    numels: int,
+    kinds: int,
+    tols: int,
+    qwidths: int,
+    q_outs: int,
+    flags: int,
+    flag_base: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
+) -> None: ...
+def emulate_quantize_decode(
+    parents: int,
+    numels: int,
+    kinds: int,
+    tols: int,
+    qwidths: int,
+    qs: int,
+    outs: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
+) -> None: ...
+def emulate_gather(
+    dst: int,
+    srcs: int,
+    lens: int,
+    offsets: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
+    stream: int,
+) -> None: ...
+def emulate_scatter(
+    src: int,
+    dsts: int,
+    lens: int,
+    offsets: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
+    stream: int,
+) -> None: ...
 def blake3_tree_emulate_stage(
     leaf: bool,
     ptrs: int,
@@ -97,8 +184,6 @@ def quantize_decode(
 # enqueues on ``stream`` (a cudaStream_t as int) and raises RuntimeError if the
 # launch fails; cuda_stream_check waits for the stream and raises RuntimeError
 # with the CUDA error of any kernel that failed on it.
-cuda_threads_per_block: int
-cuda_copy_bytes_per_block: int
 
 def cuda_device_count() -> int: ...
 def cuda_stream_check(stream: int) -> None: ...
@@ -121,9 +206,9 @@ def cuda_xor_planes_encode(
     widths: int,
     outs: int,
     changed: int,
-    block_base: int,
-    n: int,
-    blocks: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
     stream: int,
 ) -> None: ...
 def cuda_xor_planes_decode(
@@ -132,9 +217,9 @@ def cuda_xor_planes_decode(
     words: int,
     widths: int,
     outs: int,
-    block_base: int,
-    n: int,
-    blocks: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
     stream: int,
 ) -> None: ...
 def cuda_quantize_plan(
@@ -145,9 +230,9 @@ def cuda_quantize_plan(
     tols: int,
     stats: int,
     max_delta_bits: int,
-    block_base: int,
-    n: int,
-    blocks: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
     stream: int,
 ) -> None: ...
 def cuda_quantize_write(
@@ -159,10 +244,10 @@ def cuda_quantize_write(
     qwidths: int,
     q_outs: int,
     flags: int,
-    elem_base: int,
-    block_base: int,
-    n: int,
-    blocks: int,
+    flag_base: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
     stream: int,
 ) -> None: ...
 def cuda_quantize_decode(
@@ -173,14 +258,28 @@ def cuda_quantize_decode(
     qwidths: int,
     qs: int,
     outs: int,
-    block_base: int,
-    n: int,
-    blocks: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
     stream: int,
 ) -> None: ...
 def cuda_gather(
-    dst: int, srcs: int, lens: int, offsets: int, block_base: int, n: int, blocks: int, stream: int
+    dst: int,
+    srcs: int,
+    lens: int,
+    offsets: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
+    stream: int,
 ) -> None: ...
 def cuda_scatter(
-    src: int, dsts: int, lens: int, offsets: int, block_base: int, n: int, blocks: int, stream: int
+    src: int,
+    dsts: int,
+    lens: int,
+    offsets: int,
+    tile_base: int,
+    tile_segment: int,
+    tiles: int,
+    stream: int,
 ) -> None: ...

@@ -28,6 +28,7 @@ HASH_SIZE = 32
 PLANE_WIDTHS = (1, 2, 4, 8)
 Q_WIDTHS = (1, 2, 4)
 KIND_SIZES = {1: 2, 2: 2, 3: 4, 4: 8}  # the kinds of _segments.FLOAT_KINDS: element bytes
+Args = list[torch.Tensor | int]  # a launch's arguments, but the stream
 _AFTER_FAULT = (
     "The CUDA context may be unusable now: restart the process. To locate the fault, "
     "rerun under compute-sanitizer or with CUDA_LAUNCH_BLOCKING=1"
@@ -206,8 +207,10 @@ def _table(
     values: Sequence[int] | Sequence[float], device: torch.device, dtype: torch.dtype = torch.int64
 ) -> torch.Tensor:
     """A host-built table on the device, copied asynchronously from pinned memory
-    (a pageable copy would make torch wait for the stream)."""
-    return torch.tensor(list(values), dtype=dtype).pin_memory().to(device, non_blocking=True)
+    (a pageable copy would make torch wait for the stream). On the CPU (the
+    emulation in the tests), the host table itself."""
+    host = torch.tensor(list(values), dtype=dtype)
+    return host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
 
 
 def _prefix(counts: Sequence[int]) -> list[int]:
@@ -217,9 +220,21 @@ def _prefix(counts: Sequence[int]) -> list[int]:
     return out
 
 
-def _blocks(items: Sequence[int], per_block: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    base = _prefix([-(-i // per_block) for i in items])
-    return _table(base, device), base[-1]
+def _tiles(counts: Sequence[int], device: torch.device) -> Args:
+    """The tile table of a launch (cuda_kernels.h, Tiles): each segment's first
+    tile, each tile's segment (expanded on the device), the number of tiles."""
+    base = _prefix(counts)
+    segment = torch.repeat_interleave(
+        torch.arange(len(counts), dtype=torch.int32, device=device),
+        _table(counts, device),
+        output_size=base[-1],
+    )
+    return [_table(base, device), segment, base[-1]]
+
+
+def _unit_tiles(units: Sequence[int], device: torch.device) -> Args:
+    per_tile = int(core().tile_threads)
+    return _tiles([-(-u // per_tile) for u in units], device)
 
 
 def _addresses(ts: Sequence[torch.Tensor], device: torch.device, offset: int = 0) -> torch.Tensor:
@@ -294,14 +309,22 @@ def xor_planes_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor
         return torch.zeros(0, dtype=torch.int64)
     device = _device(fn, "new[0]", new[0])
     _one_device(fn, device, "new[0]", new=new, parent=parent, outs=outs)
-    words = [b // w for b, w in zip(nbytes, ws)]
     with _launching(fn, device) as stream:
-        block_base, blocks = _blocks(words, int(core().cuda_threads_per_block), device)
-        changed = torch.zeros(n, dtype=torch.int64, device=device)
-        _launch(fn, _addresses(new, device), _addresses(parent, device), _table(words, device),
-                _table(ws, device, torch.int32), _addresses(outs, device, at), changed, block_base, n,
-                blocks, stream)  # fmt: skip
+        args, changed = xor_encode_args(new, parent, outs, ws, at, device)
+        _launch(fn, *args, stream)
     return changed
+
+
+def xor_encode_args(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
+                    widths: Sequence[int], at: int, device: torch.device) -> tuple[Args, torch.Tensor]:  # fmt: skip
+    """The launch's arguments (but the stream) after validation, and the
+    changed counts it fills; on the CPU, those the emulation takes."""
+    words = [t.numel() * t.element_size() // w for t, w in zip(new, widths)]
+    changed = torch.zeros(len(new), dtype=torch.int64, device=device)
+    args = [_addresses(new, device), _addresses(parent, device), _table(words, device),
+            _table(widths, device, torch.int32), _addresses(outs, device, at), changed,
+            *_unit_tiles([-(-m // int(core().unit_words)) for m in words], device)]  # fmt: skip
+    return args, changed
 
 
 def xor_planes_decode(encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
@@ -318,12 +341,21 @@ def xor_planes_decode(encoded: Sequence[torch.Tensor], parent: Sequence[torch.Te
         return
     device = _device(fn, "parent[0]", parent[0])
     _one_device(fn, device, "parent[0]", parent=parent, encoded=encoded, outs=outs)
-    words = [b // w for b, w in zip(nbytes, ws)]
     with _launching(fn, device) as stream:
-        block_base, blocks = _blocks(words, int(core().cuda_threads_per_block), device)
-        _launch(fn, _addresses(encoded, device, at), _addresses(parent, device), _table(words, device),
-                _table(ws, device, torch.int32), _addresses(outs, device), block_base, n, blocks,
-                stream)  # fmt: skip
+        _launch(fn, *xor_decode_args(encoded, parent, outs, ws, at, device), stream)
+
+
+def xor_decode_args(encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
+                    widths: Sequence[int], at: int, device: torch.device) -> Args:  # fmt: skip
+    words = [t.numel() * t.element_size() // w for t, w in zip(parent, widths)]
+    return [_addresses(encoded, device, at), _addresses(parent, device), _table(words, device),
+            _table(widths, device, torch.int32), _addresses(outs, device),
+            *_unit_tiles([-(-m // int(core().unit_words)) for m in words], device)]  # fmt: skip
+
+
+def _quant_tiles(ts: Sequence[torch.Tensor], device: torch.device) -> Args:
+    unit = int(core().quant_unit_bytes)
+    return _unit_tiles([-(-(t.numel() * t.element_size()) // unit) for t in ts], device)
 
 
 def _check_quant_pairs(fn: str, new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
@@ -340,7 +372,7 @@ def quantize_plan(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], k
                   tol: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per segment (max |q|, escapes, changed, 0) and max |delta|, on the host (synchronises)."""
     fn = "quantize_plan"
-    numels, ks = _check_quant_pairs(fn, new, parent, kinds)
+    _, ks = _check_quant_pairs(fn, new, parent, kinds)
     tol = _tolerance(fn, tol)
     n = len(new)
     if not n:
@@ -348,13 +380,20 @@ def quantize_plan(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], k
     device = _device(fn, "new[0]", new[0])
     _one_device(fn, device, "new[0]", new=new, parent=parent)
     with _launching(fn, device) as stream:
-        block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
-        stats = torch.zeros((n, 4), dtype=torch.int64, device=device)
-        max_bits = torch.zeros(n, dtype=torch.int64, device=device)
-        _launch(fn, _addresses(new, device), _addresses(parent, device), _table(numels, device),
-                _table(ks, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
-                stats, max_bits, block_base, n, blocks, stream)  # fmt: skip
+        args, stats, max_bits = quantize_plan_args(new, parent, ks, tol, device)
+        _launch(fn, *args, stream)
     return stats.cpu(), max_bits.cpu().view(torch.float64)
+
+
+def quantize_plan_args(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: Sequence[int],
+                       tol: float, device: torch.device) -> tuple[Args, torch.Tensor, torch.Tensor]:  # fmt: skip
+    n = len(new)
+    stats = torch.zeros((n, 4), dtype=torch.int64, device=device)
+    max_bits = torch.zeros(n, dtype=torch.int64, device=device)
+    args = [_addresses(new, device), _addresses(parent, device), _table([t.numel() for t in new], device),
+            _table(kinds, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
+            stats, max_bits, *_quant_tiles(new, device)]  # fmt: skip
+    return args, stats, max_bits
 
 
 def quantize_write(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: Sequence[int],
@@ -373,15 +412,38 @@ def quantize_write(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], 
         return []
     device = _device(fn, "new[0]", new[0])
     _one_device(fn, device, "new[0]", new=new, parent=parent, outs=outs)
-    elem_base = _prefix(numels)
     with _launching(fn, device) as stream:
-        block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
-        flags = torch.zeros(elem_base[-1], dtype=torch.uint8, device=device)
-        _launch(fn, _addresses(new, device), _addresses(parent, device), _table(numels, device),
-                _table(ks, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
-                _table(ws, device, torch.int32), _addresses(outs, device, at), flags,
-                _table(elem_base, device), block_base, n, blocks, stream)  # fmt: skip
-    return [flags[a:b].nonzero().reshape(-1) for a, b in zip(elem_base[:-1], elem_base[1:])]
+        args, flags, flag_base = quantize_write_args(new, parent, ks, tol, ws, outs, at, device)
+        _launch(fn, *args, stream)
+    return escapes_of(flags, flag_base, numels)
+
+
+def quantize_write_args(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: Sequence[int],
+                        tol: float, widths: Sequence[int], outs: Sequence[torch.Tensor], at: int,
+                        device: torch.device) -> tuple[Args, torch.Tensor, list[int]]:  # fmt: skip
+    """Arguments, the flag buffer and each segment's first flag (16-byte aligned,
+    so each thread's flags go out in one store)."""
+    n = len(new)
+    flag_base = _prefix([-(-t.numel() // 16) * 16 for t in new])
+    flags = torch.zeros(flag_base[-1], dtype=torch.uint8, device=device)
+    args = [_addresses(new, device), _addresses(parent, device), _table([t.numel() for t in new], device),
+            _table(kinds, device, torch.int32), torch.full((n,), tol, dtype=torch.float64, device=device),
+            _table(widths, device, torch.int32), _addresses(outs, device, at), flags,
+            _table(flag_base, device), *_quant_tiles(new, device)]  # fmt: skip
+    return args, flags, flag_base
+
+
+def escapes_of(
+    flags: torch.Tensor, flag_base: Sequence[int], numels: Sequence[int]
+) -> list[torch.Tensor]:
+    """Each segment's escaped element indices, from the flags of every segment
+    at once: one scan (nonzero) over the whole buffer, then views per segment."""
+    found = flags.nonzero().reshape(-1)
+    bases = torch.tensor(flag_base, dtype=torch.int64, device=flags.device)
+    segment = torch.searchsorted(bases, found, right=True) - 1
+    local = found - bases[segment]
+    counts = torch.bincount(segment, minlength=len(numels)).tolist()
+    return list(torch.split(local, counts))
 
 
 def quantize_decode(parent: Sequence[torch.Tensor], kinds: Sequence[int], tols: Sequence[float],
@@ -407,11 +469,16 @@ def quantize_decode(parent: Sequence[torch.Tensor], kinds: Sequence[int], tols: 
     device = _device(fn, "parent[0]", parent[0])
     _one_device(fn, device, "parent[0]", parent=parent, encoded=encoded, outs=outs)
     with _launching(fn, device) as stream:
-        block_base, blocks = _blocks(numels, int(core().cuda_threads_per_block), device)
-        _launch(fn, _addresses(parent, device), _table(numels, device), _table(ks, device, torch.int32),
-                _table([float(t) for t in tols], device, torch.float64), _table(ws, device, torch.int32),
-                _addresses(encoded, device, at), _addresses(outs, device), block_base, n, blocks,
-                stream)  # fmt: skip
+        _launch(fn, *quantize_decode_args(parent, ks, tols, ws, encoded, outs, at, device), stream)
+
+
+def quantize_decode_args(parent: Sequence[torch.Tensor], kinds: Sequence[int], tols: Sequence[float],
+                         widths: Sequence[int], encoded: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
+                         at: int, device: torch.device) -> Args:  # fmt: skip
+    return [_addresses(parent, device), _table([t.numel() for t in parent], device),
+            _table(kinds, device, torch.int32), _table([float(t) for t in tols], device, torch.float64),
+            _table(widths, device, torch.int32), _addresses(encoded, device, at), _addresses(outs, device),
+            *_quant_tiles(parent, device)]  # fmt: skip
 
 
 def _copy_table(fn: str, buf: torch.Tensor, name: str, segments: Sequence[torch.Tensor], seg_name: str,
@@ -443,10 +510,16 @@ def scatter(src: torch.Tensor, dsts: Sequence[torch.Tensor], offsets: Sequence[i
 
 def _copy(fn: str, buf: torch.Tensor, name: str, segments: Sequence[torch.Tensor], seg_name: str,
           offsets: Sequence[int]) -> None:  # fmt: skip
-    device, lens, offs = _copy_table(fn, buf, name, segments, seg_name, offsets)
+    device, _, offs = _copy_table(fn, buf, name, segments, seg_name, offsets)
     if not segments:
         return
     with _launching(fn, device) as stream:
-        block_base, blocks = _blocks(lens, int(core().cuda_copy_bytes_per_block), device)
-        _launch(fn, buf, _addresses(segments, device), _table(lens, device), _table(offs, device),
-                block_base, len(segments), blocks, stream)  # fmt: skip
+        _launch(fn, *copy_args(buf, segments, offs, device), stream)
+
+
+def copy_args(buf: torch.Tensor, segments: Sequence[torch.Tensor], offsets: Sequence[int],
+              device: torch.device) -> Args:  # fmt: skip
+    lens = [t.numel() * t.element_size() for t in segments]
+    tile = int(core().copy_tile_bytes)
+    return [buf, _addresses(segments, device), _table(lens, device), _table(offsets, device),
+            *_tiles([-(-n // tile) for n in lens], device)]  # fmt: skip
