@@ -111,15 +111,20 @@ py::tuple blake3_tree_plan(Addr lens, size_t n) {
 }
 
 void blake3_tree_emulate_stage(bool leaf, Addr ptrs, Addr lens, Addr leaves, Addr tasks,
-                               Addr cta_first, uint64_t ctas, Addr nodes, Addr out) {
+                               Addr cta_first, uint64_t ctas, Addr nodes, Addr out, Addr parents,
+                               Addr outs, Addr words, Addr widths, Addr changed) {
   py::gil_scoped_release release;
-  const mmcore::blake3::tree::StageArgs a{ptr<const uint8_t* const>(ptrs),
-                                          ptr<const uint64_t>(lens),
-                                          ptr<const uint32_t>(leaves),
-                                          ptr<const mmcore::blake3::tree::Task>(tasks),
-                                          ptr<const uint32_t>(cta_first),
-                                          ptr<uint32_t>(nodes),
-                                          ptr<uint8_t>(out)};
+  namespace tree = mmcore::blake3::tree;
+  const tree::StageArgs a{
+      ptr<const uint8_t* const>(ptrs),
+      ptr<const uint64_t>(lens),
+      ptr<const uint32_t>(leaves),
+      ptr<const tree::Task>(tasks),
+      ptr<const uint32_t>(cta_first),
+      ptr<uint32_t>(nodes),
+      ptr<uint8_t>(out),
+      {ptr<const uint8_t* const>(parents), ptr<uint8_t* const>(outs), ptr<const uint64_t>(words),
+       ptr<const uint32_t>(widths), ptr<unsigned long long>(changed)}};
   mmcore::blake3::tree_emulate_stage(leaf, a, ctas);
 }
 
@@ -266,11 +271,15 @@ void check_launch(const char* what) {
 
 void register_cuda(py::module_& m) {
   m.def("cuda_blake3_stage", [](bool leaf, Addr ptrs, Addr lens, Addr leaves, Addr tasks,
-                                Addr cta_first, uint64_t ctas, Addr nodes, Addr out, Addr stream) {
+                                Addr cta_first, uint64_t ctas, Addr nodes, Addr out, Addr parents,
+                                Addr outs, Addr words, Addr widths, Addr changed, Addr stream) {
+    const cu::XorPlanesArgs x{ptr<const uint8_t* const>(parents), ptr<uint8_t* const>(outs),
+                              ptr<const uint64_t>(words), ptr<const uint32_t>(widths),
+                              ptr<unsigned long long>(changed)};
     cu::blake3_stage(leaf, ptr<const uint8_t* const>(ptrs), ptr<const uint64_t>(lens),
                      ptr<const uint32_t>(leaves), ptr<const void>(tasks),
                      ptr<const uint32_t>(cta_first), ctas, ptr<uint32_t>(nodes), ptr<uint8_t>(out),
-                     ptr<void>(stream));
+                     x, ptr<void>(stream));
     check_launch("blake3_stage");
   });
   m.def("cuda_xor_planes_encode",

@@ -88,18 +88,25 @@ struct CpuExec {
   static void max_into(uint32_t* p, uint32_t v) {
     if (v > *p) *p = v;
   }
+  static void add_into(uint32_t* p, uint32_t v) { *p += v; }
+  static void add_global(unsigned long long* p, uint32_t v) { *p += v; }
 };
 
 }  // namespace
 
 void tree_emulate_stage(bool leaf, const tree::StageArgs& a, uint64_t ctas) {
   auto shared = std::make_unique<tree::Shared>();
+  auto xs = std::make_unique<tree::XorSlots>();
   std::vector<tree::Thread> threads(tree::kThreads);
+  const bool fused = leaf && a.xor_args.parents;
   for (uint64_t c = 0; c < ctas; ++c) {
-    if (leaf)
-      tree::run_cta<true, CpuExec>(a, *shared, uint32_t(c), threads.data());
+    const uint32_t cta = uint32_t(c);
+    if (fused)
+      tree::run_cta<true, true, CpuExec>(a, *shared, xs.get(), cta, threads.data());
+    else if (leaf)
+      tree::run_cta<true, false, CpuExec>(a, *shared, nullptr, cta, threads.data());
     else
-      tree::run_cta<false, CpuExec>(a, *shared, uint32_t(c), threads.data());
+      tree::run_cta<false, false, CpuExec>(a, *shared, nullptr, cta, threads.data());
   }
 }
 

@@ -21,10 +21,7 @@
 #include <cstdint>
 
 #include "blake3_math.h"
-
-#if !defined(__CUDA_ARCH__)
-#include <stdexcept>
-#endif
+#include "delta_units.h"
 
 namespace mmcore::blake3::tree {
 
@@ -44,6 +41,16 @@ struct Task {
 };
 static_assert(sizeof(Task) == 24, "the plan stores tasks as 24 bytes");
 
+// Stage 0 fused with xor-planes (delta_units.h's encoding): each 16 bytes read
+// for the hash are XORed with the parent's and written out as plane pieces.
+struct XorArgs {
+  const uint8_t* const* parents;
+  uint8_t* const* outs;   // the planes of segment s: plane p at outs[s] + p * words[s]
+  const uint64_t* words;  // words per segment
+  const uint32_t* widths;
+  unsigned long long* changed;  // changed words per segment (zeroed by the caller)
+};
+
 // What a stage's launch reads and writes. cta_first has one entry per CTA plus
 // one: CTA c runs tasks [cta_first[c], cta_first[c + 1]).
 struct StageArgs {
@@ -52,8 +59,9 @@ struct StageArgs {
   const uint32_t* leaves;      // later stages: the nodes of the stage before (8 words each)
   const Task* tasks;
   const uint32_t* cta_first;
-  uint32_t* nodes;  // this stage's nodes, one per task
-  uint8_t* out;     // 32 bytes per segment
+  uint32_t* nodes;   // this stage's nodes, one per task
+  uint8_t* out;      // 32 bytes per segment
+  XorArgs xor_args;  // stage 0 of a fused launch, else all null
 };
 
 // Shared memory of one CTA (about 21 KB).
@@ -68,6 +76,16 @@ struct Shared {
   uint32_t blocks;  // the most blocks of any slot's chunk
 };
 
+// Shared memory of a fused stage 0, per slot (about 5 KB).
+struct XorSlots {
+  const uint8_t* parent[kThreads];  // the parent's bytes of the slot's chunk
+  uint8_t* out[kThreads];           // plane 0 of the chunk's first word
+  uint64_t words[kThreads];         // the segment's words (plane stride)
+  uint32_t width[kThreads];
+  uint32_t changed[kThreads];
+  uint32_t sum[2][kThreads];  // changed words per node, merged like the chaining values
+};
+
 // One thread's state across the steps of a stage.
 struct Thread {
   uint32_t cv[8];
@@ -77,18 +95,6 @@ struct Thread {
   uint32_t blocks;  // blocks of this thread's chunk, 0 when idle
   uint32_t active;
   uint32_t root;  // the chunk is its segment's only one
-};
-
-// Checks the emulation makes of the kernels' assumptions (no-ops on the device).
-#if defined(__CUDA_ARCH__)
-#define MMCORE_TREE_CHECK(cond, what) ((void)0)
-#else
-#define MMCORE_TREE_CHECK(cond, what) \
-  ((cond) ? (void)0 : throw std::logic_error("blake3 tree emulation: " what))
-#endif
-
-struct alignas(16) Words4 {
-  uint32_t w[4];
 };
 
 MMCORE_HD MMCORE_INLINE uint32_t ceil_div(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
@@ -111,8 +117,9 @@ MMCORE_HD MMCORE_INLINE void load_tasks(const StageArgs& a, Shared& sh, uint32_t
 
 // Step 2: each thread finds its task (the last one starting at or before its
 // slot) and, in stage 0, its chunk.
-template <bool Leaf, class Exec>
-MMCORE_HD MMCORE_INLINE void begin(const StageArgs& a, Shared& sh, uint32_t t, Thread& th) {
+template <bool Leaf, bool Fused, class Exec>
+MMCORE_HD MMCORE_INLINE void begin(const StageArgs& a, Shared& sh, XorSlots* xs, uint32_t t,
+                                   Thread& th) {
   uint32_t lo = 0, hi = sh.ntasks;  // sh.task[lo].slot <= t < sh.task[hi].slot
   while (hi - lo > 1) {
     const uint32_t mid = (lo + hi) / 2;
@@ -148,30 +155,88 @@ MMCORE_HD MMCORE_INLINE void begin(const StageArgs& a, Shared& sh, uint32_t t, T
   sh.data[t] = data;
   sh.len[t] = len;
   sh.aligned[t] = (reinterpret_cast<uintptr_t>(data) & 15) == 0;
+  if (Fused) {
+    const XorArgs& x = a.xor_args;
+    const uint32_t s = task.segment;
+    const uint32_t w = th.active ? x.widths[s] : 1;
+    xs->width[t] = w;
+    xs->words[t] = th.active ? x.words[s] : 0;
+    xs->parent[t] = len ? x.parents[s] + th.chunk * kChunkLen : nullptr;
+    xs->out[t] = len ? x.outs[s] + th.chunk * kChunkLen / w : nullptr;
+    xs->changed[t] = 0;
+  }
+}
+
+// The xor-planes of 16 bytes of one slot's chunk, from `offset`: `valid` of them
+// (a multiple of the width) hold words. Returns the changed words.
+template <int W>
+MMCORE_HD MMCORE_INLINE uint32_t xor_piece(const XorSlots* xs, uint32_t slot, uint32_t offset,
+                                           uint32_t valid, const uint32_t* x) {
+  constexpr uint32_t kWords = 16 / W;
+  const uint32_t words = valid / W;
+  uint32_t changed = 0;
+  MMCORE_UNROLL
+  for (uint32_t j = 0; j < kWords; ++j) {
+    uint32_t any = 0;
+    MMCORE_UNROLL
+    for (uint32_t b = 0; b < W; ++b) any |= (x[(j * W + b) / 4] >> (8 * ((j * W + b) % 4))) & 0xff;
+    changed += j < words && any != 0;
+  }
+  MMCORE_UNROLL
+  for (uint32_t p = 0; p < W; ++p) {
+    uint32_t piece[(kWords + 3) / 4] = {};
+    MMCORE_UNROLL
+    for (uint32_t j = 0; j < kWords; ++j)
+      piece[j / 4] |= ((x[(j * W + p) / 4] >> (8 * ((j * W + p) % 4))) & 0xff) << (8 * (j % 4));
+    delta::units::write<kWords>(xs->out[slot] + p * xs->words[slot] + offset / W, words, piece);
+  }
+  return changed;
 }
 
 // Step 3 (per block b): the CTA's slots' block b into shared memory, 16 bytes a
 // thread at a time. Four neighbouring threads read one 64-byte block, so a
 // warp's load covers eight whole blocks (16 full 32-byte sectors).
-MMCORE_HD MMCORE_INLINE void load_block(Shared& sh, uint32_t b, uint32_t t) {
+// In a fused stage, the same 16 bytes of the parent are read too, and the
+// XOR's plane pieces written out (one store per plane).
+MMCORE_HD MMCORE_INLINE void read16(const uint8_t* p, uint32_t valid, uint32_t* w) {
+  if (valid == 16) {
+    delta::units::read<16>(p, w);  // 16-byte aligned: one vector load
+  } else {
+    MMCORE_UNROLL
+    for (uint32_t k = 0; k < 4; ++k) {
+      uint32_t v = 0;
+      MMCORE_UNROLL
+      for (uint32_t i = 0; i < 4; ++i)
+        if (4 * k + i < valid) v |= uint32_t(p[4 * k + i]) << (8 * i);
+      w[k] = v;
+    }
+  }
+}
+
+template <bool Fused, class Exec>
+MMCORE_HD MMCORE_INLINE void load_block(Shared& sh, XorSlots* xs, uint32_t b, uint32_t t) {
   for (uint32_t k = 0; k < 4; ++k) {
     const uint32_t unit = t + k * kThreads;
     const uint32_t slot = unit >> 2, quarter = unit & 3;
     const uint32_t len = sh.len[slot];
     const uint32_t offset = b * kBlockLen + quarter * 16;
     uint32_t* row = sh.msg + slot * kRow + quarter * 4;
-    if (offset + 16 <= len && sh.aligned[slot]) {
-      const uint8_t* p = sh.data[slot] + offset;
-      MMCORE_TREE_CHECK((reinterpret_cast<uintptr_t>(p) & 15) == 0, "unaligned 16-byte load");
-      const Words4 v = *reinterpret_cast<const Words4*>(p);
-      for (int i = 0; i < 4; ++i) row[i] = v.w[i];
-    } else if (offset < len) {  // a tail, or a segment that does not start on 16 bytes
-      uint8_t bytes[16];
-      for (uint32_t i = 0; i < 16; ++i)
-        bytes[i] = offset + i < len ? sh.data[slot][offset + i] : uint8_t(0);
-      for (int i = 0; i < 4; ++i) row[i] = load_le32(bytes + 4 * i);
-    } else {
-      for (int i = 0; i < 4; ++i) row[i] = 0;
+    uint32_t w[4] = {0, 0, 0, 0};
+    const uint32_t valid = offset < len ? (len - offset < 16 ? len - offset : 16) : 0;
+    if (valid) read16(sh.data[slot] + offset, valid, w);
+    for (int i = 0; i < 4; ++i) row[i] = w[i];
+    if (Fused && valid) {
+      uint32_t x[4];
+      read16(xs->parent[slot] + offset, valid, x);
+      for (int i = 0; i < 4; ++i) x[i] ^= w[i];
+      uint32_t changed;
+      switch (xs->width[slot]) {
+        case 1: changed = xor_piece<1>(xs, slot, offset, valid, x); break;
+        case 2: changed = xor_piece<2>(xs, slot, offset, valid, x); break;
+        case 4: changed = xor_piece<4>(xs, slot, offset, valid, x); break;
+        default: changed = xor_piece<8>(xs, slot, offset, valid, x); break;
+      }
+      if (changed) Exec::add_into(&xs->changed[slot], changed);
     }
   }
 }
@@ -190,15 +255,18 @@ MMCORE_HD MMCORE_INLINE void compress_block(const Shared& sh, uint32_t b, uint32
                               len == 0 ? 0u : block_len, flags);
 }
 
-// Step 5: every leaf's chaining value into level 0.
-MMCORE_HD MMCORE_INLINE void put_leaf(Shared& sh, uint32_t t, const Thread& th) {
+// Step 5: every leaf's chaining value (and changed words) into level 0.
+template <bool Fused>
+MMCORE_HD MMCORE_INLINE void put_leaf(Shared& sh, XorSlots* xs, uint32_t t, const Thread& th) {
   if (!th.active) return;
   for (int i = 0; i < 8; ++i) sh.cv[0][t * 8 + i] = th.cv[i];
+  if (Fused) xs->sum[0][t] = xs->changed[t];
 }
 
 // Step 6 (per level 1..kLevels): node i of each task from nodes 2i and 2i + 1
 // of the level below, or node 2i carried up alone.
-MMCORE_HD MMCORE_INLINE void merge(Shared& sh, uint32_t level, uint32_t t, const Thread& th) {
+template <bool Fused>
+MMCORE_HD MMCORE_INLINE void merge(Shared& sh, XorSlots* xs, uint32_t level, const Thread& th) {
   if (!th.active) return;
   const Task& task = sh.task[th.task];
   const uint32_t below = nodes_at(task.count, level - 1);
@@ -206,20 +274,29 @@ MMCORE_HD MMCORE_INLINE void merge(Shared& sh, uint32_t level, uint32_t t, const
   const uint32_t* src = sh.cv[(level - 1) & 1] + task.slot * 8;
   uint32_t* dst = sh.cv[level & 1] + (task.slot + th.pos) * 8;
   const uint32_t left = 2 * th.pos;
-  if (left + 1 < below) {
+  const bool pair = left + 1 < below;
+  if (pair) {
     parent_cv(src + left * 8, src + (left + 1) * 8, task.root && below == 2, dst);
   } else {
     for (int i = 0; i < 8; ++i) dst[i] = src[left * 8 + i];
   }
-  (void)t;
+  if (Fused) {
+    const uint32_t* from = xs->sum[(level - 1) & 1] + task.slot;
+    xs->sum[level & 1][task.slot + th.pos] = from[left] + (pair ? from[left + 1] : 0u);
+  }
 }
 
 // Step 7: the first thread of each task writes its node, and the hash when the
 // node is the segment's root.
-MMCORE_HD MMCORE_INLINE void finish(const StageArgs& a, const Shared& sh, uint32_t cta,
-                                    const Thread& th) {
+template <bool Fused, class Exec>
+MMCORE_HD MMCORE_INLINE void finish(const StageArgs& a, const Shared& sh, const XorSlots* xs,
+                                    uint32_t cta, const Thread& th) {
   if (!th.active || th.pos != 0) return;
   const Task& task = sh.task[th.task];
+  if (Fused) {
+    const uint32_t changed = xs->sum[kLevels & 1][task.slot];
+    if (changed) Exec::add_global(a.xor_args.changed + task.segment, changed);
+  }
   const uint32_t* node = sh.cv[kLevels & 1] + task.slot * 8;
   const uint64_t index = uint64_t(a.cta_first[cta]) + th.task;
   for (int i = 0; i < 8; ++i) a.nodes[index * 8 + i] = node[i];
@@ -231,21 +308,24 @@ MMCORE_HD MMCORE_INLINE void finish(const StageArgs& a, const Shared& sh, uint32
 // of them: on the device, the calling thread and __syncthreads(); in the
 // emulation, a loop over the threads. Thread state lives in th[Exec::slot(t)]:
 // one per thread in the emulation, the calling thread's own registers on the device.
-template <bool Leaf, class Exec>
-MMCORE_HD MMCORE_INLINE void run_cta(const StageArgs& a, Shared& sh, uint32_t cta, Thread* th) {
+// Fused (stage 0 only) adds the xor-planes of every chunk; xs is only used then.
+template <bool Leaf, bool Fused, class Exec>
+MMCORE_HD MMCORE_INLINE void run_cta(const StageArgs& a, Shared& sh, XorSlots* xs, uint32_t cta,
+                                     Thread* th) {
+  static_assert(Leaf || !Fused, "only stage 0 reads the segments");
   Exec::each([&](uint32_t t) { load_tasks(a, sh, cta, t); });
-  Exec::each([&](uint32_t t) { begin<Leaf, Exec>(a, sh, t, th[Exec::slot(t)]); });
+  Exec::each([&](uint32_t t) { begin<Leaf, Fused, Exec>(a, sh, xs, t, th[Exec::slot(t)]); });
   if (Leaf) {
     const uint32_t blocks = sh.blocks;
     for (uint32_t b = 0; b < blocks; ++b) {
-      Exec::each([&](uint32_t t) { load_block(sh, b, t); });
+      Exec::each([&](uint32_t t) { load_block<Fused, Exec>(sh, xs, b, t); });
       Exec::each([&](uint32_t t) { compress_block(sh, b, t, th[Exec::slot(t)]); });
     }
   }
-  Exec::each([&](uint32_t t) { put_leaf(sh, t, th[Exec::slot(t)]); });
+  Exec::each([&](uint32_t t) { put_leaf<Fused>(sh, xs, t, th[Exec::slot(t)]); });
   for (uint32_t level = 1; level <= kLevels; ++level)
-    Exec::each([&](uint32_t t) { merge(sh, level, t, th[Exec::slot(t)]); });
-  Exec::each([&](uint32_t t) { finish(a, sh, cta, th[Exec::slot(t)]); });
+    Exec::each([&](uint32_t t) { merge<Fused>(sh, xs, level, th[Exec::slot(t)]); });
+  Exec::each([&](uint32_t t) { finish<Fused, Exec>(a, sh, xs, cta, th[Exec::slot(t)]); });
 }
 
 }  // namespace mmcore::blake3::tree

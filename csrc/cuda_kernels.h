@@ -12,12 +12,23 @@ namespace mmcore::cuda {
 
 using Stream = void*;  // cudaStream_t
 
+// xor-planes fused into BLAKE3's stage 0 (all null: hash only).
+struct XorPlanesArgs {
+  const uint8_t* const* parents;
+  uint8_t* const* outs;
+  const uint64_t* words;
+  const uint32_t* widths;
+  unsigned long long* changed;
+};
+
 // BLAKE3: one call per stage of the host's plan (blake3_plan.h, tree_plan):
 // stage 0 (leaf) hashes the chunks of ptrs/lens, later stages the nodes
 // `leaves` of the stage before; tasks and cta_first are the stage's tables.
+// Stage 0 with xor_args also writes the xor-planes of ptrs against parents.
 void blake3_stage(bool leaf, const uint8_t* const* ptrs, const uint64_t* lens,
                   const uint32_t* leaves, const void* tasks, const uint32_t* cta_first,
-                  uint64_t ctas, uint32_t* nodes, uint8_t* out, Stream stream);
+                  uint64_t ctas, uint32_t* nodes, uint8_t* out, const XorPlanesArgs& xor_args,
+                  Stream stream);
 
 // The elementwise kernels (delta_units.h) work in tiles of one segment each:
 // base[s] is segment s's first tile, segment[i] tile i's segment (total tiles).

@@ -108,6 +108,11 @@ def blake3_tree_emulate_stage(
     ctas: int,
     nodes: int,
     out: int,
+    parents: int,
+    outs: int,
+    words: int,
+    widths: int,
+    changed: int,
 ) -> None: ...
 def gather(dst: int, srcs: int, lens: int, offsets: int, n: int, threads: int = 0) -> None: ...
 def scatter(src: int, dsts: int, lens: int, offsets: int, n: int, threads: int = 0) -> None: ...
@@ -197,6 +202,11 @@ def cuda_blake3_stage(
     ctas: int,
     nodes: int,
     out: int,
+    parents: int,
+    outs: int,
+    words: int,
+    widths: int,
+    changed: int,
     stream: int,
 ) -> None: ...
 def cuda_xor_planes_encode(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Sequence
 
 import blake3
 import pytest
@@ -14,22 +15,24 @@ import torch
 
 from mmcore import kernels
 from mmcore._native import core
+from mmcore.kernels import delta
+from mmcore.kernels._segments import XOR_HEADER
 from mmcore.kernels.cuda import blake3_plan, run_blake3_plan
 
 THREADS = 128  # slots per CTA (tree::kThreads)
 TASK = struct.Struct("<QIIII")  # first, segment, count, slot, root
 
 
-def _emulate(bufs: list[torch.Tensor]) -> list[bytes]:
+def _emulate(bufs: list[torch.Tensor], fused: Sequence[int] = (0, 0, 0, 0, 0)) -> list[bytes]:
     """cuda.blake3_segments' launches, each stage run by the CPU emulation."""
     ptrs = kernels.int64_table([b.data_ptr() for b in bufs])
-    lens = kernels.int64_table([b.numel() for b in bufs])
+    lens = kernels.int64_table([b.numel() * b.element_size() for b in bufs])
     plan, stages, nodes = blake3_plan(lens.tolist())
     tables = torch.frombuffer(bytearray(plan), dtype=torch.uint8)
     node_buf = torch.zeros(nodes * 8, dtype=torch.int32)
     out = torch.zeros((len(bufs), 32), dtype=torch.uint8)
     run_blake3_plan(core().blake3_tree_emulate_stage, stages, tables.data_ptr(), ptrs.data_ptr(),
-                    lens.data_ptr(), node_buf.data_ptr(), out.data_ptr())  # fmt: skip
+                    lens.data_ptr(), node_buf.data_ptr(), out.data_ptr(), fused)  # fmt: skip
     return [bytes(row.tolist()) for row in out]
 
 
@@ -115,3 +118,42 @@ def test_stages_of_one_gib() -> None:
     assert [s[2] for s in stages] == [8192, 64, 1]  # tasks per stage
     assert [s[3] for s in stages] == [8192, 64, 1]  # CTAs per stage
     assert nodes == 8192 + 64 + 1
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_fused_xor_planes_match_the_cpu(misaligned: bool) -> None:
+    """Stage 0 with the xor-planes of every chunk: the same hashes, and the
+    planes and changed counts of the CPU kernel (every width, tails, outputs
+    off 16-byte boundaries)."""
+    g = torch.Generator().manual_seed(7)
+    sizes = [0, 1, 3, 16, 17, 255, 256, 257, 70_001, 300_000]
+    new, parent = [], []
+    for dtype in (torch.uint8, torch.float16, torch.float32, torch.float64):
+        for n in sizes:
+            p = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g)
+            q = p.clone()
+            q[::7] ^= 1  # about one byte in seven changed
+            if misaligned and n > 1:  # start one element past the allocation
+                p = torch.cat([p[: dtype.itemsize], p])[dtype.itemsize :]
+                q = torch.cat([q[: dtype.itemsize], q])[dtype.itemsize :]
+            new.append(q.view(dtype))
+            parent.append(p.view(dtype))
+    widths = [t.element_size() for t in new]
+    nbytes = [t.numel() * t.element_size() for t in new]
+    shift = 3 if misaligned else 0
+    bufs = [torch.zeros(nb + 16 + shift, dtype=torch.uint8) for nb in nbytes]
+    outs = [b[shift:] for b in bufs]
+    changed = torch.zeros(len(new), dtype=torch.int64)
+    tables = [
+        kernels.int64_table([o.data_ptr() for o in outs]),
+        kernels.int64_table([nb // w for nb, w in zip(nbytes, widths)]),
+        torch.tensor(widths, dtype=torch.int32),
+    ]
+    keep = kernels.int64_table([t.data_ptr() for t in parent])
+    fused = [keep.data_ptr(), *(t.data_ptr() for t in tables), changed.data_ptr()]
+    got = _emulate(new, fused)
+    assert got == _reference([t.view(torch.uint8) for t in new])
+    want, want_changed = delta.xor_planes_encode(new, parent)
+    for o, w, nb in zip(outs, want, nbytes):
+        assert torch.equal(o[:nb], w[XOR_HEADER.size :])
+    assert torch.equal(changed, want_changed)

@@ -94,3 +94,44 @@ def test_gather_scatter_on_device() -> None:
     cuda.scatter(dst, outs, offsets)
     for o, t in zip(outs, ts):
         assert torch.equal(o, t)
+
+
+@pytest.mark.parametrize("shift", [0, 1, 4])
+def test_fused_hash_and_planes_match_cpu(shift: int) -> None:
+    """The hashed xor-planes encode (BLAKE3's stage 0 writing the planes) gives the
+    CPU's planes, changed counts and hashes, aligned or not (shift bytes off)."""
+    g = torch.Generator().manual_seed(shift)
+    pairs: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {
+        "cpu": ([], []),
+        "cuda": ([], []),
+    }
+    for dtype in (torch.uint8, torch.float16, torch.float32, torch.float64):
+        for n in (0, 1, 17, 4096, 70_001, 300_000):
+            p = torch.randint(0, 256, (n * dtype.itemsize + shift,), dtype=torch.uint8, generator=g)
+            q = p.clone()
+            q[::7] ^= 1
+            cut = shift - shift % dtype.itemsize  # element-aligned views, off 16 bytes
+            for device, (new, parent) in pairs.items():  # sliced where they live
+                new.append(q.to(device)[cut : cut + n * dtype.itemsize].view(dtype))
+                parent.append(p.to(device)[cut : cut + n * dtype.itemsize].view(dtype))
+    enc_cpu, changed_cpu, hashes_cpu = delta.xor_planes_encode_hashed(*pairs["cpu"])
+    enc_gpu, changed_gpu, hashes_gpu = delta.xor_planes_encode_hashed(*pairs["cuda"])
+    assert torch.equal(hashes_gpu.cpu(), hashes_cpu)
+    assert torch.equal(changed_gpu.cpu(), changed_cpu)
+    for a, b in zip(enc_gpu, enc_cpu):
+        assert torch.equal(a.cpu(), b)
+
+
+def test_copies_at_every_misalignment_on_device() -> None:
+    raw = torch.randint(0, 256, (200_000,), dtype=torch.uint8, device="cuda")
+    segs = [raw[s : s + n] for s in range(16) for n in (0, 15, 17, 16_385, 40_000)][:60]
+    lens = [t.numel() for t in segs]
+    offsets, at = [], 0
+    for i, n in enumerate(lens):
+        at += i % 16
+        offsets.append(at)
+        at += n
+    dst = torch.zeros(at, dtype=torch.uint8, device="cuda")
+    cuda.gather(dst, segs, offsets)
+    for s, o in zip(segs, offsets):
+        assert torch.equal(dst[o : o + s.numel()], s)

@@ -255,34 +255,68 @@ def blake3_segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.empty((0, HASH_SIZE), dtype=torch.uint8)
     device = _device(fn, "tensors[0]", tensors[0])
     _one_device(fn, device, "tensors[0]", tensors=tensors)
-    n = len(tensors)
-    plan, stages, nodes = blake3_plan(lens)
     with _launching(fn, device) as stream:
-        tables = (
-            torch.frombuffer(bytearray(plan), dtype=torch.uint8)
-            .pin_memory()
-            .to(device, non_blocking=True)
-        )
-        ptrs, lens_t = _addresses(tensors, device), _table(lens, device)
-        node_buf = torch.empty(nodes * 8, dtype=torch.int32, device=device)
-        out = torch.empty((n, HASH_SIZE), dtype=torch.uint8, device=device)
-        run_blake3_plan(
-            lambda *args: _launch("blake3_stage", *args, stream),
-            stages, tables.data_ptr(), ptrs.data_ptr(), lens_t.data_ptr(), node_buf.data_ptr(),
-            out.data_ptr(),
-        )  # fmt: skip
+        out = _hash_stages(tensors, lens, device, stream)
+    return out
+
+
+def xor_planes_encode_hashed(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
+                             outs: Sequence[torch.Tensor], widths: Sequence[int], *,
+                             offset: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """xor_planes_encode and BLAKE3 of each new tensor in one read of it: returns
+    (changed words, hashes), both on the device."""
+    fn = "xor_planes_encode_hashed"
+    nbytes = _nbytes(fn, "new", new)
+    n = len(new)
+    _same_sizes(fn, "parent", _nbytes(fn, "parent", parent, n), "new", nbytes)
+    ws = _ints(fn, "widths", widths, n, allowed=PLANE_WIDTHS)
+    at = _offset(fn, offset)
+    _room(fn, "outs", _buffers(fn, "outs", outs, n), at, nbytes)
+    if not n:
+        return torch.zeros(0, dtype=torch.int64), torch.empty((0, HASH_SIZE), dtype=torch.uint8)
+    device = _device(fn, "new[0]", new[0])
+    _one_device(fn, device, "new[0]", new=new, parent=parent, outs=outs)
+    with _launching(fn, device) as stream:
+        changed = torch.zeros(n, dtype=torch.int64, device=device)
+        words = [b // w for b, w in zip(nbytes, ws)]
+        fused = [_addresses(parent, device), _addresses(outs, device, at), _table(words, device),
+                 _table(ws, device, torch.int32), changed]  # fmt: skip
+        hashes = _hash_stages(new, nbytes, device, stream, fused)
+    return changed, hashes
+
+
+def _hash_stages(tensors: Sequence[torch.Tensor], lens: list[int], device: torch.device, stream: int,
+                 fused: Sequence[torch.Tensor] = ()) -> torch.Tensor:  # fmt: skip
+    """Enqueues the plan's stages; the tables it copies stay referenced by the
+    caching allocator's stream order (freed after the launches have run)."""
+    plan, stages, nodes = blake3_plan(lens)
+    tables = torch.frombuffer(bytearray(plan), dtype=torch.uint8)
+    tables = tables.pin_memory().to(device, non_blocking=True)
+    ptrs, lens_t = _addresses(tensors, device), _table(lens, device)
+    node_buf = torch.empty(nodes * 8, dtype=torch.int32, device=device)
+    out = torch.empty((len(tensors), HASH_SIZE), dtype=torch.uint8, device=device)
+    run_blake3_plan(
+        lambda *args: _launch("blake3_stage", *args, stream),
+        stages, tables.data_ptr(), ptrs.data_ptr(), lens_t.data_ptr(), node_buf.data_ptr(),
+        out.data_ptr(), [t.data_ptr() for t in fused] or (0, 0, 0, 0, 0),
+    )  # fmt: skip
     return out
 
 
 def run_blake3_plan(launch: Callable[..., None], stages: Sequence[tuple[int, int, int, int, int]],
-                    tables: int, ptrs: int, lens: int, nodes: int, out: int) -> None:  # fmt: skip
+                    tables: int, ptrs: int, lens: int, nodes: int, out: int,
+                    fused: Sequence[int] = (0, 0, 0, 0, 0)) -> None:  # fmt: skip
     """Launches each stage of a plan whose tables lie at address ``tables``:
-    stage 0 reads the segments, each later one the nodes of the one before
-    (``launch`` is the CUDA launcher, or the CPU emulation in the tests)."""
+    stage 0 reads the segments (and, given ``fused`` addresses of parents,
+    outputs, words, widths and changed counts, writes their xor-planes), each
+    later one the nodes of the one before (``launch`` is the CUDA launcher, or
+    the CPU emulation in the tests)."""
     leaves = 0
     for k, (tasks_at, ctas_at, _, ctas, node_base) in enumerate(stages):
         here = nodes + node_base * HASH_SIZE
-        launch(k == 0, ptrs, lens, leaves, tables + tasks_at, tables + ctas_at, ctas, here, out)
+        xor_args = fused if k == 0 else (0, 0, 0, 0, 0)
+        launch(k == 0, ptrs, lens, leaves, tables + tasks_at, tables + ctas_at, ctas, here, out,
+               *xor_args)  # fmt: skip
         leaves = here
 
 

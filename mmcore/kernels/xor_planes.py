@@ -45,8 +45,9 @@ def xor_planes_encode_hashed(
     """``xor_planes_encode`` plus the BLAKE3 of every new tensor ((n, 32) uint8).
 
     On the CPU this is one fused pass: each 1 KiB chunk is hashed and encoded
-    while it is in cache, so the new bytes are read from memory once. Elsewhere
-    the hash and the encoding are two kernels with the same results.
+    while it is in cache, so the new bytes are read from memory once. On a GPU
+    too: BLAKE3's first stage writes the planes of the 16 bytes it has just
+    read. The pure-torch reference runs the two apart, with the same results.
     """
     return _encode(new, parent, hashed=True)
 
@@ -72,8 +73,13 @@ def _encode(
     if native_cuda(device):
         for out, head in zip(outs, headers):
             out[: XOR_HEADER.size] = header_bytes(head, device)
+        if hashed:  # one read of each tensor for both
+            changed, hashes = cuda.xor_planes_encode_hashed(
+                new, parent, outs, widths, offset=XOR_HEADER.size
+            )
+            return outs, changed, hashes
         changed = cuda.xor_planes_encode(new, parent, outs, widths, offset=XOR_HEADER.size)
-        return outs, changed, blake3_tensors(new) if hashed else no_hashes
+        return outs, changed, no_hashes
     changed = torch.empty(n, dtype=torch.int64)
     for i in range(n):
         planes, changed[i] = reference.xor_planes_encode(new[i], parent[i])
