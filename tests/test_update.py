@@ -450,3 +450,54 @@ def test_identical_updates_share_their_delta_blob(store: mmcore.ModelStore) -> N
     store.gc()
     assert_sets_equal(store.load(b), new)
     assert store.verify(b) > 0
+
+
+@pytest.mark.parametrize("tolerance", [None, 1e-3])
+def test_blobs_compressed_where_they_were_encoded_load_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tolerance: float | None
+) -> None:
+    """The GPU path's model blobs: encodings kept where they were made, each model's
+    blob gathered there and compressed as 64 KiB zstd frames (codec 2). Run here with
+    the CPU as the device and compress_cpu (the same format nvCOMP writes) as the
+    compressor; a fresh process with no such compressor then loads the version, bit
+    for bit as the host path's."""
+    import subprocess
+    import sys
+
+    from mmcore.codec import frames
+    from mmcore.paths import update
+
+    models = small_set(12, seed=5)
+    models["cell_001"]["big"] = torch.randn(300_000, generator=torch.Generator().manual_seed(1))
+    new = _nudge(models, 2, 1e-2, 3)
+    new["cell_001"]["big"][::50] += 1.0  # a blob of many frames
+    with mmcore.open(tmp_path / "host.mm") as s:
+        want = s.load(s.save(new, approach="update", parent=s.save(models), tolerance=tolerance))
+    monkeypatch.setattr(update, "_work_device", lambda entries: torch.device("cpu"))
+    monkeypatch.setattr(frames, "for_device", lambda device: frames.compress_cpu)
+    with mmcore.open(tmp_path / "dev.mm") as s:
+        v2 = s.save(new, approach="update", parent=s.save(models), tolerance=tolerance)
+        from mmcore.paths.chain import delta_table
+
+        table = delta_table(s, s.manifest(v2))
+        assert 2 in {r[6] for r in table.rows} and 1 not in {r[6] for r in table.rows}
+        big = max(table.rows, key=lambda r: r[2])
+        assert big[2] > 4 * frames.CHUNK  # several frames in one blob
+        got = s.load(v2)
+    for name, sd in want.items():
+        for key, t in sd.items():
+            assert_bit_equal(got[name][key], t)
+    check = (
+        "import mmcore, sys, torch\n"
+        "with mmcore.open(sys.argv[1]) as s:\n"
+        "    s.verify(sys.argv[2])\n"
+        "    torch.save(s.load(sys.argv[2]), sys.argv[3])\n"
+    )
+    args = [sys.executable, "-c", check, str(tmp_path / "dev.mm"), v2, str(tmp_path / "fresh.pt")]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    fresh = torch.load(tmp_path / "fresh.pt")
+    assert list(fresh) == list(want)
+    for name, sd in want.items():
+        for key, t in sd.items():
+            assert_bit_equal(fresh[name][key], t)

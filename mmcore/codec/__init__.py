@@ -1,9 +1,10 @@
 """Payload codecs of update versions (docs/FORMAT.md, "Update versions").
 
 A changed model is stored as one *model blob*: the encodings of its changed
-tensors, one after another, then compressed as one zstd frame (``ZSTD``) or,
-when that would not be smaller than the tensors' raw bytes, the raw bytes of
-the changed tensors themselves (``NONE``). Each tensor's entry says how it is
+tensors, one after another, then compressed as one zstd frame (``ZSTD``), as
+frames of 64 KiB chunks when a GPU compressed it (``ZSTD_FRAMES``, see
+:mod:`mmcore.codec.frames`) or, when that would not be smaller than the tensors'
+raw bytes, the raw bytes of the changed tensors themselves (``NONE``). Each tensor's entry says how it is
 stored: unchanged (nothing), raw, xor-planes or quantized (the kernels'
 self-describing encodings, mmcore.kernels.delta).
 """
@@ -20,6 +21,7 @@ from ..errors import IntegrityError
 # Compression of a model blob.
 NONE = 0
 ZSTD = 1
+ZSTD_FRAMES = 2  # zstd frames of at most 64 KiB plain each, concatenated (written on a GPU)
 
 # How one tensor of a changed model is stored.
 SAME = 0  # equal to the parent's tensor: no bytes
@@ -98,3 +100,43 @@ def decompress(frame: bytes | bytearray | memoryview, plain_length: int, what: s
             f"{what}: the payload decompresses to {len(plain)} bytes, not the {plain_length} recorded"
         )
     return bytes(plain)
+
+
+def decompress_frames(data: bytes | bytearray | memoryview, plain_length: int, what: str) -> bytes:
+    """The plain bytes of concatenated zstd frames (``ZSTD_FRAMES``), which must be
+    exactly ``plain_length`` long. Fed in slices, so damaged input that would
+    expand past the recorded length stops there."""
+    zstandard: Any = _zstd()
+    stream = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
+    view = memoryview(data)
+    out = bytearray()
+    step = 1 << 20
+    try:
+        for at in range(0, len(view), step):
+            out += stream.decompress(view[at : at + step])
+            if len(out) > plain_length:
+                break
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{what}: the compressed payload is damaged ({exc})") from None
+    if len(out) > plain_length:
+        raise IntegrityError(
+            f"{what}: the payload decompresses to more than the {plain_length} bytes recorded"
+        )
+    if len(out) != plain_length:
+        raise IntegrityError(
+            f"{what}: the payload decompresses to {len(out)} bytes, not the {plain_length} recorded"
+        )
+    return bytes(out)
+
+
+def plain_bytes(
+    data: bytes | bytearray | memoryview, codec: int, plain_length: int, what: str
+) -> bytes:
+    """A stored model blob's plain bytes, by its codec byte."""
+    if codec == ZSTD:
+        return decompress(data, plain_length, what)
+    if codec == ZSTD_FRAMES:
+        return decompress_frames(data, plain_length, what)
+    if codec == NONE:
+        return bytes(data)
+    raise IntegrityError(f"{what}: unknown codec {codec} for the model blob (known: 0, 1, 2)")

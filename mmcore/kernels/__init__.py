@@ -123,6 +123,18 @@ def gather(
         )
 
 
+def gather_tensors(dst: torch.Tensor, srcs: Sequence[torch.Tensor], offsets: Sequence[int]) -> None:
+    """Copies each contiguous tensor's bytes into ``dst`` (uint8) at ``offsets``, where
+    ``dst`` is: one launch of the CUDA gather for a CUDA ``dst``, else the CPU's."""
+    if dst.is_cuda:
+        from . import cuda
+
+        cuda.gather(dst, srcs, offsets)
+        return
+    gather(dst, int64_table([t.data_ptr() for t in srcs]),
+           int64_table([t.numel() * t.element_size() for t in srcs]), int64_table(list(offsets)))  # fmt: skip
+
+
 def scatter(
     src: torch.Tensor,
     ptrs: torch.Tensor,

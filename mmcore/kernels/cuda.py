@@ -554,6 +554,27 @@ def _copy(fn: str, buf: torch.Tensor, name: str, segments: Sequence[torch.Tensor
 def copy_args(buf: torch.Tensor, segments: Sequence[torch.Tensor], offsets: Sequence[int],
               device: torch.device) -> Args:  # fmt: skip
     lens = [t.numel() * t.element_size() for t in segments]
+    return _copy_args(buf, [t.data_ptr() for t in segments], lens, offsets, device)
+
+
+def _copy_args(buf: torch.Tensor, addresses: Sequence[int], lens: Sequence[int], offsets: Sequence[int],
+               device: torch.device) -> Args:  # fmt: skip
     tile = int(core().copy_tile_bytes)
-    return [buf, _addresses(segments, device), _table(lens, device), _table(offsets, device),
+    return [buf, _table(addresses, device), _table(lens, device), _table(offsets, device),
             *_tiles([-(-n // tile) for n in lens], device)]  # fmt: skip
+
+
+def gather_addresses(dst: torch.Tensor, addresses: Sequence[int], lens: Sequence[int]) -> None:
+    """Packs device memory the caller holds (``lens[i]`` bytes at ``addresses[i]``,
+    memory torch does not see as tensors, such as nvCOMP's outputs in one of
+    its buffers) into ``dst`` back to back."""
+    fn = "gather_addresses"
+    lens = _ints(fn, "lens", lens, len(addresses))
+    offsets = _prefix(lens)
+    _copy_table(fn, dst, "dst", [], "srcs", [])
+    if offsets[-1] > dst.numel():
+        _fail(fn, f"the pieces hold {offsets[-1]} bytes but dst has {dst.numel()}")
+    if not addresses:
+        return
+    with _launching("gather", dst.device) as stream:
+        _launch("gather", *_copy_args(dst, addresses, lens, offsets[:-1], dst.device), stream)

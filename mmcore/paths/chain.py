@@ -338,7 +338,7 @@ def _model_plain(
 def _plain_of(raw: bytes | bytearray | memoryview, row: tuple[int, ...], what: str) -> torch.Tensor:
     """The plain model blob from its stored bytes."""
     plain = row[2]
-    data = codec.decompress(raw, plain, what) if row[6] == codec.ZSTD else bytes(raw)
+    data = codec.plain_bytes(raw, row[6], plain, what)
     if len(data) != plain:
         raise IntegrityError(f"{what}: {len(data)} payload bytes, not the {plain} recorded")
     return (

@@ -22,6 +22,7 @@ import torch
 
 from .. import codec, dtypes, kernels
 from .._gc import gc_paused
+from ..codec import frames
 from ..errors import InvalidModelSetError
 from ..kernels import cuda
 from ..kernels.delta import (
@@ -59,6 +60,7 @@ class _Delta:
     kinds: list[int]
     pieces: list[torch.Tensor | None]  # encoding per tensor (None: unchanged)
     recovered: torch.Tensor  # (tensors, 32) hashes of what recovery will produce
+    frames: bytes | None = None  # the model blob compressed where it was encoded (a GPU)
 
 
 def _same_schema(info: chain.ModelInfo, entry: ModelEntry, memo: dict[Any, bool]) -> bool:
@@ -377,7 +379,11 @@ def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]]
                deltas: list[_Delta], tolerance: float | None) -> None:  # fmt: skip
     """``_encode`` where the new tensors live on ``device``: the parents go there in one
     copy, the encode (and, for quantized, the decode and hash of what recovery will
-    give) run there, and only the encodings and hashes come back, in one copy each."""
+    give) run there, and only the hashes and the encodings come back, in one copy
+    each; where nvCOMP is installed, the encodings are compressed there first and
+    only the compressed model blobs come back (``frames.for_device``)."""
+    compress = frames.for_device(device)
+    back = (lambda encs: encs) if compress else _to_host
     jobs = _changed_tensors(deltas, parents, tolerance)
     for kind, batch in jobs.items():
         if not batch:
@@ -386,7 +392,7 @@ def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]]
         news = [j[2] for j in batch]
         if kind == codec.XOR:
             encs, _ = xor_planes_encode(news, befores)
-            for (d, t, _, _), enc in zip(batch, _to_host(encs)):
+            for (d, t, _, _), enc in zip(batch, back(encs)):
                 d.kinds[t], d.pieces[t] = codec.XOR, enc
             continue
         assert tolerance is not None
@@ -394,7 +400,29 @@ def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]]
         got = kernels.blake3_tensors(quantize_decode(encs, befores)).cpu()
         if device.type != "cpu":
             TRANSFERS.device_to_host += got.numel()
-        _take_quantized(batch, _to_host(encs), got)
+        _take_quantized(batch, back(encs), got)
+    if compress:
+        _compress_on(device, deltas, compress)
+
+
+def _compress_on(device: torch.device, deltas: list[_Delta], compress: frames.Compressor) -> None:
+    """Each delta's model blob (its encodings back to back, as _write_deltas lays
+    them out) built on ``device`` by one gather and compressed there: its frames."""
+    spans, srcs, offsets, at = [], [], [], 0
+    for d in deltas:
+        start = at
+        for piece in d.pieces:
+            if piece is not None:
+                srcs.append(piece)
+                offsets.append(at)
+                at += piece.numel()
+        spans.append((start, at - start))
+        at = -(-at // frames.ALIGN) * frames.ALIGN
+    buf = torch.empty(at, dtype=torch.uint8, device=device)
+    kernels.gather_tensors(buf, srcs, offsets)
+    for d, z in zip(deltas, compress(buf, spans)):
+        d.frames = z
+        TRANSFERS.device_to_host += len(z)
 
 
 def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -429,9 +457,13 @@ def _write_deltas(
 ) -> tuple[bytes, ContentRecord, int, int]:
     """Writes the model blobs, then the tables and hashes; returns the blob key, its
     content record, the model blobs' bytes and the tables' and hashes' bytes."""
-    packed = codec.compress_many(  # views of the encodings, held in d.pieces meanwhile
-        [[kernels.tensor_view(p) for p in d.pieces if p is not None] for d in deltas]
+    on_host = [d for d in deltas if d.frames is None]
+    packed_host = iter(
+        codec.compress_many(  # views of the encodings, held in d.pieces meanwhile
+            [[kernels.tensor_view(p) for p in d.pieces if p is not None] for d in on_host]
+        )
     )
+    packed = [d.frames if d.frames is not None else next(packed_host) for d in deltas]
     start = offset = align_up(end, 64)
     body = bytearray()
     model_rows, tensor_rows = [], []
@@ -457,7 +489,9 @@ def _write_deltas(
             length = 0 if piece is None else piece.numel() * piece.element_size()
             tensor_rows.append((kind, at, length))
             at += length
-        codec_id = codec.ZSTD if use_zstd else codec.NONE
+        codec_id = (
+            (codec.ZSTD_FRAMES if d.frames is not None else codec.ZSTD) if use_zstd else codec.NONE
+        )
         model_rows.append((offset, len(data), at, len(kinds), int(d.info.depth) + 1, codec_id))
         body += data
         offset += len(data)
