@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU check, in one call: build mmcore with the CUDA kernels, run the WHOLE
 # test suite (not only -m gpu: a GPU machine must pass every test), the GPU
-# tests again under compute-sanitizer, the kernel benchmark, the battery
+# tests again under compute-sanitizer (memcheck; racecheck over the kernels
+# that share memory), the kernel benchmark (1 GiB and the 80,000-tensor table,
+# nvCOMP against zstandard, issue 12's bars), the battery
 # benchmark with the set on the GPU (update rows included), the provenance benchmark
 # with the cells trained on the GPU, the stacks benchmark (load_stacked, forward and
 # save_stacked on the GPU), and the benchmark harness's battery and scale parts with
@@ -15,12 +17,13 @@
 #
 # Made for a GPU machine with no network whose python3 already has torch,
 # scikit-build-core, pybind11, msgpack, tqdm, pytest, hypothesis, safetensors
-# and numpy (the lent H100/H200 image). rocksdict, blake3 and zstandard are
-# installed from wheels in ./.whl (no index is reached). Prepare them here first:
-#   echo /.whl/ >> .git/info/exclude
+# and numpy (the lent H100/H200 image). rocksdict, blake3, zstandard and nvCOMP
+# (the gpu extra: about 34 MB of the 64 MiB a call may carry) are installed from
+# wheels in ./.whl (no index is reached). Prepare them here first:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl rocksdict blake3 zstandard zipnn
+#     --platform manylinux_2_28_x86_64 -d .whl rocksdict blake3 zstandard zipnn \
+#     nvidia-nvcomp-cu13 nvidia-libnvcomp-cu13
 # and the harness's simulated battery cells (PyBaMM is not there; the data is;
 # .bench-cache is git-ignored):
 #   .venv/bin/python -m benchmarks.run --quick --parts battery --cache .bench-cache \
@@ -43,10 +46,11 @@ start=$(date +%s)
 # results). Each step gets at most its own limit and what is left of the budget less a
 # margin for the rest of the script; a step with under 20 s left is skipped and says so.
 # STEPS (default: all, in this order of importance) picks steps by id:
-#   tests,memcheck,kernels,stacked,battery,provenance,harness
-# e.g. STEPS=kernels,memcheck for kernel work (issue 12), the rest in a second call.
+#   tests,memcheck,racecheck,kernels,stacked,battery,provenance,harness
+# e.g. STEPS=tests,memcheck,racecheck,kernels for kernel work (issue 12), the rest in a
+# second call.
 BUDGET="${BUDGET:-420}"
-STEPS="${STEPS:-tests,memcheck,kernels,stacked,battery,provenance,harness}"
+STEPS="${STEPS:-tests,memcheck,racecheck,kernels,stacked,battery,provenance,harness}"
 deadline=$(( start + BUDGET ))
 step() {  # step ID NAME LIMIT_S COMMAND...: COMMAND under the smaller of LIMIT_S and the budget left
   local id="$1" name="$2" limit="$3"; shift 3
@@ -89,8 +93,14 @@ step memcheck "compute-sanitizer memcheck over the GPU tests" 120 compute-saniti
   >"$LOGS/sanitizer.log" 2>&1
 [ -f "$LOGS/sanitizer.log" ] &&
   log "memcheck: $(grep -E "ERROR SUMMARY" "$LOGS/sanitizer.log" | sort | uniq -c | tr -s ' ' | head -3)"
-step kernels "bench_kernels" 60 "$PY" "$ROOT/benchmarks/bench_kernels.py" --json "$OUT/kernels.json" \
-  >"$LOGS/kernels.txt" 2>&1
+# racecheck: shared-memory hazards, in the kernels that share memory (BLAKE3's stages)
+step racecheck "compute-sanitizer racecheck over the BLAKE3 GPU tests" 90 compute-sanitizer \
+  --tool racecheck --error-exitcode 99 --target-processes all "${pytest[@]}" -o addopts="" \
+  "$ROOT/tests/test_gpu_kernels.py" -k "blake3 or battery or fused" >"$LOGS/racecheck.log" 2>&1
+[ -f "$LOGS/racecheck.log" ] &&
+  log "racecheck: $(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$LOGS/racecheck.log" | sort | uniq -c | tr -s ' ' | head -3)"
+step kernels "bench_kernels (1 GiB and the table, on the GPU)" 120 "$PY" "$ROOT/benchmarks/bench_kernels.py" \
+  --devices cuda --mb 1024 --repeat 5 --json "$OUT/kernels.json" >"$LOGS/kernels.txt" 2>&1
 step stacked "stacks (load_stacked to the GPU, forward there against a loop over modules)" 60 \
   "$PY" "$ROOT/benchmarks/stacked.py" --cells 10000 --repeat 3 --device cuda \
   --json "$OUT/stacked.json" >"$LOGS/stacked.txt" 2>&1
