@@ -1,6 +1,6 @@
 // BLAKE3 of a table of segments on the GPU, as a few wide launches ("stages"),
 // written once for the device and for a CPU emulation that runs every thread of
-// every CTA in turn (blake3_emulate.cpp), so the CPU tests check the kernels'
+// every CTA in turn (blake3_tree.cpp), so the CPU tests check the kernels'
 // plan, loads, tails and tree merging bit for bit against the CPU hash.
 //
 // A stage reduces "tasks": runs of up to kThreads leaves of one segment (chunks
@@ -16,6 +16,8 @@
 // A segment whose nodes fit one task is finished by that task (root flag on its
 // last merge; on the chunk itself when it has one); larger ones go on to the
 // next stage. A 1 GiB tensor takes 3 stages, a table of tensors under 128 KiB 1.
+// Stage 0 can also write the xor-planes of the segments against their parents
+// from the bytes it has just read (one read of memory for both).
 #pragma once
 
 #include <cstdint>
@@ -28,12 +30,12 @@ namespace mmcore::blake3::tree {
 constexpr uint32_t kThreads = 128;  // slots (leaves) per CTA
 constexpr uint32_t kLevels = 7;     // log2(kThreads): a full task merges in 7 levels
 constexpr uint32_t kRow = 17;       // words per message row in shared memory (16 + 1 spreads banks)
-constexpr uint32_t kBlocks = kChunkLen / kBlockLen;
 
 // One task of a stage (24 bytes, as the plan stores it).
 struct Task {
-  uint64_t
-      first;  // stage 0: first chunk of the segment; later: first leaf node of the stage before
+  // stage 0: the first chunk's index in the segment; later: the first leaf's index
+  // among the nodes of the stage before
+  uint64_t first;
   uint32_t segment;  // index into the table
   uint32_t count;    // leaves, 1..kThreads
   uint32_t slot;     // first slot (thread) in its CTA
@@ -69,7 +71,6 @@ struct Shared {
   Task task[kThreads];
   const uint8_t* data[kThreads];  // per slot: its chunk's first byte
   uint32_t len[kThreads];         // per slot: its chunk's bytes (0 for an idle slot)
-  uint32_t aligned[kThreads];     // per slot: its chunk may be read 16 bytes at a time
   uint32_t msg[kThreads * kRow];  // the current block of every slot's chunk
   uint32_t cv[2][kThreads * 8];   // node levels, alternating
   uint32_t ntasks;
@@ -154,7 +155,6 @@ MMCORE_HD MMCORE_INLINE void begin(const StageArgs& a, Shared& sh, XorSlots* xs,
   }
   sh.data[t] = data;
   sh.len[t] = len;
-  sh.aligned[t] = (reinterpret_cast<uintptr_t>(data) & 15) == 0;
   if (Fused) {
     const XorArgs& x = a.xor_args;
     const uint32_t s = task.segment;
@@ -193,14 +193,11 @@ MMCORE_HD MMCORE_INLINE uint32_t xor_piece(const XorSlots* xs, uint32_t slot, ui
   return changed;
 }
 
-// Step 3 (per block b): the CTA's slots' block b into shared memory, 16 bytes a
-// thread at a time. Four neighbouring threads read one 64-byte block, so a
-// warp's load covers eight whole blocks (16 full 32-byte sectors).
-// In a fused stage, the same 16 bytes of the parent are read too, and the
-// XOR's plane pieces written out (one store per plane).
+// `valid` (1..16) bytes from p, zero-padded to 16: one vector load when all 16
+// are there and p is 16-byte aligned, else byte by byte.
 MMCORE_HD MMCORE_INLINE void read16(const uint8_t* p, uint32_t valid, uint32_t* w) {
   if (valid == 16) {
-    delta::units::read<16>(p, w);  // 16-byte aligned: one vector load
+    delta::units::read<16>(p, w);  // one vector load where p is 16-byte aligned
   } else {
     MMCORE_UNROLL
     for (uint32_t k = 0; k < 4; ++k) {
@@ -213,6 +210,11 @@ MMCORE_HD MMCORE_INLINE void read16(const uint8_t* p, uint32_t valid, uint32_t* 
   }
 }
 
+// Step 3 (per block b): the CTA's slots' block b into shared memory, 16 bytes a
+// thread at a time. Four neighbouring threads read one 64-byte block, so a
+// warp's load covers eight whole blocks (16 full 32-byte sectors).
+// In a fused stage, the same 16 bytes of the parent are read too, and the
+// XOR's plane pieces written out (one store per plane).
 template <bool Fused, class Exec>
 MMCORE_HD MMCORE_INLINE void load_block(Shared& sh, XorSlots* xs, uint32_t b, uint32_t t) {
   for (uint32_t k = 0; k < 4; ++k) {

@@ -1,5 +1,5 @@
 // The elementwise GPU kernels' work, one "unit" at a time: kUnit consecutive
-// words (xor-planes) or elements (quantized) of one segment, read and written
+// words (xor-planes), 16 bytes of elements (quantized) or of a copy, read and written
 // with 16-byte vector accesses where the addresses allow, byte by byte where
 // they do not (a segment's tail, or a buffer that does not start on 16 bytes).
 // Written once for the device and for the CPU emulation that the CPU tests run
@@ -22,7 +22,7 @@
 
 namespace mmcore::delta::units {
 
-constexpr uint32_t kUnit = 16;          // words or elements per unit
+constexpr uint32_t kUnit = 16;          // words per xor-planes unit
 constexpr uint32_t kTileThreads = 256;  // units per tile (threads per CTA)
 
 struct alignas(16) Vec16 {
