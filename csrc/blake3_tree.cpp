@@ -2,6 +2,7 @@
 // transfer) and the CPU emulation of its kernels (blake3_tree.h).
 #include "blake3_tree.h"
 
+#include <cstdint>
 #include <memory>
 #include <stdexcept>
 
@@ -61,6 +62,8 @@ TreePlan tree_plan(const uint64_t* lens, size_t n) {
       if (ntasks > 1) next_live.push_back(s);
     }
     cta_first.push_back(uint32_t(tasks.size()));
+    if (cta_first.size() - 1 > uint64_t(INT32_MAX))  // a launch's grid.x
+      throw std::length_error("blake3 tree plan: more than 2^31 - 1 CTAs in one stage");
     TreeStage stage;
     stage.tasks_offset = plan.bytes.size();
     append(plan.bytes, tasks);

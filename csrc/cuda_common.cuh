@@ -18,7 +18,7 @@ inline unsigned sm_count() {
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
       sms <= 0) {
     cudaGetLastError();  // not a launch's error: leave none behind for check_launch
-    sms = 132;
+    return 132;          // a guess for this launch only: ask again next time
   }
   if (device >= 0 && device < kDevices) known[device] = sms;
   return unsigned(sms);

@@ -46,9 +46,9 @@ void xor_planes_decode(const uint8_t* const* encs, const uint8_t* const* parents
                        const uint64_t* words, const uint32_t* widths, uint8_t* const* outs,
                        Tiles tiles, Stream stream);
 
-// Tiles of 4,096 elements. stats: 4 per segment as in delta.h (max |q|,
-// escapes, changed, 0), zeroed by the caller; max_delta_bits: the bits of max
-// |new - parent| (non-negative doubles order like their bits), zeroed by the caller.
+// Tiles of 4,096 bytes of elements (256 units of 16 bytes). stats: 4 per segment as in delta.h (max
+// |q|, escapes, changed, 0), zeroed by the caller; max_delta_bits: the bits of max |new - parent|
+// (non-negative doubles order like their bits), zeroed by the caller.
 void quantize_plan(const uint8_t* const* news, const uint8_t* const* parents,
                    const uint64_t* numels, const uint32_t* kinds, const double* tols,
                    unsigned long long* stats, unsigned long long* max_delta_bits, Tiles tiles,

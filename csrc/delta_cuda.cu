@@ -139,10 +139,18 @@ __global__ void scatter_kernel(const uint8_t* src, uint8_t* const* dsts, const u
   }
 }
 
-// CTAs to launch: enough to fill every SM (8 CTAs of 256 threads each), no more
-// than there are tiles.
-unsigned grid(const Tiles& tiles) {
-  const uint64_t limit = uint64_t(sm_count()) * 8;
+// CTAs to launch: as many as fit on every SM at once (by the kernel's registers),
+// no more than there are tiles; the grid strides over the rest.
+template <class Kernel>
+unsigned grid(const Tiles& tiles, Kernel kernel) {
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, units::kTileThreads, 0) !=
+          cudaSuccess ||
+      per_sm <= 0) {
+    cudaGetLastError();  // not a launch's error: leave none behind for check_launch
+    per_sm = 2;
+  }
+  const uint64_t limit = uint64_t(sm_count()) * unsigned(per_sm);
   return unsigned(tiles.total < limit ? tiles.total : limit);
 }
 
@@ -152,7 +160,7 @@ void xor_planes_encode(const uint8_t* const* news, const uint8_t* const* parents
                        const uint64_t* words, const uint32_t* widths, uint8_t* const* outs,
                        unsigned long long* changed, Tiles tiles, Stream stream) {
   if (tiles.total == 0) return;
-  xor_encode_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
+  xor_encode_kernel<<<grid(tiles, xor_encode_kernel), units::kTileThreads, 0, as_stream(stream)>>>(
       news, parents, words, widths, outs, changed, tiles);
 }
 
@@ -160,7 +168,7 @@ void xor_planes_decode(const uint8_t* const* encs, const uint8_t* const* parents
                        const uint64_t* words, const uint32_t* widths, uint8_t* const* outs,
                        Tiles tiles, Stream stream) {
   if (tiles.total == 0) return;
-  xor_decode_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
+  xor_decode_kernel<<<grid(tiles, xor_decode_kernel), units::kTileThreads, 0, as_stream(stream)>>>(
       encs, parents, words, widths, outs, tiles);
 }
 
@@ -169,8 +177,9 @@ void quantize_plan(const uint8_t* const* news, const uint8_t* const* parents,
                    unsigned long long* stats, unsigned long long* max_delta_bits, Tiles tiles,
                    Stream stream) {
   if (tiles.total == 0) return;
-  quantize_plan_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
-      news, parents, numels, kinds, tols, stats, max_delta_bits, tiles);
+  quantize_plan_kernel<<<grid(tiles, quantize_plan_kernel), units::kTileThreads, 0,
+                         as_stream(stream)>>>(news, parents, numels, kinds, tols, stats,
+                                              max_delta_bits, tiles);
 }
 
 void quantize_write(const uint8_t* const* news, const uint8_t* const* parents,
@@ -178,30 +187,32 @@ void quantize_write(const uint8_t* const* news, const uint8_t* const* parents,
                     const uint32_t* qwidths, uint8_t* const* q_outs, uint8_t* flags,
                     const uint64_t* flag_base, Tiles tiles, Stream stream) {
   if (tiles.total == 0) return;
-  quantize_write_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
-      news, parents, numels, kinds, tols, qwidths, q_outs, flags, flag_base, tiles);
+  quantize_write_kernel<<<grid(tiles, quantize_write_kernel), units::kTileThreads, 0,
+                          as_stream(stream)>>>(news, parents, numels, kinds, tols, qwidths, q_outs,
+                                               flags, flag_base, tiles);
 }
 
 void quantize_decode(const uint8_t* const* parents, const uint64_t* numels, const uint32_t* kinds,
                      const double* tols, const uint32_t* qwidths, const uint8_t* const* qs,
                      uint8_t* const* outs, Tiles tiles, Stream stream) {
   if (tiles.total == 0) return;
-  quantize_decode_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(
-      parents, numels, kinds, tols, qwidths, qs, outs, tiles);
+  quantize_decode_kernel<<<grid(tiles, quantize_decode_kernel), units::kTileThreads, 0,
+                           as_stream(stream)>>>(parents, numels, kinds, tols, qwidths, qs, outs,
+                                                tiles);
 }
 
 void gather(uint8_t* dst, const uint8_t* const* srcs, const uint64_t* lens,
             const uint64_t* dst_offsets, Tiles tiles, Stream stream) {
   if (tiles.total == 0) return;
-  gather_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(dst, srcs, lens,
-                                                                            dst_offsets, tiles);
+  gather_kernel<<<grid(tiles, gather_kernel), units::kTileThreads, 0, as_stream(stream)>>>(
+      dst, srcs, lens, dst_offsets, tiles);
 }
 
 void scatter(const uint8_t* src, uint8_t* const* dsts, const uint64_t* lens,
              const uint64_t* src_offsets, Tiles tiles, Stream stream) {
   if (tiles.total == 0) return;
-  scatter_kernel<<<grid(tiles), units::kTileThreads, 0, as_stream(stream)>>>(src, dsts, lens,
-                                                                             src_offsets, tiles);
+  scatter_kernel<<<grid(tiles, scatter_kernel), units::kTileThreads, 0, as_stream(stream)>>>(
+      src, dsts, lens, src_offsets, tiles);
 }
 
 }  // namespace mmcore::cuda

@@ -41,7 +41,9 @@ def available() -> bool:
 def cuda_available() -> bool:
     """True when the CUDA kernels were built and a CUDA device is usable.
 
-    Asks the CUDA runtime only when called, never at import.
+    Asks the CUDA runtime only when called, never at import. The kernels run on
+    compute capability 8.0 and newer; tensors on an older GPU take the host path
+    (``mmcore.kernels.cuda.available``).
     """
     if not available():
         return False

@@ -86,28 +86,49 @@ def nvcomp_available() -> bool:
     return True
 
 
+BATCH_CHUNKS = 4096  # chunks per nvCOMP call (256 MiB of input): bounds its output slots
+
+
 def compress_nvcomp(buf: torch.Tensor, spans: Sequence[tuple[int, int]]) -> list[bytes]:
-    """The format on the GPU: every chunk of every span in one batched nvCOMP Zstd
-    encode on ``buf``'s device and current stream, the compressed chunks packed
-    together there (one gather), then one copy of them to the host."""
-    from nvidia import nvcomp
-
-    from ..kernels import cuda
-
+    """The format on the GPU: the chunks of every span, BATCH_CHUNKS at a time, in
+    one batched nvCOMP Zstd encode each, the compressed chunks packed together on
+    the device (one gather) and copied to the host. Runs on a side stream of its
+    own that waits for the caller's (nvCOMP takes stream 0 for "make your own"),
+    and returns once everything is on the host. nvCOMP allocates its scratch
+    memory itself, outside torch's caching allocator."""
     offsets, sizes, counts = chunks(spans, buf.numel())
     if not offsets:
         return [b""] * len(spans)
     device = buf.device
-    stream = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        parts = [
+            _nvcomp_batch(buf, offsets[i : i + BATCH_CHUNKS], sizes[i : i + BATCH_CHUNKS], side)
+            for i in range(0, len(offsets), BATCH_CHUNKS)
+        ]
+    data = b"".join(d for d, _ in parts)
+    return _split(data, [n for _, got in parts for n in got], counts)
+
+
+def _nvcomp_batch(buf: torch.Tensor, offsets: list[int], sizes: list[int],
+                  stream: torch.cuda.Stream) -> tuple[bytes, list[int]]:  # fmt: skip
+    """One nvCOMP call: the compressed chunks' bytes back to back, and their sizes."""
+    from nvidia import nvcomp
+
+    from ..kernels import cuda, tensor_bytes
+
+    device = buf.device
     handle = int(stream.cuda_stream)
     codec: Any = nvcomp.Codec(
         algorithm="Zstd",
-        bitstream_kind=nvcomp.BitstreamKind.RAW,
+        bitstream_kind=nvcomp.BitstreamKind.RAW,  # plain zstd frames, one per entry
+        uncomp_chunk_size=CHUNK,  # no entry is split: one frame each
         device_id=device.index or 0,
         cuda_stream=handle,
     )
     align = max(ALIGN, int(codec.get_required_compression_alignment()))
-    bound = int(codec.get_max_comp_buffer_size(nvcomp.as_array(buf[: min(CHUNK, buf.numel())])))
+    bound = int(codec.get_max_comp_buffer_size(nvcomp.as_array(buf[: max(sizes)], handle)))
     stride = -(-bound // align) * align
     slots = torch.empty(stride * len(offsets), dtype=torch.uint8, device=device)
     out = nvcomp.as_arrays(
@@ -117,9 +138,7 @@ def compress_nvcomp(buf: torch.Tensor, spans: Sequence[tuple[int, int]]) -> list
     got = [int(n) for n in done.buffer_sizes]  # waits for the encode
     packed = torch.empty(sum(got), dtype=torch.uint8, device=device)
     cuda.gather_addresses(packed, [slots.data_ptr() + i * stride for i in range(len(got))], got)
-    from ..kernels import tensor_bytes
-
-    return _split(tensor_bytes(packed.cpu()), got, counts)
+    return tensor_bytes(packed.cpu()), got
 
 
 def for_device(device: torch.device | None) -> Compressor | None:

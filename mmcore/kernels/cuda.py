@@ -35,14 +35,20 @@ _AFTER_FAULT = (
 )
 
 
+MIN_CAPABILITY = (8, 0)  # the build's oldest device code (sm_80, CMakeLists.txt)
+
+
 def available() -> bool:
-    """CUDA kernels built into the native module and a CUDA device usable by torch."""
+    """CUDA kernels built into the native module and a CUDA device usable by torch
+    that can run them (compute capability 8.0 or newer: older GPUs have no image of
+    them, and their tensors take the host path)."""
     from .._native import available as native_available
 
     return (
         native_available()
         and bool(getattr(core(), "built_with_cuda", False))
         and torch.cuda.is_available()
+        and torch.cuda.get_device_capability() >= MIN_CAPABILITY
     )
 
 
