@@ -3,10 +3,11 @@
 A changed model is stored as one *model blob*: the encodings of its changed
 tensors, one after another, then compressed as one zstd frame (``ZSTD``), as
 frames of 64 KiB chunks when a GPU compressed it (``ZSTD_FRAMES``, see
-:mod:`mmcore.codec.frames`) or, when that would not be smaller than the tensors'
-raw bytes, the raw bytes of the changed tensors themselves (``NONE``). Each tensor's entry says how it is
-stored: unchanged (nothing), raw, xor-planes or quantized (the kernels'
-self-describing encodings, mmcore.kernels.delta).
+:mod:`mmcore.codec.frames`) or, when that would not be smaller than the
+tensors' raw bytes, the raw bytes of the changed tensors themselves
+(``NONE``). Each tensor's entry says how it is stored: unchanged (nothing), raw,
+xor-planes or quantized (the kernels' self-describing encodings,
+mmcore.kernels.delta).
 """
 
 from __future__ import annotations

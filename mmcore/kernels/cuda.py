@@ -293,8 +293,9 @@ def xor_planes_encode_hashed(new: Sequence[torch.Tensor], parent: Sequence[torch
 
 def _hash_stages(tensors: Sequence[torch.Tensor], lens: list[int], device: torch.device, stream: int,
                  fused: Sequence[torch.Tensor] = ()) -> torch.Tensor:  # fmt: skip
-    """Enqueues the plan's stages; the tables it copies stay referenced by the
-    caching allocator's stream order (freed after the launches have run)."""
+    """Enqueues the plan's stages on ``stream``. The tables it builds are freed when
+    it returns, safely: torch's caching allocator hands their memory only to later
+    work on the same stream."""
     plan, stages, nodes = blake3_plan(lens)
     tables = torch.frombuffer(bytearray(plan), dtype=torch.uint8)
     tables = tables.pin_memory().to(device, non_blocking=True)
