@@ -193,23 +193,6 @@ MMCORE_HD MMCORE_INLINE uint32_t xor_piece(const XorSlots* xs, uint32_t slot, ui
   return changed;
 }
 
-// `valid` (1..16) bytes from p, zero-padded to 16: one vector load when all 16
-// are there and p is 16-byte aligned, else byte by byte.
-MMCORE_HD MMCORE_INLINE void read16(const uint8_t* p, uint32_t valid, uint32_t* w) {
-  if (valid == 16) {
-    delta::units::read<16>(p, w);  // one vector load where p is 16-byte aligned
-  } else {
-    MMCORE_UNROLL
-    for (uint32_t k = 0; k < 4; ++k) {
-      uint32_t v = 0;
-      MMCORE_UNROLL
-      for (uint32_t i = 0; i < 4; ++i)
-        if (4 * k + i < valid) v |= uint32_t(p[4 * k + i]) << (8 * i);
-      w[k] = v;
-    }
-  }
-}
-
 // Step 3 (per block b): the CTA's slots' block b into shared memory, 16 bytes a
 // thread at a time. Four neighbouring threads read one 64-byte block, so a
 // warp's load covers eight whole blocks (16 full 32-byte sectors).
@@ -225,11 +208,11 @@ MMCORE_HD MMCORE_INLINE void load_block(Shared& sh, XorSlots* xs, uint32_t b, ui
     uint32_t* row = sh.msg + slot * kRow + quarter * 4;
     uint32_t w[4] = {0, 0, 0, 0};
     const uint32_t valid = offset < len ? (len - offset < 16 ? len - offset : 16) : 0;
-    if (valid) read16(sh.data[slot] + offset, valid, w);
+    if (valid) delta::units::read_partial<16>(sh.data[slot] + offset, valid, w);
     for (int i = 0; i < 4; ++i) row[i] = w[i];
     if (Fused && valid) {
       uint32_t x[4];
-      read16(xs->parent[slot] + offset, valid, x);
+      delta::units::read_partial<16>(xs->parent[slot] + offset, valid, x);
       for (int i = 0; i < 4; ++i) x[i] ^= w[i];
       uint32_t changed;
       switch (xs->width[slot]) {

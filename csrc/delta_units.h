@@ -92,6 +92,27 @@ MMCORE_HD MMCORE_INLINE void read(const uint8_t* p, uint32_t* words) {
   }
 }
 
+// The first `valid` <= N bytes at p into words ((N + 3) / 4 of them), the rest
+// zero: through read<N> (16 bytes at a time where aligned) when all N are
+// there, else byte by byte (a tail). Loops run to N, so words stays in registers.
+template <uint32_t N>
+MMCORE_HD MMCORE_INLINE void read_partial(const uint8_t* p, uint32_t valid, uint32_t* words) {
+  if constexpr (N % 16 == 0) {
+    if (valid == N) {
+      read<N>(p, words);
+      return;
+    }
+  }
+  MMCORE_UNROLL
+  for (uint32_t k = 0; k < (N + 3) / 4; ++k) {
+    uint32_t v = 0;
+    MMCORE_UNROLL
+    for (uint32_t i = 0; i < 4; ++i)
+      if (4 * k + i < valid) v |= uint32_t(p[4 * k + i]) << (8 * i);
+    words[k] = v;
+  }
+}
+
 // Writes the first len <= N bytes of words, as wide as p's alignment and len
 // allow. Loops run to N, so words stays in registers.
 template <uint32_t N>
@@ -278,20 +299,7 @@ MMCORE_HD MMCORE_INLINE uint32_t read_elements(const uint8_t* p, uint64_t numel,
   constexpr uint32_t kPer = kQuantBytes / S;
   const uint64_t first = u * kPer;
   const uint32_t count = uint32_t(numel - first < kPer ? numel - first : kPer);
-  const uint8_t* src = p + first * S;
-  if (count == kPer) {
-    read<kQuantBytes>(src, w);
-    return count;
-  }
-  const uint32_t bytes = count * S;
-  MMCORE_UNROLL
-  for (uint32_t k = 0; k < 4; ++k) {
-    uint32_t v = 0;
-    MMCORE_UNROLL
-    for (uint32_t b = 0; b < 4; ++b)
-      if (4 * k + b < bytes) v |= uint32_t(src[4 * k + b]) << (8 * b);
-    w[k] = v;
-  }
+  read_partial<kQuantBytes>(p + first * S, count * S, w);
   return count;
 }
 
@@ -372,19 +380,9 @@ MMCORE_HD MMCORE_INLINE void quantize_decode_unit(const uint8_t* parent, uint64_
   const uint64_t first = u * kPer;
   if (first >= numel) return;
   constexpr uint32_t kQBytes = kPer * QW;
-  uint32_t b[4], qs[(kQBytes + 3) / 4] = {}, x[4] = {0, 0, 0, 0};
+  uint32_t b[4], qs[(kQBytes + 3) / 4], x[4] = {0, 0, 0, 0};
   const uint32_t count = read_elements<S>(parent, numel, u, b);
-  const uint8_t* src = q_in + first * QW;
-  bool whole = false;
-  if constexpr (kQBytes % 16 == 0) {
-    whole = count == kPer;
-    if (whole) read<kQBytes>(src, qs);
-  }
-  if (!whole) {
-    MMCORE_UNROLL
-    for (uint32_t i = 0; i < kQBytes; ++i)
-      if (i < count * QW) qs[i / 4] |= uint32_t(src[i]) << (8 * (i % 4));
-  }
+  read_partial<kQBytes>(q_in + first * QW, count * QW, qs);
   MMCORE_UNROLL
   for (uint32_t i = 0; i < kPer; ++i) {
     if (i >= count) break;
