@@ -198,34 +198,14 @@ def _gpu_cases(new: list[torch.Tensor], parent: list[torch.Tensor]) -> dict[str,
     """BLAKE3 on the GPU three ways: the whole call, its tables alone (the plan built
     on the host and copied over), and the launches alone on tables built once (the
     device time the issue's bar is about); and the fused hash + xor-planes."""
-    from mmcore.kernels import cuda as cu
-
     lens = [t.numel() * t.element_size() for t in new]
     device = new[0].device
     stream = int(torch.cuda.current_stream(device).cuda_stream)
-
-    def tables() -> tuple[Any, ...]:
-        plan, stages, nodes = cu.blake3_plan(lens)
-        on = (
-            torch.frombuffer(bytearray(plan), dtype=torch.uint8)
-            .pin_memory()
-            .to(device, non_blocking=True)
-        )
-        return (stages, on, cu._addresses(new, device), cu._table(lens, device),
-                torch.empty(nodes * 8, dtype=torch.int32, device=device),
-                torch.empty((len(new), 32), dtype=torch.uint8, device=device))  # fmt: skip
-
-    built = tables()
-
-    def launches() -> None:
-        stages, on, ptrs, lens_t, nodes, out = built
-        cu.run_blake3_plan(lambda *a: cu._launch("blake3_stage", *a, stream), stages, on.data_ptr(),
-                           ptrs.data_ptr(), lens_t.data_ptr(), nodes.data_ptr(), out.data_ptr())  # fmt: skip
-
+    built = cuda.hash_tables(new, lens, device)
     return {
         "blake3": lambda: kernels.blake3_tensors(new),
-        "blake3 (tables only)": tables,
-        "blake3 (launches on built tables)": launches,
+        "blake3 (tables only)": lambda: cuda.hash_tables(new, lens, device),
+        "blake3 (launches on built tables)": lambda: cuda.hash_launches(built, stream),
         "blake3 + xor-planes, fused": lambda: delta.xor_planes_encode_hashed(new, parent),
     }
 

@@ -16,7 +16,7 @@ import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import torch
 
@@ -272,12 +272,8 @@ def xor_planes_encode_hashed(new: Sequence[torch.Tensor], parent: Sequence[torch
     """xor_planes_encode and BLAKE3 of each new tensor in one read of it: returns
     (changed words, hashes), both on the device."""
     fn = "xor_planes_encode_hashed"
-    nbytes = _nbytes(fn, "new", new)
+    nbytes, ws, at = _check_xor_encode(fn, new, parent, outs, widths, offset)
     n = len(new)
-    _same_sizes(fn, "parent", _nbytes(fn, "parent", parent, n), "new", nbytes)
-    ws = _ints(fn, "widths", widths, n, allowed=PLANE_WIDTHS)
-    at = _offset(fn, offset)
-    _room(fn, "outs", _buffers(fn, "outs", outs, n), at, nbytes)
     if not n:
         return torch.zeros(0, dtype=torch.int64), torch.empty((0, HASH_SIZE), dtype=torch.uint8)
     device = _device(fn, "new[0]", new[0])
@@ -296,18 +292,41 @@ def _hash_stages(tensors: Sequence[torch.Tensor], lens: list[int], device: torch
     """Enqueues the plan's stages on ``stream``. The tables it builds are freed when
     it returns, safely: torch's caching allocator hands their memory only to later
     work on the same stream."""
+    return hash_launches(hash_tables(tensors, lens, device), stream, fused)
+
+
+class HashTables(NamedTuple):
+    """What a BLAKE3 call builds before its launches (the benchmark times it apart)."""
+
+    stages: list[tuple[int, int, int, int, int]]  # the plan's, as blake3_plan gives them
+    tables: torch.Tensor  # the plan's tables, on the device
+    ptrs: torch.Tensor  # the segments' addresses and lengths, there
+    lens: torch.Tensor
+    nodes: torch.Tensor  # scratch: every stage's nodes
+    out: torch.Tensor  # (n, 32) hashes
+
+
+def hash_tables(
+    tensors: Sequence[torch.Tensor], lens: list[int], device: torch.device
+) -> HashTables:
     plan, stages, nodes = blake3_plan(lens)
     tables = torch.frombuffer(bytearray(plan), dtype=torch.uint8)
     tables = tables.pin_memory().to(device, non_blocking=True)
-    ptrs, lens_t = _addresses(tensors, device), _table(lens, device)
-    node_buf = torch.empty(nodes * 8, dtype=torch.int32, device=device)
-    out = torch.empty((len(tensors), HASH_SIZE), dtype=torch.uint8, device=device)
+    return HashTables(stages, tables, _addresses(tensors, device), _table(lens, device),
+                      torch.empty(nodes * 8, dtype=torch.int32, device=device),
+                      torch.empty((len(tensors), HASH_SIZE), dtype=torch.uint8, device=device))  # fmt: skip
+
+
+def hash_launches(
+    built: HashTables, stream: int, fused: Sequence[torch.Tensor] = ()
+) -> torch.Tensor:
+    """The launches of a BLAKE3 call on tables ``hash_tables`` built; its output."""
     run_blake3_plan(
         lambda *args: _launch("blake3_stage", *args, stream),
-        stages, tables.data_ptr(), ptrs.data_ptr(), lens_t.data_ptr(), node_buf.data_ptr(),
-        out.data_ptr(), [t.data_ptr() for t in fused] or (0, 0, 0, 0, 0),
+        built.stages, built.tables.data_ptr(), built.ptrs.data_ptr(), built.lens.data_ptr(),
+        built.nodes.data_ptr(), built.out.data_ptr(), [t.data_ptr() for t in fused] or (0, 0, 0, 0, 0),
     )  # fmt: skip
-    return out
+    return built.out
 
 
 def run_blake3_plan(launch: Callable[..., None], stages: Sequence[tuple[int, int, int, int, int]],
@@ -335,18 +354,27 @@ def blake3_plan(lens: Sequence[int]) -> tuple[bytes, list[tuple[int, int, int, i
     return plan, list(stages), int(nodes)
 
 
-def xor_planes_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
-                      widths: Sequence[int], *, offset: int) -> torch.Tensor:  # fmt: skip
-    """Writes the planes of pair i into the uint8 buffer ``outs[i]`` from byte
-    ``offset`` on; returns each pair's count of changed words (int64, on the device)."""
-    fn = "xor_planes_encode"
+def _check_xor_encode(fn: str, new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
+                      outs: Sequence[torch.Tensor], widths: Sequence[int],
+                      offset: int) -> tuple[list[int], list[int], int]:  # fmt: skip
+    """The checks of an xor-planes encode's table (devices apart): each pair's byte
+    length, the plane widths and the offset in the outputs."""
     nbytes = _nbytes(fn, "new", new)
     n = len(new)
     _same_sizes(fn, "parent", _nbytes(fn, "parent", parent, n), "new", nbytes)
     ws = _ints(fn, "widths", widths, n, allowed=PLANE_WIDTHS)
     at = _offset(fn, offset)
     _room(fn, "outs", _buffers(fn, "outs", outs, n), at, nbytes)
-    if not n:
+    return nbytes, ws, at
+
+
+def xor_planes_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], outs: Sequence[torch.Tensor],
+                      widths: Sequence[int], *, offset: int) -> torch.Tensor:  # fmt: skip
+    """Writes the planes of pair i into the uint8 buffer ``outs[i]`` from byte
+    ``offset`` on; returns each pair's count of changed words (int64, on the device)."""
+    fn = "xor_planes_encode"
+    _, ws, at = _check_xor_encode(fn, new, parent, outs, widths, offset)
+    if not new:
         return torch.zeros(0, dtype=torch.int64)
     device = _device(fn, "new[0]", new[0])
     _one_device(fn, device, "new[0]", new=new, parent=parent, outs=outs)
