@@ -48,9 +48,13 @@ class Schema:
 
     @classmethod
     def decode(cls, rec: Record) -> Schema:
-        """Checks the layout: known-size fields, tensors inside the stride, sizes that add up."""
+        """Checks the layout: known-size fields, tensors inside the stride, apart from each
+        other and each at a multiple of its element size (so every record's tensors can be
+        viewed in place), sizes that add up."""
         stride = rec.integer("stride")
         align = rec.integer("align", minimum=1)
+        if stride % align:
+            raise rec.corrupt(f"the model stride {stride} is not a multiple of align {align}")
         specs = []
         for raw in rec.array("tensors"):
             if not isinstance(raw, list) or len(raw) != 5:
@@ -59,16 +63,29 @@ class Schema:
             if not (isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list)):
                 raise rec.corrupt("a tensor entry has a name, dtype or shape of the wrong type")
             dims = tuple(rec.check_integer(d, "shape") for d in shape)
+            # torch refuses dimensions that multiply past int64, a zero among them or not
+            if math.prod(d or 1 for d in dims) >> 63:
+                raise rec.corrupt(f"tensor {name!r}: shape {dims} is too large for a tensor")
             offset = rec.check_integer(offset, "offset")
             nbytes = rec.check_integer(nbytes, "nbytes")
             if offset + nbytes > stride:
                 raise rec.corrupt(f"tensor {name!r} ends past the model stride {stride}")
             known = dtypes.BY_NAME.get(dtype)
-            if known is not None and math.prod(dims) * known.itemsize != nbytes:
+            size = 1 if known is None else known.itemsize  # an unknown dtype: refused on read
+            if known is not None and math.prod(dims) * size != nbytes:
                 raise rec.corrupt(f"tensor {name!r}: {nbytes} bytes for shape {dims} of {dtype}")
+            if offset % size or align % size:
+                raise rec.corrupt(
+                    f"tensor {name!r} of {size}-byte elements is at offset {offset} in records "
+                    f"aligned to {align} bytes: not a multiple of its element size"
+                )
             specs.append(TensorSpec(name, dtype, dims, offset, nbytes))
         if len({s.name for s in specs}) != len(specs):
             raise rec.corrupt("a tensor name appears twice")
+        spans = sorted((s.offset, s.offset + s.nbytes, s.name) for s in specs if s.nbytes)
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            if start < end:
+                raise rec.corrupt(f"tensors {first!r} and {second!r} overlap in the model record")
         return cls(specs, stride, align)
 
 

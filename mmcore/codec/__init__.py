@@ -85,49 +85,100 @@ _local = (
     threading.local()
 )  # one decompression context per thread: making one costs more than a small frame
 
+# No zstd input yields more than this many plain bytes per byte: a block holds at most
+# 128 KiB, and the densest block (RLE) takes 4 bytes of input.
+_MAX_RATIO = 1 << 15
+_STEP = 1 << 20  # plain bytes produced per streamed read
+
+
+def _damaged(what: str, exc: Exception) -> IntegrityError:
+    return IntegrityError(f"{what}: the compressed payload is damaged ({exc})")
+
+
+def _check_bound(data: Buffer, plain_length: int, what: str) -> None:
+    """A recorded length no zstd input of this size can produce is refused before any
+    buffer of that length is made."""
+    if plain_length > memoryview(data).nbytes * _MAX_RATIO:
+        raise IntegrityError(
+            f"{what}: {memoryview(data).nbytes} compressed bytes cannot hold the "
+            f"{plain_length} recorded"
+        )
+
+
+def _streamed(data: Buffer, plain_length: int, what: str, *, across: bool) -> bytes:
+    """Decodes ``data`` a step at a time and stops once it passes ``plain_length``:
+    neither the output nor zstd's window grows past what the record allows, whatever
+    sizes the (possibly damaged) frame headers declare."""
+    zstandard: Any = _zstd()
+    # A frame never needs a window larger than its content. The 8 MiB floor admits the
+    # window of every zstd level up to 19 for a writer that did not shrink it to a small
+    # content (zstd checks the declared window, not what the frame then uses).
+    window = 1 << max(23, min(31, (plain_length - 1).bit_length()))
+    out = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor(max_window_size=window).stream_reader(
+            data, read_across_frames=across
+        )
+        while len(out) <= plain_length:
+            piece = reader.read(min(_STEP, plain_length + 1 - len(out)))
+            if not piece:
+                break
+            out += piece
+    except zstandard.ZstdError as exc:
+        raise _damaged(what, exc) from None
+    if len(out) > plain_length:
+        raise IntegrityError(
+            f"{what}: the payload decompresses to more than the {plain_length} bytes recorded"
+        )
+    return bytes(out)
+
+
+def _check_length(plain: Buffer, plain_length: int, what: str) -> None:
+    got = memoryview(plain).nbytes
+    if got != plain_length:
+        raise IntegrityError(
+            f"{what}: the payload decompresses to {got} bytes, not the {plain_length} recorded"
+        )
+
 
 def decompress(frame: bytes | bytearray | memoryview, plain_length: int, what: str) -> bytes:
-    """The plain bytes of one zstd frame, which must be exactly ``plain_length`` long."""
+    """The plain bytes of one zstd frame, which must be exactly ``plain_length`` long.
+    The size a frame header declares is checked before anything is decoded (zstd
+    allocates it at once); a frame that declares none is decoded in bounded steps."""
     zstandard = _zstd()
+    _check_bound(frame, plain_length, what)
+    try:
+        declared = zstandard.frame_content_size(frame)  # type: ignore[attr-defined]
+    except zstandard.ZstdError as exc:  # type: ignore[attr-defined]
+        raise _damaged(what, exc) from None
+    if declared < 0:  # not in the header
+        plain = _streamed(frame, plain_length, what, across=False)
+        _check_length(plain, plain_length, what)
+        return plain
+    if declared != plain_length:
+        raise IntegrityError(
+            f"{what}: the compressed payload declares {declared} bytes, not the "
+            f"{plain_length} recorded"
+        )
     context = getattr(_local, "decompressor", None)
     if context is None:
         context = _local.decompressor = zstandard.ZstdDecompressor()  # type: ignore[attr-defined]
     try:
         plain = context.decompress(frame, max_output_size=plain_length)
     except zstandard.ZstdError as exc:  # type: ignore[attr-defined]
-        raise IntegrityError(f"{what}: the compressed payload is damaged ({exc})") from None
-    if len(plain) != plain_length:
-        raise IntegrityError(
-            f"{what}: the payload decompresses to {len(plain)} bytes, not the {plain_length} recorded"
-        )
+        raise _damaged(what, exc) from None
+    _check_length(plain, plain_length, what)
     return bytes(plain)
 
 
 def decompress_frames(data: bytes | bytearray | memoryview, plain_length: int, what: str) -> bytes:
     """The plain bytes of concatenated zstd frames (``ZSTD_FRAMES``), which must be
-    exactly ``plain_length`` long. Fed in slices, so damaged input that would
-    expand past the recorded length stops there."""
-    zstandard: Any = _zstd()
-    stream = zstandard.ZstdDecompressor().decompressobj(read_across_frames=True)
-    view = memoryview(data)
-    out = bytearray()
-    step = 1 << 20
-    try:
-        for at in range(0, len(view), step):
-            out += stream.decompress(view[at : at + step])
-            if len(out) > plain_length:
-                break
-    except zstandard.ZstdError as exc:
-        raise IntegrityError(f"{what}: the compressed payload is damaged ({exc})") from None
-    if len(out) > plain_length:
-        raise IntegrityError(
-            f"{what}: the payload decompresses to more than the {plain_length} bytes recorded"
-        )
-    if len(out) != plain_length:
-        raise IntegrityError(
-            f"{what}: the payload decompresses to {len(out)} bytes, not the {plain_length} recorded"
-        )
-    return bytes(out)
+    exactly ``plain_length`` long. Decoded in bounded steps, so damaged input that
+    would expand past the recorded length stops there."""
+    _check_bound(data, plain_length, what)
+    plain = _streamed(data, plain_length, what, across=True)
+    _check_length(plain, plain_length, what)
+    return plain
 
 
 def plain_bytes(

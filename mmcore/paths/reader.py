@@ -14,9 +14,10 @@ import torch
 
 from .. import dtypes, kernels
 from .._gc import gc_paused
-from ..errors import IntegrityError
+from ..errors import CorruptRecordError, IntegrityError, StoreError
 from ..manifest import ContentRecord, GroupRecord, Manifest
 from ..modelset import Schema
+from ..record import DAMAGED
 from ..store.packs import PayloadTier, populate_range
 
 StateDict = dict[str, torch.Tensor]
@@ -48,6 +49,9 @@ def record_columns(buf: torch.Tensor, schema: Schema, count: int) -> dict[str, t
     columns = {}
     for spec in schema.tensors:
         dtype = dtypes.from_name(spec.dtype)
+        if not spec.nbytes:  # no bytes to view (and a 0-wide byte column cannot change dtype)
+            columns[spec.name] = buf.new_empty((count, *spec.shape), dtype=dtype)
+            continue
         col = rows[:, spec.offset : spec.offset + spec.nbytes]
         if dtype != torch.uint8:
             col = col.view(dtype)
@@ -101,7 +105,49 @@ class BlobReader:
             tensor=tensor,
         )
 
+    def group_content(self, manifest: Manifest, group: GroupRecord) -> ContentRecord:
+        """The content record of a group's blob, checked against the group before any of
+        it is used: its extents hold exactly the group's models, each at an offset its
+        tensors can be viewed from, its hash table one hash per tensor of each model, and
+        all of it lies inside the pack (nothing is allocated for a damaged length)."""
+        rec = self.content(group.blob)
+        schema = group.schema
+        held = sum(count for _, count in rec.extents)
+        want = group.count * len(schema.tensors) * kernels.HASH_SIZE
+        odd = [off for off, _ in rec.extents if off % schema.align]
+        problem = ""
+        if held != group.count:
+            problem = f"its extents hold {held} models, its group {group.count}"
+        elif rec.hashes_length != want:
+            problem = f"a hash table of {rec.hashes_length} bytes, not {want} ({group.count} "
+            problem += f"models of {len(schema.tensors)} tensors, 32 bytes a tensor)"
+        elif odd:
+            problem = f"an extent at offset {odd[0]}, not a multiple of align {schema.align}"
+        if problem:
+            raise CorruptRecordError(
+                f"version {manifest.id}: the content record of blob {group.blob.hex()[:16]}: "
+                f"{problem}; {DAMAGED}"
+            )
+        spans = [(off, count * schema.stride) for off, count in rec.extents]
+        self.check_in_pack(rec, [*spans, (rec.hashes_offset, rec.hashes_length)])
+        return rec
+
+    def check_in_pack(self, rec: ContentRecord, spans: list[tuple[int, int]]) -> None:
+        """Refuses byte ranges past the end of the pack before a buffer is made for them
+        (a damaged length would otherwise be allocated, or mapped)."""
+        try:
+            size = self.tier.size(rec.pack)
+        except StoreError:  # a missing pack: the read that follows says so
+            return
+        end = max((off + length for off, length in spans if length), default=0)  # 0: no read
+        if end > size:
+            raise IntegrityError(
+                f"pack {rec.pack} is {size} bytes, shorter than the {end} its content record "
+                "names: the pack is truncated, or the store's catalog is damaged"
+            )
+
     def stored_hashes(self, rec: ContentRecord) -> torch.Tensor:
+        self.check_in_pack(rec, [(rec.hashes_offset, rec.hashes_length)])
         stored = torch.empty(
             (rec.hashes_length // kernels.HASH_SIZE, kernels.HASH_SIZE), dtype=torch.uint8
         )
@@ -163,7 +209,7 @@ class BlobReader:
                      pool: ThreadPoolExecutor) -> torch.Tensor:  # fmt: skip
         """The group's records as one CPU buffer (count x stride bytes, model after
         model): its one extent mapped (copy-on-write, no copy), or its extents joined."""
-        rec = self.content(group.blob)
+        rec = self.group_content(manifest, group)
         buffers, hashes = self._mapped_and_hashed(rec, group.schema, pool, verify)
         if len(buffers) == 1:
             buf = buffers[0][0]
@@ -184,7 +230,7 @@ class BlobReader:
         device: torch.device,
         pool: ThreadPoolExecutor,
     ) -> list[StateDict]:
-        rec = self.content(group.blob)
+        rec = self.group_content(manifest, group)
         schema = group.schema
         on_cpu = device.type == "cpu"
         # hashed on the pool's thread while this one builds the views
@@ -221,7 +267,7 @@ class BlobReader:
         device: torch.device,
     ) -> list[StateDict]:
         """Some models of a group: each one read into one shared buffer, all hashed by one call."""
-        rec = self.content(group.blob)
+        rec = self.group_content(manifest, group)
         schema = group.schema
         k, stride = len(positions), schema.stride
         buf = torch.empty(k * stride, dtype=torch.uint8)
@@ -250,7 +296,7 @@ class BlobReader:
         """Re-hashes every byte of the group, and checks the hash table against the blob key."""
         from .baseline import blob_key
 
-        rec = self.content(group.blob)
+        rec = self.group_content(manifest, group)
         stored = self.stored_hashes(rec)
         ntensors = len(group.schema.tensors)
         stride = group.schema.stride

@@ -23,13 +23,16 @@ import torch
 
 from ..manifest import ContentRecord, DatasetRecord, Manifest, pack_record
 from ..paths.delta_blob import MODEL
-from .packs import HEADER_SIZE, PackWriter, align_up
+from .packs import HEADER_SIZE, SECTION_ALIGN, PackWriter, align_up
 
 if TYPE_CHECKING:
     from ..api import ModelStore
 
 _CHUNK = 32 << 20  # bytes copied per read/write
 _FIRST = HEADER_SIZE  # where a rewritten pack's first blob goes (the tests move it)
+# Hash tables, and a delta blob's span (which keeps its table and hashes where they were
+# relative to its start, so it moves by multiples of this).
+_ALIGN = 64
 
 
 @dataclass
@@ -38,6 +41,7 @@ class _Live:
     rec: ContentRecord
     kind: str  # "group", "delta" or "roots"
     ranges: list[tuple[int, int]]  # (pack offset, length) to copy
+    extents: int = 0  # how many of the first ranges are group extents
 
 
 def _owners(store: ModelStore) -> tuple[dict[bytes, int], dict[bytes, int], set[bytes]]:
@@ -88,7 +92,8 @@ def plan(store: ModelStore) -> dict[str, list[_Live]]:
         elif key in strides and rec.table is None:
             stride = strides[key]
             spans = [(off, count * stride) for off, count in rec.extents]
-            live = _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)])
+            live = _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)],
+                         len(spans))  # fmt: skip
         elif key in roots and not rec.extents and rec.table is None:
             live = _Live(key, rec, "roots", [(rec.hashes_offset, rec.hashes_length)])
         else:
@@ -122,9 +127,25 @@ def _relocated(item: _Live, moved: dict[int, int], pack: str) -> ContentRecord:
     return replace(rec, pack=pack, extents=extents, hashes_offset=moved[rec.hashes_offset])
 
 
+def _layout(items: list[_Live]) -> tuple[list[tuple[_Live, list[int]]], int]:
+    """Where each live blob's ranges go in a rewritten pack (per blob, in pack order,
+    the new offset of each of its ranges), and where the rewritten pack ends."""
+    at = _FIRST
+    placed = []
+    for item in sorted(items, key=lambda i: min(off for off, _ in i.ranges)):
+        targets = []
+        for i, (_, length) in enumerate(item.ranges):
+            # an extent keeps the page alignment FORMAT.md promises: load maps it
+            at = align_up(at, SECTION_ALIGN if i < item.extents else _ALIGN)
+            targets.append(at)
+            at += length
+        placed.append((item, targets))
+    return placed, at
+
+
 def compact(store: ModelStore, below: float, progress: bool | None = None) -> int:
-    """Rewrites every pack whose live bytes are less than ``below`` of its size;
-    returns the bytes reclaimed."""
+    """Rewrites every pack whose live bytes, laid out as the rewrite would lay them
+    out, are less than ``below`` of its size; returns the bytes reclaimed."""
     from .._progress import progress_bar
 
     if below <= 0:
@@ -132,32 +153,32 @@ def compact(store: ModelStore, below: float, progress: bool | None = None) -> in
     todo = []
     for pack, items in plan(store).items():
         size = store.tier.size(pack)
-        live = sum(length for item in items for _, length in item.ranges)
-        if live < below * (size - HEADER_SIZE):
-            todo.append((pack, items, size, live))
+        placed, end = _layout(items)
+        # Counting the extents' page padding: a pack of small groups, all live, would
+        # otherwise look mostly dead, and be rewritten as it is by every gc.
+        if end - _FIRST < below * (size - HEADER_SIZE):
+            live = sum(length for item in items for _, length in item.ranges)
+            todo.append((pack, placed, size, live))
     freed = 0
     total = sum(live for *_, live in todo)
     with progress_bar(total, "compacting packs", progress, min_total=64 << 20) as bar:
-        for pack, items, size, live in todo:
-            freed += _rewrite(store, pack, items, size)
+        for pack, placed, size, live in todo:
+            freed += _rewrite(store, pack, placed, size)
             bar(live)
     return freed
 
 
-def _rewrite(store: ModelStore, pack: str, items: list[_Live], size: int) -> int:
-    """One pack's live bytes into a new pack; returns the bytes it frees."""
+def _rewrite(store: ModelStore, pack: str, placed: list[tuple[_Live, list[int]]], size: int) -> int:
+    """One pack's live bytes into a new pack, as ``_layout`` placed them; returns the
+    bytes it frees."""
     writer = store.tier.create()
     try:
-        at = _FIRST
         records = []
-        for item in sorted(items, key=lambda i: min(off for off, _ in i.ranges)):
-            moved: dict[int, int] = {}
-            for offset, length in item.ranges:
-                at = align_up(at, 64)
-                moved[offset] = at
+        for item, targets in placed:
+            for (offset, length), to in zip(item.ranges, targets):
                 if length:
-                    _copy(store, pack, offset, length, writer, at)
-                at += length
+                    _copy(store, pack, offset, length, writer, to)
+            moved = {offset: to for (offset, _), to in zip(item.ranges, targets)}
             records.append((item.key, _relocated(item, moved, writer.pack_id)))
         new_size = writer.finish()
     except BaseException:
