@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import time
@@ -9,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -23,10 +24,12 @@ from .errors import (
     InvalidModelSetError,
     MMCoreError,
     ModelNotFoundError,
+    PackMissingError,
     ReadOnlyStoreError,
     RefNotFoundError,
     StoreError,
     VersionNotFoundError,
+    decoding,
 )
 from .manifest import APPROACHES, ContentRecord, DatasetRecord, Manifest
 from .modelset import Schema, StackedInput
@@ -44,6 +47,27 @@ from .versions import VerifyReport, VersionInfo
 _HEX = frozenset("0123456789abcdef")
 DEFAULT_MAX_CHAIN = 16
 _MANIFEST_CACHE = 64  # a chain of updates is walked whole on every load
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _refreshing(method: _Method) -> _Method:
+    """A read of a read-only store that finds a pack gone (a writer's gc or compaction
+    since the store was opened: the catalog it holds is older than the packs) reopens
+    the catalog and runs once more against what the store holds now."""
+
+    @functools.wraps(method)
+    def run(self: ModelStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except PackMissingError:
+            if not self.readonly or self._closed:
+                raise
+            self._refresh()
+        return method(self, *args, **kwargs)
+
+    return cast(_Method, run)
 
 
 def open(
@@ -79,7 +103,7 @@ class ModelStore:
         self.tier = LocalPackTier(self._layout.packs)
         self._reader = BlobReader(self.tier, self._content)
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
-        self._delta_tables: dict[bytes, DeltaTable] = {}  # paths.chain.delta_table's cache
+        self._delta_tables: dict[tuple[Any, ...], DeltaTable] = {}  # paths.chain.delta_table's
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcore-reader")
         self._closed = False
 
@@ -103,6 +127,20 @@ class ModelStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("this store is closed; open it again with mmcore.open(path)")
+
+    def _refresh(self) -> None:
+        """A read-only store catches up with its writer: the catalog reopened, every
+        cache and open pack dropped (mappings already handed out stay valid)."""
+        assert self.readonly
+        self.catalog.close()
+        try:
+            self.catalog = Catalog(self._layout.catalog, readonly=True)
+        except BaseException:
+            self._closed = True  # no catalog to read: closed, not half-open
+            raise
+        self._manifests.clear()
+        self._delta_tables.clear()
+        self.tier.close()
 
     # -- lookups ---------------------------------------------------------
     def _content(self, key: bytes) -> ContentRecord:
@@ -337,6 +375,7 @@ class ModelStore:
             self.tier.delete(writer.pack_id)
 
     # -- load ------------------------------------------------------------
+    @_refreshing
     def load(
         self,
         version: str,
@@ -367,15 +406,19 @@ class ModelStore:
             names = _args.name_list(models, "models")
             _refuse_missing(manifest.id, [n for n in names if n not in got])
             return {n: got[n] for n in names}
-        if models is not None:
-            names = _args.name_list(models, "models")
-            if manifest.update is not None:
-                return self._load_update(manifest, names, dev, verify)
+        wanted = None if models is None else _args.name_list(models, "models")
+        with decoding(manifest.id):
+            return self._load_stored(manifest, wanted, dev, verify)
+
+    def _load_stored(self, manifest: Manifest, names: list[str] | None, dev: torch.device,
+                     verify: bool) -> dict[str, StateDict]:  # fmt: skip
+        """``load`` of a baseline or update version."""
+        if manifest.update is not None:
+            return self._load_update(manifest, names, dev, verify)
+        if names is not None:
             _refuse_missing(manifest.id, [n for n in names if manifest.locate(n) is None])
             return {name: self.load_model(manifest.id, name, device=dev, verify=verify)
                     for name in names}  # fmt: skip
-        if manifest.update is not None:
-            return self._load_update(manifest, None, dev, verify)
         out: list[StateDict | None] = [None] * len(manifest.models)
         for group in manifest.groups:
             states = self._reader.read_group(
@@ -385,6 +428,7 @@ class ModelStore:
                 out[mi] = state
         return {name: state for name, state in zip(manifest.models, out) if state is not None}
 
+    @_refreshing
     def load_stacked(
         self,
         version: str,
@@ -408,11 +452,12 @@ class ModelStore:
         manifest = self.manifest(version)
         if manifest.provenance is not None:
             return retrain.recover(self, manifest, device=dev, allow_code_change=allow_code_change)
-        if manifest.update is not None:
-            order, parts = chain.recover_records(self, manifest.id, verify=verify)
-            return StackedSet([_stack_of(names, buf, schema, dev) for schema, names, buf in parts],
-                              order)  # fmt: skip
-        return self._stacked_groups(manifest, verify=verify, device=dev)
+        with decoding(manifest.id):
+            if manifest.update is not None:
+                order, parts = chain.recover_records(self, manifest.id, verify=verify)
+                return StackedSet([_stack_of(names, buf, schema, dev) for schema, names, buf in parts],
+                                  order)  # fmt: skip
+            return self._stacked_groups(manifest, verify=verify, device=dev)
 
     def _stacked_groups(
         self, manifest: Manifest, *, verify: bool, device: torch.device
@@ -483,6 +528,7 @@ class ModelStore:
             got = {n: got[n] for n in names}
         return got
 
+    @_refreshing
     def load_model(
         self,
         version: str,
@@ -503,17 +549,19 @@ class ModelStore:
             return self.load(
                 manifest.id, device=dev, models=[name], allow_code_change=allow_code_change
             )[name]
-        if manifest.update is not None:
-            return self._load_update(manifest, [name], dev, verify)[name]
-        where = manifest.locate(name)
-        if where is None:
+        where = None if manifest.update is not None else manifest.locate(name)
+        if manifest.update is None and where is None:
             raise ModelNotFoundError(
                 f"version {manifest.id} has no model {name!r} ({len(manifest.models)} models)"
             )
-        gi, pos = where
-        return self._reader.read_model(
-            manifest, manifest.groups[gi], pos, verify=verify, device=dev
-        )
+        with decoding(manifest.id):
+            if manifest.update is not None:
+                return self._load_update(manifest, [name], dev, verify)[name]
+            assert where is not None
+            gi, pos = where
+            return self._reader.read_model(
+                manifest, manifest.groups[gi], pos, verify=verify, device=dev
+            )
 
     # -- inspect ---------------------------------------------------------
     def info(self, version: str) -> VersionInfo:
@@ -583,8 +631,10 @@ class ModelStore:
             return retrain.verify_dataset(self, str(m.provenance.recipe["data"]))
         if m.update is None:
             return m.num_tensors
+        chain.model_index(self, vid)  # what it inherits fits together (orders, deltas, adds)
         checked += sum(g.count * len(g.schema.tensors) for g in m.groups)
-        if m.update.changed:  # decoding checks every decoded tensor's hash
+        if m.update.changed:  # its tables re-read and re-hashed (the cache is not trusted),
+            chain.read_delta_blob(self, m)  # then decoding checks every decoded tensor's hash
             got = chain.recover(self, vid, set(m.update.changed), verify=True)
             checked += sum(len(got[name]) for name in m.update.changed)
         return checked
@@ -592,19 +642,23 @@ class ModelStore:
     def check(self, version: str | None = None) -> VerifyReport:
         """``verify`` that goes on past a problem: every version (or one) re-hashed, and,
         for the whole store, every content record's reference count recomputed from the
-        manifests and datasets that use it. Returns what it found; raises nothing for
-        damage it can name."""
+        manifests and datasets that use it. Returns what it found and never raises for a
+        damaged store: a record that cannot be decoded is one problem among the others.
+        A read-only store first catches up with its writer (see ``_refresh``)."""
         self._check_open()
-        ids = [self.resolve(version)] if version is not None else [v.id for v in self.versions()]
+        if self.readonly:
+            self._refresh()
+        ids = [self.resolve(version)] if version is not None else self._version_ids()
         tensors = versions = 0
         problems: list[str] = []
         first: Exception | None = None
         for vid in ids:
             try:
-                tensors += self._verify_one(vid)
+                with decoding(vid):
+                    tensors += self._verify_one(vid)
                 versions += 1
-            except MMCoreError as exc:
-                text = str(exc)
+            except Exception as exc:  # every problem is reported, none raised
+                text = str(exc) if isinstance(exc, MMCoreError) else f"{type(exc).__name__}: {exc}"
                 problems.append(
                     text if text.startswith(f"version {vid}") else f"version {vid}: {text}"
                 )
@@ -613,18 +667,54 @@ class ModelStore:
             problems += self.check_references()
         return VerifyReport(tensors, versions, problems, first)
 
+    def _version_ids(self) -> list[str]:
+        """Every version id, newest first where its manifest can say when it was made
+        (one that cannot be decoded comes first: check reports it)."""
+        created: list[tuple[float, str]] = []
+        for key, raw in self.catalog.scan("manifests"):
+            vid = key.decode("utf-8", errors="replace")
+            try:
+                created.append((-Manifest.decode(raw).created, vid))
+            except MMCoreError:
+                created.append((-float("inf"), vid))
+        return [vid for _, vid in sorted(created)]
+
     def check_references(self) -> list[str]:
         """Content records whose reference counts differ from the manifests and
         datasets that reference them, and references to blobs that have no record."""
         want: dict[bytes, int] = {}
+        problems: list[str] = []
+        unread = 0  # records whose references are unknown: counts cannot be compared
         for _, raw in self.catalog.scan("manifests"):
-            for blob in version_blobs(Manifest.decode(raw)):
+            try:
+                blobs = version_blobs(Manifest.decode(raw))
+            except MMCoreError:  # reported with its version by check
+                unread += 1
+                continue
+            for blob in blobs:
                 want[blob] = want.get(blob, 0) + 1
-        for _, raw in self.catalog.scan("datasets"):
-            for group in DatasetRecord.decode(raw).groups:
+        for key, raw in self.catalog.scan("datasets"):
+            try:
+                groups = DatasetRecord.decode(raw).groups
+            except MMCoreError as exc:
+                problems.append(f"dataset {key.decode('utf-8', errors='replace')}: {exc}")
+                unread += 1
+                continue
+            for group in groups:
                 want[group.blob] = want.get(group.blob, 0) + 1
-        problems = []
-        have = {key: ContentRecord.decode(raw).refs for key, raw in self.catalog.scan("content")}
+        have: dict[bytes, int] = {}
+        for key, raw in self.catalog.scan("content"):
+            try:
+                have[key] = ContentRecord.decode(raw).refs
+            except MMCoreError as exc:
+                problems.append(f"content {key.hex()[:16]}: {exc}")
+                want.pop(key, None)  # reported: its count is unknown
+        if unread:
+            problems.append(
+                f"reference counts not compared: {unread} manifest or dataset record(s) cannot "
+                "be decoded"
+            )
+            return problems
         for key in sorted(set(want) | set(have)):
             if want.get(key, 0) != have.get(key, 0):
                 problems.append(

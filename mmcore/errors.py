@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class MMCoreError(Exception):
     """Base class of every error mmcore raises on purpose."""
@@ -86,6 +90,12 @@ class IntegrityError(MMCoreError):
         self.problems = problems if problems is not None else [message]  # verify: every one found
 
 
+class PackMissingError(IntegrityError):
+    """A pack file the catalog names is not there. A read-only store opened before a
+    writer's ``gc`` sees this for packs gc removed; it reopens its catalog and tries
+    once more before raising it."""
+
+
 class ProvenanceError(MMCoreError):
     """A provenance recipe cannot be run as asked (data missing, a trainer's result
     of the wrong shape...)."""
@@ -109,3 +119,22 @@ class DependentsError(InvalidArgumentError):
     def __init__(self, message: str, *, dependents: list[str] | None = None):
         super().__init__(message)
         self.dependents = dependents or []
+
+
+@contextmanager
+def decoding(vid: str) -> Iterator[None]:
+    """Errors from stored records that no check foresaw come out typed, never as
+    torch's, struct's or the OS's."""
+    try:
+        yield
+    except MMCoreError:
+        raise
+    except OSError as exc:
+        raise StoreError(f"version {vid}: reading its bytes failed ({exc})") from exc
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, OverflowError,
+            struct.error) as exc:  # fmt: skip
+        raise CorruptRecordError(
+            f"version {vid}: its records cannot be decoded ({type(exc).__name__}: {exc}); the "
+            "store is damaged (`mmcore verify` lists what), or this is a bug in mmcore: please "
+            "report it"
+        ) from exc

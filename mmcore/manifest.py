@@ -6,6 +6,7 @@ fails with FormatVersionError instead of being misread. See docs/FORMAT.md.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,8 @@ from .errors import CorruptRecordError, FormatVersionError
 from .modelset import Schema
 from .record import DAMAGED, Record
 
-MANIFEST_FORMAT = 3  # newest read; baselines are written as 1, updates 2, provenance 3
+MANIFEST_FORMAT = 4  # newest read; baselines are written as 1, updates 2 (4 with tensor
+# orders: a reader of 2 would return those models' tensors in another order), provenance 3
 CONTENT_FORMAT = 2  # newest read; 2 only for a delta blob moved by compaction ("shift")
 DATASET_FORMAT = 1
 APPROACHES = ("baseline", "update", "provenance")
@@ -81,7 +83,11 @@ class GroupRecord:
             if len(members) != 4 * count:
                 raise rec.corrupt(f"{len(members)} bytes of members for {count} models")
             decoded = list(struct.unpack(f"<{count}I", members))
-        return cls(Schema.decode(rec.submap("schema")), count, blob, decoded)
+        schema = Schema.decode(rec.submap("schema"))
+        for spec in schema.tensors:  # the group's models of it stacked: one torch shape
+            if count * math.prod(d or 1 for d in spec.shape) >> 63:
+                raise rec.corrupt(f"{count} models of tensor {spec.name!r} are too large to stack")
+        return cls(schema, count, blob, decoded)
 
 
 @dataclass
@@ -92,6 +98,10 @@ class UpdateInfo:
     A model is stored whole (in ``Manifest.groups``; ``whole[g]`` names group
     g's models in order), as a delta (``changed``, in the order of the delta
     blob's tables), or not at all: then it is the parent's.
+
+    A model's tensors come back in its stored order (its schema's where it is stored
+    whole here, else its order in the parent version), unless ``orders`` names the
+    order the user saved them in: tensors are matched by name, not by position.
     """
 
     depth: int  # versions back to the baseline
@@ -103,12 +113,14 @@ class UpdateInfo:
     changed: list[str]
     delta_blob: bytes | None  # content key of the delta tables and model blobs
     stats: dict[str, int]
+    orders: dict[str, list[str]] = field(default_factory=dict)  # model -> its tensor names
 
     def encode(self) -> dict[str, Any]:
         return {
             "depth": self.depth, "tolerance": self.tolerance, "max_chain": self.max_chain,
             "removed": self.removed, "added": self.added, "whole": self.whole,
             "changed": self.changed, "delta_blob": self.delta_blob, "stats": self.stats,
+            **({"orders": _grouped(self.orders)} if self.orders else {}),
         }  # fmt: skip
 
     @classmethod
@@ -128,12 +140,31 @@ class UpdateInfo:
         if (blob is None) != (not changed):
             raise rec.corrupt("changed models without a delta blob, or the reverse")
         stats = rec.optional_map("stats")
+        orders: dict[str, list[str]] = {}
+        pairs = rec.raw.get("orders") or []
+        for pair in pairs if isinstance(pairs, list) else [None]:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise rec.corrupt("field 'orders' should hold [tensor names, model names] pairs")
+            order, names = (rec.check_text_list(v, "orders") for v in pair)
+            if len(set(order)) != len(order):
+                raise rec.corrupt("a tensor order names a tensor twice")
+            orders.update(dict.fromkeys(names, order))
         return cls(
             depth=rec.integer("depth", minimum=1), tolerance=tolerance,
             max_chain=rec.integer("max_chain", minimum=1), removed=rec.text_list("removed"),
             added=rec.text_list("added"), whole=whole, changed=changed, delta_blob=blob,
             stats={str(k): rec.check_integer(v, "stats") for k, v in stats.items()},
+            orders=orders,
         )  # fmt: skip
+
+
+def _grouped(orders: dict[str, list[str]]) -> list[list[list[str]]]:
+    """Tensor orders as [order, [models saved in it]] pairs: a set rebuilt in one order
+    costs that order once and each model's name."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, order in orders.items():
+        groups.setdefault(tuple(order), []).append(name)
+    return [[list(order), names] for order, names in groups.items()]
 
 
 @dataclass
@@ -221,7 +252,8 @@ class Manifest:
         if self.provenance is not None:
             fields = {"provenance": self.provenance.encode()}
         return _pack({
-            "format": 3 if self.provenance is not None else 1 if self.update is None else 2,
+            "format": 3 if self.provenance is not None else 1 if self.update is None
+            else 4 if self.update.orders else 2,
             **fields,
             "id": self.id,
             "approach": self.approach,
@@ -240,6 +272,9 @@ class Manifest:
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
         rec = _unpack(data, "manifest", MANIFEST_FORMAT)
+        vid = rec.raw.get("id")
+        if isinstance(vid, str) and vid.isascii() and vid.isalnum() and len(vid) <= 64:
+            rec = Record(rec.raw, f"version {vid}: manifest")  # its errors name the version
         models = rec.text_list("models")
         groups = [GroupRecord.decode(g) for g in rec.map_list("groups")]
         update = provenance = None

@@ -285,10 +285,11 @@ def run(found: Trainer, recipe: Recipe, models: StateDicts, data: Data) -> State
     out: StateDicts = {}
     for name, before in models.items():
         after = got[name]
-        if not isinstance(after, Mapping) or list(after) != list(before):
+        if not isinstance(after, Mapping) or set(after) != set(before):
             raise ProvenanceError(
                 f"trainer {found.name!r}: model {name!r} came back with other tensor names"
             )
+        after = {key: after[key] for key in before}  # matched by name, in the order given
         for key, t in after.items():
             old = before[key]
             if not isinstance(t, torch.Tensor) or t.dtype != old.dtype or t.shape != old.shape:
@@ -324,11 +325,12 @@ def run_stacked(found: Trainer, recipe: Recipe, models: StackedSet, data: Stacke
         rows = data.groups[found_in.pop()].select(group.names)
         with deterministic(recipe.seed):
             got = found.fn(group, rows, seed=recipe.seed, **recipe.params)
-        if not isinstance(got, Mapping) or list(got) != list(group.params):
+        if not isinstance(got, Mapping) or set(got) != set(group.params):
             raise ProvenanceError(
                 f"trainer {found.name!r} must return {{tensor name: [models, ...] tensor}} with "
                 f"the tensor names it was given ({list(group.params)[:3]}...)"
             )
+        got = {key: got[key] for key in group.params}  # matched by name, in the order given
         for key, t in got.items():
             old = group.params[key]
             if not isinstance(t, torch.Tensor) or t.dtype != old.dtype or t.shape != old.shape:

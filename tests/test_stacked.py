@@ -485,7 +485,7 @@ def test_moving_recovered_states_gathers_each_architecture_once(store: mmcore.Mo
     lossy["mlp_1"]["w"] += 0.25  # quantized: assembled tensor by tensor
     lossy["odd_2"]["n"][0, 0] = 7  # xor: one record
     v2 = store.save(lossy, approach="update", parent=v1, tolerance=1e-3)
-    names, states, schemas = chain._recover(store, v2, None, verify=True)
+    names, states, schemas, _ = chain._recover(store, v2, None, verify=True)
     moved = chain.move_states({n: states[n] for n in names}, schemas, torch.device("cpu"))
     assert_sets_equal(moved, store.load(v2))
     for kind in ("mlp", "odd"):  # one buffer per architecture, records in the version's order

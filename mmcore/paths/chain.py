@@ -21,9 +21,10 @@ from ..errors import CorruptRecordError, IntegrityError, InvalidArgumentError
 from ..kernels._segments import plane_width
 from ..kernels.delta import quantize_decode, xor_planes_decode
 from ..kernels.xor_planes import xor_planes_decode_table
-from ..manifest import GroupRecord, Manifest
+from ..manifest import ContentRecord, GroupRecord, Manifest
 from ..modelset import Schema
 from .delta_blob import DeltaTable, decode_tables
+from .delta_blob import blob_key as delta_blob_key
 from .reader import StateDict, record_views, segment_table
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ class ModelInfo:
     schema: Schema
     table: torch.Tensor  # (rows, 32) hash table holding this model's rows
     first: int  # its first row: one row per tensor, BLAKE3 of the tensor as recovery produces it
-    depth: int  # deltas since the model was last stored whole
+    depth: int  # deltas since the model was last stored whole, along the chain as it is now
+    order: list[str] | None = None  # its tensor names as the user saved them (None: the schema's)
 
     @property
     def hashes(self) -> torch.Tensor:
@@ -66,29 +68,54 @@ def _group_names(manifest: Manifest, group: GroupRecord) -> list[str]:
 
 
 def delta_table(store: ModelStore, manifest: Manifest) -> DeltaTable:
-    """The parsed delta tables of an update version (cached per store)."""
+    """The parsed delta tables of an update version (cached per store, keyed by where
+    the blob is: a blob deleted and stored again, or moved by compaction, is another
+    entry, so no commit can leave a cached table pointing at the wrong bytes)."""
     assert manifest.update is not None and manifest.update.delta_blob is not None
-    key = manifest.update.delta_blob
+    blob = manifest.update.delta_blob
+    rec = store._content(blob)
+    if rec.table is None:
+        raise CorruptRecordError(f"version {manifest.id}: its delta blob has no table record")
+    key = (blob, rec.pack, *rec.table, rec.hashes_offset, rec.shift)
     cache = store._delta_tables
     cached = cache.get(key)
     if cached is not None:
         return cached
-    rec = store._content(key)
-    if rec.table is None:
-        raise CorruptRecordError(f"version {manifest.id}: its delta blob has no table record")
-    offset, length = rec.table
-    data = bytearray(length)
-    if length:
-        buf = torch.frombuffer(data, dtype=torch.uint8)
-        store.tier.read_into(rec.pack, offset, length, buf.data_ptr())
-    table = decode_tables(bytes(data), len(manifest.update.changed), store._reader.stored_hashes(rec),
-                          f"version {manifest.id}")  # fmt: skip
+    data, hashes = read_delta_blob(store, manifest, rec)
+    table = decode_tables(data, len(manifest.update.changed), hashes, f"version {manifest.id}")
     if rec.shift:  # moved by compaction: the model blobs are where the table says, plus shift
         table.rows = [(row[0] + rec.shift, *row[1:]) for row in table.rows]
+    store._reader.check_in_pack(rec, [(row[0], row[1]) for row in table.rows])  # read trusts it
     if len(cache) >= _DELTA_CACHE:
         cache.pop(next(iter(cache)))
     cache[key] = table
     return table
+
+
+def read_delta_blob(
+    store: ModelStore, manifest: Manifest, rec: ContentRecord | None = None
+) -> tuple[bytes, torch.Tensor]:
+    """An update version's delta tables and hash table, read from its pack and checked
+    against the blob's content address (which covers both: a flipped bit in a depth,
+    an offset or a hash is found here, before anything is decoded)."""
+    assert manifest.update is not None and manifest.update.delta_blob is not None
+    blob = manifest.update.delta_blob
+    rec = rec or store._content(blob)
+    if rec.table is None:
+        raise CorruptRecordError(f"version {manifest.id}: its delta blob has no table record")
+    offset, length = rec.table
+    store._reader.check_in_pack(rec, [rec.table])  # before a buffer of a damaged length
+    data = bytearray(length)
+    if length:
+        buf = torch.frombuffer(data, dtype=torch.uint8)
+        store.tier.read_into(rec.pack, offset, length, buf.data_ptr())
+    hashes = store._reader.stored_hashes(rec)
+    if delta_blob_key(bytes(data), hashes) != blob:
+        raise IntegrityError(
+            f"version {manifest.id}: its delta tables or their hashes do not match the blob's "
+            "content address: the stored bytes are corrupted"
+        )
+    return bytes(data), hashes
 
 
 def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
@@ -119,22 +146,42 @@ def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
                         f"version {m.id} holds a delta for {name!r}, which its parent does not have: "
                         "the store's catalog is damaged"
                     )
-                schema = index[name].schema
-                if row[4] != len(schema.tensors):
+                before = index[name]
+                if row[4] != len(before.schema.tensors):
                     raise IntegrityError(
                         f"version {m.id}, model {name!r}: {row[4]} tensor entries for a model of "
-                        f"{len(schema.tensors)} tensors"
+                        f"{len(before.schema.tensors)} tensors"
                     )
-                index[name] = ModelInfo(schema, table.hashes, row[3], row[5])
+                # the depth counted along the chain, not the one recorded at save time: a
+                # rebase of an ancestor changes it without rewriting this version
+                index[name] = ModelInfo(before.schema, table.hashes, row[3], before.depth + 1,
+                                        before.order)  # fmt: skip
+        for name, order in m.update.orders.items():
+            if name in index:
+                index[name].order = _checked_order(m, name, order, index[name].schema)
         added = set(m.update.added)
         order = [n for n in index if n not in added] + m.update.added
         index = {name: index[name] for name in order}
     return index
 
 
+def _checked_order(m: Manifest, name: str, order: list[str], schema: Schema) -> list[str]:
+    """A recorded tensor order, which must name exactly the model's tensors."""
+    if len(order) != len(schema.tensors) or set(order) != {s.name for s in schema.tensors}:
+        raise CorruptRecordError(
+            f"version {m.id}: the tensor order recorded for model {name!r} does not name its "
+            "tensors: the store's catalog is damaged"
+        )
+    return order
+
+
+def _in_order(state: StateDict, order: list[str] | None) -> StateDict:
+    return state if order is None else {key: state[key] for key in order}
+
+
 def _index_group(store: ModelStore, m: Manifest, group: GroupRecord,
                  index: dict[str, ModelInfo]) -> None:  # fmt: skip
-    hashes = store._reader.stored_hashes(store._content(group.blob))
+    hashes = store._reader.stored_hashes(store._reader.group_content(m, group))
     n = len(group.schema.tensors)
     for pos, name in enumerate(_group_names(m, group)):
         index[name] = ModelInfo(group.schema, hashes, pos * n, 0)
@@ -150,10 +197,11 @@ def recover(
 ) -> dict[str, StateDict]:
     """The models of a version (or those in ``wanted``), in the version's order, on the
     CPU; or, given a ``device``, recovered on the CPU and moved there in large pieces."""
-    names, states, schemas = _recover(store, vid, wanted, verify=verify)
+    names, states, schemas, orders = _recover(store, vid, wanted, verify=verify)
     if device is not None:
-        return move_states({n: states[n] for n in names}, schemas, device)
-    return {n: _plain_dict(states[n]) for n in names}
+        moved = move_states({n: states[n] for n in names}, schemas, device)
+        return {n: _in_order(moved[n], orders.get(n)) for n in names}
+    return {n: _in_order(_plain_dict(states[n]), orders.get(n)) for n in names}
 
 
 def recover_records(store: ModelStore, vid: str, *, verify: bool
@@ -162,7 +210,7 @@ def recover_records(store: ModelStore, vid: str, *, verify: bool
     per architecture (in order of first appearance): (schema, names, count x stride
     bytes, model after model), each gathered by one native call from wherever
     recovery left the models."""
-    names, states, schemas = _recover(store, vid, None, verify=verify)
+    names, states, schemas, _ = _recover(store, vid, None, verify=verify)  # stacks go by name
     groups: dict[Any, tuple[Schema, list[str]]] = {}
     for name in names:
         schema = schemas[name]
@@ -198,9 +246,10 @@ def _gather_states(
 
 def _recover(
     store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool
-) -> tuple[list[str], dict[str, StateDict], dict[str, Schema]]:
-    """The recovered states (record views where a model is one record), their names
-    in the version's order, and each model's schema."""
+) -> tuple[list[str], dict[str, StateDict], dict[str, Schema], dict[str, list[str]]]:
+    """The recovered states (record views where a model is one record, in schema
+    order), their names in the version's order, each model's schema, and the tensor
+    order of those the user saved in another order than their schema's."""
     chain = chain_of(store, vid)
     base = chain[-1]
     states: dict[str, StateDict] = {}
@@ -209,6 +258,7 @@ def _recover(
     last_delta: dict[str, torch.Tensor] = {}
     schemas: dict[str, Schema] = {}  # model -> its schema (deltas keep it)
     pending: dict[str, list[_Queued]] = {}  # model -> its deltas since it was last read whole
+    orders: dict[str, list[str]] = {}
     order = list(base.models)
     for group in base.groups:
         _read_group(store, base, group, wanted, states, schemas, verify)
@@ -223,11 +273,16 @@ def _recover(
         order += m.update.added
         for name in removed:
             pending.pop(name, None)
+            orders.pop(name, None)
         for group in m.groups:  # stored whole here: verified as it is read
             _read_group(store, m, group, wanted, states, schemas, verify)
             for name in group.names or ():
                 last_delta.pop(name, None)
                 pending.pop(name, None)  # earlier deltas of it no longer matter
+                orders.pop(name, None)
+        for name, keys in m.update.orders.items():
+            if name in states:
+                orders[name] = _checked_order(m, name, keys, schemas[name])
         if m.update.changed:
             table = delta_table(store, m)
             assert m.update.delta_blob is not None
@@ -252,7 +307,7 @@ def _recover(
         if wanted is not None
         else [n for n in order if n in states]
     )
-    return names, states, schemas
+    return names, states, schemas, orders
 
 
 def _gather_records(addresses: torch.Tensor, stride: int) -> torch.Tensor:
@@ -546,6 +601,10 @@ def _raw_tensor(
         )
     if nbytes == 0:
         return torch.empty_like(like)
+    if piece.data_ptr() % like.element_size():
+        # raw tensors lie back to back in a model blob: one after an odd-sized tensor
+        # (three float16, then a float32) starts at any byte, and a view needs alignment
+        piece = piece.clone()
     return (
         piece.view(like.dtype).view(like.shape)
         if like.dtype != torch.uint8

@@ -242,13 +242,14 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
         raise InvalidArgumentError(f"Recipe.models names {unknown[:3]}, not models of the parent")
     for name in order:
         want, got = parent_models[name], given[name]
-        if [(k, t.dtype, t.shape) for k, t in want.items()] != [
-            (k, t.dtype, t.shape) for k, t in got.items()
-        ]:
+        if {k: (t.dtype, t.shape) for k, t in want.items()} != {
+            k: (t.dtype, t.shape) for k, t in got.items()
+        }:
             raise InvalidModelSetError(
                 f"model {name!r} has other tensors (names, dtypes or shapes) than in the parent: "
                 "retraining keeps a model's architecture"
             )
+        given[name] = {k: got[k] for k in want}  # matched by name; hashed in the parent's order
     chosen = set(subset)
     others = [n for n in order if n not in chosen]
     if others:

@@ -23,7 +23,7 @@ import torch
 from .. import codec, dtypes, kernels
 from .._gc import gc_paused
 from ..codec import frames
-from ..errors import InvalidModelSetError
+from ..errors import InvalidModelSetError, decoding
 from ..kernels import cuda
 from ..kernels.delta import (
     FLOAT_KINDS,
@@ -63,17 +63,48 @@ class _Delta:
     frames: bytes | None = None  # the model blob compressed where it was encoded (a GPU)
 
 
-def _same_schema(info: chain.ModelInfo, entry: ModelEntry, memo: dict[Any, bool]) -> bool:
+_SAME_ORDER: tuple[int, ...] = ()  # _schema_order: the entry's tensors are in the schema's order
+
+
+def _schema_order(
+    info: chain.ModelInfo | None, entry: ModelEntry, memo: dict[Any, tuple[int, ...] | None]
+) -> tuple[int, ...] | None:
+    """Where each tensor of the parent's schema is in ``entry`` (tensors matched by
+    name): ``_SAME_ORDER`` where it is where the schema has it, or None where the
+    names, dtypes or shapes differ (another architecture). Once per architecture."""
+    if info is None:
+        return None
     key = (id(info.schema), entry.keys, entry.signature)
-    same = memo.get(key)
-    if same is None:
-        want = [(t.name, t.dtype, t.shape) for t in info.schema.tensors]
-        got = [
-            (k, dtypes.NAME_OF.get(dt), tuple(shape))
-            for k, (dt, shape) in zip(entry.keys, entry.signature)
-        ]
-        same = memo[key] = want == got
-    return same
+    if key not in memo:
+        at = {k: i for i, k in enumerate(entry.keys)}
+        got = {k: (dtypes.NAME_OF.get(dt), tuple(shape))
+               for k, (dt, shape) in zip(entry.keys, entry.signature)}  # fmt: skip
+        same = len(at) == len(info.schema.tensors) and all(
+            got.get(t.name) == (t.dtype, tuple(t.shape)) for t in info.schema.tensors
+        )
+        perm = tuple(at[t.name] for t in info.schema.tensors) if same else None
+        memo[key] = _SAME_ORDER if perm == tuple(range(len(at))) else perm
+    return memo[key]
+
+
+def _to_schema_order(entries: list[ModelEntry], perms: list[tuple[int, ...] | None],
+                     hashes: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Puts the tensors of every entry saved in another order than its parent's schema
+    into the schema's order (its fields and its rows of ``hashes``), so that tensors
+    are compared and encoded by name. Returns the hashes, reordered where needed."""
+    if all(not perm for perm in perms):
+        return hashes
+    rows = torch.arange(hashes.shape[0], dtype=torch.int64)
+    at = 0
+    for entry, perm in zip(entries, perms):
+        if perm:
+            entry.keys = tuple(entry.keys[i] for i in perm)
+            entry.signature = tuple(entry.signature[i] for i in perm)
+            entry.sources = [entry.sources[i] for i in perm]
+            entry.ptrs = [entry.ptrs[i] for i in perm]
+            rows[at : at + len(perm)] = torch.tensor(perm, dtype=torch.int64) + at
+        at += len(entry.sources)
+    return hashes[rows.to(hashes.device)]
 
 
 def _validate_and_hash(
@@ -179,29 +210,38 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     entries, new_hashes, logical, device = _validate_and_hash(models, progress)
     if not entries:
         raise InvalidModelSetError("the model set is empty: pass at least one model")
-    parent_manifest = store.manifest(parent)
-    index = chain.model_index(store, parent)
+    with decoding(parent):
+        index = chain.model_index(store, parent)
     infos = [index.get(e.name) for e in entries]
-    memo: dict[Any, bool] = {}
-    comparable = [
-        info is not None and _same_schema(info, e, memo) for e, info in zip(entries, infos)
-    ]
+    memo: dict[Any, tuple[int, ...] | None] = {}
+    perms = [_schema_order(info, e, memo) for e, info in zip(entries, infos)]
+    comparable = [p is not None for p in perms]
+    saved_orders = [e.keys for e in entries]
+    new_hashes = _to_schema_order(entries, perms, new_hashes)
     differs = _differing_tensors(entries, infos, comparable, new_hashes)
+    orders: dict[str, list[str]] = {}
     whole: list[ModelEntry] = []
     delta_rows: list[tuple[ModelEntry, chain.ModelInfo, int]] = []
     unchanged = restored = 0
     row = 0
-    for entry, info, same_schema, ndiff in zip(entries, infos, comparable, differs):
+    for entry, info, same_schema, ndiff, saved in zip(entries, infos, comparable, differs,
+                                                      saved_orders):  # fmt: skip
         row += len(entry.sources)
         if info is None or not same_schema:
-            whole.append(entry)
-        elif ndiff == 0:
+            whole.append(entry)  # stored in the order given: its schema's
+            continue
+        stored: Any = entry.keys  # the order recovery gives without a record
+        if ndiff == 0:
             unchanged += 1
+            stored = info.order or stored
         elif info.depth + 1 > max_chain:
             whole.append(entry)
             restored += 1
         else:
             delta_rows.append((entry, info, row - len(entry.sources)))
+            stored = info.order or stored
+        if list(saved) != list(stored):
+            orders[entry.name] = list(saved)
     deltas = _deltas(delta_rows, new_hashes)
     names = {e.name for e in entries}
     added = [e.name for e in entries if e.name not in index]
@@ -230,7 +270,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
         blobs.append((delta_key, rec))
         payload += model_bytes
         metadata += table_bytes
-    depth = 1 if parent_manifest.update is None else parent_manifest.update.depth + 1
+    depth = len(chain.chain_of(store, parent))  # as the chain is now (a rebase shortens it)
     stats = {"models": len(entries), "tensors": sum(len(e.sources) for e in entries),
              "unchanged": unchanged, "changed": len(deltas) + restored, "delta": len(deltas),
              "whole": len(whole), "added": len(added), "removed": len(removed),
@@ -238,7 +278,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
              "max_delta_chain": max([int(d.info.depth) + 1 for d in deltas], default=0)}  # fmt: skip
     update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=removed,
                         added=added, whole=whole_names, changed=[d.entry.name for d in deltas],
-                        delta_blob=delta_key, stats=stats)  # fmt: skip
+                        delta_blob=delta_key, stats=stats, orders=orders)  # fmt: skip
     return WrittenUpdate(groups, blobs, update, logical)
 
 
@@ -309,7 +349,8 @@ def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: flo
     """Fills kinds, pieces and recovered hashes: one batched encode per encoding (on the
     CPU the exact one over address tables: no per-tensor work beyond reading the parent's
     address; on a GPU where the new tensors are, only the encodings coming back)."""
-    parents = chain.recover(store, parent, {d.entry.name for d in deltas}, verify=True)
+    with decoding(parent):
+        parents = chain.recover(store, parent, {d.entry.name for d in deltas}, verify=True)
     if device is not None:
         _encode_on(device, parents, deltas, tolerance)
         return

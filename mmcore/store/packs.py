@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .._native import core
-from ..errors import IntegrityError, StoreError
+from ..errors import IntegrityError, PackMissingError, StoreError
 from .layout import fsync_dir
 
 PACK_MAGIC = b"MMCPACK\x00"
@@ -266,7 +266,7 @@ class LocalPackTier(PayloadTier):
                 try:
                     fd = os.open(self.path_of(pack_id), os.O_RDONLY)
                 except FileNotFoundError:
-                    raise IntegrityError(
+                    raise PackMissingError(
                         f"pack {pack_id} is missing from {self.directory}; the store is damaged"
                     ) from None
                 self._fds[pack_id] = fd
