@@ -8,10 +8,19 @@
 
 from __future__ import annotations
 
+import warnings
+
+with warnings.catch_warnings():
+    # torch's CPU wheel warns, in two lines on stderr, when numpy is absent; mmcore never
+    # needs numpy, so importing torch through mmcore stays quiet about it
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from . import errors
 from ._native import cuda_available
 from .api import ModelStore, open
-from .provenance import Recipe, trainer
+from .provenance import trainer
+from .recipe import Recipe
 from .versions import VersionInfo
 
 __version__ = "0.1.0"

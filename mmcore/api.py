@@ -37,7 +37,7 @@ from .paths import baseline, chain, retrain, update
 from .paths.commit import swap_references, version_blobs, version_records
 from .paths.delta_blob import DeltaTable
 from .paths.reader import BlobReader, StateDict, record_columns
-from .provenance import Recipe
+from .recipe import Recipe
 from .record import ref_target
 from .stacked import Stack, StackedSet, build_modules
 from .store import Catalog, LocalPackTier, StoreLayout, compact

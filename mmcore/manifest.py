@@ -13,8 +13,9 @@ from typing import Any
 
 import msgpack
 
-from .errors import CorruptRecordError, FormatVersionError
+from .errors import CorruptRecordError, FormatVersionError, InvalidArgumentError
 from .modelset import Schema
+from .recipe import Recipe
 from .record import DAMAGED, Record
 
 MANIFEST_FORMAT = 4  # newest read; baselines are written as 1, updates 2 (4 with tensor
@@ -192,9 +193,6 @@ class ProvenanceInfo:
 
     @classmethod
     def decode(cls, rec: Record) -> ProvenanceInfo:
-        from .errors import InvalidArgumentError
-        from .provenance import Recipe
-
         raw = rec.submap("recipe")
         models = raw.raw.get("models")
         try:
