@@ -291,6 +291,19 @@ def test_an_update_matches_tensors_by_name_and_keeps_each_versions_order(
     v4 = store.save(m4, approach="update", parent=v3, max_chain=1)  # c03 stored whole again
     assert store.info(v4).changes["whole"] == 1
     _every_read(store, v4, m4)
+    # deltas against a parent whose recovery gives another order than its schema's
+    m5 = {
+        n: {k: t + 1 if t.is_floating_point() else t for k, t in sd.items()} for n, sd in m4.items()
+    }
+    v5 = store.save(m5, approach="update", parent=v4)
+    assert store.info(v5).changes["delta"] == 40
+    _every_read(store, v5, m5)
+    v6 = store.save(m5, approach="update", parent=v4, tolerance=1e-3)
+    got = store.load(v6)
+    for name, sd in m5.items():
+        assert list(got[name]) == list(sd)
+        assert_bit_equal(got[name]["n"], sd["n"])
+        assert (got[name]["w"] - sd["w"]).abs().max() <= 1e-3
 
 
 def test_a_manifest_with_tensor_orders_is_refused_by_a_reader_of_the_old_format(
