@@ -369,8 +369,10 @@ class ModelStore:
         except BaseException:
             writer.abort()
             raise
-        self.catalog.commit(puts, deletes)  # the pack stays from here on (see save)
-        self._manifests.pop(m.id, None)
+        try:
+            self.catalog.commit(puts, deletes)  # the pack stays from here on (see save)
+        finally:  # a commit that raised may still be durable: never serve the old record
+            self._manifests.pop(m.id, None)
         if not live_in_pack:
             self.tier.delete(writer.pack_id)
 
@@ -777,9 +779,11 @@ class ModelStore:
                 puts.append(("content", blob, rec.encode()))
             else:
                 deletes.append(("content", blob))
-        self.catalog.commit(puts, deletes)
-        for vid in doomed:
-            self._manifests.pop(vid, None)
+        try:
+            self.catalog.commit(puts, deletes)
+        finally:  # a commit that raised may still be durable: never serve the old records
+            for vid in doomed:
+                self._manifests.pop(vid, None)
         return doomed
 
     # -- exchange ----------------------------------------------------------

@@ -19,7 +19,7 @@ from .recipe import Recipe
 from .record import DAMAGED, Record
 
 MANIFEST_FORMAT = 4  # newest read; baselines are written as 1, updates 2 (4 with tensor
-# orders: a reader of 2 would return those models' tensors in another order), provenance 3
+# or model orders: a reader of 2 would return them in another order), provenance 3
 CONTENT_FORMAT = 2  # newest read; 2 only for a delta blob moved by compaction ("shift")
 DATASET_FORMAT = 1
 APPROACHES = ("baseline", "update", "provenance")
@@ -115,6 +115,7 @@ class UpdateInfo:
     delta_blob: bytes | None  # content key of the delta tables and model blobs
     stats: dict[str, int]
     orders: dict[str, list[str]] = field(default_factory=dict)  # model -> its tensor names
+    model_order: list[str] | None = None  # the version's models as saved, where that differs
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -122,6 +123,7 @@ class UpdateInfo:
             "removed": self.removed, "added": self.added, "whole": self.whole,
             "changed": self.changed, "delta_blob": self.delta_blob, "stats": self.stats,
             **({"orders": _grouped(self.orders)} if self.orders else {}),
+            **({"model_order": self.model_order} if self.model_order is not None else {}),
         }  # fmt: skip
 
     @classmethod
@@ -141,6 +143,11 @@ class UpdateInfo:
         if (blob is None) != (not changed):
             raise rec.corrupt("changed models without a delta blob, or the reverse")
         stats = rec.optional_map("stats")
+        model_order = None
+        if rec.raw.get("model_order") is not None:
+            model_order = rec.text_list("model_order")
+            if len(set(model_order)) != len(model_order):
+                raise rec.corrupt("field 'model_order' names a model twice")
         orders: dict[str, list[str]] = {}
         pairs = rec.raw.get("orders") or []
         for pair in pairs if isinstance(pairs, list) else [None]:
@@ -155,7 +162,7 @@ class UpdateInfo:
             max_chain=rec.integer("max_chain", minimum=1), removed=rec.text_list("removed"),
             added=rec.text_list("added"), whole=whole, changed=changed, delta_blob=blob,
             stats={str(k): rec.check_integer(v, "stats") for k, v in stats.items()},
-            orders=orders,
+            orders=orders, model_order=model_order,
         )  # fmt: skip
 
 
@@ -251,7 +258,7 @@ class Manifest:
             fields = {"provenance": self.provenance.encode()}
         return _pack({
             "format": 3 if self.provenance is not None else 1 if self.update is None
-            else 4 if self.update.orders else 2,
+            else 4 if self.update.orders or self.update.model_order is not None else 2,
             **fields,
             "id": self.id,
             "approach": self.approach,

@@ -346,3 +346,43 @@ def test_provenance_matches_tensors_by_name(store: mmcore.ModelStore) -> None:
     got = store.load(v2)
     assert_sets_equal(got, trained)  # in the parent's order, matched by name
     assert provenance.registered("tests.review.reversed").fn is reversed_add
+
+
+def test_an_update_and_a_rebase_keep_the_model_order_saved(store: mmcore.ModelStore) -> None:
+    g = _gen(9)
+    m1 = {f"m{i}": {"w": torch.randn(4, generator=g)} for i in range(5)}
+    v1 = store.save(m1)
+    m2 = {n: m1[n] for n in ["m3", "m0", "m4", "m1", "m2"]}
+    m2["new"] = {"w": torch.zeros(2)}
+    m2 = {"new": m2.pop("new"), **m2}  # an added model first
+    v2 = store.save(m2, approach="update", parent=v1)
+    assert list(store.load(v2)) == list(m2) and list(store.load_stacked(v2).order) == list(m2)
+    _every_read(store, v2, m2)
+    m3 = {n: m2[n] for n in ["m0", "new", "m1"]}  # some removed, the rest moved
+    v3 = store.save(m3, approach="update", parent=v2)
+    _every_read(store, v3, m3)
+    other = store.save({n: m1[n] for n in sorted(m1)})
+    store.rebase(v2, parent=other)  # stored against a parent in another order: same order
+    _every_read(store, v2, m2)
+    _every_read(store, v3, m3)
+
+
+def test_a_rebase_whose_commit_raised_after_landing_is_served_as_it_landed(
+    store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = store.save({"x": {"w": torch.ones(2)}})
+    v = store.save({"x": {"w": torch.ones(2) * 2}}, approach="update", parent=p)
+    real = store.catalog.commit
+
+    def lands_then_raises(*args: object, **kwargs: object) -> None:
+        real(*args, **kwargs)  # type: ignore[arg-type]
+        raise OSError(5, "the sync reported an error after the batch was durable")
+
+    monkeypatch.setattr(store.catalog, "commit", lands_then_raises)
+    with pytest.raises(OSError, match="after the batch was durable"):
+        store.rebase(v)
+    monkeypatch.undo()
+    assert store.info(v).approach == "baseline"  # the record as it landed, not a cached one
+    store.delete(p)
+    store.gc()
+    assert_bit_equal(store.load(v)["x"]["w"], torch.ones(2) * 2)

@@ -161,8 +161,23 @@ def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
                 index[name].order = _checked_order(m, name, order, index[name].schema)
         added = set(m.update.added)
         order = [n for n in index if n not in added] + m.update.added
-        index = {name: index[name] for name in order}
+        index = {name: index[name] for name in _model_order(m, order)}
     return index
+
+
+def _model_order(m: Manifest, derived: list[str]) -> list[str]:
+    """The version's models in the order they were saved: its recorded order, which
+    must name exactly the models it holds, or the one derived from its parent's."""
+    assert m.update is not None
+    saved = m.update.model_order
+    if saved is None:
+        return derived
+    if len(saved) != len(derived) or set(saved) != set(derived):
+        raise CorruptRecordError(
+            f"version {m.id}: its recorded model order does not name its models: the "
+            "store's catalog is damaged"
+        )
+    return saved
 
 
 def _checked_order(m: Manifest, name: str, order: list[str], schema: Schema) -> list[str]:
@@ -270,7 +285,7 @@ def _recover(
             last_delta.pop(name, None)
         if removed:
             order = [n for n in order if n not in removed]
-        order += m.update.added
+        order = _model_order(m, order + m.update.added)
         for name in removed:
             pending.pop(name, None)
             orders.pop(name, None)

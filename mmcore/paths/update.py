@@ -246,6 +246,9 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     names = {e.name for e in entries}
     added = [e.name for e in entries if e.name not in index]
     removed = [n for n in index if n not in names]
+    in_order = [e.name for e in entries]
+    derived = [n for n in index if n in names] + added  # the order recovery gives unrecorded
+    model_order = in_order if in_order != derived else None
     if deltas:
         _encode(store, parent, deltas, tolerance, device)
         kept = [d for d in deltas if any(k != codec.SAME for k in d.kinds)]
@@ -278,7 +281,8 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
              "max_delta_chain": max([int(d.info.depth) + 1 for d in deltas], default=0)}  # fmt: skip
     update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=removed,
                         added=added, whole=whole_names, changed=[d.entry.name for d in deltas],
-                        delta_blob=delta_key, stats=stats, orders=orders)  # fmt: skip
+                        delta_blob=delta_key, stats=stats, orders=orders,
+                        model_order=model_order)  # fmt: skip
     return WrittenUpdate(groups, blobs, update, logical)
 
 
