@@ -396,7 +396,9 @@ def _changed_tensors(deltas: list[_Delta], parents: dict[str, dict[str, torch.Te
     or xor-planes."""
     jobs: dict[int, list[_Job]] = {codec.XOR: [], codec.QUANT: []}
     for d in deltas:
-        old = [parents[d.entry.name][k] for k in d.entry.keys]  # by name: its saved order may differ
+        old = [
+            parents[d.entry.name][k] for k in d.entry.keys
+        ]  # by name: its saved order may differ
         d.kinds = [codec.SAME] * len(old)
         d.pieces = [None] * len(old)
         same = (d.hashes == d.info.hashes).all(dim=1).tolist()
