@@ -1,6 +1,14 @@
-"""Battery use case benchmark; see ``python benchmarks/battery.py --help``."""
+"""The battery use case, mmcore against torch.save, safetensors and raw bytes:
+``python -m benchmarks.battery --help``."""
 
-from mmcore.bench.battery import main
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file: the repository root makes `benchmarks` importable,
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import benchmarks  # noqa: F401  (which drops the root again where mmcore/ is unbuilt)
+
+from benchmarks.harness.battery import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

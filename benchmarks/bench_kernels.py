@@ -17,14 +17,19 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a file: the repository root makes `benchmarks` importable,
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import benchmarks  # noqa: F401  (which drops the root again where mmcore/ is unbuilt)
 
 import torch
 
+from benchmarks.harness.battery import battery_set_fast
+from benchmarks.harness.measure import machine_name
 from mmcore import kernels
 from mmcore._native import core
-from mmcore.bench.battery import battery_set_fast
-from mmcore.bench.measure import machine_name
 from mmcore.kernels import cuda, delta
 
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # run as a file: the repository root makes `benchmarks` importable,
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import benchmarks  # noqa: F401  (which drops the root again where mmcore/ is unbuilt)
+
 import safetensors.torch
 
 import mmcore
-from mmcore.bench.measure import machine_name
+from benchmarks.harness.measure import machine_name
 from mmcore.examples import battery
 
 

@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+if not __package__:  # run as a file: the repository root makes `benchmarks` importable,
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import benchmarks  # noqa: F401  (which drops the root again where mmcore/ is unbuilt)
+
 import torch
 
 import mmcore
-from mmcore.bench.measure import human_bytes, machine_name
+from benchmarks.harness.measure import machine_name
+from mmcore._units import human_bytes
 from mmcore.examples import battery
 
 

@@ -5,12 +5,12 @@
 
 writes benchmarks/results/*.json and *.png and regenerates the harness section
 of benchmarks/RESULTS.md. ``--help`` lists the options; the code is
-mmcore.bench.harness (installed with the package).
+benchmarks/harness/ (runner.py), in the repository only: the wheel holds the library.
 """
 
 from pathlib import Path
 
-from mmcore.bench.harness import main
+from benchmarks.harness.runner import main
 
 if __name__ == "__main__":
     raise SystemExit(main(repo=Path(__file__).resolve().parent.parent))

@@ -1,6 +1,13 @@
-"""Sets as stacks on the battery use case; see ``python -m benchmarks.stacked --help``."""
+"""Sets as stacks on the battery use case; ``python -m benchmarks.stacked --help``."""
 
-from mmcore.bench.stacked import main
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a file: the repository root makes `benchmarks` importable,
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import benchmarks  # noqa: F401  (which drops the root again where mmcore/ is unbuilt)
+
+from benchmarks.harness.stacked import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

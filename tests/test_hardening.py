@@ -13,8 +13,8 @@ import torch
 from conftest import assert_sets_equal, small_set
 
 import mmcore
-from mmcore.bench.demo import DEMO_KEY, DEMO_VALUE
 from mmcore.cli import main
+from mmcore.demo import DEMO_KEY, DEMO_VALUE
 from mmcore.errors import DeviceUnavailableError, InvalidArgumentError
 from mmcore.store import layout
 

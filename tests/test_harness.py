@@ -1,10 +1,12 @@
-"""The benchmark harness itself (mmcore.bench.harness, python -m benchmarks.run): a tiny
+"""The benchmark harness itself (benchmarks/harness/, python -m benchmarks.run): a tiny
 configuration runs every part, every table row is produced, every recovery is the
-set saved, and the report keeps the rest of RESULTS.md."""
+set saved, the report keeps the rest of RESULTS.md and reads the committed results."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +18,13 @@ import torch
 pytest.importorskip("pybamm")
 pytest.importorskip("sklearn")
 
-from mmcore.bench import contenders, harness, peers, report
-
 REPO = Path(__file__).resolve().parent.parent
-TINY = harness.CONFIGS["tiny"]
+if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) leaves the root off the path
+    sys.path.append(str(REPO))  # appended: the installed mmcore, already imported, stays
+
+from benchmarks.harness import contenders, peers, report, runner  # noqa: E402
+
+TINY = runner.CONFIGS["tiny"]
 BASELINE_ROWS = {"mmcore baseline", "torch.save, file per model", "safetensors, file per model",
                  "safetensors, one file for the set", "raw bytes, one write (floor)"}  # fmt: skip
 UPDATE_ROWS = BASELINE_ROWS | {"mmcore update, lossless", "mmcore update, tolerance 0.0001",
@@ -29,7 +34,7 @@ UPDATE_ROWS = BASELINE_ROWS | {"mmcore update, lossless", "mmcore update, tolera
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("harness")
-    written = harness.run(TINY, harness.PARTS, results=root / "results", work=root / "work",
+    written = runner.run(TINY, runner.PARTS, results=root / "results", work=root / "work",
                           cache=root / "cache", device=torch.device("cpu"), log=lambda _: None)  # fmt: skip
     return {"root": root, "files": written,
             "res": {p.stem.split("-", 1)[1]: json.loads(p.read_text()) for p in written}}  # fmt: skip
@@ -135,7 +140,7 @@ def test_without_zipnn_its_rows_are_skipped_with_a_note(monkeypatch: pytest.Monk
     monkeypatch.setattr(peers, "zipnn_version", lambda: None)
     sds = {f"m{i}": {"w": torch.randn(8, 8)} for i in range(3)}
     parent = {n: {"w": sd["w"] + 1} for n, sd in sds.items()}
-    res = harness.compare(TINY, tmp_path, "a set", sds, parent=parent, recipe=None, metric=None,
+    res = runner.compare(TINY, tmp_path, "a set", sds, parent=parent, recipe=None, metric=None,
                           per_model_files=False, device=torch.device("cpu"), log=lambda _: None)  # fmt: skip
     assert not any("ZipNN" in m for m in _methods(res))
     assert any("ZipNN rows skipped" in n for n in res["notes"])
@@ -161,7 +166,7 @@ def test_command_rejects_an_unknown_part() -> None:
 
 
 def test_own_architectures_have_torchvisions_parameter_counts() -> None:
-    from mmcore.bench import vision
+    from benchmarks.harness import vision
 
     assert vision.check_param_counts() == vision.TORCHVISION_PARAMS
     keys = list(vision.resnet50(10).state_dict())
@@ -176,7 +181,7 @@ def test_own_architectures_have_torchvisions_parameter_counts() -> None:
 
 
 def test_frozen_backbone_fine_tune_changes_only_the_head() -> None:
-    from mmcore.bench import vision
+    from benchmarks.harness import vision
 
     data = vision.digits(size=8, seed=0)
     base = vision.train_base("resnet18", data, steps=1, seed=0)
@@ -188,7 +193,7 @@ def test_frozen_backbone_fine_tune_changes_only_the_head() -> None:
 
 
 def test_cell_data_differs_per_cell_and_is_cached(tmp_path: Path) -> None:
-    from mmcore.bench import cells
+    from benchmarks.harness import cells
 
     names = [f"cell_{i}" for i in range(4)]
     a = cells.cell_data(names, distinct=2, aged=False, seed=0, cache_dir=tmp_path)
@@ -225,17 +230,77 @@ def test_compare_a_rerun(tiny_run: dict[str, Any], tmp_path: Path) -> None:
 def test_a_failing_peer_gives_a_row_saying_so(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from mmcore.bench import methods
+    from benchmarks.harness import methods
 
     def boom(self: Any, sds: Any) -> None:
         raise OSError("too many open files")
 
     monkeypatch.setattr(methods.SafetensorsOneFile, "save", boom)
     sds = {f"m{i}": {"w": torch.randn(8, 8)} for i in range(3)}
-    res = harness.compare(TINY, tmp_path, "a set", sds, parent=None, recipe=None, metric=None,
+    res = runner.compare(TINY, tmp_path, "a set", sds, parent=None, recipe=None, metric=None,
                           per_model_files=False, device=torch.device("cpu"), log=lambda _: None)  # fmt: skip
     failed = next(r for r in res["rows"] if r["method"] == "safetensors, one file for the set")
     assert failed["failed"] == "OSError: too many open files"
     assert all("failed" not in r for r in res["rows"] if r is not failed)
     lines = report.set_table(res, "metric", 2)
     assert any("| failed: OSError: too many open files |" in line for line in lines)
+
+
+COMMITTED = REPO / "benchmarks" / "results"
+
+
+def test_report_reads_the_committed_results(tmp_path: Path) -> None:
+    """The documented report step (`python -m benchmarks.run --report-only`) over the
+    committed results: their files of other benchmarks (stacked-cpu.json) are named and
+    left out, every harness file gets its section and its plot."""
+    results = tmp_path / "results"
+    shutil.copytree(COMMITTED, results)
+    md = tmp_path / "RESULTS.md"
+    shutil.copy(REPO / "benchmarks" / "RESULTS.md", md)
+    before = md.read_text()
+    assert runner.main(["--report-only", "--results", str(results), "--results-md", str(md)]) == 0
+    text = md.read_text()
+    assert text.split(report.BEGIN)[0] == before.split(report.BEGIN)[0]  # the rest kept
+    assert text.split(report.END)[1] == before.split(report.END)[1]
+    ours, others = report.harness_results(results)
+    assert others and all(json.loads(p.read_text()).get("part") is None for p in others)
+    assert (
+        "Left out, not results of this harness: " + ", ".join(f"`{p.name}`" for p in others) in text
+    )
+    for path in ours:
+        res = json.loads(path.read_text())
+        tag = path.stem.rsplit("-", 1)[0]
+        assert f"{report.TITLES[res['part']]}: `{tag}`" in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        for path in ours:
+            assert path.with_suffix(".png").stat().st_mtime > path.stat().st_mtime
+        assert not any(p.with_suffix(".png").exists() for p in others)
+
+
+def test_results_md_is_the_report_of_the_committed_results() -> None:
+    """RESULTS.md's harness section is what the report writes from the committed JSON
+    (rerun `python -m benchmarks.run --report-only` after changing either)."""
+    text = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    assert report.section(COMMITTED) in text
+
+
+def test_a_run_redraws_only_its_own_plots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("full-scale.json", "full-scale.png", "stacked-cpu.json"):
+        shutil.copy(COMMITTED / name, results / name)
+    kept = (results / "full-scale.png").read_bytes()
+
+    def fake_run(config: Any, parts: Any, *, results: Path, **_: Any) -> list[Path]:
+        out = results / "tiny-scale.json"
+        shutil.copy(COMMITTED / "quick-scale.json", out)
+        return [out]
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    md = tmp_path / "RESULTS.md"
+    args = ["--parts", "scale", "--results", str(results), "--results-md", str(md)]
+    assert runner.main(args) == 0
+    assert (results / "tiny-scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (results / "full-scale.png").read_bytes() == kept  # another run's plot: untouched
+    assert "Scale: `tiny`" in md.read_text() and "Scale: `full`" in md.read_text()

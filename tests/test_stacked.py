@@ -10,9 +10,9 @@ from conftest import assert_bit_equal, assert_sets_equal, small_set
 
 import mmcore
 from mmcore import provenance
-from mmcore.bench.battery import ffnn
 from mmcore.errors import InvalidArgumentError, InvalidModelSetError
 from mmcore.examples import battery
+from mmcore.examples.battery import ffnn
 from mmcore.modelset import module_state
 from mmcore.stacked import Stack, StackedSet, stack_sets
 

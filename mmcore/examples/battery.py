@@ -38,6 +38,17 @@ TRAINER = "mmcore.examples.battery.sgd"
 StateDicts = dict[str, dict[str, torch.Tensor]]
 
 
+def ffnn() -> torch.nn.Sequential:
+    """The cell's network as a module (its state dict has the keys of ``make_cells``):
+    Linear layers with ReLU between them."""
+    mods: list[torch.nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(LAYERS[:-1], LAYERS[1:])):
+        mods.append(torch.nn.Linear(fan_in, fan_out))
+        if i < len(LAYERS) - 2:
+            mods.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*mods)
+
+
 def make_cells(n: int, seed: int = 0) -> StateDicts:
     """``n`` cells' state dicts (``cell_000000``, ...), initialised as ``nn.Linear``
     does (uniform in +-1/sqrt(fan_in)); each tensor is its own contiguous memory."""

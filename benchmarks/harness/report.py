@@ -1,8 +1,9 @@
 """Tables, plots and the issue's bars from the harness's results files.
 
 ``update_results_md(results_dir, results_md)`` rewrites the part of RESULTS.md
-between the harness markers from every ``*.json`` in ``results_dir`` (nothing
-else in the file changes); ``plot(path)`` writes the PNG beside a results file
+between the harness markers from the harness's results files in ``results_dir``
+(other ``*.json`` there, another benchmark's, are named and left out; nothing else
+in the file changes); ``plot(path)`` writes the PNG beside a results file
 (matplotlib; skipped with a note when it is not installed).
 """
 
@@ -12,6 +13,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from mmcore._units import human_bytes
 
 BEGIN = "<!-- harness:begin (written by python -m benchmarks.run; edits here are lost) -->"
 END = "<!-- harness:end -->"
@@ -215,8 +218,130 @@ def bars(res: dict[str, Any]) -> list[tuple[str, bool]]:
 # -- plots -----------------------------------------------------------------------------------
 
 
+def _seconds(v: float, _pos: object = None) -> str:
+    if v >= 1:
+        return f"{v:g} s"
+    return f"{v * 1e3:g} ms"
+
+
+def _bytes_tick(v: float, _pos: object = None) -> str:
+    return "0" if v == 0 else human_bytes(v).replace(".0 ", " ")  # 150 MB, not 150.0 MB
+
+
+def _bytes_axis(ax: Any, values: list[float], *, horizontal: bool) -> None:
+    """A linear axis from 0 in human units, a few ticks, room for the bar labels."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    axis = ax.xaxis if horizontal else ax.yaxis
+    axis.set_major_locator(MaxNLocator(nbins=5))
+    axis.set_major_formatter(FuncFormatter(_bytes_tick))
+    top = max(values, default=0) or 1
+    (ax.set_xlim if horizontal else ax.set_ylim)(0, top * (1.3 if horizontal else 1.1))
+
+
+def _seconds_axis(ax: Any, values: list[float]) -> None:
+    """A log axis of seconds, labelled at 1-2-5 steps where it spans under two decades
+    (a lone decade label says little) and at the decades only where it spans more."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    positive = [v for v in values if v > 0]
+    narrow = bool(positive) and max(positive) / min(positive) < 100
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if narrow else (1.0,)))
+    ax.xaxis.set_major_formatter(FuncFormatter(_seconds))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _title(res: dict[str, Any], tag: str) -> str:
+    m = res["machine"]
+    where = f"GPU {m['gpu']}" if m.get("gpu") else m["cpu"]
+    return (f"{TITLES[res['part']]}: {tag} ({res['config']['name']} configuration), "
+            f"{res['date'][:10]}; {where}")  # fmt: skip
+
+
+def _plot_sets(res: dict[str, Any], plt: Any) -> Any:
+    sets = res["sets"]
+    fig, axes = plt.subplots(len(sets), 2, figsize=(13, 0.32 * sum(len(s["rows"]) + 4
+                                                                    for s in sets) + 1.5),
+                             squeeze=False, layout="constrained",
+                             gridspec_kw={"height_ratios": [len(s["rows"]) + 2 for s in sets]})  # fmt: skip
+    for (ax_b, ax_t), s in zip(axes, sets):
+        rows = [r for r in s["rows"] if "failed" not in r]
+        ys = list(range(len(rows)))
+        stored = [r["stored_bytes"] for r in rows]
+        ax_b.barh(ys, stored, color="tab:blue")
+        for y, v in zip(ys, stored):
+            ax_b.annotate(human_bytes(v), (v, y), xytext=(3, 0), textcoords="offset points",
+                          va="center", fontsize=7)  # fmt: skip
+        _bytes_axis(ax_b, stored, horizontal=True)
+        ax_b.set_yticks(ys, [r["method"] for r in rows], fontsize=8)
+        ax_b.invert_yaxis()  # the table's order, top down
+        ax_b.set_title(f"{s['set']} ({s['models']:,} models, {human_bytes(s['logical_bytes'])}):"
+                       " stored bytes", fontsize=9, loc="left")  # fmt: skip
+        ax_b.set_xlabel("stored bytes (linear, from 0)", fontsize=8)
+        ax_t.barh([y - 0.2 for y in ys], [r["save_s"]["median"] for r in rows], height=0.4,
+                  label="save")  # fmt: skip
+        ax_t.barh([y + 0.2 for y in ys], [r["recover_s"]["median"] for r in rows], height=0.4,
+                  label="recover the set")  # fmt: skip
+        _seconds_axis(ax_t, [r[k]["median"] for r in rows for k in ("save_s", "recover_s")])
+        ax_t.set_yticks(ys, [""] * len(rows))
+        ax_t.set_ylim(ax_b.get_ylim())
+        ax_t.set_title("time, median of the runs", fontsize=9, loc="left")
+        ax_t.set_xlabel("seconds (log scale)", fontsize=8)
+        for ax in (ax_b, ax_t):
+            ax.tick_params(axis="x", labelsize=8)
+            ax.grid(True, axis="x", alpha=0.3)
+    handles, labels = axes[0][1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def _plot_scale(res: dict[str, Any], plt: Any) -> Any:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout="constrained")
+    methods = [r["method"] for r in res["points"][0]["rows"]]
+    cells = [p["cells"] for p in res["points"]]
+    meta_values: list[float] = []
+    for method in methods:
+        pts = [(p["cells"], r) for p in res["points"] for r in p["rows"]
+               if r["method"] == method and "failed" not in r]  # fmt: skip
+        xs = [n for n, _ in pts]
+        axes[0].plot(xs, [r["save_s"]["median"] for _, r in pts], "o-", label=method)
+        axes[1].plot(xs, [r["recover_s"]["median"] for _, r in pts], "o-", label=method)
+        meta = [(n, r["metadata_bytes_per_model"]) for n, r in pts]
+        meta = [(n, v) for n, v in meta if v is not None]  # none for a compressor
+        if meta:
+            axes[2].plot([n for n, _ in meta], [v for _, v in meta], "o-", label=method)
+            meta_values += [v for _, v in meta]
+        else:
+            axes[2].plot([], [], "o-")  # keep each method's colour the same in every panel
+    for ax, title, ylabel in zip(
+        axes,
+        ("save the set", "recover the set", "stored bytes per model beyond its parameters"),
+        ("seconds, median (log scale)", "seconds, median (log scale)", "bytes per model (from 0)"),
+    ):
+        ax.set_xscale("log")
+        ax.set_xticks(cells, [f"{n:,}" for n in cells])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("cells in the set (log scale)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in axes[:2]:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(_seconds))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    _bytes_axis(axes[2], meta_values, horizontal=False)
+    axes[2].yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:,.0f} B"))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    return fig
+
+
 def plot(path: Path) -> Path | None:
-    """Writes ``<results file>.png``; returns its path, or None without matplotlib."""
+    """Writes ``<results file>.png`` for a harness results file; returns its path, or
+    None without matplotlib."""
     try:
         import matplotlib
 
@@ -226,64 +351,9 @@ def plot(path: Path) -> Path | None:
         return None
     res = json.loads(path.read_text())
     out = path.with_suffix(".png")
-    if res["part"] == "scale":
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-        methods = [r["method"] for r in res["points"][0]["rows"]]
-        for method in methods:
-            pts = [
-                (p["cells"], r)
-                for p in res["points"]
-                for r in p["rows"]
-                if r["method"] == method and "failed" not in r
-            ]
-            xs = [n for n, _ in pts]
-            axes[0].plot(xs, [r["save_s"]["median"] for _, r in pts], "o-", label=method)
-            axes[1].plot(xs, [r["recover_s"]["median"] for _, r in pts], "o-", label=method)
-            meta = [(n, r["metadata_bytes_per_model"]) for n, r in pts]
-            meta = [(n, v) for n, v in meta if v is not None]  # none for a compressor
-            if meta:
-                axes[2].plot(
-                    [n for n, _ in meta], [max(v, 0.1) for _, v in meta], "o-", label=method
-                )
-        for ax, title in zip(
-            axes,
-            ("save (s)", "recover the set (s)", "stored bytes per model beyond its parameters"),
-        ):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("cells in the set")
-            ax.set_title(title)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=7)
-    else:
-        sets = res["sets"]
-        fig, axes = plt.subplots(len(sets), 2, figsize=(14, 2.6 * len(sets)), squeeze=False)
-        for (ax_b, ax_t), s in zip(axes, sets):
-            rows = [r for r in s["rows"] if "failed" not in r]
-            labels = [r["method"] for r in rows]
-            ys = range(len(rows))
-            ax_b.barh(ys, [r["stored_bytes"] for r in rows], color="tab:blue")
-            ax_b.set_xscale("log")
-            ax_b.set_yticks(list(ys), labels, fontsize=7)
-            ax_b.set_title(f"{s['set']}: stored bytes", fontsize=9)
-            ax_t.barh(
-                [y - 0.2 for y in ys],
-                [r["save_s"]["median"] for r in rows],
-                height=0.4,
-                label="save",
-            )
-            ax_t.barh(
-                [y + 0.2 for y in ys],
-                [r["recover_s"]["median"] for r in rows],
-                height=0.4,
-                label="recover",
-            )
-            ax_t.set_xscale("log")
-            ax_t.set_yticks(list(ys), [""] * len(rows))
-            ax_t.set_title("seconds (median)", fontsize=9)
-            ax_t.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
+    fig = _plot_scale(res, plt) if res["part"] == "scale" else _plot_sets(res, plt)
+    fig.suptitle(_title(res, path.stem.rsplit("-", 1)[0]), fontsize=11)
+    fig.savefig(out, dpi=90, bbox_inches="tight")  # nothing cut at the edges
     plt.close(fig)
     return out
 
@@ -295,9 +365,24 @@ TITLES = {"battery": "Battery use case", "image": "Image use case", "scale": "Sc
 SECTIONS = {"battery": battery_section, "image": image_section, "scale": scale_section}
 
 
+def harness_results(results_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The harness's results files in ``results_dir`` (a ``part`` of its own), in report
+    order, and the other ``*.json`` there (another benchmark's ``--json``, say)."""
+    ours: list[Path] = []
+    others: list[Path] = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError):
+            others.append(path)
+            continue
+        (ours if isinstance(res, dict) and res.get("part") in SECTIONS else others).append(path)
+    ours.sort(key=lambda p: (ORDER.get(p.stem.split("-")[0], 2), p.stem))
+    return ours, others
+
+
 def section(results_dir: Path) -> str:
-    files = sorted(results_dir.glob("*.json"),
-                   key=lambda p: (ORDER.get(p.stem.split("-")[0], 2), p.stem))  # fmt: skip
+    files, others = harness_results(results_dir)
     out = [BEGIN, "", "## The benchmark harness (`python -m benchmarks.run`)", ""]
     out.append(
         "Every table below is written by the command from `benchmarks/results/*.json`. Times are "
@@ -309,6 +394,9 @@ def section(results_dir: Path) -> str:
         "recovered models."
     )
     out.append("")
+    if others:
+        names = ", ".join(f"`{p.name}`" for p in others)
+        out += [f"Left out, not results of this harness: {names}.", ""]
     if not files:
         out += ["No results yet: run `python -m benchmarks.run --quick`.", "", END]
         return "\n".join(out)
@@ -367,7 +455,7 @@ def compare(old_dir: Path, new_dir: Path) -> list[str]:
     and task metrics (deterministic: they must match), and each timing's ratio of
     medians (new / old) with the share inside the earlier run's spread widened by 25%."""
     lines = []
-    for new_path in sorted(new_dir.glob("*.json")):
+    for new_path in harness_results(new_dir)[0]:
         old_path = old_dir / new_path.name
         if not old_path.exists():
             continue

@@ -143,7 +143,7 @@ class MMCoreSave(Contender):
 
 
 class Peer(Contender):
-    """One of ``mmcore.bench.methods``' peers (torch.save, safetensors, raw bytes)."""
+    """One of ``benchmarks.harness.methods``' peers (torch.save, safetensors, raw bytes)."""
 
     def __init__(self, root: Path, kind: type[methods.Method]) -> None:
         super().__init__(root)
@@ -155,8 +155,7 @@ class Peer(Contender):
         self.method.reset()
 
     def prepare(self, sds: StateDicts) -> None:
-        if isinstance(self.method, methods.Raw):
-            self.method.prepare(sds)
+        self.method.prepare(sds)
 
     def save(self, sds: StateDicts) -> None:
         self.method.save(sds)

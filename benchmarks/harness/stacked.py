@@ -33,9 +33,10 @@ from typing import Any
 import torch
 
 import mmcore
+from mmcore._units import human_bytes
+from mmcore.examples.battery import ffnn
 
-from .battery import ffnn
-from .measure import evict, files_under, human_bytes, machine_name, timed
+from .measure import evict, files_under, machine_name, timed
 from .methods import Raw
 
 ROWS = 64
@@ -50,7 +51,7 @@ def build_slow(sds: dict[str, dict[str, torch.Tensor]],
                device: torch.device | None = None) -> dict[str, torch.nn.Module]:  # fmt: skip
     """What a user does without mmcore: construct each module (moved to ``device``, a
     GPU) and load its state."""
-    out = {}
+    out: dict[str, torch.nn.Module] = {}
     for name, sd in sds.items():
         m = ffnn() if device is None else ffnn().to(device)
         m.load_state_dict(sd)
@@ -109,7 +110,7 @@ def fresh_saves(root: Path, fns: dict[str, Callable[[mmcore.ModelStore], Any]],
 
 
 def run(cells: int, repeat: int, option_cells: int, root: Path) -> dict[str, Any]:
-    from ..examples import battery
+    from mmcore.examples import battery
 
     sds = battery.make_cells(cells, seed=0)
     names = list(sds)
@@ -210,7 +211,7 @@ def run_on_device(cells: int, repeat: int, root: Path, device: str) -> dict[str,
     """The load, forward, end-to-end and save rows with the set on ``device`` (a GPU):
     against a raw read copied there, a loop over modules there, and saving the same
     tensors as state dicts from there. Every timing ends with a synchronisation."""
-    from ..examples import battery
+    from mmcore.examples import battery
 
     dev = torch.device(device)
     sds = battery.make_cells(cells, seed=0)

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from .. import codec, kernels
-from ..kernels.delta import plane_width
-from ..kernels.xor_planes import xor_planes_encode_table
+from mmcore import codec, kernels
+from mmcore.kernels.delta import plane_width
+from mmcore.kernels.xor_planes import xor_planes_encode_table
+
 from .methods import set_bytes
 
 StateDicts = dict[str, dict[str, torch.Tensor]]

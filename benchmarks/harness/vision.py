@@ -16,7 +16,7 @@ Everything runs on the CPU in seconds to minutes and downloads nothing:
   ``"all"``: every layer), :func:`top1` (test accuracy).
 
 Importing this module registers :func:`finetune_set` as the trainer
-``"mmcore.bench.vision.finetune"`` for mmcore's provenance path.
+``"benchmarks.harness.vision.finetune"`` for mmcore's provenance path.
 
 Randomness: the order of mini-batches comes from a ``torch.Generator`` seeded by
 each function's ``seed``. Weight initialisation (torch's ``nn.init`` draws from
@@ -41,7 +41,7 @@ from mmcore.provenance import trainer
 
 ARCHS = ("resnet18", "resnet50", "mobilenet_v2")
 TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "mobilenet_v2": 3_504_872}
-TRAINER = "mmcore.bench.vision.finetune"
+TRAINER = "benchmarks.harness.vision.finetune"
 MODES = ("head", "all")
 HEAD = {"resnet18": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1"}
 SOURCE_TORCHVISION = "torchvision"

@@ -3,15 +3,16 @@ of mmcore against the tools a user would pick, and the battery set's scale.
 
     python -m benchmarks.run [--quick] [--parts battery,image,scale] [--device cuda]
 
-writes ``benchmarks/results/<config>-<part>.json``, PNG plots beside them, and
-regenerates the harness section of ``benchmarks/RESULTS.md`` from every results
-file there (``mmcore.bench.report``). Parts:
+writes ``benchmarks/results/<config>-<part>.json`` and their PNG plots beside them,
+and regenerates the harness section of ``benchmarks/RESULTS.md`` from every results
+file of the harness there (``benchmarks.harness.report``; other ``*.json`` there are
+named and left out). ``--report-only`` redraws every plot. Parts:
 
 * **battery**: per-cell voltage models (FFNN 5->48->48->48->1) trained on
-  PyBaMM-simulated cells (``mmcore.bench.cells``), then versions with 1%, 10% and
+  PyBaMM-simulated cells (``benchmarks.harness.cells``), then versions with 1%, 10% and
   100% of the cells retrained on aged-cell data: the paper's update and
   provenance scenarios.
-* **image**: ResNet-18, ResNet-50 and MobileNetV2 (``mmcore.bench.vision``), a base
+* **image**: ResNet-18, ResNet-50 and MobileNetV2 (``benchmarks.harness.vision``), a base
   trained on scikit-learn's digits, and sets of fine-tuned classifiers (frozen
   backbone; all layers).
 * **scale**: battery sets of 1,000 to 100,000 cells, save and recover times and
@@ -249,7 +250,8 @@ def encoder_compare(sds: StateDicts, parent: StateDicts, repeat: int) -> dict[st
 def battery_part(
     cfg: Config, root: Path, cache: Path, device: torch.device, log: Log
 ) -> dict[str, Any]:
-    from ..examples import battery
+    from mmcore.examples import battery
+
     from . import cells
 
     names = [f"cell_{i:06d}" for i in range(cfg.cells)]
@@ -399,7 +401,7 @@ def _parameters(sd: dict[str, torch.Tensor]) -> int:
 
 
 def scale_part(cfg: Config, root: Path, device: torch.device, log: Log) -> dict[str, Any]:
-    from ..examples import battery
+    from mmcore.examples import battery
 
     points = []
     for n in cfg.scale_cells:
@@ -493,7 +495,7 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
     p.add_argument("--compare", type=Path, default=None, metavar="DIR",
                    help="after the run, compare its results with an earlier run's results directory")  # fmt: skip
     p.add_argument("--report-only", action="store_true",
-                   help="only regenerate plots and RESULTS.md from the results files")  # fmt: skip
+                   help="run nothing: redraw every results file's plot and rewrite RESULTS.md")  # fmt: skip
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = [x for x in parts if x not in PARTS]
@@ -503,14 +505,18 @@ def main(argv: list[str] | None = None, *, repo: Path | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here")
-    if not args.report_only:
+    if args.report_only:  # every harness results file's plot, from its JSON
+        written, others = report.harness_results(args.results)
+        for path in others:
+            print(f"{path.name}: not a results file of this harness, left out", file=sys.stderr)
+    else:
         work = Path(tempfile.mkdtemp(prefix="mmcore-harness-", dir=args.work))
         try:
-            run(config, parts, results=args.results, work=work, cache=args.cache, device=device,
-                tag=args.tag)  # fmt: skip
+            written = run(config, parts, results=args.results, work=work, cache=args.cache,
+                          device=device, tag=args.tag)  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    for path in sorted(args.results.glob("*.json")):
+    for path in written:  # a run's own plots only: the other results' PNGs stay as they are
         if report.plot(path) is None:
             print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
             break

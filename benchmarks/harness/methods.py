@@ -1,53 +1,37 @@
 """The save/recover methods the battery benchmark compares: mmcore, and what a
 user would pick instead (torch.save or safetensors per model, safetensors for
 the whole set, and raw bytes in one write as the floor). Each makes its files
-durable (fsync) before its save returns."""
+durable (fsync) before its save returns. The raw floor and torch.save per model
+are ``mmcore demo``'s own (mmcore.demo, core dependencies only); the rest need
+the bench extras."""
 
 from __future__ import annotations
 
-import ctypes
-import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
 import mmcore
+from mmcore.demo import (
+    Method,
+    Raw,
+    TorchSavePerModel,
+    fsync_files,
+    set_bytes,
+    sync_dir,
+    write_durable,
+)
+
+__all__ = ["MMCore", "Method", "Raw", "SafetensorsOneFile", "SafetensorsPerModel", "Scratch",
+           "TorchSavePerModel", "set_bytes", "write_durable"]  # fmt: skip
 
 StateDicts = dict[str, dict[str, torch.Tensor]]
 
 
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    os.fsync(fd)
-    os.close(fd)
-
-
-def write_durable(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Writes ``data`` as the file ``path`` in one write, then fsyncs it and its directory."""
-    with open(path, "wb", buffering=0) as f:
-        f.write(data)
-        os.fsync(f.fileno())
-    _sync_dir(path.parent)
-
-
-def set_bytes(sds: StateDicts) -> torch.Tensor:
-    """Every tensor's bytes, model after model, as one uint8 tensor on the CPU."""
-    return torch.cat([t.detach().cpu().reshape(-1).view(torch.uint8) for sd in sds.values()
-                      for t in sd.values()])  # fmt: skip
-
-
-def _fsync_files(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-
 class Scratch:
     """Something measured that keeps its files in its own directory, emptied by ``reset``
-    (a method here, a contender of the harness)."""
+    (a contender of the harness)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -55,44 +39,6 @@ class Scratch:
     def reset(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
         self.root.mkdir(parents=True)
-
-
-class Method(Scratch):
-    name = ""
-    slow = False  # one file per model: repeated fewer times
-
-    def save(self, sds: StateDicts) -> None: ...
-    def load_all(self) -> Any: ...
-    def load_one(self, name: str) -> Any: ...
-    def close(self) -> None: ...
-
-
-class Raw(Method):
-    name = "raw bytes, one write (floor)"
-
-    def prepare(self, sds: StateDicts) -> None:
-        self.buf = set_bytes(sds)
-        self.model_bytes = sum(
-            t.numel() * t.element_size() for t in next(iter(sds.values())).values()
-        )
-        self.index = {name: i for i, name in enumerate(sds)}
-
-    def save(self, sds: StateDicts) -> None:
-        view = memoryview((ctypes.c_char * self.buf.numel()).from_address(self.buf.data_ptr()))
-        write_durable(self.root / "params.bin", view)
-
-    def _read(self, offset: int, n: int) -> torch.Tensor:
-        buf = torch.empty(n, dtype=torch.uint8)
-        with open(self.root / "params.bin", "rb", buffering=0) as f:
-            f.seek(offset)
-            f.readinto(memoryview((ctypes.c_char * n).from_address(buf.data_ptr())))
-        return buf
-
-    def load_all(self) -> torch.Tensor:
-        return self._read(0, self.buf.numel())
-
-    def load_one(self, name: str) -> torch.Tensor:
-        return self._read(self.index[name] * self.model_bytes, self.model_bytes)
 
 
 class MMCore(Method):
@@ -124,27 +70,6 @@ class MMCore(Method):
             self.store = None
 
 
-class TorchSavePerModel(Method):
-    name = "torch.save, file per model"
-    slow = True
-
-    def save(self, sds: StateDicts) -> None:
-        paths = []
-        for name, sd in sds.items():
-            p = self.root / f"{name}.pt"
-            torch.save(sd, p)
-            paths.append(p)
-        _fsync_files(paths)
-        _sync_dir(self.root)
-        self.names = list(sds)
-
-    def load_all(self) -> StateDicts:
-        return {n: torch.load(self.root / f"{n}.pt", weights_only=True) for n in self.names}
-
-    def load_one(self, name: str) -> dict[str, torch.Tensor]:
-        return torch.load(self.root / f"{name}.pt", weights_only=True)  # type: ignore[no-any-return]
-
-
 class SafetensorsPerModel(Method):
     name = "safetensors, file per model"
     slow = True
@@ -157,8 +82,8 @@ class SafetensorsPerModel(Method):
             p = self.root / f"{name}.safetensors"
             save_file(sd, str(p))
             paths.append(p)
-        _fsync_files(paths)
-        _sync_dir(self.root)
+        fsync_files(paths)
+        sync_dir(self.root)
         self.names = list(sds)
 
     def load_all(self) -> StateDicts:
@@ -181,8 +106,8 @@ class SafetensorsOneFile(Method):
         flat = {f"{m}/{k}": t for m, sd in sds.items() for k, t in sd.items()}
         path = self.root / "set.safetensors"
         save_file(flat, str(path))
-        _fsync_files([path])
-        _sync_dir(self.root)
+        fsync_files([path])
+        sync_dir(self.root)
         self.keys = {m: list(sd) for m, sd in sds.items()}
 
     def load_all(self) -> StateDicts:

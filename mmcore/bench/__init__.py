@@ -1,1 +1,0 @@
-"""Benchmark harness shared by ``benchmarks/`` and ``mmcore demo``."""
