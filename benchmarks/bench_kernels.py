@@ -249,7 +249,7 @@ def _compression_rows(
             median_seconds(lambda: frames.compress_nvcomp(buf, spans), "cuda", repeat),
             sum(len(z) for z in got), "cuda")  # fmt: skip
     else:
-        row("nvCOMP Zstd (not installed: pip install 'mmcore[gpu]')", None, None, "cuda")
+        row("nvCOMP Zstd (not installed: pip install 'mmcore-models[gpu]')", None, None, "cuda")
     cpu3 = frames.compress_cpu(host, spans, level=3)
     row("zstandard level 3, 64 KiB frames (CPU, 1 thread)",
         median_seconds(lambda: frames.compress_cpu(host, spans, level=3), "cpu", 1),

@@ -403,10 +403,24 @@ PYBIND11_MODULE(_core, m) {
   register_emulation(m);
 #ifdef MMCORE_WITH_CUDA
   m.attr("built_with_cuda") = true;
+  // The CUDA toolkit built against (its runtime is linked statically) and the
+  // architectures compiled, in nvcc's names: sm_XX device code, compute_XX PTX.
+  m.attr("cuda_version") = MMCORE_CUDA_VERSION;
+  py::list archs;
+  std::string names = MMCORE_CUDA_ARCH_NAMES;
+  for (size_t start = 0; start < names.size();) {
+    size_t end = names.find(',', start);
+    if (end == std::string::npos) end = names.size();
+    if (end > start) archs.append(names.substr(start, end - start));
+    start = end + 1;
+  }
+  m.attr("cuda_architectures") = py::tuple(archs);
   register_cuda(m);
   m.def("cuda_device_count", &mmcore::cuda_device_count,
         "Usable CUDA devices, or -1 when no driver or runtime answers.");
 #else
   m.attr("built_with_cuda") = false;
+  m.attr("cuda_version") = py::none();
+  m.attr("cuda_architectures") = py::tuple();
 #endif
 }

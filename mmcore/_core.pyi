@@ -5,6 +5,8 @@ int64 tensor's address. The caller keeps the memory alive for the call.
 """
 
 built_with_cuda: bool
+cuda_version: str | None  # the CUDA toolkit the kernels were built with
+cuda_architectures: tuple[str, ...]  # e.g. ("sm_80", ..., "compute_120"); () without CUDA
 
 def blake3_segments(ptrs: int, lens: int, n: int, out: int, threads: int = 0) -> None: ...
 def blake3_isa() -> str: ...

@@ -24,6 +24,7 @@ from .errors import (
     InvalidModelSetError,
     MMCoreError,
     ModelNotFoundError,
+    NativeModuleError,
     PackMissingError,
     ReadOnlyStoreError,
     RefNotFoundError,
@@ -659,6 +660,8 @@ class ModelStore:
                 with decoding(vid):
                     tensors += self._verify_one(vid)
                 versions += 1
+            except NativeModuleError:  # nothing could be checked: not damage to the store
+                raise
             except Exception as exc:  # every problem is reported, none raised
                 text = str(exc) if isinstance(exc, MMCoreError) else f"{type(exc).__name__}: {exc}"
                 problems.append(

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from . import __version__
 from . import open as open_store
+from ._units import human_bytes
 from .api import ModelStore
-from .bench.measure import human_bytes
 from .errors import MMCoreError
 from .versions import VersionInfo
 
@@ -129,9 +129,26 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cannot_verify(exc: Exception) -> int:
+    missing = isinstance(exc.__cause__, ModuleNotFoundError)
+    what = "the native module is missing" if missing else "the native module cannot be loaded"
+    print(f"mmcore: error: {what}: {exc}", file=sys.stderr)
+    print("mmcore: nothing was verified (this says nothing about the store)", file=sys.stderr)
+    return 3
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Every problem found, not only the first: each damaged version, and (for the
-    whole store) reference counts that differ from what the versions use."""
+    whole store) reference counts that differ from what the versions use. Exit 1:
+    damage found; exit 3: nothing checked, the native module is missing or broken
+    (re-hashing needs it; it is never reported as damage to the store)."""
+    from ._native import core
+    from .errors import NativeModuleError
+
+    try:
+        core()
+    except NativeModuleError as exc:
+        return _cannot_verify(exc)
     with _open_ro(args.path) as store:
         t0 = time.perf_counter()
         ids = [store.resolve(args.version)] if args.version else [v.id for v in store.versions()]
@@ -139,6 +156,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         bad = 0
         for vid in ids:
             report = store.check(vid)
+            if isinstance(report.first_error, NativeModuleError):
+                return _cannot_verify(report.first_error)
             if report.problems:
                 bad += 1
                 for problem in report.problems:
@@ -176,6 +195,7 @@ def cmd_du(args: argparse.Namespace) -> int:
             _table(["", "count", "logical", "stored"], rows, {1, 2, 3}) if rows else "empty store"
         )
         per = []
+        shared = False
         for i in infos:
             m = store.manifest(i.id)
             c = i.changes
@@ -186,9 +206,13 @@ def cmd_du(args: argparse.Namespace) -> int:
             else:
                 payload = sum(g.count * g.schema.stride for g in m.groups)
                 meta = sum(g.count * len(g.schema.tensors) * 32 for g in m.groups)
+            # More than it stored: its blobs equal ones stored before, referenced, not written
+            # again; its own bytes are its manifest, and the blobs count where they were stored.
+            own = [human_bytes(payload), human_bytes(meta)]
+            if payload + meta > i.stored_bytes:
+                own, shared = ["shared", "shared"], True
             per.append([i.id, i.approach, human_bytes(i.logical_bytes), human_bytes(i.stored_bytes),
-                        human_bytes(payload), human_bytes(meta),
-                        human_bytes(c["dataset_bytes"]) if "dataset_bytes" in c else "-"])  # fmt: skip
+                        *own, human_bytes(c["dataset_bytes"]) if "dataset_bytes" in c else "-"])  # fmt: skip
         print(
             f"on disk    {human_bytes(store.stored_bytes())} (packs and catalog; `gc` reclaims unreferenced packs)"
         )
@@ -200,6 +224,9 @@ def cmd_du(args: argparse.Namespace) -> int:
             print()
             print(_table(["version", "approach", "logical", "stored", "payload", "hashes+tables", "dataset"],
                          per, {2, 3, 4, 5, 6}))  # fmt: skip
+        if shared:
+            print("shared: the same bytes as a version saved before, stored once (counted there); "
+                  "this version stores only its manifest")  # fmt: skip
     return 0
 
 
@@ -222,6 +249,13 @@ def cmd_rebase(args: argparse.Namespace) -> int:
 
 
 def cmd_refs(args: argparse.Namespace) -> int:
+    if args.delete:
+        with open_store(args.path, create=False) as store:
+            for name in args.delete:
+                head = store.refs().get(name)
+                store.delete_ref(name)
+                print(f"deleted ref {name} (it pointed at {head}; the version stays)")
+        return 0
     with _open_ro(args.path) as store:
         refs = store.refs()
         rows = [[name, vid] for name, vid in sorted(refs.items())]
@@ -258,7 +292,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .bench import demo
+    from . import demo  # torch and the core dependencies only: never a bench extra
 
     return demo.run(cells=args.cells, store_path=Path(args.store), compare=not args.no_compare,
                     repeat=args.repeat)  # fmt: skip
@@ -274,60 +308,70 @@ def _positive(text: str) -> int:
     return value
 
 
+_PATH = "the store's directory"
+_VERSION = "a version id, a unique prefix of one (4+ hex digits), or a ref"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmcore", description="Save and recover whole sets of models.")
     p.add_argument("--version", action="version", version=f"mmcore {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("info", help="a store's versions, or one version in detail")
-    s.add_argument("path")
-    s.add_argument("version", nargs="?", help="version id, unique prefix, or ref")
+    s.add_argument("path", help=_PATH)
+    s.add_argument("version", nargs="?", help=_VERSION + "; without: every version and ref")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("log", help="versions reachable from a ref (all without one), newest first")
-    s.add_argument("path")
-    s.add_argument("ref", nargs="?")
+    s.add_argument("path", help=_PATH)
+    s.add_argument("ref", nargs="?", help="a ref name (`mmcore refs PATH` lists them)")
     s.set_defaults(fn=cmd_log)
     s = sub.add_parser("verify", help="re-hash every stored byte of a version (or all)")
-    s.add_argument("path")
-    s.add_argument("version", nargs="?")
+    s.add_argument("path", help=_PATH)
+    s.add_argument("version", nargs="?", help=_VERSION + "; without: every version")
     s.set_defaults(fn=cmd_verify)
     s = sub.add_parser(
         "delete", help="delete a version (with --cascade, every version stored against it)"
     )
-    s.add_argument("path")
-    s.add_argument("version")
+    s.add_argument("path", help=_PATH)
+    s.add_argument("version", help=_VERSION)
     s.add_argument("--cascade", action="store_true", help="also delete the versions that need it")
     s.set_defaults(fn=cmd_delete)
     s = sub.add_parser(
         "rebase", help="rewrite a version as a baseline (or an update of --parent), same id"
     )
-    s.add_argument("path")
-    s.add_argument("version")
+    s.add_argument("path", help=_PATH)
+    s.add_argument("version", help=_VERSION)
     s.add_argument("--parent", help="store it as a lossless update of this version instead")
     s.set_defaults(fn=cmd_rebase)
-    s = sub.add_parser("refs", help="the store's refs and the versions they point at")
-    s.add_argument("path")
+    s = sub.add_parser("refs", help="the store's refs and the versions they point at; --delete")
+    s.add_argument("path", help=_PATH)
+    s.add_argument("--delete", action="append", metavar="REF",
+                   help="remove this ref (repeatable); the version it points at stays")  # fmt: skip
     s.set_defaults(fn=cmd_refs)
     s = sub.add_parser("gc", help="delete pack files nothing references; print the bytes reclaimed")
-    s.add_argument("path")
+    s.add_argument("path", help=_PATH)
     s.set_defaults(fn=cmd_gc)
     s = sub.add_parser("export", help="write a version's models as DIRECTORY/<model>.safetensors")
-    s.add_argument("path")
-    s.add_argument("version")
-    s.add_argument("directory")
+    s.add_argument("path", help=_PATH)
+    s.add_argument("version", help=_VERSION)
+    s.add_argument("directory", help="where the files go (created if missing; no file is replaced)")
     s.add_argument("--model", action="append", help="export only this model (repeatable)")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser(
         "import", help="save DIRECTORY's .safetensors files (a model each) as a version"
     )
-    s.add_argument("path")
-    s.add_argument("directory")
+    s.add_argument("path", help=_PATH)
+    s.add_argument("directory", help="a directory of <model>.safetensors files")
     s.add_argument("--parent", help="store an update of this version instead of a baseline")
     s.add_argument("--ref", help="move this ref to the new version")
-    s.add_argument("--message")
+    s.add_argument("--message", help="a note stored with the version")
     s.set_defaults(fn=cmd_import)
     s = sub.add_parser("du", help="a store's bytes: versions by approach, datasets, total on disk")
-    s.add_argument("path")
+    s.add_argument("path", help=_PATH)
     s.set_defaults(fn=cmd_du)
+    from . import doctor
+
+    s = sub.add_parser("doctor", help="versions, CUDA kernels and device, nvCOMP, store formats")
+    s.set_defaults(fn=doctor.main)
     s = sub.add_parser(
         "demo", help="save and recover the battery model set; compare with other tools"
     )
@@ -343,12 +387,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The library's advice names its Python calls; on the command line, the CLI's own.
+_CLI_ADVICE = (
+    ("pass cascade=True", "pass --cascade"),
+    ("store.delete_ref(name)", "`mmcore refs {path} --delete NAME`"),
+    ("store.info(version) describes the version", "`mmcore info {path} VERSION` describes it"),
+    ("store.datasets() lists them", "`mmcore du {path}` lists them"),
+    ("export the other models with models=[...]", "export the other models with --model NAME"),
+    ("or open this one with mmcore.open(path, readonly=True)",
+     "or use a command that only reads it meanwhile (info, log, refs, verify, du, export)"),
+)  # fmt: skip
+
+
+def _cli_message(exc: MMCoreError, path: str | None) -> str:
+    text = str(exc)
+    for python, cli in _CLI_ADVICE:
+        text = text.replace(python, cli.format(path=path or "PATH"))
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
     except MMCoreError as exc:
-        print(f"mmcore: error: {exc}", file=sys.stderr)
+        print(f"mmcore: error: {_cli_message(exc, getattr(args, 'path', None))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader went away (`mmcore info PATH | head`): stop quietly
         # Point stdout at /dev/null so the interpreter's final flush cannot fail again.

@@ -145,7 +145,7 @@ def test_nvcomp_frames_decode_on_the_cpu() -> None:
     from mmcore.codec import frames
 
     if not frames.nvcomp_available():
-        pytest.skip("nvCOMP's Python package (pip install 'mmcore[gpu]') is not installed")
+        pytest.skip("nvCOMP's Python package (pip install 'mmcore-models[gpu]') is not installed")
     g = torch.Generator().manual_seed(0)
     parent = torch.randn(4_000_000, generator=g)
     new = parent.clone()

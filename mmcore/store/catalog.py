@@ -3,6 +3,14 @@ per record kind. Every change is one synced WriteBatch: all or nothing.
 
 Known rocksdict traps, avoided here: values are never pickled (``raw_mode``),
 and iterators are frozen at creation, so scans open a fresh one.
+
+RocksDB's own files are bounded: each write-open starts a new info log (``LOG``,
+about 90 KB, mostly a dump of the options) and by default keeps every earlier one
+as ``LOG.old.*`` (up to 1000), so a store grew by about 100 KB per write-open
+(fifteen ``gc`` runs left 3 MB beside 188 KB of packs). Only the current ``LOG``
+is kept now, rolled at 1 MiB in a long-lived writer, and the MANIFEST rolls at
+1 MiB; the catalog of a small store stays at about 200 KB however often it is opened.
+A store that piled up ``LOG.old.*`` files loses them at its next write-open.
 """
 
 from __future__ import annotations
@@ -15,6 +23,9 @@ from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
 from ..errors import ReadOnlyStoreError, StoreError, StoreLockedError
 
 COLUMN_FAMILIES = ("manifests", "refs", "content", "packs", "meta", "datasets")
+INFO_LOGS_KEPT = 1  # RocksDB's LOG of the current open only: no LOG.old.* piles up
+MAX_INFO_LOG_BYTES = 1 << 20  # a writer open for days rolls its LOG (and drops the old one)
+MAX_MANIFEST_BYTES = 1 << 20  # the MANIFEST is rewritten compactly past this
 
 Put = tuple[str, bytes, bytes]
 Delete = tuple[str, bytes]
@@ -24,6 +35,9 @@ def _options() -> Options:
     opt = Options(raw_mode=True)
     opt.create_if_missing(True)
     opt.create_missing_column_families(True)
+    opt.set_keep_log_file_num(INFO_LOGS_KEPT)
+    opt.set_max_log_file_size(MAX_INFO_LOG_BYTES)
+    opt.set_max_manifest_file_size(MAX_MANIFEST_BYTES)
     return opt
 
 
@@ -75,9 +89,17 @@ class Catalog:
         self._db.write(batch, opts)
 
     def approximate_bytes(self) -> int:
-        """Bytes of the catalog directory on disk (SST, WAL and metadata files)."""
+        """Bytes of the catalog directory on disk: SST, WAL and RocksDB's own files
+        (MANIFEST, OPTIONS, the info LOG), everything in it."""
         root = Path(self._db.path())
-        return sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+        total = 0
+        for p in root.rglob("*"):
+            try:
+                if p.is_file():
+                    total += p.stat().st_size
+            except FileNotFoundError:  # removed by RocksDB while we looked (obsolete files)
+                continue
+        return total
 
     def close(self) -> None:
         # Column-family views keep the database (and its LOCK) alive: drop them first.
