@@ -568,14 +568,37 @@ class ModelStore:
 
     # -- inspect ---------------------------------------------------------
     def info(self, version: str) -> VersionInfo:
-        m = self.manifest(version)
-        return VersionInfo.of(m, tuple(sorted(r for r, v in self.refs().items() if v == m.id)))
+        return self._info(self.manifest(version), {})
+
+    def _info(self, m: Manifest, depths: dict[str, int]) -> VersionInfo:
+        refs = tuple(sorted(r for r, v in self.refs().items() if v == m.id))
+        return VersionInfo.of(m, refs, self._depth(m, depths))
+
+    def _depth(self, m: Manifest, depths: dict[str, int]) -> int:
+        """Versions of its approach back to the nearest of another (an update's to its
+        baseline): counted along the chain as it is now, since a rebase of an ancestor
+        shortens it without rewriting the versions after it. ``depths`` memoises."""
+        walked: list[str] = []
+        up, depth = m, 0
+        while up.approach == m.approach and up.parent is not None and m.approach != "baseline":
+            if up.id in depths:
+                depth += depths[up.id]
+                break
+            walked.append(up.id)
+            up = self.manifest(up.parent)
+        else:
+            depth = 0
+        total = depth + len(walked)
+        for i, vid in enumerate(walked):
+            depths[vid] = total - i
+        return total
 
     def versions(self) -> list[VersionInfo]:
         """Every version in the store, newest first."""
         self._check_open()
         ids = [k.decode() for k, _ in self.catalog.scan("manifests")]
-        infos = [self.info(v) for v in ids]
+        depths: dict[str, int] = {}
+        infos = [self._info(self.manifest(v), depths) for v in ids]
         return sorted(infos, key=lambda i: i.created, reverse=True)
 
     def log(self, ref: str | None = None) -> list[VersionInfo]:

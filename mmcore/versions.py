@@ -35,7 +35,8 @@ class VersionInfo:
         return d
 
     @classmethod
-    def of(cls, m: Manifest, refs: tuple[str, ...]) -> VersionInfo:
+    def of(cls, m: Manifest, refs: tuple[str, ...], depth: int | None = None) -> VersionInfo:
+        """``depth``: as the chain is now (the manifest's is as it was saved)."""
         pv = m.provenance
         if pv is not None:
             stats = dict(pv.stats)
@@ -44,7 +45,7 @@ class VersionInfo:
                 created=datetime.fromtimestamp(m.created, tz=timezone.utc),
                 num_models=stats.get("models", 0), num_tensors=stats.get("tensors", 0),
                 logical_bytes=m.logical_bytes, stored_bytes=m.stored_bytes, refs=refs,
-                message=m.message, depth=pv.depth, changes=stats,
+                message=m.message, depth=pv.depth if depth is None else depth, changes=stats,
             )  # fmt: skip
         up = m.update
         stats = {} if up is None else dict(up.stats)
@@ -54,7 +55,7 @@ class VersionInfo:
             num_models=len(m.models) if up is None else stats.get("models", 0),
             num_tensors=m.num_tensors if up is None else stats.get("tensors", 0),
             logical_bytes=m.logical_bytes, stored_bytes=m.stored_bytes, refs=refs,
-            message=m.message, depth=0 if up is None else up.depth,
+            message=m.message, depth=0 if up is None else up.depth if depth is None else depth,
             tolerance=None if up is None else up.tolerance,
             max_chain=None if up is None else up.max_chain, changes=stats,
         )  # fmt: skip

@@ -222,6 +222,8 @@ def test_depths_follow_the_chain_as_it_is_after_a_rebase(store: mmcore.ModelStor
     store.rebase(a[0], parent=b[-1])  # a[0] is now 6 deltas deep, its children 7 and 8
     for vid, deltas in zip(a, (6, 7, 8)):
         assert chain.model_index(store, vid)["c"].depth == deltas
+        assert store.info(vid).depth == deltas  # versions back to the baseline, as it is now
+    assert {i.id: i.depth for i in store.versions()}[a[2]] == 8
     a.append(store.save(step(9), approach="update", parent=a[-1], max_chain=3))
     info = store.info(a[-1])
     assert info.changes["whole"] == 1 and info.changes["max_delta_chain"] == 0  # a keyframe
