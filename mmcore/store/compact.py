@@ -135,6 +135,9 @@ def _layout(items: list[_Live]) -> tuple[list[tuple[_Live, list[int]]], int]:
     for item in sorted(items, key=lambda i: min(off for off, _ in i.ranges)):
         targets = []
         for i, (_, length) in enumerate(item.ranges):
+            if not length:  # nothing to map or read (a group of empty tensors): no page of its own
+                targets.append(align_up(at, SECTION_ALIGN if i < item.extents else _ALIGN))
+                continue
             # an extent keeps the page alignment FORMAT.md promises: load maps it
             at = align_up(at, SECTION_ALIGN if i < item.extents else _ALIGN)
             targets.append(at)
@@ -156,7 +159,7 @@ def compact(store: ModelStore, below: float, progress: bool | None = None) -> in
         placed, end = _layout(items)
         # Counting the extents' page padding: a pack of small groups, all live, would
         # otherwise look mostly dead, and be rewritten as it is by every gc.
-        if end - _FIRST < below * (size - HEADER_SIZE):
+        if below > 1 or end - _FIRST < below * (size - HEADER_SIZE):
             live = sum(length for item in items for _, length in item.ranges)
             todo.append((pack, placed, size, live))
     freed = 0
