@@ -39,6 +39,7 @@ from . import open as open_store
 from ._units import human_bytes
 from .errors import InvalidArgumentError
 from .examples import battery
+from .store.layout import fsync_dir
 
 DEMO_KEY = b"created-by"
 DEMO_VALUE = b"mmcore demo"
@@ -47,14 +48,6 @@ MMCORE_ROW = "mmcore baseline"
 
 
 # -- the methods measured beside mmcore ------------------------------------------------
-
-
-def sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_files(paths: Sequence[Path]) -> None:
@@ -71,7 +64,7 @@ def write_durable(path: Path, data: bytes | bytearray | memoryview) -> None:
     with open(path, "wb", buffering=0) as f:
         f.write(data)
         os.fsync(f.fileno())
-    sync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def set_bytes(sds: StateDicts) -> torch.Tensor:
@@ -155,7 +148,7 @@ class TorchSavePerModel(Method):
             torch.save(sd, p)
             paths.append(p)
         fsync_files(paths)
-        sync_dir(self.root)
+        fsync_dir(self.root)
         self.names = list(sds)
 
     def load_all(self) -> StateDicts:

@@ -19,9 +19,9 @@ from mmcore.demo import (
     TorchSavePerModel,
     fsync_files,
     set_bytes,
-    sync_dir,
     write_durable,
 )
+from mmcore.store.layout import fsync_dir
 
 __all__ = ["MMCore", "Method", "Raw", "SafetensorsOneFile", "SafetensorsPerModel", "Scratch",
            "TorchSavePerModel", "set_bytes", "write_durable"]  # fmt: skip
@@ -83,7 +83,7 @@ class SafetensorsPerModel(Method):
             save_file(sd, str(p))
             paths.append(p)
         fsync_files(paths)
-        sync_dir(self.root)
+        fsync_dir(self.root)
         self.names = list(sds)
 
     def load_all(self) -> StateDicts:
@@ -107,7 +107,7 @@ class SafetensorsOneFile(Method):
         path = self.root / "set.safetensors"
         save_file(flat, str(path))
         fsync_files([path])
-        sync_dir(self.root)
+        fsync_dir(self.root)
         self.keys = {m: list(sd) for m, sd in sds.items()}
 
     def load_all(self) -> StateDicts:
