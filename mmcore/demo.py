@@ -59,6 +59,19 @@ def fsync_files(paths: Sequence[Path]) -> None:
             os.close(fd)
 
 
+def save_per_model(root: Path, sds: StateDicts, suffix: str,
+                   write: Callable[[dict[str, torch.Tensor], Path], object]) -> None:  # fmt: skip
+    """Each model to ``root/<name><suffix>`` by ``write``, then every file and the
+    directory made durable: what a user saving a file per model does."""
+    paths = []
+    for name, sd in sds.items():
+        path = root / f"{name}{suffix}"
+        write(sd, path)
+        paths.append(path)
+    fsync_files(paths)
+    fsync_dir(root)
+
+
 def write_durable(path: Path, data: bytes | bytearray | memoryview) -> None:
     """Writes ``data`` as the file ``path`` in one write, then fsyncs it and its directory."""
     with open(path, "wb", buffering=0) as f:
@@ -142,13 +155,7 @@ class TorchSavePerModel(Method):
     slow = True
 
     def save(self, sds: StateDicts) -> None:
-        paths = []
-        for name, sd in sds.items():
-            p = self.root / f"{name}.pt"
-            torch.save(sd, p)
-            paths.append(p)
-        fsync_files(paths)
-        fsync_dir(self.root)
+        save_per_model(self.root, sds, ".pt", torch.save)
         self.names = list(sds)
 
     def load_all(self) -> StateDicts:

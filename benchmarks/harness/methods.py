@@ -18,6 +18,7 @@ from mmcore.demo import (
     Raw,
     TorchSavePerModel,
     fsync_files,
+    save_per_model,
     set_bytes,
     write_durable,
 )
@@ -77,13 +78,7 @@ class SafetensorsPerModel(Method):
     def save(self, sds: StateDicts) -> None:
         from safetensors.torch import save_file
 
-        paths = []
-        for name, sd in sds.items():
-            p = self.root / f"{name}.safetensors"
-            save_file(sd, str(p))
-            paths.append(p)
-        fsync_files(paths)
-        fsync_dir(self.root)
+        save_per_model(self.root, sds, ".safetensors", lambda sd, p: save_file(sd, str(p)))
         self.names = list(sds)
 
     def load_all(self) -> StateDicts:
