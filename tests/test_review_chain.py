@@ -388,3 +388,50 @@ def test_a_rebase_whose_commit_raised_after_landing_is_served_as_it_landed(
     store.delete(p)
     store.gc()
     assert_bit_equal(store.load(v)["x"]["w"], torch.ones(2) * 2)
+
+
+# -- found by the fuzzer's long run: delta blobs with equal tables over other bytes --
+
+
+def _parents_alike() -> tuple[Set, Set, Set]:
+    """Two parents whose deltas to the same child differ in their bytes but not in
+    their lengths: the delta tables (pack offsets, lengths, recovered hashes) agree."""
+    child = torch.zeros(1024)
+    a, b = child.clone(), child.clone()
+    a[0], b[700] = 1.0, 1.0
+    return {"m": {"w": a}}, {"m": {"w": b}}, {"m": {"w": child}}
+
+
+def test_an_update_with_the_tables_of_another_parents_delta_is_stored_apart(
+    store: mmcore.ModelStore,
+) -> None:
+    pa, pb, child = _parents_alike()
+    va, vb = store.save(pa), store.save(pb)
+    ua = store.save(child, approach="update", parent=va)
+    ub = store.save(child, approach="update", parent=vb)
+    ka = store.manifest(ua).update.delta_blob  # type: ignore[union-attr]
+    kb = store.manifest(ub).update.delta_blob  # type: ignore[union-attr]
+    assert ka != kb  # before the fix: one key, and ub decoded a's deltas against b
+    _every_read(store, ub, child)
+    _every_read(store, ua, child)
+    again = store.save(child, approach="update", parent=vb)  # the same bytes: shared
+    assert store.manifest(again).update.delta_blob == kb  # type: ignore[union-attr]
+    assert store._content(kb).refs == 2
+    store.delete(ua)
+    store.gc()
+    _every_read(store, ub, child)
+    _every_read(store, again, child)
+
+
+def test_a_rebase_onto_a_parent_with_alike_deltas_keeps_the_version(
+    store: mmcore.ModelStore,
+) -> None:
+    pa, pb, child = _parents_alike()
+    va, vb = store.save(pa), store.save(pb)
+    store.save(child, approach="update", parent=va)
+    v = store.save(child)
+    store.rebase(v, parent=vb)
+    _every_read(store, v, child)
+    store.gc(compact_below=2)  # the first delta blob moves: compared where it lies now
+    v2 = store.save(child, approach="update", parent=vb)
+    _every_read(store, v2, child)

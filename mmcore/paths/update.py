@@ -23,7 +23,7 @@ import torch
 from .. import codec, dtypes, kernels
 from .._gc import gc_paused
 from ..codec import frames
-from ..errors import InvalidModelSetError, decoding
+from ..errors import InvalidModelSetError, MMCoreError, decoding
 from ..kernels import cuda
 from ..kernels.delta import (
     FLOAT_KINDS,
@@ -269,7 +269,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     payload = sum(g.count * g.schema.stride for g in groups)
     metadata = sum(g.count * len(g.schema.tensors) * kernels.HASH_SIZE for g in groups)
     if deltas:
-        delta_key, rec, model_bytes, table_bytes = _write_deltas(writer, deltas, end)
+        delta_key, rec, model_bytes, table_bytes = _write_deltas(store, writer, deltas, end)
         blobs.append((delta_key, rec))
         payload += model_bytes
         metadata += table_bytes
@@ -500,7 +500,7 @@ def _to_host(encodings: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _write_deltas(
-    writer: PackWriter, deltas: list[_Delta], end: int
+    store: ModelStore, writer: PackWriter, deltas: list[_Delta], end: int
 ) -> tuple[bytes, ContentRecord, int, int]:
     """Writes the model blobs, then the tables and hashes; returns the blob key, its
     content record, the model blobs' bytes and the tables' and hashes' bytes."""
@@ -511,9 +511,9 @@ def _write_deltas(
         )
     )
     packed = [d.frames if d.frames is not None else next(packed_host) for d in deltas]
-    start = offset = align_up(end, 64)
-    body = bytearray()
-    model_rows, tensor_rows = [], []
+    datas: list[bytes] = []
+    lengths: list[tuple[int, int, int]] = []  # per delta: plain length, tensor count, codec
+    tensor_rows = []
     for d, z in zip(deltas, packed):
         changed = [t for t, p in enumerate(d.pieces) if p is not None]
         raw_size = sum(
@@ -539,11 +539,25 @@ def _write_deltas(
         codec_id = (
             (codec.ZSTD_FRAMES if d.frames is not None else codec.ZSTD) if use_zstd else codec.NONE
         )
-        model_rows.append((offset, len(data), at, len(kinds), int(d.info.depth) + 1, codec_id))
-        body += data
-        offset += len(data)
-    table = delta_blob.encode_tables(model_rows, tensor_rows)
+        datas.append(bytes(data))
+        lengths.append((at, len(kinds), codec_id))
+    body = b"".join(datas)
     hashes = torch.cat([d.recovered for d in deltas]).contiguous()
+    start = align_up(end, 64)
+    while True:
+        offset = start
+        model_rows = []
+        for d, data, (plain, count, codec_id) in zip(deltas, datas, lengths):
+            model_rows.append((offset, len(data), plain, count, int(d.info.depth) + 1, codec_id))
+            offset += len(data)
+        table = delta_blob.encode_tables(model_rows, tensor_rows)
+        key = delta_blob.blob_key(table, hashes)
+        # The key covers the tables and the recovered tensors' hashes, not the model
+        # blobs: the same tables over other bytes (deltas of the same tensors against
+        # another parent, laid out alike in another pack) must not share it.
+        if not _holds_other_bytes(store, key, [row[0] for row in model_rows], datas):
+            break
+        start += 64  # other offsets in the tables, so another key
     table_at = align_up(offset, 64)
     hashes_at = align_up(table_at + len(table), 64)
     image = bytearray(hashes_at + hashes.numel() - start)
@@ -555,7 +569,30 @@ def _write_deltas(
     rec = ContentRecord(
         writer.pack_id, [], hashes_at, hashes.numel(), refs=1, table=(table_at, len(table))
     )
-    return delta_blob.blob_key(table, hashes), rec, len(body), len(table) + hashes.numel()
+    return key, rec, len(body), len(table) + hashes.numel()
+
+
+def _holds_other_bytes(store: ModelStore, key: bytes, offsets: list[int],
+                       datas: list[bytes]) -> bool:  # fmt: skip
+    """Whether the store has a delta blob under ``key`` whose model blobs are not
+    ``datas`` (one that cannot be read counts as other bytes)."""
+    raw = store.catalog.get("content", key)
+    if raw is None:
+        return False
+    try:
+        rec = ContentRecord.decode(raw)
+        spans = [(at + rec.shift, len(data)) for at, data in zip(offsets, datas)]
+        store._reader.check_in_pack(rec, spans)
+        for (at, length), data in zip(spans, datas):
+            if not length:
+                continue
+            got = torch.empty(length, dtype=torch.uint8)
+            store.tier.read_into(rec.pack, at, length, got.data_ptr())
+            if kernels.tensor_bytes(got) != data:
+                return True
+    except MMCoreError:
+        return True
+    return False
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
