@@ -404,6 +404,8 @@ class ModelStore:
             got = retrain.recover(
                 self, manifest, device=dev, allow_code_change=allow_code_change
             ).state_dicts()
+            orders = self._tensor_orders(manifest)
+            got = {n: {k: sd[k] for k in orders[n]} if n in orders else sd for n, sd in got.items()}
             if models is None:
                 return got
             names = _args.name_list(models, "models")
@@ -412,6 +414,18 @@ class ModelStore:
         wanted = None if models is None else _args.name_list(models, "models")
         with decoding(manifest.id):
             return self._load_stored(manifest, wanted, dev, verify)
+
+    def _tensor_orders(self, manifest: Manifest) -> dict[str, list[str]]:
+        """The tensor orders a provenance version's models keep: its nearest stored
+        ancestor's, where they differ from their schema's (stacks come in that)."""
+        while manifest.provenance is not None:
+            assert manifest.parent is not None
+            manifest = self.manifest(manifest.parent)
+        if manifest.update is None:  # a baseline: each model in its schema's order
+            return {}
+        with decoding(manifest.id):
+            index = chain.model_index(self, manifest.id)
+        return {n: info.order for n, info in index.items() if info.order}
 
     def _load_stored(self, manifest: Manifest, names: list[str] | None, dev: torch.device,
                      verify: bool) -> dict[str, StateDict]:  # fmt: skip

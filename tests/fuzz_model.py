@@ -256,15 +256,6 @@ def apply_edits(models: Models, ops: list[tuple[Any, ...]]) -> Models:
     return out
 
 
-def padded(models: Models) -> Models:
-    """``models`` with a one-element tensor added to each model whose tensors all hold
-    no element (for MMCORE_FUZZ_SKIP=empty)."""
-    return {
-        n: {**sd, "pad": torch.zeros(1)} if sd and all(t.numel() == 0 for t in sd.values()) else sd
-        for n, sd in models.items()
-    }
-
-
 # -- comparisons -------------------------------------------------------------
 
 

@@ -15,15 +15,7 @@ cores while nothing fails; a failure is shrunk for up to 5 minutes).
 ``MMCORE_FUZZ_MINUTES=20`` runs rounds of 10 examples of 50 steps until that many
 minutes have passed (the last round finishes) and prints how many examples and steps
 ran, the versions saved and the faults injected (``-s`` not needed; pass no
-``--hypothesis-seed`` there, or every round repeats). ``MMCORE_FUZZ_SKIP``
-(comma-separated) leaves out checks of known defects while they are being fixed:
-``reader_gc`` (a reader open across a writer's gc), ``keyorder`` (same tensors in
-another key order stored whole), ``dotnames`` (exported dot-named models lost on
-import), ``depth`` (info().depth after an ancestor's rebase), ``order`` (expect an
-update's models in its parent's order, then the added ones, as the format before
-manifest format 4 had it, not in the order saved), ``stale_rebase`` (a rebase failing
-after its commit: the writer is reopened after it), ``empty`` (models whose tensors all
-hold no element: a one-element tensor is added).
+``--hypothesis-seed`` there, or every round repeats).
 
 The model: for every live version the exact tensors it must return, in order. A lossy
 update is loaded once after its save, checked within tolerance of what was saved (exact
@@ -65,7 +57,6 @@ from fuzz_model import (
     injected,
     is_cell,
     make_set,
-    padded,
     same_values,
     seeds,
     set_spec,
@@ -93,7 +84,6 @@ from mmcore.manifest import ContentRecord
 from mmcore.stacked import stack_sets
 
 MINUTES = float(os.environ.get("MMCORE_FUZZ_MINUTES") or 0)
-SKIP = {s.strip() for s in os.environ.get("MMCORE_FUZZ_SKIP", "").split(",") if s.strip()}
 MAX_LIVE = 6  # versions at once: every step checks each of them four ways
 CELL_DATA = battery.make_data(CELLS, rows=8, seed=1)
 refs = st.sampled_from([None, None, "main", "side"])
@@ -201,21 +191,10 @@ class ApiMachine(RuleBasedStateMachine):
         added = [n for n in given if n not in before]
         removed = [n for n in before if n not in given]
         same = [n for n in given if n in before and same_values(given[n], before[n])]
-        in_order = [n for n in same if list(given[n]) == list(before[n])]
         assert (changes["added"], changes["removed"]) == (len(added), len(removed)), changes
-        counted = in_order if "keyorder" in SKIP else same
-        assert changes["unchanged"] >= len(counted), (changes, counted)
-        if "keyorder" not in SKIP:
-            bound = len(given) - len(same)  # added, reshaped or with other values
-            assert changes["whole"] <= bound, (changes, same)
-
-    def _update_order(self, parent: Models, given: Models) -> Models:
-        """The models of an update version: in the order saved (with MMCORE_FUZZ_SKIP=order,
-        the parent's order less removed, then added)."""
-        if "order" not in SKIP:
-            return given
-        names = [n for n in parent if n in given] + [n for n in given if n not in parent]
-        return {n: given[n] for n in names}
+        assert changes["unchanged"] >= len(same), (changes, same)
+        bound = len(given) - len(same)  # added, reshaped or with other values
+        assert changes["whole"] <= bound, (changes, same)
 
     def _stacked_call(self, models: Models, via: str, **kwargs: Any) -> Callable[[], str]:
         layouts = {tuple((k, t.dtype, t.shape) for k, t in sd.items()) for sd in models.values()}
@@ -238,8 +217,6 @@ class ApiMachine(RuleBasedStateMachine):
           crash=crash_points)  # fmt: skip
     def baseline(self, spec: Any, ref: str | None, via: str, crash: Any) -> None:
         models = make_set(spec)
-        if "empty" in SKIP:
-            models = padded(models)
         call = self._stacked_call(models, via, ref=ref)
         self._save(crash, call, approach="baseline", parent=None, given=models, want=models,
                    tolerance=None, ref=ref, redo={"models": models})  # fmt: skip
@@ -255,8 +232,6 @@ class ApiMachine(RuleBasedStateMachine):
         if parent is None:
             return
         given = apply_edits(parent.models, ops)
-        if "empty" in SKIP:
-            given = padded(given)
         self._do_update(parent, given, tolerance, max_chain, ref, via, crash)
 
     @precondition(lambda self: len(self.live) < MAX_LIVE - 1 and self.live)
@@ -273,19 +248,17 @@ class ApiMachine(RuleBasedStateMachine):
         if parent is None:
             return
         given = apply_edits(parent.models, [("nudge_all", model, scale, seed)])
-        given = padded(given) if "empty" in SKIP else given
         lossy = self._do_update(parent, given, tolerance, 16, None, "save", None)
         if lossy is not None:
             child = self.live[lossy]
             given = apply_edits(child.models, [("random_small", model, seed + 1), *more])
-            given = padded(given) if "empty" in SKIP else given
             self._do_update(child, given, None, 16, None, "save", None)
 
     def _do_update(self, parent: Version, given: Models, tolerance: float | None, max_chain: int,
                    ref: str | None, via: str, crash: Any) -> str | None:  # fmt: skip
         call = self._stacked_call(given, via, approach="update", parent=parent.vid,
                                   tolerance=tolerance, max_chain=max_chain, ref=ref)  # fmt: skip
-        want = self._update_order(parent.models, given)
+        want = given
         redo = {"models": given, "parent": parent.vid, "tolerance": tolerance,
                 "max_chain": max_chain}  # fmt: skip
         return self._save(crash, call, approach="update", parent=parent.vid, given=given,
@@ -314,7 +287,7 @@ class ApiMachine(RuleBasedStateMachine):
         call = lambda: self.store.save_stacked(stacks, approach="update", parent=parent.vid,  # noqa: E731
                                                tolerance=tolerance, ref=ref)  # fmt: skip
         self._save(crash, call, approach="update", parent=parent.vid, given=models,
-                   want=self._update_order(parent.models, models), tolerance=tolerance, ref=ref,
+                   want=models, tolerance=tolerance, ref=ref,
                    redo={"models": models, "parent": parent.vid, "tolerance": tolerance,
                          "max_chain": 16})  # fmt: skip
 
@@ -326,8 +299,7 @@ class ApiMachine(RuleBasedStateMachine):
         """Retrains some battery models of any version with the battery trainer."""
 
         def cells(v: Version) -> list[str]:
-            return [n for n in v.models if n in CELLS and is_cell(v.models[n])
-                    and ("keyorder" not in SKIP or list(v.models[n]) == BATTERY_KEYS)]  # fmt: skip
+            return [n for n in v.models if n in CELLS and is_cell(v.models[n])]
 
         parent = self._pick(pick, lambda v: bool(cells(v)))
         if parent is None:
@@ -345,7 +317,7 @@ class ApiMachine(RuleBasedStateMachine):
             trained.update(battery.train(canonical, {n: CELL_DATA[n] for n in names}, seed=seed,
                                          **params))  # fmt: skip
         given = {n: trained[n] if n in trained else before[n] for n in before}
-        if parent_key_order or "keyorder" in SKIP:
+        if parent_key_order:
             given = {n: {k: sd[k] for k in before[n]} for n, sd in given.items()}
         want = {n: {k: given[n][k] for k in sd} for n, sd in before.items()}
         if self.dataset is None:
@@ -450,14 +422,7 @@ class ApiMachine(RuleBasedStateMachine):
             allowed = {old, new} if fired.point in POST_COMMIT else {old}
             assert now in allowed, f"a rebase that failed at {fired.point} left it {now}"
             new = now
-            if "stale_rebase" in SKIP:  # drop what the writer cached before the fault
-                self.store.close()
-                self.store = mmcore.open(self.path)
         v.approach, v.parent = new
-        if new[1] is not None and "order" in SKIP:  # its order, and its children's
-            for vid in self._descendants(v.vid):
-                old_models = self.live[vid].models
-                self.live[vid].models = {n: old_models[n] for n in self.store.load(vid)}
 
     @rule(compact_below=st.sampled_from([0, 0.5, 2]), crash=crash_points)
     def gc(self, compact_below: float, crash: Any) -> None:
@@ -481,10 +446,6 @@ class ApiMachine(RuleBasedStateMachine):
         names = list(v.models)
         if some and len(names) > 1:
             names = names[::2]
-        if "dotnames" in SKIP:
-            names = [n for n in names if not n.startswith(".")]
-            if not names:
-                return
         target = self.tmp / f"export{self.made}"
         files = self.store.export(v.vid, target, models=names)
         assert [f.name for f in files] == [n + ".safetensors" for n in names]
@@ -494,7 +455,7 @@ class ApiMachine(RuleBasedStateMachine):
             if as_update and v.approach != "provenance":
                 call = lambda: self.store.import_(target, approach="update", parent=v.vid, ref=ref)  # noqa: E731
                 self._save(None, call, approach="update", parent=v.vid, given=in_files,
-                           want=self._update_order(v.models, in_files), tolerance=None, ref=ref,
+                           want=in_files, tolerance=None, ref=ref,
                            redo={"models": in_files, "parent": v.vid, "tolerance": None,
                                  "max_chain": 16})  # fmt: skip
             else:
@@ -520,7 +481,7 @@ class ApiMachine(RuleBasedStateMachine):
                 with pytest.raises(ReadOnlyStoreError):
                     write()
 
-    @precondition(lambda self: self.live and "reader_gc" not in SKIP)
+    @precondition(lambda self: self.live)
     @rule()
     def reader_across_gc(self) -> None:
         """A reader opened before the writer's gc (compacting every pack) still reads."""
@@ -542,8 +503,7 @@ class ApiMachine(RuleBasedStateMachine):
             what = f"{v.label} {v.vid} ({v.approach})"
             info = store.info(v.vid)
             assert (info.approach, info.parent) == (v.approach, v.parent), (what, info)
-            if "depth" not in SKIP:
-                assert info.depth == self._depth(v), f"{what}: depth {info.depth}"
+            assert info.depth == self._depth(v), f"{what}: depth {info.depth}"
             assert_models(store.load(v.vid), v.models, f"load {what}")
             for name, sd in v.models.items():
                 assert_model(store.load_model(v.vid, name), sd, f"load_model {what} {name!r}")

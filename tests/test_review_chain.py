@@ -350,6 +350,35 @@ def test_provenance_matches_tensors_by_name(store: mmcore.ModelStore) -> None:
     assert provenance.registered("tests.review.reversed").fn is reversed_add
 
 
+def test_provenance_keeps_the_tensor_order_its_parent_was_saved_in(
+    store: mmcore.ModelStore,
+) -> None:
+    """Found by the fuzzer: retraining came back in the stacks' (schema) order, not in
+    the order an update of the parent had recorded."""
+    first = {n: {"w": torch.full((3,), float(i)), "b": torch.zeros(2), "c": torch.ones(1)}
+             for i, n in enumerate(["a", "b"])}  # fmt: skip
+    moved = {**first, "a": {k: first["a"][k] for k in ["c", "w", "b"]}}
+    v1 = store.save(first)
+    v2 = store.save(moved, approach="update", parent=v1)
+    ds = store.put_dataset({n: {"x": torch.zeros(1)} for n in first})
+
+    @mmcore.trainer("tests.review.plus_one")
+    def plus_one(models, data, *, seed):  # type: ignore[no-untyped-def]
+        return {n: {k: t + 1 for k, t in sd.items()} for n, sd in models.items()}
+
+    recipe = mmcore.Recipe("tests.review.plus_one", data=ds, models=["a"])
+    trained = {**moved, "a": {k: t + 1 for k, t in moved["a"].items()}}
+    v3 = store.save(trained, approach="provenance", parent=v2, recipe=recipe)
+    again = {**trained, "a": {k: t + 1 for k, t in trained["a"].items()}}
+    v4 = store.save(again, approach="provenance", parent=v3, recipe=recipe)
+    for vid, want in ((v3, trained), (v4, again)):
+        got = store.load(vid)
+        assert_sets_equal(got, want)
+        assert list(got["a"]) == ["c", "w", "b"]
+        assert list(store.load_model(vid, "a")) == ["c", "w", "b"]
+        assert list(store.load(vid, models=["a"])["a"]) == ["c", "w", "b"]
+
+
 def test_an_update_and_a_rebase_keep_the_model_order_saved(store: mmcore.ModelStore) -> None:
     g = _gen(9)
     m1 = {f"m{i}": {"w": torch.randn(4, generator=g)} for i in range(5)}
