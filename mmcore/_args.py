@@ -6,6 +6,7 @@ and says what is accepted, so a wrong call changes nothing and explains itself.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -80,6 +81,18 @@ def max_chain(value: Any) -> int:
             f"max_chain must be a whole number from 1 to {MAX_CHAIN_LIMIT}, got {_show(value)}"
         )
     return value
+
+
+def max_recovery(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (1.0 <= value < math.inf)
+    ):
+        raise InvalidArgumentError(
+            f"max_recovery must be a number >= 1 (or None: no bound), got {_show(value)}"
+        )
+    return float(value)
 
 
 def device(value: Any) -> torch.device:

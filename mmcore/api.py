@@ -47,6 +47,9 @@ from .versions import VerifyReport, VersionInfo
 
 _HEX = frozenset("0123456789abcdef")
 DEFAULT_MAX_CHAIN = 16
+# A model is stored whole again (a keyframe) once recovering it through its deltas
+# would cost more than this many times recovering it whole (bytes read and decoded).
+DEFAULT_MAX_RECOVERY = 2.0
 _MANIFEST_CACHE = 64  # a chain of updates is walked whole on every load
 
 
@@ -214,6 +217,7 @@ class ModelStore:
         message: str | None = None,
         tolerance: float | None = None,
         max_chain: int = DEFAULT_MAX_CHAIN,
+        max_recovery: float | None = DEFAULT_MAX_RECOVERY,
         recipe: Recipe | None = None,
         check: bool = True,
         progress: bool | None = None,
@@ -225,8 +229,12 @@ class ModelStore:
         changed since ``parent`` (lossless, or within ``tolerance`` of every saved
         element; normalisation statistics, tensors named ``*running_mean`` and
         ``*running_var``, stay exact: an absolute error can turn a small variance
-        negative), storing a model whole once its chain of deltas would pass
-        ``max_chain``. ``"provenance"`` stores how to re-create the models from
+        negative), storing a model whole (a keyframe) once its chain of deltas would
+        pass ``max_chain``, or once recovering it through its deltas would cost more
+        than ``max_recovery`` times recovering it whole (its base, plus the stored and
+        decoded bytes of every delta since it was last whole: with the default 2.0 a
+        model retrained whole is stored as a delta, then whole again; ``None``: no such
+        bound). ``"provenance"`` stores how to re-create the models from
         ``parent`` instead of them: ``recipe`` (an ``mmcore.Recipe``) names a
         registered trainer, a dataset from ``put_dataset``, its parameters and seed;
         with ``check`` (default) the recipe is run on the parent first and must give
@@ -269,6 +277,8 @@ class ModelStore:
             if tolerance is not None:
                 tolerance = _args.tolerance(tolerance)
             _args.max_chain(max_chain)
+            if max_recovery is not None:
+                max_recovery = _args.max_recovery(max_recovery)
         if ref is not None:
             _args.ref_name(ref)
         _args.optional_text(message, "message")
@@ -284,7 +294,8 @@ class ModelStore:
                                     groups=[], logical_bytes=0, parent=parent, ref=ref,
                                     message=message)  # fmt: skip
                 blobs = self._write_payload(writer, manifest, models, tolerance=tolerance,
-                                            max_chain=max_chain, recipe=recipe, check=check,
+                                            max_chain=max_chain, max_recovery=max_recovery,
+                                            recipe=recipe, check=check,
                                             progress=bar)  # fmt: skip
             pack_size = writer.finish()
             puts, live_in_pack = version_records(self.catalog, manifest, blobs, writer.pack_id,
@@ -301,7 +312,8 @@ class ModelStore:
         return vid
 
     def _write_payload(self, writer: PackWriter, manifest: Manifest, models: Any, *,
-                       tolerance: float | None, max_chain: int, recipe: Recipe | None, check: bool,
+                       tolerance: float | None, max_chain: int, max_recovery: float | None,
+                       recipe: Recipe | None, check: bool,
                        progress: Any) -> list[tuple[bytes, ContentRecord]]:  # fmt: skip
         """Writes a version's payload by its approach into ``writer``; fills the manifest's
         models, groups and path records; returns the blobs to reference."""
@@ -310,7 +322,8 @@ class ModelStore:
             assert parent is not None
             with torch.no_grad():  # a module's parameters are read as they are, not detached
                 up = update.write_update(self, writer, models, parent, tolerance=tolerance,
-                                         max_chain=max_chain, progress=progress)  # fmt: skip
+                                         max_chain=max_chain, max_recovery=max_recovery,
+                                         progress=progress)  # fmt: skip
             manifest.groups, manifest.update, manifest.logical_bytes = (
                 up.groups,
                 up.update,
@@ -331,14 +344,23 @@ class ModelStore:
         return list(written.blobs)
 
     def rebase(
-        self, version: str, *, parent: str | None = None, progress: bool | None = None
+        self,
+        version: str,
+        *,
+        parent: str | None = None,
+        max_recovery: float | None = DEFAULT_MAX_RECOVERY,
+        progress: bool | None = None,
     ) -> None:
         """Rewrites a version in place (same id, same models, bit for bit) as a baseline,
-        or as a lossless update of another ``parent``, so that what it was stored against
-        can be deleted. Versions stored against it stay valid: it recovers to the same
-        bytes. Refs, ``prev`` and the message are kept; one atomic commit."""
+        or as a lossless update of another ``parent`` (models whose recovery through
+        ``parent``'s chain would pass ``max_recovery``, as in ``save``, stored whole), so
+        that what it was stored against can be deleted. Versions stored against it stay
+        valid: it recovers to the same bytes. Refs, ``prev`` and the message are kept;
+        one atomic commit."""
         self._check_writable()
         _args.optional_flag(progress, "progress")
+        if max_recovery is not None:
+            max_recovery = _args.max_recovery(max_recovery)
         m = self.manifest(version)
         if parent is not None:
             parent = self.resolve(parent)
@@ -362,7 +384,8 @@ class ModelStore:
         try:
             with progress_bar(len(models), "rebasing models", progress, unit="model") as bar:
                 blobs = self._write_payload(writer, new, models, tolerance=None,
-                                            max_chain=DEFAULT_MAX_CHAIN, recipe=None, check=True,
+                                            max_chain=DEFAULT_MAX_CHAIN,
+                                            max_recovery=max_recovery, recipe=None, check=True,
                                             progress=bar)  # fmt: skip
             pack_size = writer.finish()
             puts, deletes, live_in_pack = swap_references(self.catalog, blobs, version_blobs(m),

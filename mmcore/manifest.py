@@ -116,6 +116,7 @@ class UpdateInfo:
     stats: dict[str, int]
     orders: dict[str, list[str]] = field(default_factory=dict)  # model -> its tensor names
     model_order: list[str] | None = None  # the version's models as saved, where that differs
+    max_recovery: float | None = None  # the keyframe bound it was saved with (None: max_chain only)
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -124,6 +125,7 @@ class UpdateInfo:
             "changed": self.changed, "delta_blob": self.delta_blob, "stats": self.stats,
             **({"orders": _grouped(self.orders)} if self.orders else {}),
             **({"model_order": self.model_order} if self.model_order is not None else {}),
+            **({"max_recovery": self.max_recovery} if self.max_recovery is not None else {}),
         }  # fmt: skip
 
     @classmethod
@@ -148,6 +150,9 @@ class UpdateInfo:
             model_order = rec.text_list("model_order")
             if len(set(model_order)) != len(model_order):
                 raise rec.corrupt("field 'model_order' names a model twice")
+        max_recovery = None
+        if rec.raw.get("max_recovery") is not None:
+            max_recovery = rec.number("max_recovery")
         orders: dict[str, list[str]] = {}
         pairs = rec.raw.get("orders") or []
         for pair in pairs if isinstance(pairs, list) else [None]:
@@ -162,7 +167,7 @@ class UpdateInfo:
             max_chain=rec.integer("max_chain", minimum=1), removed=rec.text_list("removed"),
             added=rec.text_list("added"), whole=whole, changed=changed, delta_blob=blob,
             stats={str(k): rec.check_integer(v, "stats") for k, v in stats.items()},
-            orders=orders, model_order=model_order,
+            orders=orders, model_order=model_order, max_recovery=max_recovery,
         )  # fmt: skip
 
 

@@ -24,6 +24,7 @@ class VersionInfo:
     depth: int = 0  # update versions back to the baseline
     tolerance: float | None = None  # an update's bound; None: exact
     max_chain: int | None = None
+    max_recovery: float | None = None  # an update's keyframe bound (None: max_chain only)
     changes: dict[str, int] = field(default_factory=dict)  # an update's or provenance version's
     # model counts and bytes (a provenance version's dataset_bytes: its data, stored apart)
 
@@ -57,7 +58,8 @@ class VersionInfo:
             logical_bytes=m.logical_bytes, stored_bytes=m.stored_bytes, refs=refs,
             message=m.message, depth=0 if up is None else up.depth if depth is None else depth,
             tolerance=None if up is None else up.tolerance,
-            max_chain=None if up is None else up.max_chain, changes=stats,
+            max_chain=None if up is None else up.max_chain,
+            max_recovery=None if up is None else up.max_recovery, changes=stats,
         )  # fmt: skip
 
 

@@ -215,16 +215,17 @@ def test_depths_follow_the_chain_as_it_is_after_a_rebase(store: mmcore.ModelStor
 
     b = [store.save(step(0))]
     for k in range(1, 6):
-        b.append(store.save(step(k), approach="update", parent=b[-1]))
+        b.append(store.save(step(k), approach="update", parent=b[-1], max_recovery=None))
     a = [store.save(step(6))]
     for k in range(7, 9):
-        a.append(store.save(step(k), approach="update", parent=a[-1], max_chain=3))
-    store.rebase(a[0], parent=b[-1])  # a[0] is now 6 deltas deep, its children 7 and 8
+        a.append(store.save(step(k), approach="update", parent=a[-1], max_chain=3,
+                            max_recovery=None))  # fmt: skip
+    store.rebase(a[0], parent=b[-1], max_recovery=None)  # now 6 deltas deep, its children 7, 8
     for vid, deltas in zip(a, (6, 7, 8)):
         assert chain.model_index(store, vid)["c"].depth == deltas
         assert store.info(vid).depth == deltas  # versions back to the baseline, as it is now
     assert {i.id: i.depth for i in store.versions()}[a[2]] == 8
-    a.append(store.save(step(9), approach="update", parent=a[-1], max_chain=3))
+    a.append(store.save(step(9), approach="update", parent=a[-1], max_chain=3, max_recovery=None))
     info = store.info(a[-1])
     assert info.changes["whole"] == 1 and info.changes["max_delta_chain"] == 0  # a keyframe
     assert info.depth == len(chain.chain_of(store, a[-1])) - 1 == 9

@@ -119,6 +119,13 @@ def run(sds: StateDicts, root: Path, repeat: int, log: Callable[[str], None]) ->
             one.append(time.perf_counter() - t0)
         out["chain"] = {"load_baseline_s": base_load, "load_last_s": chain_load,
                         "load_model_ms": statistics.median(one) * 1e3}  # fmt: skip
+        out["full_chains"] = []
+        for tol in (None, 1e-4):
+            for bound in ("default", None):
+                log(f"  chain of ten 100% updates, tolerance {tol}, recovery bound {bound} ...")
+                out["full_chains"].append(
+                    _full_chain(store, v1, sds, tol, bound, base_load, base_bytes, repeat)
+                )
         if torch.cuda.is_available() and mmcore.cuda_available():
             log("  GPU: the 1% update saved from models on the GPU ...")
             out["gpu"] = _gpu_update(store, sds, v1, repeat)
@@ -130,6 +137,39 @@ def run(sds: StateDicts, root: Path, repeat: int, log: Callable[[str], None]) ->
 
             out["gpu"]["load_chain_gpu_s"], _ = _median(load_gpu, repeat)
     return out
+
+
+def _full_chain(store: mmcore.ModelStore, v1: str, sds: StateDicts, tol: float | None,
+                bound: str | None, base_load: float, base_bytes: int, repeat: int) -> dict[str, Any]:  # fmt: skip
+    """Ten versions in a row, each retraining every cell, saved as updates (with the
+    default recovery bound, or none): their stored bytes against ten baselines, and
+    the last one's load against the baseline's."""
+    extra: dict[str, Any] = {} if bound == "default" else {"max_recovery": None}
+    v, current, stored, saves = v1, sds, 0, []
+    for step in range(10):
+        current = retrain(current, 1.0, seed=200 + step)
+        t0 = time.perf_counter()
+        v = store.save(current, approach="update", parent=v, tolerance=tol, progress=False,
+                       **extra)  # fmt: skip
+        saves.append(time.perf_counter() - t0)
+        stored += store.info(v).stored_bytes
+    load_s, got = _median(lambda: store.load(v), repeat)
+    worst = max(float((got[n][k] - t).abs().max()) for n, sd in current.items()
+                for k, t in sd.items())  # fmt: skip
+    del got
+    if (tol is None and worst != 0) or (tol is not None and worst > 10 * tol):
+        raise AssertionError(f"the chain's last version is off by {worst}")
+    names = list(current)
+    rng = random.Random(5)
+    store.load_model(v, names[0])
+    one = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        store.load_model(v, rng.choice(names))
+        one.append(time.perf_counter() - t0)
+    return {"tolerance": tol, "bound": bound, "stored_ratio": stored / (10 * base_bytes),
+            "load_ratio": load_s / base_load, "load_model_ms": statistics.median(one) * 1e3,
+            "save_s": statistics.median(saves), "worst": worst}  # fmt: skip
 
 
 def _gpu_update(store: mmcore.ModelStore, sds: StateDicts, v1: str, repeat: int) -> dict[str, Any]:
@@ -167,7 +207,27 @@ def report(res: dict[str, Any]) -> list[tuple[str, bool]]:
     ch = res["chain"]
     print(f"chain of 10 x 1%: load last {ch['load_last_s']:.3f} s vs baseline {ch['load_baseline_s']:.3f} s; "
           f"load_model {ch['load_model_ms']:.2f} ms")  # fmt: skip
+    full = res.get("full_chains", [])
+    for c in full:
+        print(f"chain of 10 x 100%, tolerance {c['tolerance'] or 'exact'}, recovery bound "
+              f"{c['bound'] or 'off'}: stored {c['stored_ratio']:.3f}x ten baselines, load of the "
+              f"last {c['load_ratio']:.2f}x the baseline load, load_model {c['load_model_ms']:.2f} ms, "
+              f"median save {c['save_s']:.3f} s")  # fmt: skip
     by = {(r["fraction"], r["tolerance"]): r for r in res["rows"]}
+    bounded = {c["tolerance"]: c for c in full if c["bound"] == "default"}
+    chain_checks = []
+    for tol, most in ((None, 0.8), (1e-4, 0.6)):
+        if tol in bounded:
+            c = bounded[tol]
+            what = "exact" if tol is None else f"tolerance {tol:g}"
+            chain_checks += [
+                (f"10 x 100% chain ({what}) stored <= {most}x ten baselines: {c['stored_ratio']:.3f}x",
+                 c["stored_ratio"] <= most),
+                (f"10 x 100% chain ({what}): load of the last <= 2x the baseline load: "
+                 f"{c['load_ratio']:.2f}x", c["load_ratio"] <= 2),
+                (f"10 x 100% chain ({what}): load_model < 2 ms: {c['load_model_ms']:.2f} ms",
+                 c["load_model_ms"] < 2),
+            ]  # fmt: skip
 
     def ratio(key: tuple[float, float | None]) -> float:
         return float(by[key]["stored_bytes"]) / float(base["stored_bytes"])
@@ -191,6 +251,7 @@ def report(res: dict[str, Any]) -> list[tuple[str, bool]]:
         ]  # fmt: skip
     return [
         *gpu_checks,
+        *chain_checks,
         (f"1% update stored <= 1.3% of the baseline: {ratio((0.01, None)):.2%}", ratio((0.01, None)) <= 0.013),
         (f"100% lossless <= 75%: {ratio((1.0, None)):.1%}", ratio((1.0, None)) <= 0.75),
         (f"100% tolerance 1e-4 <= 30%: {ratio((1.0, 1e-4)):.1%}", ratio((1.0, 1e-4)) <= 0.30),

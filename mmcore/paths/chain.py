@@ -17,8 +17,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import codec, dtypes, kernels
+from .._gc import gc_paused
 from ..errors import CorruptRecordError, IntegrityError, InvalidArgumentError
-from ..kernels._segments import plane_width
+from ..kernels._segments import (
+    ENCODING_VERSION,
+    FLOAT_KINDS,
+    QUANT_HEADER,
+    QUANTIZED,
+    call,
+    plane_width,
+)
 from ..kernels.delta import quantize_decode, xor_planes_decode
 from ..kernels.xor_planes import xor_planes_decode_table
 from ..manifest import ContentRecord, GroupRecord, Manifest
@@ -42,6 +50,8 @@ class ModelInfo:
     first: int  # its first row: one row per tensor, BLAKE3 of the tensor as recovery produces it
     depth: int  # deltas since the model was last stored whole, along the chain as it is now
     order: list[str] | None = None  # its tensor names as the user saved them (None: the schema's)
+    cost: int = 0  # bytes recovering it through its deltas reads and decodes beyond its base:
+    #                per delta since it was last stored whole, its stored and plain bytes
 
     @property
     def hashes(self) -> torch.Tensor:
@@ -120,6 +130,11 @@ def read_delta_blob(
 
 def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
     """Every model of a version, in its order, with its schema, hashes and delta depth."""
+    with gc_paused():
+        return _model_index(store, vid)
+
+
+def _model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
     chain = chain_of(store, vid)
     base = chain[-1]
     index: dict[str, ModelInfo] = {}
@@ -155,7 +170,7 @@ def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
                 # the depth counted along the chain, not the one recorded at save time: a
                 # rebase of an ancestor changes it without rewriting this version
                 index[name] = ModelInfo(before.schema, table.hashes, row[3], before.depth + 1,
-                                        before.order)  # fmt: skip
+                                        before.order, before.cost + row[1] + row[2])  # fmt: skip
         for name, order in m.update.orders.items():
             if name in index:
                 index[name].order = _checked_order(m, name, order, index[name].schema)
@@ -265,6 +280,13 @@ def _recover(
     """The recovered states (record views where a model is one record, in schema
     order), their names in the version's order, each model's schema, and the tensor
     order of those the user saved in another order than their schema's."""
+    with gc_paused():  # tens of thousands of small objects (tables, views), no cycles
+        return _recover_paused(store, vid, wanted, verify=verify)
+
+
+def _recover_paused(
+    store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool
+) -> tuple[list[str], dict[str, StateDict], dict[str, Schema], dict[str, list[str]]]:
     chain = chain_of(store, vid)
     base = chain[-1]
     states: dict[str, StateDict] = {}
@@ -275,8 +297,10 @@ def _recover(
     pending: dict[str, list[_Queued]] = {}  # model -> its deltas since it was last read whole
     orders: dict[str, list[str]] = {}
     order = list(base.models)
-    for group in base.groups:
-        _read_group(store, base, group, wanted, states, schemas, verify)
+    need = _whole_sources(chain, wanted)
+    for gi, group in enumerate(base.groups):
+        if need.get((base.id, gi)):
+            _read_group(store, base, group, need[(base.id, gi)], states, schemas, verify)
     for m in reversed(chain[:-1]):
         assert m.update is not None
         removed = set(m.update.removed)
@@ -289,8 +313,9 @@ def _recover(
         for name in removed:
             pending.pop(name, None)
             orders.pop(name, None)
-        for group in m.groups:  # stored whole here: verified as it is read
-            _read_group(store, m, group, wanted, states, schemas, verify)
+        for gi, group in enumerate(m.groups):  # stored whole here: verified as it is read
+            if need.get((m.id, gi)):
+                _read_group(store, m, group, need[(m.id, gi)], states, schemas, verify)
             for name in group.names or ():
                 last_delta.pop(name, None)
                 pending.pop(name, None)  # earlier deltas of it no longer matter
@@ -323,6 +348,27 @@ def _recover(
         else [n for n in order if n in states]
     )
     return names, states, schemas, orders
+
+
+def _whole_sources(
+    chain: list[Manifest], wanted: set[str] | None
+) -> dict[tuple[str, int], set[str]]:
+    """Per (version, group) of ``chain``, the models recovery reads from it: those of
+    the version (``wanted`` of them) last stored whole there. A model stored whole
+    again later (a keyframe) is not read, nor are the deltas between."""
+    source: dict[str, tuple[str, int]] = {}
+    for m in reversed(chain):
+        if m.update is not None:
+            for name in m.update.removed:
+                source.pop(name, None)
+        for gi, group in enumerate(m.groups):
+            for name in _group_names(m, group):
+                source[name] = (m.id, gi)
+    need: dict[tuple[str, int], set[str]] = {}
+    for name, where in source.items():
+        if wanted is None or name in wanted:
+            need.setdefault(where, set()).add(name)
+    return need
 
 
 def _gather_records(addresses: torch.Tensor, stride: int) -> torch.Tensor:
@@ -436,7 +482,7 @@ def _model_plains(store: ModelStore, batch: list[_Queued]) -> list[torch.Tensor]
             continue
         region = torch.empty(hi - lo, dtype=torch.uint8)
         store.tier.read_into(pack, lo, hi - lo, region.data_ptr())
-        view = memoryview(kernels.tensor_bytes(region))
+        view = kernels.tensor_view(region)  # no copy: region stays alive until the end
 
         def decode(part: list[int], view: memoryview = view, lo: int = lo) -> None:
             for i in part:
@@ -478,22 +524,16 @@ def _record_address(state: StateDict, schema: Schema) -> int | None:
 def _apply_records(store: ModelStore, batch: list[_Queued], states: dict[str, StateDict],
                    schemas: dict[str, Schema], last_delta: dict[str, torch.Tensor]) -> list[_Queued]:  # fmt: skip
     """Decodes whole model records: per schema, every model of ``batch`` whose parent is
-    one record and whose delta holds no quantized tensor, in a few native calls over
-    address tables (parent records copied, raw tensors gathered, xor-planes decoded),
-    then views as the reader builds them. Returns the deltas left for ``_apply_deltas``."""
+    one record, in a few native calls over address tables (parent records copied, raw
+    tensors gathered, xor-planes and quantized encodings decoded), then views as the
+    reader builds them. Returns the deltas left for ``_apply_deltas``."""
     by_schema: dict[int, list[tuple[_Queued, int]]] = {}
     rest = []
     for d in batch:
         schema = schemas.get(d.name)
-        first, count = d.row[3], d.row[4]
+        count = d.row[4]
         address = None if schema is None else _record_address(states[d.name], schema)
-        kinds = {e[0] for e in d.table.entries[first : first + count]}
-        if (
-            address is None
-            or schema is None
-            or codec.QUANT in kinds
-            or count != len(schema.tensors)
-        ):
+        if address is None or schema is None or count != len(schema.tensors):
             rest.append(d)
         else:
             by_schema.setdefault(id(schema), []).append((d, address))
@@ -517,7 +557,7 @@ def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema:
     dst, nbytes = segment_table(0, schema, n)  # each tensor's offset in ``out``, and its length
     offsets = dst - model * stride
     bad = (at + length > plain_len[model]) | ((kind == codec.RAW) & (length != nbytes))
-    bad |= (kind != codec.SAME) & (kind != codec.RAW) & (kind != codec.XOR)
+    bad |= (kind != codec.SAME) & (kind != codec.RAW) & (kind != codec.XOR) & (kind != codec.QUANT)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         d = group[i // t][0]
@@ -542,10 +582,60 @@ def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema:
             raise IntegrityError(
                 f"a delta of {group[0][0].m.id}'s chain is damaged: {exc}"
             ) from None
+    quant = (kind == codec.QUANT).nonzero().reshape(-1)
+    if quant.numel():
+        src_q, length_q, model_q = src[quant], length[quant], model[quant]
+        spec_q = quant % t
+        parents_q = (parents[model_q] + offsets[quant]).contiguous()
+        outs_q = (dst[quant] + out.data_ptr()).contiguous()
+        bad_at = _decode_quantized(schema, spec_q, src_q, length_q, parents_q, outs_q)
+        if bad_at is not None:
+            i = int(quant[bad_at])
+            d = group[i // t][0]
+            raise IntegrityError(
+                f"version {d.m.id}, model {d.name!r}, tensor {schema.tensors[i % t].name!r}: "
+                "its quantized encoding does not fit its tensor"
+            )
     del plains  # every decoded byte is in ``out`` now
     for (d, _), state in zip(group, record_views(out, schema, n)):
         states[d.name] = state
         last_delta[d.name] = d.table.hashes[d.row[3] : d.row[3] + t]
+
+
+def _decode_quantized(schema: Schema, spec: torch.Tensor, src: torch.Tensor, length: torch.Tensor,
+                      parents: torch.Tensor, outs: torch.Tensor) -> int | None:  # fmt: skip
+    """Decodes quantized encodings by one native call over address tables: encoding
+    ``j`` at ``src[j]`` (``length[j]`` bytes) of tensor ``spec[j]`` of ``schema``,
+    against ``parents[j]`` into ``outs[j]``. Headers are read by one gather and checked
+    as columns. Returns the index of the first encoding that does not fit, or None."""
+    k, head = src.numel(), QUANT_HEADER.size
+    kinds = torch.tensor([FLOAT_KINDS.get(dtypes.from_name(s.dtype), 0) for s in schema.tensors],
+                         dtype=torch.int64)[spec]  # fmt: skip
+    itemsize = torch.tensor([dtypes.from_name(s.dtype).itemsize for s in schema.tensors],
+                            dtype=torch.int64)[spec]  # fmt: skip
+    numel = torch.tensor([s.nbytes for s in schema.tensors], dtype=torch.int64)[spec] // itemsize
+    short = (length < head) | (kinds == 0)
+    if bool(short.any()):
+        return int(short.nonzero()[0, 0])
+    heads = torch.empty((k, head), dtype=torch.uint8)
+    kernels.gather(heads, src.contiguous(), torch.full((k,), head, dtype=torch.int64),
+                   torch.arange(k, dtype=torch.int64) * head)  # fmt: skip
+    width = heads[:, 2].to(torch.int64)
+    tol = heads[:, 8:16].contiguous().view(torch.float64).reshape(k)
+    count = heads[:, 16:24].contiguous().view(torch.int64).reshape(k)
+    escapes = heads[:, 24:32].contiguous().view(torch.int64).reshape(k)
+    index_at = head + (count * width + 7) // 8 * 8
+    bits_at = index_at + 8 * escapes
+    bad = (heads[:, 0] != ENCODING_VERSION) | (heads[:, 1] != QUANTIZED)
+    bad |= (width != 1) & (width != 2) & (width != 4)
+    bad |= (heads[:, 3].to(torch.int64) != kinds) | (count != numel)
+    bad |= (escapes < 0) | (escapes > numel) | (bits_at + escapes * itemsize != length)
+    if bool(bad.any()):
+        return int(bad.nonzero()[0, 0])
+    call("quantize_decode", parents, numel, kinds.to(torch.int32), tol.contiguous(),
+         width.to(torch.int32), (src + head).contiguous(), escapes.contiguous(),
+         (src + index_at).contiguous(), (src + bits_at).contiguous(), outs, k)  # fmt: skip
+    return None
 
 
 @dataclass

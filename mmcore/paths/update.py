@@ -25,6 +25,7 @@ from .._gc import gc_paused
 from ..codec import frames
 from ..errors import InvalidModelSetError, MMCoreError, decoding
 from ..kernels import cuda
+from ..kernels._segments import QUANT_HEADER, call
 from ..kernels.delta import (
     FLOAT_KINDS,
     plane_width,
@@ -61,6 +62,8 @@ class _Delta:
     pieces: list[torch.Tensor | None]  # encoding per tensor (None: unchanged)
     recovered: torch.Tensor  # (tensors, 32) hashes of what recovery will produce
     frames: bytes | None = None  # the model blob compressed where it was encoded (a GPU)
+    span: torch.Tensor | None = None  # every piece, back to back in one buffer (xor-planes
+    #                                   encodings of one table): compressed as one view
 
 
 _SAME_ORDER: tuple[int, ...] = ()  # _schema_order: the entry's tensors are in the schema's order
@@ -198,14 +201,24 @@ _HASH_BATCH = 16384  # tensors per hash job
 
 
 def write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
-                 tolerance: float | None, max_chain: int, progress: Progress) -> WrittenUpdate:  # fmt: skip
+                 tolerance: float | None, max_chain: int, max_recovery: float | None,
+                 progress: Progress) -> WrittenUpdate:  # fmt: skip
     with gc_paused():  # tens of thousands of small objects, no cycles among them
         return _write_update(store, writer, models, parent, tolerance=tolerance, max_chain=max_chain,
-                             progress=progress)  # fmt: skip
+                             max_recovery=max_recovery, progress=progress)  # fmt: skip
+
+
+def keyframe(info: chain.ModelInfo, whole: int, changed: int, max_recovery: float | None) -> bool:
+    """Whether a model gets stored whole rather than as one more delta: when recovering
+    it through its chain (its base, the bytes read and decoded by every delta since it
+    was last whole, and this delta's, counted as its changed tensors' bytes) would cost
+    more than ``max_recovery`` times recovering it whole."""
+    return max_recovery is not None and whole + info.cost + changed > max_recovery * whole
 
 
 def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
-                  tolerance: float | None, max_chain: int, progress: Progress) -> WrittenUpdate:  # fmt: skip
+                  tolerance: float | None, max_chain: int, max_recovery: float | None,
+                  progress: Progress) -> WrittenUpdate:  # fmt: skip
     TRANSFERS.device_to_host = TRANSFERS.host_to_device = TRANSFERS.encodings = 0
     entries, new_hashes, logical, device = _validate_and_hash(models, progress)
     if not entries:
@@ -218,14 +231,14 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     comparable = [p is not None for p in perms]
     saved_orders = [e.keys for e in entries]
     new_hashes = _to_schema_order(entries, perms, new_hashes)
-    differs = _differing_tensors(entries, infos, comparable, new_hashes)
+    differs, changed_bytes = _differing_tensors(entries, infos, comparable, new_hashes)
     orders: dict[str, list[str]] = {}
     whole: list[ModelEntry] = []
     delta_rows: list[tuple[ModelEntry, chain.ModelInfo, int]] = []
     unchanged = restored = 0
     row = 0
-    for entry, info, same_schema, ndiff, saved in zip(entries, infos, comparable, differs,
-                                                      saved_orders):  # fmt: skip
+    for entry, info, same_schema, ndiff, nbytes, saved in zip(entries, infos, comparable, differs,
+                                                              changed_bytes, saved_orders):  # fmt: skip
         row += len(entry.sources)
         if info is None or not same_schema:
             whole.append(entry)  # stored in the order given: its schema's
@@ -234,7 +247,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
         if ndiff == 0:
             unchanged += 1
             stored = info.order or stored
-        elif info.depth + 1 > max_chain:
+        elif info.depth + 1 > max_chain or keyframe(info, _nbytes(entry), nbytes, max_recovery):
             whole.append(entry)
             restored += 1
         else:
@@ -276,13 +289,13 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     depth = len(chain.chain_of(store, parent))  # as the chain is now (a rebase shortens it)
     stats = {"models": len(entries), "tensors": sum(len(e.sources) for e in entries),
              "unchanged": unchanged, "changed": len(deltas) + restored, "delta": len(deltas),
-             "whole": len(whole), "added": len(added), "removed": len(removed),
+             "whole": len(whole), "keyframes": restored, "added": len(added), "removed": len(removed),
              "payload_bytes": payload, "metadata_bytes": metadata,
              "max_delta_chain": max([int(d.info.depth) + 1 for d in deltas], default=0)}  # fmt: skip
     update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=removed,
                         added=added, whole=whole_names, changed=[d.entry.name for d in deltas],
                         delta_blob=delta_key, stats=stats, orders=orders,
-                        model_order=model_order)  # fmt: skip
+                        model_order=model_order, max_recovery=max_recovery)  # fmt: skip
     return WrittenUpdate(groups, blobs, update, logical)
 
 
@@ -310,9 +323,11 @@ def _deltas(
 
 
 def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | None],
-                       comparable: list[bool], new_hashes: torch.Tensor) -> list[int]:  # fmt: skip
-    """Per model, how many of its tensors' hashes differ from the parent's: one
-    vectorised comparison over the whole table (models without a comparable parent: 1)."""
+                       comparable: list[bool],
+                       new_hashes: torch.Tensor) -> tuple[list[int], list[int]]:  # fmt: skip
+    """Per model, how many of its tensors' hashes differ from the parent's, and their
+    bytes: one vectorised comparison over the whole table (models without a comparable
+    parent: 1 tensor, all their bytes)."""
     tables: dict[
         int, tuple[int, torch.Tensor]
     ] = {}  # id -> (first row in the concatenation, table)
@@ -328,7 +343,15 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
             rows_total += info.table.shape[0]
         starts.append(tables[id(info.table)][0] + info.first)
     if not tables:
-        return [1] * len(entries)
+        return [1] * len(entries), [_nbytes(e) for e in entries]
+    sizes_of: dict[Any, list[int]] = {}  # per architecture: its tensors' bytes
+    sizes: list[int] = []
+    for entry in entries:
+        each = sizes_of.get(entry.signature)
+        if each is None:
+            each = sizes_of[entry.signature] = [math.prod(shape) * dt.itemsize
+                                                for dt, shape in entry.signature]  # fmt: skip
+        sizes.extend(each)
     device = new_hashes.device  # where the new hashes are: the parent's rows go there
     parent = torch.cat([t for _, t in tables.values()]).to(device)
     count_t = torch.tensor(counts, dtype=torch.int64, device=device)
@@ -342,10 +365,15 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
     differ = torch.zeros(len(entries), dtype=torch.int64, device=device).index_add_(
         0, model_of, (~same).to(torch.int64)
     )
+    flags = (~same).cpu().to(torch.int64)
+    nbytes = torch.zeros(len(entries), dtype=torch.int64).index_add_(
+        0, model_of.cpu(), flags * torch.tensor(sizes, dtype=torch.int64)
+    )
     if device.type != "cpu":
         TRANSFERS.host_to_device += parent.numel()
-        TRANSFERS.device_to_host += differ.numel() * 8
-    return [d if ok else max(d, 1) for d, ok in zip(differ.tolist(), comparable)]
+        TRANSFERS.device_to_host += differ.numel() * 8 + flags.numel()
+    counts_out = [d if ok else max(d, 1) for d, ok in zip(differ.tolist(), comparable)]
+    return counts_out, nbytes.tolist()
 
 
 def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: float | None,
@@ -359,25 +387,91 @@ def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: flo
         _encode_on(device, parents, deltas, tolerance)
         return
     jobs = _changed_tensors(deltas, parents, tolerance)
-    xor_tables: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
-    keep: list[torch.Tensor] = []  # every parent tensor addressed by the table
-    for d, t, _, before in jobs[codec.XOR]:
-        before = before.contiguous()  # recovery's tensors are; this keeps that a fact
-        keep.append(before)
-        for column, value in zip(xor_tables, (d.entry.ptrs[t], before.data_ptr(),
-                                              before.numel() * before.element_size(),
-                                              plane_width(before.dtype))):  # fmt: skip
-            column.append(value)
-    if jobs[codec.XOR]:
-        table = xor_planes_encode_table(*(kernels.int64_table(c) for c in xor_tables))
-        for (d, t, _, _), enc in zip(jobs[codec.XOR], table.views()):
+    xor = jobs[codec.XOR]
+    if xor:
+        keep = [before.contiguous() for _, _, _, before in xor]  # recovery's are; kept alive
+        widths: dict[torch.dtype, int] = {}
+        table = xor_planes_encode_table(
+            kernels.int64_table([d.entry.ptrs[t] for d, t, _, _ in xor]),
+            kernels.int64_table([b.data_ptr() for b in keep]),
+            kernels.int64_table([b.numel() * b.element_size() for b in keep]),
+            kernels.int64_table([widths.get(b.dtype) or widths.setdefault(b.dtype, plane_width(b.dtype))
+                                 for b in keep]),
+        )  # fmt: skip
+        del keep
+        first: dict[int, int] = {}  # per delta (by position): its first job, and one past its last
+        last: dict[int, int] = {}
+        for j, ((d, t, _, _), enc) in enumerate(zip(xor, table.views())):
             d.kinds[t], d.pieces[t] = codec.XOR, enc
+            first.setdefault(id(d), j)
+            last[id(d)] = j + 1
+        offsets = table.offsets.tolist()
+        for d in deltas:
+            if id(d) in first:  # its pieces lie back to back (until a quantized one is added)
+                d.span = table.buf[offsets[first[id(d)]] : offsets[last[id(d)]]]
     quant = jobs[codec.QUANT]
     if quant:
         assert tolerance is not None
-        encs, _ = quantize_encode([j[2] for j in quant], [j[3] for j in quant], tolerance)
-        got = kernels.blake3_tensors(quantize_decode(encs, [j[3] for j in quant]))
-        _take_quantized(quant, encs, got)
+        _quantize_all(deltas, quant, tolerance)
+
+
+def _quantize_all(deltas: list[_Delta], quant: list[_Job], tolerance: float) -> None:
+    """The quantized encodings of every job (one buffer, back to back), decoded as
+    recovery will (one native call over address tables into one buffer), hashed (one
+    call) and compared with the parents' hashes as one table: a tensor whose every
+    element lies within tolerance of its parent keeps the parent's; the rest are
+    recorded, each delta whose pieces are all quantized and back to back as one span."""
+    befores = [j[3].contiguous() for j in quant]
+    encs, stats = quantize_encode([j[2] for j in quant], befores, tolerance)
+    k = len(quant)
+    numel = torch.tensor([b.numel() for b in befores], dtype=torch.int64)
+    itemsize = torch.tensor([b.element_size() for b in befores], dtype=torch.int64)
+    starts = torch.tensor([e.data_ptr() for e in encs], dtype=torch.int64)
+    heads = torch.empty((k, QUANT_HEADER.size), dtype=torch.uint8)  # as written: read back
+    kernels.gather(heads, starts, torch.full((k,), QUANT_HEADER.size, dtype=torch.int64),
+                   torch.arange(k, dtype=torch.int64) * QUANT_HEADER.size)  # fmt: skip
+    width = heads[:, 2].to(torch.int64)
+    escapes = stats.escapes.to(torch.int64)
+    index_at = QUANT_HEADER.size + (numel * width + 7) // 8 * 8
+    nbytes = numel * itemsize
+    padded = (nbytes + 15) // 16 * 16
+    out_at = torch.zeros(k, dtype=torch.int64)
+    torch.cumsum(padded[:-1], 0, out=out_at[1:])
+    out = torch.empty(int(padded.sum()), dtype=torch.uint8)
+    outs = out_at + out.data_ptr()
+    call("quantize_decode", torch.tensor([b.data_ptr() for b in befores], dtype=torch.int64),
+         numel, heads[:, 3].to(torch.int32), heads[:, 8:16].contiguous().view(torch.float64).reshape(k),
+         width.to(torch.int32), starts + QUANT_HEADER.size, escapes, starts + index_at,
+         starts + index_at + 8 * escapes, outs, k)  # fmt: skip
+    got = kernels.blake3_segments(outs, nbytes)
+    del out
+    row_of = {id(d): i for i, d in enumerate(deltas)}
+    first_row = torch.tensor([0, *(len(d.kinds) for d in deltas)], dtype=torch.int64).cumsum(0)
+    firsts = first_row.tolist()
+    rows = torch.tensor([firsts[row_of[id(d)]] + t for d, t, _, _ in quant], dtype=torch.int64)
+    parent_rows = torch.cat([d.info.hashes for d in deltas])[rows]
+    kept = (got != parent_rows).any(dim=1)
+    recovered = torch.cat([d.recovered for d in deltas])
+    recovered[rows] = torch.where(kept.unsqueeze(1), got, parent_rows)
+    for d, part in zip(deltas, torch.split(recovered, [len(d.kinds) for d in deltas])):
+        d.recovered = part
+    runs: dict[int, list[int]] = {}  # per delta: its quantized jobs kept
+    holed: set[int] = set()  # deltas with a quantized job dropped
+    for j, ((d, t, _, _), keep) in enumerate(zip(quant, kept.tolist())):
+        if keep:
+            d.kinds[t], d.pieces[t] = codec.QUANT, encs[j]
+            runs.setdefault(id(d), []).append(j)
+        else:
+            holed.add(id(d))
+    for d in deltas:
+        run = runs.get(id(d), [])
+        if not run and id(d) not in holed:
+            continue  # no quantized job: its xor-planes span (if any) stands
+        count = sum(p is not None for p in d.pieces)
+        # one span only where its pieces are all quantized, consecutive in the one buffer
+        consecutive = (bool(run) and id(d) not in holed and count == len(run)
+                       and run[-1] - run[0] + 1 == len(run))  # fmt: skip
+        d.span = _span(encs[run[0]], encs[run[-1]]) if consecutive else None
 
 
 _Job = tuple[_Delta, int, torch.Tensor, torch.Tensor]  # delta, tensor index, new, parent (flat)
@@ -406,10 +500,19 @@ def _changed_tensors(deltas: list[_Delta], parents: dict[str, dict[str, torch.Te
             if not same[t]:
                 lossy = (tolerance is not None and new.dtype in FLOAT_KINDS
                          and not d.entry.keys[t].endswith(EXACT_SUFFIXES))  # fmt: skip
-                jobs[codec.QUANT if lossy else codec.XOR].append(
-                    (d, t, new.reshape(-1), before.reshape(-1))
-                )
+                jobs[codec.QUANT if lossy else codec.XOR].append((d, t, new, before))
     return jobs
+
+
+def _span(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor | None:
+    """The bytes from ``first`` to the end of ``last`` (uint8 views of one buffer, in
+    that order with nothing between), as one view; None if they are not such views."""
+    base = first._base
+    if base is None or last._base is not base or base.dim() != 1:
+        return None
+    lo = first.storage_offset() - base.storage_offset()
+    hi = last.storage_offset() - base.storage_offset() + last.numel()
+    return base[lo:hi]
 
 
 def _take_quantized(batch: list[_Job], encs: list[torch.Tensor], recovered: torch.Tensor) -> None:
@@ -420,6 +523,7 @@ def _take_quantized(batch: list[_Job], encs: list[torch.Tensor], recovered: torc
             d.recovered[t] = d.info.hashes[t]
             continue
         d.kinds[t], d.pieces[t], d.recovered[t] = codec.QUANT, enc, h
+        d.span = None  # its pieces are in two buffers now
 
 
 def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]],
@@ -435,8 +539,8 @@ def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]]
     for kind, batch in jobs.items():
         if not batch:
             continue
-        befores = _to_device([j[3] for j in batch], device)
-        news = [j[2] for j in batch]
+        befores = _to_device([j[3].reshape(-1) for j in batch], device)
+        news = [j[2].reshape(-1) for j in batch]
         if kind == codec.XOR:
             encs, _ = xor_planes_encode(news, befores)
             for (d, t, _, _), enc in zip(batch, back(encs)):
@@ -507,7 +611,7 @@ def _write_deltas(
     on_host = [d for d in deltas if d.frames is None]
     packed_host = iter(
         codec.compress_many(  # views of the encodings, held in d.pieces meanwhile
-            [[kernels.tensor_view(p) for p in d.pieces if p is not None] for d in on_host]
+            [_views(d) for d in on_host]
         )
     )
     packed = [d.frames if d.frames is not None else next(packed_host) for d in deltas]
@@ -570,6 +674,13 @@ def _write_deltas(
         writer.pack_id, [], hashes_at, hashes.numel(), refs=1, table=(table_at, len(table))
     )
     return key, rec, len(body), len(table) + hashes.numel()
+
+
+def _views(d: _Delta) -> list[memoryview]:
+    """A delta's encodings as memoryviews: one over its span where they lie back to back."""
+    if d.span is not None:
+        return [kernels.tensor_view(d.span)]
+    return [kernels.tensor_view(p) for p in d.pieces if p is not None]
 
 
 def _holds_other_bytes(store: ModelStore, key: bytes, offsets: list[int],
