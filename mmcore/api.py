@@ -313,17 +313,20 @@ class ModelStore:
 
     def _write_payload(self, writer: PackWriter, manifest: Manifest, models: Any, *,
                        tolerance: float | None, max_chain: int, max_recovery: float | None,
-                       recipe: Recipe | None, check: bool,
-                       progress: Any) -> list[tuple[bytes, ContentRecord]]:  # fmt: skip
+                       recipe: Recipe | None, check: bool, progress: Any,
+                       saved_orders: dict[str, list[str]] | None = None
+                       ) -> list[tuple[bytes, ContentRecord]]:  # fmt: skip
         """Writes a version's payload by its approach into ``writer``; fills the manifest's
-        models, groups and path records; returns the blobs to reference."""
+        models, groups and path records; returns the blobs to reference. ``saved_orders``
+        (a rebase): the models come in their schemas' tensor order, kept; these are the
+        orders they were saved in."""
         parent = manifest.parent
         if manifest.approach == "update":
             assert parent is not None
             with torch.no_grad():  # a module's parameters are read as they are, not detached
                 up = update.write_update(self, writer, models, parent, tolerance=tolerance,
                                          max_chain=max_chain, max_recovery=max_recovery,
-                                         progress=progress)  # fmt: skip
+                                         progress=progress, saved_orders=saved_orders)  # fmt: skip
             manifest.groups, manifest.update, manifest.logical_bytes = (
                 up.groups,
                 up.update,
@@ -341,6 +344,9 @@ class ModelStore:
             written = baseline.write_set(writer, models, progress)
         manifest.models, manifest.groups = written.names, written.groups
         manifest.logical_bytes = written.logical_bytes
+        if saved_orders is not None:
+            given = {n: list(sd) for n, sd in models.items()}
+            manifest.orders = {n: order for n, order in saved_orders.items() if order != given[n]}
         return list(written.blobs)
 
     def rebase(
@@ -377,6 +383,13 @@ class ModelStore:
                     "baseline or update version"
                 )
         models = self.load(m.id)
+        saved = None
+        if m.provenance is None:  # keep each model's schema: versions stored against it use it
+            with decoding(m.id):
+                index = chain.model_index(self, m.id)
+            saved = {n: list(sd) for n, sd in models.items()}
+            models = {n: {s.name: sd[s.name] for s in index[n].schema.tensors}
+                      for n, sd in models.items()}  # fmt: skip
         new = Manifest(id=m.id, approach="update" if parent else "baseline", created=m.created,
                        models=[], groups=[], logical_bytes=0, parent=parent, prev=m.prev, ref=m.ref,
                        message=m.message, extra=m.extra)  # fmt: skip
@@ -386,7 +399,7 @@ class ModelStore:
                 blobs = self._write_payload(writer, new, models, tolerance=None,
                                             max_chain=DEFAULT_MAX_CHAIN,
                                             max_recovery=max_recovery, recipe=None, check=True,
-                                            progress=bar)  # fmt: skip
+                                            progress=bar, saved_orders=saved)  # fmt: skip
             pack_size = writer.finish()
             puts, deletes, live_in_pack = swap_references(self.catalog, blobs, version_blobs(m),
                                                           writer.pack_id, pack_size, new)  # fmt: skip
@@ -444,8 +457,10 @@ class ModelStore:
         while manifest.provenance is not None:
             assert manifest.parent is not None
             manifest = self.manifest(manifest.parent)
-        if manifest.update is None:  # a baseline: each model in its schema's order
-            return {}
+        if manifest.update is None:  # a baseline: its schemas' order, or its recorded one
+            with decoding(manifest.id):
+                found = {n: self._baseline_order(manifest, n) for n in manifest.orders}
+            return {n: order for n, order in found.items() if order is not None}
         with decoding(manifest.id):
             index = chain.model_index(self, manifest.id)
         return {n: info.order for n, info in index.items() if info.order}
@@ -466,7 +481,20 @@ class ModelStore:
             )
             for mi, state in zip(group.positions(), states):
                 out[mi] = state
-        return {name: state for name, state in zip(manifest.models, out) if state is not None}
+        got = {name: state for name, state in zip(manifest.models, out) if state is not None}
+        for name in manifest.orders:  # (a baseline written by a rebase)
+            order = self._baseline_order(manifest, name)
+            if order is not None and name in got:
+                got[name] = {k: got[name][k] for k in order}
+        return got
+
+    def _baseline_order(self, manifest: Manifest, name: str) -> list[str] | None:
+        """The tensor order a baseline recorded for a model, checked against its schema."""
+        order = manifest.orders.get(name)
+        where = manifest.locate(name)
+        if order is None or where is None:
+            return None
+        return chain.checked_order(manifest, name, order, manifest.groups[where[0]].schema)
 
     @_refreshing
     def load_stacked(
@@ -599,9 +627,11 @@ class ModelStore:
                 return self._load_update(manifest, [name], dev, verify)[name]
             assert where is not None
             gi, pos = where
-            return self._reader.read_model(
+            state = self._reader.read_model(
                 manifest, manifest.groups[gi], pos, verify=verify, device=dev
             )
+            order = self._baseline_order(manifest, name)
+            return state if order is None else {k: state[k] for k in order}
 
     # -- inspect ---------------------------------------------------------
     def info(self, version: str) -> VersionInfo:
@@ -693,6 +723,8 @@ class ModelStore:
                 raise IntegrityError(f"version {m.id}: its table of recorded hashes is corrupted")
             return retrain.verify_dataset(self, str(m.provenance.recipe["data"]))
         if m.update is None:
+            for name in m.orders:  # a recorded order names exactly the model's tensors
+                self._baseline_order(m, name)
             return m.num_tensors
         chain.model_index(self, vid)  # what it inherits fits together (orders, deltas, adds)
         checked += sum(g.count * len(g.schema.tensors) for g in m.groups)

@@ -18,8 +18,9 @@ from .modelset import Schema
 from .recipe import Recipe
 from .record import DAMAGED, Record
 
-MANIFEST_FORMAT = 4  # newest read; baselines are written as 1, updates 2 (4 with tensor
-# or model orders: a reader of 2 would return them in another order), provenance 3
+MANIFEST_FORMAT = 4  # newest read; baselines are written as 1 (4 with tensor orders, from a
+# rebase), updates 2 (4 with tensor or model orders: a reader of 2 would return them in
+# another order), provenance 3
 CONTENT_FORMAT = 2  # newest read; 2 only for a delta blob moved by compaction ("shift")
 DATASET_FORMAT = 1
 APPROACHES = ("baseline", "update", "provenance")
@@ -153,15 +154,7 @@ class UpdateInfo:
         max_recovery = None
         if rec.raw.get("max_recovery") is not None:
             max_recovery = rec.number("max_recovery")
-        orders: dict[str, list[str]] = {}
-        pairs = rec.raw.get("orders") or []
-        for pair in pairs if isinstance(pairs, list) else [None]:
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise rec.corrupt("field 'orders' should hold [tensor names, model names] pairs")
-            order, names = (rec.check_text_list(v, "orders") for v in pair)
-            if len(set(order)) != len(order):
-                raise rec.corrupt("a tensor order names a tensor twice")
-            orders.update(dict.fromkeys(names, order))
+        orders = decode_orders(rec)
         return cls(
             depth=rec.integer("depth", minimum=1), tolerance=tolerance,
             max_chain=rec.integer("max_chain", minimum=1), removed=rec.text_list("removed"),
@@ -169,6 +162,20 @@ class UpdateInfo:
             stats={str(k): rec.check_integer(v, "stats") for k, v in stats.items()},
             orders=orders, model_order=model_order, max_recovery=max_recovery,
         )  # fmt: skip
+
+
+def decode_orders(rec: Record) -> dict[str, list[str]]:
+    """The optional ``orders`` field: [tensor names, model names] pairs, as a map."""
+    orders: dict[str, list[str]] = {}
+    pairs = rec.raw.get("orders") or []
+    for pair in pairs if isinstance(pairs, list) else [None]:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise rec.corrupt("field 'orders' should hold [tensor names, model names] pairs")
+        order, names = (rec.check_text_list(v, "orders") for v in pair)
+        if len(set(order)) != len(order):
+            raise rec.corrupt("a tensor order names a tensor twice")
+        orders.update(dict.fromkeys(names, order))
+    return orders
 
 
 def _grouped(orders: dict[str, list[str]]) -> list[list[list[str]]]:
@@ -241,6 +248,10 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     update: UpdateInfo | None = None
     provenance: ProvenanceInfo | None = None
+    # a baseline's models whose tensors come back in another order than their schema's
+    # (written by a rebase to a baseline: the schema stays what versions stored against
+    # it were encoded with)
+    orders: dict[str, list[str]] = field(default_factory=dict)
     _index: dict[str, tuple[int, int]] | None = field(default=None, repr=False)
 
     @property
@@ -258,11 +269,14 @@ class Manifest:
         return self._index.get(model)
 
     def encode(self) -> bytes:
-        fields = {"update": self.update.encode()} if self.update is not None else {}
+        fields: dict[str, Any] = {"update": self.update.encode()} if self.update is not None else {}
         if self.provenance is not None:
             fields = {"provenance": self.provenance.encode()}
+        elif self.update is None and self.orders:
+            fields = {"orders": _grouped(self.orders)}
         return _pack({
-            "format": 3 if self.provenance is not None else 1 if self.update is None
+            "format": 3 if self.provenance is not None
+            else (4 if self.orders else 1) if self.update is None
             else 4 if self.update.orders or self.update.model_order is not None else 2,
             **fields,
             "id": self.id,
@@ -288,6 +302,7 @@ class Manifest:
         models = rec.text_list("models")
         groups = [GroupRecord.decode(g) for g in rec.map_list("groups")]
         update = provenance = None
+        orders: dict[str, list[str]] = {}
         if "update" in rec.raw:
             update = UpdateInfo.decode(rec.submap("update"), groups)
         elif "provenance" in rec.raw:
@@ -296,6 +311,7 @@ class Manifest:
                 raise rec.corrupt("a provenance version stores no models itself")
         else:
             _check_membership(rec, models, groups)
+            orders = decode_orders(rec)
         return cls(
             id=rec.text("id"),
             approach=rec.text("approach"),
@@ -311,6 +327,7 @@ class Manifest:
             extra=rec.optional_map("extra"),
             update=update,
             provenance=provenance,
+            orders=orders,
         )
 
 

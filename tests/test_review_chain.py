@@ -465,3 +465,54 @@ def test_a_rebase_onto_a_parent_with_alike_deltas_keeps_the_version(
     store.gc(compact_below=2)  # the first delta blob moves: compared where it lies now
     v2 = store.save(child, approach="update", parent=vb)
     _every_read(store, v2, child)
+
+
+# -- found by the fuzzer's long run: a rebase must keep each model's schema -----------
+
+
+def _reordered_chain(store: mmcore.ModelStore) -> tuple[list[str], list[Set]]:
+    """v1 stores c as (a: 3 floats, b: 5 floats); v2 saves it as (b, a) with new values
+    (its schema stays (a, b): deltas are taken in the parent's schema order, and the
+    order saved is recorded); v3 is stored against v2."""
+    g = _gen(9)
+    a, b = torch.randn(3, generator=g), torch.randn(5, generator=g)
+    m1: Set = {"c": {"a": a, "b": b}, "d": {"w": torch.randn(4, generator=g)}}
+    m2: Set = {"c": {"b": b + 1, "a": a + 1}, "d": m1["d"]}
+    m3: Set = {"c": {"b": b + 2, "a": a + 2}, "d": {"w": m1["d"]["w"] + 1}}
+    v1 = store.save(m1)
+    v2 = store.save(m2, approach="update", parent=v1, max_recovery=None)
+    v3 = store.save(m3, approach="update", parent=v2, max_recovery=None)
+    return [v1, v2, v3], [m1, m2, m3]
+
+
+def test_a_rebase_onto_a_parent_with_another_tensor_order_keeps_its_children(
+    store: mmcore.ModelStore,
+) -> None:
+    vids, sets = _reordered_chain(store)
+    other = store.save({"c": dict(sets[1]["c"]), "d": sets[0]["d"]})  # schema (b, a)
+    store.rebase(vids[1], parent=other)  # before: c became a delta in (b, a), v3 read wrong
+    for vid, want in zip(vids[1:], sets[1:]):
+        _every_read(store, vid, want)
+    store.delete(vids[0])
+    store.gc(compact_below=2)
+    for vid, want in zip(vids[1:], sets[1:]):
+        _every_read(store, vid, want)
+
+
+def test_a_rebase_to_a_baseline_keeps_the_schema_and_the_order_saved(
+    store: mmcore.ModelStore, store_path: Path
+) -> None:
+    vids, sets = _reordered_chain(store)
+    store.rebase(vids[1])
+    m = store.manifest(vids[1])
+    assert m.approach == "baseline" and m.orders == {"c": ["b", "a"]}
+    assert [t.name for t in m.groups[m.locate("c")[0]].schema.tensors] == ["a", "b"]  # type: ignore[index]
+    store.delete(vids[0])
+    store.gc()
+    for vid, want in zip(vids[1:], sets[1:]):
+        _every_read(store, vid, want)
+    assert store.export(vids[1], store_path.parent / "out")  # through load: the saved order
+    store.close()
+    with mmcore.open(store_path, readonly=True) as again:
+        for vid, want in zip(vids[1:], sets[1:]):
+            _every_read(again, vid, want)

@@ -141,6 +141,9 @@ def _model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
     for group in base.groups:
         _index_group(store, base, group, index)
     index = {name: index[name] for name in base.models}
+    for name, order in base.orders.items():  # a baseline written by a rebase
+        if name in index:
+            index[name].order = checked_order(base, name, order, index[name].schema)
     for m in reversed(chain[:-1]):
         assert m.update is not None
         for name in m.update.removed:
@@ -173,7 +176,7 @@ def _model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
                                         before.order, before.cost + row[1] + row[2])  # fmt: skip
         for name, order in m.update.orders.items():
             if name in index:
-                index[name].order = _checked_order(m, name, order, index[name].schema)
+                index[name].order = checked_order(m, name, order, index[name].schema)
         added = set(m.update.added)
         order = [n for n in index if n not in added] + m.update.added
         index = {name: index[name] for name in _model_order(m, order)}
@@ -195,7 +198,7 @@ def _model_order(m: Manifest, derived: list[str]) -> list[str]:
     return saved
 
 
-def _checked_order(m: Manifest, name: str, order: list[str], schema: Schema) -> list[str]:
+def checked_order(m: Manifest, name: str, order: list[str], schema: Schema) -> list[str]:
     """A recorded tensor order, which must name exactly the model's tensors."""
     if len(order) != len(schema.tensors) or set(order) != {s.name for s in schema.tensors}:
         raise CorruptRecordError(
@@ -301,6 +304,9 @@ def _recover_paused(
     for gi, group in enumerate(base.groups):
         if need.get((base.id, gi)):
             _read_group(store, base, group, need[(base.id, gi)], states, schemas, verify)
+    for name, keys in base.orders.items():  # a baseline written by a rebase
+        if name in states:
+            orders[name] = checked_order(base, name, keys, schemas[name])
     for m in reversed(chain[:-1]):
         assert m.update is not None
         removed = set(m.update.removed)
@@ -322,7 +328,7 @@ def _recover_paused(
                 orders.pop(name, None)
         for name, keys in m.update.orders.items():
             if name in states:
-                orders[name] = _checked_order(m, name, keys, schemas[name])
+                orders[name] = checked_order(m, name, keys, schemas[name])
         if m.update.changed:
             table = delta_table(store, m)
             assert m.update.delta_blob is not None

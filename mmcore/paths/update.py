@@ -202,10 +202,15 @@ _HASH_BATCH = 16384  # tensors per hash job
 
 def write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
                  tolerance: float | None, max_chain: int, max_recovery: float | None,
-                 progress: Progress) -> WrittenUpdate:  # fmt: skip
+                 progress: Progress, saved_orders: dict[str, list[str]] | None = None) -> WrittenUpdate:  # fmt: skip
+    """``saved_orders`` (a rebase): ``models`` come in the tensor order of their
+    schemas, which is kept (versions stored against them were encoded in it): a model
+    whose parent has it in another order is stored whole; these are the orders the
+    models were saved in, recorded where they differ."""
     with gc_paused():  # tens of thousands of small objects, no cycles among them
         return _write_update(store, writer, models, parent, tolerance=tolerance, max_chain=max_chain,
-                             max_recovery=max_recovery, progress=progress)  # fmt: skip
+                             max_recovery=max_recovery, progress=progress,
+                             saved_orders=saved_orders)  # fmt: skip
 
 
 def keyframe(info: chain.ModelInfo, whole: int, changed: int, max_recovery: float | None) -> bool:
@@ -218,7 +223,7 @@ def keyframe(info: chain.ModelInfo, whole: int, changed: int, max_recovery: floa
 
 def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
                   tolerance: float | None, max_chain: int, max_recovery: float | None,
-                  progress: Progress) -> WrittenUpdate:  # fmt: skip
+                  progress: Progress, saved_orders: dict[str, list[str]] | None) -> WrittenUpdate:  # fmt: skip
     TRANSFERS.device_to_host = TRANSFERS.host_to_device = TRANSFERS.encodings = 0
     entries, new_hashes, logical, device = _validate_and_hash(models, progress)
     if not entries:
@@ -228,8 +233,10 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     infos = [index.get(e.name) for e in entries]
     memo: dict[Any, tuple[int, ...] | None] = {}
     perms = [_schema_order(info, e, memo) for e, info in zip(entries, infos)]
+    if saved_orders is not None:  # keep each model's layout: no delta across another order
+        perms = [p if not p else None for p in perms]
     comparable = [p is not None for p in perms]
-    saved_orders = [e.keys for e in entries]
+    saved = [tuple((saved_orders or {}).get(e.name, e.keys)) for e in entries]
     new_hashes = _to_schema_order(entries, perms, new_hashes)
     differs, changed_bytes = _differing_tensors(entries, infos, comparable, new_hashes)
     orders: dict[str, list[str]] = {}
@@ -237,11 +244,13 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     delta_rows: list[tuple[ModelEntry, chain.ModelInfo, int]] = []
     unchanged = restored = 0
     row = 0
-    for entry, info, same_schema, ndiff, nbytes, saved in zip(entries, infos, comparable, differs,
-                                                              changed_bytes, saved_orders):  # fmt: skip
+    for entry, info, same_schema, ndiff, nbytes, order in zip(entries, infos, comparable, differs,
+                                                              changed_bytes, saved):  # fmt: skip
         row += len(entry.sources)
         if info is None or not same_schema:
             whole.append(entry)  # stored in the order given: its schema's
+            if list(order) != list(entry.keys):  # (a rebase: given in the schema's order)
+                orders[entry.name] = list(order)
             continue
         stored: Any = entry.keys  # the order recovery gives without a record
         if ndiff == 0:
@@ -253,8 +262,8 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
         else:
             delta_rows.append((entry, info, row - len(entry.sources)))
             stored = info.order or stored
-        if list(saved) != list(stored):
-            orders[entry.name] = list(saved)
+        if list(order) != list(stored):
+            orders[entry.name] = list(order)
     deltas = _deltas(delta_rows, new_hashes)
     names = {e.name for e in entries}
     added = [e.name for e in entries if e.name not in index]
