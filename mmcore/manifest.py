@@ -253,6 +253,8 @@ class Manifest:
     # it were encoded with)
     orders: dict[str, list[str]] = field(default_factory=dict)
     _index: dict[str, tuple[int, int]] | None = field(default=None, repr=False)
+    _group_of: dict[str, int] | None = field(default=None, repr=False, compare=False)
+    _changed_of: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tensors(self) -> int:

@@ -313,27 +313,37 @@ def _recover_paused(
         for name in removed:
             states.pop(name, None)
             last_delta.pop(name, None)
-        if removed:
-            order = [n for n in order if n not in removed]
-        order = _model_order(m, order + m.update.added)
+        if wanted is None:  # (one model's load leaves the version's order alone)
+            if removed:
+                order = [n for n in order if n not in removed]
+            order = _model_order(m, order + m.update.added)
         for name in removed:
             pending.pop(name, None)
             orders.pop(name, None)
         for gi, group in enumerate(m.groups):  # stored whole here: verified as it is read
             if need.get((m.id, gi)):
                 _read_group(store, m, group, need[(m.id, gi)], states, schemas, verify)
-            for name in group.names or ():
+            names = group.names or () if wanted is None else [
+                n for n in wanted if _group_index(m).get(n) == gi
+            ]  # fmt: skip
+            for name in names:
                 last_delta.pop(name, None)
                 pending.pop(name, None)  # earlier deltas of it no longer matter
                 orders.pop(name, None)
-        for name, keys in m.update.orders.items():
+        recorded = m.update.orders
+        for name in recorded if wanted is None else [n for n in wanted if n in recorded]:
             if name in states:
-                orders[name] = checked_order(m, name, keys, schemas[name])
+                orders[name] = checked_order(m, name, recorded[name], schemas[name])
         if m.update.changed:
             table = delta_table(store, m)
             assert m.update.delta_blob is not None
             pack = store._content(m.update.delta_blob).pack
-            for name, row in zip(m.update.changed, table.rows):
+            if wanted is None:
+                rows = list(zip(m.update.changed, table.rows))
+            else:
+                at = _changed_index(m)
+                rows = [(n, table.rows[at[n]]) for n in wanted if n in at]
+            for name, row in rows:
                 if name in states:
                     pending.setdefault(name, []).append(_Queued(name, m, table, row, pack))
     # Waves: the k-th delta of every model at once. Models changed in different versions
@@ -361,20 +371,48 @@ def _whole_sources(
 ) -> dict[tuple[str, int], set[str]]:
     """Per (version, group) of ``chain``, the models recovery reads from it: those of
     the version (``wanted`` of them) last stored whole there. A model stored whole
-    again later (a keyframe) is not read, nor are the deltas between."""
+    again later (a keyframe) is not read, nor are the deltas between. With ``wanted``,
+    only those names are looked up (a name index per manifest, built once)."""
     source: dict[str, tuple[str, int]] = {}
     for m in reversed(chain):
         if m.update is not None:
             for name in m.update.removed:
                 source.pop(name, None)
-        for gi, group in enumerate(m.groups):
-            for name in _group_names(m, group):
-                source[name] = (m.id, gi)
+        if wanted is None:
+            for gi, group in enumerate(m.groups):
+                for name in _group_names(m, group):
+                    source[name] = (m.id, gi)
+            continue
+        if not m.groups:
+            continue
+        groups = _group_index(m)
+        for name in wanted:
+            at = groups.get(name)
+            if at is not None:
+                source[name] = (m.id, at)
     need: dict[tuple[str, int], set[str]] = {}
     for name, where in source.items():
         if wanted is None or name in wanted:
             need.setdefault(where, set()).add(name)
     return need
+
+
+def _changed_index(m: Manifest) -> dict[str, int]:
+    """Model name -> its row in ``m``'s delta tables (cached on ``m``)."""
+    assert m.update is not None
+    if m._changed_of is None:
+        m._changed_of = {name: i for i, name in enumerate(m.update.changed)}
+    return m._changed_of
+
+
+def _group_index(m: Manifest) -> dict[str, int]:
+    """Model name -> index of the group storing it whole in ``m`` (cached on ``m``)."""
+    if m._group_of is None:
+        index: dict[str, int] = {}
+        for gi, group in enumerate(m.groups):
+            index.update(dict.fromkeys(_group_names(m, group), gi))
+        m._group_of = index
+    return m._group_of
 
 
 def _gather_records(addresses: torch.Tensor, stride: int) -> torch.Tensor:
