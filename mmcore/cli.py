@@ -90,8 +90,8 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"depth      {info.depth} (versions back to the baseline; deltas per model "
                   f"at most {info.max_chain}, here {c.get('max_delta_chain', 0)})")  # fmt: skip
             if info.max_recovery is not None:
-                print(f"keyframes  {c.get('keyframes', 0):,} models stored whole again (recovery "
-                      f"bound: {info.max_recovery:g}x a whole read)")  # fmt: skip
+                print(f"keyframes  {c.get('keyframes', 0):,} of the changed models stored whole again "
+                      f"(recovery bound: {info.max_recovery:g}x a whole read)")  # fmt: skip
             print(f"tolerance  {info.tolerance if info.tolerance is not None else 'none (exact)'}")
             print(f"changes    {c.get('unchanged', 0):,} unchanged, {c.get('delta', 0):,} as deltas, "
                   f"{c.get('whole', 0):,} whole ({c.get('added', 0):,} added), "
