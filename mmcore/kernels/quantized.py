@@ -215,6 +215,43 @@ def quantize_decode(
     return outs
 
 
+def quantize_decode_table(src: torch.Tensor, length: torch.Tensor, parents: torch.Tensor,
+                          outs: torch.Tensor, kinds: torch.Tensor, itemsize: torch.Tensor,
+                          numel: torch.Tensor) -> int | None:  # fmt: skip
+    """Decodes k quantized encodings on the CPU by one native call over address tables
+    (int64, shape (k,) each): encoding ``j`` at ``src[j]`` (``length[j]`` bytes) of a
+    tensor of float kind ``kinds[j]`` (0: not a float, refused), ``numel[j]`` elements
+    of ``itemsize[j]`` bytes, against ``parents[j]`` into ``outs[j]``. Headers are read
+    by one gather and checked as columns before any byte is written. Returns the index
+    of the first encoding that does not fit, or None."""
+    from . import gather
+
+    k, head = src.numel(), QUANT_HEADER.size
+    short = (length < head) | (kinds == 0)
+    if bool(short.any()):
+        return int(short.nonzero()[0, 0])
+    heads = torch.empty((k, head), dtype=torch.uint8)
+    gather(heads, src.contiguous(), torch.full((k,), head, dtype=torch.int64),
+           torch.arange(k, dtype=torch.int64) * head)  # fmt: skip
+    width = heads[:, 2].to(torch.int64)
+    tol = heads[:, 8:16].contiguous().view(torch.float64).reshape(k)
+    count = heads[:, 16:24].contiguous().view(torch.int64).reshape(k)
+    escapes = heads[:, 24:32].contiguous().view(torch.int64).reshape(k)
+    index_at = head + (count * width + 7) // 8 * 8
+    bits_at = index_at + 8 * escapes
+    bad = (heads[:, 0] != ENCODING_VERSION) | (heads[:, 1] != QUANTIZED)
+    bad |= (width != 1) & (width != 2) & (width != 4)
+    bad |= (heads[:, 3].to(torch.int64) != kinds) | (count != numel)
+    bad |= (escapes < 0) | (escapes > numel) | (bits_at + escapes * itemsize != length)
+    if bool(bad.any()):
+        return int(bad.nonzero()[0, 0])
+    if k:
+        call("quantize_decode", parents.contiguous(), numel.contiguous(), kinds.to(torch.int32),
+             tol.contiguous(), width.to(torch.int32), (src + head).contiguous(), escapes.contiguous(),
+             (src + index_at).contiguous(), (src + bits_at).contiguous(), outs.contiguous(), k)  # fmt: skip
+    return None
+
+
 def _quantize_encode_cuda(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor], kinds: list[int],
                           tol: float) -> tuple[list[torch.Tensor], QuantStats]:  # fmt: skip
     device = new[0].device

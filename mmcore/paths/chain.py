@@ -19,15 +19,9 @@ import torch
 from .. import codec, dtypes, kernels
 from .._gc import gc_paused
 from ..errors import CorruptRecordError, IntegrityError, InvalidArgumentError
-from ..kernels._segments import (
-    ENCODING_VERSION,
-    FLOAT_KINDS,
-    QUANT_HEADER,
-    QUANTIZED,
-    call,
-    plane_width,
-)
+from ..kernels._segments import FLOAT_KINDS, plane_width
 from ..kernels.delta import quantize_decode, xor_planes_decode
+from ..kernels.quantized import quantize_decode_table
 from ..kernels.xor_planes import xor_planes_decode_table
 from ..manifest import ContentRecord, GroupRecord, Manifest
 from ..modelset import Schema
@@ -648,38 +642,14 @@ def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema:
 
 def _decode_quantized(schema: Schema, spec: torch.Tensor, src: torch.Tensor, length: torch.Tensor,
                       parents: torch.Tensor, outs: torch.Tensor) -> int | None:  # fmt: skip
-    """Decodes quantized encodings by one native call over address tables: encoding
-    ``j`` at ``src[j]`` (``length[j]`` bytes) of tensor ``spec[j]`` of ``schema``,
-    against ``parents[j]`` into ``outs[j]``. Headers are read by one gather and checked
-    as columns. Returns the index of the first encoding that does not fit, or None."""
-    k, head = src.numel(), QUANT_HEADER.size
+    """``quantize_decode_table`` of encodings of tensors ``spec`` of ``schema`` (their
+    float kinds, element sizes and counts taken from it; 0: not a float, refused)."""
     kinds = torch.tensor([FLOAT_KINDS.get(dtypes.from_name(s.dtype), 0) for s in schema.tensors],
                          dtype=torch.int64)[spec]  # fmt: skip
     itemsize = torch.tensor([dtypes.from_name(s.dtype).itemsize for s in schema.tensors],
                             dtype=torch.int64)[spec]  # fmt: skip
     numel = torch.tensor([s.nbytes for s in schema.tensors], dtype=torch.int64)[spec] // itemsize
-    short = (length < head) | (kinds == 0)
-    if bool(short.any()):
-        return int(short.nonzero()[0, 0])
-    heads = torch.empty((k, head), dtype=torch.uint8)
-    kernels.gather(heads, src.contiguous(), torch.full((k,), head, dtype=torch.int64),
-                   torch.arange(k, dtype=torch.int64) * head)  # fmt: skip
-    width = heads[:, 2].to(torch.int64)
-    tol = heads[:, 8:16].contiguous().view(torch.float64).reshape(k)
-    count = heads[:, 16:24].contiguous().view(torch.int64).reshape(k)
-    escapes = heads[:, 24:32].contiguous().view(torch.int64).reshape(k)
-    index_at = head + (count * width + 7) // 8 * 8
-    bits_at = index_at + 8 * escapes
-    bad = (heads[:, 0] != ENCODING_VERSION) | (heads[:, 1] != QUANTIZED)
-    bad |= (width != 1) & (width != 2) & (width != 4)
-    bad |= (heads[:, 3].to(torch.int64) != kinds) | (count != numel)
-    bad |= (escapes < 0) | (escapes > numel) | (bits_at + escapes * itemsize != length)
-    if bool(bad.any()):
-        return int(bad.nonzero()[0, 0])
-    call("quantize_decode", parents, numel, kinds.to(torch.int32), tol.contiguous(),
-         width.to(torch.int32), (src + head).contiguous(), escapes.contiguous(),
-         (src + index_at).contiguous(), (src + bits_at).contiguous(), outs, k)  # fmt: skip
-    return None
+    return quantize_decode_table(src, length, parents, outs, kinds, itemsize, numel)
 
 
 @dataclass

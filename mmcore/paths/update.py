@@ -23,9 +23,8 @@ import torch
 from .. import codec, dtypes, kernels
 from .._gc import gc_paused
 from ..codec import frames
-from ..errors import InvalidModelSetError, MMCoreError, decoding
+from ..errors import InvalidModelSetError, KernelError, MMCoreError, decoding
 from ..kernels import cuda
-from ..kernels._segments import QUANT_HEADER, call
 from ..kernels.delta import (
     FLOAT_KINDS,
     plane_width,
@@ -33,6 +32,7 @@ from ..kernels.delta import (
     quantize_encode,
     xor_planes_encode,
 )
+from ..kernels.quantized import quantize_decode_table
 from ..kernels.xor_planes import xor_planes_encode_table
 from ..manifest import ContentRecord, GroupRecord, UpdateInfo
 from ..modelset import ModelEntry, iter_models
@@ -431,33 +431,31 @@ def _quantize_all(deltas: list[_Delta], quant: list[_Job], tolerance: float) -> 
     element lies within tolerance of its parent keeps the parent's; the rest are
     recorded, each delta whose pieces are all quantized and back to back as one span."""
     befores = [j[3].contiguous() for j in quant]
-    encs, stats = quantize_encode([j[2] for j in quant], befores, tolerance)
+    encs, _ = quantize_encode([j[2] for j in quant], befores, tolerance)
     k = len(quant)
     numel = torch.tensor([b.numel() for b in befores], dtype=torch.int64)
     itemsize = torch.tensor([b.element_size() for b in befores], dtype=torch.int64)
-    starts = torch.tensor([e.data_ptr() for e in encs], dtype=torch.int64)
-    heads = torch.empty((k, QUANT_HEADER.size), dtype=torch.uint8)  # as written: read back
-    kernels.gather(heads, starts, torch.full((k,), QUANT_HEADER.size, dtype=torch.int64),
-                   torch.arange(k, dtype=torch.int64) * QUANT_HEADER.size)  # fmt: skip
-    width = heads[:, 2].to(torch.int64)
-    escapes = stats.escapes.to(torch.int64)
-    index_at = QUANT_HEADER.size + (numel * width + 7) // 8 * 8
     nbytes = numel * itemsize
     padded = (nbytes + 15) // 16 * 16
     out_at = torch.zeros(k, dtype=torch.int64)
     torch.cumsum(padded[:-1], 0, out=out_at[1:])
     out = torch.empty(int(padded.sum()), dtype=torch.uint8)
     outs = out_at + out.data_ptr()
-    call("quantize_decode", torch.tensor([b.data_ptr() for b in befores], dtype=torch.int64),
-         numel, heads[:, 3].to(torch.int32), heads[:, 8:16].contiguous().view(torch.float64).reshape(k),
-         width.to(torch.int32), starts + QUANT_HEADER.size, escapes, starts + index_at,
-         starts + index_at + 8 * escapes, outs, k)  # fmt: skip
+    bad = quantize_decode_table(
+        torch.tensor([e.data_ptr() for e in encs], dtype=torch.int64),
+        torch.tensor([e.numel() for e in encs], dtype=torch.int64),
+        torch.tensor([b.data_ptr() for b in befores], dtype=torch.int64), outs,
+        torch.tensor([FLOAT_KINDS[b.dtype] for b in befores], dtype=torch.int64), itemsize, numel,
+    )  # fmt: skip
+    if bad is not None:  # the encoder's own output: a defect, never the user's input
+        raise KernelError(f"quantize_encode wrote an encoding its decoder refuses (segment {bad})")
     got = kernels.blake3_segments(outs, nbytes)
     del out
-    row_of = {id(d): i for i, d in enumerate(deltas)}
-    first_row = torch.tensor([0, *(len(d.kinds) for d in deltas)], dtype=torch.int64).cumsum(0)
-    firsts = first_row.tolist()
-    rows = torch.tensor([firsts[row_of[id(d)]] + t for d, t, _, _ in quant], dtype=torch.int64)
+    first_row: dict[int, int] = {}  # per delta: its first row in the concatenated hashes
+    at = 0
+    for d in deltas:
+        first_row[id(d)], at = at, at + len(d.kinds)
+    rows = torch.tensor([first_row[id(d)] + t for d, t, _, _ in quant], dtype=torch.int64)
     parent_rows = torch.cat([d.info.hashes for d in deltas])[rows]
     kept = (got != parent_rows).any(dim=1)
     recovered = torch.cat([d.recovered for d in deltas])
