@@ -372,22 +372,12 @@ def _whole_sources(
         if m.update is not None:
             for name in m.update.removed:
                 source.pop(name, None)
-        if wanted is None:
-            for gi, group in enumerate(m.groups):
-                for name in _group_names(m, group):
-                    source[name] = (m.id, gi)
-            continue
-        if not m.groups:
-            continue
         groups = _group_index(m)
-        for name in wanted:
-            at = groups.get(name)
-            if at is not None:
-                source[name] = (m.id, at)
+        for name in groups if wanted is None else [n for n in wanted if n in groups]:
+            source[name] = (m.id, groups[name])
     need: dict[tuple[str, int], set[str]] = {}
     for name, where in source.items():
-        if wanted is None or name in wanted:
-            need.setdefault(where, set()).add(name)
+        need.setdefault(where, set()).add(name)
     return need
 
 

@@ -110,8 +110,21 @@ def _to_schema_order(entries: list[ModelEntry], perms: list[tuple[int, ...] | No
     return hashes[rows.to(hashes.device)]
 
 
+Sizes = dict[Any, tuple[list[int], int]]  # signature -> (its tensors' byte sizes, their sum)
+
+
+def _sizes(signature: Any, memo: Sizes) -> tuple[list[int], int]:
+    """A signature's tensor byte sizes and their sum: from (dtype, shape), once per
+    architecture (and per tensor order)."""
+    got = memo.get(signature)
+    if got is None:
+        each = [math.prod(shape) * dt.itemsize for dt, shape in signature]
+        got = memo[signature] = (each, sum(each))
+    return got
+
+
 def _validate_and_hash(
-    models: Any, progress: Progress
+    models: Any, progress: Progress, sizes_memo: Sizes
 ) -> tuple[list[ModelEntry], torch.Tensor, int, torch.device | None]:
     """Validates the set and hashes every tensor: a hash thread works on the batches
     already validated while this thread validates the next (the kernel releases the GIL).
@@ -119,7 +132,6 @@ def _validate_and_hash(
     Returns the models, the (tensors, 32) hashes (on that device, else the CPU), the
     set's logical bytes, and the device the rest of the save works on (None: the CPU)."""
     entries: list[ModelEntry] = []
-    by_signature: dict[Any, tuple[list[int], int]] = {}  # -> (tensor byte sizes, their sum)
     parts: list[Future[torch.Tensor]] = []
     ptrs: list[int] = []
     lens: list[int] = []
@@ -136,10 +148,7 @@ def _validate_and_hash(
         try:
             for entry in iter_models(models, keep_cuda=True):
                 entries.append(entry)  # holds the sources until every hash is done
-                sizes = by_signature.get(entry.signature)
-                if sizes is None:  # sizes follow from (dtype, shape): once per architecture
-                    each = [math.prod(shape) * dt.itemsize for dt, shape in entry.signature]
-                    sizes = by_signature[entry.signature] = (each, sum(each))
+                sizes = _sizes(entry.signature, sizes_memo)
                 logical += sizes[1]
                 if entry.device is not None:  # hashed below, where it lives
                     on_device += 1
@@ -225,7 +234,8 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
                   tolerance: float | None, max_chain: int, max_recovery: float | None,
                   progress: Progress, saved_orders: dict[str, list[str]] | None) -> WrittenUpdate:  # fmt: skip
     TRANSFERS.device_to_host = TRANSFERS.host_to_device = TRANSFERS.encodings = 0
-    entries, new_hashes, logical, device = _validate_and_hash(models, progress)
+    sizes: Sizes = {}
+    entries, new_hashes, logical, device = _validate_and_hash(models, progress, sizes)
     if not entries:
         raise InvalidModelSetError("the model set is empty: pass at least one model")
     with decoding(parent):
@@ -238,7 +248,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     comparable = [p is not None for p in perms]
     saved = [tuple((saved_orders or {}).get(e.name, e.keys)) for e in entries]
     new_hashes = _to_schema_order(entries, perms, new_hashes)
-    differs, changed_bytes = _differing_tensors(entries, infos, comparable, new_hashes)
+    differs, changed_bytes = _differing_tensors(entries, infos, comparable, new_hashes, sizes)
     orders: dict[str, list[str]] = {}
     whole: list[ModelEntry] = []
     delta_rows: list[tuple[ModelEntry, chain.ModelInfo, int]] = []
@@ -256,7 +266,9 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
         if ndiff == 0:
             unchanged += 1
             stored = info.order or stored
-        elif info.depth + 1 > max_chain or keyframe(info, _nbytes(entry), nbytes, max_recovery):
+        elif info.depth + 1 > max_chain or keyframe(
+            info, _sizes(entry.signature, sizes)[1], nbytes, max_recovery
+        ):
             whole.append(entry)
             restored += 1
         else:
@@ -282,7 +294,9 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     end = HEADER_SIZE
     whole_names: list[list[str]] = []
     if whole:
-        TRANSFERS.device_to_host += sum(_nbytes(e) for e in whole if e.device is not None)
+        TRANSFERS.device_to_host += sum(
+            _sizes(e.signature, sizes)[1] for e in whole if e.device is not None
+        )
         written = baseline.write_set(writer, {e.name: dict(zip(e.keys, e.sources)) for e in whole},
                                      lambda n: None)  # fmt: skip
         groups, blobs, end = written.groups, list(written.blobs), written.end
@@ -308,10 +322,6 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     return WrittenUpdate(groups, blobs, update, logical)
 
 
-def _nbytes(entry: ModelEntry) -> int:
-    return sum(t.numel() * t.element_size() for t in entry.sources)
-
-
 def _deltas(
     rows: list[tuple[ModelEntry, chain.ModelInfo, int]], new_hashes: torch.Tensor
 ) -> list[_Delta]:
@@ -332,8 +342,8 @@ def _deltas(
 
 
 def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | None],
-                       comparable: list[bool],
-                       new_hashes: torch.Tensor) -> tuple[list[int], list[int]]:  # fmt: skip
+                       comparable: list[bool], new_hashes: torch.Tensor,
+                       sizes_memo: Sizes) -> tuple[list[int], list[int]]:  # fmt: skip
     """Per model, how many of its tensors' hashes differ from the parent's, and their
     bytes: one vectorised comparison over the whole table (models without a comparable
     parent: 1 tensor, all their bytes)."""
@@ -352,15 +362,10 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
             rows_total += info.table.shape[0]
         starts.append(tables[id(info.table)][0] + info.first)
     if not tables:
-        return [1] * len(entries), [_nbytes(e) for e in entries]
-    sizes_of: dict[Any, list[int]] = {}  # per architecture: its tensors' bytes
+        return [1] * len(entries), [_sizes(e.signature, sizes_memo)[1] for e in entries]
     sizes: list[int] = []
     for entry in entries:
-        each = sizes_of.get(entry.signature)
-        if each is None:
-            each = sizes_of[entry.signature] = [math.prod(shape) * dt.itemsize
-                                                for dt, shape in entry.signature]  # fmt: skip
-        sizes.extend(each)
+        sizes.extend(_sizes(entry.signature, sizes_memo)[0])
     device = new_hashes.device  # where the new hashes are: the parent's rows go there
     parent = torch.cat([t for _, t in tables.values()]).to(device)
     count_t = torch.tensor(counts, dtype=torch.int64, device=device)
