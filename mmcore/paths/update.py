@@ -657,7 +657,7 @@ def _write_deltas(
         )
         datas.append(bytes(data))
         lengths.append((at, len(kinds), codec_id))
-    body = b"".join(datas)
+    body = sum(len(data) for data in datas)
     hashes = torch.cat([d.recovered for d in deltas]).contiguous()
     start = align_up(end, 64)
     while True:
@@ -677,7 +677,10 @@ def _write_deltas(
     table_at = align_up(offset, 64)
     hashes_at = align_up(table_at + len(table), 64)
     image = bytearray(hashes_at + hashes.numel() - start)
-    image[: len(body)] = body
+    at = 0
+    for data in datas:  # each model blob copied once, into its place
+        image[at : at + len(data)] = data
+        at += len(data)
     image[table_at - start : table_at - start + len(table)] = table
     image[hashes_at - start :] = kernels.tensor_bytes(hashes)
     buf = torch.frombuffer(image, dtype=torch.uint8)
@@ -685,7 +688,7 @@ def _write_deltas(
     rec = ContentRecord(
         writer.pack_id, [], hashes_at, hashes.numel(), refs=1, table=(table_at, len(table))
     )
-    return key, rec, len(body), len(table) + hashes.numel()
+    return key, rec, body, len(table) + hashes.numel()
 
 
 def _views(d: _Delta) -> list[memoryview]:
