@@ -400,6 +400,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("start_writeback", &start_writeback, py::arg("fd"), py::arg("offset"), py::arg("len"),
         "Starts write-back of a file range without waiting; False where unsupported.");
   m.def("pread", &pread_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
+  m.def(
+      "buffer_address",
+      [](const py::buffer& data) { return reinterpret_cast<uintptr_t>(data.request().ptr); },
+      py::arg("data"),
+      "Address of the first byte of an object with the buffer protocol (bytes, "
+      "memoryview...). The caller keeps the object alive while it uses the address.");
   register_emulation(m);
 #ifdef MMCORE_WITH_CUDA
   m.attr("built_with_cuda") = true;

@@ -166,6 +166,12 @@ def tensor_view(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
 
 
+def buffer_address(data: bytes | bytearray | memoryview) -> int:
+    """The address of ``data``'s first byte, no copy (0 when empty). The caller keeps
+    ``data`` alive, and unchanged, while the address is used."""
+    return core().buffer_address(data) if memoryview(data).nbytes else 0
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw bytes of a CPU tensor as one bytes object (one copy)."""
     import ctypes

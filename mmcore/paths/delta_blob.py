@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -25,8 +26,15 @@ class DeltaTable:
 
     rows: list[tuple[int, ...]]  # per changed model: MODEL's fields (offset, stored, plain,
     #                              first, count, depth, codec)
-    entries: list[tuple[int, int, int]]  # per tensor: (kind, offset, length) in the plain blob
+    columns: (
+        torch.Tensor
+    )  # (tensors, 3) int64 per tensor: kind, offset and length in the plain blob
     hashes: torch.Tensor  # (tensors, 32) BLAKE3 of each recovered tensor
+
+    @cached_property
+    def entries(self) -> list[tuple[int, int, int]]:
+        """``columns`` as tuples (the path that decodes tensor by tensor)."""
+        return [(k, a, b) for k, a, b in self.columns.tolist()]
 
 
 def encode_tables(models: list[tuple[int, int, int, int, int, int]],
@@ -66,6 +74,6 @@ def decode_tables(data: bytes, models: int, hashes: torch.Tensor, what: str) -> 
     columns = torch.cat([q, i, depth, rows[:, 34:35].to(torch.int64)], dim=1)
     return DeltaTable(
         rows=[tuple(r) for r in columns.tolist()],
-        entries=[(k, a, b) for k, a, b in torch.cat([kind, spans], dim=1).tolist()],
+        columns=torch.cat([kind, spans], dim=1),
         hashes=hashes,
     )
