@@ -272,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also save 1%%, 10%% and 100%% retrained versions as updates, and a chain of ten",
     )  # fmt: skip
     p.add_argument(
+        "--tiny", type=int, default=0, metavar="MODELS",
+        help="also time this many tiny models (8 tensors of 16 bytes) saved and loaded: "
+        "the Python cost per tensor",
+    )  # fmt: skip
+    p.add_argument(
         "--device", default="cpu", help="where the model set lives before saving (cpu, cuda)"
     )
     args = p.parse_args(argv)
@@ -308,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             log("update path ...")
             cpu_sds = {m: {k: t.cpu() for k, t in sd.items()} for m, sd in sds.items()}
             update_res = updates.run(cpu_sds, root, args.repeat, log)
+        tiny_res = updates.tiny(args.tiny, args.repeat, root, log) if args.tiny else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -321,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = bars(rows, param_bytes, memory)
     if update_res is not None:
         checks += updates.report(update_res)
+    if tiny_res is not None:
+        checks += updates.tiny_report(tiny_res)
     if args.cells != 10_000:
         print(
             "  (the bars below are stated for 10,000 cells; fixed costs weigh more in smaller sets)"
@@ -333,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "cells": args.cells, "param_bytes": param_bytes, "cold": args.cold, "machine": machine_name(),
             "torch": torch.__version__, "rows": [asdict(r) for r in rows], "memory": memory,
-            "bars": [{"check": t, "ok": ok} for t, ok in checks], "updates": update_res,
+            "bars": [{"check": t, "ok": ok} for t, ok in checks], "updates": update_res, "tiny": tiny_res,
         }, indent=2))  # fmt: skip
     return 0
 

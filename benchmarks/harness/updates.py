@@ -138,7 +138,7 @@ def _full_chain(store: mmcore.ModelStore, v1: str, sds: StateDicts, tol: float |
     default recovery bound, or none): their stored bytes against ten baselines, and
     the last one's load against the baseline's."""
     extra: dict[str, Any] = {} if bound == "default" else {"max_recovery": None}
-    v, current, stored, saves = v1, sds, 0, []
+    v, current, stored, saves, versions = v1, sds, 0, [], []
     for step in range(10):
         current = retrain(current, 1.0, seed=seed + step)
         t0 = time.perf_counter()
@@ -146,14 +146,20 @@ def _full_chain(store: mmcore.ModelStore, v1: str, sds: StateDicts, tol: float |
                        **extra)  # fmt: skip
         saves.append(time.perf_counter() - t0)
         stored += store.info(v).stored_bytes
+        versions.append(v)
     load_s, got = _median(lambda: store.load(v), repeat)
+    each = []  # every version of the chain, once: those stored as deltas, not only the last
+    for vid in versions:
+        t0 = time.perf_counter()
+        store.load(vid)
+        each.append(time.perf_counter() - t0)
     worst = max(float((got[n][k] - t).abs().max()) for n, sd in current.items()
                 for k, t in sd.items())  # fmt: skip
     del got
     if (tol is None and worst != 0) or (tol is not None and worst > 10 * tol):
         raise AssertionError(f"the chain's last version is off by {worst}")
     return {"tolerance": tol, "bound": bound, "stored_ratio": stored / (10 * base_bytes),
-            "load_ratio": load_s / base_load,
+            "load_ratio": load_s / base_load, "load_ratios": [t / base_load for t in each],
             "load_model_ms": _load_model_ms(store, v, list(current), 50, 5),
             "save_s": statistics.median(saves), "worst": worst}  # fmt: skip
 
@@ -213,6 +219,9 @@ def report(res: dict[str, Any]) -> list[tuple[str, bool]]:
               f"{c['bound'] or 'off'}: stored {c['stored_ratio']:.3f}x ten baselines, load of the "
               f"last {c['load_ratio']:.2f}x the baseline load, load_model {c['load_model_ms']:.2f} ms, "
               f"median save {c['save_s']:.3f} s")  # fmt: skip
+        if "load_ratios" in c:
+            print("    load of each version / baseline load: "
+                  + " ".join(f"{r:.2f}x" for r in c["load_ratios"]))  # fmt: skip
     by = {(r["fraction"], r["tolerance"]): r for r in res["rows"]}
     bounded = {c["tolerance"]: c for c in full if c["bound"] == "default"}
     chain_checks = []
@@ -260,4 +269,62 @@ def report(res: dict[str, Any]) -> list[tuple[str, bool]]:
         (f"load of a 10-update chain <= 2x baseline load: {ch['load_last_s'] / ch['load_baseline_s']:.2f}x",
          ch["load_last_s"] <= 2 * ch["load_baseline_s"]),
         (f"load_model from the chain < 5 ms: {ch['load_model_ms']:.2f} ms", ch["load_model_ms"] < 5),
+    ]  # fmt: skip
+
+
+def tiny(count: int, repeat: int, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The Python cost per tensor: ``count`` tiny models (8 float32 tensors of 4
+    elements: 128 bytes each, so the bytes cost next to nothing), saved as a baseline,
+    then as updates in which 1% and 100% of the models changed (every tensor of a
+    changed model), and each version loaded. Medians of ``repeat`` runs, in ns per
+    tensor of the set."""
+    g = torch.Generator().manual_seed(7)
+    keys = [f"t{i}" for i in range(8)]
+    flat = torch.rand(count, 8, 4, generator=g)
+    sds = {f"m{i:06d}": dict(zip(keys, flat[i].unbind(0))) for i in range(count)}
+    tensors = count * len(keys)
+    out: dict[str, Any] = {"models": count, "tensors": tensors, "rows": []}
+    fresh = [mmcore.open(root / f"tiny-base-{i}.mm") for i in range(repeat)]
+    todo = list(fresh)
+    try:
+        base_s, _ = _median(lambda: todo.pop().save(sds, progress=False), repeat)
+    finally:
+        for other in fresh:
+            other.close()
+    with mmcore.open(root / "tiny.mm") as store:
+        v1 = store.save(sds, progress=False)
+        load_s, _ = _median(lambda: store.load(v1), repeat)
+        out["baseline"] = {"save_ns": base_s / tensors * 1e9, "load_ns": load_s / tensors * 1e9}
+        for fraction in (0.01, 1.0):
+            log(f"  tiny models: {fraction:.0%} changed ...")
+            step = max(1, round(1 / fraction))
+            new = {n: ({k: t + 1 for k, t in sd.items()} if i % step == 0 else sd)
+                   for i, (n, sd) in enumerate(sds.items())}  # fmt: skip
+            save_s, vid = _median(lambda new=new: store.save(  # type: ignore[misc]
+                new, approach="update", parent=v1, progress=False), repeat)  # fmt: skip
+            upd_load, got = _median(lambda vid=vid: store.load(vid), repeat)
+            if any(not torch.equal(got[n][k], t) for n, sd in new.items() for k, t in sd.items()):
+                raise AssertionError("a tiny-model update does not load bit-exact")
+            del got
+            out["rows"].append({"fraction": fraction, "save_ns": save_s / tensors * 1e9,
+                                "load_ns": upd_load / tensors * 1e9})  # fmt: skip
+    return out
+
+
+def tiny_report(res: dict[str, Any]) -> list[tuple[str, bool]]:
+    b = res["baseline"]
+    print(f"\nPython cost per tensor: {res['models']:,} tiny models, {res['tensors']:,} tensors "
+          f"(ns per tensor of the set; median)")  # fmt: skip
+    print(f"{'version':>22} {'save ns':>9} {'load ns':>9}")
+    print(f"{'baseline':>22} {b['save_ns']:>9.0f} {b['load_ns']:>9.0f}")
+    for r in res["rows"]:
+        print(
+            f"{'update, ' + format(r['fraction'], '.0%') + ' changed':>22} {r['save_ns']:>9.0f} "
+            f"{r['load_ns']:>9.0f}"
+        )
+    full = [r for r in res["rows"] if r["fraction"] == 1.0]
+    return [
+        (f"update save, 100% changed: <= 3 us per tensor: {r['save_ns'] / 1e3:.2f} us",
+         r["save_ns"] <= 3000)
+        for r in full
     ]  # fmt: skip

@@ -37,19 +37,23 @@ class DeltaTable:
         return [(k, a, b) for k, a, b in self.columns.tolist()]
 
 
-def encode_tables(models: list[tuple[int, int, int, int, int, int]],
-                  tensors: list[tuple[int, int, int]]) -> bytes:  # fmt: skip
+def encode_tables(
+    models: list[tuple[int, int, int, int, int, int]], tensors: torch.Tensor
+) -> bytes:
     """``models``: (offset, stored, plain, tensor count, depth, codec) in ``changed``
-    order; ``tensors``: (kind, offset, length) of every model's tensors, in order."""
+    order; ``tensors``: (kind, offset, length) of every model's tensors, in order, as
+    an (n, 3) int64 tensor (its little-endian bytes are ``TENSOR`` rows as they are:
+    the kind in the first byte of eight, then the two 8-byte fields)."""
     out = bytearray()
     first = 0
     for offset, stored, plain, count, depth, codec in models:
         out += MODEL.pack(offset, stored, plain, first, count, depth, codec)
         first += count
-    if first != len(tensors):
-        raise ValueError(f"{first} tensor entries announced, {len(tensors)} given")
-    for kind, at, length in tensors:
-        out += TENSOR.pack(kind, at, length)
+    if first != tensors.shape[0]:
+        raise ValueError(f"{first} tensor entries announced, {tensors.shape[0]} given")
+    if tensors.numel() and not bool(((tensors[:, 0] >= 0) & (tensors[:, 0] < 256)).all()):
+        raise ValueError("a tensor entry's kind does not fit its byte")
+    out += kernels.tensor_bytes(tensors.to(torch.int64).contiguous())
     return bytes(out)
 
 

@@ -627,44 +627,66 @@ def _write_deltas(
         )
     )
     packed = [d.frames if d.frames is not None else next(packed_host) for d in deltas]
-    datas: list[bytes] = []
-    lengths: list[tuple[int, int, int]] = []  # per delta: plain length, tensor count, codec
-    tensor_rows = []
-    for d, z in zip(deltas, packed):
+    sizes: Sizes = {}
+    datas: list[bytes | memoryview] = []
+    lengths: list[tuple[int, int]] = []  # per delta: plain length, codec
+    kinds: list[int] = []  # per tensor of every delta
+    nbytes: list[int] = []
+    raw_srcs: list[int] = []  # the changed tensors of blobs stored plain from host memory
+    raw_lens: list[int] = []
+    raw_blobs: list[tuple[int, int]] = []  # (delta, plain length) of those blobs
+    exact: list[int] = []  # rows (tensors of every delta) stored as they are
+    for i, (d, z) in enumerate(zip(deltas, packed)):
+        each = _sizes(d.entry.signature, sizes)[0]
         changed = [t for t, p in enumerate(d.pieces) if p is not None]
-        raw_size = sum(
-            d.entry.sources[t].numel() * d.entry.sources[t].element_size() for t in changed
-        )
-        use_zstd = len(z) < raw_size
-        if use_zstd:
-            data, kinds = z, d.kinds
-        else:  # the changed tensors as they are: built only when zstd does not pay
-            data = b"".join(kernels.tensor_bytes(_host(d.entry.sources[t])) for t in changed)
-            kinds = [codec.RAW if k != codec.SAME else k for k in d.kinds]
-        if not use_zstd:  # stored exactly: recovery gives the new tensors
-            for t, piece in enumerate(d.pieces):
-                if piece is not None:
-                    d.recovered[t] = d.hashes[t]
-        pieces = d.pieces if use_zstd else [d.entry.sources[t] if p is not None else None
-                                            for t, p in enumerate(d.pieces)]  # fmt: skip
-        at = 0
-        for kind, piece in zip(kinds, pieces):
-            length = 0 if piece is None else piece.numel() * piece.element_size()
-            tensor_rows.append((kind, at, length))
-            at += length
-        codec_id = (
-            (codec.ZSTD_FRAMES if d.frames is not None else codec.ZSTD) if use_zstd else codec.NONE
-        )
-        datas.append(bytes(data))
-        lengths.append((at, len(kinds), codec_id))
+        plain = sum(each[t] for t in changed)
+        if len(z) < plain:
+            datas.append(z)
+            kinds.extend(d.kinds)
+            nbytes.extend(0 if p is None else p.numel() * p.element_size() for p in d.pieces)
+            codec_id = codec.ZSTD_FRAMES if d.frames is not None else codec.ZSTD
+        else:  # the changed tensors as they are: recovery gives the new tensors exactly
+            if d.entry.device is None:  # gathered below, with every other such blob
+                raw_srcs.extend(d.entry.ptrs[t] for t in changed)
+                raw_lens.extend(each[t] for t in changed)
+                raw_blobs.append((i, plain))
+                datas.append(b"")
+            else:
+                raw = [_host(d.entry.sources[t]).contiguous() for t in changed]
+                datas.append(b"".join(kernels.tensor_view(r) for r in raw))  # (raw held meanwhile)
+            exact.extend(len(kinds) + t for t in changed)  # recovery gives the new tensors
+            kinds.extend(codec.RAW if k != codec.SAME else k for k in d.kinds)
+            nbytes.extend(0 if p is None else each[t] for t, p in enumerate(d.pieces))
+            codec_id = codec.NONE
+        lengths.append((sum(nbytes[len(nbytes) - len(d.kinds) :]), codec_id))
+    if raw_blobs:  # one native gather of every tensor stored plain, blob after blob
+        lens = kernels.int64_table(raw_lens)
+        gathered = torch.empty(int(lens.sum()), dtype=torch.uint8)
+        kernels.gather(gathered, kernels.int64_table(raw_srcs), lens, lens.cumsum(0) - lens)
+        view, at = kernels.tensor_view(gathered), 0
+        for i, plain in raw_blobs:
+            datas[i] = view[at : at + plain]
+            at += plain
+    # each tensor's offset in its model's plain blob: the bytes of the tensors before it
+    counts = torch.tensor([len(d.kinds) for d in deltas], dtype=torch.int64)
+    length_t = torch.tensor(nbytes, dtype=torch.int64)
+    before = length_t.cumsum(0) - length_t
+    model_first = counts.cumsum(0) - counts
+    at_t = before - before[model_first].repeat_interleave(counts)
+    tensor_rows = torch.stack([torch.tensor(kinds, dtype=torch.int64), at_t, length_t], dim=1)
     body = sum(len(data) for data in datas)
     hashes = torch.cat([d.recovered for d in deltas]).contiguous()
+    if exact:
+        rows = torch.tensor(exact, dtype=torch.int64)
+        hashes[rows] = torch.cat([d.hashes for d in deltas])[rows]
     start = align_up(end, 64)
     while True:
         offset = start
         model_rows = []
-        for d, data, (plain, count, codec_id) in zip(deltas, datas, lengths):
-            model_rows.append((offset, len(data), plain, count, int(d.info.depth) + 1, codec_id))
+        for d, data, (plain, codec_id) in zip(deltas, datas, lengths):
+            model_rows.append(
+                (offset, len(data), plain, len(d.kinds), int(d.info.depth) + 1, codec_id)
+            )
             offset += len(data)
         table = delta_blob.encode_tables(model_rows, tensor_rows)
         key = delta_blob.blob_key(table, hashes)
@@ -676,15 +698,13 @@ def _write_deltas(
         start += 64  # other offsets in the tables, so another key
     table_at = align_up(offset, 64)
     hashes_at = align_up(table_at + len(table), 64)
-    image = bytearray(hashes_at + hashes.numel() - start)
-    at = 0
-    for data in datas:  # each model blob copied once, into its place
-        image[at : at + len(data)] = data
-        at += len(data)
-    image[table_at - start : table_at - start + len(table)] = table
-    image[hashes_at - start :] = kernels.tensor_bytes(hashes)
-    buf = torch.frombuffer(image, dtype=torch.uint8)
-    writer.write_ptr(buf.data_ptr(), buf.numel(), start)
+    # one vectored write: each model blob from where it is, then the tables and hashes
+    pieces = [*datas, table, kernels.tensor_bytes(hashes)]
+    places = [row[0] - start for row in model_rows] + [table_at - start, hashes_at - start]
+    writer.write_segments(start, kernels.int64_table([kernels.buffer_address(p) for p in pieces]),
+                          kernels.int64_table([len(p) for p in pieces]),
+                          kernels.int64_table(places), hashes_at + hashes.numel() - start)  # fmt: skip
+    del pieces
     rec = ContentRecord(
         writer.pack_id, [], hashes_at, hashes.numel(), refs=1, table=(table_at, len(table))
     )
@@ -699,7 +719,7 @@ def _views(d: _Delta) -> list[memoryview]:
 
 
 def _holds_other_bytes(store: ModelStore, key: bytes, offsets: list[int],
-                       datas: list[bytes]) -> bool:  # fmt: skip
+                       datas: list[bytes | memoryview]) -> bool:  # fmt: skip
     """Whether the store has a delta blob under ``key`` whose model blobs are not
     ``datas`` (one that cannot be read counts as other bytes)."""
     raw = store.catalog.get("content", key)
