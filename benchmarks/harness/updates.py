@@ -69,17 +69,22 @@ def _median(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return statistics.median(times), results[0]
 
 
-def run(sds: StateDicts, root: Path, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """Save and load times and stored bytes of update versions, with the baseline's."""
-    out: dict[str, Any] = {"rows": []}
-    # each timed into a store of its own (opened untimed): a real save, not a deduplicated one
-    fresh = [mmcore.open(root / f"baseline-{i}.mm") for i in range(repeat)]
+def _baseline_save_s(sds: StateDicts, root: Path, prefix: str, repeat: int) -> float:
+    """The median time of saving ``sds`` as a baseline, each run into a store of its
+    own (opened untimed): a real save, not a deduplicated one."""
+    fresh = [mmcore.open(root / f"{prefix}-{i}.mm") for i in range(repeat)]
     todo = list(fresh)
     try:
-        base_s, _ = _median(lambda: todo.pop().save(sds, progress=False), repeat)
+        return _median(lambda: todo.pop().save(sds, progress=False), repeat)[0]
     finally:
         for other in fresh:
             other.close()
+
+
+def run(sds: StateDicts, root: Path, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Save and load times and stored bytes of update versions, with the baseline's."""
+    out: dict[str, Any] = {"rows": []}
+    base_s = _baseline_save_s(sds, root, "baseline", repeat)
     with mmcore.open(root / "updates.mm") as store:
         v1 = store.save(sds, progress=False)
         base_bytes = store.info(v1).stored_bytes
@@ -284,13 +289,7 @@ def tiny(count: int, repeat: int, root: Path, log: Callable[[str], None]) -> dic
     sds = {f"m{i:06d}": dict(zip(keys, flat[i].unbind(0))) for i in range(count)}
     tensors = count * len(keys)
     out: dict[str, Any] = {"models": count, "tensors": tensors, "rows": []}
-    fresh = [mmcore.open(root / f"tiny-base-{i}.mm") for i in range(repeat)]
-    todo = list(fresh)
-    try:
-        base_s, _ = _median(lambda: todo.pop().save(sds, progress=False), repeat)
-    finally:
-        for other in fresh:
-            other.close()
+    base_s = _baseline_save_s(sds, root, "tiny-base", repeat)
     with mmcore.open(root / "tiny.mm") as store:
         v1 = store.save(sds, progress=False)
         load_s, _ = _median(lambda: store.load(v1), repeat)

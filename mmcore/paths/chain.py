@@ -461,12 +461,15 @@ def _position(m: Manifest, group: GroupRecord, name: str) -> int | None:
 def _model_plain(
     store: ModelStore, m: Manifest, row: tuple[int, ...], name: str, pack: str
 ) -> torch.Tensor:
+    return _plain_of(_read_blob(store, pack, row), row, f"version {m.id}, model {name!r}")
+
+
+def _read_blob(store: ModelStore, pack: str, row: tuple[int, ...]) -> bytearray:
+    """A model blob's stored bytes, read on their own."""
     raw = bytearray(row[1])
     if row[1]:
-        store.tier.read_into(
-            pack, row[0], row[1], torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
-        )
-    return _plain_of(raw, row, f"version {m.id}, model {name!r}")
+        store.tier.read_into(pack, row[0], row[1], kernels.buffer_address(raw))
+    return raw
 
 
 def _plain_of(raw: bytes | bytearray | memoryview, row: tuple[int, ...], what: str) -> torch.Tensor:
@@ -510,9 +513,7 @@ def _model_plains(
         if len(idx) < 4 or hi - lo > 2 * wanted:
             for i in idx:
                 d = batch[i]
-                raw = bytearray(d.row[1])
-                if d.row[1]:
-                    store.tier.read_into(pack, d.row[0], d.row[1], kernels.buffer_address(raw))
+                raw = _read_blob(store, pack, d.row)
                 out[i] = _plain_buffer(raw, d.row, f"version {d.m.id}, model {d.name!r}")
             continue
         region = torch.empty(hi - lo, dtype=torch.uint8)
@@ -646,26 +647,18 @@ def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema:
 def _entry_columns(batch: list[_Queued], t: int) -> torch.Tensor:
     """The (kind, offset, length) entries of the ``t`` tensors of each delta of ``batch``,
     (len(batch) * t, 3) int64, gathered from their tables' columns by one index."""
-    tables: dict[
-        int, tuple[int, torch.Tensor]
-    ] = {}  # table -> (its first row in ``columns``, columns)
+    # table -> (its first row in ``columns``, its columns)
+    tables: dict[int, tuple[int, torch.Tensor]] = {}
     firsts = []
     for d in batch:
         where = tables.get(id(d.table))
         if where is None:
-            where = tables[id(d.table)] = (
-                sum(c.shape[0] for _, c in tables.values()),
-                d.table.columns,
-            )
+            first = sum(c.shape[0] for _, c in tables.values())
+            where = tables[id(d.table)] = (first, d.table.columns)
         firsts.append(where[0] + d.row[3])
-    columns = (
-        next(iter(tables.values()))[1]
-        if len(tables) == 1
-        else torch.cat([c for _, c in tables.values()])
-    )
-    index = torch.tensor(firsts, dtype=torch.int64).unsqueeze(1) + torch.arange(
-        t, dtype=torch.int64
-    )
+    parts = [c for _, c in tables.values()]
+    columns = parts[0] if len(parts) == 1 else torch.cat(parts)
+    index = torch.tensor(firsts, dtype=torch.int64).unsqueeze(1) + torch.arange(t)
     return columns[index.reshape(-1)]
 
 
@@ -766,9 +759,8 @@ def _check_hashes(vid: str, expected: dict[str, torch.Tensor], states: dict[str,
     (segment tables built per schema from record addresses where the model is one
     record, tensor by tensor only for a model assembled tensor by tensor)."""
     counts = [h.shape[0] for h in expected.values()]
-    starts = torch.tensor(counts, dtype=torch.int64).cumsum(0) - torch.tensor(
-        counts, dtype=torch.int64
-    )
+    count_t = torch.tensor(counts, dtype=torch.int64)
+    starts = count_t.cumsum(0) - count_t  # each model's first row
     ptrs = torch.zeros(sum(counts), dtype=torch.int64)
     lens = torch.zeros(sum(counts), dtype=torch.int64)
     records: dict[int, tuple[Schema, list[int], list[int]]] = {}  # schema -> (models, addresses)

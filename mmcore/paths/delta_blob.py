@@ -26,9 +26,8 @@ class DeltaTable:
 
     rows: list[tuple[int, ...]]  # per changed model: MODEL's fields (offset, stored, plain,
     #                              first, count, depth, codec)
-    columns: (
-        torch.Tensor
-    )  # (tensors, 3) int64 per tensor: kind, offset and length in the plain blob
+    # (tensors, 3) int64, per tensor: its kind, offset and length in the plain blob
+    columns: torch.Tensor
     hashes: torch.Tensor  # (tensors, 32) BLAKE3 of each recovered tensor
 
     @cached_property
