@@ -81,13 +81,38 @@ def compress_many(blobs: Sequence[Sequence[Buffer]]) -> list[bytes]:
     return out
 
 
+def compress_segments(parts: Sequence[tuple[Buffer, bytes]]) -> tuple[list[memoryview], Any]:
+    """One zstd frame per segment of every part: a part is a buffer and its segments
+    as (offset, length) pairs of little-endian u64 (bytes). Compressed by zstd's own
+    worker threads, with no Python step per segment. Returns the frames in order (as
+    views) and the object they live in, which the caller holds while it reads them."""
+    zstandard: Any = _zstd()
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    if not hasattr(compressor, "multi_compress_to_buffer"):  # a backend without it (cffi)
+        blobs: list[list[Buffer]] = []
+        for data, segments in parts:
+            view = memoryview(data).cast("B")
+            pairs = memoryview(segments).cast("Q")
+            blobs.extend(
+                [view[pairs[i] : pairs[i] + pairs[i + 1]]] for i in range(0, len(pairs), 2)
+            )
+        return [memoryview(f) for f in compress_many(blobs)], None
+    if not parts:
+        return [], None
+    collection = zstandard.BufferWithSegmentsCollection(
+        *(zstandard.BufferWithSegments(data, segments) for data, segments in parts)
+    )
+    out = compressor.multi_compress_to_buffer(collection, threads=_THREADS)
+    return [memoryview(out[i]) for i in range(len(out))], out
+
+
 _local = (
     threading.local()
 )  # one decompression context per thread: making one costs more than a small frame
 
 # No zstd input yields more than this many plain bytes per byte: a block holds at most
 # 128 KiB, and the densest block (RLE) takes 4 bytes of input.
-_MAX_RATIO = 1 << 15
+MAX_RATIO = 1 << 15
 _STEP = 1 << 20  # plain bytes produced per streamed read
 
 
@@ -98,7 +123,7 @@ def _damaged(what: str, exc: Exception) -> IntegrityError:
 def _check_bound(data: Buffer, plain_length: int, what: str) -> None:
     """A recorded length no zstd input of this size can produce is refused before any
     buffer of that length is made."""
-    if plain_length > memoryview(data).nbytes * _MAX_RATIO:
+    if plain_length > memoryview(data).nbytes * MAX_RATIO:
         raise IntegrityError(
             f"{what}: {memoryview(data).nbytes} compressed bytes cannot hold the "
             f"{plain_length} recorded"
@@ -131,6 +156,28 @@ def _streamed(data: Buffer, plain_length: int, what: str, *, across: bool) -> by
             f"{what}: the payload decompresses to more than the {plain_length} bytes recorded"
         )
     return bytes(out)
+
+
+def decompress_segments(
+    data: Buffer, segments: bytes, sizes: bytes
+) -> tuple[list[memoryview], Any] | None:
+    """The plain bytes of one zstd frame per segment of ``data`` (segments as (offset,
+    length) pairs of little-endian u64), each exactly its size in ``sizes`` (u64 each):
+    decoded by zstd's own worker threads into buffers of those sizes, with no Python
+    step per frame. Returns the plain blobs (views) and what holds them; or None where
+    any frame fails (damaged, or another size) or the backend lacks the call: the
+    caller then decodes frame by frame, which names what is wrong."""
+    zstandard: Any = _zstd()
+    context = zstandard.ZstdDecompressor()
+    if not hasattr(context, "multi_decompress_to_buffer"):
+        return None
+    try:
+        out = context.multi_decompress_to_buffer(
+            zstandard.BufferWithSegments(data, segments), decompressed_sizes=sizes, threads=_THREADS
+        )
+    except zstandard.ZstdError:
+        return None
+    return [memoryview(out[i]) for i in range(len(out))], out
 
 
 def _check_length(plain: Buffer, plain_length: int, what: str) -> None:

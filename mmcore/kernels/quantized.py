@@ -124,6 +124,63 @@ def quantize_encode(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
     return blobs, QuantStats(raw[:, 0].clone(), raw[:, 1].clone(), raw[:, 2].clone(), max_delta)
 
 
+def quantize_encode_table(new_ptrs: torch.Tensor, parent_ptrs: torch.Tensor, numel: torch.Tensor,
+                          kinds: torch.Tensor, itemsize: torch.Tensor,
+                          tolerance: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``quantize_encode`` of n CPU segments given by address: every encoding framed in
+    one buffer, encoding i at ``buf[offsets[i] : offsets[i + 1]]``, back to back (the
+    bytes ``quantize_encode`` gives). Two native calls (plan, write);
+    sizes and headers are computed as columns, with no step per segment.
+
+    ``new_ptrs``, ``parent_ptrs``: addresses of ``numel[i]`` elements of float kind
+    ``kinds[i]`` (``FLOAT_KINDS``' values), ``itemsize[i]`` bytes each; every table a
+    contiguous int64 CPU tensor of shape (n,). The caller keeps every addressed byte
+    alive for the call. Returns (buf, offsets)."""
+    from . import gather
+    from .xor_planes import _check_table
+
+    tol = check_tolerance(tolerance)
+    n = new_ptrs.numel() if isinstance(new_ptrs, torch.Tensor) else -1
+    for name, t in (("new_ptrs", new_ptrs), ("parent_ptrs", parent_ptrs), ("numel", numel),
+                    ("kinds", kinds), ("itemsize", itemsize)):  # fmt: skip
+        _check_table(name, t, max(n, 0))
+    offsets = torch.zeros(n + 1, dtype=torch.int64)
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8), offsets
+    sizes = torch.tensor([2, 2, 4, 8], dtype=torch.int64)
+    if not bool(((kinds >= 1) & (kinds <= 4)).all()) or not torch.equal(itemsize, sizes[kinds - 1]):
+        raise InvalidArgumentError("kinds must be FLOAT_KINDS values, itemsize their element sizes")
+    if int(numel.min()) < 0:
+        raise InvalidArgumentError("numel must not be negative")
+    if bool((((new_ptrs == 0) | (parent_ptrs == 0)) & (numel > 0)).any()):
+        raise InvalidArgumentError("a segment with elements has a null address")
+    kinds32 = kinds.to(torch.int32)
+    tols = torch.full((n,), tol, dtype=torch.float64)
+    stats = torch.zeros((n, 4), dtype=torch.int64)
+    max_delta = torch.zeros(n, dtype=torch.float64)
+    call("quantize_plan", new_ptrs, parent_ptrs, numel, kinds32, tols, n, stats, max_delta)
+    max_q, escapes = stats[:, 0], stats[:, 1]
+    width = torch.where(max_q <= 127, 1, torch.where(max_q <= 32767, 2, 4)).to(torch.int64)
+    head = QUANT_HEADER.size
+    index_at = head + (numel * width + 7) // 8 * 8
+    bits_at = index_at + 8 * escapes
+    torch.cumsum(bits_at + escapes * itemsize, 0, out=offsets[1:])
+    buf = torch.zeros(int(offsets[-1]), dtype=torch.uint8)  # zeros: the padding of q
+    fields = torch.empty((n, 4), dtype=torch.int64)  # QUANT_HEADER as four u64, per segment
+    fields[:, 0] = ENCODING_VERSION | QUANTIZED << 8 | width << 16 | kinds << 24
+    fields[:, 1] = tols.view(torch.int64)
+    fields[:, 2] = numel
+    fields[:, 3] = escapes
+    heads = fields.view(torch.uint8)
+    starts = offsets[:-1]
+    head_ptrs = torch.arange(n, dtype=torch.int64).mul_(head).add_(heads.data_ptr())
+    gather(buf, head_ptrs, torch.full((n,), head, dtype=torch.int64), starts.contiguous())
+    at = starts + buf.data_ptr()
+    call("quantize_write", new_ptrs, parent_ptrs, numel, kinds32, tols, width.to(torch.int32),
+         at + head, at + index_at, at + bits_at, n)  # fmt: skip
+    return buf, offsets
+
+
 def _frame(q: torch.Tensor, escaped: torch.Tensor, new: torch.Tensor, kind: int, tol: float,
            max_abs_q: int) -> tuple[torch.Tensor, int]:  # fmt: skip
     """The byte layout of one quantized segment from reference results (CPU)."""

@@ -32,10 +32,10 @@ from ..kernels.delta import (
     quantize_encode,
     xor_planes_encode,
 )
-from ..kernels.quantized import quantize_decode_table
+from ..kernels.quantized import quantize_decode_table, quantize_encode_table
 from ..kernels.xor_planes import xor_planes_encode_table
 from ..manifest import ContentRecord, GroupRecord, UpdateInfo
-from ..modelset import ModelEntry, iter_models
+from ..modelset import ModelEntry, Schema, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 from . import baseline, chain, delta_blob
 
@@ -62,8 +62,6 @@ class _Delta:
     pieces: list[torch.Tensor | None]  # encoding per tensor (None: unchanged)
     recovered: torch.Tensor  # (tensors, 32) hashes of what recovery will produce
     frames: bytes | None = None  # the model blob compressed where it was encoded (a GPU)
-    span: torch.Tensor | None = None  # every piece, back to back in one buffer (xor-planes
-    #                                   encodings of one table): compressed as one view
 
 
 _SAME_ORDER: tuple[int, ...] = ()  # _schema_order: the entry's tensors are in the schema's order
@@ -276,7 +274,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
             stored = info.order or stored
         if list(order) != list(stored):
             orders[entry.name] = list(order)
-    deltas = _deltas(delta_rows, new_hashes)
+    deltas, delta_hashes = _deltas(delta_rows, new_hashes)
     names = {e.name for e in entries}
     added = [e.name for e in entries if e.name not in index]
     removed = [n for n in index if n not in names]
@@ -284,10 +282,9 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     derived = [n for n in index if n in names] + added  # the order recovery gives unrecorded
     model_order = in_order if in_order != derived else None
     if deltas:
-        _encode(store, parent, deltas, tolerance, device)
-        kept = [d for d in deltas if any(k != codec.SAME for k in d.kinds)]
-        unchanged += len(deltas) - len(kept)  # every change within tolerance: the parent's
-        deltas = kept
+        encoded = _encode(store, parent, deltas, delta_hashes, tolerance, device)
+        unchanged += len(deltas) - len(encoded.deltas)  # every change within tolerance
+        deltas = encoded.deltas
 
     groups: list[GroupRecord] = []
     blobs: list[tuple[bytes, ContentRecord]] = []
@@ -305,7 +302,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     payload = sum(g.count * g.schema.stride for g in groups)
     metadata = sum(g.count * len(g.schema.tensors) * kernels.HASH_SIZE for g in groups)
     if deltas:
-        delta_key, rec, model_bytes, table_bytes = _write_deltas(store, writer, deltas, end)
+        delta_key, rec, model_bytes, table_bytes = _write_deltas(store, writer, encoded, end)
         blobs.append((delta_key, rec))
         payload += model_bytes
         metadata += table_bytes
@@ -322,23 +319,23 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     return WrittenUpdate(groups, blobs, update, logical)
 
 
-def _deltas(
-    rows: list[tuple[ModelEntry, chain.ModelInfo, int]], new_hashes: torch.Tensor
-) -> list[_Delta]:
-    """The delta models with their new hashes on the host: one gather and one copy
-    of just their rows (the hashes of a set on a GPU stay there otherwise)."""
+def _deltas(rows: list[tuple[ModelEntry, chain.ModelInfo, int]],
+            new_hashes: torch.Tensor) -> tuple[list[_Delta], torch.Tensor]:  # fmt: skip
+    """The delta models, and their new hashes on the host (one row per tensor of every
+    delta, in order): one gather and one copy of just their rows (the hashes of a set
+    on a GPU stay there otherwise). Each delta's ``hashes`` are a view of its rows."""
     if not rows:
-        return []
-    index = torch.cat([torch.arange(first, first + len(e.sources)) for e, _, first in rows])
+        return [], torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
+    counts = kernels.int64_table([len(e.sources) for e, _, _ in rows])
+    firsts = kernels.int64_table([first for _, _, first in rows])
+    index = torch.repeat_interleave(firsts - (counts.cumsum(0) - counts), counts)
+    index += torch.arange(index.numel())
     host = new_hashes[index.to(new_hashes.device)].cpu()
     if new_hashes.device.type != "cpu":
         TRANSFERS.device_to_host += host.numel()
-    out, at = [], 0
-    for entry, info, _ in rows:
-        hashes = host[at : at + len(entry.sources)]
-        at += len(entry.sources)
-        out.append(_Delta(entry, hashes, info, [], [], hashes.clone()))
-    return out
+    out = [_Delta(entry, hashes, info, [], [], hashes)
+           for (entry, info, _), hashes in zip(rows, torch.split(host, counts.tolist()))]  # fmt: skip
+    return out, host
 
 
 def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | None],
@@ -390,100 +387,297 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
     return counts_out, nbytes.tolist()
 
 
-def _encode(store: ModelStore, parent: str, deltas: list[_Delta], tolerance: float | None,
-            device: torch.device | None) -> None:  # fmt: skip
-    """Fills kinds, pieces and recovered hashes: one batched encode per encoding (on the
-    CPU the exact one over address tables: no per-tensor work beyond reading the parent's
-    address; on a GPU where the new tensors are, only the encodings coming back)."""
+@dataclass
+class _Blobs:
+    """A save's deltas encoded, as tables over their rows: every tensor of every delta,
+    delta after delta, each delta's in its schema's order."""
+
+    deltas: list[_Delta]  # those with at least one tensor changed, in order
+    kinds: torch.Tensor  # (rows,) int64: codec.SAME, XOR or QUANT
+    lengths: torch.Tensor  # (rows,) int64: bytes of each encoding (0 where SAME)
+    recovered: torch.Tensor  # (rows, 32) hashes of the tensors as recovery will produce them
+    new_hashes: torch.Tensor  # (rows, 32) hashes of the new tensors
+    new_ptrs: torch.Tensor  # (rows,) int64: where the new tensors are on the host (0: a GPU)
+    nbytes: torch.Tensor  # (rows,) int64: the new tensors' bytes
+    plan: _Plan | None  # where each delta's plain model blob is, to compress (the CPU)
+    frames: list[Any] | None  # or each delta's model blob compressed already (a GPU)
+    codecs: list[int]  # per delta: codec.ZSTD or codec.ZSTD_FRAMES
+    keep: list[Any]  # what ``plan``, ``frames`` and ``new_ptrs`` point into
+
+
+@dataclass
+class _Plan:
+    """Each delta's plain model blob, where it lies: in ``sources[where[i]]``, from
+    address ``start[i]``, ``plain[i]`` bytes."""
+
+    sources: list[torch.Tensor]
+    where: torch.Tensor
+    start: torch.Tensor
+    plain: torch.Tensor
+
+    def compress(self, lo: int, hi: int) -> tuple[list[memoryview], Any]:
+        """The zstd frames of deltas ``lo`` to ``hi`` (one multi-frame call), and what
+        holds them."""
+        parts, order = [], []
+        where, start, plain = self.where[lo:hi], self.start[lo:hi], self.plain[lo:hi]
+        for b, source in enumerate(self.sources):
+            mine = (where == b).nonzero().reshape(-1)
+            if mine.numel():
+                segments = torch.stack([start[mine] - source.data_ptr(), plain[mine]], dim=1)
+                parts.append((kernels.tensor_view(source), kernels.tensor_bytes(segments)))
+                order.append(mine)
+        frames_out, hold = codec.compress_segments(parts)
+        out: list[Any] = [None] * (hi - lo)
+        for i, frame in zip(torch.cat(order).tolist() if order else [], frames_out):
+            out[i] = frame
+        return out, hold
+
+
+def _encode(store: ModelStore, parent: str, deltas: list[_Delta], hashes: torch.Tensor,
+            tolerance: float | None, device: torch.device | None) -> _Blobs:  # fmt: skip
+    """Encodes every changed tensor of ``deltas`` against the parent as recovered, and
+    says where each delta's model blob lies (``_write_deltas`` compresses it);
+    ``hashes``: the new tensors' hashes, one row per tensor of every delta. On the
+    CPU everything is done over tables (``_encode_rows``); on a GPU where the new
+    tensors are, only the encodings come back (``_encode_on``)."""
     with decoding(parent):
-        parents = chain.recover(store, parent, {d.entry.name for d in deltas}, verify=True)
-    if device is not None:
-        _encode_on(device, parents, deltas, tolerance)
-        return
-    jobs = _changed_tensors(deltas, parents, tolerance)
-    xor = jobs[codec.XOR]
-    if xor:
-        keep = [before.contiguous() for _, _, _, before in xor]  # recovery's are; kept alive
-        widths: dict[torch.dtype, int] = {}
-        table = xor_planes_encode_table(
-            kernels.int64_table([d.entry.ptrs[t] for d, t, _, _ in xor]),
-            kernels.int64_table([b.data_ptr() for b in keep]),
-            kernels.int64_table([b.numel() * b.element_size() for b in keep]),
-            kernels.int64_table([widths.get(b.dtype) or widths.setdefault(b.dtype, plane_width(b.dtype))
-                                 for b in keep]),
+        names, states, schemas, _ = chain._recover(
+            store, parent, {d.entry.name for d in deltas}, verify=True
+        )
+    if device is None:
+        return _encode_rows(deltas, hashes, states, schemas, tolerance)
+    parents = {n: chain._plain_dict(states[n]) for n in names}
+    _encode_on(device, parents, deltas, tolerance)
+    return _blobs_of_pieces([d for d in deltas if any(k != codec.SAME for k in d.kinds)])
+
+
+@dataclass
+class _Columns:
+    """Per architecture, the columns of its tensors (schema order) an encode needs."""
+
+    offsets: torch.Tensor  # in a model record
+    nbytes: torch.Tensor
+    widths: torch.Tensor  # xor-planes word widths
+    kinds: torch.Tensor  # FLOAT_KINDS value, 0 where not a float
+    itemsize: torch.Tensor
+    lossy: torch.Tensor  # bool: quantized under a tolerance
+
+
+def _columns(schema: Schema, tolerance: float | None, memo: dict[int, _Columns]) -> _Columns:
+    got = memo.get(id(schema))
+    if got is None:
+        kinds = [dtypes.from_name(s.dtype) for s in schema.tensors]
+        got = memo[id(schema)] = _Columns(
+            kernels.int64_table([s.offset for s in schema.tensors]),
+            kernels.int64_table([s.nbytes for s in schema.tensors]),
+            kernels.int64_table([plane_width(dt) for dt in kinds]),
+            kernels.int64_table([FLOAT_KINDS.get(dt, 0) for dt in kinds]),
+            kernels.int64_table([dt.itemsize for dt in kinds]),
+            torch.tensor([tolerance is not None and dt in FLOAT_KINDS
+                          and not s.name.endswith(EXACT_SUFFIXES)
+                          for dt, s in zip(kinds, schema.tensors)], dtype=torch.bool),
         )  # fmt: skip
-        del keep
-        first: dict[int, int] = {}  # per delta (by position): its first job, and one past its last
-        last: dict[int, int] = {}
-        for j, ((d, t, _, _), enc) in enumerate(zip(xor, table.views())):
-            d.kinds[t], d.pieces[t] = codec.XOR, enc
-            first.setdefault(id(d), j)
-            last[id(d)] = j + 1
-        offsets = table.offsets.tolist()
-        for d in deltas:
-            if id(d) in first:  # its pieces lie back to back (until a quantized one is added)
-                d.span = table.buf[offsets[first[id(d)]] : offsets[last[id(d)]]]
-    quant = jobs[codec.QUANT]
-    if quant:
+    return got
+
+
+def _encode_rows(deltas: list[_Delta], new_hashes: torch.Tensor, states: dict[str, Any],
+                 schemas: dict[str, Schema], tolerance: float | None) -> _Blobs:  # fmt: skip
+    """``_encode`` on the CPU, over tables: per architecture, the parents' addresses
+    (record address plus each tensor's offset) and the columns of its tensors; then
+    one xor-planes call for every exact change and one quantized call for every lossy
+    one (its decode and hash, closed loop, one call each); then where each model blob
+    lies (``_blob_plan``). Nothing is done per tensor."""
+    n = len(deltas)
+    counts = kernels.int64_table([len(d.entry.sources) for d in deltas])
+    nrows = int(counts.sum())
+    first = counts.cumsum(0) - counts
+    model = torch.repeat_interleave(torch.arange(n), counts)
+    new_ptrs = kernels.int64_table([p for d in deltas for p in d.entry.ptrs])
+    parent_ptrs = torch.zeros(nrows, dtype=torch.int64)
+    cols = {name: torch.zeros(nrows, dtype=torch.int64)
+            for name in ("nbytes", "widths", "kinds", "itemsize")}  # fmt: skip
+    lossy = torch.zeros(nrows, dtype=torch.bool)
+    memo: dict[int, _Columns] = {}
+    by_schema: dict[int, tuple[_Columns, list[int], list[int]]] = {}
+    keep: list[torch.Tensor] = []  # loose parents' tensors, made contiguous
+    for i, d in enumerate(deltas):
+        schema = schemas[d.entry.name]
+        c = _columns(schema, tolerance, memo)
+        address = chain._record_address(states[d.entry.name], schema)
+        if address is None:  # a parent assembled tensor by tensor: its tensors' addresses
+            row0 = int(first[i])
+            for j, tensor in enumerate(states[d.entry.name].values()):
+                keep.append(tensor.contiguous())
+                parent_ptrs[row0 + j] = keep[-1].data_ptr()
+            address = 0
+        group = by_schema.setdefault(id(c), (c, [], []))
+        group[1].append(i)
+        group[2].append(address)
+    for c, members, bases in by_schema.values():
+        at = (
+            first[kernels.int64_table(members)].unsqueeze(1) + torch.arange(len(c.offsets))
+        ).reshape(-1)
+        base = kernels.int64_table(bases)
+        placed = (base.unsqueeze(1) + c.offsets).reshape(-1)
+        parent_ptrs[at] = torch.where(base.repeat_interleave(len(c.offsets)) != 0, placed,
+                                      parent_ptrs[at])  # fmt: skip
+        k = len(members)
+        for name in cols:
+            cols[name][at] = getattr(c, name).repeat(k)
+        lossy[at] = c.lossy.repeat(k)
+    nbytes = cols["nbytes"]
+    parent_hashes = _parent_rows(deltas)
+    changed = (new_hashes != parent_hashes).any(dim=1)
+    kinds = torch.zeros(nrows, dtype=torch.int64)  # codec.SAME
+    lengths = torch.zeros(nrows, dtype=torch.int64)
+    addresses = torch.zeros(nrows, dtype=torch.int64)  # of each encoding
+    buffer_of = torch.full((nrows,), -1, dtype=torch.int64)  # which buffer holds it
+    recovered = parent_hashes.clone()
+    buffers: list[torch.Tensor] = []
+    xor = (changed & ~lossy).nonzero().reshape(-1)
+    if xor.numel():
+        table = xor_planes_encode_table(new_ptrs[xor], parent_ptrs[xor], nbytes[xor],
+                                        cols["widths"][xor])  # fmt: skip
+        kinds[xor] = codec.XOR
+        lengths[xor] = table.offsets[1:] - table.offsets[:-1]
+        addresses[xor] = table.offsets[:-1] + table.buf.data_ptr()
+        buffer_of[xor] = len(buffers)
+        buffers.append(table.buf)
+        recovered[xor] = new_hashes[xor]
+    quant = (changed & lossy).nonzero().reshape(-1)
+    if quant.numel():
         assert tolerance is not None
-        _quantize_all(deltas, quant, tolerance)
+        kept, got, buf, offsets = _quantize_rows(quant, new_ptrs, parent_ptrs, nbytes,
+                                                 cols["kinds"], cols["itemsize"], parent_hashes,
+                                                 tolerance)  # fmt: skip
+        rows_kept = quant[kept]
+        kinds[rows_kept] = codec.QUANT
+        lengths[rows_kept] = (offsets[1:] - offsets[:-1])[kept]
+        addresses[rows_kept] = offsets[:-1][kept] + buf.data_ptr()
+        buffer_of[rows_kept] = len(buffers)
+        buffers.append(buf)
+        recovered[rows_kept] = got[kept]
+    del keep  # (the parents' contiguous copies: every encoding is made)
+    # deltas left with no change (every change within tolerance) are the parent's models
+    live = torch.zeros(n, dtype=torch.int64).index_add_(0, model, (kinds != codec.SAME).long()) > 0
+    if not bool(live.all()):
+        row_live = live[model]
+        deltas = [d for d, ok in zip(deltas, live.tolist()) if ok]
+        kinds, lengths, addresses, buffer_of = (kinds[row_live], lengths[row_live],
+                                                addresses[row_live], buffer_of[row_live])  # fmt: skip
+        recovered, new_hashes = recovered[row_live], new_hashes[row_live]
+        new_ptrs, nbytes = new_ptrs[row_live], nbytes[row_live]
+        counts = counts[live]
+    plan = _blob_plan(counts, kinds, lengths, addresses, buffer_of, buffers)
+    return _Blobs(deltas, kinds, lengths, recovered, new_hashes, new_ptrs, nbytes, plan, None,
+                  [codec.ZSTD] * len(deltas), [buffers])  # fmt: skip
 
 
-def _quantize_all(deltas: list[_Delta], quant: list[_Job], tolerance: float) -> None:
-    """The quantized encodings of every job (one buffer, back to back), decoded as
-    recovery will (one native call over address tables into one buffer), hashed (one
-    call) and compared with the parents' hashes as one table: a tensor whose every
-    element lies within tolerance of its parent keeps the parent's; the rest are
-    recorded, each delta whose pieces are all quantized and back to back as one span."""
-    befores = [j[3].contiguous() for j in quant]
-    encs, _ = quantize_encode([j[2] for j in quant], befores, tolerance)
-    k = len(quant)
-    numel = torch.tensor([b.numel() for b in befores], dtype=torch.int64)
-    itemsize = torch.tensor([b.element_size() for b in befores], dtype=torch.int64)
-    nbytes = numel * itemsize
-    padded = (nbytes + 15) // 16 * 16
-    out_at = torch.zeros(k, dtype=torch.int64)
+def _parent_rows(deltas: list[_Delta]) -> torch.Tensor:
+    """The parent's hashes of every tensor of ``deltas``, (rows, 32): one gather from
+    the parents' hash tables."""
+    tables: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (first row in ``joined``, table)
+    starts = []
+    total = 0
+    for d in deltas:
+        where = tables.get(id(d.info.table))
+        if where is None:
+            where = tables[id(d.info.table)] = (total, d.info.table)
+            total += d.info.table.shape[0]
+        starts.append(where[0] + d.info.first)
+    joined = torch.cat([t for _, t in tables.values()])
+    counts = kernels.int64_table([len(d.entry.sources) for d in deltas])
+    index = torch.repeat_interleave(kernels.int64_table(starts) - (counts.cumsum(0) - counts),
+                                    counts) + torch.arange(int(counts.sum()))  # fmt: skip
+    return joined[index]
+
+
+def _quantize_rows(rows: torch.Tensor, new_ptrs: torch.Tensor, parent_ptrs: torch.Tensor,
+                   nbytes: torch.Tensor, kinds: torch.Tensor, itemsize: torch.Tensor,
+                   parent_hashes: torch.Tensor, tolerance: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The quantized encodings of ``rows`` (one call), decoded as recovery will (one
+    call) and hashed (one call). Returns which to keep (those whose decoded tensor
+    differs from the parent's: the rest stay the parent's), their decoded hashes, and
+    the encodings' buffer and offsets."""
+    size, kind = itemsize[rows], kinds[rows]
+    numel = nbytes[rows] // size
+    buf, offsets = quantize_encode_table(new_ptrs[rows], parent_ptrs[rows], numel, kind, size,
+                                         tolerance)  # fmt: skip
+    out_at = torch.zeros(rows.numel(), dtype=torch.int64)
+    padded = (nbytes[rows] + 15) // 16 * 16
     torch.cumsum(padded[:-1], 0, out=out_at[1:])
     out = torch.empty(int(padded.sum()), dtype=torch.uint8)
     outs = out_at + out.data_ptr()
-    bad = quantize_decode_table(
-        torch.tensor([e.data_ptr() for e in encs], dtype=torch.int64),
-        torch.tensor([e.numel() for e in encs], dtype=torch.int64),
-        torch.tensor([b.data_ptr() for b in befores], dtype=torch.int64), outs,
-        torch.tensor([FLOAT_KINDS[b.dtype] for b in befores], dtype=torch.int64), itemsize, numel,
-    )  # fmt: skip
+    bad = quantize_decode_table(offsets[:-1] + buf.data_ptr(), offsets[1:] - offsets[:-1],
+                                parent_ptrs[rows], outs, kind, size, numel)  # fmt: skip
     if bad is not None:  # the encoder's own output: a defect, never the user's input
         raise KernelError(f"quantize_encode wrote an encoding its decoder refuses (segment {bad})")
-    got = kernels.blake3_segments(outs, nbytes)
+    got = kernels.blake3_segments(outs, nbytes[rows].contiguous())
     del out
-    first_row: dict[int, int] = {}  # per delta: its first row in the concatenated hashes
-    at = 0
-    for d in deltas:
-        first_row[id(d)], at = at, at + len(d.kinds)
-    rows = torch.tensor([first_row[id(d)] + t for d, t, _, _ in quant], dtype=torch.int64)
-    parent_rows = torch.cat([d.info.hashes for d in deltas])[rows]
-    kept = (got != parent_rows).any(dim=1)
-    recovered = torch.cat([d.recovered for d in deltas])
-    recovered[rows] = torch.where(kept.unsqueeze(1), got, parent_rows)
-    for d, part in zip(deltas, torch.split(recovered, [len(d.kinds) for d in deltas])):
-        d.recovered = part
-    runs: dict[int, list[int]] = {}  # per delta: its quantized jobs kept
-    holed: set[int] = set()  # deltas with a quantized job dropped
-    for j, ((d, t, _, _), keep) in enumerate(zip(quant, kept.tolist())):
-        if keep:
-            d.kinds[t], d.pieces[t] = codec.QUANT, encs[j]
-            runs.setdefault(id(d), []).append(j)
-        else:
-            holed.add(id(d))
-    for d in deltas:
-        run = runs.get(id(d), [])
-        if not run and id(d) not in holed:
-            continue  # no quantized job: its xor-planes span (if any) stands
-        count = sum(p is not None for p in d.pieces)
-        # one span only where its pieces are all quantized, consecutive in the one buffer
-        consecutive = (bool(run) and id(d) not in holed and count == len(run)
-                       and run[-1] - run[0] + 1 == len(run))  # fmt: skip
-        d.span = _span(encs[run[0]], encs[run[-1]]) if consecutive else None
+    kept = (got != parent_hashes[rows]).any(dim=1)
+    return kept, got, buf, offsets
+
+
+def _blob_plan(counts: torch.Tensor, kinds: torch.Tensor, lengths: torch.Tensor,
+               addresses: torch.Tensor, buffer_of: torch.Tensor, buffers: list[torch.Tensor]) -> _Plan:  # fmt: skip
+    """Where each delta's (``counts`` rows each) plain model blob, its encodings in row
+    order, lies: where they lie back to back in one buffer, there; the others are
+    gathered first into one more buffer (one native call)."""
+    n = counts.numel()
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return _Plan([], empty, empty, empty)
+    model = torch.repeat_interleave(torch.arange(n), counts)
+    pieces = (kinds != codec.SAME).nonzero().reshape(-1)  # every encoding, in row order
+    owner = model[pieces]
+    start, length = addresses[pieces], lengths[pieces]
+    plain = torch.zeros(n, dtype=torch.int64).index_add_(0, owner, length)
+    # a delta is one span when each of its pieces starts where the one before ends
+    follows = owner[1:] == owner[:-1]
+    breaks = follows & ((start[1:] != start[:-1] + length[:-1])
+                        | (buffer_of[pieces][1:] != buffer_of[pieces][:-1]))  # fmt: skip
+    split = torch.zeros(n, dtype=torch.int64).index_add_(0, owner[1:], breaks.long()) > 0
+    lead = torch.ones(pieces.numel(), dtype=torch.bool)
+    lead[1:] = ~follows  # each delta's first piece
+    first_start = torch.zeros(n, dtype=torch.int64)
+    first_start[owner[lead]] = start[lead]
+    first_buffer = torch.zeros(n, dtype=torch.int64)
+    first_buffer[owner[lead]] = buffer_of[pieces][lead]
+    sources = [*buffers]
+    where = first_buffer.clone()
+    if bool(split.any()):  # gathered, delta after delta, into one more buffer
+        rows = split[owner]
+        lens = length[rows]
+        mixed = torch.empty(int(lens.sum()), dtype=torch.uint8)
+        kernels.gather(mixed, start[rows].contiguous(), lens.contiguous(), lens.cumsum(0) - lens)
+        at = plain[split].cumsum(0) - plain[split]
+        first_start[split] = at + mixed.data_ptr()
+        where[split] = len(sources)
+        sources.append(mixed)
+    return _Plan(sources, where, first_start, plain)
+
+
+def _blobs_of_pieces(deltas: list[_Delta]) -> _Blobs:
+    """``_Blobs`` of deltas encoded tensor by tensor (``_encode_on``): their tables
+    from each delta's kinds and pieces; blobs not compressed where they were encoded
+    compressed on the host."""
+    on_host = [d for d in deltas if d.frames is None]
+    packed = iter(codec.compress_many([[kernels.tensor_view(p) for p in d.pieces if p is not None]
+                                       for d in on_host]))  # fmt: skip
+    frames_out = [d.frames if d.frames is not None else next(packed) for d in deltas]
+    codecs = [codec.ZSTD_FRAMES if d.frames is not None else codec.ZSTD for d in deltas]
+    sizes: Sizes = {}
+    return _Blobs(
+        deltas,
+        kernels.int64_table([k for d in deltas for k in d.kinds]),
+        kernels.int64_table([0 if p is None else p.numel() for d in deltas for p in d.pieces]),
+        torch.cat([d.recovered for d in deltas]) if deltas else torch.empty((0, 32), dtype=torch.uint8),
+        torch.cat([d.hashes for d in deltas]) if deltas else torch.empty((0, 32), dtype=torch.uint8),
+        kernels.int64_table([p if d.entry.device is None else 0 for d in deltas for p in d.entry.ptrs]),
+        kernels.int64_table([s for d in deltas for s in _sizes(d.entry.signature, sizes)[0]]),
+        None, frames_out, codecs, [[d.pieces for d in deltas]],
+    )  # fmt: skip
 
 
 _Job = tuple[_Delta, int, torch.Tensor, torch.Tensor]  # delta, tensor index, new, parent (flat)
@@ -516,17 +710,6 @@ def _changed_tensors(deltas: list[_Delta], parents: dict[str, dict[str, torch.Te
     return jobs
 
 
-def _span(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor | None:
-    """The bytes from ``first`` to the end of ``last`` (uint8 views of one buffer, in
-    that order with nothing between), as one view; None if they are not such views."""
-    base = first._base
-    if base is None or last._base is not base or base.dim() != 1:
-        return None
-    lo = first.storage_offset() - base.storage_offset()
-    hi = last.storage_offset() - base.storage_offset() + last.numel()
-    return base[lo:hi]
-
-
 def _take_quantized(batch: list[_Job], encs: list[torch.Tensor], recovered: torch.Tensor) -> None:
     """Records each quantized encoding, or none where what recovery would give hashes
     as the parent's tensor (every element within tolerance of it: the parent's stays)."""
@@ -535,7 +718,6 @@ def _take_quantized(batch: list[_Job], encs: list[torch.Tensor], recovered: torc
             d.recovered[t] = d.info.hashes[t]
             continue
         d.kinds[t], d.pieces[t], d.recovered[t] = codec.QUANT, enc, h
-        d.span = None  # its pieces are in two buffers now
 
 
 def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]],
@@ -547,6 +729,8 @@ def _encode_on(device: torch.device, parents: dict[str, dict[str, torch.Tensor]]
     only the compressed model blobs come back (``frames.for_device``)."""
     compress = frames.for_device(device)
     back = (lambda encs: encs) if compress else _to_host
+    for d in deltas:
+        d.recovered = d.hashes.clone()  # (set per tensor below)
     jobs = _changed_tensors(deltas, parents, tolerance)
     for kind, batch in jobs.items():
         if not batch:
@@ -615,79 +799,99 @@ def _to_host(encodings: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch.split(flat, [e.numel() for e in encodings]))
 
 
+_CHUNK = 16 << 20  # plain model-blob bytes compressed per call, while the ones before are written
+
+
+def _chunks(plain: torch.Tensor) -> list[tuple[int, int]]:
+    """Consecutive ranges of deltas of about ``_CHUNK`` plain bytes each."""
+    n = plain.numel()
+    if n == 0:
+        return []
+    ends = torch.searchsorted(
+        plain.cumsum(0), torch.arange(1, int(plain.sum()) // _CHUNK + 1) * _CHUNK
+    )
+    cuts = sorted({0, n, *(min(n, int(e) + 1) for e in ends)})
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def _write_deltas(
-    store: ModelStore, writer: PackWriter, deltas: list[_Delta], end: int
+    store: ModelStore, writer: PackWriter, b: _Blobs, end: int
 ) -> tuple[bytes, ContentRecord, int, int]:
     """Writes the model blobs, then the tables and hashes; returns the blob key, its
-    content record, the model blobs' bytes and the tables' and hashes' bytes."""
-    on_host = [d for d in deltas if d.frames is None]
-    packed_host = iter(
-        codec.compress_many(  # views of the encodings, held in d.pieces meanwhile
-            [_views(d) for d in on_host]
-        )
+    content record, the model blobs' bytes and the tables' and hashes' bytes.
+
+    The blobs are compressed a chunk at a time while a writer thread writes the chunk
+    before (one vectored write each). A blob whose frame is not smaller than its
+    changed tensors' raw bytes is stored as those bytes (codec NONE): recovery then
+    gives the new tensors exactly."""
+    n = len(b.deltas)
+    counts = kernels.int64_table([len(d.entry.sources) for d in b.deltas])
+    model = torch.repeat_interleave(torch.arange(n), counts)
+    changed = b.kinds != codec.SAME
+    raw_size = torch.zeros(n, dtype=torch.int64).index_add_(
+        0, model, torch.where(changed, b.nbytes, 0)
     )
-    packed = [d.frames if d.frames is not None else next(packed_host) for d in deltas]
-    sizes: Sizes = {}
-    datas: list[bytes | memoryview] = []
-    lengths: list[tuple[int, int]] = []  # per delta: plain length, codec
-    kinds: list[int] = []  # per tensor of every delta
-    nbytes: list[int] = []
-    raw_srcs: list[int] = []  # the changed tensors of blobs stored plain from host memory
-    raw_lens: list[int] = []
-    raw_blobs: list[tuple[int, int]] = []  # (delta, plain length) of those blobs
-    exact: list[int] = []  # rows (tensors of every delta) stored as they are
-    for i, (d, z) in enumerate(zip(deltas, packed)):
-        each = _sizes(d.entry.signature, sizes)[0]
-        changed = [t for t, p in enumerate(d.pieces) if p is not None]
-        plain = sum(each[t] for t in changed)
-        if len(z) < plain:
-            datas.append(z)
-            kinds.extend(d.kinds)
-            nbytes.extend(0 if p is None else p.numel() * p.element_size() for p in d.pieces)
-            codec_id = codec.ZSTD_FRAMES if d.frames is not None else codec.ZSTD
-        else:  # the changed tensors as they are: recovery gives the new tensors exactly
-            if d.entry.device is None:  # gathered below, with every other such blob
-                raw_srcs.extend(d.entry.ptrs[t] for t in changed)
-                raw_lens.extend(each[t] for t in changed)
-                raw_blobs.append((i, plain))
-                datas.append(b"")
-            else:
-                raw = [_host(d.entry.sources[t]).contiguous() for t in changed]
-                datas.append(b"".join(kernels.tensor_view(r) for r in raw))  # (raw held meanwhile)
-            exact.extend(len(kinds) + t for t in changed)  # recovery gives the new tensors
-            kinds.extend(codec.RAW if k != codec.SAME else k for k in d.kinds)
-            nbytes.extend(0 if p is None else each[t] for t, p in enumerate(d.pieces))
-            codec_id = codec.NONE
-        lengths.append((sum(nbytes[len(nbytes) - len(d.kinds) :]), codec_id))
-    if raw_blobs:  # one native gather of every tensor stored plain, blob after blob
-        lens = kernels.int64_table(raw_lens)
-        gathered = torch.empty(int(lens.sum()), dtype=torch.uint8)
-        kernels.gather(gathered, kernels.int64_table(raw_srcs), lens, lens.cumsum(0) - lens)
-        view, at = kernels.tensor_view(gathered), 0
-        for i, plain in raw_blobs:
-            datas[i] = view[at : at + plain]
-            at += plain
+    row_first = [0, *counts.cumsum(0).tolist()]
+    datas: list[Any] = [None] * n
+    sizes: list[int] = [0] * n
+    codecs = list(b.codecs)
+    stored_raw = torch.zeros(n, dtype=torch.bool)
+    hold: list[Any] = []
+    start = align_up(end, 64)
+    offset = start
+    plain_sizes = b.plan.plain if b.plan is not None else raw_size
+    with ThreadPoolExecutor(1, thread_name_prefix="mmcore-write") as pool:
+        writes: list[Future[None]] = []
+        try:
+            for lo, hi in _chunks(plain_sizes):
+                if b.plan is not None:
+                    frames_out, held = b.plan.compress(lo, hi)
+                    hold.append(held)
+                else:
+                    assert b.frames is not None
+                    frames_out = b.frames[lo:hi]
+                got = kernels.int64_table([memoryview(f).nbytes for f in frames_out])
+                raw = got >= raw_size[lo:hi]
+                stored_raw[lo:hi] = raw
+                datas[lo:hi] = frames_out
+                if bool(raw.any()):
+                    hold.append(_raw_blobs(b, lo, hi, raw, raw_size, row_first, datas, codecs))
+                chunk = datas[lo:hi]
+                lens = [memoryview(data).nbytes for data in chunk]
+                sizes[lo:hi] = lens
+                len_t = kernels.int64_table(lens)
+                ptrs = kernels.int64_table([kernels.buffer_address(data) for data in chunk])
+                writes.append(pool.submit(writer.write_segments, offset, ptrs, len_t,
+                                          len_t.cumsum(0) - len_t, int(len_t.sum())))  # fmt: skip
+                offset += int(len_t.sum())
+        finally:
+            for w in writes:  # never leave a write reading freed buffers
+                w.exception()
+        for w in writes:
+            w.result()
+    kinds, lengths, hashes = b.kinds, b.lengths, b.recovered
+    if bool(stored_raw.any()):
+        raw_rows = changed & stored_raw[model]
+        kinds = torch.where(raw_rows, codec.RAW, kinds)
+        lengths = torch.where(raw_rows, b.nbytes, lengths)
+        hashes = hashes.clone()
+        hashes[raw_rows] = b.new_hashes[raw_rows]  # recovery gives the new tensors
+    plains = torch.zeros(n, dtype=torch.int64).index_add_(0, model, lengths).tolist()
     # each tensor's offset in its model's plain blob: the bytes of the tensors before it
-    counts = torch.tensor([len(d.kinds) for d in deltas], dtype=torch.int64)
-    length_t = torch.tensor(nbytes, dtype=torch.int64)
-    before = length_t.cumsum(0) - length_t
+    before = lengths.cumsum(0) - lengths
     model_first = counts.cumsum(0) - counts
     at_t = before - before[model_first].repeat_interleave(counts)
-    tensor_rows = torch.stack([torch.tensor(kinds, dtype=torch.int64), at_t, length_t], dim=1)
-    body = sum(len(data) for data in datas)
-    hashes = torch.cat([d.recovered for d in deltas]).contiguous()
-    if exact:
-        rows = torch.tensor(exact, dtype=torch.int64)
-        hashes[rows] = torch.cat([d.hashes for d in deltas])[rows]
-    start = align_up(end, 64)
+    tensor_rows = torch.stack([kinds, at_t, lengths], dim=1)
+    depths = [int(d.info.depth) + 1 for d in b.deltas]
+    hashes = hashes.contiguous()
+    first_start = start
     while True:
         offset = start
         model_rows = []
-        for d, data, (plain, codec_id) in zip(deltas, datas, lengths):
-            model_rows.append(
-                (offset, len(data), plain, len(d.kinds), int(d.info.depth) + 1, codec_id)
-            )
-            offset += len(data)
+        for size, plain_len, count, depth, codec_id in zip(sizes, plains, counts.tolist(), depths,
+                                                           codecs):  # fmt: skip
+            model_rows.append((offset, size, plain_len, count, depth, codec_id))
+            offset += size
         table = delta_blob.encode_tables(model_rows, tensor_rows)
         key = delta_blob.blob_key(table, hashes)
         # The key covers the tables and the recovered tensors' hashes, not the model
@@ -698,24 +902,50 @@ def _write_deltas(
         start += 64  # other offsets in the tables, so another key
     table_at = align_up(offset, 64)
     hashes_at = align_up(table_at + len(table), 64)
-    # one vectored write: each model blob from where it is, then the tables and hashes
-    pieces = [*datas, table, kernels.tensor_bytes(hashes)]
-    places = [row[0] - start for row in model_rows] + [table_at - start, hashes_at - start]
-    writer.write_segments(start, kernels.int64_table([kernels.buffer_address(p) for p in pieces]),
-                          kernels.int64_table([len(p) for p in pieces]),
-                          kernels.int64_table(places), hashes_at + hashes.numel() - start)  # fmt: skip
-    del pieces
+    pieces: list[Any] = [table, kernels.tensor_bytes(hashes)]
+    places = [table_at, hashes_at]
+    base = offset  # after the blobs written above (a write zeroes what it does not cover)
+    if start != first_start:  # laid out again: every blob rewritten, zeros before them
+        pieces = [*datas, *pieces]
+        places = [row[0] for row in model_rows] + places
+        base = first_start
+    lens = [memoryview(p).nbytes for p in pieces]
+    writer.write_segments(base, kernels.int64_table([kernels.buffer_address(p) for p in pieces]),
+                          kernels.int64_table(lens), kernels.int64_table(places) - base,
+                          hashes_at + hashes.numel() - base)  # fmt: skip
+    del pieces, hold
     rec = ContentRecord(
         writer.pack_id, [], hashes_at, hashes.numel(), refs=1, table=(table_at, len(table))
     )
-    return key, rec, body, len(table) + hashes.numel()
+    return key, rec, sum(sizes), len(table) + hashes.numel()
 
 
-def _views(d: _Delta) -> list[memoryview]:
-    """A delta's encodings as memoryviews: one over its span where they lie back to back."""
-    if d.span is not None:
-        return [kernels.tensor_view(d.span)]
-    return [kernels.tensor_view(p) for p in d.pieces if p is not None]
+def _raw_blobs(b: _Blobs, lo: int, hi: int, raw: torch.Tensor, raw_size: torch.Tensor,
+               row_first: list[int], datas: list[Any], codecs: list[int]) -> torch.Tensor:  # fmt: skip
+    """Puts in ``datas`` the raw changed tensors of deltas ``lo`` to ``hi`` flagged
+    ``raw``, and their codec NONE in ``codecs``: those on the host gathered by one
+    native call into the buffer returned (held by the caller while written)."""
+    rows = slice(row_first[lo], row_first[hi])
+    counts = kernels.int64_table([row_first[i + 1] - row_first[i] for i in range(lo, hi)])
+    mask = raw.repeat_interleave(counts) & (b.kinds[rows] != codec.SAME) & (b.new_ptrs[rows] != 0)
+    lens = b.nbytes[rows][mask]
+    gathered = torch.empty(int(lens.sum()), dtype=torch.uint8)
+    if lens.numel():
+        kernels.gather(gathered, b.new_ptrs[rows][mask].contiguous(), lens.contiguous(),
+                       lens.cumsum(0) - lens)  # fmt: skip
+    view, at = kernels.tensor_view(gathered), 0
+    for j in raw.nonzero().reshape(-1).tolist():
+        i = lo + j
+        d, size = b.deltas[i], int(raw_size[i])
+        codecs[i] = codec.NONE
+        if d.entry.device is None:
+            datas[i] = view[at : at + size]
+            at += size
+            continue
+        own = [_host(d.entry.sources[t]).contiguous() for t, p in enumerate(d.pieces)
+               if p is not None]  # fmt: skip
+        datas[i] = b"".join(kernels.tensor_view(r) for r in own)  # (own held meanwhile)
+    return gathered
 
 
 def _holds_other_bytes(store: ModelStore, key: bytes, offsets: list[int],
