@@ -11,8 +11,9 @@ delta is hashed and checked against the hash recorded at save time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -237,7 +238,7 @@ def recover_records(store: ModelStore, vid: str, *, verify: bool
     per architecture (in order of first appearance): (schema, names, count x stride
     bytes, model after model), each gathered by one native call from wherever
     recovery left the models."""
-    names, states, schemas, _ = _recover(store, vid, None, verify=verify)  # stacks go by name
+    names, states, schemas, _ = _recover(store, vid, None, verify=verify, records=True)  # by name
     groups: dict[Any, tuple[Schema, list[str]]] = {}
     for name in names:
         schema = schemas[name]
@@ -272,17 +273,19 @@ def _gather_states(
 
 
 def _recover(
-    store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool
+    store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool, records: bool = False
 ) -> tuple[list[str], dict[str, StateDict], dict[str, Schema], dict[str, list[str]]]:
     """The recovered states (record views where a model is one record, in schema
     order), their names in the version's order, each model's schema, and the tensor
-    order of those the user saved in another order than their schema's."""
+    order of those the user saved in another order than their schema's. With
+    ``records``, a model that is one record is a ``RecordState`` (its address; views
+    made only if read): for callers that want addresses, not tensors."""
     with gc_paused():  # tens of thousands of small objects (tables, views), no cycles
-        return _recover_paused(store, vid, wanted, verify=verify)
+        return _recover_paused(store, vid, wanted, verify=verify, records=records)
 
 
 def _recover_paused(
-    store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool
+    store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool, records: bool
 ) -> tuple[list[str], dict[str, StateDict], dict[str, Schema], dict[str, list[str]]]:
     chain = chain_of(store, vid)
     base = chain[-1]
@@ -297,7 +300,7 @@ def _recover_paused(
     need = _whole_sources(chain, wanted)
     for gi, group in enumerate(base.groups):
         if need.get((base.id, gi)):
-            _read_group(store, base, group, need[(base.id, gi)], states, schemas, verify)
+            _read_group(store, base, group, need[(base.id, gi)], states, schemas, verify, records)
     for name, keys in base.orders.items():  # a baseline written by a rebase
         if name in states:
             orders[name] = checked_order(base, name, keys, schemas[name])
@@ -316,7 +319,7 @@ def _recover_paused(
             orders.pop(name, None)
         for gi, group in enumerate(m.groups):  # stored whole here: verified as it is read
             if need.get((m.id, gi)):
-                _read_group(store, m, group, need[(m.id, gi)], states, schemas, verify)
+                _read_group(store, m, group, need[(m.id, gi)], states, schemas, verify, records)
             names = group.names or () if wanted is None else [
                 n for n in wanted if _group_index(m).get(n) == gi
             ]  # fmt: skip
@@ -347,7 +350,7 @@ def _recover_paused(
         batch = [ops[wave] for ops in pending.values() if len(ops) > wave]
         if not batch:
             break
-        rest = _apply_records(store, batch, states, schemas, last_delta)
+        rest = _apply_records(store, batch, states, schemas, last_delta, records)
         _apply_deltas(store, rest, states, last_delta)
         wave += 1
     if verify and last_delta:
@@ -424,11 +427,49 @@ def move_states(states: dict[str, StateDict], schemas: dict[str, Schema],
 
 
 def _plain_dict(state: StateDict) -> StateDict:
+    if isinstance(state, RecordState):
+        return state.views()
     return dict(state) if type(state) is _LooseState else state
 
 
+class RecordState(Mapping[str, torch.Tensor]):
+    """A recovered model that is record ``index`` of ``buf`` (laid out by ``schema``),
+    its tensor views made only when it is read as a state dict."""
+
+    __slots__ = ("_views", "buf", "index", "schema")
+
+    def __init__(self, buf: torch.Tensor, index: int, schema: Schema) -> None:
+        self.buf, self.index, self.schema = buf, index, schema
+        self._views: StateDict | None = None
+
+    @property
+    def address(self) -> int:
+        return self.buf.data_ptr() + self.index * self.schema.stride
+
+    def views(self) -> StateDict:
+        if self._views is None:
+            stride = self.schema.stride
+            record = self.buf[self.index * stride : (self.index + 1) * stride]
+            self._views = record_views(record, self.schema, 1)[0]
+        return self._views
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.views()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.views())
+
+    def __len__(self) -> int:
+        return len(self.schema.tensors)
+
+    def as_state(self) -> StateDict:
+        """Itself, typed as the states of a recovery are (each is read as a mapping)."""
+        return cast(StateDict, self)
+
+
 def _read_group(store: ModelStore, m: Manifest, group: GroupRecord, wanted: set[str] | None,
-                states: dict[str, StateDict], schemas: dict[str, Schema], verify: bool) -> None:  # fmt: skip
+                states: dict[str, StateDict], schemas: dict[str, Schema], verify: bool,
+                records: bool) -> None:  # fmt: skip
     cpu = torch.device("cpu")
     if wanted is not None and len(wanted) * _FEW < group.count:
         found = [(name, _position(m, group, name)) for name in wanted]
@@ -440,6 +481,13 @@ def _read_group(store: ModelStore, m: Manifest, group: GroupRecord, wanted: set[
             schemas[name] = group.schema
         return
     names = _group_names(m, group)
+    if records:  # one buffer of records: each model its address, no views
+        buf = store._reader.read_records(m, group, verify=verify, pool=store._pool)
+        for i, name in enumerate(names):
+            if wanted is None or name in wanted:
+                states[name] = RecordState(buf, i, group.schema).as_state()
+                schemas[name] = group.schema
+        return
     models = store._reader.read_group(m, group, verify=verify, device=cpu, pool=store._pool)
     for name, state in zip(names, models):
         if wanted is None or name in wanted:
@@ -582,6 +630,8 @@ def _record_address(state: StateDict, schema: Schema) -> int | None:
     ``record_views`` over one buffer, so one tensor's address locates the record."""
     if type(state) is _LooseState:
         return None
+    if isinstance(state, RecordState):
+        return state.address
     for spec in schema.tensors:
         if spec.nbytes:
             return state[spec.name].data_ptr() - spec.offset
@@ -589,7 +639,8 @@ def _record_address(state: StateDict, schema: Schema) -> int | None:
 
 
 def _apply_records(store: ModelStore, batch: list[_Queued], states: dict[str, StateDict],
-                   schemas: dict[str, Schema], last_delta: dict[str, torch.Tensor]) -> list[_Queued]:  # fmt: skip
+                   schemas: dict[str, Schema], last_delta: dict[str, torch.Tensor],
+                   records: bool) -> list[_Queued]:  # fmt: skip
     """Decodes whole model records: per schema, every model of ``batch`` whose parent is
     one record, in a few native calls over address tables (parent records copied, raw
     tensors gathered, xor-planes and quantized encodings decoded), then views as the
@@ -605,12 +656,13 @@ def _apply_records(store: ModelStore, batch: list[_Queued], states: dict[str, St
         else:
             by_schema.setdefault(id(schema), []).append((d, address))
     for group in by_schema.values():
-        _decode_records(store, group, schemas[group[0][0].name], states, last_delta)
+        _decode_records(store, group, schemas[group[0][0].name], states, last_delta, records)
     return rest
 
 
 def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema: Schema,
-                    states: dict[str, StateDict], last_delta: dict[str, torch.Tensor]) -> None:  # fmt: skip
+                    states: dict[str, StateDict], last_delta: dict[str, torch.Tensor],
+                    records: bool = False) -> None:  # fmt: skip
     """Decodes one delta of each model of ``group`` (all of ``schema``, each state one
     record at the given address) into one new buffer of records: unchanged tensors
     copied from the parent, raw ones from the payload, xor-planes and quantized
@@ -666,7 +718,12 @@ def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema:
                 "its quantized encoding does not fit its tensor"
             )
     del plains  # every decoded byte is in ``out`` now
-    for (d, _), state in zip(group, record_views(out, schema, n)):
+    made = (
+        [RecordState(out, i, schema).as_state() for i in range(n)]
+        if records
+        else record_views(out, schema, n)
+    )
+    for (d, _), state in zip(group, made):
         states[d.name] = state
         last_delta[d.name] = d.table.hashes[d.row[3] : d.row[3] + t]
 

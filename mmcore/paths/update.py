@@ -442,7 +442,7 @@ def _encode(store: ModelStore, parent: str, deltas: list[_Delta], hashes: torch.
     tensors are, only the encodings come back (``_encode_on``)."""
     with decoding(parent):
         names, states, schemas, _ = chain._recover(
-            store, parent, {d.entry.name for d in deltas}, verify=True
+            store, parent, {d.entry.name for d in deltas}, verify=True, records=device is None
         )
     if device is None:
         return _encode_rows(deltas, hashes, states, schemas, tolerance)
