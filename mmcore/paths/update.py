@@ -246,7 +246,8 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     comparable = [p is not None for p in perms]
     saved = [tuple((saved_orders or {}).get(e.name, e.keys)) for e in entries]
     new_hashes = _to_schema_order(entries, perms, new_hashes)
-    differs, changed_bytes = _differing_tensors(entries, infos, comparable, new_hashes, sizes)
+    differs, changed_bytes, parent_hashes = _differing_tensors(entries, infos, comparable,
+                                                               new_hashes, sizes)  # fmt: skip
     orders: dict[str, list[str]] = {}
     whole: list[ModelEntry] = []
     delta_rows: list[tuple[ModelEntry, chain.ModelInfo, int]] = []
@@ -274,7 +275,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
             stored = info.order or stored
         if list(order) != list(stored):
             orders[entry.name] = list(order)
-    deltas, delta_hashes = _deltas(delta_rows, new_hashes)
+    deltas, delta_hashes, delta_parents = _deltas(delta_rows, new_hashes, parent_hashes)
     names = {e.name for e in entries}
     added = [e.name for e in entries if e.name not in index]
     removed = [n for n in index if n not in names]
@@ -282,7 +283,7 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     derived = [n for n in index if n in names] + added  # the order recovery gives unrecorded
     model_order = in_order if in_order != derived else None
     if deltas:
-        encoded = _encode(store, parent, deltas, delta_hashes, tolerance, device)
+        encoded = _encode(store, parent, deltas, delta_hashes, delta_parents, tolerance, device)
         unchanged += len(deltas) - len(encoded.deltas)  # every change within tolerance
         deltas = encoded.deltas
 
@@ -319,31 +320,36 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     return WrittenUpdate(groups, blobs, update, logical)
 
 
-def _deltas(rows: list[tuple[ModelEntry, chain.ModelInfo, int]],
-            new_hashes: torch.Tensor) -> tuple[list[_Delta], torch.Tensor]:  # fmt: skip
-    """The delta models, and their new hashes on the host (one row per tensor of every
-    delta, in order): one gather and one copy of just their rows (the hashes of a set
-    on a GPU stay there otherwise). Each delta's ``hashes`` are a view of its rows."""
+def _deltas(rows: list[tuple[ModelEntry, chain.ModelInfo, int]], new_hashes: torch.Tensor,
+            parent_hashes: torch.Tensor) -> tuple[list[_Delta], torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The delta models, their new hashes on the host (one row per tensor of every
+    delta, in order: one gather and one copy of just their rows; the hashes of a set on
+    a GPU stay there otherwise) and their parents' hashes, gathered by the same index
+    (left where they are: only the CPU path reads them). Each delta's ``hashes`` are a
+    view of its rows."""
     if not rows:
-        return [], torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
+        empty = torch.empty((0, kernels.HASH_SIZE), dtype=torch.uint8)
+        return [], empty, empty
     counts = kernels.int64_table([len(e.sources) for e, _, _ in rows])
     firsts = kernels.int64_table([first for _, _, first in rows])
     index = torch.repeat_interleave(firsts - (counts.cumsum(0) - counts), counts)
     index += torch.arange(index.numel())
-    host = new_hashes[index.to(new_hashes.device)].cpu()
+    on = index.to(new_hashes.device)
+    host = new_hashes[on].cpu()
     if new_hashes.device.type != "cpu":
         TRANSFERS.device_to_host += host.numel()
     out = [_Delta(entry, hashes, info, [], [], hashes)
            for (entry, info, _), hashes in zip(rows, torch.split(host, counts.tolist()))]  # fmt: skip
-    return out, host
+    return out, host, parent_hashes[on]
 
 
 def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | None],
                        comparable: list[bool], new_hashes: torch.Tensor,
-                       sizes_memo: Sizes) -> tuple[list[int], list[int]]:  # fmt: skip
+                       sizes_memo: Sizes) -> tuple[list[int], list[int], torch.Tensor]:  # fmt: skip
     """Per model, how many of its tensors' hashes differ from the parent's, and their
     bytes: one vectorised comparison over the whole table (models without a comparable
-    parent: 1 tensor, all their bytes)."""
+    parent: 1 tensor, all their bytes). Also the parent's hash of every row, where
+    ``new_hashes`` are (zeros for rows without a comparable parent)."""
     tables: dict[
         int, tuple[int, torch.Tensor]
     ] = {}  # id -> (first row in the concatenation, table)
@@ -359,7 +365,8 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
             rows_total += info.table.shape[0]
         starts.append(tables[id(info.table)][0] + info.first)
     if not tables:
-        return [1] * len(entries), [_sizes(e.signature, sizes_memo)[1] for e in entries]
+        return ([1] * len(entries), [_sizes(e.signature, sizes_memo)[1] for e in entries],
+                torch.zeros_like(new_hashes))  # fmt: skip
     sizes: list[int] = []
     for entry in entries:
         sizes.extend(_sizes(entry.signature, sizes_memo)[0])
@@ -371,8 +378,9 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
     before = torch.cumsum(count_t, 0) - count_t
     rows = start_t[model_of] + (torch.arange(new_hashes.shape[0], device=device) - before[model_of])
     valid = start_t[model_of] >= 0
-    same = torch.zeros(new_hashes.shape[0], dtype=torch.bool, device=device)
-    same[valid] = (new_hashes[valid] == parent[rows[valid]]).all(dim=1)
+    parent_rows = torch.zeros_like(new_hashes)
+    parent_rows[valid] = parent[rows[valid]]
+    same = (new_hashes == parent_rows).all(dim=1) & valid
     differ = torch.zeros(len(entries), dtype=torch.int64, device=device).index_add_(
         0, model_of, (~same).to(torch.int64)
     )
@@ -384,7 +392,7 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
         TRANSFERS.host_to_device += parent.numel()
         TRANSFERS.device_to_host += differ.numel() * 8 + flags.numel()
     counts_out = [d if ok else max(d, 1) for d, ok in zip(differ.tolist(), comparable)]
-    return counts_out, nbytes.tolist()
+    return counts_out, nbytes.tolist(), parent_rows
 
 
 @dataclass
@@ -434,18 +442,20 @@ class _Plan:
 
 
 def _encode(store: ModelStore, parent: str, deltas: list[_Delta], hashes: torch.Tensor,
-            tolerance: float | None, device: torch.device | None) -> _Blobs:  # fmt: skip
+            parent_hashes: torch.Tensor, tolerance: float | None,
+            device: torch.device | None) -> _Blobs:  # fmt: skip
     """Encodes every changed tensor of ``deltas`` against the parent as recovered, and
     says where each delta's model blob lies (``_write_deltas`` compresses it);
-    ``hashes``: the new tensors' hashes, one row per tensor of every delta. On the
-    CPU everything is done over tables (``_encode_rows``); on a GPU where the new
-    tensors are, only the encodings come back (``_encode_on``)."""
+    ``hashes``, ``parent_hashes``: the new tensors' and the parents' hashes, one row
+    per tensor of every delta. On the CPU everything is done over tables
+    (``_encode_rows``); on a GPU where the new tensors are, only the encodings come
+    back (``_encode_on``)."""
     with decoding(parent):
         names, states, schemas, _ = chain._recover(
             store, parent, {d.entry.name for d in deltas}, verify=True, records=device is None
         )
     if device is None:
-        return _encode_rows(deltas, hashes, states, schemas, tolerance)
+        return _encode_rows(deltas, hashes, parent_hashes, states, schemas, tolerance)
     parents = {n: chain._plain_dict(states[n]) for n in names}
     _encode_on(device, parents, deltas, tolerance)
     return _blobs_of_pieces([d for d in deltas if any(k != codec.SAME for k in d.kinds)])
@@ -480,8 +490,9 @@ def _columns(schema: Schema, tolerance: float | None, memo: dict[int, _Columns])
     return got
 
 
-def _encode_rows(deltas: list[_Delta], new_hashes: torch.Tensor, states: dict[str, Any],
-                 schemas: dict[str, Schema], tolerance: float | None) -> _Blobs:  # fmt: skip
+def _encode_rows(deltas: list[_Delta], new_hashes: torch.Tensor, parent_hashes: torch.Tensor,
+                 states: dict[str, Any], schemas: dict[str, Schema],
+                 tolerance: float | None) -> _Blobs:  # fmt: skip
     """``_encode`` on the CPU, over tables: per architecture, the parents' addresses
     (record address plus each tensor's offset) and the columns of its tensors; then
     one xor-planes call for every exact change and one quantized call for every lossy
@@ -526,7 +537,6 @@ def _encode_rows(deltas: list[_Delta], new_hashes: torch.Tensor, states: dict[st
             cols[name][at] = getattr(c, name).repeat(k)
         lossy[at] = c.lossy.repeat(k)
     nbytes = cols["nbytes"]
-    parent_hashes = _parent_rows(deltas)
     changed = (new_hashes != parent_hashes).any(dim=1)
     kinds = torch.zeros(nrows, dtype=torch.int64)  # codec.SAME
     lengths = torch.zeros(nrows, dtype=torch.int64)
@@ -571,25 +581,6 @@ def _encode_rows(deltas: list[_Delta], new_hashes: torch.Tensor, states: dict[st
     plan = _blob_plan(counts, kinds, lengths, addresses, buffer_of, buffers)
     return _Blobs(deltas, kinds, lengths, recovered, new_hashes, new_ptrs, nbytes, plan, None,
                   [codec.ZSTD] * len(deltas), [buffers])  # fmt: skip
-
-
-def _parent_rows(deltas: list[_Delta]) -> torch.Tensor:
-    """The parent's hashes of every tensor of ``deltas``, (rows, 32): one gather from
-    the parents' hash tables."""
-    tables: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (first row in ``joined``, table)
-    starts = []
-    total = 0
-    for d in deltas:
-        where = tables.get(id(d.info.table))
-        if where is None:
-            where = tables[id(d.info.table)] = (total, d.info.table)
-            total += d.info.table.shape[0]
-        starts.append(where[0] + d.info.first)
-    joined = torch.cat([t for _, t in tables.values()])
-    counts = kernels.int64_table([len(d.entry.sources) for d in deltas])
-    index = torch.repeat_interleave(kernels.int64_table(starts) - (counts.cumsum(0) - counts),
-                                    counts) + torch.arange(int(counts.sum()))  # fmt: skip
-    return joined[index]
 
 
 def _quantize_rows(rows: torch.Tensor, new_ptrs: torch.Tensor, parent_ptrs: torch.Tensor,
