@@ -72,33 +72,35 @@ def _median(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     return statistics.median(times), results[0]
 
 
+def _fresh_save_s(path: Path, save: Callable[[mmcore.ModelStore], Any]) -> float:
+    """Seconds ``save`` takes into a store of its own at ``path`` (opened untimed,
+    deleted after): a real save, not a deduplicated one."""
+    with mmcore.open(path) as fresh:
+        t0 = time.perf_counter()
+        save(fresh)
+        took = time.perf_counter() - t0
+    shutil.rmtree(path)
+    return took
+
+
 def _baseline_save_s(sds: StateDicts, root: Path, prefix: str, repeat: int,
                      save: Callable[[mmcore.ModelStore], Any] | None = None) -> float:  # fmt: skip
     """The median time of saving ``sds`` as a baseline (or of ``save``), each run into a
-    store of its own (opened untimed): a real save, not a deduplicated one."""
-    fresh = [mmcore.open(root / f"{prefix}-{i}.mm") for i in range(repeat)]
-    todo = list(fresh)
-    first = save or (lambda store: store.save(sds, progress=False))
-    try:
-        return _median(lambda: first(todo.pop()), repeat)[0]
-    finally:
-        for other in fresh:
-            other.close()
+    fresh store."""
+    baseline = save or (lambda store: store.save(sds, progress=False))
+    return statistics.median(_fresh_save_s(root / f"{prefix}-{i}.mm", baseline)
+                             for i in range(repeat))  # fmt: skip
 
 
 def _paired(sds: StateDicts, root: Path, prefix: str, repeat: int,
             update: Callable[[], str]) -> dict[str, Any]:  # fmt: skip
-    """``repeat`` pairs: a baseline save of ``sds`` into a fresh store (deleted after),
-    then ``update()``. Medians of each, the ratios of the pairs (sorted), and the first
+    """``repeat`` pairs: a baseline save of ``sds`` into a fresh store, then
+    ``update()``. Medians of each, the ratios of the pairs (sorted), and the first
     update's version (later ones are the same bytes again)."""
     bases, updates, ratios, vid = [], [], [], None
     for i in range(repeat):
-        path = root / f"{prefix}-{i}.mm"
-        with mmcore.open(path) as fresh:
-            t0 = time.perf_counter()
-            fresh.save(sds, progress=False)
-            bases.append(time.perf_counter() - t0)
-        shutil.rmtree(path)
+        bases.append(_fresh_save_s(root / f"{prefix}-{i}.mm",
+                                   lambda store: store.save(sds, progress=False)))  # fmt: skip
         t0 = time.perf_counter()
         got = update()
         updates.append(time.perf_counter() - t0)
