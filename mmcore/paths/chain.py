@@ -837,47 +837,56 @@ def _raw_tensor(
     )
 
 
-def _check_hashes(vid: str, expected: dict[str, torch.Tensor], states: dict[str, StateDict],
-                  schemas: dict[str, Schema]) -> None:  # fmt: skip
-    """One BLAKE3 call over every tensor decoded from a delta, against its recorded hash
-    (segment tables built per schema from record addresses where the model is one
-    record, tensor by tensor only for a model assembled tensor by tensor)."""
-    counts = [h.shape[0] for h in expected.values()]
-    count_t = torch.tensor(counts, dtype=torch.int64)
+def tensor_table(states: dict[str, StateDict], names: list[str], schemas: dict[str, Schema]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """Where every tensor of the models ``names`` is, model after model: (addresses,
+    byte lengths, each model's tensor count, the tensors made contiguous, which the
+    caller holds while it reads the addresses). A model that is one record gives its
+    record's address plus each tensor's offset, per schema in one step, in the
+    schema's order; a model assembled tensor by tensor gives its tensors, in its order."""
+    counts: list[int] = []
+    loose: list[int] = []
+    records: dict[int, tuple[Schema, list[int], list[int]]] = {}  # schema -> (models, addresses)
+    for i, name in enumerate(names):
+        state, schema = states[name], schemas.get(name)
+        address = None if schema is None else _record_address(state, schema)
+        if address is None or schema is None:
+            counts.append(len(state))
+            loose.append(i)
+            continue
+        counts.append(len(schema.tensors))
+        entry = records.setdefault(id(schema), (schema, [], []))
+        entry[1].append(i)
+        entry[2].append(address)
+    count_t = kernels.int64_table(counts)
     starts = count_t.cumsum(0) - count_t  # each model's first row
     ptrs = torch.zeros(sum(counts), dtype=torch.int64)
     lens = torch.zeros(sum(counts), dtype=torch.int64)
-    records: dict[int, tuple[Schema, list[int], list[int]]] = {}  # schema -> (models, addresses)
     keep: list[torch.Tensor] = []
-    for i, name in enumerate(expected):
-        state, schema = states[name], schemas.get(name)
-        address = None if schema is None else _record_address(state, schema)
-        if address is not None and schema is not None and counts[i] == len(schema.tensors):
-            entry = records.setdefault(id(schema), (schema, [], []))
-            entry[1].append(i)
-            entry[2].append(address)
-            continue
-        if len(state) != counts[i]:
-            raise IntegrityError(
-                f"version {vid}: the recorded hashes do not match the models' tensors"
-            )
+    for i in loose:
         at = int(starts[i])
-        for j, tensor in enumerate(state.values()):
+        for j, tensor in enumerate(states[names[i]].values()):
             flat = tensor.contiguous()
             keep.append(flat)
             ptrs[at + j] = flat.data_ptr()
             lens[at + j] = flat.numel() * flat.element_size()
     for schema, models, addresses in records.values():
-        offsets = torch.tensor([s.offset for s in schema.tensors], dtype=torch.int64)
-        rows = starts[torch.tensor(models, dtype=torch.int64)].unsqueeze(1) + torch.arange(
-            len(offsets)
-        )
-        ptrs[rows] = torch.tensor(addresses, dtype=torch.int64).unsqueeze(1) + offsets
-        lens[rows] = torch.tensor([s.nbytes for s in schema.tensors], dtype=torch.int64)
-    got = kernels.blake3_segments(ptrs, lens)
-    want = torch.cat(list(expected.values()))
-    if got.shape != want.shape:
+        offsets = kernels.int64_table([s.offset for s in schema.tensors])
+        rows = starts[kernels.int64_table(models)].unsqueeze(1) + torch.arange(len(offsets))
+        ptrs[rows] = kernels.int64_table(addresses).unsqueeze(1) + offsets
+        lens[rows] = kernels.int64_table([s.nbytes for s in schema.tensors])
+    return ptrs, lens, count_t, keep
+
+
+def _check_hashes(vid: str, expected: dict[str, torch.Tensor], states: dict[str, StateDict],
+                  schemas: dict[str, Schema]) -> None:  # fmt: skip
+    """One BLAKE3 call over every tensor decoded from a delta, against its recorded hash
+    (the segment table from ``tensor_table``)."""
+    ptrs, lens, counts, _held = tensor_table(states, list(expected), schemas)
+    if counts.tolist() != [h.shape[0] for h in expected.values()]:
         raise IntegrityError(f"version {vid}: the recorded hashes do not match the models' tensors")
+    got = kernels.blake3_segments(ptrs, lens)  # (``_held``: the loose tensors read)
+    want = torch.cat(list(expected.values()))
     bad = (got != want).any(dim=1).nonzero()
     if bad.numel():  # the culprit's name, found by walking the rows again (errors only)
         where = [(name, key) for name in expected for key in states[name]]

@@ -465,7 +465,6 @@ def _encode(store: ModelStore, parent: str, deltas: list[_Delta], hashes: torch.
 class _Columns:
     """Per architecture, the columns of its tensors (schema order) an encode needs."""
 
-    offsets: torch.Tensor  # in a model record
     nbytes: torch.Tensor
     widths: torch.Tensor  # xor-planes word widths
     kinds: torch.Tensor  # FLOAT_KINDS value, 0 where not a float
@@ -478,7 +477,6 @@ def _columns(schema: Schema, tolerance: float | None, memo: dict[int, _Columns])
     if got is None:
         kinds = [dtypes.from_name(s.dtype) for s in schema.tensors]
         got = memo[id(schema)] = _Columns(
-            kernels.int64_table([s.offset for s in schema.tensors]),
             kernels.int64_table([s.nbytes for s in schema.tensors]),
             kernels.int64_table([plane_width(dt) for dt in kinds]),
             kernels.int64_table([FLOAT_KINDS.get(dt, 0) for dt in kinds]),
@@ -493,45 +491,31 @@ def _columns(schema: Schema, tolerance: float | None, memo: dict[int, _Columns])
 def _encode_rows(deltas: list[_Delta], new_hashes: torch.Tensor, parent_hashes: torch.Tensor,
                  states: dict[str, Any], schemas: dict[str, Schema],
                  tolerance: float | None) -> _Blobs:  # fmt: skip
-    """``_encode`` on the CPU, over tables: per architecture, the parents' addresses
-    (record address plus each tensor's offset) and the columns of its tensors; then
-    one xor-planes call for every exact change and one quantized call for every lossy
-    one (its decode and hash, closed loop, one call each); then where each model blob
-    lies (``_blob_plan``). Nothing is done per tensor."""
+    """``_encode`` on the CPU, over tables: the parents' addresses (``chain.tensor_table``)
+    and, per architecture, the columns of its tensors; then one xor-planes call for
+    every exact change and one quantized call for every lossy one (its decode and hash,
+    closed loop, one call each); then where each model blob lies (``_blob_plan``).
+    Nothing is done per tensor."""
     n = len(deltas)
     counts = kernels.int64_table([len(d.entry.sources) for d in deltas])
     nrows = int(counts.sum())
     first = counts.cumsum(0) - counts
     model = torch.repeat_interleave(torch.arange(n), counts)
     new_ptrs = kernels.int64_table([p for d in deltas for p in d.entry.ptrs])
-    parent_ptrs = torch.zeros(nrows, dtype=torch.int64)
+    # the parents' tensors: records by address, loose ones made contiguous (held in ``keep``)
+    parent_ptrs, _, _, keep = chain.tensor_table(states, [d.entry.name for d in deltas], schemas)
     cols = {name: torch.zeros(nrows, dtype=torch.int64)
             for name in ("nbytes", "widths", "kinds", "itemsize")}  # fmt: skip
     lossy = torch.zeros(nrows, dtype=torch.bool)
     memo: dict[int, _Columns] = {}
-    by_schema: dict[int, tuple[_Columns, list[int], list[int]]] = {}
-    keep: list[torch.Tensor] = []  # loose parents' tensors, made contiguous
+    by_schema: dict[int, tuple[_Columns, list[int]]] = {}  # per architecture, its deltas
     for i, d in enumerate(deltas):
-        schema = schemas[d.entry.name]
-        c = _columns(schema, tolerance, memo)
-        address = chain._record_address(states[d.entry.name], schema)
-        if address is None:  # a parent assembled tensor by tensor: its tensors' addresses
-            row0 = int(first[i])
-            for j, tensor in enumerate(states[d.entry.name].values()):
-                keep.append(tensor.contiguous())
-                parent_ptrs[row0 + j] = keep[-1].data_ptr()
-            address = 0
-        group = by_schema.setdefault(id(c), (c, [], []))
-        group[1].append(i)
-        group[2].append(address)
-    for c, members, bases in by_schema.values():
+        c = _columns(schemas[d.entry.name], tolerance, memo)
+        by_schema.setdefault(id(c), (c, []))[1].append(i)
+    for c, members in by_schema.values():
         at = (
-            first[kernels.int64_table(members)].unsqueeze(1) + torch.arange(len(c.offsets))
+            first[kernels.int64_table(members)].unsqueeze(1) + torch.arange(len(c.nbytes))
         ).reshape(-1)
-        base = kernels.int64_table(bases)
-        placed = (base.unsqueeze(1) + c.offsets).reshape(-1)
-        parent_ptrs[at] = torch.where(base.repeat_interleave(len(c.offsets)) != 0, placed,
-                                      parent_ptrs[at])  # fmt: skip
         k = len(members)
         for name in cols:
             cols[name][at] = getattr(c, name).repeat(k)
