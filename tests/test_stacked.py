@@ -152,6 +152,65 @@ def test_save_stacked_takes_any_strides_and_every_save_path(store: mmcore.ModelS
     assert_bit_equal(got.params["b"], b)
 
 
+def _update_record(store: mmcore.ModelStore, vid: str) -> dict[str, object]:
+    update = store.manifest(vid).update
+    assert update is not None
+    return {"removed": update.removed, "added": update.added, "whole": update.whole,
+            "changed": update.changed, "orders": update.orders, "stats": update.stats,
+            "model_order": update.model_order}  # fmt: skip
+
+
+@pytest.mark.parametrize(("tolerance", "max_chain"), [(None, 16), (1e-3, 16), (None, 1)])
+def test_a_stacked_update_is_the_update_of_the_same_state_dicts(
+    store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch, tolerance: float | None,
+    max_chain: int,
+) -> None:  # fmt: skip
+    """A stacked set whose every model the parent holds alike is hashed and compared
+    without a step per model (``_split_stacked``); what it stores is what the same set
+    given as state dicts stores: the same models unchanged, delta or whole (keyframes
+    at ``max_chain``), removed models, the set's order and recorded tensor orders."""
+    from mmcore.paths import update
+
+    models = mixed_set()
+    v1 = store.save(models)
+    swapped = copy.deepcopy(models)
+    swapped["mlp_1"] = {"b": swapped["mlp_1"]["b"], "w": swapped["mlp_1"]["w"] * 2}
+    v2 = store.save(swapped, approach="update", parent=v1)  # records mlp_1's order (b, w)
+    given = copy.deepcopy(models)
+    del given["odd_5"]  # removed
+    given["mlp_1"]["w"] *= 2  # the parent's weights, in the schema's order (w, b)
+    given["mlp_1"]["b"][0] = 5.0  # changed again: stored whole
+    given["mlp_2"]["w"][1, 2] += 0.5
+    given["odd_3"]["n"][0, 1] = 9
+    given["odd_4"]["h"][2] = 8.0
+    given = dict(reversed(given.items()))  # another model order than the parent's
+    slow = []
+    monkeypatch.setattr(update, "_split_entries",
+                        lambda *a, _f=update._split_entries: slow.append(1) or _f(*a))  # fmt: skip
+    from_dicts = store.save(given, approach="update", parent=v2, tolerance=tolerance,
+                            max_chain=max_chain)  # fmt: skip
+    assert slow == [1]
+    stacked = store.save_stacked(stack_sets(given), approach="update", parent=v2,
+                                 tolerance=tolerance, max_chain=max_chain)  # fmt: skip
+    assert slow == [1]  # no model by model validation
+    assert _update_record(store, stacked) == _update_record(store, from_dicts)
+    want = store.load(from_dicts)
+    assert list(want) == list(given) and list(want["mlp_1"]) == ["w", "b"]
+    got = store.load(stacked)
+    assert [list(sd) for sd in got.values()] == [list(sd) for sd in want.values()]
+    assert_sets_equal(got, want)
+    if tolerance is None:
+        assert_sets_equal(got, given)
+    stats = store.manifest(stacked).update.stats  # type: ignore[union-attr]
+    assert (stats["removed"], stats["unchanged"]) == (1, 7)
+    assert (stats["keyframes"], stats["delta"]) == (1, 3)  # (by max_chain, or by max_recovery)
+    assert store.manifest(stacked).update.whole == [["mlp_1"]]  # type: ignore[union-attr]
+    given["new_0"] = given["mlp_0"]  # a model the parent lacks: model by model
+    assert_sets_equal(store.load(store.save_stacked(stack_sets(given), approach="update",
+                                                    parent=v2)), given)  # fmt: skip
+    assert slow == [1, 1]
+
+
 @pytest.mark.parametrize(
     ("names", "params", "match"),
     [

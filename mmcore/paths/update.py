@@ -13,7 +13,7 @@ not smaller. Encoding runs batched over all changed tensors at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,7 @@ from ..kernels.delta import (
 from ..kernels.quantized import quantize_decode_table, quantize_encode_table
 from ..kernels.xor_planes import xor_planes_encode_table
 from ..manifest import ContentRecord, GroupRecord, UpdateInfo
-from ..modelset import ModelEntry, Schema, iter_models
+from ..modelset import ModelEntry, Schema, StackedInput, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 from . import baseline, chain, delta_blob
 
@@ -228,11 +228,98 @@ def keyframe(info: chain.ModelInfo, whole: int, changed: int, max_recovery: floa
     return max_recovery is not None and whole + info.cost + changed > max_recovery * whole
 
 
+@dataclass
+class _Split:
+    """How an update save stores each model of its set: unchanged (nothing), whole, or
+    as a delta of the parent's model (with its first row in the hash tables)."""
+
+    models: int
+    tensors: int
+    logical: int  # the set's bytes
+    device: torch.device | None  # where the rest of the save works (None: the CPU)
+    new_hashes: torch.Tensor  # (tensors, 32): every tensor of the set, each model's in
+    parent_hashes: torch.Tensor  # its parent's schema order; the parent's hash of each row
+    whole: list[ModelEntry]
+    delta_rows: list[tuple[ModelEntry, chain.ModelInfo, int]]
+    unchanged: int
+    restored: int  # changed models stored whole again (max_chain, max_recovery)
+    orders: dict[str, list[str]]  # tensor orders recorded where they differ from recovery's
+    added: list[str]
+    removed: list[str]
+    model_order: list[str] | None  # the set's order, where it is not the one derived
+
+
 def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
                   tolerance: float | None, max_chain: int, max_recovery: float | None,
                   progress: Progress, saved_orders: dict[str, list[str]] | None) -> WrittenUpdate:  # fmt: skip
     TRANSFERS.device_to_host = TRANSFERS.host_to_device = TRANSFERS.encodings = 0
     sizes: Sizes = {}
+    split = None
+    if isinstance(models, StackedInput) and saved_orders is None:
+        split = _split_stacked(store, models, parent, max_chain, max_recovery, progress, sizes)
+    if split is None:
+        split = _split_entries(store, models, parent, max_chain, max_recovery, progress, sizes,
+                               saved_orders)  # fmt: skip
+    deltas, delta_hashes, delta_parents = _deltas(split.delta_rows, split.new_hashes,
+                                                  split.parent_hashes)  # fmt: skip
+    unchanged = split.unchanged
+    if deltas:
+        encoded = _encode(store, parent, deltas, delta_hashes, delta_parents, tolerance,
+                          split.device)  # fmt: skip
+        unchanged += len(deltas) - len(encoded.deltas)  # every change within tolerance
+        deltas = encoded.deltas
+
+    groups: list[GroupRecord] = []
+    blobs: list[tuple[bytes, ContentRecord]] = []
+    end = HEADER_SIZE
+    whole_names: list[list[str]] = []
+    if split.whole:
+        TRANSFERS.device_to_host += sum(
+            _sizes(e.signature, sizes)[1] for e in split.whole if e.device is not None
+        )
+        written = baseline.write_set(writer, {e.name: dict(zip(e.keys, e.sources)) for e in split.whole},
+                                     lambda n: None)  # fmt: skip
+        groups, blobs, end = written.groups, list(written.blobs), written.end
+        whole_names = [[written.names[i] for i in g.positions()] for g in groups]
+    delta_key = None
+    payload = sum(g.count * g.schema.stride for g in groups)
+    metadata = sum(g.count * len(g.schema.tensors) * kernels.HASH_SIZE for g in groups)
+    if deltas:
+        delta_key, rec, model_bytes, table_bytes = _write_deltas(store, writer, encoded, end)
+        blobs.append((delta_key, rec))
+        payload += model_bytes
+        metadata += table_bytes
+    depth = len(chain.chain_of(store, parent))  # as the chain is now (a rebase shortens it)
+    stats = {"models": split.models, "tensors": split.tensors,
+             "unchanged": unchanged, "changed": len(deltas) + split.restored, "delta": len(deltas),
+             "whole": len(split.whole), "keyframes": split.restored, "added": len(split.added),
+             "removed": len(split.removed), "payload_bytes": payload, "metadata_bytes": metadata,
+             "max_delta_chain": max([int(d.info.depth) + 1 for d in deltas], default=0)}  # fmt: skip
+    update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=split.removed,
+                        added=split.added, whole=whole_names, changed=[d.entry.name for d in deltas],
+                        delta_blob=delta_key, stats=stats, orders=split.orders,
+                        model_order=split.model_order, max_recovery=max_recovery)  # fmt: skip
+    return WrittenUpdate(groups, blobs, update, split.logical)
+
+
+def _stored_whole(info: chain.ModelInfo, whole_bytes: int, changed_bytes: int, max_chain: int,
+                  max_recovery: float | None) -> bool:  # fmt: skip
+    """Whether a changed model is stored whole again rather than as one more delta."""
+    return info.depth + 1 > max_chain or keyframe(info, whole_bytes, changed_bytes, max_recovery)
+
+
+def _set_order(order: list[str], index: dict[str, chain.ModelInfo],
+               names: set[str]) -> list[str] | None:  # fmt: skip
+    """The set's model order where recovery would not derive it (the parent's models
+    kept in its order, then the added ones), else None."""
+    derived = [n for n in index if n in names] + [n for n in order if n not in index]
+    return order if order != derived else None
+
+
+def _split_entries(store: ModelStore, models: Any, parent: str, max_chain: int,
+                   max_recovery: float | None, progress: Progress, sizes: Sizes,
+                   saved_orders: dict[str, list[str]] | None) -> _Split:  # fmt: skip
+    """Any set: validated and hashed model by model, then compared in one step."""
     entries, new_hashes, logical, device = _validate_and_hash(models, progress, sizes)
     if not entries:
         raise InvalidModelSetError("the model set is empty: pass at least one model")
@@ -246,15 +333,20 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
     comparable = [p is not None for p in perms]
     saved = [tuple((saved_orders or {}).get(e.name, e.keys)) for e in entries]
     new_hashes = _to_schema_order(entries, perms, new_hashes)
-    differs, changed_bytes, parent_hashes = _differing_tensors(entries, infos, comparable,
-                                                               new_hashes, sizes)  # fmt: skip
+    row_sizes: list[int] = []
+    for entry in entries:
+        row_sizes.extend(_sizes(entry.signature, sizes)[0])
+    differs, changed_bytes, parent_hashes = _differing_tensors(
+        [len(e.sources) for e in entries], kernels.int64_table(row_sizes), infos, comparable,
+        new_hashes)  # fmt: skip
     orders: dict[str, list[str]] = {}
     whole: list[ModelEntry] = []
     delta_rows: list[tuple[ModelEntry, chain.ModelInfo, int]] = []
     unchanged = restored = 0
     row = 0
-    for entry, info, same_schema, ndiff, nbytes, order in zip(entries, infos, comparable, differs,
-                                                              changed_bytes, saved):  # fmt: skip
+    for entry, info, same_schema, ndiff, nbytes, order in zip(entries, infos, comparable,
+                                                              differs.tolist(),
+                                                              changed_bytes.tolist(), saved):  # fmt: skip
         row += len(entry.sources)
         if info is None or not same_schema:
             whole.append(entry)  # stored in the order given: its schema's
@@ -265,8 +357,8 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
         if ndiff == 0:
             unchanged += 1
             stored = info.order or stored
-        elif info.depth + 1 > max_chain or keyframe(
-            info, _sizes(entry.signature, sizes)[1], nbytes, max_recovery
+        elif _stored_whole(
+            info, _sizes(entry.signature, sizes)[1], nbytes, max_chain, max_recovery
         ):
             whole.append(entry)
             restored += 1
@@ -275,49 +367,73 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
             stored = info.order or stored
         if list(order) != list(stored):
             orders[entry.name] = list(order)
-    deltas, delta_hashes, delta_parents = _deltas(delta_rows, new_hashes, parent_hashes)
     names = {e.name for e in entries}
-    added = [e.name for e in entries if e.name not in index]
-    removed = [n for n in index if n not in names]
-    in_order = [e.name for e in entries]
-    derived = [n for n in index if n in names] + added  # the order recovery gives unrecorded
-    model_order = in_order if in_order != derived else None
-    if deltas:
-        encoded = _encode(store, parent, deltas, delta_hashes, delta_parents, tolerance, device)
-        unchanged += len(deltas) - len(encoded.deltas)  # every change within tolerance
-        deltas = encoded.deltas
+    return _Split(len(entries), row, logical, device, new_hashes, parent_hashes, whole, delta_rows,
+                  unchanged, restored, orders, added=[e.name for e in entries if e.name not in index],
+                  removed=[n for n in index if n not in names],
+                  model_order=_set_order([e.name for e in entries], index, names))  # fmt: skip
 
-    groups: list[GroupRecord] = []
-    blobs: list[tuple[bytes, ContentRecord]] = []
-    end = HEADER_SIZE
-    whole_names: list[list[str]] = []
-    if whole:
-        TRANSFERS.device_to_host += sum(
-            _sizes(e.signature, sizes)[1] for e in whole if e.device is not None
-        )
-        written = baseline.write_set(writer, {e.name: dict(zip(e.keys, e.sources)) for e in whole},
-                                     lambda n: None)  # fmt: skip
-        groups, blobs, end = written.groups, list(written.blobs), written.end
-        whole_names = [[written.names[i] for i in g.positions()] for g in groups]
-    delta_key = None
-    payload = sum(g.count * g.schema.stride for g in groups)
-    metadata = sum(g.count * len(g.schema.tensors) * kernels.HASH_SIZE for g in groups)
-    if deltas:
-        delta_key, rec, model_bytes, table_bytes = _write_deltas(store, writer, encoded, end)
-        blobs.append((delta_key, rec))
-        payload += model_bytes
-        metadata += table_bytes
-    depth = len(chain.chain_of(store, parent))  # as the chain is now (a rebase shortens it)
-    stats = {"models": len(entries), "tensors": sum(len(e.sources) for e in entries),
-             "unchanged": unchanged, "changed": len(deltas) + restored, "delta": len(deltas),
-             "whole": len(whole), "keyframes": restored, "added": len(added), "removed": len(removed),
-             "payload_bytes": payload, "metadata_bytes": metadata,
-             "max_delta_chain": max([int(d.info.depth) + 1 for d in deltas], default=0)}  # fmt: skip
-    update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=removed,
-                        added=added, whole=whole_names, changed=[d.entry.name for d in deltas],
-                        delta_blob=delta_key, stats=stats, orders=orders,
-                        model_order=model_order, max_recovery=max_recovery)  # fmt: skip
-    return WrittenUpdate(groups, blobs, update, logical)
+
+def _split_stacked(store: ModelStore, models: StackedInput, parent: str, max_chain: int,
+                   max_recovery: float | None, progress: Progress, sizes: Sizes) -> _Split | None:  # fmt: skip
+    """A stacked set on the CPU whose every model the parent holds in the same
+    architecture and tensor order: hashed by one call over the stacks' row addresses
+    and compared in one step; a model is made an entry only where it changed. None
+    where the set is not of that kind (``_split_entries`` takes it)."""
+    parts = models.parts
+    if any(p.device.type != "cpu" for p in parts):
+        return None
+    with decoding(parent):
+        index = chain.model_index(store, parent)
+    memo: dict[Any, tuple[int, ...] | None] = {}
+    infos: list[chain.ModelInfo] = []
+    for part in parts:
+        mine = [index.get(n) for n in part.names]
+        if any(info is None for info in mine):
+            return None  # models the parent lacks: stored whole, model by model
+        probe = ModelEntry(part.names[0], part.keys, part.signature, [], [])
+        for info in {id(i.schema): i for i in mine if i is not None}.values():
+            if _schema_order(info, probe, memo) != _SAME_ORDER:
+                return None
+        infos.extend(i for i in mine if i is not None)
+    tables = [p.row_table() for p in parts]  # (n, tensors) addresses, model after model
+    per = [kernels.int64_table(_sizes(p.signature, sizes)[0]) for p in parts]
+    ptrs = torch.cat([t.reshape(-1) for t in tables])
+    lens = torch.cat([s.repeat(len(p.names)) for s, p in zip(per, parts)])
+    new_hashes = kernels.blake3_segments(ptrs, lens)
+    progress(len(models))
+    counts = [len(p.keys) for p in parts for _ in p.names]
+    differs, changed_bytes, parent_hashes = _differing_tensors(
+        counts, lens, infos, [True] * len(infos), new_hashes)  # fmt: skip
+    first = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0) - torch.tensor(counts)
+    part_of = [i for i, p in enumerate(parts) for _ in p.names]
+    row_of = [r for p in parts for r in range(len(p.names))]
+    names = [n for p in parts for n in p.names]
+    at = [i for p in parts for i in models.positions(p)]  # in the set's order
+    whole: list[tuple[int, ModelEntry]] = []
+    delta_rows: list[tuple[int, tuple[ModelEntry, chain.ModelInfo, int]]] = []
+    changed = differs.nonzero().reshape(-1).tolist()
+    for i, nbytes in zip(changed, changed_bytes[changed].tolist()):
+        part, r = parts[part_of[i]], row_of[i]
+        entry = ModelEntry(names[i], part.keys, part.signature, [c[r] for c in part.columns],
+                           tables[part_of[i]][r].tolist())  # fmt: skip
+        if _stored_whole(infos[i], _sizes(part.signature, sizes)[1], nbytes, max_chain,
+                         max_recovery):  # fmt: skip
+            whole.append((at[i], entry))
+        else:
+            delta_rows.append((at[i], (entry, infos[i], int(first[i]))))
+    keyed = {i for i, _ in whole}
+    keys_of = [p.keys for p in parts for _ in p.names]
+    orders = {names[i]: list(keys_of[i]) for i, info in enumerate(infos)
+              if info.order is not None and at[i] not in keyed
+              and list(info.order) != list(keys_of[i])}  # fmt: skip
+    kept = set(names)
+    return _Split(len(names), len(lens), sum(_sizes(p.signature, sizes)[1] * len(p.names) for p in parts),
+                  None, new_hashes, parent_hashes, [e for _, e in sorted(whole, key=lambda w: w[0])],
+                  [d for _, d in sorted(delta_rows, key=lambda d: d[0])],
+                  len(names) - len(changed), len(whole), orders, added=[],
+                  removed=[n for n in index if n not in kept],
+                  model_order=_set_order(models.order, index, kept))  # fmt: skip
 
 
 def _deltas(rows: list[tuple[ModelEntry, chain.ModelInfo, int]], new_hashes: torch.Tensor,
@@ -343,20 +459,20 @@ def _deltas(rows: list[tuple[ModelEntry, chain.ModelInfo, int]], new_hashes: tor
     return out, host, parent_hashes[on]
 
 
-def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | None],
-                       comparable: list[bool], new_hashes: torch.Tensor,
-                       sizes_memo: Sizes) -> tuple[list[int], list[int], torch.Tensor]:  # fmt: skip
-    """Per model, how many of its tensors' hashes differ from the parent's, and their
-    bytes: one vectorised comparison over the whole table (models without a comparable
-    parent: 1 tensor, all their bytes). Also the parent's hash of every row, where
-    ``new_hashes`` are (zeros for rows without a comparable parent)."""
+def _differing_tensors(counts: list[int], row_sizes: torch.Tensor,
+                       infos: Sequence[chain.ModelInfo | None], comparable: list[bool],
+                       new_hashes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per model (``counts``: its tensors), how many of its tensors' hashes differ from
+    the parent's, and their bytes (``row_sizes``: of each row), as int64 tensors on the
+    CPU: one vectorised comparison over the whole table (models without a comparable
+    parent: at least 1 tensor, all their bytes). Also the parent's hash of every row,
+    where ``new_hashes`` are (zeros for rows without a comparable parent)."""
     tables: dict[
         int, tuple[int, torch.Tensor]
     ] = {}  # id -> (first row in the concatenation, table)
-    starts, counts = [], []
+    starts = []
     rows_total = 0
-    for entry, info, ok in zip(entries, infos, comparable):
-        counts.append(len(entry.sources))
+    for info, ok in zip(infos, comparable):
         if not ok or info is None:
             starts.append(-1)
             continue
@@ -364,35 +480,29 @@ def _differing_tensors(entries: list[ModelEntry], infos: list[chain.ModelInfo | 
             tables[id(info.table)] = (rows_total, info.table)
             rows_total += info.table.shape[0]
         starts.append(tables[id(info.table)][0] + info.first)
+    count_t = torch.tensor(counts, dtype=torch.int64)
+    model_of = torch.repeat_interleave(torch.arange(len(counts)), count_t)
     if not tables:
-        return ([1] * len(entries), [_sizes(e.signature, sizes_memo)[1] for e in entries],
-                torch.zeros_like(new_hashes))  # fmt: skip
-    sizes: list[int] = []
-    for entry in entries:
-        sizes.extend(_sizes(entry.signature, sizes_memo)[0])
+        whole = torch.zeros(len(counts), dtype=torch.int64).index_add_(0, model_of, row_sizes)
+        return count_t.clamp(min=1), whole, torch.zeros_like(new_hashes)
     device = new_hashes.device  # where the new hashes are: the parent's rows go there
     parent = torch.cat([t for _, t in tables.values()]).to(device)
-    count_t = torch.tensor(counts, dtype=torch.int64, device=device)
-    start_t = torch.tensor(starts, dtype=torch.int64, device=device)
-    model_of = torch.repeat_interleave(torch.arange(len(entries), device=device), count_t)
+    start_t = torch.tensor(starts, dtype=torch.int64)
     before = torch.cumsum(count_t, 0) - count_t
-    rows = start_t[model_of] + (torch.arange(new_hashes.shape[0], device=device) - before[model_of])
+    rows = start_t[model_of] + (torch.arange(model_of.numel()) - before[model_of])
     valid = start_t[model_of] >= 0
     parent_rows = torch.zeros_like(new_hashes)
-    parent_rows[valid] = parent[rows[valid]]
-    same = (new_hashes == parent_rows).all(dim=1) & valid
-    differ = torch.zeros(len(entries), dtype=torch.int64, device=device).index_add_(
-        0, model_of, (~same).to(torch.int64)
-    )
-    flags = (~same).cpu().to(torch.int64)
-    nbytes = torch.zeros(len(entries), dtype=torch.int64).index_add_(
-        0, model_of.cpu(), flags * torch.tensor(sizes, dtype=torch.int64)
-    )
+    on = valid.to(device)
+    parent_rows[on] = parent[rows[valid].to(device)]
+    same = ((new_hashes == parent_rows).all(dim=1) & on).cpu()
+    flags = (~same).to(torch.int64)
+    differ = torch.zeros(len(counts), dtype=torch.int64).index_add_(0, model_of, flags)
+    nbytes = torch.zeros(len(counts), dtype=torch.int64).index_add_(0, model_of, flags * row_sizes)
     if device.type != "cpu":
-        TRANSFERS.host_to_device += parent.numel()
-        TRANSFERS.device_to_host += differ.numel() * 8 + flags.numel()
-    counts_out = [d if ok else max(d, 1) for d, ok in zip(differ.tolist(), comparable)]
-    return counts_out, nbytes.tolist(), parent_rows
+        TRANSFERS.host_to_device += parent.numel() + on.numel()
+        TRANSFERS.device_to_host += same.numel()
+    incomparable = torch.tensor([not ok for ok in comparable], dtype=torch.bool)
+    return torch.where(incomparable, differ.clamp(min=1), differ), nbytes, parent_rows
 
 
 @dataclass
