@@ -982,7 +982,7 @@ def _write_deltas(
         # The key covers the tables and the recovered tensors' hashes, not the model
         # blobs: the same tables over other bytes (deltas of the same tensors against
         # another parent, laid out alike in another pack) must not share it.
-        if not _holds_other_bytes(store, key, [row[0] for row in model_rows], datas):
+        if not _holds_other_bytes(store, key, start, datas):
             break
         start += 64  # other offsets in the tables, so another key
     table_at = align_up(offset, 64)
@@ -1033,27 +1033,30 @@ def _raw_blobs(b: _Blobs, lo: int, hi: int, raw: torch.Tensor, raw_size: torch.T
     return gathered
 
 
-def _holds_other_bytes(store: ModelStore, key: bytes, offsets: list[int],
+def _holds_other_bytes(store: ModelStore, key: bytes, start: int,
                        datas: list[bytes | memoryview]) -> bool:  # fmt: skip
-    """Whether the store has a delta blob under ``key`` whose model blobs are not
-    ``datas`` (one that cannot be read counts as other bytes)."""
+    """Whether the store has a delta blob under ``key`` whose model blobs (back to back
+    from offset ``start``, shifted by its record's ``shift``) are not ``datas`` (one that
+    cannot be read counts as other bytes): one read of their span, compared with the
+    blobs gathered by one native call."""
     raw = store.catalog.get("content", key)
     if raw is None:
         return False
     try:
         rec = ContentRecord.decode(raw)
-        spans = [(at + rec.shift, len(data)) for at, data in zip(offsets, datas)]
-        store._reader.check_in_pack(rec, spans)
-        for (at, length), data in zip(spans, datas):
-            if not length:
-                continue
-            got = torch.empty(length, dtype=torch.uint8)
-            store.tier.read_into(rec.pack, at, length, got.data_ptr())
-            if kernels.tensor_bytes(got) != data:
-                return True
+        lens = kernels.int64_table([memoryview(d).nbytes for d in datas])
+        total = int(lens.sum())
+        if not total:
+            return False
+        store._reader.check_in_pack(rec, [(start + rec.shift, total)])
+        got = torch.empty(total, dtype=torch.uint8)
+        store.tier.read_into(rec.pack, start + rec.shift, total, got.data_ptr())
     except MMCoreError:
         return True
-    return False
+    want = torch.empty(total, dtype=torch.uint8)
+    kernels.gather(want, kernels.int64_table([kernels.buffer_address(d) for d in datas]), lens,
+                   lens.cumsum(0) - lens)  # fmt: skip
+    return not torch.equal(got, want)
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
