@@ -93,16 +93,17 @@ def _baseline_save_s(sds: StateDicts, root: Path, prefix: str, repeat: int,
 
 
 def _paired(sds: StateDicts, root: Path, prefix: str, repeat: int,
-            update: Callable[[], str]) -> dict[str, Any]:  # fmt: skip
+            update: Callable[[int], str]) -> dict[str, Any]:  # fmt: skip
     """``repeat`` pairs: a baseline save of ``sds`` into a fresh store, then
-    ``update()``. Medians of each, the ratios of the pairs (sorted), and the first
-    update's version (later ones are the same bytes again)."""
+    ``update(i)``, which saves the i-th of ``repeat`` different updates (the same one
+    again would be a deduplicated save, not a real one). Medians of each, the ratios of
+    the pairs (sorted), and the first update's version."""
     bases, updates, ratios, vid = [], [], [], None
     for i in range(repeat):
         bases.append(_fresh_save_s(root / f"{prefix}-{i}.mm",
                                    lambda store: store.save(sds, progress=False)))  # fmt: skip
         t0 = time.perf_counter()
-        got = update()
+        got = update(i)
         updates.append(time.perf_counter() - t0)
         ratios.append(updates[-1] / bases[-1])
         vid = vid or got
@@ -130,9 +131,12 @@ def run(sds: StateDicts, root: Path, repeat: int, log: Callable[[str], None]) ->
         out["baseline"] = {"save_s": base_s, "stored_bytes": base_bytes}
         for fraction, tol in ((0.01, None), (0.1, None), (1.0, None), (1.0, 1e-4)):
             log(f"  update: {fraction:.0%} of cells retrained, tolerance {tol} ...")
-            new = retrain(sds, fraction, seed=int(fraction * 1000) + 1)
-            pair = _paired(sds, root, "pair", repeat, lambda new=new, tol=tol: store.save(  # type: ignore[misc]
-                new, approach="update", parent=v1, tolerance=tol, progress=False))  # fmt: skip
+            news = [retrain(sds, fraction, seed=int(fraction * 1000) + 1 + 7919 * i)
+                    for i in range(repeat)]  # fmt: skip
+            new = news[0]
+            pair = _paired(sds, root, "pair", repeat, lambda i, tol=tol, news=news: store.save(  # type: ignore[misc]
+                news[i], approach="update", parent=v1, tolerance=tol, progress=False))  # fmt: skip
+            del news[1:]
             vid = pair["vid"]
             info = store.info(vid)
             got = store.load(vid)
@@ -147,9 +151,11 @@ def run(sds: StateDicts, root: Path, repeat: int, log: Callable[[str], None]) ->
             del got
         log("  save_stacked: a baseline, and an update of 1% of cells ...")
         names, params = _stacked(sds)
-        names, moved = _stacked(retrain(sds, 0.01, seed=11))
-        stacked = _paired(sds, root, "stacked", repeat, lambda: store.save_stacked(
-            names, moved, approach="update", parent=v1, progress=False))  # fmt: skip
+        moves = [_stacked(retrain(sds, 0.01, seed=11 + 7919 * i))[1] for i in range(repeat)]
+        moved = moves[0]
+        stacked = _paired(sds, root, "stacked", repeat, lambda i: store.save_stacked(
+            names, moves[i], approach="update", parent=v1, progress=False))  # fmt: skip
+        del moves[1:]
         stacked_base = _baseline_save_s(sds, root, "stacked-base", repeat,
                                         lambda st: st.save_stacked(names, params, progress=False))  # fmt: skip
         vid = stacked["vid"]
@@ -372,11 +378,20 @@ def tiny(count: int, repeat: int, root: Path, log: Callable[[str], None]) -> dic
         for fraction in (0.01, 1.0):
             log(f"  tiny models: {fraction:.0%} changed ...")
             step = max(1, round(1 / fraction))
-            new = {n: ({k: t + 1 for k, t in sd.items()} if i % step == 0 else sd)
-                   for i, (n, sd) in enumerate(sds.items())}  # fmt: skip
-            save_s, vid = _median(lambda new=new: store.save(  # type: ignore[misc]
-                new, approach="update", parent=v1, progress=False), repeat)  # fmt: skip
-            upd_load, got = _median(lambda vid=vid: store.load(vid), repeat)
+            times: list[float] = []
+            vid: str | None = None
+            new = sds
+            for r in range(repeat):  # another update each run (the same one is deduplicated)
+                moved = {n: ({k: t + 1 + r for k, t in sd.items()} if i % step == 0 else sd)
+                         for i, (n, sd) in enumerate(sds.items())}  # fmt: skip
+                t0 = time.perf_counter()
+                got_vid = store.save(moved, approach="update", parent=v1, progress=False)
+                times.append(time.perf_counter() - t0)
+                vid, new = (vid, new) if vid else (got_vid, moved)
+            save_s = statistics.median(times)
+            assert vid is not None
+            first: str = vid
+            upd_load, got = _median(lambda first=first: store.load(first), repeat)  # type: ignore[misc]
             if any(not torch.equal(got[n][k], t) for n, sd in new.items() for k, t in sd.items()):
                 raise AssertionError("a tiny-model update does not load bit-exact")
             del got
