@@ -199,3 +199,31 @@ def test_a_damaged_blob_among_many_is_named_after_the_multi_frame_call_fails(
     store._delta_tables.clear()
     with pytest.raises(IntegrityError, match=r"model 'm033'.*damaged"):
         store.load(v2)
+
+
+def test_delta_tables_built_by_columns_are_the_format_s_rows() -> None:
+    """``encode_tables`` lays the model rows out by column operations: byte for byte the
+    MODEL rows of the format (first entry = the counts before), then the tensor rows;
+    a field too wide for its bytes is refused."""
+    from mmcore.paths.delta_blob import MODEL, TENSOR, decode_tables, encode_tables
+
+    models = torch.tensor([[64, 10, 30, 2, 1, 1], [(1 << 62) + 5, 0, 0, 0, 65535, 255],
+                           [4096, 7, 7, 1, 3, 0]], dtype=torch.int64)  # fmt: skip
+    tensors = torch.tensor([[2, 0, 12], [0, 12, 0], [1, 0, 7]], dtype=torch.int64)
+    got = encode_tables(models, tensors)
+    firsts = [0, 2, 2]
+    want = b"".join(MODEL.pack(*row[:3], first, *row[3:])
+                    for row, first in zip(models.tolist(), firsts))  # fmt: skip
+    want += b"".join(TENSOR.pack(*row) for row in tensors.tolist())
+    assert got == want
+    table = decode_tables(got, 3, torch.zeros((3, kernels.HASH_SIZE), dtype=torch.uint8), "t")
+    assert table.rows == [(*row[:3], first, *row[3:])
+                          for row, first in zip(models.tolist(), firsts)]  # fmt: skip
+    assert encode_tables(torch.empty((0, 6), dtype=torch.int64), tensors[:0]) == b""
+    for row, col, value in ((0, 4, 65536), (0, 5, 256), (0, 0, -1), (2, 3, -1)):
+        bad = models.clone()
+        bad[row, col] = value
+        with pytest.raises(ValueError, match="does not fit its width"):
+            encode_tables(bad, tensors)
+    with pytest.raises(ValueError, match="3 tensor entries announced, 2 given"):
+        encode_tables(models, tensors[:2])

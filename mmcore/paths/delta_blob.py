@@ -36,24 +36,35 @@ class DeltaTable:
         return [(k, a, b) for k, a, b in self.columns.tolist()]
 
 
-def encode_tables(
-    models: list[tuple[int, int, int, int, int, int]], tensors: torch.Tensor
-) -> bytes:
-    """``models``: (offset, stored, plain, tensor count, depth, codec) in ``changed``
-    order; ``tensors``: (kind, offset, length) of every model's tensors, in order, as
+def encode_tables(models: torch.Tensor, tensors: torch.Tensor) -> bytes:
+    """``models``: (n, 6) int64, per model (offset, stored, plain, tensor count, depth,
+    codec) in ``changed`` order, each model's first tensor entry the sum of the counts
+    before it; ``tensors``: (kind, offset, length) of every model's tensors, in order, as
     an (n, 3) int64 tensor (its little-endian bytes are ``TENSOR`` rows as they are:
-    the kind in the first byte of eight, then the two 8-byte fields)."""
-    out = bytearray()
-    first = 0
-    for offset, stored, plain, count, depth, codec in models:
-        out += MODEL.pack(offset, stored, plain, first, count, depth, codec)
-        first += count
-    if first != tensors.shape[0]:
-        raise ValueError(f"{first} tensor entries announced, {tensors.shape[0]} given")
+    the kind in the first byte of eight, then the two 8-byte fields). Both tables are
+    laid out by column operations, no step per model."""
+    models = models.to(torch.int64).reshape(-1, 6)
+    n = models.shape[0]
+    count = models[:, 3]
+    first = count.cumsum(0) - count
+    limits = ((models[:, :3], None), (torch.stack([first, count], 1), 1 << 32),
+              (models[:, 4], 1 << 16), (models[:, 5], 1 << 8))  # fmt: skip
+    for column, limit in limits:  # (an int64 is below 2**63: the unsigned 8-byte fields)
+        fits = column >= 0 if limit is None else (column >= 0) & (column < limit)
+        if column.numel() and not bool(fits.all()):
+            raise ValueError("a delta table field does not fit its width")
+    if int(count.sum()) != tensors.shape[0]:
+        raise ValueError(f"{int(count.sum())} tensor entries announced, {tensors.shape[0]} given")
     if tensors.numel() and not bool(((tensors[:, 0] >= 0) & (tensors[:, 0] < 256)).all()):
         raise ValueError("a tensor entry's kind does not fit its byte")
-    out += kernels.tensor_bytes(tensors.to(torch.int64).contiguous())
-    return bytes(out)
+    head = torch.zeros((n, MODEL.size), dtype=torch.uint8)
+    if n:  # (the little-endian fields, as MODEL packs them)
+        head[:, :24] = models[:, :3].contiguous().view(torch.uint8).reshape(n, 24)
+        pair = torch.stack([first, count], 1).to(torch.int32).contiguous()
+        head[:, 24:32] = pair.view(torch.uint8).reshape(n, 8)
+        head[:, 32:34] = models[:, 4:5].to(torch.int16).contiguous().view(torch.uint8)
+        head[:, 34] = models[:, 5].to(torch.uint8)
+    return kernels.tensor_bytes(head) + kernels.tensor_bytes(tensors.to(torch.int64).contiguous())
 
 
 def blob_key(table: bytes, hashes: torch.Tensor) -> bytes:
@@ -66,8 +77,9 @@ def decode_tables(data: bytes, models: int, hashes: torch.Tensor, what: str) -> 
         raise IntegrityError(f"{what}: the delta table is {len(data)} bytes, not a valid length")
     rows = torch.frombuffer(bytearray(data[:head]), dtype=torch.uint8).reshape(models, MODEL.size)
     q = rows[:, :24].contiguous().view(torch.int64)
-    i = rows[:, 24:32].contiguous().view(torch.int32).to(torch.int64)
-    depth = rows[:, 32:34].contiguous().view(torch.int16).to(torch.int64)
+    # (MODEL's I and H fields are unsigned)
+    i = rows[:, 24:32].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    depth = rows[:, 32:34].contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
     entries = (len(data) - head) // TENSOR.size
     ents = torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8).reshape(entries, TENSOR.size)
     kind = ents[:, :1].to(torch.int64)

@@ -331,7 +331,8 @@ def _split_entries(store: ModelStore, models: Any, parent: str, max_chain: int,
     if saved_orders is not None:  # keep each model's layout: no delta across another order
         perms = [p if not p else None for p in perms]
     comparable = [p is not None for p in perms]
-    saved = [tuple((saved_orders or {}).get(e.name, e.keys)) for e in entries]
+    saved = ([e.keys for e in entries] if saved_orders is None
+             else [tuple(saved_orders.get(e.name, e.keys)) for e in entries])  # fmt: skip
     new_hashes = _to_schema_order(entries, perms, new_hashes)
     row_sizes: list[int] = []
     for entry in entries:
@@ -350,8 +351,8 @@ def _split_entries(store: ModelStore, models: Any, parent: str, max_chain: int,
         row += len(entry.sources)
         if info is None or not same_schema:
             whole.append(entry)  # stored in the order given: its schema's
-            if list(order) != list(entry.keys):  # (a rebase: given in the schema's order)
-                orders[entry.name] = list(order)
+            if order is not entry.keys and list(order) != list(entry.keys):  # (a rebase:
+                orders[entry.name] = list(order)  # given in the schema's order)
             continue
         stored: Any = entry.keys  # the order recovery gives without a record
         if ndiff == 0:
@@ -365,7 +366,7 @@ def _split_entries(store: ModelStore, models: Any, parent: str, max_chain: int,
         else:
             delta_rows.append((entry, info, row - len(entry.sources)))
             stored = info.order or stored
-        if list(order) != list(stored):
+        if order is not stored and list(order) != list(stored):
             orders[entry.name] = list(order)
     names = {e.name for e in entries}
     return _Split(len(entries), row, logical, device, new_hashes, parent_hashes, whole, delta_rows,
@@ -545,6 +546,8 @@ class _Plan:
                 parts.append((kernels.tensor_view(source), kernels.tensor_bytes(segments)))
                 order.append(mine)
         frames_out, hold = codec.compress_segments(parts)
+        if len(order) == 1 and order[0].numel() == hi - lo:  # one buffer, blobs in order
+            return frames_out, hold
         out: list[Any] = [None] * (hi - lo)
         for i, frame in zip(torch.cat(order).tolist() if order else [], frames_out):
             out[i] = frame
@@ -941,11 +944,9 @@ def _write_deltas(
                 datas[lo:hi] = frames_out
                 if bool(raw.any()):
                     hold.append(_raw_blobs(b, lo, hi, raw, raw_size, row_first, datas, codecs))
-                chunk = datas[lo:hi]
-                lens = [memoryview(data).nbytes for data in chunk]
-                sizes[lo:hi] = lens
-                len_t = kernels.int64_table(lens)
-                ptrs = kernels.int64_table([kernels.buffer_address(data) for data in chunk])
+                len_t = torch.where(raw, raw_size[lo:hi], got)
+                sizes[lo:hi] = len_t.tolist()
+                ptrs = kernels.int64_table([kernels.buffer_address(data) for data in datas[lo:hi]])
                 writes.append(pool.submit(writer.write_segments, offset, ptrs, len_t,
                                           len_t.cumsum(0) - len_t, int(len_t.sum())))  # fmt: skip
                 offset += int(len_t.sum())
@@ -961,23 +962,20 @@ def _write_deltas(
         lengths = torch.where(raw_rows, b.nbytes, lengths)
         hashes = hashes.clone()
         hashes[raw_rows] = b.new_hashes[raw_rows]  # recovery gives the new tensors
-    plains = torch.zeros(n, dtype=torch.int64).index_add_(0, model, lengths).tolist()
+    plains = torch.zeros(n, dtype=torch.int64).index_add_(0, model, lengths)
     # each tensor's offset in its model's plain blob: the bytes of the tensors before it
     before = lengths.cumsum(0) - lengths
     model_first = counts.cumsum(0) - counts
     at_t = before - before[model_first].repeat_interleave(counts)
     tensor_rows = torch.stack([kinds, at_t, lengths], dim=1)
-    depths = [int(d.info.depth) + 1 for d in b.deltas]
+    depths = kernels.int64_table([int(d.info.depth) + 1 for d in b.deltas])
+    sizes_t = kernels.int64_table(sizes)
+    columns = [sizes_t, plains, counts, depths, kernels.int64_table(codecs)]
     hashes = hashes.contiguous()
     first_start = start
     while True:
-        offset = start
-        model_rows = []
-        for size, plain_len, count, depth, codec_id in zip(sizes, plains, counts.tolist(), depths,
-                                                           codecs):  # fmt: skip
-            model_rows.append((offset, size, plain_len, count, depth, codec_id))
-            offset += size
-        table = delta_blob.encode_tables(model_rows, tensor_rows)
+        offsets = sizes_t.cumsum(0) - sizes_t + start
+        table = delta_blob.encode_tables(torch.stack([offsets, *columns], dim=1), tensor_rows)
         key = delta_blob.blob_key(table, hashes)
         # The key covers the tables and the recovered tensors' hashes, not the model
         # blobs: the same tables over other bytes (deltas of the same tensors against
@@ -985,6 +983,7 @@ def _write_deltas(
         if not _holds_other_bytes(store, key, start, datas):
             break
         start += 64  # other offsets in the tables, so another key
+    offset = start + int(sizes_t.sum())
     table_at = align_up(offset, 64)
     hashes_at = align_up(table_at + len(table), 64)
     pieces: list[Any] = [table, kernels.tensor_bytes(hashes)]
@@ -992,7 +991,7 @@ def _write_deltas(
     base = offset  # after the blobs written above (a write zeroes what it does not cover)
     if start != first_start:  # laid out again: every blob rewritten, zeros before them
         pieces = [*datas, *pieces]
-        places = [row[0] for row in model_rows] + places
+        places = offsets.tolist() + places
         base = first_start
     lens = [memoryview(p).nbytes for p in pieces]
     writer.write_segments(base, kernels.int64_table([kernels.buffer_address(p) for p in pieces]),
@@ -1019,9 +1018,9 @@ def _raw_blobs(b: _Blobs, lo: int, hi: int, raw: torch.Tensor, raw_size: torch.T
         kernels.gather(gathered, b.new_ptrs[rows][mask].contiguous(), lens.contiguous(),
                        lens.cumsum(0) - lens)  # fmt: skip
     view, at = kernels.tensor_view(gathered), 0
-    for j in raw.nonzero().reshape(-1).tolist():
-        i = lo + j
-        d, size = b.deltas[i], int(raw_size[i])
+    picked = raw.nonzero().reshape(-1) + lo
+    for i, size in zip(picked.tolist(), raw_size[picked].tolist()):
+        d = b.deltas[i]
         codecs[i] = codec.NONE
         if d.entry.device is None:
             datas[i] = view[at : at + size]
