@@ -256,7 +256,7 @@ def _gather_states(
     n, stride, t = len(members), schema.stride, len(schema.tensors)
     offsets = kernels.int64_table([s.offset for s in schema.tensors])
     addresses = [_record_address(states[name], schema) for name in members]
-    ptrs = torch.tensor([a if a is not None else 0 for a in addresses], dtype=torch.int64)
+    ptrs = kernels.int64_table([a if a is not None else 0 for a in addresses])
     ptrs = (ptrs.unsqueeze(1) + offsets.unsqueeze(0)).reshape(-1)
     keep = []
     for i, (name, address) in enumerate(zip(members, addresses)):
@@ -589,8 +589,8 @@ def _model_plains(
         if helper is not None:
             helper.result()
     keep.extend(out)
-    at = torch.tensor([kernels.buffer_address(b) for b in out], dtype=torch.int64)
-    length = torch.tensor([d.row[2] for d in batch], dtype=torch.int64)
+    at = kernels.int64_table([kernels.buffer_address(b) for b in out])
+    length = kernels.int64_table([d.row[2] for d in batch])
     return keep, at, length
 
 
@@ -671,7 +671,7 @@ def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema:
     over the parent instead would write into a private mapping of the pack, page by
     copied page: measured 5x slower than a fresh buffer.)"""
     n, stride, t = len(group), schema.stride, len(schema.tensors)
-    parents = torch.tensor([a for _, a in group], dtype=torch.int64)
+    parents = kernels.int64_table([a for _, a in group])
     plains, plain_at, plain_len = _model_plains(store, [d for d, _ in group])
     kind, at, length = _entry_columns([d for d, _ in group], t).unbind(1)
     model = torch.arange(n, dtype=torch.int64).repeat_interleave(t)

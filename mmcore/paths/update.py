@@ -481,14 +481,14 @@ def _differing_tensors(counts: list[int], row_sizes: torch.Tensor,
             tables[id(info.table)] = (rows_total, info.table)
             rows_total += info.table.shape[0]
         starts.append(tables[id(info.table)][0] + info.first)
-    count_t = torch.tensor(counts, dtype=torch.int64)
+    count_t = kernels.int64_table(counts)
     model_of = torch.repeat_interleave(torch.arange(len(counts)), count_t)
     if not tables:
         whole = torch.zeros(len(counts), dtype=torch.int64).index_add_(0, model_of, row_sizes)
         return count_t.clamp(min=1), whole, torch.zeros_like(new_hashes)
     device = new_hashes.device  # where the new hashes are: the parent's rows go there
     parent = torch.cat([t for _, t in tables.values()]).to(device)
-    start_t = torch.tensor(starts, dtype=torch.int64)
+    start_t = kernels.int64_table(starts)
     before = torch.cumsum(count_t, 0) - count_t
     rows = start_t[model_of] + (torch.arange(model_of.numel()) - before[model_of])
     valid = start_t[model_of] >= 0
