@@ -129,21 +129,24 @@ def _relocated(item: _Live, moved: dict[int, int], pack: str) -> ContentRecord:
 
 def _layout(items: list[_Live]) -> tuple[list[tuple[_Live, list[int]]], int]:
     """Where each live blob's ranges go in a rewritten pack (per blob, in pack order,
-    the new offset of each of its ranges), and where the rewritten pack ends."""
+    the new offset of each of its ranges), and where the rewritten pack ends. Laid out
+    as the writers lay a pack out: every group extent first, each on a page of its own
+    (FORMAT.md promises that alignment: load maps it), then every other range (hashes,
+    delta blobs) 64-byte aligned; so a pack whose bytes are all live is rewritten no
+    larger than it was."""
+    ordered = sorted(items, key=lambda i: min(off for off, _ in i.ranges))
+    targets = [[0] * len(item.ranges) for item in ordered]
     at = _FIRST
-    placed = []
-    for item in sorted(items, key=lambda i: min(off for off, _ in i.ranges)):
-        targets = []
-        for i, (_, length) in enumerate(item.ranges):
-            if not length:  # nothing to map or read (a group of empty tensors): no page of its own
-                targets.append(align_up(at, SECTION_ALIGN if i < item.extents else _ALIGN))
-                continue
-            # an extent keeps the page alignment FORMAT.md promises: load maps it
-            at = align_up(at, SECTION_ALIGN if i < item.extents else _ALIGN)
-            targets.append(at)
-            at += length
-        placed.append((item, targets))
-    return placed, at
+    for extents in (True, False):
+        for item, mine in zip(ordered, targets):
+            for i, (_, length) in enumerate(item.ranges):
+                if (i < item.extents) != extents:
+                    continue
+                place = align_up(at, SECTION_ALIGN if extents else _ALIGN)
+                mine[i] = place
+                if length:  # (nothing to map or read, as a group of empty tensors: no page)
+                    at = place + length
+    return list(zip(ordered, targets)), at
 
 
 def compact(store: ModelStore, below: float, progress: bool | None = None) -> int:
@@ -177,12 +180,14 @@ def _rewrite(store: ModelStore, pack: str, placed: list[tuple[_Live, list[int]]]
     writer = store.tier.create()
     try:
         records = []
+        copies = []
         for item, targets in placed:
-            for (offset, length), to in zip(item.ranges, targets):
-                if length:
-                    _copy(store, pack, offset, length, writer, to)
+            copies += [(to, offset, length)
+                       for (offset, length), to in zip(item.ranges, targets) if length]  # fmt: skip
             moved = {offset: to for (offset, _), to in zip(item.ranges, targets)}
             records.append((item.key, _relocated(item, moved, writer.pack_id)))
+        for to, offset, length in sorted(copies):  # front to back
+            _copy(store, pack, offset, length, writer, to)
         new_size = writer.finish()
     except BaseException:
         writer.abort()
