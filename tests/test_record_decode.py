@@ -121,3 +121,37 @@ def test_a_lossy_chain_loads_as_model_records(store: mmcore.ModelStore) -> None:
         got = states[name]["w"].double()
         assert float((got - sd["w"].double()).abs().max()) <= 1e-3 * 1.01
     assert store.info(vid).changes["delta"] == 4
+
+
+@pytest.mark.parametrize("changed", [2, 8])
+def test_an_update_loads_its_records_as_views_per_buffer(
+    store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch, changed: int
+) -> None:
+    """A load keeps the models a delta decodes as records until the end, and so the
+    models of a group most of which a delta replaces; then it views them per buffer
+    (one unbind where at least half a buffer is wanted, record by record else). The
+    models left in the base group are views of its mapping, the decoded ones views of
+    the wave's buffer, and no view is made of a replaced base record."""
+    g = torch.Generator().manual_seed(changed)
+    base = {f"m{i}": {"w": torch.randn(6, 3, generator=g), "b": torch.randn(6, generator=g)}
+            for i in range(10)}  # fmt: skip
+    v1 = store.save(base)
+    new = {n: ({k: t + 1 for k, t in sd.items()} if i < changed else sd)
+           for i, (n, sd) in enumerate(base.items())}  # fmt: skip
+    v2 = store.save(new, approach="update", parent=v1)
+    made: list[int] = []
+    views = chain.record_views
+    monkeypatch.setattr(chain, "record_views",
+                        lambda buf, schema, count: made.append(count) or views(buf, schema, count))  # fmt: skip
+    got = store.load(v2)
+    assert list(got) == list(new)
+    for name, sd in new.items():
+        assert list(got[name]) == list(sd)
+        for key, t in sd.items():
+            assert_bit_equal(got[name][key], t)
+    storage = {n: got[n]["w"].untyped_storage().data_ptr() for n in got}
+    assert len({storage[n] for n in list(new)[:changed]}) == 1  # the decoded wave's buffer
+    assert len({storage[n] for n in list(new)[changed:]}) == 1  # the base group's mapping
+    # 2 of 10 replaced: the base group read with views (by the reader, as a baseline's);
+    # 8 of 10: read as records, its 2 models left viewed one by one, no view of the 8
+    assert sorted(made) == sorted([changed] + ([] if changed < 5 else [1] * (10 - changed)))

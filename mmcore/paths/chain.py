@@ -225,11 +225,40 @@ def recover(
 ) -> dict[str, StateDict]:
     """The models of a version (or those in ``wanted``), in the version's order, on the
     CPU; or, given a ``device``, recovered on the CPU and moved there in large pieces."""
-    names, states, schemas, orders = _recover(store, vid, wanted, verify=verify)
+    names, states, schemas, orders = _recover(store, vid, wanted, verify=verify, records=None)
     if device is not None:
         moved = move_states({n: states[n] for n in names}, schemas, device)
         return {n: _in_order(moved[n], orders.get(n)) for n in names}
-    return {n: _in_order(_plain_dict(states[n]), orders.get(n)) for n in names}
+    plain = _state_dicts(states, names)
+    return {n: _in_order(plain[n], orders.get(n)) for n in names}
+
+
+def _state_dicts(states: dict[str, StateDict], names: list[str]) -> dict[str, StateDict]:
+    """The models ``names`` as state dicts. Those recovery left as records (a group read,
+    a wave of deltas decoded) get their views per buffer: by one unbind of its columns
+    where at least half its records are wanted, else record by record. So no view is
+    made for a record that a later delta replaced."""
+    out: dict[str, StateDict] = {}
+    buffers: dict[tuple[int, int], tuple[RecordState, list[tuple[str, int]]]] = {}
+    for name in names:
+        state = states[name]
+        if isinstance(state, RecordState):
+            key = (id(state.buf), id(state.schema))
+            buffers.setdefault(key, (state, []))[1].append((name, state.index))
+        else:
+            out[name] = _plain_dict(state)
+    for first, members in buffers.values():
+        schema = first.schema
+        count = first.buf.numel() // schema.stride if schema.stride else 0
+        count = max(count, 1 + max(i for _, i in members))
+        if 2 * len(members) >= count:
+            views = record_views(first.buf, schema, count)
+            for name, i in members:
+                out[name] = views[i]
+        else:
+            for name, _ in members:
+                out[name] = _plain_dict(states[name])
+    return out
 
 
 def recover_records(store: ModelStore, vid: str, *, verify: bool
@@ -273,19 +302,33 @@ def _gather_states(
 
 
 def _recover(
-    store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool, records: bool = False
+    store: ModelStore,
+    vid: str,
+    wanted: set[str] | None,
+    *,
+    verify: bool,
+    records: bool | None = False,
 ) -> tuple[list[str], dict[str, StateDict], dict[str, Schema], dict[str, list[str]]]:
     """The recovered states (record views where a model is one record, in schema
     order), their names in the version's order, each model's schema, and the tensor
     order of those the user saved in another order than their schema's. With
     ``records``, a model that is one record is a ``RecordState`` (its address; views
-    made only if read): for callers that want addresses, not tensors."""
+    made only if read): for callers that want addresses, not tensors. With
+    ``records=None`` (a load, which makes the views at the end: ``_state_dicts``), so
+    is every model a delta decodes, and every model of a group most of whose models a
+    later delta replaces (a group read with views has them made while its hashes are
+    checked, but a view of a replaced record is wasted)."""
     with gc_paused():  # tens of thousands of small objects (tables, views), no cycles
         return _recover_paused(store, vid, wanted, verify=verify, records=records)
 
 
 def _recover_paused(
-    store: ModelStore, vid: str, wanted: set[str] | None, *, verify: bool, records: bool
+    store: ModelStore,
+    vid: str,
+    wanted: set[str] | None,
+    *,
+    verify: bool,
+    records: bool | None,
 ) -> tuple[list[str], dict[str, StateDict], dict[str, Schema], dict[str, list[str]]]:
     chain = chain_of(store, vid)
     base = chain[-1]
@@ -298,9 +341,17 @@ def _recover_paused(
     orders: dict[str, list[str]] = {}
     order = list(base.models)
     need = _whole_sources(chain, wanted)
+    replaced: set[str] = set()  # (records=None: the models some delta of the chain changes)
+    if records is None:
+        replaced = set().union(*[m.update.changed for m in chain[:-1] if m.update is not None])
+
+    def as_records(names: set[str]) -> bool:
+        return records is not False and (records is True or 2 * len(names & replaced) >= len(names))
+
     for gi, group in enumerate(base.groups):
         if need.get((base.id, gi)):
-            _read_group(store, base, group, need[(base.id, gi)], states, schemas, verify, records)
+            mine = need[(base.id, gi)]
+            _read_group(store, base, group, mine, states, schemas, verify, as_records(mine))
     for name, keys in base.orders.items():  # a baseline written by a rebase
         if name in states:
             orders[name] = checked_order(base, name, keys, schemas[name])
@@ -319,7 +370,8 @@ def _recover_paused(
             orders.pop(name, None)
         for gi, group in enumerate(m.groups):  # stored whole here: verified as it is read
             if need.get((m.id, gi)):
-                _read_group(store, m, group, need[(m.id, gi)], states, schemas, verify, records)
+                mine = need[(m.id, gi)]
+                _read_group(store, m, group, mine, states, schemas, verify, as_records(mine))
             names = group.names or () if wanted is None else [
                 n for n in wanted if _group_index(m).get(n) == gi
             ]  # fmt: skip
@@ -350,7 +402,7 @@ def _recover_paused(
         batch = [ops[wave] for ops in pending.values() if len(ops) > wave]
         if not batch:
             break
-        rest = _apply_records(store, batch, states, schemas, last_delta, records)
+        rest = _apply_records(store, batch, states, schemas, last_delta, records is not False)
         _apply_deltas(store, rest, states, last_delta)
         wave += 1
     if verify and last_delta:
