@@ -242,11 +242,13 @@ def _state_dicts(states: dict[str, StateDict], names: list[str]) -> dict[str, St
     buffers: dict[tuple[int, int], tuple[RecordState, list[tuple[str, int]]]] = {}
     for name in names:
         state = states[name]
-        if isinstance(state, RecordState):
-            key = (id(state.buf), id(state.schema))
-            buffers.setdefault(key, (state, []))[1].append((name, state.index))
-        else:
-            out[name] = _plain_dict(state)
+        kind: type = type(state)
+        if kind is RecordState:
+            record = cast(RecordState, state)
+            key = (id(record.buf), id(record.schema))
+            buffers.setdefault(key, (record, []))[1].append((name, record.index))
+        else:  # views already, or assembled tensor by tensor
+            out[name] = dict(state) if kind is _LooseState else state
     for first, members in buffers.values():
         schema = first.schema
         count = first.buf.numel() // schema.stride if schema.stride else 0
