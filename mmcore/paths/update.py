@@ -254,12 +254,15 @@ def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: st
                   progress: Progress, saved_orders: dict[str, list[str]] | None) -> WrittenUpdate:  # fmt: skip
     TRANSFERS.device_to_host = TRANSFERS.host_to_device = TRANSFERS.encodings = 0
     sizes: Sizes = {}
-    split = None
-    if isinstance(models, StackedInput) and saved_orders is None:
-        split = _split_stacked(store, models, parent, max_chain, max_recovery, progress, sizes)
+    split = index = None
+    if (isinstance(models, StackedInput) and saved_orders is None
+            and all(p.device.type == "cpu" for p in models.parts)):  # fmt: skip
+        with decoding(parent):
+            index = chain.model_index(store, parent)
+        split = _split_stacked(models, index, max_chain, max_recovery, progress, sizes)
     if split is None:
-        split = _split_entries(store, models, parent, max_chain, max_recovery, progress, sizes,
-                               saved_orders)  # fmt: skip
+        split = _split_entries(store, models, parent, index, max_chain, max_recovery, progress,
+                               sizes, saved_orders)  # fmt: skip
     deltas, delta_hashes, delta_parents = _deltas(split.delta_rows, split.new_hashes,
                                                   split.parent_hashes)  # fmt: skip
     unchanged = split.unchanged
@@ -316,15 +319,18 @@ def _set_order(order: list[str], index: dict[str, chain.ModelInfo],
     return order if order != derived else None
 
 
-def _split_entries(store: ModelStore, models: Any, parent: str, max_chain: int,
+def _split_entries(store: ModelStore, models: Any, parent: str,
+                   index: dict[str, chain.ModelInfo] | None, max_chain: int,
                    max_recovery: float | None, progress: Progress, sizes: Sizes,
                    saved_orders: dict[str, list[str]] | None) -> _Split:  # fmt: skip
-    """Any set: validated and hashed model by model, then compared in one step."""
+    """Any set: validated and hashed model by model, then compared in one step (with
+    the parent's ``model_index``, read here unless given)."""
     entries, new_hashes, logical, device = _validate_and_hash(models, progress, sizes)
     if not entries:
         raise InvalidModelSetError("the model set is empty: pass at least one model")
-    with decoding(parent):
-        index = chain.model_index(store, parent)
+    if index is None:
+        with decoding(parent):
+            index = chain.model_index(store, parent)
     infos = [index.get(e.name) for e in entries]
     memo: dict[Any, tuple[int, ...] | None] = {}
     perms = [_schema_order(info, e, memo) for e, info in zip(entries, infos)]
@@ -375,17 +381,14 @@ def _split_entries(store: ModelStore, models: Any, parent: str, max_chain: int,
                   model_order=_set_order([e.name for e in entries], index, names))  # fmt: skip
 
 
-def _split_stacked(store: ModelStore, models: StackedInput, parent: str, max_chain: int,
+def _split_stacked(models: StackedInput, index: dict[str, chain.ModelInfo], max_chain: int,
                    max_recovery: float | None, progress: Progress, sizes: Sizes) -> _Split | None:  # fmt: skip
-    """A stacked set on the CPU whose every model the parent holds in the same
-    architecture and tensor order: hashed by one call over the stacks' row addresses
-    and compared in one step; a model is made an entry only where it changed. None
-    where the set is not of that kind (``_split_entries`` takes it)."""
+    """A stacked set on the CPU whose every model the parent (``index``: its
+    ``model_index``) holds in the same architecture and tensor order: hashed by one call
+    over the stacks' row addresses and compared in one step; a model is made an entry
+    only where it changed. None where the set is not of that kind (``_split_entries``
+    takes it)."""
     parts = models.parts
-    if any(p.device.type != "cpu" for p in parts):
-        return None
-    with decoding(parent):
-        index = chain.model_index(store, parent)
     memo: dict[Any, tuple[int, ...] | None] = {}
     infos: list[chain.ModelInfo] = []
     for part in parts:
@@ -406,7 +409,8 @@ def _split_stacked(store: ModelStore, models: StackedInput, parent: str, max_cha
     counts = [len(p.keys) for p in parts for _ in p.names]
     differs, changed_bytes, parent_hashes = _differing_tensors(
         counts, lens, infos, [True] * len(infos), new_hashes)  # fmt: skip
-    first = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0) - torch.tensor(counts)
+    count_t = kernels.int64_table(counts)
+    first = count_t.cumsum(0) - count_t
     part_of = [i for i, p in enumerate(parts) for _ in p.names]
     row_of = [r for p in parts for r in range(len(p.names))]
     names = [n for p in parts for n in p.names]
