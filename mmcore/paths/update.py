@@ -984,7 +984,7 @@ def _write_deltas(
         # The key covers the tables and the recovered tensors' hashes, not the model
         # blobs: the same tables over other bytes (deltas of the same tensors against
         # another parent, laid out alike in another pack) must not share it.
-        if not _holds_other_bytes(store, key, start, datas):
+        if not _holds_other_bytes(store, key, start, datas, sizes_t):
             break
         start += 64  # other offsets in the tables, so another key
     offset = start + int(sizes_t.sum())
@@ -1037,17 +1037,16 @@ def _raw_blobs(b: _Blobs, lo: int, hi: int, raw: torch.Tensor, raw_size: torch.T
 
 
 def _holds_other_bytes(store: ModelStore, key: bytes, start: int,
-                       datas: list[bytes | memoryview]) -> bool:  # fmt: skip
+                       datas: list[bytes | memoryview], lens: torch.Tensor) -> bool:  # fmt: skip
     """Whether the store has a delta blob under ``key`` whose model blobs (back to back
-    from offset ``start``, shifted by its record's ``shift``) are not ``datas`` (one that
-    cannot be read counts as other bytes): one read of their span, compared with the
-    blobs gathered by one native call."""
+    from offset ``start``, shifted by its record's ``shift``) are not ``datas`` (``lens``
+    bytes each; one that cannot be read counts as other bytes): one read of their span,
+    compared with the blobs gathered by one native call."""
     raw = store.catalog.get("content", key)
     if raw is None:
         return False
     try:
         rec = ContentRecord.decode(raw)
-        lens = kernels.int64_table([memoryview(d).nbytes for d in datas])
         total = int(lens.sum())
         if not total:
             return False
