@@ -4,6 +4,7 @@ gives the list API's bits, refuses every header field that does not fit its tens
 
 from __future__ import annotations
 
+import gc
 import struct
 
 import pytest
@@ -155,3 +156,34 @@ def test_an_update_loads_its_records_as_views_per_buffer(
     # 2 of 10 replaced: the base group read with views (by the reader, as a baseline's);
     # 8 of 10: read as records, its 2 models left viewed one by one, no view of the 8
     assert sorted(made) == sorted([changed] + ([] if changed < 5 else [1] * (10 - changed)))
+
+
+def test_a_chain_load_lets_the_gc_collect_once(store: mmcore.ModelStore) -> None:
+    """A load keeps Python's GC paused from its first table to its last view: a pause per
+    step let a collection run between them, walking every view and record made so far
+    (and later again, as they aged)."""
+    g = torch.Generator().manual_seed(9)
+    base = {f"m{i}": {"w": torch.randn(4, generator=g), "b": torch.randn(2, generator=g)}
+            for i in range(3000)}  # fmt: skip
+    vid, current = store.save(base), base
+    for step in range(2):
+        current = {n: ({k: t + step + 1 for k, t in sd.items()} if i % 10 == step else sd)
+                   for i, (n, sd) in enumerate(current.items())}  # fmt: skip
+        vid = store.save(current, approach="update", parent=vid)
+    store.load(vid)  # (tables cached, like every load after the first)
+    collections: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.collect()
+    gc.callbacks.append(seen)
+    try:
+        got = store.load(vid)
+    finally:
+        gc.callbacks.remove(seen)
+    assert len(collections) <= 1, collections
+    for name, sd in current.items():
+        for key, t in sd.items():
+            assert_bit_equal(got[name][key], t)

@@ -224,13 +224,21 @@ def recover(
     device: torch.device | None = None,
 ) -> dict[str, StateDict]:
     """The models of a version (or those in ``wanted``), in the version's order, on the
-    CPU; or, given a ``device``, recovered on the CPU and moved there in large pieces."""
-    names, states, schemas, orders = _recover(store, vid, wanted, verify=verify, records=None)
-    if device is not None:
-        moved = move_states({n: states[n] for n in names}, schemas, device)
-        return {n: _in_order(moved[n], orders.get(n)) for n in names}
-    plain = _state_dicts(states, names)
-    return {n: _in_order(plain[n], orders.get(n)) for n in names}
+    CPU; or, given a ``device``, recovered on the CPU and moved there in large pieces.
+
+    The GC stays paused from the first table read to the last view made, and what
+    recovery built is dropped before it resumes: a pause per step let a collection
+    between them walk every view and record made so far, and again as they aged."""
+    with gc_paused():
+        names, states, schemas, orders = _recover(store, vid, wanted, verify=verify,
+                                                  records=None)  # fmt: skip
+        if device is not None:
+            moved = move_states({n: states[n] for n in names}, schemas, device)
+            del states
+            return {n: _in_order(moved[n], orders.get(n)) for n in names}
+        plain = _state_dicts(states, names)
+        del states
+        return {n: _in_order(plain[n], orders.get(n)) for n in names}
 
 
 def _state_dicts(states: dict[str, StateDict], names: list[str]) -> dict[str, StateDict]:
