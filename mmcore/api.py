@@ -17,6 +17,7 @@ import torch
 from . import _args, exchange
 from ._progress import progress_bar
 from .errors import (
+    ConflictError,
     CorruptRecordError,
     DependentsError,
     IntegrityError,
@@ -27,12 +28,13 @@ from .errors import (
     NativeModuleError,
     PackMissingError,
     ReadOnlyStoreError,
+    RefConflictError,
     RefNotFoundError,
     StoreError,
     VersionNotFoundError,
     decoding,
 )
-from .manifest import APPROACHES, ContentRecord, DatasetRecord, Manifest
+from .manifest import APPROACHES, ContentRecord, DatasetRecord, Manifest, decode_pack_record
 from .modelset import Schema, StackedInput
 from .paths import baseline, chain, retrain, update
 from .paths.commit import swap_references, version_blobs, version_records
@@ -41,11 +43,14 @@ from .paths.reader import BlobReader, StateDict, record_columns
 from .recipe import Recipe
 from .record import ref_target
 from .stacked import Stack, StackedSet, build_modules
-from .store import Catalog, LocalPackTier, StoreLayout, compact
-from .store.packs import PackWriter
+from .store import Catalog, LocalPackTier, StoreLayout, compact, remote
+from .store.packs import PackWriter, PayloadTier
+from .store.remote import LogCatalog
 from .versions import VerifyReport, VersionInfo
 
 _HEX = frozenset("0123456789abcdef")
+GC_GRACE_S = 3600.0  # object storage: gc leaves a pack this young (a save may commit it yet)
+_COMMIT_ATTEMPTS = 8  # a save's commit, built again after another writer's commit
 DEFAULT_MAX_CHAIN = 16
 # A model is stored whole again (a keyframe) once recovering it through its deltas
 # would cost more than this many times recovering it whole (bytes read and decoded).
@@ -66,7 +71,7 @@ def _refreshing(method: _Method) -> _Method:
         try:
             return method(self, *args, **kwargs)
         except PackMissingError:
-            if not self.readonly or self._closed:
+            if not (self.readonly or self.remote) or self._closed:
                 raise
             self._refresh()
         return method(self, *args, **kwargs)
@@ -75,36 +80,68 @@ def _refreshing(method: _Method) -> _Method:
 
 
 def open(
-    path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True
+    path: str | os.PathLike[str],
+    *,
+    readonly: bool = False,
+    create: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ModelStore:
-    """Opens (and by default creates) the store in directory ``path``."""
-    return ModelStore(path, readonly=readonly, create=create)
+    """Opens (and by default creates) the store in directory ``path``, or on S3-compatible
+    object storage at ``s3://bucket/prefix`` (endpoint, region and credentials from the
+    AWS_* environment variables, or ``storage_options``: endpoint, region,
+    access_key_id, secret_access_key, session_token, allow_http, ...)."""
+    return ModelStore(path, readonly=readonly, create=create, storage_options=storage_options)
 
 
 class ModelStore:
     """A directory holding versions of model sets. Use as a context manager.
 
-    One process may open a store for writing, any number read-only. A
-    ModelStore object is not thread-safe: use one per thread.
+    One process may open a local store for writing, any number read-only. A store on
+    object storage (``s3://``) takes any number of writers and readers on any number
+    of machines (see ``store.remote``). A ModelStore object is not thread-safe: use
+    one per thread.
     """
 
+    catalog: Catalog | LogCatalog
+    tier: PayloadTier
+
     def __init__(
-        self, path: str | os.PathLike[str], *, readonly: bool = False, create: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        create: bool = True,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self.path = Path(_args.path(path))
         self.readonly = _args.flag(readonly, "readonly")
         _args.flag(create, "create")
         self._closed = True  # until every resource below is open
-        self._layout = StoreLayout(self.path)
-        created = self._layout.check_or_create(create=create and not readonly)
-        self.catalog = Catalog(self._layout.catalog, readonly=readonly)
-        if created is not None:
-            try:
-                self._layout.make_durable(created)
-            except BaseException:
-                self.catalog.close()
-                raise
-        self.tier = LocalPackTier(self._layout.packs)
+        self.remote = remote.is_url(path)
+        self.gc_grace_s = GC_GRACE_S if self.remote else 0.0  # see gc()
+        if self.remote:
+            if storage_options is not None and not isinstance(storage_options, Mapping):
+                raise InvalidArgumentError(
+                    f"storage_options must be a mapping, got {type(storage_options).__name__}"
+                )
+            client, self.catalog = remote.open_remote(
+                str(path), dict(storage_options or {}), readonly=self.readonly, create=create
+            )
+            self.path: Path | str = client.url
+            self.tier = remote.ObjectPackTier(client, self._pack_size)
+        else:
+            if storage_options is not None:
+                raise InvalidArgumentError("storage_options are for s3:// stores only")
+            self.path = Path(_args.path(path))
+            self._layout = StoreLayout(self.path)
+            created = self._layout.check_or_create(create=create and not readonly)
+            self.catalog = Catalog(self._layout.catalog, readonly=readonly)
+            if created is not None:
+                try:
+                    self._layout.make_durable(created)
+                except BaseException:
+                    self.catalog.close()
+                    raise
+            self.tier = LocalPackTier(self._layout.packs)
         self._reader = BlobReader(self.tier, self._content)
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._delta_tables: dict[tuple[Any, ...], DeltaTable] = {}  # paths.chain.delta_table's
@@ -132,9 +169,20 @@ class ModelStore:
         if self._closed:
             raise StoreError("this store is closed; open it again with mmcore.open(path)")
 
+    def _pack_size(self, pack_id: str) -> int | None:
+        """A pack's size from its catalog record (no request to the object store)."""
+        raw = self.catalog.get("packs", pack_id.encode())
+        return None if raw is None else int(decode_pack_record(raw)["size"])
+
     def _refresh(self) -> None:
         """A read-only store catches up with its writer: the catalog reopened, every
-        cache and open pack dropped (mappings already handed out stay valid)."""
+        cache and open pack dropped (mappings already handed out stay valid). A
+        store on object storage reads the commits made since instead."""
+        if isinstance(self.catalog, LogCatalog):
+            self.catalog.refresh()
+            self._manifests.clear()
+            self._delta_tables.clear()
+            return
         assert self.readonly
         self.catalog.close()
         try:
@@ -298,18 +346,38 @@ class ModelStore:
                                             recipe=recipe, check=check,
                                             progress=bar)  # fmt: skip
             pack_size = writer.finish()
-            puts, live_in_pack = version_records(self.catalog, manifest, blobs, writer.pack_id,
-                                                 pack_size)  # fmt: skip
         except BaseException:
             writer.abort()  # nothing references the pack yet
             raise
-        # From here on the pack stays whatever happens: a commit that raised (an
-        # interrupt arriving after the write, or a failed WAL sync) may still be
-        # durable and reference it. An unreferenced pack is reclaimed by gc().
-        self.catalog.commit(puts)
-        if not live_in_pack:  # every blob was already stored: the new pack holds nothing
-            self.tier.delete(writer.pack_id)
+        self._commit_version(manifest, blobs, writer.pack_id, pack_size)
         return vid
+
+    def _commit_version(self, manifest: Manifest, blobs: list[tuple[bytes, ContentRecord]],
+                        pack_id: str, pack_size: int) -> None:  # fmt: skip
+        """Commits a saved version whose pack is written. On object storage, a commit
+        whose records another writer changed meanwhile (a shared blob's reference
+        count, say) is built again from the records as they are now, a few times; a
+        ref another writer moved raises ``RefConflictError`` (and the pack goes)."""
+        for attempt in range(_COMMIT_ATTEMPTS):
+            try:
+                with self.catalog.transaction():
+                    puts, live_in_pack = version_records(self.catalog, manifest, blobs, pack_id,
+                                                         pack_size)  # fmt: skip
+                    # From here on the pack stays whatever happens: a commit that raised
+                    # (an interrupt arriving after the write, a failed WAL sync, a lost
+                    # response) may still be durable and reference it. An unreferenced
+                    # pack is reclaimed by gc().
+                    self.catalog.commit(puts)
+                break
+            except (RefConflictError, VersionNotFoundError):  # nothing references the pack
+                self.tier.delete(pack_id)
+                raise
+            except ConflictError:
+                if attempt == _COMMIT_ATTEMPTS - 1:
+                    self.tier.delete(pack_id)
+                    raise
+        if not live_in_pack:  # every blob was already stored: the new pack holds nothing
+            self.tier.delete(pack_id)
 
     def _write_payload(self, writer: PackWriter, manifest: Manifest, models: Any, *,
                        tolerance: float | None, max_chain: int, max_recovery: float | None,
@@ -401,15 +469,21 @@ class ModelStore:
                                             max_recovery=max_recovery, recipe=None, check=True,
                                             progress=bar, saved_orders=saved)  # fmt: skip
             pack_size = writer.finish()
-            puts, deletes, live_in_pack = swap_references(self.catalog, blobs, version_blobs(m),
-                                                          writer.pack_id, pack_size, new)  # fmt: skip
         except BaseException:
             writer.abort()
             raise
         try:
-            self.catalog.commit(puts, deletes)  # the pack stays from here on (see save)
-        finally:  # a commit that raised may still be durable: never serve the old record
-            self._manifests.pop(m.id, None)
+            with self.catalog.transaction():
+                puts, deletes, live_in_pack = swap_references(
+                    self.catalog, blobs, version_blobs(m), writer.pack_id, pack_size, new
+                )
+                try:
+                    self.catalog.commit(puts, deletes)  # the pack stays from here on (see save)
+                finally:  # a commit that raised may still be durable: never serve the old record
+                    self._manifests.pop(m.id, None)
+        except ConflictError:  # (object storage: another writer changed its records)
+            self.tier.delete(writer.pack_id)
+            raise
         if not live_in_pack:
             self.tier.delete(writer.pack_id)
 
@@ -825,9 +899,10 @@ class ModelStore:
         """Removes a ref (the versions it pointed to stay)."""
         self._check_writable()
         _args.ref_name(ref)
-        if self.catalog.get("refs", ref.encode()) is None:
-            raise RefNotFoundError(f"no ref {ref!r} in {self.path}")
-        self.catalog.commit(deletes=[("refs", ref.encode())])
+        with self.catalog.transaction():
+            if self.catalog.get("refs", ref.encode()) is None:
+                raise RefNotFoundError(f"no ref {ref!r} in {self.path}")
+            self.catalog.commit(deletes=[("refs", ref.encode())])
 
     def delete(self, version: str, *, cascade: bool = False) -> list[str]:
         """Deletes a version; its bytes are reclaimed by ``gc()`` once nothing references
@@ -841,6 +916,10 @@ class ModelStore:
         """
         self._check_writable()
         _args.flag(cascade, "cascade")
+        with self.catalog.transaction():  # (object storage: ConflictError where another
+            return self._delete(version, cascade)  # writer changed what it read)
+
+    def _delete(self, version: str, cascade: bool) -> list[str]:
         m = self.manifest(version)
         children: dict[str, list[str]] = {}
         for key, raw in self.catalog.scan("manifests"):
@@ -926,7 +1005,7 @@ class ModelStore:
         self._check_writable()
         _args.optional_flag(progress, "progress")
         with progress_bar(_count(data), "storing dataset", progress, unit="entry") as bar:
-            return retrain.put_dataset(self, data, bar)
+            return retrain.put_dataset(self, data, bar)  # (its commit: a transaction)
 
     def datasets(self) -> dict[str, dict[str, Any]]:
         """{dataset id: its entries, logical and stored bytes, and the versions using it}."""
@@ -949,9 +1028,11 @@ class ModelStore:
     def delete_dataset(self, dataset: str) -> None:
         """Deletes a dataset no version uses; ``gc()`` then reclaims its bytes."""
         self._check_writable()
-        retrain.delete_dataset(self, dataset)
+        with self.catalog.transaction():
+            retrain.delete_dataset(self, dataset)
 
-    def gc(self, *, compact_below: float = 0.5, progress: bool | None = None) -> int:
+    def gc(self, *, compact_below: float = 0.5, progress: bool | None = None,
+           grace_s: float | None = None) -> int:  # fmt: skip
         """Deletes pack files nothing references (deleted versions, interrupted saves),
         then rewrites every pack whose live bytes are below ``compact_below`` of its size
         (0: never; above 1: every pack) with only those bytes. Crash-safe: a kill at any
@@ -959,8 +1040,18 @@ class ModelStore:
 
         Returns the bytes reclaimed. Run it while no other process reads the store
         (a reader that cached a compacted pack's offsets must reopen).
+
+        On object storage, where other writers may be saving meanwhile, a pack written
+        less than ``grace_s`` seconds ago (default: the store's ``gc_grace_s``, an hour
+        unless set) stays even
+        if nothing references it yet: it may be a save's that has not committed. A
+        reader that finds a pack gone there catches up with the catalog and reads again.
         """
         self._check_writable()
+        if grace_s is None:
+            grace_s = self.gc_grace_s
+        if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not grace_s >= 0:
+            raise InvalidArgumentError(f"grace_s must be a number >= 0, got {grace_s!r}")
         if (
             isinstance(compact_below, bool)
             or not isinstance(compact_below, (int, float))
@@ -969,17 +1060,24 @@ class ModelStore:
             raise InvalidArgumentError(
                 f"compact_below must be a number in [0, 2], got {compact_below!r}"
             )
-        live = {ContentRecord.decode(raw).pack for _, raw in self.catalog.scan("content")}
-        recorded = {k.decode() for k, _ in self.catalog.scan("packs")}
-        dead_records = sorted(recorded - live)
-        if dead_records:
-            self.catalog.commit(deletes=[("packs", p.encode()) for p in dead_records])
+        with self.catalog.transaction():
+            live = {ContentRecord.decode(raw).pack for _, raw in self.catalog.scan("content")}
+            recorded = {k.decode() for k, _ in self.catalog.scan("packs")}
+            dead_records = sorted(recorded - live)
+            if dead_records:
+                self.catalog.commit(deletes=[("packs", p.encode()) for p in dead_records])
         reclaimed = 0
-        for pack in self.tier.list():
+        if isinstance(self.tier, remote.ObjectPackTier):
+            ages = self.tier.ages()
+            packs = [p for p, age in ages.items() if age >= grace_s]
+        else:
+            packs = self.tier.list()
+        for pack in packs:
             if pack not in live:
                 reclaimed += self.tier.size(pack)
                 self.tier.delete(pack)
-        return reclaimed + compact.compact(self, float(compact_below), progress)
+        with self.catalog.transaction():
+            return reclaimed + compact.compact(self, float(compact_below), progress)
 
     def _check_writable(self) -> None:
         self._check_open()
@@ -989,7 +1087,9 @@ class ModelStore:
             )
 
     def stored_bytes(self) -> int:
-        """Bytes the whole store occupies on disk: packs plus catalog."""
+        """Bytes the whole store occupies on disk (or in its bucket): packs plus catalog."""
+        if isinstance(self.tier, remote.ObjectPackTier):
+            return self.tier.total_bytes() + self.catalog.approximate_bytes()
         packs = sum(p.stat().st_size for p in self._layout.packs.glob("*.pack"))
         return packs + self.catalog.approximate_bytes()
 

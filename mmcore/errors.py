@@ -52,6 +52,26 @@ class CorruptRecordError(StoreError):
     """A catalog record cannot be decoded: the catalog is damaged."""
 
 
+class RemoteStoreError(StoreError):
+    """A request to an object store failed (after the client's retries): the message
+    names the operation and the object, never a credential."""
+
+
+class ConflictError(StoreError):
+    """Another writer committed a change to records this operation read or wrote, since
+    it read them: nothing of this operation is visible; running it again is safe."""
+
+
+class RefConflictError(ConflictError):
+    """Another writer moved the ref this save moves: nothing of the save is visible.
+    ``head`` is the ref's new head; save against it (or to another ref) to retry."""
+
+    def __init__(self, message: str, *, ref: str, head: str | None) -> None:
+        super().__init__(message)
+        self.ref = ref
+        self.head = head
+
+
 class DeviceUnavailableError(InvalidArgumentError):
     """The device asked for does not exist or is not usable on this machine."""
 

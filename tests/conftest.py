@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import inspect
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,8 +52,61 @@ def store_path(tmp_path: Path) -> Path:
     return tmp_path / "fleet.mm"
 
 
+# Modules whose tests taking ``store`` run against both backends: the local store and
+# a store on a real SeaweedFS (s3://). A test that also takes ``store_path`` (it reads
+# or damages the store's local files), or is marked ``local_files``, runs on the local one only.
+CONFORMANCE = {"test_roundtrip", "test_bad_input", "test_delete", "test_update", "test_stacked",
+               "test_keyframes", "test_partial_and_log", "test_gc", "test_errors",
+               "test_record_decode", "test_review_chain"}  # fmt: skip
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if "backend" in metafunc.fixturenames and module in CONFORMANCE:
+        own = inspect.signature(metafunc.function).parameters
+        local = "store_path" in own or metafunc.definition.get_closest_marker("local_files")
+        metafunc.parametrize("backend", ["local"] if local else ["local", "s3"])
+
+
 @pytest.fixture
-def store(store_path: Path) -> Iterator[mmcore.ModelStore]:
+def backend() -> str:
+    return "local"  # (parametrized in the CONFORMANCE modules)
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[Any]:
+    """A SeaweedFS of this test session (``weed mini`` on 127.0.0.1, telemetry off),
+    killed by its pid at the end; the tests that need it skip where it cannot start."""
+    from seaweed import Seaweed
+
+    try:
+        server = Seaweed()
+        server.start()
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"SeaweedFS cannot start here: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def s3_url(server: Any) -> str:
+    """A fresh store location on ``server``."""
+    from seaweed import BUCKET
+
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def store(
+    request: pytest.FixtureRequest, store_path: Path, backend: str
+) -> Iterator[mmcore.ModelStore]:
+    if backend == "s3":
+        server = request.getfixturevalue("seaweed")
+        with mmcore.open(s3_url(server), storage_options=server.options()) as s:
+            s.gc_grace_s = 0.0  # (no other writer: gc reclaims at once, as a local store's)
+            yield s
+        return
     with mmcore.open(store_path) as s:
         yield s
 

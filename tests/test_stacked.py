@@ -62,6 +62,7 @@ def test_baseline_stacks_are_views_of_the_records_and_equal_each_model(
     assert store.verify(v) == 120 * 8
 
 
+@pytest.mark.local_files
 def test_load_stacked_checks_hashes(store: mmcore.ModelStore) -> None:
     cells = battery.make_cells(8)
     v = store.save(cells)
@@ -644,6 +645,7 @@ def test_provenance_keeps_the_version_order_and_resolves_lazy_views(
     assert_sets_equal(store.load(v4), conj)
 
 
+@pytest.mark.local_files
 def test_verify_reads_a_large_group_in_pieces(
     store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,14 +5,16 @@ synced WriteBatch."""
 
 from __future__ import annotations
 
+from ..errors import VersionNotFoundError
 from ..manifest import ContentRecord, Manifest, pack_record
 from ..record import ref_target
 from ..store import Catalog
+from ..store.remote import LogCatalog
 
 Put = tuple[str, bytes, bytes]
 
 
-def content_records(catalog: Catalog, blobs: list[tuple[bytes, ContentRecord]], pack_id: str,
+def content_records(catalog: Catalog | LogCatalog, blobs: list[tuple[bytes, ContentRecord]], pack_id: str,
                     pack_size: int, created: float) -> tuple[list[Put], int, int]:  # fmt: skip
     """The puts of ``blobs`` (a blob stored already gets one more reference instead)
     and of the new pack when any blob lives in it; how many do, and the new bytes."""
@@ -34,7 +36,7 @@ def content_records(catalog: Catalog, blobs: list[tuple[bytes, ContentRecord]], 
 
 
 def version_records(
-    catalog: Catalog,
+    catalog: Catalog | LogCatalog,
     manifest: Manifest,
     blobs: list[tuple[bytes, ContentRecord]],
     pack_id: str,
@@ -43,6 +45,11 @@ def version_records(
     """The puts that commit ``manifest`` (its ``stored_bytes`` filled in here) and its
     blobs, and how many blobs live in the new pack (0: every blob was stored already,
     and the new pack can go). ``manifest.prev`` is set from the ref's current head."""
+    if manifest.parent is not None and catalog.get("manifests", manifest.parent.encode()) is None:
+        raise VersionNotFoundError(
+            f"version {manifest.parent}, the parent of this save, was deleted by another "
+            "writer while it ran: nothing of the save is visible"
+        )
     ref = manifest.ref
     prev = None if ref is None else catalog.get("refs", ref.encode())
     manifest.prev = None if prev is None or ref is None else ref_target(ref, prev)
@@ -69,7 +76,7 @@ Delete = tuple[str, bytes]
 
 
 def swap_references(
-    catalog: Catalog,
+    catalog: Catalog | LogCatalog,
     added: list[tuple[bytes, ContentRecord]],
     removed: list[bytes],
     pack_id: str,

@@ -66,15 +66,17 @@ def put_dataset(store: ModelStore, data: Any, progress: Any) -> str:
         writer.abort()
         raise
     did = dataset_id(written.names, [g.blob for g in written.groups])
-    if store.catalog.get("datasets", did.encode()) is not None:
-        store.tier.delete(writer.pack_id)
-        return did
-    now = time.time()
-    puts, live, new_bytes = content_records(store.catalog, list(written.blobs), writer.pack_id,
-                                            pack_size, now)  # fmt: skip
-    rec = DatasetRecord(did, written.names, written.groups, written.logical_bytes, new_bytes, now)
-    puts.append(("datasets", did.encode(), rec.encode()))
-    store.catalog.commit(puts)  # the pack stays from here on (see ModelStore.save)
+    with store.catalog.transaction():  # (object storage: ConflictError if another writer
+        if store.catalog.get("datasets", did.encode()) is not None:  # changed these records)
+            store.tier.delete(writer.pack_id)
+            return did
+        now = time.time()
+        puts, live, new_bytes = content_records(store.catalog, list(written.blobs),
+                                                writer.pack_id, pack_size, now)  # fmt: skip
+        rec = DatasetRecord(did, written.names, written.groups, written.logical_bytes, new_bytes,
+                            now)  # fmt: skip
+        puts.append(("datasets", did.encode(), rec.encode()))
+        store.catalog.commit(puts)  # the pack stays from here on (see ModelStore.save)
     if not live:
         store.tier.delete(writer.pack_id)
     return did

@@ -16,6 +16,7 @@ A store that piled up ``LOG.old.*`` files loses them at its next write-open.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
@@ -72,6 +73,16 @@ class Catalog:
                 break
             yield key, bytes(it.value())
             it.next()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """What is read from here to the commit stays as read: one writer holds the
+        store's lock, so nothing is to check (``remote.LogCatalog`` checks)."""
+        yield
+
+    def refresh(self) -> None:
+        """Nothing to catch up with: a writer's catalog is the store's (a read-only
+        store reopens its catalog instead: ``ModelStore._refresh``)."""
 
     def commit(self, puts: Sequence[Put] = (), deletes: Sequence[Delete] = ()) -> None:
         """Applies every put and delete atomically and durably (synced WAL)."""

@@ -105,6 +105,10 @@ class PayloadTier(ABC):
     @abstractmethod
     def size(self, pack_id: str) -> int: ...
 
+    @abstractmethod
+    def close(self) -> None:
+        """Drops what the tier holds open (files, connections)."""
+
 
 # Smaller ranges are read, not mapped: Python's mmap holds a duplicate file
 # descriptor per mapping, so a set of thousands of small groups (one small extent

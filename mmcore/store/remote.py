@@ -1,0 +1,574 @@
+"""A store on S3-compatible object storage: ``mmcore.open("s3://bucket/prefix")``.
+
+Everything lives in the bucket under the prefix, with no second server:
+
+- ``packs/<id>.pack``: pack files, as on a local store, written once (a create-only
+  PUT, multipart when large) and read by ranged GETs;
+- ``catalog/log/<seq>``: the catalog as a log of commits. Commit ``n`` is one small
+  object holding the puts and deletes of one ``Catalog.commit`` (a WriteBatch on a
+  local store), created with ``If-None-Match: *``: of two writers racing for ``n``,
+  exactly one wins. The loser reads what won, and commits at ``n + 1`` when nothing
+  it read or wrote was changed; else it raises ``ConflictError`` (``RefConflictError``
+  where both moved one ref), and nothing of it is visible;
+- ``catalog/snap/<seq>``: the whole catalog as of commit ``seq``, written every
+  ``SNAPSHOT_EVERY`` commits, so an open reads one snapshot and the commits after it.
+
+A process holds the catalog in memory and catches up (one GET of the next commit's
+object, a 404 when there is none) at most every ``refresh_s`` seconds, and whenever a
+lookup of a version or a ref misses. Reads of payload never touch the catalog objects.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+
+from .._native import core
+from ..errors import (
+    ConflictError,
+    CorruptRecordError,
+    FormatVersionError,
+    IntegrityError,
+    InvalidArgumentError,
+    NotAStoreError,
+    PackMissingError,
+    ReadOnlyStoreError,
+    RefConflictError,
+    RemoteStoreError,
+    StoreError,
+)
+from .catalog import COLUMN_FAMILIES, Delete, Put
+from .packs import _HEADER, HEADER_SIZE, PACK_MAGIC, PACK_VERSION, PackWriter, PayloadTier
+
+SCHEME = "s3://"
+SNAPSHOT_EVERY = 32  # commits between two snapshots of the whole catalog
+RANGE_PART = 8 << 20  # a large read is this many bytes per concurrent ranged GET
+MULTIPART_CHUNK = 16 << 20  # a pack larger than this is uploaded in parts of this size
+_LOG = "catalog/log/"
+_SNAP = "catalog/snap/"
+_PACKS = "packs/"
+_MARKER = "mmcore-store"
+_MARKER_VALUE = b"mmcore object store\nformat 1\n"
+_ENTRY_FORMAT = 1
+
+# storage_options: the S3 settings a user may give (else the AWS_* environment variables)
+_CONFIG_KEYS = ("endpoint", "region", "access_key_id", "secret_access_key", "session_token",
+                "skip_signature", "virtual_hosted_style_request", "conditional_put")  # fmt: skip
+_SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
+
+
+def is_url(path: object) -> bool:
+    return isinstance(path, str) and path.startswith(SCHEME)
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix/") (prefix "" for none)."""
+    rest = url[len(SCHEME) :]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket or "//" in f"/{prefix}" or any(c in bucket for c in " \\?#"):
+        raise InvalidArgumentError(
+            f"an object store is named s3://BUCKET or s3://BUCKET/PREFIX, got {url!r}"
+        )
+    prefix = prefix.strip("/")
+    return bucket, (prefix + "/" if prefix else "")
+
+
+def _seq_key(base: str, seq: int) -> str:
+    return f"{base}{seq:016d}"
+
+
+class ObjectClient:
+    """The few object operations the store needs, over obstore's S3 client (its own
+    connection pool and retries of 5xx, resets and timeouts, with backoff). Counts
+    requests (``requests``) and keeps credentials out of every message."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        try:
+            import obstore
+            from obstore.store import S3Store as _S3Store
+        except ImportError as exc:  # pragma: no cover - the s3 extra is not installed
+            raise StoreError(
+                "an s3:// store needs the obstore package: pip install 'mmcore-models[s3]'"
+            ) from exc
+        self._obs: Any = obstore
+        self.bucket, self.prefix = parse_url(url)
+        self.url = f"{SCHEME}{self.bucket}/{self.prefix}".rstrip("/")
+        options = dict(storage_options or {})
+        unknown = sorted(set(options) - {*_CONFIG_KEYS, "allow_http", "timeout_s",
+                                          "max_retries", "retry_timeout_s"})  # fmt: skip
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown storage_options {unknown}; known: "
+                f"{sorted({*_CONFIG_KEYS, 'allow_http', 'timeout_s', 'max_retries', 'retry_timeout_s'})}"
+            )
+        self._secrets = [str(options[k]) for k in _SECRET_KEYS if options.get(k)]
+        config = {k: options[k] for k in _CONFIG_KEYS if k in options}
+        client: dict[str, Any] = {"timeout": f"{int(options.get('timeout_s', 60))}s",
+                                  "connect_timeout": "5s"}  # fmt: skip
+        if "allow_http" in options:
+            client["allow_http"] = bool(options["allow_http"])
+        retry = {
+            "max_retries": int(options.get("max_retries", 8)),
+            "retry_timeout": timedelta(seconds=float(options.get("retry_timeout_s", 120))),
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=50),
+                "max_backoff": timedelta(seconds=5),
+                "base": 2.0,
+            },
+        }
+        self.requests = 0
+        self._lock = threading.Lock()
+        try:
+            s3: Any = _S3Store
+            self._store = s3(self.bucket, prefix=self.prefix or None, config=config or None,
+                                  client_options=client, retry_config=retry)  # fmt: skip
+        except Exception as exc:
+            raise RemoteStoreError(f"cannot configure {self.url}: {self._scrub(exc)}") from None
+
+    # -- errors ----------------------------------------------------------
+    def _scrub(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text.splitlines()[0] if text else text
+
+    def _fail(self, what: str, key: str, exc: BaseException) -> RemoteStoreError:
+        return RemoteStoreError(f"{what} {self.url}/{key} failed: {self._scrub(exc)}")
+
+    def _count(self, n: int = 1) -> None:
+        with self._lock:
+            self.requests += n
+
+    # -- operations ------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None where there is none."""
+        self._count()
+        try:
+            return bytes(self._obs.get(self._store, key).bytes())
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._fail("GET", key, exc) from None
+
+    def get_ranges(self, key: str, starts: list[int], lengths: list[int]) -> list[Any]:
+        """Ranged GETs of one object, concurrent; buffers of the bytes each range holds
+        (shorter where the object ends first)."""
+        self._count(len(starts))
+        try:
+            if len(starts) == 1:
+                return [self._obs.get_range(self._store, key, start=starts[0],
+                                            length=lengths[0])]  # fmt: skip
+            return list(self._obs.get_ranges(self._store, key, starts=starts, lengths=lengths))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise self._fail("ranged GET of", key, exc) from None
+
+    def put(self, key: str, data: bytes | Path, *, create: bool = False) -> bool:
+        """Writes the object (a file path is uploaded in parts where large). With
+        ``create``, only where no object has the key: False where one does."""
+        self._count()
+        try:
+            self._obs.put(self._store, key, data, mode="create" if create else "overwrite",
+                          chunk_size=MULTIPART_CHUNK, max_concurrency=8)  # fmt: skip
+            return True
+        except Exception as exc:
+            if create and _exists_error(self._obs, exc):
+                return False
+            raise self._fail("PUT", key, exc) from None
+
+    def head(self, key: str) -> dict[str, Any] | None:
+        self._count()
+        try:
+            return dict(self._obs.head(self._store, key))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._fail("HEAD", key, exc) from None
+
+    def list(self, prefix: str) -> list[dict[str, Any]]:
+        """Every object under ``prefix``: its path (relative to the store), size and
+        last_modified."""
+        self._count()
+        try:
+            return [dict(m) for batch in self._obs.list(self._store, prefix=prefix)
+                    for m in batch]  # fmt: skip
+        except Exception as exc:
+            raise self._fail("LIST", prefix, exc) from None
+
+    def delete(self, key: str) -> None:
+        self._count()
+        try:
+            self._obs.delete(self._store, key)
+        except FileNotFoundError:
+            return
+        except Exception as exc:
+            raise self._fail("DELETE", key, exc) from None
+
+
+def _exists_error(obs: Any, exc: BaseException) -> bool:
+    return isinstance(exc, (obs.exceptions.AlreadyExistsError, obs.exceptions.PreconditionError))
+
+
+# -- the catalog ----------------------------------------------------------------------
+
+
+def _encode_entry(token: str, puts: Sequence[Put], deletes: Sequence[Delete]) -> bytes:
+    entry = {
+        "format": _ENTRY_FORMAT,
+        "token": token,
+        "time": time.time(),
+        "puts": [list(p) for p in puts],
+        "deletes": [list(d) for d in deletes],
+    }
+    return bytes(msgpack.packb(entry, use_bin_type=True))
+
+
+def _decode_entry(raw: bytes, what: str) -> tuple[str, list[Any], list[Any]]:
+    try:
+        entry = msgpack.unpackb(raw, raw=False)
+        if entry["format"] != _ENTRY_FORMAT:
+            raise CorruptRecordError(f"{what}: format {entry['format']} is not known here")
+        puts = [(str(cf), bytes(k), bytes(v)) for cf, k, v in entry["puts"]]
+        deletes = [(str(cf), bytes(k)) for cf, k in entry["deletes"]]
+        if any(cf not in COLUMN_FAMILIES for cf, *_ in [*puts, *deletes]):
+            raise CorruptRecordError(f"{what}: an unknown record kind")
+        return str(entry["token"]), puts, deletes
+    except CorruptRecordError:
+        raise
+    except Exception as exc:
+        raise CorruptRecordError(f"{what} cannot be decoded ({type(exc).__name__}): the "
+                                 "store's catalog is damaged") from None  # fmt: skip
+
+
+class LogCatalog:
+    """``Catalog``'s interface over the commit log in the bucket (see the module's
+    docstring). Not thread-safe, like the store that owns it."""
+
+    def __init__(self, client: ObjectClient, *, readonly: bool, refresh_s: float = 1.0) -> None:
+        self.readonly = readonly
+        self.refresh_s = refresh_s
+        self._client = client
+        self._data: dict[str, dict[bytes, bytes]] = {cf: {} for cf in COLUMN_FAMILIES}
+        self._seq = 0
+        self._checked = 0.0
+        self._tx: tuple[set[tuple[str, bytes]], set[tuple[str, bytes]]] | None = None
+        self._load()
+
+    # -- reading the log ---------------------------------------------------------
+    def _load(self) -> None:
+        snaps = sorted(int(m["path"].rsplit("/", 1)[1]) for m in self._client.list(_SNAP)
+                       if m["path"].rsplit("/", 1)[1].isdigit())  # fmt: skip
+        if snaps:
+            raw = self._client.get(_seq_key(_SNAP, snaps[-1]))
+            if raw is not None:
+                what = f"catalog snapshot {snaps[-1]} of {self._client.url}"
+                _, puts, _ = _decode_entry(raw, what)
+                for cf, key, value in puts:
+                    self._data[cf][key] = value
+                self._seq = snaps[-1]
+        self._catch_up()
+
+    def _catch_up(self) -> set[tuple[str, bytes]]:
+        """Applies every commit after the last one applied; returns the keys they wrote,
+        and the tokens of the commits (as ("", token)) so a writer finds its own."""
+        touched: set[tuple[str, bytes]] = set()
+        while True:
+            raw = self._client.get(_seq_key(_LOG, self._seq + 1))
+            if raw is None:
+                break
+            token, puts, deletes = _decode_entry(
+                raw, f"catalog commit {self._seq + 1} of {self._client.url}"
+            )
+            self._apply(puts, deletes)
+            touched.update((cf, key) for cf, key, _ in puts)
+            touched.update(deletes)
+            touched.add(("", token.encode()))
+            self._seq += 1
+        self._checked = time.monotonic()
+        return touched
+
+    def _apply(self, puts: Sequence[Put], deletes: Sequence[Delete]) -> None:
+        for cf, key in deletes:
+            self._data[cf].pop(key, None)
+        for cf, key, value in puts:
+            self._data[cf][key] = value
+
+    def refresh(self) -> None:
+        """Catches up with every commit made so far (not inside a transaction)."""
+        if self._tx is None:
+            self._catch_up()
+
+    def _maybe_refresh(self) -> None:
+        if self._tx is None and time.monotonic() - self._checked >= self.refresh_s:
+            self._catch_up()
+
+    @property
+    def seq(self) -> int:
+        """The last commit applied."""
+        return self._seq
+
+    # -- Catalog's interface -------------------------------------------------
+    def get(self, cf: str, key: bytes) -> bytes | None:
+        self._maybe_refresh()
+        if self._tx is not None:
+            self._tx[0].add((cf, key))
+        value = self._data[cf].get(key)
+        if value is None and self._tx is None and cf in ("manifests", "refs"):
+            self._catch_up()  # a miss: maybe made since
+            value = self._data[cf].get(key)
+        return value
+
+    def scan(self, cf: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        self._maybe_refresh()
+        if self._tx is not None:
+            self._tx[1].add((cf, prefix))
+        table = self._data[cf]
+        for key in sorted(k for k in table if k.startswith(prefix)):
+            value = table.get(key)
+            if value is not None:
+                yield key, value
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Records what is read from here to the commit (caught up first, and not
+        caught up again meanwhile): a commit that finds another writer changed any of
+        it raises ``ConflictError``."""
+        if self._tx is not None:  # nested: the outer one records
+            yield
+            return
+        self._catch_up()
+        self._tx = (set(), set())
+        try:
+            yield
+        finally:
+            self._tx = None
+
+    def commit(self, puts: Sequence[Put] = (), deletes: Sequence[Delete] = ()) -> None:
+        """Appends one commit (all or nothing) at the next free place of the log."""
+        if self.readonly:
+            raise ReadOnlyStoreError(
+                "this store was opened read-only; reopen it with readonly=False"
+            )
+        token = secrets.token_hex(16)
+        entry = _encode_entry(token, puts, deletes)
+        writes = {(cf, key) for cf, key, _ in puts} | set(deletes)
+        reads, scans = self._tx if self._tx is not None else (set(), set())
+        while True:
+            seq = self._seq + 1
+            try:
+                won = self._client.put(_seq_key(_LOG, seq), entry, create=True)
+            except RemoteStoreError:
+                # the PUT may have landed before the error: ours if the log holds it
+                touched = self._catch_up()
+                if ("", token.encode()) in touched:
+                    return
+                raise
+            if won:
+                self._apply(puts, deletes)
+                self._seq = seq
+                if seq % SNAPSHOT_EVERY == 0:
+                    self._snapshot()
+                return
+            touched = self._catch_up()
+            if ("", token.encode()) in touched:  # a retried PUT of ours had landed
+                return
+            self._check_conflict(touched, writes, reads, scans)
+
+    def _check_conflict(self, touched: set[tuple[str, bytes]], writes: set[tuple[str, bytes]],
+                        reads: set[tuple[str, bytes]], scans: set[tuple[str, bytes]]) -> None:  # fmt: skip
+        refs = sorted(key for cf, key in touched & writes if cf == "refs")
+        if refs:
+            ref = refs[0].decode()
+            raw = self._data["refs"].get(refs[0])
+            head = None if raw is None else raw.decode()
+            raise RefConflictError(
+                f"ref {ref!r} was moved by another writer (to {head}) while this save ran: "
+                f"nothing of it is visible; save against {head} to retry",
+                ref=ref, head=head,
+            )  # fmt: skip
+        clash = touched & (writes | reads)
+        clash |= {(cf, key) for cf, key in touched
+                  if any(cf == c and key.startswith(p) for c, p in scans)}  # fmt: skip
+        if clash:
+            cf, key = sorted(clash)[0]
+            raise ConflictError(
+                f"another writer changed the store's {cf} records ({key[:16]!r}) this operation "
+                "read or wrote: nothing of it is visible; run it again"
+            )
+
+    def _snapshot(self) -> None:
+        """The whole catalog as of the last commit, for opens to start from (best
+        effort: a failed snapshot only means a longer replay)."""
+        puts = [
+            (cf, key, value) for cf, table in self._data.items() for key, value in table.items()
+        ]
+        with suppress(RemoteStoreError):
+            self._client.put(_seq_key(_SNAP, self._seq), _encode_entry("", puts, []), create=True)
+
+    def approximate_bytes(self) -> int:
+        return sum(int(m["size"]) for m in self._client.list("catalog/"))
+
+    def close(self) -> None:
+        self._data = {cf: {} for cf in COLUMN_FAMILIES}
+
+
+# -- the payload tier --------------------------------------------------------------------
+
+
+class _ObjectPackWriter(PackWriter):
+    """Spools the pack to a local file (the writers write at offsets, out of order),
+    uploads it at ``finish`` (create-only, in parts where large)."""
+
+    def __init__(self, tier: ObjectPackTier) -> None:
+        self._tier = tier
+        self.pack_id = secrets.token_hex(8)
+        fd, self._path = tempfile.mkstemp(prefix=f"mmcore-{self.pack_id}-", suffix=".pack",
+                                          dir=tier.spool_dir)  # fmt: skip
+        self._fd = fd
+        header = _HEADER.pack(PACK_MAGIC, PACK_VERSION, HEADER_SIZE, bytes.fromhex(self.pack_id))
+        os.pwrite(self._fd, header.ljust(HEADER_SIZE, b"\0"), 0)
+        self._size = HEADER_SIZE
+
+    def write_ptr(self, address: int, length: int, offset: int) -> None:
+        core().pwrite(self._fd, address, length, offset)
+        self._size = max(self._size, offset + length)
+        self._tier.bytes_written += length
+
+    def write_segments(self, offset: int, ptrs: Any, lens: Any, dst_offsets: Any,
+                       total: int) -> None:  # fmt: skip
+        core().pwrite_segments(self._fd, offset, ptrs.data_ptr(), lens.data_ptr(),
+                               dst_offsets.data_ptr(), ptrs.numel(), total)  # fmt: skip
+        self._size = max(self._size, offset + total)
+        self._tier.bytes_written += total
+
+    def finish(self) -> int:
+        os.close(self._fd)
+        self._fd = -1
+        try:
+            if not self._tier.client.put(
+                self._tier.key(self.pack_id), Path(self._path), create=True
+            ):
+                raise StoreError(f"pack {self.pack_id} exists already in {self._tier.client.url}")
+        finally:
+            os.unlink(self._path)
+        self._tier.sizes[self.pack_id] = self._size
+        return self._size
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        with suppress(FileNotFoundError):
+            os.unlink(self._path)
+
+
+class ObjectPackTier(PayloadTier):
+    """Packs as objects ``packs/<id>.pack``, read by ranged GETs (concurrent parts of
+    ``RANGE_PART`` bytes for a large read). Packs never change, so their sizes are
+    remembered (from the catalog's pack records where it has them: no HEAD)."""
+
+    local_files = False
+
+    def __init__(self, client: ObjectClient, size_hint: Callable[[str], int | None]) -> None:
+        super().__init__()
+        self.client = client
+        self.sizes: dict[str, int] = {}
+        self._size_hint = size_hint
+        self.spool_dir: str | None = None
+
+    @staticmethod
+    def key(pack_id: str) -> str:
+        return f"{_PACKS}{pack_id}.pack"
+
+    def create(self) -> PackWriter:
+        return _ObjectPackWriter(self)
+
+    def read_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
+        if length <= 0:
+            return
+        starts = list(range(offset, offset + length, RANGE_PART))
+        lengths = [min(RANGE_PART, offset + length - s) for s in starts]
+        try:
+            parts = self.client.get_ranges(self.key(pack_id), starts, lengths)
+        except FileNotFoundError:
+            raise PackMissingError(
+                f"pack {pack_id} is missing from {self.client.url}: a writer's gc removed it "
+                "(its version was deleted), or the store is damaged"
+            ) from None
+        at = address
+        for part, want in zip(parts, lengths):
+            view = memoryview(part)
+            if view.nbytes != want:
+                raise IntegrityError(
+                    f"pack {pack_id} ends before the {length} bytes recorded at offset {offset}; "
+                    "the pack is truncated"
+                )
+            ctypes.memmove(at, core().buffer_address(part), want)
+            at += want
+        self.bytes_read += length
+
+    def delete(self, pack_id: str) -> None:
+        self.sizes.pop(pack_id, None)
+        self.client.delete(self.key(pack_id))
+
+    def list(self) -> list[str]:
+        return sorted(self.ages())
+
+    def ages(self) -> dict[str, float]:
+        """Every pack and the seconds since it was written."""
+        now = time.time()
+        out = {}
+        for m in self.client.list(_PACKS):
+            name = m["path"].rsplit("/", 1)[1]
+            if name.endswith(".pack"):
+                out[name[: -len(".pack")]] = now - m["last_modified"].timestamp()
+        return out
+
+    def size(self, pack_id: str) -> int:
+        got = self.sizes.get(pack_id)
+        if got is None:
+            got = self._size_hint(pack_id)
+        if got is None:
+            meta = self.client.head(self.key(pack_id))
+            if meta is None:
+                raise StoreError(f"pack {pack_id} is missing")
+            got = int(meta["size"])
+        self.sizes[pack_id] = got
+        return got
+
+    def total_bytes(self) -> int:
+        return sum(int(m["size"]) for m in self.client.list(_PACKS))
+
+    def close(self) -> None:
+        pass
+
+
+def open_remote(url: str, storage_options: dict[str, Any] | None, *, readonly: bool,
+                create: bool) -> tuple[ObjectClient, LogCatalog]:  # fmt: skip
+    """The client and catalog of the store at ``url``: created (its marker object)
+    where there is none and ``create``; refused where the prefix holds something else."""
+    client = ObjectClient(url, storage_options)
+    marker = client.get(_MARKER)
+    if marker is None:
+        if not create:
+            raise NotAStoreError(f"{client.url} holds no mmcore store (open it with create=True)")
+        if client.list("")[:1]:
+            raise NotAStoreError(
+                f"{client.url} holds other objects and no mmcore store; give an empty prefix"
+            )
+        client.put(_MARKER, _MARKER_VALUE, create=True)  # (another opener may have made it)
+    elif marker != _MARKER_VALUE:
+        raise FormatVersionError(f"{client.url}: its store marker is not one this mmcore knows")
+    return client, LogCatalog(client, readonly=readonly)
