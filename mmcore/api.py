@@ -85,12 +85,15 @@ def open(
     readonly: bool = False,
     create: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    cache: str | os.PathLike[str] | None = None,
 ) -> ModelStore:
     """Opens (and by default creates) the store in directory ``path``, or on S3-compatible
     object storage at ``s3://bucket/prefix`` (endpoint, region and credentials from the
     AWS_* environment variables, or ``storage_options``: endpoint, region,
-    access_key_id, secret_access_key, session_token, allow_http, ...)."""
-    return ModelStore(path, readonly=readonly, create=create, storage_options=storage_options)
+    access_key_id, secret_access_key, session_token, allow_http, ...). ``cache``: a
+    directory keeping what an s3:// store read, checked on every read."""
+    return ModelStore(path, readonly=readonly, create=create, storage_options=storage_options,
+                      cache=cache)  # fmt: skip
 
 
 class ModelStore:
@@ -112,6 +115,7 @@ class ModelStore:
         readonly: bool = False,
         create: bool = True,
         storage_options: Mapping[str, Any] | None = None,
+        cache: str | os.PathLike[str] | None = None,
     ) -> None:
         self.readonly = _args.flag(readonly, "readonly")
         _args.flag(create, "create")
@@ -127,10 +131,13 @@ class ModelStore:
                 str(path), dict(storage_options or {}), readonly=self.readonly, create=create
             )
             self.path: Path | str = client.url
-            self.tier = remote.ObjectPackTier(client, self._pack_size)
+            ranges = (
+                None if cache is None else remote.RangeCache(Path(_args.path(cache)), client.url)
+            )
+            self.tier = remote.ObjectPackTier(client, self._pack_size, ranges)
         else:
-            if storage_options is not None:
-                raise InvalidArgumentError("storage_options are for s3:// stores only")
+            if storage_options is not None or cache is not None:
+                raise InvalidArgumentError("storage_options and cache are for s3:// stores only")
             self.path = Path(_args.path(path))
             self._layout = StoreLayout(self.path)
             created = self._layout.check_or_create(create=create and not readonly)

@@ -261,7 +261,7 @@ def test_bad_locations_and_options_are_refused(seaweed: Any, tmp_path: Any) -> N
             mmcore.open(bad, storage_options=seaweed.options())
     with pytest.raises(InvalidArgumentError, match="unknown storage_options \\['colour'\\]"):
         mmcore.open(s3_url(seaweed), storage_options={**seaweed.options(), "colour": 1})
-    with pytest.raises(InvalidArgumentError, match="for s3:// stores only"):
+    with pytest.raises(InvalidArgumentError, match="are for s3:// stores only"):
         mmcore.open(tmp_path / "x.mm", storage_options={})
     with pytest.raises(NotAStoreError, match="no mmcore store"):
         mmcore.open(s3_url(seaweed), storage_options=seaweed.options(), create=False)
@@ -269,3 +269,27 @@ def test_bad_locations_and_options_are_refused(seaweed: Any, tmp_path: Any) -> N
     remote.ObjectClient(url, seaweed.options()).put("something/else", b"x")
     with pytest.raises(NotAStoreError, match="holds other objects"):
         mmcore.open(url, storage_options=seaweed.options())
+
+
+def test_a_cache_serves_what_was_read_and_refetches_a_damaged_range(
+    seaweed: Any, url: str, tmp_path: Any
+) -> None:
+    with _open(seaweed, url) as s:
+        v = s.save(small_set(50))
+    with mmcore.open(url, storage_options=seaweed.options(), cache=tmp_path / "c") as r:
+        client, cache = r.tier.client, r.tier.cache
+        assert cache is not None
+        assert_sets_equal(r.load(v), small_set(50))
+        first = client.requests
+        assert_sets_equal(r.load(v), small_set(50))  # every range from the cache
+        assert client.requests == first and cache.hits > 0
+        files = [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+        assert files
+        for f in files:  # one bit flipped in each: found, dropped, fetched again
+            data = bytearray(f.read_bytes())
+            data[len(data) // 3] ^= 1
+            f.write_bytes(bytes(data))
+        assert_sets_equal(r.load(v), small_set(50))
+        assert client.requests > first
+        one = r.load_model(v, "cell_003")
+        assert all(torch.equal(one[k], t) for k, t in small_set(50)["cell_003"].items())

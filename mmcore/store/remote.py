@@ -474,16 +474,88 @@ class _ObjectPackWriter(PackWriter):
             os.unlink(self._path)
 
 
+class RangeCache:
+    """A local cache of byte ranges read from packs: packs never change and their ids
+    are never reused, so a (pack, offset, length) is the same bytes for ever. Each
+    range is a file of its bytes and their BLAKE3 hash, checked on every read: a
+    damaged or truncated file is dropped and the range fetched again. Files are
+    written whole and renamed into place (readers in other processes never see
+    part of one)."""
+
+    def __init__(self, root: Path, location: str) -> None:
+        import hashlib
+
+        tag = hashlib.sha256(location.encode()).hexdigest()[:16]
+        self.root = root.expanduser() / tag
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, pack_id: str, offset: int, length: int) -> Path:
+        return self.root / pack_id / f"{offset}-{length}"
+
+    def read_into(self, pack_id: str, offset: int, length: int, address: int) -> bool:
+        from .. import kernels
+
+        path = self._path(pack_id, offset, length)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            self.misses += 1
+            return False
+        try:
+            got = core().pread(fd, address, length, 0)
+            tail = os.pread(fd, 33, length)  # its hash, and nothing after it
+        finally:
+            os.close(fd)
+        digest = kernels.blake3_segments(kernels.int64_table([address]),
+                                         kernels.int64_table([length]))  # fmt: skip
+        if got != length or tail != bytes(digest[0].tolist()):
+            with suppress(OSError):
+                path.unlink()
+            self.misses += 1
+            return False
+        self.hits += 1
+        return True
+
+    def store(self, pack_id: str, offset: int, length: int, address: int) -> None:
+        from .. import kernels
+
+        path = self._path(pack_id, offset, length)
+        digest = kernels.blake3_segments(kernels.int64_table([address]),
+                                         kernels.int64_table([length]))  # fmt: skip
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+            try:
+                core().pwrite(fd, address, length, 0)
+                os.pwrite(fd, bytes(digest[0].tolist()), length)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError:  # a full or read-only disk: reads go on without the cache
+            with suppress(OSError, UnboundLocalError):
+                os.unlink(tmp)
+
+    def drop(self, pack_id: str) -> None:
+        import shutil
+
+        shutil.rmtree(self.root / pack_id, ignore_errors=True)
+
+
 class ObjectPackTier(PayloadTier):
     """Packs as objects ``packs/<id>.pack``, read by ranged GETs (concurrent parts of
-    ``RANGE_PART`` bytes for a large read). Packs never change, so their sizes are
-    remembered (from the catalog's pack records where it has them: no HEAD)."""
+    ``RANGE_PART`` bytes for a large read), through a ``RangeCache`` where the store
+    was opened with one. Packs never change, so their sizes are remembered (from the
+    catalog's pack records where it has them: no HEAD)."""
 
     local_files = False
 
-    def __init__(self, client: ObjectClient, size_hint: Callable[[str], int | None]) -> None:
+    def __init__(self, client: ObjectClient, size_hint: Callable[[str], int | None],
+                 cache: RangeCache | None = None) -> None:  # fmt: skip
         super().__init__()
         self.client = client
+        self.cache = cache
         self.sizes: dict[str, int] = {}
         self._size_hint = size_hint
         self.spool_dir: str | None = None
@@ -498,6 +570,13 @@ class ObjectPackTier(PayloadTier):
     def read_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
         if length <= 0:
             return
+        if self.cache is not None and self.cache.read_into(pack_id, offset, length, address):
+            return
+        self._fetch_into(pack_id, offset, length, address)
+        if self.cache is not None:
+            self.cache.store(pack_id, offset, length, address)
+
+    def _fetch_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
         starts = list(range(offset, offset + length, RANGE_PART))
         lengths = [min(RANGE_PART, offset + length - s) for s in starts]
         try:
@@ -521,6 +600,8 @@ class ObjectPackTier(PayloadTier):
 
     def delete(self, pack_id: str) -> None:
         self.sizes.pop(pack_id, None)
+        if self.cache is not None:
+            self.cache.drop(pack_id)
         self.client.delete(self.key(pack_id))
 
     def list(self) -> list[str]:
