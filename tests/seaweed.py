@@ -85,7 +85,7 @@ class Seaweed:
                 raise RuntimeError(
                     f"weed mini exited with {self.proc.returncode}: {self.log_tail()}"
                 )
-            if self._bucket_ready():
+            if self._bucket_ready() and self._serves_objects():
                 return
             time.sleep(0.2)
         self.stop()
@@ -99,6 +99,19 @@ class Seaweed:
                 return True
         except urllib.error.HTTPError as exc:
             return exc.code == 409  # BucketAlreadyExists/OwnedByYou: it serves
+        except OSError:
+            return False
+
+    def _serves_objects(self) -> bool:
+        """True once an object can be written and read back (after a restart the
+        gateway answers before its volume server has registered again)."""
+        url = f"{self.endpoint}/{BUCKET}/.probe"
+        try:
+            put = urllib.request.Request(url, data=b"probe", method="PUT")
+            with urllib.request.urlopen(put, timeout=2):
+                pass
+            with urllib.request.urlopen(url, timeout=2) as got:
+                return bool(got.read() == b"probe")
         except OSError:
             return False
 
