@@ -19,7 +19,7 @@ from mmcore.errors import MMCoreError
 from mmcore.examples import battery
 from mmcore.kernels.delta import FLOAT_KINDS
 from mmcore.paths.update import EXACT_SUFFIXES
-from mmcore.store import packs
+from mmcore.store import packs, remote
 
 Models = dict[str, dict[str, torch.Tensor]]
 
@@ -405,7 +405,7 @@ def inject(store: Any, crash: tuple[str, int] | None) -> Iterator[Fired]:
         return faulty
 
     if what == "writer":  # every pack writer the operation creates
-        cls = packs._LocalPackWriter
+        cls: Any = remote._ObjectPackWriter if store.remote else packs._LocalPackWriter
         real = cls.__dict__[attr]
         setattr(cls, attr, wrap(real))
         try:

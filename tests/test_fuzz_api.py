@@ -108,17 +108,29 @@ class Version:
 
 
 class ApiMachine(RuleBasedStateMachine):
+    # the store: a local one, or where this makes one (an s3:// URL and its options)
+    location: ClassVar[Callable[[], tuple[str, dict[str, Any]]] | None] = None
+
     def __init__(self) -> None:
         super().__init__()
         Counts.examples += 1
         self.tmp = Path(tempfile.mkdtemp(prefix="mmcore-fuzz-"))
-        self.path = self.tmp / "store.mm"
-        self.store = mmcore.open(self.path)
+        self.path: Path | str = self.tmp / "store.mm"
+        self.options: dict[str, Any] | None = None
+        maker = type(self).location  # (through the class: a plain function, not a method)
+        if maker is not None:
+            self.path, self.options = maker()
+        self.store = self._open()
         self.dataset: str | None = None  # the battery cells' data, stored on first use
         self.live: dict[str, Version] = {}  # in creation order
         self.deleted: list[Version] = []
         self.refs: dict[str, str] = {}
         self.made = 0
+
+    def _open(self, *, readonly: bool = False) -> mmcore.ModelStore:
+        store = mmcore.open(self.path, readonly=readonly, storage_options=self.options)
+        store.gc_grace_s = 0.0  # (one writer: an s3:// store's gc reclaims at once too)
+        return store
 
     def teardown(self) -> None:
         try:
@@ -149,7 +161,7 @@ class ApiMachine(RuleBasedStateMachine):
     def _on_disk_ids(self) -> set[str]:
         """The versions a fresh reader sees (after a fault, the writer's view is checked
         against the model by the invariants)."""
-        with mmcore.open(self.path, readonly=True) as reader:
+        with self._open(readonly=True) as reader:
             return {v.id for v in reader.versions()}
 
     def _save(self, crash: tuple[str, int] | None, call: Callable[[], str], *, approach: str,
@@ -416,7 +428,7 @@ class ApiMachine(RuleBasedStateMachine):
                 self.store.rebase(v.vid, parent=new_parent)
         except Exception as exc:
             injected(exc)
-            with mmcore.open(self.path, readonly=True) as reader:
+            with self._open(readonly=True) as reader:
                 info = reader.info(v.vid)
             now = (info.approach, info.parent)
             allowed = {old, new} if fired.point in POST_COMMIT else {old}
@@ -471,9 +483,9 @@ class ApiMachine(RuleBasedStateMachine):
         version and refuses every write."""
         if not readonly:
             self.store.close()
-            self.store = mmcore.open(self.path)
+            self.store = self._open()
             return
-        with mmcore.open(self.path, readonly=True) as reader:
+        with self._open(readonly=True) as reader:
             self._check_store(reader)
             some = next(iter(self.live), "0000")
             for write in (lambda: reader.save({"x": {}}), lambda: reader.gc(),
@@ -485,7 +497,7 @@ class ApiMachine(RuleBasedStateMachine):
     @rule()
     def reader_across_gc(self) -> None:
         """A reader opened before the writer's gc (compacting every pack) still reads."""
-        with mmcore.open(self.path, readonly=True) as reader:
+        with self._open(readonly=True) as reader:
             self.store.gc(compact_below=2)
             for v in self.live.values():
                 assert_models(reader.load(v.vid), v.models, f"reader: {v.label} {v.vid}")
@@ -544,6 +556,19 @@ SHORT = settings(max_examples=12, stateful_step_count=25, deadline=None, databas
                  print_blob=True, derandomize=True, suppress_health_check=list(HealthCheck))  # fmt: skip
 LONG = settings(max_examples=10, stateful_step_count=50, deadline=None, database=None,
                 print_blob=True, suppress_health_check=list(HealthCheck))  # fmt: skip
+
+
+def test_api_state_machine_on_object_storage(seaweed: Any) -> None:
+    """The short profile's first examples against an s3:// store (a real SeaweedFS)."""
+    from conftest import s3_url
+
+    FIRED.clear()
+    ApiMachine.location = lambda: (s3_url(seaweed), seaweed.options())
+    try:
+        run_state_machine_as_test(ApiMachine, settings=settings(SHORT, max_examples=6))
+    finally:
+        ApiMachine.location = None
+    assert sum(FIRED.values()) > 0  # the faults reached the object store's paths too
 
 
 def test_api_state_machine(capsys: pytest.CaptureFixture[str]) -> None:
