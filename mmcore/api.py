@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 
-from . import _args, exchange
+from . import _args, exchange, transfer
 from ._progress import progress_bar
 from .errors import (
     ConflictError,
@@ -46,6 +46,7 @@ from .stacked import Stack, StackedSet, build_modules
 from .store import Catalog, LocalPackTier, StoreLayout, compact, remote
 from .store.packs import PackWriter, PayloadTier
 from .store.remote import LogCatalog
+from .transfer import TransferReport
 from .versions import VerifyReport, VersionInfo
 
 _HEX = frozenset("0123456789abcdef")
@@ -966,6 +967,31 @@ class ModelStore:
             for vid in doomed:
                 self._manifests.pop(vid, None)
         return doomed
+
+    # -- push and pull -------------------------------------------------------
+    def push(self, to: ModelStore, ref: str | None = None, *,
+             progress: bool | None = None) -> TransferReport:  # fmt: skip
+        """Copies into store ``to`` (local or s3://) every version it lacks (or those
+        ``ref`` needs: its version and every version that one is stored against) and
+        moves the refs there (or ``ref``). Content-addressed: only the blobs ``to``
+        does not hold travel; one commit there makes the copy visible, whole."""
+        if not isinstance(to, ModelStore):
+            raise InvalidArgumentError(
+                f"push needs a ModelStore to copy to, got {type(to).__name__}"
+            )
+        if ref is not None:
+            _args.ref_name(ref)
+        _args.optional_flag(progress, "progress")
+        return transfer.transfer(self, to, ref, progress=progress)
+
+    def pull(self, source: ModelStore, ref: str | None = None, *,
+             progress: bool | None = None) -> TransferReport:  # fmt: skip
+        """``source.push(self, ref)``: the versions this store lacks, copied from ``source``."""
+        if not isinstance(source, ModelStore):
+            raise InvalidArgumentError(
+                f"pull needs a ModelStore to copy from, got {type(source).__name__}"
+            )
+        return source.push(self, ref, progress=progress)
 
     # -- exchange ----------------------------------------------------------
     def export(

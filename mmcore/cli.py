@@ -276,6 +276,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    """push and pull: both copy from the first store to the second."""
+    with _open_ro(args.source) as src, open_store(args.dest) as dst:
+        got = src.push(dst, args.ref)
+    moved = f"ref {got.ref} -> {got.head}" if got.ref else "every ref"
+    print(f"copied {got.versions:,} version(s) and {got.datasets:,} dataset(s): "
+          f"{got.blobs_copied:,} blob(s), {human_bytes(got.bytes_copied)}; "
+          f"{got.blobs_shared:,} blob(s) {args.dest} held already; {moved}")  # fmt: skip
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     with _open_ro(args.path) as store:
         files = store.export(args.version, args.directory, models=args.model or None)
@@ -311,7 +322,7 @@ def _positive(text: str) -> int:
     return value
 
 
-_PATH = "the store's directory"
+_PATH = "the store's directory, or s3://BUCKET/PREFIX (AWS_* environment variables)"
 _VERSION = "a version id, a unique prefix of one (4+ hex digits), or a ref"
 
 
@@ -353,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("gc", help="delete pack files nothing references; print the bytes reclaimed")
     s.add_argument("path", help=_PATH)
     s.set_defaults(fn=cmd_gc)
+    for name, what in (("push", "copy to DEST"), ("pull", "copy from SOURCE")):
+        s = sub.add_parser(
+            name, help=f"{what} the versions DEST lacks (those REF needs), and the refs; "
+            "only missing blobs travel"
+        )  # fmt: skip
+        s.add_argument("source", help="the store to copy from (a directory or s3://BUCKET/PREFIX)")
+        s.add_argument("dest", help="the store to copy to (created if missing)")
+        s.add_argument("ref", nargs="?", help="copy what this ref needs and move it (default: all)")
+        s.set_defaults(fn=cmd_transfer)
     s = sub.add_parser("export", help="write a version's models as DIRECTORY/<model>.safetensors")
     s.add_argument("path", help=_PATH)
     s.add_argument("version", help=_VERSION)

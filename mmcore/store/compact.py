@@ -103,9 +103,11 @@ def plan(store: ModelStore) -> dict[str, list[_Live]]:
     return {pack: items for pack, items in packs.items() if items is not None}
 
 
-def _copy(
+def copy_range(
     store: ModelStore, pack: str, offset: int, length: int, writer: PackWriter, to: int
 ) -> None:
+    """``length`` bytes at ``offset`` of ``store``'s ``pack`` to ``to`` in ``writer``
+    (a pack of this store or, for ``mmcore.transfer``, of another)."""
     buf = torch.empty(min(length, _CHUNK), dtype=torch.uint8)
     done = 0
     while done < length:
@@ -187,7 +189,7 @@ def _rewrite(store: ModelStore, pack: str, placed: list[tuple[_Live, list[int]]]
             moved = {offset: to for (offset, _), to in zip(item.ranges, targets)}
             records.append((item.key, _relocated(item, moved, writer.pack_id)))
         for to, offset, length in sorted(copies):  # front to back
-            _copy(store, pack, offset, length, writer, to)
+            copy_range(store, pack, offset, length, writer, to)
         new_size = writer.finish()
     except BaseException:
         writer.abort()
