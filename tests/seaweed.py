@@ -91,9 +91,14 @@ class Seaweed:
         self.stop()
         raise RuntimeError(f"weed mini did not serve S3 within {timeout} s: {self.log_tail()}")
 
-    def _bucket_ready(self) -> bool:
-        """Creates the test bucket (idempotent): True once the S3 gateway answers."""
-        request = urllib.request.Request(f"{self.endpoint}/{BUCKET}", method="PUT")
+    def bucket(self, name: str) -> None:
+        """Creates another bucket (idempotent)."""
+        if not self._bucket_ready(name):
+            raise RuntimeError(f"cannot create bucket {name}: {self.log_tail()}")
+
+    def _bucket_ready(self, name: str = BUCKET) -> bool:
+        """Creates the bucket (idempotent): True once the S3 gateway answers."""
+        request = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
         try:
             with urllib.request.urlopen(request, timeout=2):
                 return True

@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,9 @@ def test_the_readme_has_the_blocks_this_file_runs() -> None:
 
 
 @pytest.mark.slow
-def test_every_python_block_runs_in_order(tmp_path: Path) -> None:
+def test_every_python_block_runs_in_order(tmp_path: Path, seaweed: Any) -> None:
+    """(The object-storage block's s3://models is a bucket of this session's SeaweedFS,
+    reached through the AWS_* variables the README names.)"""
     runner = "\n".join([
         "import sys",
         "blocks = " + repr(blocks("python")),
@@ -45,6 +48,9 @@ def test_every_python_block_runs_in_order(tmp_path: Path) -> None:
         "    exec(compile(code, f'README.md:{line}', 'exec'), scope)",
     ])  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    seaweed.bucket("models")
+    env.update(AWS_ENDPOINT_URL=seaweed.endpoint, AWS_ALLOW_HTTP="true", AWS_REGION="us-east-1",
+               AWS_SKIP_SIGNATURE="true")  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
     done = subprocess.run([sys.executable, "-c", runner], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -293,3 +293,19 @@ def test_a_cache_serves_what_was_read_and_refetches_a_damaged_range(
         assert client.requests > first
         one = r.load_model(v, "cell_003")
         assert all(torch.equal(one[k], t) for k, t in small_set(50)["cell_003"].items())
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused_for_writing(
+    seaweed: Any, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _open(seaweed, url).close()
+    real = remote.ObjectClient.put
+
+    def unconditional(self: Any, key: str, data: Any, *, create: bool = False) -> bool:
+        return bool(real(self, key, data, create=False))  # as a server that ignores the header
+
+    monkeypatch.setattr(remote.ObjectClient, "put", unconditional)
+    with pytest.raises(mmcore.errors.StoreError, match="ignores If-None-Match"):
+        mmcore.open(url, storage_options=seaweed.options())
+    with mmcore.open(url, storage_options=seaweed.options(), readonly=True) as r:
+        assert r.versions() == []

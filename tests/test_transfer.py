@@ -125,3 +125,24 @@ def test_the_cli_pushes_and_pulls(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert torch.equal(
             c.load_model(v, "cell_001")["l0.bias"], small_set(4)["cell_001"]["l0.bias"]
         )
+
+
+def test_the_cli_reaches_s3_through_the_aws_variables(
+    tmp_path: Path,
+    seaweed: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name, value in (("AWS_ENDPOINT_URL", seaweed.endpoint), ("AWS_ALLOW_HTTP", "true"),
+                        ("AWS_REGION", "us-east-1"), ("AWS_SKIP_SIGNATURE", "true")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    with mmcore.open(tmp_path / "a.mm") as a:
+        v = a.save(small_set(3), ref="main")
+    url = s3_url(seaweed)
+    assert main(["push", str(tmp_path / "a.mm"), url]) == 0
+    assert main(["info", url]) == 0
+    assert v in capsys.readouterr().out
+    assert main(["verify", url, "main"]) == 0
+    assert main(["pull", url, str(tmp_path / "b.mm"), "main"]) == 0
+    with mmcore.open(tmp_path / "b.mm") as b:
+        assert_sets_equal(b.load("main"), small_set(3))

@@ -118,6 +118,8 @@ class ObjectClient:
                                   "connect_timeout": "5s"}  # fmt: skip
         if "allow_http" in options:
             client["allow_http"] = bool(options["allow_http"])
+        elif os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
+            client["allow_http"] = True  # (client options given here replace the environment's)
         retry = {
             "max_retries": int(options.get("max_retries", 8)),
             "retry_timeout": timedelta(seconds=float(options.get("retry_timeout_s", 120))),
@@ -652,4 +654,11 @@ def open_remote(url: str, storage_options: dict[str, Any] | None, *, readonly: b
         client.put(_MARKER, _MARKER_VALUE, create=True)  # (another opener may have made it)
     elif marker != _MARKER_VALUE:
         raise FormatVersionError(f"{client.url}: its store marker is not one this mmcore knows")
+    if not readonly and client.put(_MARKER, _MARKER_VALUE, create=True):
+        # (the same bytes: overwriting the marker harms nothing, but commits would be lost)
+        raise StoreError(
+            f"{client.url}: the server ignores If-None-Match on PUT (it overwrote an existing "
+            "object), so two writers could overwrite each other's commits; open the store "
+            "read-only, or use a server with conditional writes (see the README)"
+        )
     return client, LogCatalog(client, readonly=readonly)
