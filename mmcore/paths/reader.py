@@ -18,7 +18,7 @@ from ..errors import CorruptRecordError, IntegrityError, StoreError
 from ..manifest import ContentRecord, GroupRecord, Manifest
 from ..modelset import Schema
 from ..record import DAMAGED
-from ..store.packs import PayloadTier, populate_range
+from ..store.packs import PayloadTier
 
 StateDict = dict[str, torch.Tensor]
 
@@ -180,7 +180,7 @@ class BlobReader:
             for buf, count in buffers:
                 for first in range(0, count, per):
                     n = min(per, count - first)
-                    populate_range(buf, first * schema.stride, n * schema.stride)
+                    self.tier.populate(buf, first * schema.stride, n * schema.stride)
                     ptrs, lens = segment_table(buf.data_ptr() + first * schema.stride, schema, n)
                     jobs.append(pool.submit(_hash_piece, buf, ptrs, lens))
         except BaseException:
@@ -272,16 +272,18 @@ class BlobReader:
         k, stride = len(positions), schema.stride
         buf = torch.empty(k * stride, dtype=torch.uint8)
         base = buf.data_ptr()
+        ranges = []
         for i, pos in enumerate(positions):
             extent_offset, index = rec.locate(pos)
-            self.tier.read_into(rec.pack, extent_offset + index * stride, stride, base + i * stride)
+            ranges.append((extent_offset + index * stride, stride, base + i * stride))
+        ntensors = len(schema.tensors)
+        nbytes = ntensors * kernels.HASH_SIZE
+        stored = torch.empty((k * ntensors if verify else 0, kernels.HASH_SIZE), dtype=torch.uint8)
+        if verify:
+            ranges += [(rec.hashes_offset + pos * nbytes, nbytes, stored.data_ptr() + i * nbytes)
+                       for i, pos in enumerate(positions)]  # fmt: skip
+        self.tier.read_many(rec.pack, ranges)  # (the records and their hashes: one round trip)
         if verify and k:
-            ntensors = len(schema.tensors)
-            nbytes = ntensors * kernels.HASH_SIZE
-            stored = torch.empty((k * ntensors, kernels.HASH_SIZE), dtype=torch.uint8)
-            for i, pos in enumerate(positions):
-                self.tier.read_into(rec.pack, rec.hashes_offset + pos * nbytes, nbytes,
-                                    stored.data_ptr() + i * nbytes)  # fmt: skip
             computed = kernels.blake3_segments(*segment_table(base, schema, k))
             bad = _first_mismatch(computed, stored)
             if bad is not None:

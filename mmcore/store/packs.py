@@ -83,6 +83,18 @@ class PayloadTier(ABC):
     def read_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
         """Reads exactly ``length`` bytes at ``offset`` into memory at ``address``."""
 
+    def populate(self, buf: torch.Tensor, start: int, length: int) -> None:
+        """Brings bytes [start, start + length) of a buffer from ``map_range(...,
+        populate=False)`` in: pages of a mapped pack faulted in (``populate_range``), or,
+        for a tier that reads over a network, the parts of the read covering them awaited."""
+        populate_range(buf, start, length)
+
+    def read_many(self, pack_id: str, ranges: list[tuple[int, int, int]]) -> None:
+        """``read_into`` of each (offset, length, address) of ``ranges``; a tier whose
+        reads wait on a network runs them at once."""
+        for offset, length, address in ranges:
+            self.read_into(pack_id, offset, length, address)
+
     def map_range(
         self, pack_id: str, offset: int, length: int, *, populate: bool = True
     ) -> torch.Tensor:

@@ -20,19 +20,21 @@ lookup of a version or a ref misses. Reads of payload never touch the catalog ob
 
 from __future__ import annotations
 
-import ctypes
+import mmap
 import os
 import secrets
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
+import torch
 
 from .._native import core
 from ..errors import (
@@ -53,7 +55,8 @@ from .packs import _HEADER, HEADER_SIZE, PACK_MAGIC, PACK_VERSION, PackWriter, P
 
 SCHEME = "s3://"
 SNAPSHOT_EVERY = 32  # commits between two snapshots of the whole catalog
-RANGE_PART = 8 << 20  # a large read is this many bytes per concurrent ranged GET
+RANGE_PART = 16 << 20  # a large read is this many bytes per concurrent ranged GET
+PARALLEL_PARTS = 8  # ranged GETs of one read in flight at once
 MULTIPART_CHUNK = 16 << 20  # a pack larger than this is uploaded in parts of this size
 _LOG = "catalog/log/"
 _SNAP = "catalog/snap/"
@@ -82,6 +85,12 @@ def parse_url(url: str) -> tuple[str, str]:
         )
     prefix = prefix.strip("/")
     return bucket, (prefix + "/" if prefix else "")
+
+
+def _copy(dst: int, src: int, length: int) -> None:
+    """``length`` bytes from address ``src`` to ``dst``, natively (the GIL released)."""
+    table = torch.tensor([src, length, 0], dtype=torch.int64)
+    core().gather(dst, table.data_ptr(), table.data_ptr() + 8, table.data_ptr() + 16, 1, 1)
 
 
 def _seq_key(base: str, seq: int) -> str:
@@ -164,20 +173,28 @@ class ObjectClient:
             raise self._fail("GET", key, exc) from None
 
     def get_ranges(self, key: str, starts: list[int], lengths: list[int]) -> list[Any]:
-        """Ranged GETs of one object, concurrent; buffers of the bytes each range holds
-        (shorter where the object ends first)."""
+        """Ranged GETs of one object in one call, concurrent (nearby ranges coalesced);
+        buffers of the bytes each range holds."""
         self._count(len(starts))
         try:
-            if len(starts) == 1:
-                return [self._obs.get_range(self._store, key, start=starts[0],
-                                            length=lengths[0])]  # fmt: skip
             return list(self._obs.get_ranges(self._store, key, starts=starts, lengths=lengths))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise self._fail("ranged GETs of", key, exc) from None
+
+    def get_range(self, key: str, start: int, length: int) -> Any:
+        """A ranged GET: a buffer of the bytes the range holds (shorter where the object
+        ends first). FileNotFoundError where there is no object."""
+        self._count()
+        try:
+            return self._obs.get_range(self._store, key, start=start, length=length)
         except FileNotFoundError:
             raise
         except Exception as exc:
             raise self._fail("ranged GET of", key, exc) from None
 
-    def put(self, key: str, data: bytes | Path, *, create: bool = False) -> bool:
+    def put(self, key: str, data: bytes | memoryview, *, create: bool = False) -> bool:
         """Writes the object (a file path is uploaded in parts where large). With
         ``create``, only where no object has the key: False where one does."""
         self._count()
@@ -456,14 +473,21 @@ class _ObjectPackWriter(PackWriter):
         self._tier.bytes_written += total
 
     def finish(self) -> int:
-        os.close(self._fd)
-        self._fd = -1
-        try:
-            if not self._tier.client.put(
-                self._tier.key(self.pack_id), Path(self._path), create=True
-            ):
+        try:  # uploaded from a mapping of the spool file (from a path, obstore reads it slower)
+            if os.fstat(self._fd).st_size < self._size:  # (an empty write last: zeros to its end)
+                os.ftruncate(self._fd, self._size)
+            mapped = mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ)
+            view = memoryview(mapped)
+            try:
+                created = self._tier.client.put(self._tier.key(self.pack_id), view, create=True)
+            finally:
+                view.release()
+                mapped.close()
+            if not created:
                 raise StoreError(f"pack {self.pack_id} exists already in {self._tier.client.url}")
         finally:
+            os.close(self._fd)
+            self._fd = -1
             os.unlink(self._path)
         self._tier.sizes[self.pack_id] = self._size
         return self._size
@@ -561,6 +585,10 @@ class ObjectPackTier(PayloadTier):
         self.sizes: dict[str, int] = {}
         self._size_hint = size_hint
         self.spool_dir: str | None = None
+        self._parts: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        # buffers of map_range(populate=False) still downloading: address -> their parts
+        self._pending: dict[int, list[tuple[int, Future[None]]]] = {}
 
     @staticmethod
     def key(pack_id: str) -> str:
@@ -578,27 +606,101 @@ class ObjectPackTier(PayloadTier):
         if self.cache is not None:
             self.cache.store(pack_id, offset, length, address)
 
-    def _fetch_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
-        starts = list(range(offset, offset + length, RANGE_PART))
-        lengths = [min(RANGE_PART, offset + length - s) for s in starts]
-        try:
-            parts = self.client.get_ranges(self.key(pack_id), starts, lengths)
-        except FileNotFoundError:
-            raise PackMissingError(
-                f"pack {pack_id} is missing from {self.client.url}: a writer's gc removed it "
-                "(its version was deleted), or the store is damaged"
-            ) from None
-        at = address
-        for part, want in zip(parts, lengths):
-            view = memoryview(part)
-            if view.nbytes != want:
-                raise IntegrityError(
-                    f"pack {pack_id} ends before the {length} bytes recorded at offset {offset}; "
-                    "the pack is truncated"
-                )
-            ctypes.memmove(at, core().buffer_address(part), want)
-            at += want
+    def map_range(
+        self, pack_id: str, offset: int, length: int, *, populate: bool = True
+    ) -> torch.Tensor:
+        """A buffer of the range. Without ``populate`` (and without a cache) it comes back
+        at once while its parts download; ``populate`` waits for those covering a piece
+        (a reader hashes and views what arrived while the rest is on its way)."""
+        buf = torch.empty(length, dtype=torch.uint8)
+        if populate or self.cache is not None or length <= RANGE_PART:
+            self.read_into(pack_id, offset, length, buf.data_ptr())
+            return buf
+        parts = [(start - offset, self._pool().submit(self._part, pack_id, offset, length,
+                                                      buf, start))
+                 for start in range(offset, offset + length, RANGE_PART)]  # fmt: skip
+        key = buf.data_ptr()
+        with self._lock:
+            self._pending[key] = parts
+        for _, done in parts:  # (the entry goes once every part is in)
+            done.add_done_callback(lambda _: self._settled(key))
         self.bytes_read += length
+        return buf
+
+    def _settled(self, key: int) -> None:
+        with self._lock:
+            parts = self._pending.get(key)
+            if parts is not None and all(done.done() for _, done in parts):
+                del self._pending[key]
+
+    def populate(self, buf: torch.Tensor, start: int, length: int) -> None:
+        with self._lock:
+            parts = self._pending.get(buf.data_ptr())
+        for at, done in parts or ():
+            if at < start + length and start < at + RANGE_PART:
+                done.result()  # (a part that failed raises here, in the reader)
+
+    def read_many(self, pack_id: str, ranges: list[tuple[int, int, int]]) -> None:
+        """The ranges at once: one call of the client, its requests concurrent (one round
+        trip of the network, not one per range), none through the cache's files."""
+        if len(ranges) == 1 or self.cache is not None or any(n > RANGE_PART for _, n, _ in ranges):
+            super().read_many(pack_id, ranges)
+            return
+        try:
+            parts = self.client.get_ranges(self.key(pack_id), [o for o, _, _ in ranges],
+                                           [n for _, n, _ in ranges])  # fmt: skip
+        except FileNotFoundError:
+            raise self._missing(pack_id) from None
+        for (offset, length, address), got in zip(ranges, parts):
+            with memoryview(got) as view:
+                if view.nbytes != length:
+                    raise self._truncated(pack_id, offset, length)
+            _copy(address, core().buffer_address(got), length)
+        self.bytes_read += sum(n for _, n, _ in ranges)
+
+    def _missing(self, pack_id: str) -> PackMissingError:
+        return PackMissingError(
+            f"pack {pack_id} is missing from {self.client.url}: a writer's gc removed "
+            "it (its version was deleted), or the store is damaged"
+        )
+
+    def _truncated(self, pack_id: str, offset: int, length: int) -> IntegrityError:
+        return IntegrityError(
+            f"pack {pack_id} ends before the {length} bytes recorded at offset {offset}; "
+            "the pack is truncated"
+        )
+
+    def _fetch_into(self, pack_id: str, offset: int, length: int, address: int) -> None:
+        """Ranged GETs of ``RANGE_PART`` bytes each, concurrent; each part copied into
+        place (natively, the GIL released) as it arrives, while others download."""
+        starts = list(range(offset, offset + length, RANGE_PART))
+        if len(starts) == 1:
+            self._part(pack_id, offset, length, address, offset)
+        else:
+            for done in [self._pool().submit(self._part, pack_id, offset, length, address, start)
+                         for start in starts]:  # fmt: skip
+                done.result()
+        self.bytes_read += length
+
+    def _part(self, pack_id: str, offset: int, length: int, into: int | torch.Tensor,
+              start: int) -> None:  # fmt: skip
+        """The part of read (``offset``, ``length``) that begins at ``start``, into the
+        memory at address ``into`` (or a buffer, held alive by this call until done)."""
+        want = min(RANGE_PART, offset + length - start)
+        try:
+            got = self.client.get_range(self.key(pack_id), start, want)
+        except FileNotFoundError:
+            raise self._missing(pack_id) from None
+        with memoryview(got) as view:
+            if view.nbytes != want:
+                raise self._truncated(pack_id, offset, length)
+        address = into if isinstance(into, int) else into.data_ptr()
+        _copy(address + start - offset, core().buffer_address(got), want)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._parts is None:
+            self._parts = ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="mmcore-get")
+        return self._parts
 
     def delete(self, pack_id: str) -> None:
         self.sizes.pop(pack_id, None)
@@ -635,7 +737,9 @@ class ObjectPackTier(PayloadTier):
         return sum(int(m["size"]) for m in self.client.list(_PACKS))
 
     def close(self) -> None:
-        pass
+        if self._parts is not None:
+            self._parts.shutdown()
+            self._parts = None
 
 
 def open_remote(url: str, storage_options: dict[str, Any] | None, *, readonly: bool,
