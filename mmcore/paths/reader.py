@@ -7,6 +7,7 @@ thread hashes the bytes while this thread builds the views.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -76,10 +77,62 @@ def _hash_piece(buf: torch.Tensor, ptrs: torch.Tensor, lens: torch.Tensor) -> to
     return kernels.blake3_segments(ptrs, lens)
 
 
+# A tier that reads over a network keeps pages of hash tables it read (for one model's
+# load, the page around its hashes): a process loading model after model of a set then
+# needs one request per model, its bytes. Pages never change (packs are immutable).
+HASH_PAGE = 64 << 10
+HASH_PAGES_KEPT = 256  # at most 16 MiB
+
+
 class BlobReader:
     def __init__(self, tier: PayloadTier, content: Callable[[bytes], ContentRecord]) -> None:
         self.tier = tier
         self.content = content
+        self._hash_pages: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
+
+    def _hash_ranges(self, rec: ContentRecord, positions: list[int], nbytes: int,
+                     stored: torch.Tensor) -> tuple[list[tuple[int, int, int]], Callable[[], None]]:  # fmt: skip
+        """The reads that bring the hashes of the models at ``positions`` (``nbytes``
+        each) into ``stored``, and what copies them there once read: directly, or, for
+        a tier without local files, through the kept pages of the hash table."""
+        base = stored.data_ptr()
+        if self.tier.local_files:
+            return [(rec.hashes_offset + pos * nbytes, nbytes, base + i * nbytes)
+                    for i, pos in enumerate(positions)], lambda: None  # fmt: skip
+        pages: dict[int, torch.Tensor] = {}
+        reads = []
+        for pos in positions:
+            first = pos * nbytes // HASH_PAGE
+            last = ((pos + 1) * nbytes - 1) // HASH_PAGE
+            for page in range(first, last + 1):
+                key = (rec.pack, rec.hashes_offset, page)
+                if page in pages:
+                    continue
+                kept = self._hash_pages.get(key)
+                if kept is not None:
+                    self._hash_pages.move_to_end(key)
+                    pages[page] = kept
+                    continue
+                size = min(HASH_PAGE, rec.hashes_length - page * HASH_PAGE)
+                pages[page] = buf = torch.empty(size, dtype=torch.uint8)
+                reads.append((rec.hashes_offset + page * HASH_PAGE, size, buf.data_ptr()))
+
+        def place() -> None:
+            flat = stored.view(-1)
+            for page, buf in pages.items():
+                self._hash_pages[(rec.pack, rec.hashes_offset, page)] = buf
+            while len(self._hash_pages) > HASH_PAGES_KEPT:
+                self._hash_pages.popitem(last=False)
+            for i, pos in enumerate(positions):
+                at = pos * nbytes
+                while at < (pos + 1) * nbytes:
+                    page, off = divmod(at, HASH_PAGE)
+                    n = min(HASH_PAGE - off, (pos + 1) * nbytes - at)
+                    dst = i * nbytes + at - pos * nbytes
+                    flat[dst : dst + n] = pages[page][off : off + n]
+                    at += n
+
+        return reads, place
 
     def _check(
         self,
@@ -279,10 +332,12 @@ class BlobReader:
         ntensors = len(schema.tensors)
         nbytes = ntensors * kernels.HASH_SIZE
         stored = torch.empty((k * ntensors if verify else 0, kernels.HASH_SIZE), dtype=torch.uint8)
-        if verify:
-            ranges += [(rec.hashes_offset + pos * nbytes, nbytes, stored.data_ptr() + i * nbytes)
-                       for i, pos in enumerate(positions)]  # fmt: skip
+        place: Callable[[], None] = lambda: None  # noqa: E731
+        if verify and k:
+            hashes, place = self._hash_ranges(rec, positions, nbytes, stored)
+            ranges += hashes
         self.tier.read_many(rec.pack, ranges)  # (the records and their hashes: one round trip)
+        place()
         if verify and k:
             computed = kernels.blake3_segments(*segment_table(base, schema, k))
             bad = _first_mismatch(computed, stored)

@@ -181,6 +181,8 @@ class ObjectClient:
         except FileNotFoundError:
             raise
         except Exception as exc:
+            if _unsatisfiable(exc):  # one starts past the object's end: each on its own
+                return [self.get_range(key, a, n) for a, n in zip(starts, lengths)]
             raise self._fail("ranged GETs of", key, exc) from None
 
     def get_range(self, key: str, start: int, length: int) -> Any:
@@ -192,6 +194,8 @@ class ObjectClient:
         except FileNotFoundError:
             raise
         except Exception as exc:
+            if _unsatisfiable(exc):  # the range starts past the object's end: no bytes
+                return b""
             raise self._fail("ranged GET of", key, exc) from None
 
     def put(self, key: str, data: bytes | memoryview, *, create: bool = False) -> bool:
@@ -234,6 +238,11 @@ class ObjectClient:
             return
         except Exception as exc:
             raise self._fail("DELETE", key, exc) from None
+
+
+def _unsatisfiable(exc: BaseException) -> bool:
+    """A 416 reply: the range begins past the end of the object (a truncated pack)."""
+    return "416 Range Not Satisfiable" in str(exc)
 
 
 def _exists_error(obs: Any, exc: BaseException) -> bool:
@@ -446,9 +455,18 @@ class LogCatalog:
 # -- the payload tier --------------------------------------------------------------------
 
 
+class _Stale(Exception):
+    """A write landed in bytes a streamed upload had already sent."""
+
+
 class _ObjectPackWriter(PackWriter):
-    """Spools the pack to a local file (the writers write at offsets, out of order),
-    uploads it at ``finish`` (create-only, in parts where large)."""
+    """Spools the pack to a local file (the writers write at offsets), and uploads it
+    create-only. A pack that grows past ``2 * MULTIPART_CHUNK`` is streamed while it is
+    written: a thread hands the upload every part below the start of the last write
+    done (the writers write front to back), so the save's work and the transfer
+    overlap. A write that lands in bytes already sent (a writer that went back) stops
+    the stream (its multipart upload is never completed) and ``finish`` uploads the
+    whole file instead."""
 
     def __init__(self, tier: ObjectPackTier) -> None:
         self._tier = tier
@@ -459,30 +477,118 @@ class _ObjectPackWriter(PackWriter):
         header = _HEADER.pack(PACK_MAGIC, PACK_VERSION, HEADER_SIZE, bytes.fromhex(self.pack_id))
         os.pwrite(self._fd, header.ljust(HEADER_SIZE, b"\0"), 0)
         self._size = HEADER_SIZE
+        self._cond = threading.Condition()
+        self._writing: list[int] = []  # the start of every write in progress
+        self._last = HEADER_SIZE  # the start of the furthest write done
+        self._sent = 0  # bytes handed to the streamed upload
+        self._end: int | None = None  # the pack's size, once finish() began
+        self._stale = False
+        self._stream: threading.Thread | None = None
+        self._streamed: BaseException | bool | None = None  # the stream's outcome
+
+    # -- writes ----------------------------------------------------------------
+    def _begin(self, offset: int) -> None:
+        with self._cond:
+            if offset < self._sent:
+                self._stale = True
+                self._cond.notify_all()
+            self._writing.append(offset)
+
+    def _done(self, offset: int, end: int) -> None:
+        with self._cond:
+            self._writing.remove(offset)
+            self._last = max(self._last, offset)
+            self._size = max(self._size, end)
+            self._cond.notify_all()
+            start = self._stream is None and not self._stale and self._tier.streaming
+            start = start and self._final() >= 2 * MULTIPART_CHUNK
+        if start:
+            self._stream = threading.Thread(target=self._upload, name="mmcore-upload", daemon=True)
+            self._stream.start()
+
+    def _final(self) -> int:
+        """Bytes below this will not change (writes so far went front to back)."""
+        return min([self._last, *self._writing])
 
     def write_ptr(self, address: int, length: int, offset: int) -> None:
-        core().pwrite(self._fd, address, length, offset)
-        self._size = max(self._size, offset + length)
+        self._begin(offset)
+        try:
+            core().pwrite(self._fd, address, length, offset)
+        finally:
+            self._done(offset, offset + length)
         self._tier.bytes_written += length
 
     def write_segments(self, offset: int, ptrs: Any, lens: Any, dst_offsets: Any,
                        total: int) -> None:  # fmt: skip
-        core().pwrite_segments(self._fd, offset, ptrs.data_ptr(), lens.data_ptr(),
-                               dst_offsets.data_ptr(), ptrs.numel(), total)  # fmt: skip
-        self._size = max(self._size, offset + total)
+        self._begin(offset)
+        try:
+            core().pwrite_segments(self._fd, offset, ptrs.data_ptr(), lens.data_ptr(),
+                                   dst_offsets.data_ptr(), ptrs.numel(), total)  # fmt: skip
+        finally:
+            self._done(offset, offset + total)
         self._tier.bytes_written += total
 
+    # -- the streamed upload ---------------------------------------------------
+    def _parts(self) -> Iterator[bytes]:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stale:
+                        raise _Stale
+                    if self._end is not None:
+                        stop = self._end
+                        break
+                    ready = (self._final() - self._sent) // MULTIPART_CHUNK * MULTIPART_CHUNK
+                    if ready:
+                        stop = self._sent + ready
+                        break
+                    self._cond.wait()
+                start, self._sent = self._sent, stop  # (a write below ``stop`` is stale now)
+            if stop > start:
+                data = os.pread(self._fd, stop - start, start)
+                yield data + bytes(stop - start - len(data))  # (a gap at the end: zeros)
+            if self._end is not None and stop >= self._end:
+                return
+
+    def _upload(self) -> None:
+        client = self._tier.client
+        try:
+            client._count()
+            client._obs.put(client._store, self._tier.key(self.pack_id), self._parts(),
+                            mode="create", chunk_size=MULTIPART_CHUNK, max_concurrency=8)  # fmt: skip
+            self._streamed = True
+        except BaseException as exc:  # (a stale stream, or the transfer failed)
+            self._streamed = exc
+
+    def _stop_stream(self) -> None:
+        if self._stream is None:
+            return
+        with self._cond:
+            if self._end is None:
+                self._end = self._size
+            self._cond.notify_all()
+        self._stream.join()
+
+    # -- the end ---------------------------------------------------------------
     def finish(self) -> int:
-        try:  # uploaded from a mapping of the spool file (from a path, obstore reads it slower)
+        try:
             if os.fstat(self._fd).st_size < self._size:  # (an empty write last: zeros to its end)
                 os.ftruncate(self._fd, self._size)
-            mapped = mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ)
-            view = memoryview(mapped)
-            try:
-                created = self._tier.client.put(self._tier.key(self.pack_id), view, create=True)
-            finally:
-                view.release()
-                mapped.close()
+            self._stop_stream()
+            if self._streamed is True and not self._stale:
+                created = True
+            elif isinstance(self._streamed, BaseException) and not self._stale:
+                raise client_error(self._tier.client, "streamed PUT of",
+                                   self._tier.key(self.pack_id), self._streamed)  # fmt: skip
+            else:  # uploaded from a mapping of the file (from a path, obstore reads slower)
+                mapped = mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ)
+                view = memoryview(mapped)
+                try:
+                    key = self._tier.key(self.pack_id)
+                    created = self._tier.client.put(key, view, create=True)
+                finally:
+                    view.release()
+                    mapped.close()
             if not created:
                 raise StoreError(f"pack {self.pack_id} exists already in {self._tier.client.url}")
         finally:
@@ -493,11 +599,22 @@ class _ObjectPackWriter(PackWriter):
         return self._size
 
     def abort(self) -> None:
+        with self._cond:
+            self._stale = True  # a stream stops, its upload never completed
+            self._cond.notify_all()
+        if self._stream is not None:
+            self._stream.join()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         with suppress(FileNotFoundError):
             os.unlink(self._path)
+
+
+def client_error(client: ObjectClient, what: str, key: str, exc: BaseException) -> StoreError:
+    if isinstance(exc, StoreError):
+        return exc
+    return client._fail(what, key, exc)
 
 
 class RangeCache:
@@ -585,6 +702,7 @@ class ObjectPackTier(PayloadTier):
         self.sizes: dict[str, int] = {}
         self._size_hint = size_hint
         self.spool_dir: str | None = None
+        self.streaming = True  # large packs uploaded while written (see _ObjectPackWriter)
         self._parts: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         # buffers of map_range(populate=False) still downloading: address -> their parts
