@@ -98,6 +98,7 @@ class FaultProxy:
         self._blackhole = False
         self._when: Callable[[bytes], bool] = lambda line: True
         self.requests: list[bytes] = []
+        self.in_flight = 0  # requests read from a client, not yet answered
         self.injected: list[str] = []
         self._stopping = False
         threading.Thread(target=self._accept, daemon=True, name="faultproxy").start()
@@ -121,6 +122,13 @@ class FaultProxy:
 
     def blackhole(self, on: bool) -> None:
         self._blackhole = on
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Waits until no request is in flight (one a killed client sent still reaches
+        the server, and acts there)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def close(self) -> None:
         self._stopping = True
@@ -157,10 +165,14 @@ class FaultProxy:
     def _serve(self, client: socket.socket) -> None:
         upstream: socket.socket | None = None
         cbuf, ubuf = bytearray(), bytearray()
+        counted = False
         try:
             while True:
                 request = _message(client, cbuf)
                 line = request.split(b"\r\n", 1)[0]
+                with self._lock:
+                    self.in_flight += 1
+                counted = True
                 self.requests.append(line)
                 if self._delay:
                     time.sleep(self._delay)
@@ -181,9 +193,15 @@ class FaultProxy:
                     _rst(client)
                     return
                 client.sendall(response)
+                with self._lock:
+                    self.in_flight -= 1
+                counted = False
         except (_Closed, OSError, ValueError):
             pass
         finally:
+            if counted:
+                with self._lock:
+                    self.in_flight -= 1
             client.close()
             if upstream is not None:
                 upstream.close()

@@ -335,3 +335,14 @@ def test_damaged_bytes_in_the_bucket_are_found(seaweed: Any, url: str) -> None:
         s.tier.sizes.clear()
         with pytest.raises(mmcore.errors.IntegrityError):
             s.load(v)
+
+
+def test_models_of_empty_tensors_load_one_by_one(seaweed: Any, url: str) -> None:
+    """(Found by the API state machine on this backend: an empty record's range.)"""
+    with _open(seaweed, url) as s:
+        models = {"a": {"w": torch.randn(0)}, "b": {"w": torch.randn(0), "n": torch.arange(3)}}
+        v = s.save(models)
+    with _open(seaweed, url) as r:
+        for name, sd in models.items():
+            got = r.load_model(v, name)
+            assert list(got) == list(sd) and all(torch.equal(got[k], t) for k, t in sd.items())

@@ -211,5 +211,6 @@ def test_a_writer_killed_during_its_upload(server: Any, store: Any, proxy: Any,
     writer.wait(timeout=30)
     assert writer.returncode == -signal.SIGKILL
     proxy.latency(0.0)
+    proxy.settle()  # what it sent before it died reaches the server
     _holds_exactly(s, saved)
     assert s.refs()["main"] == next(iter(saved))

@@ -761,7 +761,8 @@ class ObjectPackTier(PayloadTier):
     def read_many(self, pack_id: str, ranges: list[tuple[int, int, int]]) -> None:
         """The ranges at once: one call of the client, its requests concurrent (one round
         trip of the network, not one per range), none through the cache's files."""
-        if len(ranges) == 1 or self.cache is not None or any(n > RANGE_PART for _, n, _ in ranges):
+        ranges = [r for r in ranges if r[1] > 0]  # (an empty tensor's record: nothing to read)
+        if len(ranges) <= 1 or self.cache is not None or any(n > RANGE_PART for _, n, _ in ranges):
             super().read_many(pack_id, ranges)
             return
         try:
