@@ -346,3 +346,35 @@ def test_models_of_empty_tensors_load_one_by_one(seaweed: Any, url: str) -> None
         for name, sd in models.items():
             got = r.load_model(v, name)
             assert list(got) == list(sd) and all(torch.equal(got[k], t) for k, t in sd.items())
+
+
+def test_a_large_pack_streams_while_written_and_a_writer_that_goes_back_uploads_it_whole(
+    seaweed: Any, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(remote, "MULTIPART_CHUNK", 5 << 20)  # (S3's smallest part)
+    streamed: list[bool] = []
+    real = remote._ObjectPackWriter._upload
+
+    def spy(self: Any) -> None:
+        real(self)
+        streamed.append(self._streamed is True and not self._stale)
+
+    monkeypatch.setattr(remote._ObjectPackWriter, "_upload", spy)
+    with _open(seaweed, url) as s:
+        big = small_set(70_000, seed=5)  # about 20 MB of records and hashes
+        v = s.save(big)
+        assert streamed == [True]
+        assert_sets_equal(s.load(v), big)
+        # a writer that writes front to back, then goes back into bytes already sent
+        writer = s.tier.create()
+        data = torch.randint(0, 256, (24 << 20,), dtype=torch.uint8)
+        for at in range(0, data.numel(), 1 << 20):
+            writer.write_ptr(data.data_ptr() + at, 1 << 20, 4096 + at)
+        patch = torch.full((100,), 7, dtype=torch.uint8)
+        writer.write_ptr(patch.data_ptr(), 100, 4096 + 1000)  # behind the stream
+        data[1000:1100] = 7
+        size = writer.finish()
+        assert streamed[-1] is False and size == 4096 + data.numel()
+        back = torch.empty(data.numel(), dtype=torch.uint8)
+        s.tier.read_into(writer.pack_id, 4096, data.numel(), back.data_ptr())
+        assert torch.equal(back, data)

@@ -501,10 +501,13 @@ class _ObjectPackWriter(PackWriter):
             self._size = max(self._size, end)
             self._cond.notify_all()
             start = self._stream is None and not self._stale and self._tier.streaming
-            start = start and self._final() >= 2 * MULTIPART_CHUNK
-        if start:
-            self._stream = threading.Thread(target=self._upload, name="mmcore-upload", daemon=True)
-            self._stream.start()
+            if start and self._final() >= 2 * MULTIPART_CHUNK:
+                stream = self._stream = threading.Thread(target=self._upload, daemon=True,
+                                                         name="mmcore-upload")  # fmt: skip
+            else:
+                stream = None
+        if stream is not None:
+            stream.start()
 
     def _final(self) -> int:
         """Bytes below this will not change (writes so far went front to back)."""
