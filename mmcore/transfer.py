@@ -127,34 +127,13 @@ def _copy_blobs(src: ModelStore, dst: ModelStore, versions: list[Manifest],
     ``dst``: their relocated records, the pack's id and size, and the bytes copied."""
     if not missing:
         return {}, "", 0, 0
-    strides: dict[bytes, int] = {}
-    deltas: dict[bytes, int] = {}
-    roots: set[bytes] = set()
-    for m in versions:
-        for g in m.groups:
-            strides[g.blob] = g.schema.stride
-        if m.update is not None and m.update.delta_blob is not None:
-            deltas[m.update.delta_blob] = len(m.update.changed)
-        if m.provenance is not None:
-            roots.add(m.provenance.hashes_blob)
-    for ds in datasets.values():
-        for g in ds.groups:
-            strides[g.blob] = g.schema.stride
+    kinds = compact.blob_kinds(versions, datasets.values())
     items = []
     for key in missing:
-        rec = src._content(key)
-        if key in deltas and rec.table is not None:
-            items.append(compact._Live(key, rec, "delta",
-                                       [compact._delta_span(src, rec, deltas[key])]))  # fmt: skip
-        elif key in strides and rec.table is None:
-            spans = [(off, count * strides[key]) for off, count in rec.extents]
-            items.append(compact._Live(key, rec, "group",
-                                       [*spans, (rec.hashes_offset, rec.hashes_length)],
-                                       len(spans)))  # fmt: skip
-        elif key in roots and rec.table is None and not rec.extents:
-            items.append(compact._Live(key, rec, "roots", [(rec.hashes_offset, rec.hashes_length)]))
-        else:
+        item = compact.live_item(src, key, src._content(key), kinds)
+        if item is None:
             raise StoreError(f"blob {key.hex()[:16]} of {src.path} is of no kind a copy knows")
+        items.append(item)
     placed, _ = compact._layout(items)
     total = sum(length for item in items for _, length in item.ranges)
     writer = dst.tier.create()

@@ -77,17 +77,9 @@ def backend() -> str:
 def seaweed() -> Iterator[Any]:
     """A SeaweedFS of this test session (``weed mini`` on 127.0.0.1, telemetry off),
     killed by its pid at the end; the tests that need it skip where it cannot start."""
-    from seaweed import Seaweed
+    from seaweed import serving
 
-    try:
-        server = Seaweed()
-        server.start()
-    except (RuntimeError, OSError) as exc:
-        pytest.skip(f"SeaweedFS cannot start here: {exc}")
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from serving()
 
 
 def s3_url(server: Any) -> str:

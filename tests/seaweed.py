@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,19 @@ class Seaweed:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def serving() -> Iterator[Seaweed]:
+    """A started server for a fixture to yield (skipping, with the reason, where it
+    cannot start), closed after."""
+    import pytest
+
+    try:
+        server = Seaweed()
+        server.start()
+    except (RuntimeError, OSError) as exc:
+        pytest.skip(f"SeaweedFS cannot start here: {exc}")
+    try:
+        yield server
+    finally:
+        server.close()

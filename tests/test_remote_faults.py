@@ -31,17 +31,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Any]:
-    from seaweed import Seaweed
+    from seaweed import serving
 
-    try:
-        weed = Seaweed()
-        weed.start()
-    except (RuntimeError, OSError) as exc:
-        pytest.skip(f"SeaweedFS cannot start here: {exc}")
-    try:
-        yield weed
-    finally:
-        weed.close()
+    yield from serving()  # (its own: these tests stop and restart it)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -44,24 +45,45 @@ class _Live:
     extents: int = 0  # how many of the first ranges are group extents
 
 
-def _owners(store: ModelStore) -> tuple[dict[bytes, int], dict[bytes, int], set[bytes]]:
-    """What each referenced blob is: group blobs' strides, delta blobs' model counts,
-    provenance roots tables."""
+Kinds = tuple[dict[bytes, int], dict[bytes, int], set[bytes]]
+
+
+def blob_kinds(manifests: Iterable[Manifest], datasets: Iterable[DatasetRecord]) -> Kinds:
+    """What each blob these versions and datasets reference is: group blobs' strides,
+    delta blobs' model counts, provenance roots tables."""
     strides: dict[bytes, int] = {}
     deltas: dict[bytes, int] = {}
     roots: set[bytes] = set()
-    for _, raw in store.catalog.scan("manifests"):
-        m = Manifest.decode(raw)
+    for m in manifests:
         for g in m.groups:
             strides[g.blob] = g.schema.stride
         if m.update is not None and m.update.delta_blob is not None:
             deltas[m.update.delta_blob] = len(m.update.changed)
         if m.provenance is not None:
             roots.add(m.provenance.hashes_blob)
-    for _, raw in store.catalog.scan("datasets"):
-        for g in DatasetRecord.decode(raw).groups:
+    for ds in datasets:
+        for g in ds.groups:
             strides[g.blob] = g.schema.stride
     return strides, deltas, roots
+
+
+def _owners(store: ModelStore) -> Kinds:
+    return blob_kinds((Manifest.decode(raw) for _, raw in store.catalog.scan("manifests")),
+                      (DatasetRecord.decode(raw) for _, raw in store.catalog.scan("datasets")))  # fmt: skip
+
+
+def live_item(store: ModelStore, key: bytes, rec: ContentRecord, kinds: Kinds) -> _Live | None:
+    """A blob and the byte ranges that hold it (None: of no kind ``kinds`` names)."""
+    strides, deltas, roots = kinds
+    if key in deltas and rec.table is not None:
+        return _Live(key, rec, "delta", [_delta_span(store, rec, deltas[key])])
+    if key in strides and rec.table is None:
+        spans = [(off, count * strides[key]) for off, count in rec.extents]
+        return _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)],
+                     len(spans))  # fmt: skip
+    if key in roots and not rec.extents and rec.table is None:
+        return _Live(key, rec, "roots", [(rec.hashes_offset, rec.hashes_length)])
+    return None
 
 
 def _delta_span(store: ModelStore, rec: ContentRecord, models: int) -> tuple[int, int]:
@@ -80,23 +102,15 @@ def _delta_span(store: ModelStore, rec: ContentRecord, models: int) -> tuple[int
 def plan(store: ModelStore) -> dict[str, list[_Live]]:
     """Per pack, its live blobs and their byte ranges; None for a pack holding a blob
     nothing here can place (then the pack is left alone)."""
-    strides, deltas, roots = _owners(store)
+    kinds = _owners(store)
     packs: dict[str, list[_Live] | None] = {}
     for key, raw in store.catalog.scan("content"):
         rec = ContentRecord.decode(raw)
         items = packs.setdefault(rec.pack, [])
         if items is None:
             continue
-        if key in deltas and rec.table is not None:
-            live = _Live(key, rec, "delta", [_delta_span(store, rec, deltas[key])])
-        elif key in strides and rec.table is None:
-            stride = strides[key]
-            spans = [(off, count * stride) for off, count in rec.extents]
-            live = _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)],
-                         len(spans))  # fmt: skip
-        elif key in roots and not rec.extents and rec.table is None:
-            live = _Live(key, rec, "roots", [(rec.hashes_offset, rec.hashes_length)])
-        else:
+        live = live_item(store, key, rec, kinds)
+        if live is None:
             packs[rec.pack] = None
             continue
         items.append(live)
