@@ -57,7 +57,8 @@ def store_path(tmp_path: Path) -> Path:
 # or damages the store's local files), or is marked ``local_files``, runs on the local one only.
 CONFORMANCE = {"test_roundtrip", "test_bad_input", "test_delete", "test_update", "test_stacked",
                "test_keyframes", "test_partial_and_log", "test_gc", "test_errors",
-               "test_record_decode", "test_review_chain"}  # fmt: skip
+               "test_record_decode", "test_review_chain", "test_provenance", "test_exchange",
+               "test_exchange_review", "test_hardening"}  # fmt: skip
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
