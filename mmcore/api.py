@@ -1076,9 +1076,9 @@ class ModelStore:
 
         On object storage, where other writers may be saving meanwhile, a pack written
         less than ``grace_s`` seconds ago (default: the store's ``gc_grace_s``, an hour
-        unless set) stays even
-        if nothing references it yet: it may be a save's that has not committed. A
-        reader that finds a pack gone there catches up with the catalog and reads again.
+        unless set) stays even if nothing references it yet: it may be a save's that
+        has not committed. A reader that finds a pack gone there catches up with the
+        catalog and reads again.
         """
         self._check_writable()
         if grace_s is None:
@@ -1100,13 +1100,8 @@ class ModelStore:
             if dead_records:
                 self.catalog.commit(deletes=[("packs", p.encode()) for p in dead_records])
         reclaimed = 0
-        if isinstance(self.tier, remote.ObjectPackTier):
-            ages = self.tier.ages()
-            packs = [p for p, age in ages.items() if age >= grace_s]
-        else:
-            packs = self.tier.list()
-        for pack in packs:
-            if pack not in live:
+        for pack, age in self.tier.ages().items():
+            if pack not in live and age >= grace_s:
                 reclaimed += self.tier.size(pack)
                 self.tier.delete(pack)
         with self.catalog.transaction():
@@ -1121,10 +1116,7 @@ class ModelStore:
 
     def stored_bytes(self) -> int:
         """Bytes the whole store occupies on disk (or in its bucket): packs plus catalog."""
-        if isinstance(self.tier, remote.ObjectPackTier):
-            return self.tier.total_bytes() + self.catalog.approximate_bytes()
-        packs = sum(p.stat().st_size for p in self._layout.packs.glob("*.pack"))
-        return packs + self.catalog.approximate_bytes()
+        return self.tier.total_bytes() + self.catalog.approximate_bytes()
 
 
 def _stack_of(names: list[str], buf: torch.Tensor, schema: Schema, device: torch.device) -> Stack:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import mmap
 import os
 import secrets
@@ -116,6 +117,16 @@ class PayloadTier(ABC):
 
     @abstractmethod
     def size(self, pack_id: str) -> int: ...
+
+    def ages(self) -> dict[str, float]:
+        """Every pack and the seconds since it was written, for gc's grace period. A
+        tier only this store's one writer writes to has no save in flight elsewhere:
+        every pack counts as old."""
+        return dict.fromkeys(self.list(), math.inf)
+
+    def total_bytes(self) -> int:
+        """The bytes of every pack."""
+        return sum(self.size(p) for p in self.list())
 
     @abstractmethod
     def close(self) -> None:

@@ -68,6 +68,7 @@ _ENTRY_FORMAT = 1
 # storage_options: the S3 settings a user may give (else the AWS_* environment variables)
 _CONFIG_KEYS = ("endpoint", "region", "access_key_id", "secret_access_key", "session_token",
                 "skip_signature", "virtual_hosted_style_request", "conditional_put")  # fmt: skip
+_CLIENT_KEYS = ("allow_http", "timeout_s", "max_retries", "retry_timeout_s")  # read here
 _SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
 
 
@@ -114,13 +115,10 @@ class ObjectClient:
         self.bucket, self.prefix = parse_url(url)
         self.url = f"{SCHEME}{self.bucket}/{self.prefix}".rstrip("/")
         options = dict(storage_options or {})
-        unknown = sorted(set(options) - {*_CONFIG_KEYS, "allow_http", "timeout_s",
-                                          "max_retries", "retry_timeout_s"})  # fmt: skip
+        known = {*_CONFIG_KEYS, *_CLIENT_KEYS}
+        unknown = sorted(set(options) - known)
         if unknown:
-            raise InvalidArgumentError(
-                f"unknown storage_options {unknown}; known: "
-                f"{sorted({*_CONFIG_KEYS, 'allow_http', 'timeout_s', 'max_retries', 'retry_timeout_s'})}"
-            )
+            raise InvalidArgumentError(f"unknown storage_options {unknown}; known: {sorted(known)}")
         self._secrets = [str(options[k]) for k in _SECRET_KEYS if options.get(k)]
         config = {k: options[k] for k in _CONFIG_KEYS if k in options}
         client: dict[str, Any] = {"timeout": f"{int(options.get('timeout_s', 60))}s",
@@ -198,9 +196,11 @@ class ObjectClient:
                 return b""
             raise self._fail("ranged GET of", key, exc) from None
 
-    def put(self, key: str, data: bytes | memoryview, *, create: bool = False) -> bool:
-        """Writes the object (a file path is uploaded in parts where large). With
-        ``create``, only where no object has the key: False where one does."""
+    def put(self, key: str, data: bytes | memoryview | Iterator[bytes], *,
+            create: bool = False) -> bool:  # fmt: skip
+        """Writes the object: a buffer (in parts where large), or the parts an iterator
+        gives while it gives them. With ``create``, only where no object has the key:
+        False where one does."""
         self._count()
         try:
             self._obs.put(self._store, key, data, mode="create" if create else "overwrite",
@@ -484,7 +484,7 @@ class _ObjectPackWriter(PackWriter):
         self._end: int | None = None  # the pack's size, once finish() began
         self._stale = False
         self._stream: threading.Thread | None = None
-        self._streamed: BaseException | bool | None = None  # the stream's outcome
+        self._streamed: BaseException | bool | None = None  # the stream's put: created?
 
     # -- writes ----------------------------------------------------------------
     def _begin(self, offset: int) -> None:
@@ -554,12 +554,9 @@ class _ObjectPackWriter(PackWriter):
                 return
 
     def _upload(self) -> None:
-        client = self._tier.client
         try:
-            client._count()
-            client._obs.put(client._store, self._tier.key(self.pack_id), self._parts(),
-                            mode="create", chunk_size=MULTIPART_CHUNK, max_concurrency=8)  # fmt: skip
-            self._streamed = True
+            self._streamed = self._tier.client.put(self._tier.key(self.pack_id), self._parts(),
+                                                   create=True)  # fmt: skip
         except BaseException as exc:  # (a stale stream, or the transfer failed)
             self._streamed = exc
 
@@ -578,11 +575,10 @@ class _ObjectPackWriter(PackWriter):
             if os.fstat(self._fd).st_size < self._size:  # (an empty write last: zeros to its end)
                 os.ftruncate(self._fd, self._size)
             self._stop_stream()
-            if self._streamed is True and not self._stale:
-                created = True
-            elif isinstance(self._streamed, BaseException) and not self._stale:
-                raise client_error(self._tier.client, "streamed PUT of",
-                                   self._tier.key(self.pack_id), self._streamed)  # fmt: skip
+            if self._stream is not None and not self._stale:
+                if isinstance(self._streamed, BaseException):
+                    raise self._streamed
+                created = bool(self._streamed)
             else:  # uploaded from a mapping of the file (from a path, obstore reads slower)
                 mapped = mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ)
                 view = memoryview(mapped)
@@ -614,12 +610,6 @@ class _ObjectPackWriter(PackWriter):
             os.unlink(self._path)
 
 
-def client_error(client: ObjectClient, what: str, key: str, exc: BaseException) -> StoreError:
-    if isinstance(exc, StoreError):
-        return exc
-    return client._fail(what, key, exc)
-
-
 class RangeCache:
     """A local cache of byte ranges read from packs: packs never change and their ids
     are never reused, so a (pack, offset, length) is the same bytes for ever. Each
@@ -640,9 +630,14 @@ class RangeCache:
     def _path(self, pack_id: str, offset: int, length: int) -> Path:
         return self.root / pack_id / f"{offset}-{length}"
 
-    def read_into(self, pack_id: str, offset: int, length: int, address: int) -> bool:
+    @staticmethod
+    def _digest(address: int, length: int) -> bytes:
         from .. import kernels
 
+        got = kernels.blake3_segments(kernels.int64_table([address]), kernels.int64_table([length]))
+        return bytes(got[0].tolist())
+
+    def read_into(self, pack_id: str, offset: int, length: int, address: int) -> bool:
         path = self._path(pack_id, offset, length)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -654,9 +649,7 @@ class RangeCache:
             tail = os.pread(fd, 33, length)  # its hash, and nothing after it
         finally:
             os.close(fd)
-        digest = kernels.blake3_segments(kernels.int64_table([address]),
-                                         kernels.int64_table([length]))  # fmt: skip
-        if got != length or tail != bytes(digest[0].tolist()):
+        if got != length or tail != self._digest(address, length):
             with suppress(OSError):
                 path.unlink()
             self.misses += 1
@@ -665,23 +658,22 @@ class RangeCache:
         return True
 
     def store(self, pack_id: str, offset: int, length: int, address: int) -> None:
-        from .. import kernels
-
         path = self._path(pack_id, offset, length)
-        digest = kernels.blake3_segments(kernels.int64_table([address]),
-                                         kernels.int64_table([length]))  # fmt: skip
+        digest = self._digest(address, length)
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
             try:
                 core().pwrite(fd, address, length, 0)
-                os.pwrite(fd, bytes(digest[0].tolist()), length)
+                os.pwrite(fd, digest, length)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
         except OSError:  # a full or read-only disk: reads go on without the cache
-            with suppress(OSError, UnboundLocalError):
-                os.unlink(tmp)
+            if tmp is not None:
+                with suppress(OSError):
+                    os.unlink(tmp)
 
     def drop(self, pack_id: str) -> None:
         import shutil
