@@ -43,17 +43,14 @@ def _needed(src: ModelStore, ref: str | None) -> list[Manifest]:
         by_id = {m.id: m for m in out}
         order: list[Manifest] = []
         seen: set[str] = set()
-
-        def visit(m: Manifest) -> None:
-            if m.id in seen:
-                return
-            seen.add(m.id)
-            if m.parent is not None and m.parent in by_id:
-                visit(by_id[m.parent])
-            order.append(m)
-
-        for m in out:
-            visit(m)
+        for m in out:  # each version after its parents (a loop: chains may be long)
+            line: list[Manifest] = []
+            at: Manifest | None = m
+            while at is not None and at.id not in seen:
+                seen.add(at.id)
+                line.append(at)
+                at = by_id.get(at.parent) if at.parent is not None else None
+            order += line[::-1]
         return order
     chain = [src.manifest(ref)]
     while chain[-1].parent is not None:

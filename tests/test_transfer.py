@@ -146,3 +146,21 @@ def test_the_cli_reaches_s3_through_the_aws_variables(
     assert main(["pull", url, str(tmp_path / "b.mm"), "main"]) == 0
     with mmcore.open(tmp_path / "b.mm") as b:
         assert_sets_equal(b.load("main"), small_set(3))
+
+
+def test_a_push_of_every_version_orders_a_long_chain_parents_first() -> None:
+    """The order of a whole push walks parent chains in a loop: 5,000 versions deep
+    (past Python's recursion limit), listed out of order, come out parents first."""
+    from types import SimpleNamespace
+
+    from mmcore.manifest import Manifest
+    from mmcore.transfer import _needed
+
+    ids = [f"{i:016x}" for i in range(5000)]
+    manifests = [Manifest(id=vid, approach="baseline", created=1.0, models=[], groups=[],
+                          logical_bytes=0, parent=ids[i - 1] if i else None, ref=None,
+                          message=None) for i, vid in enumerate(ids)]  # fmt: skip
+    shuffled = manifests[2500:] + manifests[:2500]
+    src = SimpleNamespace(catalog=SimpleNamespace(
+        scan=lambda cf: ((m.id.encode(), m.encode()) for m in shuffled)))  # fmt: skip
+    assert [m.id for m in _needed(src, None)] == ids  # type: ignore[arg-type]
