@@ -74,7 +74,7 @@ def run(cells: int, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
             client = store.tier.client
             log("  save and load of the set, against a PUT and ranged GETs of its bytes ...")
             v1 = store.save(sds, progress=False)
-            rec = store._content(store.manifest(v1).groups[0].blob)
+            rec = store.storage.content(store.manifest(v1).groups[0].blob)
             size = store.tier.size(rec.pack)
             payload = torch.empty(size, dtype=torch.uint8)  # the pack's own bytes
             store.tier.read_into(rec.pack, 0, size, payload.data_ptr())
@@ -162,12 +162,12 @@ def run(cells: int, repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
                                  storage_options=opts) as t:  # fmt: skip
                     tv = t.save(tiny, progress=False)
                     t.load_model(tv, "m000000")
-                    trec = t._content(t.manifest(tv).groups[0].blob)
+                    trec = t.storage.content(t.manifest(tv).groups[0].blob)
                     tstride = t.manifest(tv).groups[0].schema.stride
                     tkey = t.tier.key(trec.pack)
                     each, floor = [], []
                     for i in random.Random(2).sample(range(count), 50):
-                        t._reader._hash_pages.clear()  # cold: no page of hashes kept
+                        t.storage.reader._hash_pages.clear()  # cold: no page of hashes kept
                         t0 = time.perf_counter()
                         t.load_model(tv, f"m{i:06d}")
                         each.append(time.perf_counter() - t0)

@@ -6,9 +6,7 @@ import functools
 import os
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -18,45 +16,36 @@ from . import _args, exchange, transfer
 from ._progress import progress_bar
 from .errors import (
     ConflictError,
-    CorruptRecordError,
     DependentsError,
     IntegrityError,
     InvalidArgumentError,
     InvalidModelSetError,
     MMCoreError,
-    ModelNotFoundError,
     NativeModuleError,
     PackMissingError,
     ReadOnlyStoreError,
-    RefConflictError,
     RefNotFoundError,
     StoreError,
-    VersionNotFoundError,
     decoding,
 )
-from .manifest import APPROACHES, ContentRecord, DatasetRecord, Manifest, decode_pack_record
-from .modelset import Schema, StackedInput
-from .paths import baseline, chain, retrain, update
-from .paths.commit import swap_references, version_blobs, version_records
-from .paths.delta_blob import DeltaTable
-from .paths.reader import BlobReader, StateDict, record_columns
+from .manifest import APPROACHES, ContentRecord, DatasetRecord, Manifest
+from .modelset import StackedInput
+from .paths import baseline, chain, load, retrain, update
+from .paths.commit import commit_version, swap_references, version_blobs
+from .paths.reader import StateDict
 from .recipe import Recipe
 from .record import ref_target
 from .stacked import Stack, StackedSet, build_modules
-from .store import Catalog, LocalPackTier, StoreLayout, compact, remote
+from .storage import Records, Storage, open_storage
+from .store import compact
 from .store.packs import PackWriter, PayloadTier
-from .store.remote import LogCatalog
 from .transfer import TransferReport
 from .versions import VerifyReport, VersionInfo
 
-_HEX = frozenset("0123456789abcdef")
-GC_GRACE_S = 3600.0  # object storage: gc leaves a pack this young (a save may commit it yet)
-_COMMIT_ATTEMPTS = 8  # a save's commit, built again after another writer's commit
 DEFAULT_MAX_CHAIN = 16
 # A model is stored whole again (a keyframe) once recovering it through its deltas
 # would cost more than this many times recovering it whole (bytes read and decoded).
 DEFAULT_MAX_RECOVERY = 2.0
-_MANIFEST_CACHE = 64  # a chain of updates is walked whole on every load
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -74,7 +63,7 @@ def _refreshing(method: _Method) -> _Method:
         except PackMissingError:
             if not (self.readonly or self.remote) or self._closed:
                 raise
-            self._refresh()
+            self.storage.refresh()
         return method(self, *args, **kwargs)
 
     return cast(_Method, run)
@@ -104,10 +93,11 @@ class ModelStore:
     object storage (``s3://``) takes any number of writers and readers on any number
     of machines (see ``store.remote``). A ModelStore object is not thread-safe: use
     one per thread.
-    """
 
-    catalog: Catalog | LogCatalog
-    tier: PayloadTier
+    The verbs check their arguments here and run over ``self.storage`` (an
+    ``mmcore.storage.Storage``: the catalog and payload tier, local or on object
+    storage), which the save paths and readers (``mmcore.paths``) take.
+    """
 
     def __init__(
         self,
@@ -120,49 +110,34 @@ class ModelStore:
     ) -> None:
         self.readonly = _args.flag(readonly, "readonly")
         _args.flag(create, "create")
-        self._closed = True  # until every resource below is open
-        self.remote = remote.is_url(path)
-        self.gc_grace_s = GC_GRACE_S if self.remote else 0.0  # see gc()
-        if self.remote:
-            if storage_options is not None and not isinstance(storage_options, Mapping):
-                raise InvalidArgumentError(
-                    f"storage_options must be a mapping, got {type(storage_options).__name__}"
-                )
-            client, self.catalog = remote.open_remote(
-                str(path), dict(storage_options or {}), readonly=self.readonly, create=create
-            )
-            self.path: Path | str = client.url
-            ranges = (
-                None if cache is None else remote.RangeCache(Path(_args.path(cache)), client.url)
-            )
-            self.tier = remote.ObjectPackTier(client, self._pack_size, ranges)
-        else:
-            if storage_options is not None or cache is not None:
-                raise InvalidArgumentError("storage_options and cache are for s3:// stores only")
-            self.path = Path(_args.path(path))
-            self._layout = StoreLayout(self.path)
-            created = self._layout.check_or_create(create=create and not readonly)
-            self.catalog = Catalog(self._layout.catalog, readonly=readonly)
-            if created is not None:
-                try:
-                    self._layout.make_durable(created)
-                except BaseException:
-                    self.catalog.close()
-                    raise
-            self.tier = LocalPackTier(self._layout.packs)
-        self._reader = BlobReader(self.tier, self._content)
-        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
-        self._delta_tables: dict[tuple[Any, ...], DeltaTable] = {}  # paths.chain.delta_table's
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmcore-reader")
-        self._closed = False
+        self.storage: Storage = open_storage(path, readonly=self.readonly, create=create,
+                                             storage_options=storage_options, cache=cache)  # fmt: skip
+        self.gc_grace_s = self.storage.gc_grace_s  # see gc()
+
+    @property
+    def path(self) -> Path | str:
+        return self.storage.path
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store is on object storage."""
+        return self.storage.remote
+
+    @property
+    def catalog(self) -> Records:
+        return self.storage.catalog
+
+    @property
+    def tier(self) -> PayloadTier:
+        return self.storage.tier
+
+    @property
+    def _closed(self) -> bool:
+        return self.storage.closed
 
     # -- lifecycle -------------------------------------------------------
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._pool.shutdown()
-            self.tier.close()
-            self.catalog.close()
+        self.storage.close()
 
     def __enter__(self) -> ModelStore:
         return self
@@ -177,90 +152,19 @@ class ModelStore:
         if self._closed:
             raise StoreError("this store is closed; open it again with mmcore.open(path)")
 
-    def _pack_size(self, pack_id: str) -> int | None:
-        """A pack's size from its catalog record (no request to the object store)."""
-        raw = self.catalog.get("packs", pack_id.encode())
-        return None if raw is None else int(decode_pack_record(raw)["size"])
-
-    def _refresh(self) -> None:
-        """A read-only store catches up with its writer: the catalog reopened, every
-        cache and open pack dropped (mappings already handed out stay valid). A
-        store on object storage reads the commits made since instead."""
-        if isinstance(self.catalog, LogCatalog):
-            self.catalog.refresh()
-            self._manifests.clear()
-            self._delta_tables.clear()
-            return
-        assert self.readonly
-        self.catalog.close()
-        try:
-            self.catalog = Catalog(self._layout.catalog, readonly=True)
-        except BaseException:
-            self._closed = True  # no catalog to read: closed, not half-open
-            raise
-        self._manifests.clear()
-        self._delta_tables.clear()
-        self.tier.close()
-
     # -- lookups ---------------------------------------------------------
-    def _content(self, key: bytes) -> ContentRecord:
-        raw = self.catalog.get("content", key)
-        if raw is None:
-            raise CorruptRecordError(
-                f"content record {key.hex()[:16]} is missing: the store's catalog is damaged"
-            )
-        return ContentRecord.decode(raw)
-
     def resolve(self, version_or_ref: str) -> str:
         """The full version id for an id, a unique id prefix (>= 4 hex digits), or a ref."""
         self._check_open()
-        _args.version(version_or_ref)
-        key = version_or_ref.encode()
-        if self.catalog.get("manifests", key) is not None:
-            return version_or_ref
-        head = self.catalog.get("refs", key)
-        if head is not None:
-            vid = ref_target(version_or_ref, head)
-            if self.catalog.get("manifests", vid.encode()) is None:
-                raise CorruptRecordError(
-                    f"ref {version_or_ref!r} points to version {vid}, which is not in the store: "
-                    "the store's catalog is damaged"
-                )
-            return vid
-        if len(version_or_ref) >= 4 and set(version_or_ref) <= _HEX:
-            matches = [k.decode() for k, _ in self.catalog.scan("manifests", key)]
-            if len(matches) == 1:
-                return matches[0]
-            if len(matches) > 1:
-                raise VersionNotFoundError(
-                    f"version prefix {version_or_ref!r} is ambiguous ({len(matches)} versions); give more digits"
-                )
-        raise VersionNotFoundError(
-            f"no version or ref {version_or_ref!r} in {self.path}; `mmcore log {self.path}` lists them"
-        )
+        return self.storage.resolve(version_or_ref)
 
     def manifest(self, version_or_ref: str) -> Manifest:
-        vid = self.resolve(version_or_ref)
-        cached = self._manifests.get(vid)
-        if cached is not None:
-            self._manifests.move_to_end(vid)
-            return cached
-        raw = self.catalog.get("manifests", vid.encode())
-        if raw is None:
-            raise VersionNotFoundError(f"version {vid} vanished while reading it")
-        manifest = Manifest.decode(raw)
-        self._manifests[vid] = manifest
-        if len(self._manifests) > _MANIFEST_CACHE:
-            self._manifests.popitem(last=False)
-        return manifest
+        self._check_open()
+        return self.storage.manifest(version_or_ref)
 
     def refs(self) -> dict[str, str]:
         self._check_open()
-        out = {}
-        for k, v in self.catalog.scan("refs"):
-            name = k.decode("utf-8", errors="replace")
-            out[name] = ref_target(name, v)
-        return out
+        return self.storage.refs()
 
     # -- save ------------------------------------------------------------
     def save(
@@ -357,35 +261,8 @@ class ModelStore:
         except BaseException:
             writer.abort()  # nothing references the pack yet
             raise
-        self._commit_version(manifest, blobs, writer.pack_id, pack_size)
+        commit_version(self.storage, manifest, blobs, writer.pack_id, pack_size)
         return vid
-
-    def _commit_version(self, manifest: Manifest, blobs: list[tuple[bytes, ContentRecord]],
-                        pack_id: str, pack_size: int) -> None:  # fmt: skip
-        """Commits a saved version whose pack is written. On object storage, a commit
-        whose records another writer changed meanwhile (a shared blob's reference
-        count, say) is built again from the records as they are now, a few times; a
-        ref another writer moved raises ``RefConflictError`` (and the pack goes)."""
-        for attempt in range(_COMMIT_ATTEMPTS):
-            try:
-                with self.catalog.transaction():
-                    puts, live_in_pack = version_records(self.catalog, manifest, blobs, pack_id,
-                                                         pack_size)  # fmt: skip
-                    # From here on the pack stays whatever happens: a commit that raised
-                    # (an interrupt arriving after the write, a failed WAL sync, a lost
-                    # response) may still be durable and reference it. An unreferenced
-                    # pack is reclaimed by gc().
-                    self.catalog.commit(puts)
-                break
-            except (RefConflictError, VersionNotFoundError):  # nothing references the pack
-                self.tier.delete(pack_id)
-                raise
-            except ConflictError:
-                if attempt == _COMMIT_ATTEMPTS - 1:
-                    self.tier.delete(pack_id)
-                    raise
-        if not live_in_pack:  # every blob was already stored: the new pack holds nothing
-            self.tier.delete(pack_id)
 
     def _write_payload(self, writer: PackWriter, manifest: Manifest, models: Any, *,
                        tolerance: float | None, max_chain: int, max_recovery: float | None,
@@ -400,7 +277,7 @@ class ModelStore:
         if manifest.approach == "update":
             assert parent is not None
             with torch.no_grad():  # a module's parameters are read as they are, not detached
-                up = update.write_update(self, writer, models, parent, tolerance=tolerance,
+                up = update.write_update(self.storage, writer, models, parent, tolerance=tolerance,
                                          max_chain=max_chain, max_recovery=max_recovery,
                                          progress=progress, saved_orders=saved_orders)  # fmt: skip
             manifest.groups, manifest.update, manifest.logical_bytes = (
@@ -412,7 +289,14 @@ class ModelStore:
         if manifest.approach == "provenance":
             assert parent is not None and recipe is not None
             pv = retrain.write_provenance(
-                self, writer, models, parent, recipe, check=check, progress=progress
+                self.storage,
+                writer,
+                models,
+                parent,
+                recipe,
+                check=check,
+                progress=progress,
+                load_parent=load.parent_loader(self.storage, parent, allow_code_change=False),
             )
             manifest.provenance, manifest.logical_bytes = pv.info, pv.logical_bytes
             return pv.blobs
@@ -462,7 +346,7 @@ class ModelStore:
         saved = None
         if m.provenance is None:  # keep each model's schema: versions stored against it use it
             with decoding(m.id):
-                index = chain.model_index(self, m.id)
+                index = chain.model_index(self.storage, m.id)
             saved = {n: list(sd) for n, sd in models.items()}
             models = {n: {s.name: sd[s.name] for s in index[n].schema.tensors}
                       for n, sd in models.items()}  # fmt: skip
@@ -488,7 +372,7 @@ class ModelStore:
                 try:
                     self.catalog.commit(puts, deletes)  # the pack stays from here on (see save)
                 finally:  # a commit that raised may still be durable: never serve the old record
-                    self._manifests.pop(m.id, None)
+                    self.storage.manifests.pop(m.id, None)
         except ConflictError:  # (object storage: another writer changed its records)
             self.tier.delete(writer.pack_id)
             raise
@@ -517,66 +401,9 @@ class ModelStore:
         _args.flag(verify, "verify")
         _args.flag(allow_code_change, "allow_code_change")
         dev = _args.device(device)
-        manifest = self.manifest(version)
-        if manifest.provenance is not None:
-            got = retrain.recover(
-                self, manifest, device=dev, allow_code_change=allow_code_change
-            ).state_dicts()
-            orders = self._tensor_orders(manifest)
-            got = {n: {k: sd[k] for k in orders[n]} if n in orders else sd for n, sd in got.items()}
-            if models is None:
-                return got
-            names = _args.name_list(models, "models")
-            _refuse_missing(manifest.id, [n for n in names if n not in got])
-            return {n: got[n] for n in names}
         wanted = None if models is None else _args.name_list(models, "models")
-        with decoding(manifest.id):
-            return self._load_stored(manifest, wanted, dev, verify)
-
-    def _tensor_orders(self, manifest: Manifest) -> dict[str, list[str]]:
-        """The tensor orders a provenance version's models keep: its nearest stored
-        ancestor's, where they differ from their schema's (stacks come in that)."""
-        while manifest.provenance is not None:
-            assert manifest.parent is not None
-            manifest = self.manifest(manifest.parent)
-        if manifest.update is None:  # a baseline: its schemas' order, or its recorded one
-            with decoding(manifest.id):
-                found = {n: self._baseline_order(manifest, n) for n in manifest.orders}
-            return {n: order for n, order in found.items() if order is not None}
-        with decoding(manifest.id):
-            index = chain.model_index(self, manifest.id)
-        return {n: info.order for n, info in index.items() if info.order}
-
-    def _load_stored(self, manifest: Manifest, names: list[str] | None, dev: torch.device,
-                     verify: bool) -> dict[str, StateDict]:  # fmt: skip
-        """``load`` of a baseline or update version."""
-        if manifest.update is not None:
-            return self._load_update(manifest, names, dev, verify)
-        if names is not None:
-            _refuse_missing(manifest.id, [n for n in names if manifest.locate(n) is None])
-            return {name: self.load_model(manifest.id, name, device=dev, verify=verify)
-                    for name in names}  # fmt: skip
-        out: list[StateDict | None] = [None] * len(manifest.models)
-        for group in manifest.groups:
-            states = self._reader.read_group(
-                manifest, group, verify=verify, device=dev, pool=self._pool
-            )
-            for mi, state in zip(group.positions(), states):
-                out[mi] = state
-        got = {name: state for name, state in zip(manifest.models, out) if state is not None}
-        for name in manifest.orders:  # (a baseline written by a rebase)
-            order = self._baseline_order(manifest, name)
-            if order is not None and name in got:
-                got[name] = {k: got[name][k] for k in order}
-        return got
-
-    def _baseline_order(self, manifest: Manifest, name: str) -> list[str] | None:
-        """The tensor order a baseline recorded for a model, checked against its schema."""
-        order = manifest.orders.get(name)
-        where = manifest.locate(name)
-        if order is None or where is None:
-            return None
-        return chain.checked_order(manifest, name, order, manifest.groups[where[0]].schema)
+        return load.load(self.storage, self.manifest(version), wanted, dev, verify,
+                         allow_code_change)  # fmt: skip
 
     @_refreshing
     def load_stacked(
@@ -599,26 +426,8 @@ class ModelStore:
         _args.flag(verify, "verify")
         _args.flag(allow_code_change, "allow_code_change")
         dev = _args.device(device)
-        manifest = self.manifest(version)
-        if manifest.provenance is not None:
-            return retrain.recover(self, manifest, device=dev, allow_code_change=allow_code_change)
-        with decoding(manifest.id):
-            if manifest.update is not None:
-                order, parts = chain.recover_records(self, manifest.id, verify=verify)
-                return StackedSet([_stack_of(names, buf, schema, dev) for schema, names, buf in parts],
-                                  order)  # fmt: skip
-            return self._stacked_groups(manifest, verify=verify, device=dev)
-
-    def _stacked_groups(
-        self, manifest: Manifest, *, verify: bool, device: torch.device
-    ) -> StackedSet:
-        """The groups of a baseline manifest (or a dataset's) as stacks."""
-        stacks = []
-        for group in manifest.groups:
-            buf = self._reader.read_records(manifest, group, verify=verify, pool=self._pool)
-            names = [manifest.models[i] for i in group.positions()]
-            stacks.append(_stack_of(names, buf, group.schema, device))
-        return StackedSet(stacks, manifest.models)
+        return load.load_stacked(self.storage, self.manifest(version), dev, verify,
+                                 allow_code_change)  # fmt: skip
 
     def save_stacked(self, names: Any, params: Mapping[str, torch.Tensor] | None = None,
                      **kwargs: Any) -> str:  # fmt: skip
@@ -669,15 +478,6 @@ class ModelStore:
             built.update(build_modules(g, factory))
         return stacks.in_order(built)
 
-    def _load_update(self, manifest: Manifest, names: list[str] | None, device: torch.device,
-                     verify: bool) -> dict[str, StateDict]:  # fmt: skip
-        got = chain.recover(self, manifest.id, None if names is None else set(names), verify=verify,
-                            device=None if device.type == "cpu" else device)  # fmt: skip
-        if names is not None:
-            _refuse_missing(manifest.id, [n for n in names if n not in got])
-            got = {n: got[n] for n in names}
-        return got
-
     @_refreshing
     def load_model(
         self,
@@ -693,27 +493,10 @@ class ModelStore:
         the same batched computation, so the same bits)."""
         _args.text(name, "model name")
         _args.flag(verify, "verify")
+        _args.flag(allow_code_change, "allow_code_change")
         dev = _args.device(device)
-        manifest = self.manifest(version)
-        if manifest.provenance is not None:
-            return self.load(
-                manifest.id, device=dev, models=[name], allow_code_change=allow_code_change
-            )[name]
-        where = None if manifest.update is not None else manifest.locate(name)
-        if manifest.update is None and where is None:
-            raise ModelNotFoundError(
-                f"version {manifest.id} has no model {name!r} ({len(manifest.models)} models)"
-            )
-        with decoding(manifest.id):
-            if manifest.update is not None:
-                return self._load_update(manifest, [name], dev, verify)[name]
-            assert where is not None
-            gi, pos = where
-            state = self._reader.read_model(
-                manifest, manifest.groups[gi], pos, verify=verify, device=dev
-            )
-            order = self._baseline_order(manifest, name)
-            return state if order is None else {k: state[k] for k in order}
+        return load.load_model(self.storage, self.manifest(version), name, dev, verify,
+                               allow_code_change)  # fmt: skip
 
     # -- inspect ---------------------------------------------------------
     def info(self, version: str) -> VersionInfo:
@@ -798,21 +581,27 @@ class ModelStore:
         m = self.manifest(vid)
         checked = 0
         for group in m.groups:
-            self._reader.verify_group(m, group)
+            self.storage.reader.verify_group(m, group)
         if m.provenance is not None:  # its hash table and its dataset (retraining: load it)
-            table = self._reader.stored_hashes(self._content(m.provenance.hashes_blob))
+            table = self.storage.reader.stored_hashes(
+                self.storage.content(m.provenance.hashes_blob)
+            )
             if retrain.roots_key(table) != m.provenance.hashes_blob:
                 raise IntegrityError(f"version {m.id}: its table of recorded hashes is corrupted")
-            return retrain.verify_dataset(self, str(m.provenance.recipe["data"]))
+            return retrain.verify_dataset(self.storage, str(m.provenance.recipe["data"]))
         if m.update is None:
             for name in m.orders:  # a recorded order names exactly the model's tensors
-                self._baseline_order(m, name)
+                load.baseline_order(m, name)
             return m.num_tensors
-        chain.model_index(self, vid)  # what it inherits fits together (orders, deltas, adds)
+        chain.model_index(
+            self.storage, vid
+        )  # what it inherits fits together (orders, deltas, adds)
         checked += sum(g.count * len(g.schema.tensors) for g in m.groups)
         if m.update.changed:  # its tables re-read and re-hashed (the cache is not trusted),
-            chain.read_delta_blob(self, m)  # then decoding checks every decoded tensor's hash
-            got = chain.recover(self, vid, set(m.update.changed), verify=True)
+            chain.read_delta_blob(
+                self.storage, m
+            )  # then decoding checks every decoded tensor's hash
+            got = chain.recover(self.storage, vid, set(m.update.changed), verify=True)
             checked += sum(len(got[name]) for name in m.update.changed)
         return checked
 
@@ -821,10 +610,10 @@ class ModelStore:
         for the whole store, every content record's reference count recomputed from the
         manifests and datasets that use it. Returns what it found and never raises for a
         damaged store: a record that cannot be decoded is one problem among the others.
-        A read-only store first catches up with its writer (see ``_refresh``)."""
+        A read-only store first catches up with its writer (``Storage.refresh``)."""
         self._check_open()
         if self.readonly:
-            self._refresh()
+            self.storage.refresh()
         ids = [self.resolve(version)] if version is not None else self._version_ids()
         tensors = versions = 0
         problems: list[str] = []
@@ -955,7 +744,7 @@ class ModelStore:
                 counts[blob] = counts.get(blob, 0) + 1
         puts, deletes = [], [("manifests", vid.encode()) for vid in doomed]
         for blob, n in counts.items():
-            rec = self._content(blob)
+            rec = self.storage.content(blob)
             rec.refs -= n
             if rec.refs > 0:
                 puts.append(("content", blob, rec.encode()))
@@ -965,7 +754,7 @@ class ModelStore:
             self.catalog.commit(puts, deletes)
         finally:  # a commit that raised may still be durable: never serve the old records
             for vid in doomed:
-                self._manifests.pop(vid, None)
+                self.storage.manifests.pop(vid, None)
         return doomed
 
     # -- push and pull -------------------------------------------------------
@@ -982,7 +771,9 @@ class ModelStore:
         if ref is not None:
             _args.ref_name(ref)
         _args.optional_flag(progress, "progress")
-        return transfer.transfer(self, to, ref, progress=progress)
+        self._check_open()
+        to._check_writable()
+        return transfer.transfer(self.storage, to.storage, ref, progress=progress)
 
     def pull(self, source: ModelStore, ref: str | None = None, *,
              progress: bool | None = None) -> TransferReport:  # fmt: skip
@@ -1038,7 +829,7 @@ class ModelStore:
         self._check_writable()
         _args.optional_flag(progress, "progress")
         with progress_bar(_count(data), "storing dataset", progress, unit="entry") as bar:
-            return retrain.put_dataset(self, data, bar)  # (its commit: a transaction)
+            return retrain.put_dataset(self.storage, data, bar)  # (its commit: a transaction)
 
     def datasets(self) -> dict[str, dict[str, Any]]:
         """{dataset id: its entries, logical and stored bytes, and the versions using it}."""
@@ -1048,7 +839,7 @@ class ModelStore:
             rec = DatasetRecord.decode(raw)
             out[key.decode()] = {"entries": len(rec.names), "logical_bytes": rec.logical_bytes,
                                  "stored_bytes": rec.stored_bytes,
-                                 "used_by": retrain.users(self, rec.id)}  # fmt: skip
+                                 "used_by": retrain.users(self.storage, rec.id)}  # fmt: skip
         return out
 
     def load_dataset(
@@ -1056,13 +847,13 @@ class ModelStore:
     ) -> dict[str, StateDict]:
         """A stored dataset, every tensor hash-checked."""
         self._check_open()
-        return retrain.load_dataset(self, dataset, _args.device(device))
+        return retrain.load_dataset(self.storage, dataset, _args.device(device))
 
     def delete_dataset(self, dataset: str) -> None:
         """Deletes a dataset no version uses; ``gc()`` then reclaims its bytes."""
         self._check_writable()
         with self.catalog.transaction():
-            retrain.delete_dataset(self, dataset)
+            retrain.delete_dataset(self.storage, dataset)
 
     def gc(self, *, compact_below: float = 0.5, progress: bool | None = None,
            grace_s: float | None = None) -> int:  # fmt: skip
@@ -1105,7 +896,7 @@ class ModelStore:
                 reclaimed += self.tier.size(pack)
                 self.tier.delete(pack)
         with self.catalog.transaction():
-            return reclaimed + compact.compact(self, float(compact_below), progress)
+            return reclaimed + compact.compact(self.storage, float(compact_below), progress)
 
     def _check_writable(self) -> None:
         self._check_open()
@@ -1119,12 +910,6 @@ class ModelStore:
         return self.tier.total_bytes() + self.catalog.approximate_bytes()
 
 
-def _stack_of(names: list[str], buf: torch.Tensor, schema: Schema, device: torch.device) -> Stack:
-    """The stack viewing ``buf`` (records of ``schema``), moved to ``device`` in one copy."""
-    stack = Stack(names, record_columns(buf, schema, len(names)), records=(buf, schema))
-    return stack.to(device)
-
-
 def _stack_parts(stacks: Any) -> list[tuple[Any, Any]]:
     if isinstance(stacks, Stack):
         return [(stacks.names, stacks.params)]
@@ -1134,14 +919,6 @@ def _stack_parts(stacks: Any) -> list[tuple[Any, Any]]:
         "save_stacked takes names and {tensor name: [models, ...] tensor}, or a Stack or "
         f"StackedSet alone; got {type(stacks).__name__} and no params"
     )
-
-
-def _refuse_missing(vid: str, missing: list[str]) -> None:
-    if missing:
-        raise ModelNotFoundError(
-            f"version {vid} has no model(s) {', '.join(map(repr, missing[:5]))}; "
-            "store.info(version) describes the version"
-        )
 
 
 def _count(models: Any) -> int | None:

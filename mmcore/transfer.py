@@ -19,7 +19,7 @@ from .paths.commit import version_blobs
 from .store import compact
 
 if TYPE_CHECKING:
-    from .api import ModelStore
+    from .storage import Storage
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TransferReport:
     head: str | None  # the version ``ref`` points at now, in both stores
 
 
-def _needed(src: ModelStore, ref: str | None) -> list[Manifest]:
+def _needed(src: Storage, ref: str | None) -> list[Manifest]:
     """The versions to copy, parents first: every version, or the one ``ref`` names and
     every version it is stored against."""
     if ref is None:
@@ -58,12 +58,10 @@ def _needed(src: ModelStore, ref: str | None) -> list[Manifest]:
     return chain[::-1]
 
 
-def transfer(src: ModelStore, dst: ModelStore, ref: str | None = None, *,
+def transfer(src: Storage, dst: Storage, ref: str | None = None, *,
              progress: bool | None = None) -> TransferReport:  # fmt: skip
     """Copies into ``dst`` the versions of ``src`` it lacks (all, or those ``ref``
     needs) and moves ``ref`` there to the same version (every ref without one)."""
-    dst._check_writable()
-    src._check_open()
     head = None if ref is None else src.resolve(ref)
     wanted = _needed(src, ref)
     with dst.catalog.transaction():
@@ -117,7 +115,7 @@ def transfer(src: ModelStore, dst: ModelStore, ref: str | None = None, *,
     return TransferReport(len(todo), len(datasets), len(moved), len(shared), copied, ref, head)
 
 
-def _copy_blobs(src: ModelStore, dst: ModelStore, versions: list[Manifest],
+def _copy_blobs(src: Storage, dst: Storage, versions: list[Manifest],
                 datasets: dict[str, DatasetRecord], missing: list[bytes],
                 progress: bool | None) -> tuple[dict[bytes, ContentRecord], str, int, int]:  # fmt: skip
     """The ``missing`` blobs' bytes copied from ``src``'s packs into one new pack of
@@ -127,11 +125,11 @@ def _copy_blobs(src: ModelStore, dst: ModelStore, versions: list[Manifest],
     kinds = compact.blob_kinds(versions, datasets.values())
     items = []
     for key in missing:
-        item = compact.live_item(src, key, src._content(key), kinds)
+        item = compact.live_item(src, key, src.content(key), kinds)
         if item is None:
             raise StoreError(f"blob {key.hex()[:16]} of {src.path} is of no kind a copy knows")
         items.append(item)
-    placed, _ = compact._layout(items)
+    placed, _ = compact.layout(items)
     total = sum(length for item in items for _, length in item.ranges)
     writer = dst.tier.create()
     records: dict[bytes, ContentRecord] = {}
@@ -141,7 +139,7 @@ def _copy_blobs(src: ModelStore, dst: ModelStore, versions: list[Manifest],
             copies += [(to, item.rec.pack, offset, length)
                        for (offset, length), to in zip(item.ranges, targets) if length]  # fmt: skip
             moved = {offset: to for (offset, _), to in zip(item.ranges, targets)}
-            records[item.key] = compact._relocated(item, moved, writer.pack_id)
+            records[item.key] = compact.relocated(item, moved, writer.pack_id)
         with progress_bar(total, "copying blobs", progress, unit="B", min_total=64 << 20) as bar:
             for to, pack, offset, length in sorted(copies):
                 compact.copy_range(src, pack, offset, length, writer, to)

@@ -33,7 +33,7 @@ def _tensor_offset(store: mmcore.ModelStore, version: str, model: str, tensor: s
     gi, pos = m.locate(model)  # type: ignore[misc]
     group = m.groups[gi]
     spec = next(s for s in group.schema.tensors if s.name == tensor)
-    extent, index = store._content(group.blob).locate(pos)
+    extent, index = store.storage.content(group.blob).locate(pos)
     return extent + index * group.schema.stride + spec.offset
 
 
@@ -59,7 +59,7 @@ def test_flipped_payload_bit_is_named_by_verify_load_and_load_model(store_path: 
 def test_flipped_hash_table_bit_is_detected(store_path: Path) -> None:
     with mmcore.open(store_path) as s:
         v = s.save(small_set(8))
-        rec = s._content(s.manifest(v).groups[0].blob)
+        rec = s.storage.content(s.manifest(v).groups[0].blob)
         path = _pack_path(s)
     _flip_bit(path, rec.hashes_offset + rec.hashes_length - 1)
     with mmcore.open(store_path) as s, pytest.raises(IntegrityError, match="cell_007"):

@@ -104,5 +104,5 @@ def test_sigkill_during_saves_leaves_whole_versions(tmp_path: Path) -> None:
             blobs = [g.blob for g in m.groups]
             if m.update is not None and m.update.delta_blob is not None:
                 blobs.append(m.update.delta_blob)
-            live |= {store._content(b).pack for b in blobs}
+            live |= {store.storage.content(b).pack for b in blobs}
         assert set(store.tier.list()) == live  # orphans of interrupted saves were reclaimed

@@ -137,10 +137,10 @@ def test_check_collects_every_problem_and_recounts_references(store_path: Path,
         assert s.check().ok and s.check().versions == 3
         packs = {}
         for vid in (a, b):
-            rec = s._content(s.manifest(vid).groups[0].blob)
+            rec = s.storage.content(s.manifest(vid).groups[0].blob)
             packs[vid] = (s.tier.path_of(rec.pack), rec.extents[0][0])
         key = s.manifest(c).groups[0].blob
-        rec = s._content(key)
+        rec = s.storage.content(key)
         rec.refs += 2  # a reference count the versions do not account for
         s.catalog.commit([("content", key, rec.encode())])
     for path, at in packs.values():  # damage two versions

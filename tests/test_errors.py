@@ -152,7 +152,7 @@ def test_newer_manifest_format_is_refused(store: mmcore.ModelStore) -> None:
     raw = msgpack.unpackb(store.catalog.get("manifests", v.encode()))
     raw["format"] = 7
     store.catalog.commit([("manifests", v.encode(), msgpack.packb(raw))])
-    store._manifests.clear()
+    store.storage.forget()
     with pytest.raises(FormatVersionError, match="manifest record has format 7"):
         store.load(v)
 

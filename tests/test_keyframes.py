@@ -52,9 +52,9 @@ def test_fully_changed_models_alternate_between_a_delta_and_a_keyframe(
     for vid, want in zip(vids, sets):
         assert_sets_equal(store.load(vid), want)
         assert_sets_equal({"m3": store.load_model(vid, "m3")}, {"m3": want["m3"]})
-    costs = chain.model_index(store, vids[-1])
+    costs = chain.model_index(store.storage, vids[-1])
     assert all(info.depth == 0 and info.cost == 0 for info in costs.values())
-    index = chain.model_index(store, vids[-2])
+    index = chain.model_index(store.storage, vids[-2])
     assert all(info.depth == 1 and info.cost > 0 for info in index.values())
 
 
@@ -78,7 +78,7 @@ def test_small_changes_chain_on_until_their_bytes_add_up(store: mmcore.ModelStor
         vids.append(store.save(models, approach="update", parent=vids[-1]))
         sets.append(models)
     assert sum(store.info(v).changes["keyframes"] for v in vids[1:]) == 0
-    assert chain.model_index(store, vids[-1])["m0"].depth == 10
+    assert chain.model_index(store.storage, vids[-1])["m0"].depth == 10
     assert_sets_equal(store.load(vids[-1]), sets[-1])
 
 
@@ -99,7 +99,7 @@ def test_recovery_reads_no_model_a_keyframe_superseded(
     last version loads (verified) even with them destroyed, and check() finds it."""
     vids, sets = _chain(store, 2)  # v1 deltas, v2 keyframes of every model
     base = store.manifest(vids[0])
-    rec = store._content(base.groups[0].blob)
+    rec = store.storage.content(base.groups[0].blob)
     offset, _count = rec.extents[0]
     store.close()
     pack = next(p for p in (store_path / "packs").rglob("*") if p.name.startswith(rec.pack))

@@ -295,7 +295,7 @@ def test_datasets_are_shared_counted_kept_and_checked(battery_store, store_path)
     assert _equal_sets(store.load(v2), trained)  # gc kept the dataset a version uses
     loaded = store.load_dataset(ds)
     assert torch.equal(loaded["cell_000005"]["x"], data["cell_000005"]["x"])
-    rec = store._content(retrain_dataset_group_blob(store, ds))
+    rec = store.storage.content(retrain_dataset_group_blob(store, ds))
     pack = store.tier.path_of(rec.pack)
     store.close()
     raw = bytearray(pack.read_bytes())
@@ -315,7 +315,7 @@ def test_datasets_are_shared_counted_kept_and_checked(battery_store, store_path)
 def retrain_dataset_group_blob(store: mmcore.ModelStore, ds: str) -> bytes:
     from mmcore.paths import retrain
 
-    return retrain.dataset(store, ds).groups[0].blob
+    return retrain.dataset(store.storage, ds).groups[0].blob
 
 
 def test_an_update_on_a_provenance_parent_is_refused(battery_store) -> None:  # type: ignore[no-untyped-def]

@@ -116,7 +116,7 @@ def test_a_lossy_chain_loads_as_model_records(store: mmcore.ModelStore) -> None:
                    for n, sd in current.items()}  # fmt: skip
         vid = store.save(current, approach="update", parent=vid, tolerance=1e-3,
                          max_recovery=None)  # fmt: skip
-    names, states, _, _ = chain._recover(store, vid, None, verify=True)  # hashes checked
+    names, states, _, _ = chain._recover(store.storage, vid, None, verify=True)  # hashes checked
     assert all(type(states[n]) is not chain._LooseState for n in names)
     for name, sd in current.items():
         got = states[name]["w"].double()

@@ -13,7 +13,6 @@ import torch
 from conftest import assert_sets_equal, s3_url, small_set
 
 import mmcore
-from mmcore import api
 from mmcore.errors import (
     ConflictError,
     InvalidArgumentError,
@@ -22,6 +21,7 @@ from mmcore.errors import (
     RemoteStoreError,
     VersionNotFoundError,
 )
+from mmcore.paths import commit
 from mmcore.store import remote
 
 
@@ -49,7 +49,7 @@ def two(seaweed: Any, url: str) -> Iterator[tuple[mmcore.ModelStore, mmcore.Mode
 def _during_commit(store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch, act: Any) -> None:
     """Runs ``act`` once, while ``store`` builds its next version's commit: after its
     transaction began, before its commit (the race two writers run)."""
-    real = api.version_records
+    real = commit.version_records
     done: list[bool] = []
 
     def racing(catalog: Any, *args: Any, **kwargs: Any) -> Any:
@@ -58,7 +58,7 @@ def _during_commit(store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch, ac
             act()
         return real(catalog, *args, **kwargs)
 
-    monkeypatch.setattr(api, "version_records", racing)
+    monkeypatch.setattr(commit, "version_records", racing)
 
 
 def test_two_writers_to_different_refs_both_succeed(two: Any) -> None:
@@ -97,7 +97,7 @@ def test_two_writers_moving_one_ref_one_wins_the_other_gets_a_typed_conflict(
     assert f"(to {won[0]})" in str(exc.value)
     assert b.refs() == {"main": won[0]}
     assert sorted(i.id for i in b.versions()) == sorted([v1, won[0]])
-    live = {b._content(g.blob).pack for v in (v1, won[0]) for g in b.manifest(v).groups}
+    live = {b.storage.content(g.blob).pack for v in (v1, won[0]) for g in b.manifest(v).groups}
     assert set(b.tier.list()) == live  # the loser's pack is gone again
     retried = b.save(small_set(4, seed=3), ref="main")  # retrying is one call
     assert b.manifest(retried).prev == won[0]
@@ -115,7 +115,7 @@ def test_a_raced_shared_blob_reference_is_counted_again(
     _during_commit(b, monkeypatch, lambda: won.append(a.save(same)))
     vb = b.save(same)
     blob = b.manifest(vb).groups[0].blob
-    assert b._content(blob).refs == 2
+    assert b.storage.content(blob).refs == 2
     b.delete(won[0])
     b.gc()
     assert_sets_equal(a.load(vb), same)  # a still reads it: one reference left
@@ -321,7 +321,7 @@ def test_damaged_bytes_in_the_bucket_are_found(seaweed: Any, url: str) -> None:
     with _open(seaweed, url) as s:
         v = s.save(small_set(50))
         s.load_model(v, "cell_001")  # (its hashes' page kept)
-        rec = s._content(s.manifest(v).groups[0].blob)
+        rec = s.storage.content(s.manifest(v).groups[0].blob)
         stride = s.manifest(v).groups[0].schema.stride
         key = s.tier.key(rec.pack)
         data = bytearray(s.tier.client.get(key) or b"")

@@ -70,8 +70,8 @@ def _holds_exactly(store: mmcore.ModelStore, saved: dict[str, dict[str, Any]]) -
     for vid, models in saved.items():
         assert_sets_equal(store.load(vid), models)
     store.gc(grace_s=0)
-    live = {store._content(g.blob).pack for v in saved for g in store.manifest(v).groups}
-    live |= {store._content(b).pack for v in saved
+    live = {store.storage.content(g.blob).pack for v in saved for g in store.manifest(v).groups}
+    live |= {store.storage.content(b).pack for v in saved
              for b in ([store.manifest(v).update.delta_blob]
                        if store.manifest(v).update is not None else [])}  # fmt: skip
     assert set(store.tier.list()) == live

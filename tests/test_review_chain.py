@@ -89,12 +89,12 @@ def test_a_raw_update_after_a_lossy_one_loads_whatever_its_tensors_alignment(
     c = torch.randn(4096, generator=g)
     v1 = store.save(_odd_then_wide(c, g))
     v2 = store.save(_odd_then_wide(c + 0.01, g), approach="update", parent=v1, tolerance=1e-3)
-    kinds = [e[0] for e in chain.delta_table(store, store.manifest(v2)).entries]
+    kinds = [e[0] for e in chain.delta_table(store.storage, store.manifest(v2)).entries]
     assert 3 in kinds  # codec.QUANT: recovery assembles x tensor by tensor
     lossy_c = store.load(v2)["x"]["c"].clone()
     want = _odd_then_wide(lossy_c, g)  # a and b change at random: zstd does not pay
     v3 = store.save(want, approach="update", parent=v2)
-    table = chain.delta_table(store, store.manifest(v3))
+    table = chain.delta_table(store.storage, store.manifest(v3))
     assert table.rows[0][6] == 0 and [e[:2] for e in table.entries[:2]] == [(1, 0), (1, 6)]
     _every_read(store, v3, want)
     later = {"x": {**want["x"], "a": want["x"]["a"] + 1}}
@@ -118,13 +118,13 @@ def test_a_delta_blob_stored_again_elsewhere_is_not_read_through_a_stale_cache(
     key = store.manifest(v2).update.delta_blob  # type: ignore[union-attr]
     assert key is not None
     store.gc(compact_below=2)  # moves v2's delta blob down: its tables are read shifted
-    assert store._content(key).shift != 0
+    assert store.storage.content(key).shift != 0
     assert_sets_equal(store.load(v2), m2)
     store.delete(v2)
     store.gc()
     v3 = store.save(m2, approach="update", parent=v1)  # the same blob key, unshifted
     assert store.manifest(v3).update.delta_blob == key  # type: ignore[union-attr]
-    assert store._content(key).shift == 0
+    assert store.storage.content(key).shift == 0
     assert_sets_equal(store.load(v3, verify=False), m2)
     assert_sets_equal(store.load(v3), m2)
 
@@ -141,7 +141,7 @@ def test_a_flipped_bit_in_a_delta_table_is_found_by_verify_and_refused_by_saves(
     with mmcore.open(store_path) as store:
         v1 = store.save(m1)
         v2 = store.save(m2, approach="update", parent=v1)
-        rec = store._content(store.manifest(v2).update.delta_blob)  # type: ignore[union-attr]
+        rec = store.storage.content(store.manifest(v2).update.delta_blob)  # type: ignore[union-attr]
         assert rec.table is not None
         pack = store.tier.path_of(rec.pack)  # type: ignore[attr-defined]
     depth_at = rec.table[0] + 32  # the first row's depth field (uint16)
@@ -173,7 +173,7 @@ def test_check_reports_every_damaged_record_and_checks_the_rest(store: mmcore.Mo
     other_blob = store.manifest(other).groups[0].blob
     store.catalog.commit([("manifests", bad.encode(), b"\xc1 not msgpack"),
                           ("content", other_blob, b"\x93\x01\x02")])  # fmt: skip
-    store._manifests.clear()
+    store.storage.forget()
     report = store.check()
     text = " | ".join(report.problems)
     assert f"version {bad}: manifest record is not valid msgpack" in text
@@ -194,7 +194,7 @@ def test_undecodable_records_raise_typed_errors_from_every_read(store: mmcore.Mo
     naming the version, never torch's RuntimeError."""
     v = store.save({"a": {"w": torch.randn(8, generator=_gen(5))}})
     m = store.manifest(v)
-    rec = store._content(m.groups[0].blob)
+    rec = store.storage.content(m.groups[0].blob)
     rec.hashes_length = 0  # a hash table with no rows for the group's tensors
     store.catalog.commit([("content", m.groups[0].blob, rec.encode())])
     for read in (lambda: store.load(v), lambda: store.load_model(v, "a"),
@@ -222,14 +222,14 @@ def test_depths_follow_the_chain_as_it_is_after_a_rebase(store: mmcore.ModelStor
                             max_recovery=None))  # fmt: skip
     store.rebase(a[0], parent=b[-1], max_recovery=None)  # now 6 deltas deep, its children 7, 8
     for vid, deltas in zip(a, (6, 7, 8)):
-        assert chain.model_index(store, vid)["c"].depth == deltas
+        assert chain.model_index(store.storage, vid)["c"].depth == deltas
         assert store.info(vid).depth == deltas  # versions back to the baseline, as it is now
     assert {i.id: i.depth for i in store.versions()}[a[2]] == 8
     a.append(store.save(step(9), approach="update", parent=a[-1], max_chain=3, max_recovery=None))
     info = store.info(a[-1])
     assert info.changes["whole"] == 1 and info.changes["max_delta_chain"] == 0  # a keyframe
-    assert info.depth == len(chain.chain_of(store, a[-1])) - 1 == 9
-    assert chain.model_index(store, a[-1])["c"].depth == 0
+    assert info.depth == len(chain.chain_of(store.storage, a[-1])) - 1 == 9
+    assert chain.model_index(store.storage, a[-1])["c"].depth == 0
     assert_sets_equal(store.load(a[-1]), step(9))
 
 
@@ -323,7 +323,7 @@ def test_a_manifest_with_tensor_orders_is_refused_by_a_reader_of_the_old_format(
     damaged = msgpack.unpackb(raw)
     damaged["update"]["orders"] = [[["y", "z"], ["a"]]]
     store.catalog.commit([("manifests", v2.encode(), msgpack.packb(damaged))])
-    store._manifests.clear()
+    store.storage.forget()
     with pytest.raises(CorruptRecordError, match="tensor order recorded for model 'a'"):
         store.load(v2)
     assert any("tensor order recorded" in p for p in store.check().problems)
@@ -446,7 +446,7 @@ def test_an_update_with_the_tables_of_another_parents_delta_is_stored_apart(
     _every_read(store, ua, child)
     again = store.save(child, approach="update", parent=vb)  # the same bytes: shared
     assert store.manifest(again).update.delta_blob == kb  # type: ignore[union-attr]
-    assert store._content(kb).refs == 2
+    assert store.storage.content(kb).refs == 2
     store.delete(ua)
     store.gc()
     _every_read(store, ub, child)

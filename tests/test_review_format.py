@@ -286,7 +286,7 @@ def test_random_damage_to_group_and_content_records_gives_typed_errors(tmp_path:
                 parent[p[-1]] = rng.choice([0, 1, 2, 3, value + 1, value - 1, value + 2, value * 2,
                                          value // 2, value + 64, 4096, 1 << 40, 1 << 62])  # fmt: skip
             s.catalog.commit([(cf, key, msgpack.packb(obj))])
-            s._manifests.clear()
+            s.storage.forget()
             for call in (lambda: s.load(v), lambda: s.load_model(v, "m2"), lambda: s.verify(v),
                          lambda: s.load_model(v, "b1", verify=False), lambda: s.load_stacked(v),
                          lambda: s.check(v)):  # fmt: skip

@@ -159,7 +159,7 @@ def test_large_models_span_many_extents(
         models[f"other_{i:03d}"] = {"w": torch.randn(50)}
     models["big"] = {"w": torch.randn(3000)}
     v = store.save(models)
-    rec = store._content(store.manifest(v).groups[0].blob)
+    rec = store.storage.content(store.manifest(v).groups[0].blob)
     assert len(rec.extents) > 5
     assert_sets_equal(store.load(v), models)
     for name in ("cell_000", "cell_017", "cell_039", "other_011", "big"):
@@ -177,7 +177,7 @@ def test_batches_of_one_group_are_one_extent(
     monkeypatch.setattr(baseline, "BATCH_BYTES", 1000)  # five small models per batch
     models = small_set(40)
     v = store.save(models)
-    rec = store._content(store.manifest(v).groups[0].blob)
+    rec = store.storage.content(store.manifest(v).groups[0].blob)
     stride = store.manifest(v).groups[0].schema.stride
     assert rec.extents == [[rec.extents[0][0], 40]] and rec.extents[0][0] % 4096 == 0
     assert stride * 5 % 4096  # the batches do not end on a section boundary: still joined

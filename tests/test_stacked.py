@@ -66,7 +66,7 @@ def test_baseline_stacks_are_views_of_the_records_and_equal_each_model(
 def test_load_stacked_checks_hashes(store: mmcore.ModelStore) -> None:
     cells = battery.make_cells(8)
     v = store.save(cells)
-    rec = store._content(store.manifest(v).groups[0].blob)
+    rec = store.storage.content(store.manifest(v).groups[0].blob)
     pack = store.path / "packs" / f"{rec.pack}.pack"
     data = bytearray(pack.read_bytes())
     data[rec.extents[0][0] + 5 * store.manifest(v).groups[0].schema.stride + 9] ^= 1
@@ -545,7 +545,7 @@ def test_moving_recovered_states_gathers_each_architecture_once(store: mmcore.Mo
     lossy["mlp_1"]["w"] += 0.25  # quantized: assembled tensor by tensor
     lossy["odd_2"]["n"][0, 0] = 7  # xor: one record
     v2 = store.save(lossy, approach="update", parent=v1, tolerance=1e-3)
-    names, states, schemas, _ = chain._recover(store, v2, None, verify=True)
+    names, states, schemas, _ = chain._recover(store.storage, v2, None, verify=True)
     moved = chain.move_states({n: states[n] for n in names}, schemas, torch.device("cpu"))
     assert_sets_equal(moved, store.load(v2))
     for kind in ("mlp", "odd"):  # one buffer per architecture, records in the version's order
@@ -654,10 +654,10 @@ def test_verify_reads_a_large_group_in_pieces(
     monkeypatch.setattr(reader, "HASH_PIECE", 3 * 4096)  # a few models per piece
     cells = battery.make_cells(40)
     v = store.save(cells)
-    assert len(store._content(store.manifest(v).groups[0].blob).extents) == 1
+    assert len(store.storage.content(store.manifest(v).groups[0].blob).extents) == 1
     assert store.verify(v) == 40 * 8
     assert_sets_equal(store.load_stacked(v).state_dicts(), cells)
-    rec = store._content(store.manifest(v).groups[0].blob)
+    rec = store.storage.content(store.manifest(v).groups[0].blob)
     stride = store.manifest(v).groups[0].schema.stride
     pack = store.path / "packs" / f"{rec.pack}.pack"
     data = bytearray(pack.read_bytes())

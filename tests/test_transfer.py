@@ -75,7 +75,7 @@ def test_a_pushed_blob_the_destination_holds_is_referenced_not_copied(pair: Any)
     got = src.push(dst, "main")
     assert (got.blobs_copied, got.blobs_shared, got.bytes_copied) == (0, 1, 0)
     blob = dst.manifest(v).groups[0].blob
-    assert dst._content(blob).refs == 2
+    assert dst.storage.content(blob).refs == 2
     dst.delete(there)
     dst.gc()
     assert_sets_equal(dst.load("main"), models)

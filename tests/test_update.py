@@ -196,11 +196,11 @@ def test_corrupt_delta_is_named(store_path: Path) -> None:
         v2 = s.save(new, approach="update", parent=v1)
         m = s.manifest(v2)
         assert m.update is not None and m.update.delta_blob is not None
-        rec = s._content(m.update.delta_blob)
+        rec = s.storage.content(m.update.delta_blob)
         pack = s.tier.path_of(rec.pack)
         from mmcore.paths.chain import delta_table
 
-        table = delta_table(s, m)
+        table = delta_table(s.storage, m)
         at = table.rows[1][0] + table.rows[1][1] // 2  # the middle of cell_005's model blob
     data = bytearray(pack.read_bytes())
     data[at] ^= 0x40
@@ -252,7 +252,7 @@ def test_device_path_code_gives_the_host_path_bytes(
         from mmcore.paths.chain import delta_table
 
         m = s.manifest(s.versions()[0].id)
-        table = delta_table(s, m)
+        table = delta_table(s.storage, m)
         kinds = {e[0] for e in table.entries}
         assert {1, 2 if tolerance is None else 3} <= kinds  # raw, and xor-planes or quantized
         assert {r[6] for r in table.rows} == {0, 1}  # some blobs stored raw, some zstd
@@ -279,8 +279,8 @@ def test_moving_a_recovered_version_in_large_pieces_is_exact(store: mmcore.Model
     v2 = store.save(new, approach="update", parent=v1)
     v3 = store.save(_nudge(new, 5, 1e-2, 6), approach="update", parent=v2, tolerance=1e-3)
     for vid, wanted in ((v2, None), (v3, None), (v3, {"cell_005", "late", "other"})):
-        want = chain.recover(store, vid, wanted, verify=True)
-        got = chain.recover(store, vid, wanted, verify=True, device=torch.device("cpu"))
+        want = chain.recover(store.storage, vid, wanted, verify=True)
+        got = chain.recover(store.storage, vid, wanted, verify=True, device=torch.device("cpu"))
         assert list(got) == list(want)
         for name, sd in want.items():
             assert list(got[name]) == list(sd)
@@ -305,7 +305,7 @@ def test_corrupt_parent_is_named_by_the_update_that_reads_it(store_path: Path) -
     with mmcore.open(store_path) as s:
         v1 = s.save(models)
         m = s.manifest(v1)
-        rec = s._content(m.groups[0].blob)
+        rec = s.storage.content(m.groups[0].blob)
         pack = s.tier.path_of(rec.pack)
         pos = m.models.index("cell_009")
         extent, index = rec.locate(pos)
@@ -383,7 +383,7 @@ def test_update_saved_from_the_gpu_equals_the_cpu_one(tmp_path: Path) -> None:
             v2 = s.save(on, approach="update", parent=v1, tolerance=1e-3)
             m = s.manifest(v2)
             assert m.update is not None and m.update.delta_blob is not None
-            rec = s._content(m.update.delta_blob)
+            rec = s.storage.content(m.update.delta_blob)
             blobs.append(m.update.delta_blob)
             got_cpu = s.load(v2)
             got_gpu = s.load(v2, device="cuda")
@@ -480,7 +480,7 @@ def test_blobs_compressed_where_they_were_encoded_load_anywhere(
         v2 = s.save(new, approach="update", parent=s.save(models), tolerance=tolerance)
         from mmcore.paths.chain import delta_table
 
-        table = delta_table(s, s.manifest(v2))
+        table = delta_table(s.storage, s.manifest(v2))
         assert 2 in {r[6] for r in table.rows} and 1 not in {r[6] for r in table.rows}
         big = max(table.rows, key=lambda r: r[2])
         assert big[2] > 4 * frames.CHUNK  # several frames in one blob
@@ -524,7 +524,7 @@ def test_many_blobs_stored_plain_keep_their_unchanged_tensors(tmp_path: Path) ->
 
         m = s.manifest(v2)
         assert m.update is not None and len(m.update.changed) == 30
-        table = delta_table(s, m)
+        table = delta_table(s.storage, m)
         assert {r[6] for r in table.rows} == {0}  # every blob stored plain
         assert [e[0] for e in table.entries[:5]] == [1, 0, 0, 1, 0]  # raw, same, same, raw, same
         assert_sets_equal(s.load(v2), new)

@@ -150,7 +150,7 @@ def test_a_save_written_in_many_chunks_round_trips_bit_for_bit(
     v1 = store.save(base)
     new = _moved(base, 2)
     v2 = store.save(new, approach="update", parent=v1)
-    codecs = {row[6] for row in chain.delta_table(store, store.manifest(v2)).rows}
+    codecs = {row[6] for row in chain.delta_table(store.storage, store.manifest(v2)).rows}
     assert codecs == {codec.ZSTD, codec.NONE}  # both kinds of blob, across the chunks
     assert store.manifest(v2).update.stats["unchanged"] == 1  # type: ignore[union-attr]
     got = store.load(v2)
@@ -168,7 +168,7 @@ def test_quantized_pieces_with_a_hole_are_gathered_and_round_trip(store: mmcore.
     new = {name: {"a": sd["a"] + 0.5, "b": sd["b"] + 1e-6, "c": sd["c"] - 0.5}  # b within tolerance
            for name, sd in base.items()}  # fmt: skip
     v2 = store.save(new, approach="update", parent=v1, tolerance=1e-3)
-    table = chain.delta_table(store, store.manifest(v2))
+    table = chain.delta_table(store.storage, store.manifest(v2))
     kinds = table.columns[:, 0].reshape(80, 3)
     assert bool((kinds[:, 1] == codec.SAME).all())  # the hole: b is the parent's
     assert bool((kinds[:, 0] != codec.SAME).all()) and bool((kinds[:, 2] != codec.SAME).all())
@@ -188,15 +188,15 @@ def test_a_damaged_blob_among_many_is_named_after_the_multi_frame_call_fails(
            for n, sd in base.items()}  # fmt: skip
     v2 = store.save(new, approach="update", parent=v1)
     m = store.manifest(v2)
-    rows = chain.delta_table(store, m).rows
+    rows = chain.delta_table(store.storage, m).rows
     assert sum(row[6] == codec.ZSTD for row in rows) >= 64  # the multi-frame call is taken
     i = m.update.changed.index("m033")  # type: ignore[union-attr]
-    rec = store._content(m.update.delta_blob)  # type: ignore[union-attr]
+    rec = store.storage.content(m.update.delta_blob)  # type: ignore[union-attr]
     path = store.tier.path_of(rec.pack)
     with open(path, "r+b") as f:
         f.seek(rows[i][0])
         f.write(b"\xff\xff\xff\xff")  # its frame's magic number
-    store._delta_tables.clear()
+    store.storage.delta_tables.clear()
     with pytest.raises(IntegrityError, match=r"model 'm033'.*damaged"):
         store.load(v2)
 

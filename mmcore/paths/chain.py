@@ -31,7 +31,7 @@ from .delta_blob import blob_key as delta_blob_key
 from .reader import StateDict, record_views, segment_table
 
 if TYPE_CHECKING:
-    from ..api import ModelStore
+    from ..storage import Storage
 
 _DELTA_CACHE = 64
 # Below this share of a group's models, read them one by one instead of mapping the group.
@@ -53,7 +53,7 @@ class ModelInfo:
         return self.table[self.first : self.first + len(self.schema.tensors)]
 
 
-def chain_of(store: ModelStore, vid: str) -> list[Manifest]:
+def chain_of(store: Storage, vid: str) -> list[Manifest]:
     """[the version, its parent, ..., the baseline]."""
     chain = [store.manifest(vid)]
     while chain[-1].update is not None:
@@ -72,17 +72,17 @@ def _group_names(manifest: Manifest, group: GroupRecord) -> list[str]:
     return [manifest.models[i] for i in group.positions()]
 
 
-def delta_table(store: ModelStore, manifest: Manifest) -> DeltaTable:
+def delta_table(store: Storage, manifest: Manifest) -> DeltaTable:
     """The parsed delta tables of an update version (cached per store, keyed by where
     the blob is: a blob deleted and stored again, or moved by compaction, is another
     entry, so no commit can leave a cached table pointing at the wrong bytes)."""
     assert manifest.update is not None and manifest.update.delta_blob is not None
     blob = manifest.update.delta_blob
-    rec = store._content(blob)
+    rec = store.content(blob)
     if rec.table is None:
         raise CorruptRecordError(f"version {manifest.id}: its delta blob has no table record")
     key = (blob, rec.pack, *rec.table, rec.hashes_offset, rec.shift)
-    cache = store._delta_tables
+    cache = store.delta_tables
     cached = cache.get(key)
     if cached is not None:
         return cached
@@ -90,7 +90,7 @@ def delta_table(store: ModelStore, manifest: Manifest) -> DeltaTable:
     table = decode_tables(data, len(manifest.update.changed), hashes, f"version {manifest.id}")
     if rec.shift:  # moved by compaction: the model blobs are where the table says, plus shift
         table.rows = [(row[0] + rec.shift, *row[1:]) for row in table.rows]
-    store._reader.check_in_pack(rec, [(row[0], row[1]) for row in table.rows])  # read trusts it
+    store.reader.check_in_pack(rec, [(row[0], row[1]) for row in table.rows])  # read trusts it
     if len(cache) >= _DELTA_CACHE:
         cache.pop(next(iter(cache)))
     cache[key] = table
@@ -98,23 +98,23 @@ def delta_table(store: ModelStore, manifest: Manifest) -> DeltaTable:
 
 
 def read_delta_blob(
-    store: ModelStore, manifest: Manifest, rec: ContentRecord | None = None
+    store: Storage, manifest: Manifest, rec: ContentRecord | None = None
 ) -> tuple[bytes, torch.Tensor]:
     """An update version's delta tables and hash table, read from its pack and checked
     against the blob's content address (which covers both: a flipped bit in a depth,
     an offset or a hash is found here, before anything is decoded)."""
     assert manifest.update is not None and manifest.update.delta_blob is not None
     blob = manifest.update.delta_blob
-    rec = rec or store._content(blob)
+    rec = rec or store.content(blob)
     if rec.table is None:
         raise CorruptRecordError(f"version {manifest.id}: its delta blob has no table record")
     offset, length = rec.table
-    store._reader.check_in_pack(rec, [rec.table])  # before a buffer of a damaged length
+    store.reader.check_in_pack(rec, [rec.table])  # before a buffer of a damaged length
     data = bytearray(length)
     if length:
         buf = torch.frombuffer(data, dtype=torch.uint8)
         store.tier.read_into(rec.pack, offset, length, buf.data_ptr())
-    hashes = store._reader.stored_hashes(rec)
+    hashes = store.reader.stored_hashes(rec)
     if delta_blob_key(bytes(data), hashes) != blob:
         raise IntegrityError(
             f"version {manifest.id}: its delta tables or their hashes do not match the blob's "
@@ -123,13 +123,13 @@ def read_delta_blob(
     return bytes(data), hashes
 
 
-def model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
+def model_index(store: Storage, vid: str) -> dict[str, ModelInfo]:
     """Every model of a version, in its order, with its schema, hashes and delta depth."""
     with gc_paused():
         return _model_index(store, vid)
 
 
-def _model_index(store: ModelStore, vid: str) -> dict[str, ModelInfo]:
+def _model_index(store: Storage, vid: str) -> dict[str, ModelInfo]:
     chain = chain_of(store, vid)
     base = chain[-1]
     index: dict[str, ModelInfo] = {}
@@ -207,16 +207,16 @@ def _in_order(state: StateDict, order: list[str] | None) -> StateDict:
     return state if order is None else {key: state[key] for key in order}
 
 
-def _index_group(store: ModelStore, m: Manifest, group: GroupRecord,
+def _index_group(store: Storage, m: Manifest, group: GroupRecord,
                  index: dict[str, ModelInfo]) -> None:  # fmt: skip
-    hashes = store._reader.stored_hashes(store._reader.group_content(m, group))
+    hashes = store.reader.stored_hashes(store.reader.group_content(m, group))
     n = len(group.schema.tensors)
     for pos, name in enumerate(_group_names(m, group)):
         index[name] = ModelInfo(group.schema, hashes, pos * n, 0)
 
 
 def recover(
-    store: ModelStore,
+    store: Storage,
     vid: str,
     wanted: set[str] | None,
     *,
@@ -271,7 +271,7 @@ def _state_dicts(states: dict[str, StateDict], names: list[str]) -> dict[str, St
     return out
 
 
-def recover_records(store: ModelStore, vid: str, *, verify: bool
+def recover_records(store: Storage, vid: str, *, verify: bool
                     ) -> tuple[list[str], list[tuple[Schema, list[str], torch.Tensor]]]:  # fmt: skip
     """The version's model names in its order, and its models as record buffers, one
     per architecture (in order of first appearance): (schema, names, count x stride
@@ -312,7 +312,7 @@ def _gather_states(
 
 
 def _recover(
-    store: ModelStore,
+    store: Storage,
     vid: str,
     wanted: set[str] | None,
     *,
@@ -333,7 +333,7 @@ def _recover(
 
 
 def _recover_paused(
-    store: ModelStore,
+    store: Storage,
     vid: str,
     wanted: set[str] | None,
     *,
@@ -396,7 +396,7 @@ def _recover_paused(
         if m.update.changed:
             table = delta_table(store, m)
             assert m.update.delta_blob is not None
-            pack = store._content(m.update.delta_blob).pack
+            pack = store.content(m.update.delta_blob).pack
             if wanted is None:
                 rows = list(zip(m.update.changed, table.rows))
             else:
@@ -529,14 +529,14 @@ class RecordState(Mapping[str, torch.Tensor]):
         return cast(StateDict, self)
 
 
-def _read_group(store: ModelStore, m: Manifest, group: GroupRecord, wanted: set[str] | None,
+def _read_group(store: Storage, m: Manifest, group: GroupRecord, wanted: set[str] | None,
                 states: dict[str, StateDict], schemas: dict[str, Schema], verify: bool,
                 records: bool) -> None:  # fmt: skip
     cpu = torch.device("cpu")
     if wanted is not None and len(wanted) * _FEW < group.count:
         found = [(name, _position(m, group, name)) for name in wanted]
         hits = [(name, where) for name, where in found if where is not None]
-        models = store._reader.read_models(m, group, [where for _, where in hits], verify=verify,
+        models = store.reader.read_models(m, group, [where for _, where in hits], verify=verify,
                                            device=cpu)  # fmt: skip
         for (name, _), state in zip(hits, models):
             states[name] = state
@@ -544,13 +544,13 @@ def _read_group(store: ModelStore, m: Manifest, group: GroupRecord, wanted: set[
         return
     names = _group_names(m, group)
     if records:  # one buffer of records: each model its address, no views
-        buf = store._reader.read_records(m, group, verify=verify, pool=store._pool)
+        buf = store.reader.read_records(m, group, verify=verify, pool=store.pool)
         for i, name in enumerate(names):
             if wanted is None or name in wanted:
                 states[name] = RecordState(buf, i, group.schema).as_state()
                 schemas[name] = group.schema
         return
-    models = store._reader.read_group(m, group, verify=verify, device=cpu, pool=store._pool)
+    models = store.reader.read_group(m, group, verify=verify, device=cpu, pool=store.pool)
     for name, state in zip(names, models):
         if wanted is None or name in wanted:
             states[name] = state
@@ -569,12 +569,12 @@ def _position(m: Manifest, group: GroupRecord, name: str) -> int | None:
 
 
 def _model_plain(
-    store: ModelStore, m: Manifest, row: tuple[int, ...], name: str, pack: str
+    store: Storage, m: Manifest, row: tuple[int, ...], name: str, pack: str
 ) -> torch.Tensor:
     return _plain_of(_read_blob(store, pack, row), row, f"version {m.id}, model {name!r}")
 
 
-def _read_blob(store: ModelStore, pack: str, row: tuple[int, ...]) -> bytearray:
+def _read_blob(store: Storage, pack: str, row: tuple[int, ...]) -> bytearray:
     """A model blob's stored bytes, read on their own."""
     raw = bytearray(row[1])
     if row[1]:
@@ -605,7 +605,7 @@ def _plain_buffer(raw: bytes | bytearray | memoryview, row: tuple[int, ...],
 
 
 def _model_plains(
-    store: ModelStore, batch: list[_Queued]
+    store: Storage, batch: list[_Queued]
 ) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
     """The plain model blobs of ``batch``: the objects holding them (kept alive by the
     caller while it reads them), and each blob's address and length (int64). The blobs
@@ -641,7 +641,7 @@ def _model_plains(
                 )
 
         # zstd releases the GIL: the reader thread takes every other model blob
-        helper = store._pool.submit(decode, idx[1::2]) if len(idx) >= 64 else None
+        helper = store.pool.submit(decode, idx[1::2]) if len(idx) >= 64 else None
         try:
             decode(idx[0::2] if helper else idx)
         except BaseException:
@@ -700,7 +700,7 @@ def _record_address(state: StateDict, schema: Schema) -> int | None:
     return 0 if schema.stride == 0 else None  # nothing to read; else not a record we know
 
 
-def _apply_records(store: ModelStore, batch: list[_Queued], states: dict[str, StateDict],
+def _apply_records(store: Storage, batch: list[_Queued], states: dict[str, StateDict],
                    schemas: dict[str, Schema], last_delta: dict[str, torch.Tensor],
                    records: bool) -> list[_Queued]:  # fmt: skip
     """Decodes whole model records: per schema, every model of ``batch`` whose parent is
@@ -722,7 +722,7 @@ def _apply_records(store: ModelStore, batch: list[_Queued], states: dict[str, St
     return rest
 
 
-def _decode_records(store: ModelStore, group: list[tuple[_Queued, int]], schema: Schema,
+def _decode_records(store: Storage, group: list[tuple[_Queued, int]], schema: Schema,
                     states: dict[str, StateDict], last_delta: dict[str, torch.Tensor],
                     records: bool = False) -> None:  # fmt: skip
     """Decodes one delta of each model of ``group`` (all of ``schema``, each state one
@@ -830,7 +830,7 @@ class _Queued:
 
 
 def _apply_deltas(
-    store: ModelStore,
+    store: Storage,
     batch: list[_Queued],
     states: dict[str, StateDict],
     last_delta: dict[str, torch.Tensor],

@@ -5,16 +5,21 @@ synced WriteBatch."""
 
 from __future__ import annotations
 
-from ..errors import VersionNotFoundError
+from typing import TYPE_CHECKING
+
+from ..errors import ConflictError, RefConflictError, VersionNotFoundError
 from ..manifest import ContentRecord, Manifest, pack_record
 from ..record import ref_target
-from ..store import Catalog
-from ..store.remote import LogCatalog
+
+if TYPE_CHECKING:
+    from ..storage import Records, Storage
+
+COMMIT_ATTEMPTS = 8  # a save's commit, built again after another writer's commit
 
 Put = tuple[str, bytes, bytes]
 
 
-def content_records(catalog: Catalog | LogCatalog, blobs: list[tuple[bytes, ContentRecord]], pack_id: str,
+def content_records(catalog: Records, blobs: list[tuple[bytes, ContentRecord]], pack_id: str,
                     pack_size: int, created: float) -> tuple[list[Put], int, int]:  # fmt: skip
     """The puts of ``blobs`` (a blob stored already gets one more reference instead)
     and of the new pack when any blob lives in it; how many do, and the new bytes."""
@@ -36,7 +41,7 @@ def content_records(catalog: Catalog | LogCatalog, blobs: list[tuple[bytes, Cont
 
 
 def version_records(
-    catalog: Catalog | LogCatalog,
+    catalog: Records,
     manifest: Manifest,
     blobs: list[tuple[bytes, ContentRecord]],
     pack_id: str,
@@ -62,6 +67,34 @@ def version_records(
     return puts, live_in_pack
 
 
+def commit_version(store: Storage, manifest: Manifest, blobs: list[tuple[bytes, ContentRecord]],
+                   pack_id: str, pack_size: int) -> None:  # fmt: skip
+    """Commits a saved version whose pack is written. On object storage, a commit
+    whose records another writer changed meanwhile (a shared blob's reference
+    count, say) is built again from the records as they are now, a few times; a
+    ref another writer moved raises ``RefConflictError`` (and the pack goes)."""
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            with store.catalog.transaction():
+                puts, live_in_pack = version_records(store.catalog, manifest, blobs, pack_id,
+                                                     pack_size)  # fmt: skip
+                # From here on the pack stays whatever happens: a commit that raised
+                # (an interrupt arriving after the write, a failed WAL sync, a lost
+                # response) may still be durable and reference it. An unreferenced
+                # pack is reclaimed by gc().
+                store.catalog.commit(puts)
+            break
+        except (RefConflictError, VersionNotFoundError):  # nothing references the pack
+            store.tier.delete(pack_id)
+            raise
+        except ConflictError:
+            if attempt == COMMIT_ATTEMPTS - 1:
+                store.tier.delete(pack_id)
+                raise
+    if not live_in_pack:  # every blob was already stored: the new pack holds nothing
+        store.tier.delete(pack_id)
+
+
 def version_blobs(manifest: Manifest) -> list[bytes]:
     """Every blob a version references (one reference each)."""
     blobs = [g.blob for g in manifest.groups]
@@ -76,7 +109,7 @@ Delete = tuple[str, bytes]
 
 
 def swap_references(
-    catalog: Catalog | LogCatalog,
+    catalog: Records,
     added: list[tuple[bytes, ContentRecord]],
     removed: list[bytes],
     pack_id: str,

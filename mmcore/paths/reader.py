@@ -19,6 +19,7 @@ from ..errors import CorruptRecordError, IntegrityError, StoreError
 from ..manifest import ContentRecord, GroupRecord, Manifest
 from ..modelset import Schema
 from ..record import DAMAGED
+from ..stacked import Stack, StackedSet
 from ..store.packs import PayloadTier
 
 StateDict = dict[str, torch.Tensor]
@@ -374,3 +375,20 @@ class BlobReader:
                 f"version {manifest.id}: the hash table of a blob in pack {rec.pack} does not "
                 "match its content address: the stored hashes are corrupted"
             )
+
+
+def stacked_groups(reader: BlobReader, manifest: Manifest, *, verify: bool, device: torch.device,
+                   pool: ThreadPoolExecutor) -> StackedSet:  # fmt: skip
+    """The groups of a baseline manifest (or a dataset's) as stacks."""
+    stacks = []
+    for group in manifest.groups:
+        buf = reader.read_records(manifest, group, verify=verify, pool=pool)
+        names = [manifest.models[i] for i in group.positions()]
+        stacks.append(stack_of(names, buf, group.schema, device))
+    return StackedSet(stacks, manifest.models)
+
+
+def stack_of(names: list[str], buf: torch.Tensor, schema: Schema, device: torch.device) -> Stack:
+    """The stack viewing ``buf`` (records of ``schema``), moved to ``device`` in one copy."""
+    stack = Stack(names, record_columns(buf, schema, len(names)), records=(buf, schema))
+    return stack.to(device)

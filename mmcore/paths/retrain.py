@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +37,13 @@ from ..stacked import StackedSet, stack_sets
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 from . import baseline
 from .commit import content_records
+from .reader import stacked_groups
 
 if TYPE_CHECKING:
-    from ..api import ModelStore
+    from ..storage import Storage
 
 StateDicts = dict[str, dict[str, torch.Tensor]]
+LoadParent = Callable[[torch.device], StackedSet]  # the parent version, loaded on a device
 
 
 class EnvironmentWarning(UserWarning):
@@ -55,7 +58,7 @@ def dataset_id(names: list[str], blob_keys: list[bytes]) -> str:
     return kernels.blake3_bytes(head + b"".join(blob_keys)).hex()
 
 
-def put_dataset(store: ModelStore, data: Any, progress: Any) -> str:
+def put_dataset(store: Storage, data: Any, progress: Any) -> str:
     """Stores ``data`` ({name: {tensor name: tensor}}) and returns its id; data stored
     before (same names, same bytes) is not stored again."""
     writer = store.tier.create()
@@ -76,13 +79,13 @@ def put_dataset(store: ModelStore, data: Any, progress: Any) -> str:
         rec = DatasetRecord(did, written.names, written.groups, written.logical_bytes, new_bytes,
                             now)  # fmt: skip
         puts.append(("datasets", did.encode(), rec.encode()))
-        store.catalog.commit(puts)  # the pack stays from here on (see ModelStore.save)
+        store.catalog.commit(puts)  # the pack stays from here on (see Storage.save)
     if not live:
         store.tier.delete(writer.pack_id)
     return did
 
 
-def dataset(store: ModelStore, did: str) -> DatasetRecord:
+def dataset(store: Storage, did: str) -> DatasetRecord:
     if not isinstance(did, str) or not did:
         raise InvalidArgumentError(f"a dataset id is a string from store.put_dataset, got {did!r}")
     raw = store.catalog.get("datasets", did.encode())
@@ -100,34 +103,36 @@ def _as_manifest(rec: DatasetRecord) -> Manifest:
 
 
 def load_dataset(
-    store: ModelStore, did: str, device: torch.device
+    store: Storage, did: str, device: torch.device
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Every entry of a dataset, hash-checked, in its order."""
     rec = dataset(store, did)
     m = _as_manifest(rec)
     out: list[dict[str, torch.Tensor] | None] = [None] * len(rec.names)
     for group in rec.groups:
-        states = store._reader.read_group(m, group, verify=True, device=device, pool=store._pool)
+        states = store.reader.read_group(m, group, verify=True, device=device, pool=store.pool)
         for pos, state in zip(group.positions(), states):
             out[pos] = state
     return {name: state for name, state in zip(rec.names, out) if state is not None}
 
 
-def load_dataset_stacked(store: ModelStore, did: str, device: torch.device) -> StackedSet:
+def load_dataset_stacked(store: Storage, did: str, device: torch.device) -> StackedSet:
     """A stored dataset as stacks (one per shape of its entries), hash-checked."""
     rec = dataset(store, did)
-    return store._stacked_groups(_as_manifest(rec), verify=True, device=device)
+    return stacked_groups(
+        store.reader, _as_manifest(rec), verify=True, device=device, pool=store.pool
+    )
 
 
-def verify_dataset(store: ModelStore, did: str) -> int:
+def verify_dataset(store: Storage, did: str) -> int:
     rec = dataset(store, did)
     m = _as_manifest(rec)
     for group in rec.groups:
-        store._reader.verify_group(m, group)
+        store.reader.verify_group(m, group)
     return sum(g.count * len(g.schema.tensors) for g in rec.groups)
 
 
-def users(store: ModelStore, did: str) -> list[str]:
+def users(store: Storage, did: str) -> list[str]:
     """The versions whose recipe reads dataset ``did``."""
     found = []
     for key, raw in store.catalog.scan("manifests"):
@@ -137,7 +142,7 @@ def users(store: ModelStore, did: str) -> list[str]:
     return found
 
 
-def delete_dataset(store: ModelStore, did: str) -> None:
+def delete_dataset(store: Storage, did: str) -> None:
     rec = dataset(store, did)
     using = users(store, did)
     if using:
@@ -147,7 +152,7 @@ def delete_dataset(store: ModelStore, did: str) -> None:
         )
     puts, deletes = [], [("datasets", did.encode())]
     for group in rec.groups:
-        content = store._content(group.blob)
+        content = store.content(group.blob)
         content.refs -= 1
         if content.refs > 0:
             puts.append(("content", group.blob, content.encode()))
@@ -208,8 +213,11 @@ def _mismatches(a: torch.Tensor, b: torch.Tensor, names: list[str]) -> list[str]
     return [names[i] for i in bad]
 
 
-def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent: str,
-                     recipe: provenance.Recipe, *, check: bool, progress: Any) -> WrittenProvenance:  # fmt: skip
+def write_provenance(store: Storage, writer: PackWriter, models: Any, parent: str,
+                     recipe: provenance.Recipe, *, check: bool, progress: Any,
+                     load_parent: LoadParent) -> WrittenProvenance:  # fmt: skip
+    """Checks ``models`` against ``recipe`` run on ``parent`` (``load_parent(device)``
+    loads it where the models are) and writes the table of their hashes."""
     if not isinstance(recipe, provenance.Recipe):
         raise InvalidArgumentError(
             f"a provenance save needs recipe=mmcore.Recipe(...), got {type(recipe).__name__}"
@@ -228,7 +236,7 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
     if device is None:
         given = {n: {k: t.cpu() for k, t in sd.items()} for n, sd in given.items()}
         device = torch.device("cpu")
-    parent_set = store.load_stacked(parent, device=device)
+    parent_set = load_parent(device)
     parent_models = parent_set.state_dicts()  # views of the stacks
     if set(given) != set(parent_models):
         extra = sorted(set(given) - set(parent_models))[:3]
@@ -290,7 +298,7 @@ def write_provenance(store: ModelStore, writer: PackWriter, models: Any, parent:
     return WrittenProvenance(info, [(key, rec)], logical)
 
 
-def _retrain(store: ModelStore, found: provenance.Trainer, recipe: provenance.Recipe,
+def _retrain(store: Storage, found: provenance.Trainer, recipe: provenance.Recipe,
              parent: StackedSet, subset: list[str], device: torch.device) -> StackedSet:  # fmt: skip
     """Runs the recipe on the models ``subset`` of ``parent``: a stacked trainer on the
     parent's stacks (and the dataset's) as they are; another on state dicts."""
@@ -305,10 +313,11 @@ def _retrain(store: ModelStore, found: provenance.Trainer, recipe: provenance.Re
     return stack_sets(provenance.run(found, recipe, {n: models[n] for n in subset}, data))
 
 
-def recover(store: ModelStore, m: Manifest, *, device: torch.device,
-            allow_code_change: bool) -> StackedSet:  # fmt: skip
-    """The models of provenance version ``m`` as stacks: its parent's, the recipe's
-    retrained (their rows replaced in the parent's stacks)."""
+def recover(store: Storage, m: Manifest, *, device: torch.device, allow_code_change: bool,
+            load_parent: LoadParent) -> StackedSet:  # fmt: skip
+    """The models of provenance version ``m`` as stacks: its parent's (``load_parent``
+    loads them on a device), the recipe's retrained (their rows replaced in the
+    parent's stacks)."""
     info = m.provenance
     assert info is not None and m.parent is not None
     found = provenance.registered(str(info.recipe["trainer"]))
@@ -336,7 +345,7 @@ def recover(store: ModelStore, m: Manifest, *, device: torch.device,
             stacklevel=4,
         )
     recipe = provenance.Recipe(**info.recipe)  # validated when the manifest was decoded
-    parent = store.load_stacked(m.parent, device=train_on, allow_code_change=allow_code_change)
+    parent = load_parent(train_on)
     held = {n for g in parent.groups for n in g.names}
     missing = [n for n in info.retrained if n not in held]
     if missing:
@@ -344,8 +353,8 @@ def recover(store: ModelStore, m: Manifest, *, device: torch.device,
             f"version {m.id} retrains {missing[:3]}, which its parent does not hold"
         )
     trained = _retrain(store, found, recipe, parent, info.retrained, train_on)
-    rec = store._content(info.hashes_blob)
-    stored = store._reader.stored_hashes(rec)
+    rec = store.content(info.hashes_blob)
+    stored = store.reader.stored_hashes(rec)
     if roots_key(stored) != info.hashes_blob or stored.shape[0] != len(info.retrained):
         raise IntegrityError(f"version {m.id}: its table of recorded hashes is corrupted")
     bad = _mismatches(stacked_roots(trained, info.retrained), stored, info.retrained)

@@ -40,7 +40,7 @@ from ..store.packs import HEADER_SIZE, PackWriter, align_up
 from . import baseline, chain, delta_blob
 
 if TYPE_CHECKING:
-    from ..api import ModelStore
+    from ..storage import Storage
 
 Progress = Callable[[int], None]
 
@@ -207,7 +207,7 @@ TRANSFERS = Transfers()
 _HASH_BATCH = 16384  # tensors per hash job
 
 
-def write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
+def write_update(store: Storage, writer: PackWriter, models: Any, parent: str, *,
                  tolerance: float | None, max_chain: int, max_recovery: float | None,
                  progress: Progress, saved_orders: dict[str, list[str]] | None = None) -> WrittenUpdate:  # fmt: skip
     """``saved_orders`` (a rebase): ``models`` come in the tensor order of their
@@ -249,7 +249,7 @@ class _Split:
     model_order: list[str] | None  # the set's order, where it is not the one derived
 
 
-def _write_update(store: ModelStore, writer: PackWriter, models: Any, parent: str, *,
+def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, *,
                   tolerance: float | None, max_chain: int, max_recovery: float | None,
                   progress: Progress, saved_orders: dict[str, list[str]] | None) -> WrittenUpdate:  # fmt: skip
     TRANSFERS.device_to_host = TRANSFERS.host_to_device = TRANSFERS.encodings = 0
@@ -319,7 +319,7 @@ def _set_order(order: list[str], index: dict[str, chain.ModelInfo],
     return order if order != derived else None
 
 
-def _split_entries(store: ModelStore, models: Any, parent: str,
+def _split_entries(store: Storage, models: Any, parent: str,
                    index: dict[str, chain.ModelInfo] | None, max_chain: int,
                    max_recovery: float | None, progress: Progress, sizes: Sizes,
                    saved_orders: dict[str, list[str]] | None) -> _Split:  # fmt: skip
@@ -558,7 +558,7 @@ class _Plan:
         return out, hold
 
 
-def _encode(store: ModelStore, parent: str, deltas: list[_Delta], hashes: torch.Tensor,
+def _encode(store: Storage, parent: str, deltas: list[_Delta], hashes: torch.Tensor,
             parent_hashes: torch.Tensor, tolerance: float | None,
             device: torch.device | None) -> _Blobs:  # fmt: skip
     """Encodes every changed tensor of ``deltas`` against the parent as recovered, and
@@ -907,7 +907,7 @@ def _chunks(plain: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def _write_deltas(
-    store: ModelStore, writer: PackWriter, b: _Blobs, end: int
+    store: Storage, writer: PackWriter, b: _Blobs, end: int
 ) -> tuple[bytes, ContentRecord, int, int]:
     """Writes the model blobs, then the tables and hashes; returns the blob key, its
     content record, the model blobs' bytes and the tables' and hashes' bytes.
@@ -1036,7 +1036,7 @@ def _raw_blobs(b: _Blobs, lo: int, hi: int, raw: torch.Tensor, raw_size: torch.T
     return gathered
 
 
-def _holds_other_bytes(store: ModelStore, key: bytes, start: int,
+def _holds_other_bytes(store: Storage, key: bytes, start: int,
                        datas: list[bytes | memoryview], lens: torch.Tensor) -> bool:  # fmt: skip
     """Whether the store has a delta blob under ``key`` whose model blobs (back to back
     from offset ``start``, shifted by its record's ``shift``) are not ``datas`` (``lens``
@@ -1050,7 +1050,7 @@ def _holds_other_bytes(store: ModelStore, key: bytes, start: int,
         total = int(lens.sum())
         if not total:
             return False
-        store._reader.check_in_pack(rec, [(start + rec.shift, total)])
+        store.reader.check_in_pack(rec, [(start + rec.shift, total)])
         got = torch.empty(total, dtype=torch.uint8)
         store.tier.read_into(rec.pack, start + rec.shift, total, got.data_ptr())
     except MMCoreError:

@@ -82,7 +82,7 @@ class Catalog:
 
     def refresh(self) -> None:
         """Nothing to catch up with: a writer's catalog is the store's (a read-only
-        store reopens its catalog instead: ``ModelStore._refresh``)."""
+        store reopens its catalog instead: ``LocalStorage.refresh``)."""
 
     def commit(self, puts: Sequence[Put] = (), deletes: Sequence[Delete] = ()) -> None:
         """Applies every put and delete atomically and durably (synced WAL)."""

@@ -27,7 +27,7 @@ from ..paths.delta_blob import MODEL
 from .packs import HEADER_SIZE, SECTION_ALIGN, PackWriter, align_up
 
 if TYPE_CHECKING:
-    from ..api import ModelStore
+    from ..storage import Storage
 
 _CHUNK = 32 << 20  # bytes copied per read/write
 _FIRST = HEADER_SIZE  # where a rewritten pack's first blob goes (the tests move it)
@@ -67,12 +67,12 @@ def blob_kinds(manifests: Iterable[Manifest], datasets: Iterable[DatasetRecord])
     return strides, deltas, roots
 
 
-def _owners(store: ModelStore) -> Kinds:
+def _owners(store: Storage) -> Kinds:
     return blob_kinds((Manifest.decode(raw) for _, raw in store.catalog.scan("manifests")),
                       (DatasetRecord.decode(raw) for _, raw in store.catalog.scan("datasets")))  # fmt: skip
 
 
-def live_item(store: ModelStore, key: bytes, rec: ContentRecord, kinds: Kinds) -> _Live | None:
+def live_item(store: Storage, key: bytes, rec: ContentRecord, kinds: Kinds) -> _Live | None:
     """A blob and the byte ranges that hold it (None: of no kind ``kinds`` names)."""
     strides, deltas, roots = kinds
     if key in deltas and rec.table is not None:
@@ -86,7 +86,7 @@ def live_item(store: ModelStore, key: bytes, rec: ContentRecord, kinds: Kinds) -
     return None
 
 
-def _delta_span(store: ModelStore, rec: ContentRecord, models: int) -> tuple[int, int]:
+def _delta_span(store: Storage, rec: ContentRecord, models: int) -> tuple[int, int]:
     """The bytes of a delta blob: from its first model blob to the end of its hashes."""
     assert rec.table is not None
     start = rec.table[0]
@@ -99,7 +99,7 @@ def _delta_span(store: ModelStore, rec: ContentRecord, models: int) -> tuple[int
     return start, rec.hashes_offset + rec.hashes_length - start
 
 
-def plan(store: ModelStore) -> dict[str, list[_Live]]:
+def plan(store: Storage) -> dict[str, list[_Live]]:
     """Per pack, its live blobs and their byte ranges; None for a pack holding a blob
     nothing here can place (then the pack is left alone)."""
     kinds = _owners(store)
@@ -118,7 +118,7 @@ def plan(store: ModelStore) -> dict[str, list[_Live]]:
 
 
 def copy_range(
-    store: ModelStore, pack: str, offset: int, length: int, writer: PackWriter, to: int
+    store: Storage, pack: str, offset: int, length: int, writer: PackWriter, to: int
 ) -> None:
     """``length`` bytes at ``offset`` of ``store``'s ``pack`` to ``to`` in ``writer``
     (a pack of this store or, for ``mmcore.transfer``, of another)."""
@@ -131,7 +131,7 @@ def copy_range(
         done += n
 
 
-def _relocated(item: _Live, moved: dict[int, int], pack: str) -> ContentRecord:
+def relocated(item: _Live, moved: dict[int, int], pack: str) -> ContentRecord:
     rec = item.rec
     if item.kind == "delta":
         start = item.ranges[0][0]
@@ -143,7 +143,7 @@ def _relocated(item: _Live, moved: dict[int, int], pack: str) -> ContentRecord:
     return replace(rec, pack=pack, extents=extents, hashes_offset=moved[rec.hashes_offset])
 
 
-def _layout(items: list[_Live]) -> tuple[list[tuple[_Live, list[int]]], int]:
+def layout(items: list[_Live]) -> tuple[list[tuple[_Live, list[int]]], int]:
     """Where each live blob's ranges go in a rewritten pack (per blob, in pack order,
     the new offset of each of its ranges), and where the rewritten pack ends. Laid out
     as the writers lay a pack out: every group extent first, each on a page of its own
@@ -165,7 +165,7 @@ def _layout(items: list[_Live]) -> tuple[list[tuple[_Live, list[int]]], int]:
     return list(zip(ordered, targets)), at
 
 
-def compact(store: ModelStore, below: float, progress: bool | None = None) -> int:
+def compact(store: Storage, below: float, progress: bool | None = None) -> int:
     """Rewrites every pack whose live bytes, laid out as the rewrite would lay them
     out, are less than ``below`` of its size; returns the bytes reclaimed."""
     from .._progress import progress_bar
@@ -175,7 +175,7 @@ def compact(store: ModelStore, below: float, progress: bool | None = None) -> in
     todo = []
     for pack, items in plan(store).items():
         size = store.tier.size(pack)
-        placed, end = _layout(items)
+        placed, end = layout(items)
         # Counting the extents' page padding: a pack of small groups, all live, would
         # otherwise look mostly dead, and be rewritten as it is by every gc.
         if below > 1 or end - _FIRST < below * (size - HEADER_SIZE):
@@ -190,8 +190,8 @@ def compact(store: ModelStore, below: float, progress: bool | None = None) -> in
     return freed
 
 
-def _rewrite(store: ModelStore, pack: str, placed: list[tuple[_Live, list[int]]], size: int) -> int:
-    """One pack's live bytes into a new pack, as ``_layout`` placed them; returns the
+def _rewrite(store: Storage, pack: str, placed: list[tuple[_Live, list[int]]], size: int) -> int:
+    """One pack's live bytes into a new pack, as ``layout`` placed them; returns the
     bytes it frees."""
     writer = store.tier.create()
     try:
@@ -201,7 +201,7 @@ def _rewrite(store: ModelStore, pack: str, placed: list[tuple[_Live, list[int]]]
             copies += [(to, offset, length)
                        for (offset, length), to in zip(item.ranges, targets) if length]  # fmt: skip
             moved = {offset: to for (offset, _), to in zip(item.ranges, targets)}
-            records.append((item.key, _relocated(item, moved, writer.pack_id)))
+            records.append((item.key, relocated(item, moved, writer.pack_id)))
         for to, offset, length in sorted(copies):  # front to back
             copy_range(store, pack, offset, length, writer, to)
         new_size = writer.finish()
@@ -211,6 +211,6 @@ def _rewrite(store: ModelStore, pack: str, placed: list[tuple[_Live, list[int]]]
     puts = [("content", key, rec.encode()) for key, rec in records]
     puts.append(("packs", writer.pack_id.encode(), pack_record(new_size, time.time())))
     store.catalog.commit(puts, [("packs", pack.encode())])  # from here the old pack is garbage
-    store._delta_tables.clear()  # parsed with the old offsets
+    store.delta_tables.clear()  # parsed with the old offsets
     store.tier.delete(pack)
     return size - new_size
