@@ -180,6 +180,7 @@ class ModelStore:
         max_recovery: float | None = DEFAULT_MAX_RECOVERY,
         recipe: Recipe | None = None,
         check: bool = True,
+        derived_from: Mapping[str, str] | Callable[[str], str | None] | str | None = None,
         progress: bool | None = None,
     ) -> str:
         """Saves a model set as a new version and returns its id.
@@ -200,6 +201,14 @@ class ModelStore:
         with ``check`` (default) the recipe is run on the parent first and must give
         the models passed, bit for bit. ``ref`` (optional) is moved to the new
         version in the same atomic commit.
+
+        ``derived_from`` (an update): the models of the set that ``parent`` lacks are
+        stored as deltas of the parent's model it names, not whole: a mapping {new
+        model: the parent's model}, a callable (new model name -> the parent's model
+        name, or None), or ``"auto"`` (the parent's model of the same architecture
+        sharing the most tensors with it, or the only one of that architecture). So
+        a family of fine-tunes is stored as deltas of its base; they recover, load
+        one by one and chain (``max_chain``, ``max_recovery``) as any delta does.
         """
         self._check_open()
         if approach not in APPROACHES:
@@ -216,6 +225,11 @@ class ModelStore:
                 "recipe= goes with approach='provenance', and a provenance save needs one"
             )
         _args.flag(check, "check")
+        if derived_from is not None and approach != "update":
+            raise InvalidArgumentError(
+                "derived_from= pairs new models with models of the parent: it goes with "
+                "approach='update' and parent="
+            )
         if approach == "provenance":
             if parent is None or tolerance is not None:
                 raise InvalidArgumentError(
@@ -255,8 +269,8 @@ class ModelStore:
                                     message=message)  # fmt: skip
                 blobs = self._write_payload(writer, manifest, models, tolerance=tolerance,
                                             max_chain=max_chain, max_recovery=max_recovery,
-                                            recipe=recipe, check=check,
-                                            progress=bar)  # fmt: skip
+                                            recipe=recipe, check=check, progress=bar,
+                                            derived_from=derived_from)  # fmt: skip
             pack_size = writer.finish()
         except BaseException:
             writer.abort()  # nothing references the pack yet
@@ -267,7 +281,8 @@ class ModelStore:
     def _write_payload(self, writer: PackWriter, manifest: Manifest, models: Any, *,
                        tolerance: float | None, max_chain: int, max_recovery: float | None,
                        recipe: Recipe | None, check: bool, progress: Any,
-                       saved_orders: dict[str, list[str]] | None = None
+                       saved_orders: dict[str, list[str]] | None = None,
+                       derived_from: update.DerivedFrom = None
                        ) -> list[tuple[bytes, ContentRecord]]:  # fmt: skip
         """Writes a version's payload by its approach into ``writer``; fills the manifest's
         models, groups and path records; returns the blobs to reference. ``saved_orders``
@@ -279,7 +294,8 @@ class ModelStore:
             with torch.no_grad():  # a module's parameters are read as they are, not detached
                 up = update.write_update(self.storage, writer, models, parent, tolerance=tolerance,
                                          max_chain=max_chain, max_recovery=max_recovery,
-                                         progress=progress, saved_orders=saved_orders)  # fmt: skip
+                                         progress=progress, saved_orders=saved_orders,
+                                         derived_from=derived_from)  # fmt: skip
             manifest.groups, manifest.update, manifest.logical_bytes = (
                 up.groups,
                 up.update,

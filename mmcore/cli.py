@@ -96,6 +96,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"changes    {c.get('unchanged', 0):,} unchanged, {c.get('delta', 0):,} as deltas, "
                   f"{c.get('whole', 0):,} whole ({c.get('added', 0):,} added), "
                   f"{c.get('removed', 0):,} removed")  # fmt: skip
+            if manifest.update is not None and manifest.update.derived:
+                sources = sorted(set(manifest.update.derived.values()))
+                print(f"derived    {len(manifest.update.derived):,} new model(s) stored as deltas of "
+                      f"the parent's {', '.join(map(repr, sources[:3]))}"
+                      f"{' ...' if len(sources) > 3 else ''}")  # fmt: skip
             print(f"bytes      {human_bytes(c.get('payload_bytes', 0))} payload, "
                   f"{human_bytes(c.get('metadata_bytes', 0))} tables and hashes, "
                   f"{human_bytes(info.stored_bytes - c.get('payload_bytes', 0) - c.get('metadata_bytes', 0))} "

@@ -18,9 +18,10 @@ from .modelset import Schema
 from .recipe import Recipe
 from .record import DAMAGED, Record
 
-MANIFEST_FORMAT = 4  # newest read; baselines are written as 1 (4 with tensor orders, from a
+MANIFEST_FORMAT = 5  # newest read; baselines are written as 1 (4 with tensor orders, from a
 # rebase), updates 2 (4 with tensor or model orders: a reader of 2 would return them in
-# another order), provenance 3
+# another order; 5 with models derived from others: a reader of 4 would not find them),
+# provenance 3
 CONTENT_FORMAT = 2  # newest read; 2 only for a delta blob moved by compaction ("shift")
 DATASET_FORMAT = 1
 APPROACHES = ("baseline", "update", "provenance")
@@ -96,10 +97,12 @@ class GroupRecord:
 class UpdateInfo:
     """What an update version records beyond a baseline's (docs/FORMAT.md).
 
-    The version's models are the parent's, less ``removed``, then ``added``.
-    A model is stored whole (in ``Manifest.groups``; ``whole[g]`` names group
-    g's models in order), as a delta (``changed``, in the order of the delta
-    blob's tables), or not at all: then it is the parent's.
+    The version's models are the parent's, less ``removed``, then ``added``, then
+    the keys of ``derived``. A model is stored whole (in ``Manifest.groups``;
+    ``whole[g]`` names group g's models in order), as a delta (``changed``, in the
+    order of the delta blob's tables), or not at all: then it is the parent's. A
+    model of ``derived`` is new here and stored as a delta (it is in ``changed``) of
+    the parent's model its value names, not of one of its own name.
 
     A model's tensors come back in its stored order (its schema's where it is stored
     whole here, else its order in the parent version), unless ``orders`` names the
@@ -118,6 +121,9 @@ class UpdateInfo:
     orders: dict[str, list[str]] = field(default_factory=dict)  # model -> its tensor names
     model_order: list[str] | None = None  # the version's models as saved, where that differs
     max_recovery: float | None = None  # the keyframe bound it was saved with (None: max_chain only)
+    derived: dict[str, str] = field(
+        default_factory=dict
+    )  # new model -> the parent's it is a delta of
 
     def encode(self) -> dict[str, Any]:
         return {
@@ -127,6 +133,7 @@ class UpdateInfo:
             **({"orders": _grouped(self.orders)} if self.orders else {}),
             **({"model_order": self.model_order} if self.model_order is not None else {}),
             **({"max_recovery": self.max_recovery} if self.max_recovery is not None else {}),
+            **({"derived": [[k, v] for k, v in self.derived.items()]} if self.derived else {}),
         }  # fmt: skip
 
     @classmethod
@@ -155,13 +162,34 @@ class UpdateInfo:
         if rec.raw.get("max_recovery") is not None:
             max_recovery = rec.number("max_recovery")
         orders = decode_orders(rec)
+        derived = _decode_derived(rec, changed)
+        added = rec.text_list("added")
+        if derived.keys() & set(added):
+            raise rec.corrupt("a model is both added whole and derived from another")
         return cls(
             depth=rec.integer("depth", minimum=1), tolerance=tolerance,
             max_chain=rec.integer("max_chain", minimum=1), removed=rec.text_list("removed"),
-            added=rec.text_list("added"), whole=whole, changed=changed, delta_blob=blob,
+            added=added, whole=whole, changed=changed, delta_blob=blob,
             stats={str(k): rec.check_integer(v, "stats") for k, v in stats.items()},
-            orders=orders, model_order=model_order, max_recovery=max_recovery,
+            orders=orders, model_order=model_order, max_recovery=max_recovery, derived=derived,
         )  # fmt: skip
+
+
+def _decode_derived(rec: Record, changed: list[str]) -> dict[str, str]:
+    """The optional ``derived`` field: [new model, parent's model] pairs, each new model
+    one of ``changed`` (stored as a delta), named once."""
+    derived: dict[str, str] = {}
+    pairs = rec.raw.get("derived") or []
+    for pair in pairs if isinstance(pairs, list) else [None]:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise rec.corrupt("field 'derived' should hold [model, parent's model] pairs")
+        new, source = rec.check_text_list(pair, "derived")
+        if new in derived:
+            raise rec.corrupt(f"field 'derived' names model {new!r} twice")
+        derived[new] = source
+    if derived and not derived.keys() <= set(changed):
+        raise rec.corrupt("field 'derived' names a model the version does not store as a delta")
+    return derived
 
 
 def decode_orders(rec: Record) -> dict[str, list[str]]:
@@ -279,6 +307,7 @@ class Manifest:
         return _pack({
             "format": 3 if self.provenance is not None
             else (4 if self.orders else 1) if self.update is None
+            else 5 if self.update.derived
             else 4 if self.update.orders or self.update.model_order is not None else 2,
             **fields,
             "id": self.id,

@@ -52,6 +52,7 @@ from fuzz_model import (
     assert_within,
     clone_models,
     crash_points,
+    edit,
     edits,
     inject,
     injected,
@@ -203,7 +204,8 @@ class ApiMachine(RuleBasedStateMachine):
         added = [n for n in given if n not in before]
         removed = [n for n in before if n not in given]
         same = [n for n in given if n in before and same_values(given[n], before[n])]
-        assert (changes["added"], changes["removed"]) == (len(added), len(removed)), changes
+        new = changes["added"] + changes.get("derived", 0)  # whole, or deltas of another
+        assert (new, changes["removed"]) == (len(added), len(removed)), changes
         assert changes["unchanged"] >= len(same), (changes, same)
         bound = len(given) - len(same)  # added, reshaped or with other values
         assert changes["whole"] <= bound, (changes, same)
@@ -265,6 +267,39 @@ class ApiMachine(RuleBasedStateMachine):
             child = self.live[lossy]
             given = apply_edits(child.models, [("random_small", model, seed + 1), *more])
             self._do_update(child, given, None, 16, None, "save", None)
+
+    @precondition(lambda self: len(self.live) < MAX_LIVE and self.live)
+    @rule(pick=picks, sources=st.lists(st.integers(0, 7), min_size=1, max_size=3),
+          ops=st.lists(value_edit, max_size=3), others=st.lists(edit, max_size=2),
+          how=st.sampled_from(["auto", "mapping", "callable"]),
+          tolerance=st.sampled_from(TOLERANCES), crash=crash_points)  # fmt: skip
+    def derived(self, pick: int, sources: list[int], ops: Any, others: Any, how: str,
+                tolerance: float | None, crash: Any) -> None:  # fmt: skip
+        """New models saved as deltas of models of the parent (``derived_from``): copies
+        of some of its models, edited (or not), beside edits of the rest (a source may be
+        changed or dropped in the same version)."""
+        parent = self._pick(pick, lambda v: v.approach != "provenance")
+        if parent is None:
+            return
+        names = list(parent.models)
+        mapping = {f"derived{self.made}_{j}": names[i % len(names)] for j, i in enumerate(sources)}
+        copies = {new: parent.models[src] for new, src in mapping.items()}
+        edited = apply_edits(copies, list(ops)) if ops else clone_models(copies)
+        given = apply_edits(parent.models, list(others)) if others else dict(parent.models)
+        given = {n: sd for n, sd in given.items() if n not in mapping}
+        given.update(edited)
+        how_to = {"auto": "auto", "mapping": mapping, "callable": mapping.get}[how]
+        call = lambda: self.store.save(given, approach="update", parent=parent.vid,  # noqa: E731
+                                       tolerance=tolerance, derived_from=how_to)  # fmt: skip
+        redo = {"models": given, "parent": parent.vid, "tolerance": tolerance, "max_chain": 16}
+        vid = self._save(crash, call, approach="update", parent=parent.vid, given=given,
+                         want=given, tolerance=tolerance, ref=None, redo=redo)  # fmt: skip
+        if vid is not None and how != "auto":  # every new model a delta, or stored whole
+            info = self.store.info(vid).changes
+            assert info["derived"] + info["added"] == len(
+                [n for n in given if n not in parent.models]
+            )
+        Counts.saved["derived"] += vid is not None
 
     def _do_update(self, parent: Version, given: Models, tolerance: float | None, max_chain: int,
                    ref: str | None, via: str, crash: Any) -> str | None:  # fmt: skip

@@ -304,3 +304,15 @@ def test_a_run_redraws_only_its_own_plots(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert (results / "tiny-scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (results / "full-scale.png").read_bytes() == kept  # another run's plot: untouched
     assert "Scale: `tiny`" in md.read_text() and "Scale: `full`" in md.read_text()
+
+
+def test_derived_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/derived.py at its smallest: three stores, every version loaded back
+    exactly, the bar printed and met (the same deltas either way)."""
+    from benchmarks import derived
+
+    assert derived.main(["--arch", "resnet18", "--finetunes", "2", "--base-steps", "1",
+                         "--all-steps", "1", "--repeat", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "derived update: 1.000x today's update" in out
+    assert "[met] derived_from's deltas <= the same deltas as an update today" in out

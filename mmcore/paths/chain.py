@@ -141,6 +141,15 @@ def _model_index(store: Storage, vid: str) -> dict[str, ModelInfo]:
             index[name].order = checked_order(base, name, order, index[name].schema)
     for m in reversed(chain[:-1]):
         assert m.update is not None
+        for name, source in m.update.derived.items():  # before removals: the parent's models
+            before = index.get(source)
+            if before is None or name in index:
+                raise CorruptRecordError(
+                    f"version {m.id} derives model {name!r} from {source!r}, which its parent "
+                    "does not hold (or holds the model already): the store's catalog is damaged"
+                )
+            index[name] = ModelInfo(before.schema, before.table, before.first, before.depth,
+                                    before.order, before.cost)  # fmt: skip
         for name in m.update.removed:
             index.pop(name, None)
         fresh = set(m.update.added)
@@ -172,8 +181,8 @@ def _model_index(store: Storage, vid: str) -> dict[str, ModelInfo]:
         for name, order in m.update.orders.items():
             if name in index:
                 index[name].order = checked_order(m, name, order, index[name].schema)
-        added = set(m.update.added)
-        order = [n for n in index if n not in added] + m.update.added
+        new = [*m.update.added, *m.update.derived]
+        order = [n for n in index if n not in set(new)] + new
         index = {name: index[name] for name in _model_order(m, order)}
     return index
 
@@ -350,7 +359,8 @@ def _recover_paused(
     pending: dict[str, list[_Queued]] = {}  # model -> its deltas since it was last read whole
     orders: dict[str, list[str]] = {}
     order = list(base.models)
-    need = _whole_sources(chain, wanted)
+    wanted_at = _wanted_along(chain, wanted)
+    need, forks = _whole_sources(chain, wanted_at)
     replaced: set[str] = set()  # (records=None: the models some delta of the chain changes)
     if records is None:
         replaced = set().union(*[m.update.changed for m in chain[:-1] if m.update is not None])
@@ -367,6 +377,10 @@ def _recover_paused(
             orders[name] = checked_order(base, name, keys, schemas[name])
     for m in reversed(chain[:-1]):
         assert m.update is not None
+        here = wanted_at[m.id]  # the models that matter once this version is applied
+        for name, source in m.update.derived.items():  # a new model: its source's state as of
+            if (m.id, name) in forks:  # the parent, and the deltas it has pending (unless it
+                _fork(m, name, source, states, schemas, orders, pending)  # is stored whole later)
         removed = set(m.update.removed)
         for name in removed:
             states.pop(name, None)
@@ -374,7 +388,7 @@ def _recover_paused(
         if wanted is None:  # (one model's load leaves the version's order alone)
             if removed:
                 order = [n for n in order if n not in removed]
-            order = _model_order(m, order + m.update.added)
+            order = _model_order(m, order + m.update.added + list(m.update.derived))
         for name in removed:
             pending.pop(name, None)
             orders.pop(name, None)
@@ -382,26 +396,26 @@ def _recover_paused(
             if need.get((m.id, gi)):
                 mine = need[(m.id, gi)]
                 _read_group(store, m, group, mine, states, schemas, verify, as_records(mine))
-            names = group.names or () if wanted is None else [
-                n for n in wanted if _group_index(m).get(n) == gi
+            names = group.names or () if here is None else [
+                n for n in here if _group_index(m).get(n) == gi
             ]  # fmt: skip
             for name in names:
                 last_delta.pop(name, None)
                 pending.pop(name, None)  # earlier deltas of it no longer matter
                 orders.pop(name, None)
         recorded = m.update.orders
-        for name in recorded if wanted is None else [n for n in wanted if n in recorded]:
+        for name in recorded if here is None else [n for n in here if n in recorded]:
             if name in states:
                 orders[name] = checked_order(m, name, recorded[name], schemas[name])
         if m.update.changed:
             table = delta_table(store, m)
             assert m.update.delta_blob is not None
             pack = store.content(m.update.delta_blob).pack
-            if wanted is None:
+            if here is None:
                 rows = list(zip(m.update.changed, table.rows))
             else:
                 at = _changed_index(m)
-                rows = [(n, table.rows[at[n]]) for n in wanted if n in at]
+                rows = [(n, table.rows[at[n]]) for n in here if n in at]
             for name, row in rows:
                 if name in states:
                     pending.setdefault(name, []).append(_Queued(name, m, table, row, pack))
@@ -425,25 +439,79 @@ def _recover_paused(
     return names, states, schemas, orders
 
 
+def _wanted_along(chain: list[Manifest], wanted: set[str] | None) -> dict[str, set[str] | None]:
+    """Per version of ``chain``, the models that matter once it is applied: ``wanted``
+    at the newest; before a version that derives a wanted model from another, that
+    other instead (None: every model)."""
+    out: dict[str, set[str] | None] = {}
+    for m in chain:
+        out[m.id] = wanted
+        if wanted is not None and m.update is not None and m.update.derived:
+            derived = m.update.derived
+            wanted = {derived.get(n, n) for n in wanted}
+    return out
+
+
 def _whole_sources(
-    chain: list[Manifest], wanted: set[str] | None
-) -> dict[tuple[str, int], set[str]]:
+    chain: list[Manifest], wanted_at: dict[str, set[str] | None]
+) -> tuple[dict[tuple[str, int], set[str]], set[tuple[str, str]]]:
     """Per (version, group) of ``chain``, the models recovery reads from it: those of
-    the version (``wanted`` of them) last stored whole there. A model stored whole
-    again later (a keyframe) is not read, nor are the deltas between. With ``wanted``,
-    only those names are looked up (a name index per manifest, built once)."""
-    source: dict[str, tuple[str, int]] = {}
+    the version (those that matter there: ``wanted_at``) last stored whole there. A
+    model stored whole again later (a keyframe) is not read, nor are the deltas
+    between. A model derived from another starts from what its source started from;
+    also returned: the (version, model) derivations recovery must follow (those of
+    models not stored whole again later). With a wanted set, only those names are
+    looked up (a name index per manifest, built once)."""
+    # model -> (where it was last stored whole, the name read there, the derivations since)
+    source: dict[str, tuple[tuple[str, int], str, tuple[tuple[str, str], ...]]] = {}
     for m in reversed(chain):
+        here = wanted_at[m.id]
         if m.update is not None:
+            for name, origin in m.update.derived.items():
+                if here is not None and name not in here:
+                    continue
+                if origin not in source:
+                    raise CorruptRecordError(
+                        f"version {m.id} derives model {name!r} from {origin!r}, which its parent "
+                        "does not hold: the store's catalog is damaged"
+                    )
+                where, read, derivations = source[origin]
+                source[name] = (where, read, (*derivations, (m.id, name)))
             for name in m.update.removed:
                 source.pop(name, None)
         groups = _group_index(m)
-        for name in groups if wanted is None else [n for n in wanted if n in groups]:
-            source[name] = (m.id, groups[name])
+        for name in groups if here is None else [n for n in here if n in groups]:
+            source[name] = ((m.id, groups[name]), name, ())
     need: dict[tuple[str, int], set[str]] = {}
-    for name, where in source.items():
+    forks: set[tuple[str, str]] = set()
+    for where, name, derivations in source.values():
         need.setdefault(where, set()).add(name)
-    return need
+        forks.update(derivations)
+    return need, forks
+
+
+def _fork(m: Manifest, name: str, source: str, states: dict[str, StateDict],
+          schemas: dict[str, Schema], orders: dict[str, list[str]],
+          pending: dict[str, list[_Queued]]) -> None:  # fmt: skip
+    """Model ``name``, new in ``m`` as a delta of its parent's ``source``, starts as
+    ``source`` is there: its state, schema, tensor order, and copies of the deltas
+    ``source`` has pending. A state that is one record is shared (decoding it makes a
+    new buffer); one assembled tensor by tensor is copied, since decoding keeps the
+    tensors a delta leaves unchanged, and no two models may share a tensor."""
+    if source not in states or name in states:
+        raise CorruptRecordError(
+            f"version {m.id} derives model {name!r} from {source!r}, which its parent does not "
+            "hold (or holds the model already): the store's catalog is damaged"
+        )
+    state, schema = states[source], schemas[source]
+    if _record_address(state, schema) is None:
+        state = _LooseState({key: tensor.clone() for key, tensor in state.items()})
+    states[name] = state
+    schemas[name] = schema
+    if source in orders:
+        orders[name] = orders[source]
+    queued = [_Queued(name, d.m, d.table, d.row, d.pack) for d in pending.get(source, [])]
+    pending[name] = queued
 
 
 def _changed_index(m: Manifest) -> dict[str, int]:

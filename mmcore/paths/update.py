@@ -13,9 +13,9 @@ not smaller. Encoding runs batched over all changed tensors at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +23,13 @@ import torch
 from .. import codec, dtypes, kernels
 from .._gc import gc_paused
 from ..codec import frames
-from ..errors import InvalidModelSetError, KernelError, MMCoreError, decoding
+from ..errors import (
+    InvalidArgumentError,
+    InvalidModelSetError,
+    KernelError,
+    MMCoreError,
+    decoding,
+)
 from ..kernels import cuda
 from ..kernels.delta import (
     FLOAT_KINDS,
@@ -43,6 +49,9 @@ if TYPE_CHECKING:
     from ..storage import Storage
 
 Progress = Callable[[int], None]
+# save(derived_from=): {new model: the parent's model}, a callable giving one (or None) per
+# new model, or "auto"
+DerivedFrom = Mapping[str, str] | Callable[[str], "str | None"] | str | None
 
 
 @dataclass
@@ -62,6 +71,10 @@ class _Delta:
     pieces: list[torch.Tensor | None]  # encoding per tensor (None: unchanged)
     recovered: torch.Tensor  # (tensors, 32) hashes of what recovery will produce
     frames: bytes | None = None  # the model blob compressed where it was encoded (a GPU)
+    source: str = ""  # the parent's model it is a delta of (its own name unless derived)
+
+    def __post_init__(self) -> None:
+        self.source = self.source or self.entry.name
 
 
 _SAME_ORDER: tuple[int, ...] = ()  # _schema_order: the entry's tensors are in the schema's order
@@ -209,15 +222,17 @@ _HASH_BATCH = 16384  # tensors per hash job
 
 def write_update(store: Storage, writer: PackWriter, models: Any, parent: str, *,
                  tolerance: float | None, max_chain: int, max_recovery: float | None,
-                 progress: Progress, saved_orders: dict[str, list[str]] | None = None) -> WrittenUpdate:  # fmt: skip
+                 progress: Progress, saved_orders: dict[str, list[str]] | None = None,
+                 derived_from: DerivedFrom = None) -> WrittenUpdate:  # fmt: skip
     """``saved_orders`` (a rebase): ``models`` come in the tensor order of their
     schemas, which is kept (versions stored against them were encoded in it): a model
     whose parent has it in another order is stored whole; these are the orders the
-    models were saved in, recorded where they differ."""
+    models were saved in, recorded where they differ. ``derived_from``: which model of
+    the parent each new model is stored as a delta of (``derived_sources``)."""
     with gc_paused():  # tens of thousands of small objects, no cycles among them
         return _write_update(store, writer, models, parent, tolerance=tolerance, max_chain=max_chain,
                              max_recovery=max_recovery, progress=progress,
-                             saved_orders=saved_orders)  # fmt: skip
+                             saved_orders=saved_orders, derived_from=derived_from)  # fmt: skip
 
 
 def keyframe(info: chain.ModelInfo, whole: int, changed: int, max_recovery: float | None) -> bool:
@@ -247,29 +262,39 @@ class _Split:
     added: list[str]
     removed: list[str]
     model_order: list[str] | None  # the set's order, where it is not the one derived
+    derived: dict[str, str] = field(default_factory=dict)  # new model stored as a delta of
+    #                                                         the parent's model named
+    order: list[str] = field(default_factory=list)  # the set's models, in its order
 
 
 def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, *,
                   tolerance: float | None, max_chain: int, max_recovery: float | None,
-                  progress: Progress, saved_orders: dict[str, list[str]] | None) -> WrittenUpdate:  # fmt: skip
+                  progress: Progress, saved_orders: dict[str, list[str]] | None,
+                  derived_from: DerivedFrom) -> WrittenUpdate:  # fmt: skip
     TRANSFERS.device_to_host = TRANSFERS.host_to_device = TRANSFERS.encodings = 0
     sizes: Sizes = {}
     split = index = None
-    if (isinstance(models, StackedInput) and saved_orders is None
+    if (isinstance(models, StackedInput) and saved_orders is None and derived_from is None
             and all(p.device.type == "cpu" for p in models.parts)):  # fmt: skip
         with decoding(parent):
             index = chain.model_index(store, parent)
         split = _split_stacked(models, index, max_chain, max_recovery, progress, sizes)
     if split is None:
         split = _split_entries(store, models, parent, index, max_chain, max_recovery, progress,
-                               sizes, saved_orders)  # fmt: skip
+                               sizes, saved_orders, derived_from)  # fmt: skip
     deltas, delta_hashes, delta_parents = _deltas(split.delta_rows, split.new_hashes,
-                                                  split.parent_hashes)  # fmt: skip
+                                                  split.parent_hashes, split.derived)  # fmt: skip
     unchanged = split.unchanged
     if deltas:
         encoded = _encode(store, parent, deltas, delta_hashes, delta_parents, tolerance,
                           split.device)  # fmt: skip
-        unchanged += len(deltas) - len(encoded.deltas)  # every change within tolerance
+        kept = {id(d) for d in encoded.deltas}
+        for d in deltas:  # every change within tolerance: the parent's model
+            if id(d) not in kept:
+                if d.source == d.entry.name:
+                    unchanged += 1
+                else:  # new here (derived from another): stored whole instead
+                    _derived_whole(split, d.entry)
         deltas = encoded.deltas
 
     groups: list[GroupRecord] = []
@@ -296,13 +321,25 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
     stats = {"models": split.models, "tensors": split.tensors,
              "unchanged": unchanged, "changed": len(deltas) + split.restored, "delta": len(deltas),
              "whole": len(split.whole), "keyframes": split.restored, "added": len(split.added),
-             "removed": len(split.removed), "payload_bytes": payload, "metadata_bytes": metadata,
+             "removed": len(split.removed), "derived": len(split.derived),
+             "payload_bytes": payload, "metadata_bytes": metadata,
              "max_delta_chain": max([int(d.info.depth) + 1 for d in deltas], default=0)}  # fmt: skip
     update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=split.removed,
                         added=split.added, whole=whole_names, changed=[d.entry.name for d in deltas],
                         delta_blob=delta_key, stats=stats, orders=split.orders,
-                        model_order=split.model_order, max_recovery=max_recovery)  # fmt: skip
+                        model_order=split.model_order, max_recovery=max_recovery,
+                        derived=split.derived)  # fmt: skip
     return WrittenUpdate(groups, blobs, update, split.logical)
+
+
+def _derived_whole(split: _Split, entry: ModelEntry) -> None:
+    """A model derived from another whose delta came out empty (every change within
+    tolerance) is stored whole, as an added model; the set's order is recorded."""
+    split.whole.append(entry)
+    del split.derived[entry.name]
+    split.orders.pop(entry.name, None)  # (relative to its source's order)
+    split.added.append(entry.name)
+    split.model_order = split.order
 
 
 def _stored_whole(info: chain.ModelInfo, whole_bytes: int, changed_bytes: int, max_chain: int,
@@ -311,18 +348,21 @@ def _stored_whole(info: chain.ModelInfo, whole_bytes: int, changed_bytes: int, m
     return info.depth + 1 > max_chain or keyframe(info, whole_bytes, changed_bytes, max_recovery)
 
 
-def _set_order(order: list[str], index: dict[str, chain.ModelInfo],
-               names: set[str]) -> list[str] | None:  # fmt: skip
+def _set_order(order: list[str], index: dict[str, chain.ModelInfo], names: set[str],
+               derived: Mapping[str, str] = {}) -> list[str] | None:  # fmt: skip
     """The set's model order where recovery would not derive it (the parent's models
-    kept in its order, then the added ones), else None."""
-    derived = [n for n in index if n in names] + [n for n in order if n not in index]
-    return order if order != derived else None
+    kept in its order, then the added ones, then those derived from another), else None."""
+    new = [n for n in order if n not in index]
+    given = ([n for n in index if n in names] + [n for n in new if n not in derived]
+             + [n for n in new if n in derived])  # fmt: skip
+    return order if order != given else None
 
 
 def _split_entries(store: Storage, models: Any, parent: str,
                    index: dict[str, chain.ModelInfo] | None, max_chain: int,
                    max_recovery: float | None, progress: Progress, sizes: Sizes,
-                   saved_orders: dict[str, list[str]] | None) -> _Split:  # fmt: skip
+                   saved_orders: dict[str, list[str]] | None,
+                   derived_from: DerivedFrom = None) -> _Split:  # fmt: skip
     """Any set: validated and hashed model by model, then compared in one step (with
     the parent's ``model_index``, read here unless given)."""
     entries, new_hashes, logical, device = _validate_and_hash(models, progress, sizes)
@@ -331,8 +371,9 @@ def _split_entries(store: Storage, models: Any, parent: str,
     if index is None:
         with decoding(parent):
             index = chain.model_index(store, parent)
-    infos = [index.get(e.name) for e in entries]
     memo: dict[Any, tuple[int, ...] | None] = {}
+    sources = derived_sources(entries, new_hashes, index, parent, derived_from, memo)
+    infos = [index.get(sources.get(e.name, e.name)) for e in entries]
     perms = [_schema_order(info, e, memo) for e, info in zip(entries, infos)]
     if saved_orders is not None:  # keep each model's layout: no delta across another order
         perms = [p if not p else None for p in perms]
@@ -355,30 +396,138 @@ def _split_entries(store: Storage, models: Any, parent: str,
                                                               differs.tolist(),
                                                               changed_bytes.tolist(), saved):  # fmt: skip
         row += len(entry.sources)
+        new = entry.name in sources  # derived from another model of the parent
         if info is None or not same_schema:
             whole.append(entry)  # stored in the order given: its schema's
             if order is not entry.keys and list(order) != list(entry.keys):  # (a rebase:
                 orders[entry.name] = list(order)  # given in the schema's order)
             continue
         stored: Any = entry.keys  # the order recovery gives without a record
-        if ndiff == 0:
+        if ndiff == 0 and not new:
             unchanged += 1
             stored = info.order or stored
         elif _stored_whole(
             info, _sizes(entry.signature, sizes)[1], nbytes, max_chain, max_recovery
         ):
             whole.append(entry)
-            restored += 1
+            if new:
+                sources.pop(entry.name)
+            else:
+                restored += 1
         else:
             delta_rows.append((entry, info, row - len(entry.sources)))
             stored = info.order or stored
         if order is not stored and list(order) != list(stored):
             orders[entry.name] = list(order)
     names = {e.name for e in entries}
+    derived = {e.name: sources[e.name] for e, _, _ in delta_rows if e.name in sources}
     return _Split(len(entries), row, logical, device, new_hashes, parent_hashes, whole, delta_rows,
-                  unchanged, restored, orders, added=[e.name for e in entries if e.name not in index],
+                  unchanged, restored, orders,
+                  added=[e.name for e in entries if e.name not in index and e.name not in derived],
                   removed=[n for n in index if n not in names],
-                  model_order=_set_order([e.name for e in entries], index, names))  # fmt: skip
+                  model_order=_set_order([e.name for e in entries], index, names, derived),
+                  derived=derived, order=[e.name for e in entries])  # fmt: skip
+
+
+def derived_sources(entries: list[ModelEntry], new_hashes: torch.Tensor,
+                    index: dict[str, chain.ModelInfo], parent: str, derived_from: DerivedFrom,
+                    memo: dict[Any, tuple[int, ...] | None]) -> dict[str, str]:  # fmt: skip
+    """{new model: the parent's model it is to be a delta of}, for the models of the set
+    the parent lacks, by ``derived_from``: a mapping, a callable (None: no source), or
+    ``"auto"``: the parent's model of the same architecture sharing the most tensor
+    hashes with it (ties: the first in the parent's order); with none shared, the one
+    model of that architecture the parent holds, if there is exactly one (a family's
+    base), else none. A source of another architecture is refused."""
+    if derived_from is None:
+        return {}
+    new = [e for e in entries if e.name not in index]
+    if isinstance(derived_from, str):
+        if derived_from != "auto":
+            raise InvalidArgumentError(
+                f'derived_from must be a mapping, a callable or "auto", got {derived_from!r}'
+            )
+        return _auto_sources(entries, new_hashes, index, memo)
+    if isinstance(derived_from, Mapping):
+        given = {e.name for e in entries}
+        for name, source in derived_from.items():
+            if not isinstance(name, str) or not isinstance(source, str):
+                raise InvalidArgumentError(
+                    f"derived_from maps model names to model names, got {name!r}: {source!r}"
+                )
+            if name not in given:
+                raise InvalidArgumentError(
+                    f"derived_from names model {name!r}, which is not in the set"
+                )
+            if name in index:
+                raise InvalidArgumentError(
+                    f"derived_from names model {name!r}, which version {parent} holds: it is "
+                    "stored as a delta of that model already"
+                )
+        chosen = {e.name: derived_from[e.name] for e in new if e.name in derived_from}
+    elif callable(derived_from):
+        chosen = {}
+        for e in new:
+            picked = derived_from(e.name)
+            if picked is not None and not isinstance(picked, str):
+                raise InvalidArgumentError(
+                    f"derived_from({e.name!r}) returned {picked!r}: a model name of version "
+                    f"{parent}, or None"
+                )
+            if picked is not None:
+                chosen[e.name] = picked
+    else:
+        raise InvalidArgumentError(
+            f'derived_from must be a mapping, a callable or "auto", got {type(derived_from).__name__}'
+        )
+    by_name = {e.name: e for e in new}
+    for name, source in chosen.items():
+        if source not in index:
+            raise InvalidArgumentError(
+                f"derived_from maps model {name!r} to {source!r}, which version {parent} does "
+                f"not hold ({len(index)} models)"
+            )
+        if _schema_order(index[source], by_name[name], memo) is None:
+            raise InvalidModelSetError(
+                f"model {name!r} has other tensors (names, dtypes or shapes) than {source!r}, "
+                "which it is derived from: a delta needs the same architecture"
+            )
+    return chosen
+
+
+def _auto_sources(entries: list[ModelEntry], new_hashes: torch.Tensor,
+                  index: dict[str, chain.ModelInfo],
+                  memo: dict[Any, tuple[int, ...] | None]) -> dict[str, str]:  # fmt: skip
+    """``derived_sources`` for ``"auto"``: one pass over the parent's hashes (hash ->
+    the models holding it), one over the new models'."""
+    new = [(e, i) for i, e in enumerate(entries) if e.name not in index]
+    if not new:
+        return {}
+    holders: dict[bytes, set[int]] = {}  # tensor hash -> the parent's models holding it
+    names = list(index)
+    for at, name in enumerate(names):
+        for row in index[name].hashes.numpy():
+            holders.setdefault(row.tobytes(), set()).add(at)
+    by_schema: dict[int, list[int]] = {}  # the parent's models per architecture
+    for at, name in enumerate(names):
+        by_schema.setdefault(id(index[name].schema), []).append(at)
+    schema_of = [id(index[name].schema) for name in names]
+    starts = torch.tensor([0] + [len(e.sources) for e in entries]).cumsum(0).tolist()
+    host = new_hashes.cpu().numpy()
+    out: dict[str, str] = {}
+    for entry, i in new:
+        fits = {sid for sid, ats in by_schema.items()
+                if _schema_order(index[names[ats[0]]], entry, memo) is not None}  # fmt: skip
+        shared: dict[int, int] = {}
+        for row in host[starts[i] : starts[i + 1]]:
+            for at in holders.get(row.tobytes(), ()):
+                if schema_of[at] in fits:
+                    shared[at] = shared.get(at, 0) + 1
+        if shared:
+            best = max(shared.values())
+            out[entry.name] = names[min(at for at, n in shared.items() if n == best)]
+        elif sum(len(by_schema[sid]) for sid in fits) == 1:
+            out[entry.name] = names[by_schema[fits.pop()][0]]
+    return out
 
 
 def _split_stacked(models: StackedInput, index: dict[str, chain.ModelInfo], max_chain: int,
@@ -442,7 +591,8 @@ def _split_stacked(models: StackedInput, index: dict[str, chain.ModelInfo], max_
 
 
 def _deltas(rows: list[tuple[ModelEntry, chain.ModelInfo, int]], new_hashes: torch.Tensor,
-            parent_hashes: torch.Tensor) -> tuple[list[_Delta], torch.Tensor, torch.Tensor]:  # fmt: skip
+            parent_hashes: torch.Tensor, derived: Mapping[str, str]
+            ) -> tuple[list[_Delta], torch.Tensor, torch.Tensor]:  # fmt: skip
     """The delta models, their new hashes on the host (one row per tensor of every
     delta, in order: one gather and one copy of just their rows; the hashes of a set on
     a GPU stay there otherwise) and their parents' hashes, gathered by the same index
@@ -459,7 +609,7 @@ def _deltas(rows: list[tuple[ModelEntry, chain.ModelInfo, int]], new_hashes: tor
     host = new_hashes[on].cpu()
     if new_hashes.device.type != "cpu":
         TRANSFERS.device_to_host += host.numel()
-    out = [_Delta(entry, hashes, info, [], [], hashes)
+    out = [_Delta(entry, hashes, info, [], [], hashes, source=derived.get(entry.name, ""))
            for (entry, info, _), hashes in zip(rows, torch.split(host, counts.tolist()))]  # fmt: skip
     return out, host, parent_hashes[on]
 
@@ -569,7 +719,7 @@ def _encode(store: Storage, parent: str, deltas: list[_Delta], hashes: torch.Ten
     back (``_encode_on``)."""
     with decoding(parent):
         names, states, schemas, _ = chain._recover(
-            store, parent, {d.entry.name for d in deltas}, verify=True, records=device is None
+            store, parent, {d.source for d in deltas}, verify=True, records=device is None
         )
     if device is None:
         return _encode_rows(deltas, hashes, parent_hashes, states, schemas, tolerance)
@@ -620,14 +770,14 @@ def _encode_rows(deltas: list[_Delta], new_hashes: torch.Tensor, parent_hashes: 
     model = torch.repeat_interleave(torch.arange(n), counts)
     new_ptrs = kernels.int64_table([p for d in deltas for p in d.entry.ptrs])
     # the parents' tensors: records by address, loose ones made contiguous (held in ``keep``)
-    parent_ptrs, _, _, keep = chain.tensor_table(states, [d.entry.name for d in deltas], schemas)
+    parent_ptrs, _, _, keep = chain.tensor_table(states, [d.source for d in deltas], schemas)
     cols = {name: torch.zeros(nrows, dtype=torch.int64)
             for name in ("nbytes", "widths", "kinds", "itemsize")}  # fmt: skip
     lossy = torch.zeros(nrows, dtype=torch.bool)
     memo: dict[int, _Columns] = {}
     by_schema: dict[int, tuple[_Columns, list[int]]] = {}  # per architecture, its deltas
     for i, d in enumerate(deltas):
-        c = _columns(schemas[d.entry.name], tolerance, memo)
+        c = _columns(schemas[d.source], tolerance, memo)
         by_schema.setdefault(id(c), (c, []))[1].append(i)
     for c, members in by_schema.values():
         at = (
@@ -788,9 +938,7 @@ def _changed_tensors(deltas: list[_Delta], parents: dict[str, dict[str, torch.Te
     or xor-planes."""
     jobs: dict[int, list[_Job]] = {codec.XOR: [], codec.QUANT: []}
     for d in deltas:
-        old = [
-            parents[d.entry.name][k] for k in d.entry.keys
-        ]  # by name: its saved order may differ
+        old = [parents[d.source][k] for k in d.entry.keys]  # by name: its saved order may differ
         d.kinds = [codec.SAME] * len(old)
         d.pieces = [None] * len(old)
         same = (d.hashes == d.info.hashes).all(dim=1).tolist()

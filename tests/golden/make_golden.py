@@ -4,7 +4,8 @@
 One small store holding a version of every kind: a baseline of mixed dtypes, shapes
 and an empty tensor, a lossless and a lossy update (with a model added, one removed,
 one reshaped and one saved in another tensor order), a provenance version, a set
-saved as stacks, and packs rewritten by compaction. ``expected.json`` records, per
+saved as stacks, models derived from others (v2: one derived from a derived model,
+its source removed), and packs rewritten by compaction. ``expected.json`` records, per
 version, each model's tensors in order with dtype, shape and the BLAKE3 of their
 bytes as ``load`` returned them when the store was written (the ``blake3`` package,
 not mmcore, computes them), and the torch version that ran the provenance recipe.
@@ -24,7 +25,7 @@ import mmcore
 from mmcore.examples import battery
 
 HERE = Path(__file__).resolve().parent
-FORMAT = "v1"  # bump (a new directory) when the format changes; keep reading the old ones
+FORMAT = "v2"  # bump (a new directory) when the format changes; keep reading the old ones
 
 
 def digest(t: torch.Tensor) -> str:
@@ -78,10 +79,22 @@ def main() -> int:
         params = {k: t * 0.5 for k, t in stacks.params.items()}
         c3 = store.save_stacked(stacks.names, params, approach="update", parent=c1,
                                 message="stacked update")  # fmt: skip
+        base = store.load(c1)
+        first = next(iter(base))
+        tunes = {f"tune{i}": {k: t + 0.01 * (i + 1) for k, t in base[first].items()}
+                 for i in range(2)}  # fmt: skip
+        d1 = store.save({**base, **tunes}, approach="update", parent=c1, ref="tunes",
+                        derived_from={name: first for name in tunes},
+                        message="derived from a cell")  # fmt: skip
+        more = {**base, **tunes, "tune2": {k: t * 1.5 for k, t in tunes["tune0"].items()}}
+        more.pop(first)  # the source goes; its derived models stay
+        d2 = store.save(more, approach="update", parent=d1, ref="tunes",
+                        derived_from={"tune2": "tune0"}, max_recovery=None,
+                        message="derived from a derived model")  # fmt: skip
         scratch = store.save({"scratch": {"w": torch.zeros(5000)}}, message="deleted")
         store.delete(scratch)
         assert store.gc(compact_below=2) > 0  # every pack rewritten: compaction's layout
-        for vid in (v1, v2, v3, c1, c2, c3):
+        for vid in (v1, v2, v3, c1, c2, c3, d1, d2):
             versions[vid] = {
                 "message": store.info(vid).message,
                 "models": describe(store.load(vid)),
