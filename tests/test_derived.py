@@ -309,3 +309,25 @@ def test_a_derived_model_dropped_or_stored_whole_later_needs_no_source(
     assert m.update is not None and "base" in {n for g in m.update.whole for n in g}
     for vid, want in ((v2, s2), (v3, s3)):
         _every_way(store, vid, want)
+
+
+def test_push_export_and_import_of_a_family(tmp_path: Path) -> None:
+    """A family pushed to another store loads exactly there (its manifests say which
+    model each is derived from; the deltas travel as any blob does); exported and
+    imported back as an update of the base with derived_from, it is the same bytes."""
+    base = _net(0)
+    tunes = {f"ft{i}": _tune(base, i) for i in range(3)}
+    with mmcore.open(tmp_path / "a") as a, mmcore.open(tmp_path / "b") as b:
+        v1 = a.save({"base": base}, ref="main")
+        v2 = a.save({"base": base, **tunes}, approach="update", parent=v1, ref="main",
+                    derived_from="auto")  # fmt: skip
+        report = a.push(b, "main")
+        assert report.versions == 2 and report.head == v2
+        _every_way(b, v2, {"base": base, **tunes})
+        assert b.manifest(v2).update.derived == dict.fromkeys(tunes, "base")  # type: ignore[union-attr]
+        b.export(v2, tmp_path / "out", models=list(tunes))
+        v3 = b.import_(tmp_path / "out", approach="update", parent=v1)  # whole: no derived_from
+        v4 = b.save(b.load(v3), approach="update", parent=v1, derived_from="auto")
+        assert b.info(v4).changes["derived"] == 3 and b.info(v3).changes["added"] == 3
+        _every_way(b, v4, tunes)
+        assert b.check().problems == []

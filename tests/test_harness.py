@@ -316,3 +316,28 @@ def test_derived_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     assert "derived update: 1.000x today's update" in out
     assert "[met] derived_from's deltas <= the same deltas as an update today" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compress_probe_coders_round_trip_every_bit(dtype: torch.dtype) -> None:
+    """benchmarks/compress_probe.py's candidate coders (and ZipNN's wrapper) give back
+    every bit: NaN payloads, -0.0, infinities, subnormals, more than one chunk."""
+    from benchmarks import compress_probe as probe
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(probe.CHUNK + 999, generator=g).to(dtype)
+    bits = data.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
+    bits[:4] = torch.tensor([-1, 0x7FC0 if dtype == torch.bfloat16 else 0x7FC00001, 1, 0]).to(
+        bits.dtype
+    )
+    data[4:8] = torch.tensor([-0.0, float("inf"), -float("inf"), 1e-40]).to(dtype)
+    raw = data.view(torch.uint8).numpy().tobytes()
+    for rotate in (False, True):
+        encode, decode = probe.plane_coder(
+            rotate, probe.zstandard.ZstdCompressionParameters.from_level(1)
+        )
+        blob = encode(data)
+        assert decode(blob) == raw and probe.size_of(blob) < len(raw)
+    zn = probe.zipnn_coder(dtype)
+    if zn is not None:
+        assert zn[1](zn[0](data)) == raw
