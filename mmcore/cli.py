@@ -98,9 +98,15 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"{c.get('removed', 0):,} removed")  # fmt: skip
             if manifest.update is not None and manifest.update.derived:
                 sources = sorted(set(manifest.update.derived.values()))
+                stored = (
+                    f": {human_bytes(c['derived_bytes'])} of parameters in "
+                    f"{human_bytes(c['derived_payload_bytes'])}"
+                    if "derived_bytes" in c
+                    else ""
+                )
                 print(f"derived    {len(manifest.update.derived):,} new model(s) stored as deltas of "
                       f"the parent's {', '.join(map(repr, sources[:3]))}"
-                      f"{' ...' if len(sources) > 3 else ''}")  # fmt: skip
+                      f"{' ...' if len(sources) > 3 else ''}{stored}")  # fmt: skip
             print(f"bytes      {human_bytes(c.get('payload_bytes', 0))} payload, "
                   f"{human_bytes(c.get('metadata_bytes', 0))} tables and hashes, "
                   f"{human_bytes(info.stored_bytes - c.get('payload_bytes', 0) - c.get('metadata_bytes', 0))} "
@@ -224,6 +230,19 @@ def cmd_du(args: argparse.Namespace) -> int:
         print(
             f"on disk    {human_bytes(store.stored_bytes())} (packs and catalog; `gc` reclaims unreferenced packs)"
         )
+        updates = [i for i in infos if i.approach == "update"]
+        if updates:  # what storing only what changed saved, and how much of it derived models
+            logical = sum(i.logical_bytes for i in updates)
+            stored = sum(i.stored_bytes for i in updates)
+            line = (f"saved      by updates: {human_bytes(logical)} of parameters stored in "
+                    f"{human_bytes(stored)} ({human_bytes(max(logical - stored, 0))} saved)")  # fmt: skip
+            derived = [i.changes for i in updates if i.changes.get("derived_bytes")]
+            if derived:
+                d_logical = sum(c["derived_bytes"] for c in derived)
+                d_stored = sum(c["derived_payload_bytes"] for c in derived)
+                line += (f"; of them models derived from another: {human_bytes(d_logical)} in "
+                         f"{human_bytes(d_stored)}")  # fmt: skip
+            print(line)
         for did, d in datasets.items():
             users = ", ".join(d["used_by"][:3]) + (" ..." if len(d["used_by"]) > 3 else "")
             print(f"dataset    {did[:16]}  {d['entries']:,} entries, {human_bytes(d['stored_bytes'])}, "

@@ -286,8 +286,18 @@ def test_mmcore_info_names_the_sources(
     store.close()
     assert main(["info", path, v2]) == 0
     out = capsys.readouterr().out
-    assert "derived    2 new model(s) stored as deltas of the parent's 'base'" in out
+    from mmcore._units import human_bytes
+
+    tunes = human_bytes(2 * sum(t.numel() * t.element_size() for t in parent["base"].values()))
+    want = (
+        f"derived    2 new model(s) stored as deltas of the parent's 'base': {tunes} of parameters"
+    )
+    assert want in out
     assert "changes    1 unchanged, 2 as deltas, 0 whole (0 added)" in out
+    assert main(["du", path]) == 0
+    out = capsys.readouterr().out
+    assert "saved      by updates: " in out
+    assert f"; of them models derived from another: {tunes} in" in out
 
 
 @pytest.mark.parametrize("later", ["removed", "whole"])

@@ -312,16 +312,22 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
     delta_key = None
     payload = sum(g.count * g.schema.stride for g in groups)
     metadata = sum(g.count * len(g.schema.tensors) * kernels.HASH_SIZE for g in groups)
+    derived_logical = derived_payload = 0
     if deltas:
-        delta_key, rec, model_bytes, table_bytes = _write_deltas(store, writer, encoded, end)
+        delta_key, rec, model_sizes, table_bytes = _write_deltas(store, writer, encoded, end)
         blobs.append((delta_key, rec))
-        payload += model_bytes
+        payload += sum(model_sizes)
         metadata += table_bytes
+        for d, size in zip(deltas, model_sizes):  # (``info`` and ``du`` report them apart)
+            if d.source != d.entry.name:
+                derived_logical += _sizes(d.entry.signature, sizes)[1]
+                derived_payload += size
     depth = len(chain.chain_of(store, parent))  # as the chain is now (a rebase shortens it)
     stats = {"models": split.models, "tensors": split.tensors,
              "unchanged": unchanged, "changed": len(deltas) + split.restored, "delta": len(deltas),
              "whole": len(split.whole), "keyframes": split.restored, "added": len(split.added),
              "removed": len(split.removed), "derived": len(split.derived),
+             "derived_bytes": derived_logical, "derived_payload_bytes": derived_payload,
              "payload_bytes": payload, "metadata_bytes": metadata,
              "max_delta_chain": max([int(d.info.depth) + 1 for d in deltas], default=0)}  # fmt: skip
     update = UpdateInfo(depth=depth, tolerance=tolerance, max_chain=max_chain, removed=split.removed,
@@ -1056,9 +1062,9 @@ def _chunks(plain: torch.Tensor) -> list[tuple[int, int]]:
 
 def _write_deltas(
     store: Storage, writer: PackWriter, b: _Blobs, end: int
-) -> tuple[bytes, ContentRecord, int, int]:
+) -> tuple[bytes, ContentRecord, list[int], int]:
     """Writes the model blobs, then the tables and hashes; returns the blob key, its
-    content record, the model blobs' bytes and the tables' and hashes' bytes.
+    content record, each model blob's bytes and the tables' and hashes' bytes.
 
     The blobs are compressed a chunk at a time while a writer thread writes the chunk
     before (one vectored write each). A blob whose frame is not smaller than its
@@ -1153,7 +1159,7 @@ def _write_deltas(
     rec = ContentRecord(
         writer.pack_id, [], hashes_at, hashes.numel(), refs=1, table=(table_at, len(table))
     )
-    return key, rec, sum(sizes), len(table) + hashes.numel()
+    return key, rec, sizes, len(table) + hashes.numel()
 
 
 def _raw_blobs(b: _Blobs, lo: int, hi: int, raw: torch.Tensor, raw_size: torch.Tensor,
