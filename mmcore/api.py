@@ -338,7 +338,8 @@ class ModelStore:
         ``parent``'s chain would pass ``max_recovery``, as in ``save``, stored whole), so
         that what it was stored against can be deleted. Versions stored against it stay
         valid: it recovers to the same bytes. Refs, ``prev`` and the message are kept;
-        one atomic commit."""
+        one atomic commit. A model derived from another (``save(derived_from=)``) stays a
+        delta of its source where ``parent`` holds the source in the same layout."""
         self._check_writable()
         _args.optional_flag(progress, "progress")
         if max_recovery is not None:
@@ -366,6 +367,13 @@ class ModelStore:
             saved = {n: list(sd) for n, sd in models.items()}
             models = {n: {s.name: sd[s.name] for s in index[n].schema.tensors}
                       for n, sd in models.items()}  # fmt: skip
+        derived: dict[str, str] = {}
+        if parent is not None and m.update is not None and m.update.derived:
+            with decoding(parent):
+                onto = chain.model_index(self.storage, parent)
+            derived = {name: source for name, source in m.update.derived.items()
+                       if name not in onto and source in onto
+                       and onto[source].schema.layout_key() == index[name].schema.layout_key()}  # fmt: skip
         new = Manifest(id=m.id, approach="update" if parent else "baseline", created=m.created,
                        models=[], groups=[], logical_bytes=0, parent=parent, prev=m.prev, ref=m.ref,
                        message=m.message, extra=m.extra)  # fmt: skip
@@ -375,7 +383,8 @@ class ModelStore:
                 blobs = self._write_payload(writer, new, models, tolerance=None,
                                             max_chain=DEFAULT_MAX_CHAIN,
                                             max_recovery=max_recovery, recipe=None, check=True,
-                                            progress=bar, saved_orders=saved)  # fmt: skip
+                                            progress=bar, saved_orders=saved,
+                                            derived_from=derived or None)  # fmt: skip
             pack_size = writer.finish()
         except BaseException:
             writer.abort()

@@ -341,3 +341,26 @@ def test_push_export_and_import_of_a_family(tmp_path: Path) -> None:
         assert b.info(v4).changes["derived"] == 3 and b.info(v3).changes["added"] == 3
         _every_way(b, v4, tunes)
         assert b.check().problems == []
+
+
+def test_a_rebase_keeps_a_derived_model_a_delta_where_the_new_parent_holds_its_source(
+    store: mmcore.ModelStore, family: tuple[str, Models]
+) -> None:
+    v1, parent = family
+    base = parent["base"]
+    given = {"base": base, "ft": _tune(base, 1), "ft2": _tune(base, 2)}
+    v2 = store.save(given, approach="update", parent=v1, derived_from="auto")
+    v3 = store.save({"base": base})  # another baseline holding the source
+    store.rebase(v2, parent=v3)
+    m = store.manifest(v2)
+    assert m.parent == v3 and m.update is not None
+    assert m.update.derived == {"ft": "base", "ft2": "base"} and m.update.added == []
+    store.delete(v1)  # what it was stored against can go
+    store.gc()
+    _every_way(store, v2, given)
+    v4 = store.save({"other": _net(1, width=40)})  # no source there: stored whole
+    store.rebase(v2, parent=v4)
+    m = store.manifest(v2)
+    assert m.update is not None and m.update.derived == {} and set(m.update.added) == set(given)
+    _every_way(store, v2, given)
+    assert store.check().problems == []
