@@ -206,7 +206,8 @@ class ModelStore:
         stored as deltas of the parent's model it names, not whole: a mapping {new
         model: the parent's model}, a callable (new model name -> the parent's model
         name, or None), or ``"auto"`` (the parent's model of the same architecture
-        sharing the most tensors with it, or the only one of that architecture). So
+        sharing the most tensor bytes with it, at least 1/16 of them, or else the only
+        one of that architecture). So
         a family of fine-tunes is stored as deltas of its base; they recover, load
         one by one and chain (``max_chain``, ``max_recovery``) as any delta does.
         """

@@ -160,12 +160,13 @@ def test_auto_picks_the_model_sharing_the_most_tensors(
     given = {"a": a, "b": b, "small": _net(3, width=8),
              "of_b": _tune(b, 7, frozen=frozen),  # shares 4 tensors with b (steps too)
              "fresh": _net(9),  # shares nothing with a or b: two candidates, stored whole
+             "counter": {**_net(11), "steps": torch.tensor([2])},  # only b's 8-byte counter
              "tiny": _tune(_net(3, width=8), 8)}  # the only model of its architecture  # fmt: skip
     v2 = store.save(given, approach="update", parent=v1, derived_from="auto")
     m = store.manifest(v2)
     assert m.update is not None
     assert m.update.derived == {"of_b": "b", "tiny": "small"}
-    assert m.update.added == ["fresh"]
+    assert m.update.added == ["fresh", "counter"]
     _every_way(store, v2, given)
 
 

@@ -441,9 +441,10 @@ def derived_sources(entries: list[ModelEntry], new_hashes: torch.Tensor,
     """{new model: the parent's model it is to be a delta of}, for the models of the set
     the parent lacks, by ``derived_from``: a mapping, a callable (None: no source), or
     ``"auto"``: the parent's model of the same architecture sharing the most tensor
-    hashes with it (ties: the first in the parent's order); with none shared, the one
-    model of that architecture the parent holds, if there is exactly one (a family's
-    base), else none. A source of another architecture is refused."""
+    bytes with it (equal tensors, by hash; at least ``AUTO_SHARED`` of its bytes; ties:
+    the first in the parent's order); else the one model of that architecture the
+    parent holds, if there is exactly one (a family's base), else none. A source of
+    another architecture is refused."""
     if derived_from is None:
         return {}
     new = [e for e in entries if e.name not in index]
@@ -500,11 +501,16 @@ def derived_sources(entries: list[ModelEntry], new_hashes: torch.Tensor,
     return chosen
 
 
+AUTO_SHARED = 1 / 16  # derived_from="auto": the least share of a model's bytes that pairs it
+
+
 def _auto_sources(entries: list[ModelEntry], new_hashes: torch.Tensor,
                   index: dict[str, chain.ModelInfo],
                   memo: dict[Any, tuple[int, ...] | None]) -> dict[str, str]:  # fmt: skip
     """``derived_sources`` for ``"auto"``: one pass over the parent's hashes (hash ->
-    the models holding it), one over the new models'."""
+    the models holding it), one over the new models'. Shared tensors count by their
+    bytes, and a source needs at least ``AUTO_SHARED`` of the new model's bytes (a step
+    counter or an untouched bias equal everywhere does not make two models kin)."""
     new = [(e, i) for i, e in enumerate(entries) if e.name not in index]
     if not new:
         return {}
@@ -523,13 +529,14 @@ def _auto_sources(entries: list[ModelEntry], new_hashes: torch.Tensor,
     for entry, i in new:
         fits = {sid for sid, ats in by_schema.items()
                 if _schema_order(index[names[ats[0]]], entry, memo) is not None}  # fmt: skip
-        shared: dict[int, int] = {}
-        for row in host[starts[i] : starts[i + 1]]:
+        shared: dict[int, int] = {}  # the parent's model -> bytes shared with it
+        nbytes = [t.numel() * t.element_size() for t in entry.sources]
+        for row, size in zip(host[starts[i] : starts[i + 1]], nbytes):
             for at in holders.get(row.tobytes(), ()):
                 if schema_of[at] in fits:
-                    shared[at] = shared.get(at, 0) + 1
-        if shared:
-            best = max(shared.values())
+                    shared[at] = shared.get(at, 0) + size
+        best = max(shared.values(), default=0)
+        if best and best >= AUTO_SHARED * sum(nbytes):
             out[entry.name] = names[min(at for at, n in shared.items() if n == best)]
         elif sum(len(by_schema[sid]) for sid in fits) == 1:
             out[entry.name] = names[by_schema[fits.pop()][0]]
