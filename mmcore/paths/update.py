@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 Progress = Callable[[int], None]
 # save(derived_from=): {new model: the parent's model}, a callable giving one (or None) per
 # new model, or "auto"
-DerivedFrom = Mapping[str, str] | Callable[[str], "str | None"] | str | None
+DerivedFrom = Union[Mapping[str, str], Callable[[str], Optional[str]], str, None]  # (3.9: no |)
 
 
 @dataclass
