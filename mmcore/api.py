@@ -180,7 +180,7 @@ class ModelStore:
         max_recovery: float | None = DEFAULT_MAX_RECOVERY,
         recipe: Recipe | None = None,
         check: bool = True,
-        derived_from: Mapping[str, str] | Callable[[str], str | None] | str | None = None,
+        derived_from: update.DerivedFrom = None,
         progress: bool | None = None,
     ) -> str:
         """Saves a model set as a new version and returns its id.
@@ -207,9 +207,9 @@ class ModelStore:
         model: the parent's model}, a callable (new model name -> the parent's model
         name, or None), or ``"auto"`` (the parent's model of the same architecture
         sharing the most tensor bytes with it, at least 1/16 of them, or else the only
-        one of that architecture). So
-        a family of fine-tunes is stored as deltas of its base; they recover, load
-        one by one and chain (``max_chain``, ``max_recovery``) as any delta does.
+        one of that architecture). So a family of fine-tunes is stored as deltas of its
+        base; they recover, load one by one and chain (``max_chain``, ``max_recovery``)
+        as any delta does.
         """
         self._check_open()
         if approach not in APPROACHES:
@@ -619,14 +619,11 @@ class ModelStore:
             for name in m.orders:  # a recorded order names exactly the model's tensors
                 load.baseline_order(m, name)
             return m.num_tensors
-        chain.model_index(
-            self.storage, vid
-        )  # what it inherits fits together (orders, deltas, adds)
+        # what it inherits fits together (orders, deltas, adds)
+        chain.model_index(self.storage, vid)
         checked += sum(g.count * len(g.schema.tensors) for g in m.groups)
         if m.update.changed:  # its tables re-read and re-hashed (the cache is not trusted),
-            chain.read_delta_blob(
-                self.storage, m
-            )  # then decoding checks every decoded tensor's hash
+            chain.read_delta_blob(self.storage, m)  # then decoding checks each tensor's hash
             got = chain.recover(self.storage, vid, set(m.update.changed), verify=True)
             checked += sum(len(got[name]) for name in m.update.changed)
         return checked

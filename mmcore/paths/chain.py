@@ -144,10 +144,7 @@ def _model_index(store: Storage, vid: str) -> dict[str, ModelInfo]:
         for name, source in m.update.derived.items():  # before removals: the parent's models
             before = index.get(source)
             if before is None or name in index:
-                raise CorruptRecordError(
-                    f"version {m.id} derives model {name!r} from {source!r}, which its parent "
-                    "does not hold (or holds the model already): the store's catalog is damaged"
-                )
+                raise _bad_derivation(m, name, source)
             index[name] = ModelInfo(before.schema, before.table, before.first, before.depth,
                                     before.order, before.cost)  # fmt: skip
         for name in m.update.removed:
@@ -471,10 +468,7 @@ def _whole_sources(
                 if here is not None and name not in here:
                     continue
                 if origin not in source:
-                    raise CorruptRecordError(
-                        f"version {m.id} derives model {name!r} from {origin!r}, which its parent "
-                        "does not hold: the store's catalog is damaged"
-                    )
+                    raise _bad_derivation(m, name, origin)
                 where, read, derivations = source[origin]
                 source[name] = (where, read, (*derivations, (m.id, name)))
             for name in m.update.removed:
@@ -490,6 +484,13 @@ def _whole_sources(
     return need, forks
 
 
+def _bad_derivation(m: Manifest, name: str, source: str) -> CorruptRecordError:
+    return CorruptRecordError(
+        f"version {m.id} derives model {name!r} from {source!r}, which its parent does not "
+        "hold (or holds the model already): the store's catalog is damaged"
+    )
+
+
 def _fork(m: Manifest, name: str, source: str, states: dict[str, StateDict],
           schemas: dict[str, Schema], orders: dict[str, list[str]],
           pending: dict[str, list[_Queued]]) -> None:  # fmt: skip
@@ -499,10 +500,7 @@ def _fork(m: Manifest, name: str, source: str, states: dict[str, StateDict],
     new buffer); one assembled tensor by tensor is copied, since decoding keeps the
     tensors a delta leaves unchanged, and no two models may share a tensor."""
     if source not in states or name in states:
-        raise CorruptRecordError(
-            f"version {m.id} derives model {name!r} from {source!r}, which its parent does not "
-            "hold (or holds the model already): the store's catalog is damaged"
-        )
+        raise _bad_derivation(m, name, source)
     state, schema = states[source], schemas[source]
     if _record_address(state, schema) is None:
         state = _LooseState({key: tensor.clone() for key, tensor in state.items()})

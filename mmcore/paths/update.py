@@ -76,6 +76,11 @@ class _Delta:
     def __post_init__(self) -> None:
         self.source = self.source or self.entry.name
 
+    @property
+    def derived(self) -> bool:
+        """A model new here, stored as a delta of another model of the parent."""
+        return self.source != self.entry.name
+
 
 _SAME_ORDER: tuple[int, ...] = ()  # _schema_order: the entry's tensors are in the schema's order
 
@@ -291,10 +296,10 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
         kept = {id(d) for d in encoded.deltas}
         for d in deltas:  # every change within tolerance: the parent's model
             if id(d) not in kept:
-                if d.source == d.entry.name:
-                    unchanged += 1
-                else:  # new here (derived from another): stored whole instead
+                if d.derived:  # new here: stored whole instead
                     _derived_whole(split, d.entry)
+                else:
+                    unchanged += 1
         deltas = encoded.deltas
 
     groups: list[GroupRecord] = []
@@ -319,7 +324,7 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
         payload += sum(model_sizes)
         metadata += table_bytes
         for d, size in zip(deltas, model_sizes):  # (``info`` and ``du`` report them apart)
-            if d.source != d.entry.name:
+            if d.derived:
                 derived_logical += _sizes(d.entry.signature, sizes)[1]
                 derived_payload += size
     depth = len(chain.chain_of(store, parent))  # as the chain is now (a rebase shortens it)
