@@ -31,7 +31,7 @@ from .errors import (
 from .manifest import APPROACHES, ContentRecord, DatasetRecord, Manifest
 from .modelset import StackedInput
 from .paths import baseline, chain, load, retrain, update
-from .paths.commit import commit_version, swap_references, version_blobs
+from .paths.commit import Blobs, commit_version, swap_references, version_blobs
 from .paths.reader import StateDict
 from .recipe import Recipe
 from .record import ref_target
@@ -284,7 +284,7 @@ class ModelStore:
                        recipe: Recipe | None, check: bool, progress: Any,
                        saved_orders: dict[str, list[str]] | None = None,
                        derived_from: update.DerivedFrom = None
-                       ) -> list[tuple[bytes, ContentRecord]]:  # fmt: skip
+                       ) -> Blobs:  # fmt: skip
         """Writes a version's payload by its approach into ``writer``; fills the manifest's
         models, groups and path records; returns the blobs to reference. ``saved_orders``
         (a rebase): the models come in their schemas' tensor order, kept; these are the
@@ -318,7 +318,7 @@ class ModelStore:
             manifest.provenance, manifest.logical_bytes = pv.info, pv.logical_bytes
             return pv.blobs
         with torch.no_grad():
-            written = baseline.write_set(writer, models, progress)
+            written = baseline.write_set(writer, models, progress, self.storage.stored)
         manifest.models, manifest.groups = written.names, written.groups
         manifest.logical_bytes = written.logical_bytes
         if saved_orders is not None:

@@ -124,6 +124,11 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(
                 f"saved on   torch {env.get('torch')}, {env.get('device')} ({env.get('device_name')})"
             )
+        shared = [g for g in manifest.groups if g.shared is not None]
+        if shared:
+            tensors = sum(g.count * len(g.shared.tensors) for g in shared if g.shared)
+            print(f"shared     {tensors:,} tensors equal across models stored once per value: "
+                  f"{human_bytes(sum(g.shared_saved() for g in shared))} not stored")  # fmt: skip
         if not manifest.groups:
             return 0
         print()
@@ -218,8 +223,8 @@ def cmd_du(args: argparse.Namespace) -> int:
             elif m.provenance is not None:
                 payload, meta = 0, c.get("roots_bytes", 0)
             else:
-                payload = sum(g.count * g.schema.stride for g in m.groups)
-                meta = sum(g.count * len(g.schema.tensors) * 32 for g in m.groups)
+                payload = sum(g.payload_bytes() for g in m.groups)
+                meta = sum(g.hash_bytes() for g in m.groups)
             # More than it stored: its blobs equal ones stored before, referenced, not written
             # again; its own bytes are its manifest, and the blobs count where they were stored.
             own = [human_bytes(payload), human_bytes(meta)]
@@ -243,6 +248,10 @@ def cmd_du(args: argparse.Namespace) -> int:
                 line += (f"; of them models derived from another: {human_bytes(d_logical)} in "
                          f"{human_bytes(d_stored)}")  # fmt: skip
             print(line)
+        groups = [g for i in infos for g in store.manifest(i.id).groups if g.shared is not None]
+        if groups:  # what storing equal tensors once saved (in every version's own count)
+            print(f"saved      by shared tensors: {human_bytes(sum(g.shared_saved() for g in groups))} "
+                  f"of parameters not stored, in {len(groups):,} group(s)")  # fmt: skip
         for did, d in datasets.items():
             users = ", ".join(d["used_by"][:3]) + (" ..." if len(d["used_by"]) > 3 else "")
             print(f"dataset    {did[:16]}  {d['entries']:,} entries, {human_bytes(d['stored_bytes'])}, "

@@ -14,14 +14,15 @@ from typing import Any
 import msgpack
 
 from .errors import CorruptRecordError, FormatVersionError, InvalidArgumentError
-from .modelset import Schema
+from .modelset import Schema, laid_out
 from .recipe import Recipe
 from .record import DAMAGED, Record
 
-MANIFEST_FORMAT = 5  # newest read; baselines are written as 1 (4 with tensor orders, from a
+MANIFEST_FORMAT = 6  # newest read; baselines are written as 1 (4 with tensor orders, from a
 # rebase), updates 2 (4 with tensor or model orders: a reader of 2 would return them in
 # another order; 5 with models derived from others: a reader of 4 would not find them),
-# provenance 3
+# provenance 3; any version whose groups share tensors 6 (a reader of 5 would read the
+# group's blob as whole records)
 CONTENT_FORMAT = 2  # newest read; 2 only for a delta blob moved by compaction ("shift")
 DATASET_FORMAT = 1
 APPROACHES = ("baseline", "update", "provenance")
@@ -49,8 +50,45 @@ def _unpack(data: bytes, what: str, newest: int) -> Record:
 
 
 @dataclass
+class SharedTensors:
+    """Tensors of a group stored once per distinct value (docs/FORMAT.md, "Shared
+    tensors"): the group's blob holds the other tensors of each model; the *row blob*
+    ``blob`` holds ``count`` rows of these tensors, and model ``i`` of the group (group
+    order) has row ``rows[i]``."""
+
+    tensors: list[int]  # indices into the group's schema, ascending
+    count: int
+    blob: bytes
+    rows: list[int]
+
+    def encode(self) -> dict[str, Any]:
+        return {"tensors": self.tensors, "count": self.count, "blob": self.blob,
+                "rows": struct.pack(f"<{len(self.rows)}I", *self.rows)}  # fmt: skip
+
+    @classmethod
+    def decode(cls, rec: Record, schema: Schema, models: int) -> SharedTensors:
+        tensors = [rec.check_integer(t, "tensors") for t in rec.array("tensors")]
+        if not tensors or tensors != sorted(set(tensors)) or tensors[-1] >= len(schema.tensors):
+            raise rec.corrupt(
+                f"field 'tensors' should be ascending indices below {len(schema.tensors)}"
+            )
+        count = rec.integer("count", minimum=1)
+        blob = rec.binary("blob")
+        raw = rec.binary("rows")
+        if len(blob) != 32:
+            raise rec.corrupt(f"blob key of {len(blob)} bytes, not 32")
+        if len(raw) != 4 * models or count > max(models, 1):
+            raise rec.corrupt(f"{len(raw)} bytes of rows, {count} rows, for {models} models")
+        rows = list(struct.unpack(f"<{models}I", raw))
+        if rows and max(rows) >= count:
+            raise rec.corrupt(f"a model's row {max(rows)} is past the {count} rows")
+        return cls(tensors, count, blob, rows)
+
+
+@dataclass
 class GroupRecord:
-    """Models of one schema, stored model after model in one blob."""
+    """Models of one schema, stored model after model in one blob (and, where some of
+    their tensors are shared, those in a row blob: ``shared``)."""
 
     schema: Schema
     count: int
@@ -59,9 +97,49 @@ class GroupRecord:
     names: list[str] | None = field(
         default=None, compare=False
     )  # update versions: UpdateInfo.whole
+    shared: SharedTensors | None = None
+    _parts: tuple[Schema, Schema] | None = field(default=None, repr=False, compare=False)
 
     def positions(self) -> list[int]:
         return list(range(self.count)) if self.members is None else self.members
+
+    def _split(self) -> tuple[Schema, Schema]:
+        if self._parts is None:
+            assert self.shared is not None
+            self._parts = split_schema(self.schema, self.shared.tensors)
+        return self._parts
+
+    @property
+    def record_schema(self) -> Schema:
+        """The layout of the records in the group's blob: its schema, less shared tensors."""
+        return self.schema if self.shared is None else self._split()[0]
+
+    @property
+    def row_schema(self) -> Schema:
+        """The layout of the rows of the row blob (only with ``shared``)."""
+        return self._split()[1]
+
+    def blobs(self) -> list[bytes]:
+        return [self.blob] if self.shared is None else [self.blob, self.shared.blob]
+
+    def payload_bytes(self) -> int:
+        """Bytes of its records in its blob, and of its rows in its row blob."""
+        own = self.count * self.record_schema.stride
+        return own if self.shared is None else own + self.shared.count * self.row_schema.stride
+
+    def shared_saved(self) -> int:
+        """Parameter bytes its shared tensors did not store: one row per distinct value,
+        not one per model."""
+        if self.shared is None:
+            return 0
+        return (self.count - self.shared.count) * sum(s.nbytes for s in self.row_schema.tensors)
+
+    def hash_bytes(self) -> int:
+        """Bytes of its blobs' hash tables."""
+        n = self.count * len(self.record_schema.tensors)
+        if self.shared is not None:
+            n += self.shared.count * len(self.row_schema.tensors)
+        return n * 32
 
     def encode(self) -> dict[str, Any]:
         members = None
@@ -72,6 +150,7 @@ class GroupRecord:
             "count": self.count,
             "blob": self.blob,
             "members": members,
+            **({} if self.shared is None else {"shared": self.shared.encode()}),
         }
 
     @classmethod
@@ -90,7 +169,18 @@ class GroupRecord:
         for spec in schema.tensors:  # the group's models of it stacked: one torch shape
             if count * math.prod(d or 1 for d in spec.shape) >> 63:
                 raise rec.corrupt(f"{count} models of tensor {spec.name!r} are too large to stack")
-        return cls(schema, count, blob, decoded)
+        shared = None
+        if rec.raw.get("shared") is not None:
+            shared = SharedTensors.decode(rec.submap("shared"), schema, count)
+        return cls(schema, count, blob, decoded, shared=shared)
+
+
+def split_schema(schema: Schema, shared: list[int]) -> tuple[Schema, Schema]:
+    """The record layouts of a group whose tensors at ``shared`` are shared: the other
+    tensors, then those, each laid out as a writer lays out records."""
+    chosen = set(shared)
+    return (laid_out([s for i, s in enumerate(schema.tensors) if i not in chosen]),
+            laid_out([schema.tensors[i] for i in shared]))  # fmt: skip
 
 
 @dataclass
@@ -306,6 +396,7 @@ class Manifest:
             fields = {"orders": _grouped(self.orders)}
         return _pack({
             "format": 3 if self.provenance is not None
+            else 6 if any(g.shared is not None for g in self.groups)
             else (4 if self.orders else 1) if self.update is None
             else 5 if self.update.derived
             else 4 if self.update.orders or self.update.model_order is not None else 2,
@@ -466,6 +557,8 @@ class DatasetRecord:
         rec = _unpack(data, "dataset", DATASET_FORMAT)
         names = rec.text_list("names")
         groups = [GroupRecord.decode(g) for g in rec.map_list("groups")]
+        if any(g.shared is not None for g in groups):  # (written only for versions)
+            raise rec.corrupt("a dataset group has shared tensors")
         _check_membership(rec, names, groups)
         return cls(rec.text("id"), names, groups, rec.integer("logical_bytes"),
                    rec.integer("stored_bytes"), rec.number("created"))  # fmt: skip

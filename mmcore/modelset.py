@@ -8,7 +8,7 @@ bytes are laid out model after model with a fixed stride.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,8 +197,6 @@ def _schema_for(
     keys: tuple[str, ...], sig: tuple[tuple[torch.dtype, torch.Size], ...], model: str
 ) -> Schema:
     specs = []
-    offset = 0
-    align = 1
     for key, (dtype, shape) in zip(keys, sig):
         if not isinstance(key, str):
             raise InvalidModelSetError(
@@ -206,16 +204,33 @@ def _schema_for(
             )
         _check_utf8(key, f"model {model!r}: tensor name")
         name = dtypes.name_of(dtype, where=f"model {model!r}, tensor {key!r}")
-        itemsize = dtypes.ITEMSIZE[dtype]
-        offset = -(-offset // itemsize) * itemsize
         numel = 1
         for dim in shape:
             numel *= dim
-        specs.append(TensorSpec(key, name, tuple(shape), offset, numel * itemsize))
-        offset += numel * itemsize
+        specs.append(TensorSpec(key, name, tuple(shape), 0, numel * dtypes.ITEMSIZE[dtype]))
+    return laid_out(specs)
+
+
+def _itemsize(dtype: str) -> int:
+    known = dtypes.BY_NAME.get(dtype)
+    return 1 if known is None else known.itemsize  # an unknown dtype: refused on read
+
+
+def laid_out(specs: Sequence[TensorSpec]) -> Schema:
+    """The record layout of ``specs`` (their offsets ignored): each tensor, in the order
+    given, at the next multiple of its element size; the stride a multiple of the largest.
+    Every record a writer makes is laid out so, and so is each part of a group split by
+    shared tensors (docs/FORMAT.md)."""
+    out = []
+    offset = 0
+    align = 1
+    for spec in specs:
+        itemsize = _itemsize(spec.dtype)
+        offset = -(-offset // itemsize) * itemsize
+        out.append(TensorSpec(spec.name, spec.dtype, spec.shape, offset, spec.nbytes))
+        offset += spec.nbytes
         align = max(align, itemsize)
-    stride = -(-offset // align) * align
-    return Schema(specs, stride, align)
+    return Schema(out, -(-offset // align) * align, align)
 
 
 def _slow_source(model: str, key: str, t: torch.Tensor, keep_cuda: bool = False) -> torch.Tensor:

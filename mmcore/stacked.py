@@ -30,6 +30,14 @@ from .modelset import Schema, module_state
 StateDict = dict[str, torch.Tensor]
 
 
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a column that is one tensor expanded (a tensor every model
+    shares) moves as that one tensor, expanded again there."""
+    if t.dim() and t.shape[0] > 1 and t.stride(0) == 0:
+        return t[0].to(device).expand(t.shape)
+    return t.to(device)
+
+
 class Stack:
     """The models of one architecture, stacked: ``names`` (N model names) and
     ``params`` ({tensor name: [N, ...] tensor}, every tensor of the state dict,
@@ -115,7 +123,7 @@ class Stack:
             moved = buf.to(device)
             return Stack(self.names, record_columns(moved, schema, len(self.names)),
                          records=(moved, schema))  # fmt: skip
-        return Stack(self.names, {k: t.to(device) for k, t in self.params.items()})
+        return Stack(self.names, {k: _moved(t, device) for k, t in self.params.items()})
 
     def select(self, names: Sequence[str]) -> Stack:
         """The stack of ``names`` (in that order): the same stack where they are all

@@ -100,6 +100,10 @@ class Storage:
             )
         return ContentRecord.decode(raw)
 
+    def stored(self, key: bytes) -> bool:
+        """Whether the store holds blob ``key``."""
+        return self.catalog.get("content", key) is not None
+
     def pack_size(self, pack_id: str) -> int | None:
         """A pack's size from its catalog record (no request to the payload tier)."""
         raw = self.catalog.get("packs", pack_id.encode())

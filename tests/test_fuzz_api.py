@@ -54,6 +54,7 @@ from fuzz_model import (
     crash_points,
     edit,
     edits,
+    idx,
     inject,
     injected,
     is_cell,
@@ -82,6 +83,7 @@ from mmcore.errors import (
 )
 from mmcore.examples import battery
 from mmcore.manifest import ContentRecord
+from mmcore.paths import baseline
 from mmcore.stacked import stack_sets
 
 MINUTES = float(os.environ.get("MMCORE_FUZZ_MINUTES") or 0)
@@ -188,6 +190,8 @@ class ApiMachine(RuleBasedStateMachine):
             want = clone_models(got)
         self.made += 1
         Counts.saved[approach] += 1
+        if any(g.shared is not None for g in self.store.manifest(vid).groups):
+            Counts.saved["sharing tensors"] += 1
         self.live[vid] = Version(vid, f"v{self.made}", want, approach, parent, redo)
         if ref is not None:
             self.refs[ref] = vid
@@ -234,6 +238,22 @@ class ApiMachine(RuleBasedStateMachine):
         call = self._stacked_call(models, via, ref=ref)
         self._save(crash, call, approach="baseline", parent=None, given=models, want=models,
                    tolerance=None, ref=ref, redo={"models": models})  # fmt: skip
+
+    @precondition(lambda self: len(self.live) < MAX_LIVE)
+    @rule(spec=set_spec, model=idx, copies=st.integers(1, 3), ops=st.lists(value_edit, max_size=3),
+          ref=refs, crash=crash_points)  # fmt: skip
+    def family(self, spec: Any, model: int, copies: int, ops: Any, ref: str | None,
+               crash: Any) -> None:  # fmt: skip
+        """A baseline whose models share tensors: copies of one model, some of their
+        tensors then changed (stored once per distinct value, in a row blob)."""
+        models = make_set(spec)
+        name = list(models)[model % len(models)]
+        for i in range(copies):
+            models[f"{name}~{i}"] = dict(models[name])
+        models = apply_edits(models, ops)
+        self._save(crash, lambda: self.store.save(models, ref=ref), approach="baseline",
+                   parent=None, given=models, want=models, tolerance=None, ref=ref,
+                   redo={"models": models})  # fmt: skip
 
     @precondition(lambda self: len(self.live) < MAX_LIVE and self.live)
     @rule(pick=picks, ops=edits, tolerance=st.sampled_from(TOLERANCES),
@@ -591,6 +611,14 @@ SHORT = settings(max_examples=12, stateful_step_count=25, deadline=None, databas
                  print_blob=True, derandomize=True, suppress_health_check=list(HealthCheck))  # fmt: skip
 LONG = settings(max_examples=10, stateful_step_count=50, deadline=None, database=None,
                 print_blob=True, suppress_health_check=list(HealthCheck))  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _share_small_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fuzz's tensors are small: equal ones are shared from 8 bytes on, whatever
+    they save, so that every path meets groups that share tensors."""
+    monkeypatch.setattr(baseline, "SHARE_MIN", 8)
+    monkeypatch.setattr(baseline, "SHARE_SAVES", 0)
 
 
 def test_api_state_machine_on_object_storage(seaweed: Any) -> None:

@@ -5,7 +5,10 @@ models are batched into *extents*: runs of whole models laid out one after
 another with the schema's fixed stride, each one large sequential write. While
 the Python thread validates the next models, one thread hashes the sources of
 the previous batch and another copies them into a staging buffer and writes it
-(native calls release the GIL). Memory stays bounded by the staging buffers.
+(native calls release the GIL). Memory stays bounded by the staging buffers,
+except where models may share tensors: a group with a tensor of ``SHARE_MIN``
+bytes or more is held until the set is read, then written once its equal tensors
+are found (``plan_shared``; each distinct value once, in a row blob).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from .. import kernels
 from .._gc import gc_paused
-from ..manifest import ContentRecord, GroupRecord
+from ..manifest import ContentRecord, GroupRecord, SharedTensors, split_schema
 from ..modelset import Grouper, ModelEntry, Schema, StackedInput, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 
@@ -59,9 +62,18 @@ class _GroupState:
 class WrittenSet:
     names: list[str]
     groups: list[GroupRecord]
-    blobs: list[tuple[bytes, ContentRecord]]
+    blobs: list[tuple[bytes, ContentRecord | None]]  # None: a row blob the store holds already
     logical_bytes: int
     end: int = 0  # first pack offset after everything written
+
+
+@dataclass
+class _Written:
+    """One writer group's blob once written: its key, record and members."""
+
+    key: bytes
+    rec: ContentRecord
+    members: list[int]
 
 
 class _SetWriter:
@@ -152,16 +164,15 @@ class _SetWriter:
         ):
             self.futures.pop(0).result()
 
-    def finish(self, names: list[str]) -> WrittenSet:
+    def finish(self) -> list[_Written]:
+        """Writes the hash tables; each writer group's blob, in the order first added."""
         for g in self.groups:
             self._flush(g)
         for f in self.futures:
             f.result()
         self.futures = []
-        records, blobs = [], []
-        single = len(self.groups) == 1
+        out = []
         for g in self.groups:
-            count = len(g.members)
             hashes = (
                 torch.cat(g.hash_parts)
                 if g.hash_parts
@@ -171,22 +182,108 @@ class _SetWriter:
             if hashes.numel():
                 self.writer.write_ptr(hashes.data_ptr(), hashes.numel(), hashes_offset)
             self.end = hashes_offset + hashes.numel()
-            key = blob_key(g.schema, count, hashes)
+            key = blob_key(g.schema, len(g.members), hashes)
             rec = ContentRecord(
                 self.writer.pack_id, g.extents, hashes_offset, hashes.numel(), refs=1
             )
-            blobs.append((key, rec))
-            members = None if single else g.members
-            records.append(GroupRecord(g.schema, count, key, members))
-        logical = sum(len(g.members) * sum(s.nbytes for s in g.schema.tensors) for g in self.groups)
-        return WrittenSet(names, records, blobs, logical, self.end)
+            out.append(_Written(key, rec, g.members))
+        return out
 
 
-def write_set(writer: PackWriter, models: Any, progress: Progress) -> WrittenSet:
-    """Validates ``models`` and writes every group into one pack, streaming.
+# Shared tensors (docs/FORMAT.md): tensors of at least this many bytes are hashed before a
+# group is written; those equal across its models are stored once per distinct value.
+SHARE_MIN = 512
+# A group's shared tensors must save at least this many bytes (else it is written whole).
+SHARE_SAVES = 64 << 10
+# Models of a group held before looking whether any may share a tensor: where none of
+# these does, the group streams (a fleet of independently trained models).
+SHARE_LOOK = 16
+PREFIX = 32  # bytes of each tensor compared before any is hashed
 
-    ``progress(1)`` is called once per model queued for writing.
-    """
+
+@dataclass
+class _Plan:
+    """A group's shared tensors: their indices, each model's row, each row's first model."""
+
+    tensors: list[int]
+    rows: list[int]
+    firsts: list[int]
+
+
+def plan_shared(schema: Schema, entries: list[ModelEntry], threads: int = 0) -> _Plan | None:
+    """Which of the group's tensors to store once per distinct value, or None.
+
+    Tensors of ``SHARE_MIN`` bytes or more whose first bytes repeat (``_repeated``)
+    are hashed; each such column splits the models by value. The columns that split
+    them alike form a candidate; the one saving the most bytes wins, with every column
+    equal wherever it is (a column whose value follows the winner's rows: all models'
+    equal step counter, say). ``SHARE_SAVES`` bytes or more saved, else None."""
+    n = len(entries)
+    cand = _repeated(schema, entries)
+    if not cand:
+        return None
+    ptrs = kernels.int64_table([e.ptrs[i] for e in entries for i in cand])
+    lens = kernels.int64_table([schema.tensors[i].nbytes for i in cand]).repeat(n)
+    hashes = kernels.blake3_segments(ptrs, lens, threads=threads).view(n, len(cand), -1)
+    labels: list[tuple[int, ...]] = []
+    classes: dict[tuple[int, ...], list[int]] = {}
+    for c in range(len(cand)):
+        _, inverse = torch.unique(hashes[:, c], dim=0, return_inverse=True)
+        first: dict[int, int] = {}
+        canon = tuple(first.setdefault(v, len(first)) for v in inverse.tolist())
+        labels.append(canon)
+        if len(first) < n:  # some models share this tensor
+            classes.setdefault(canon, []).append(c)
+    if not classes:
+        return None
+
+    def saved(canon: tuple[int, ...], cols: list[int]) -> int:
+        return (n - (max(canon) + 1)) * sum(schema.tensors[cand[c]].nbytes for c in cols)
+
+    best = max(classes, key=lambda k: saved(k, classes[k]))
+    firsts: list[int] = []
+    for i, row in enumerate(best):
+        if row == len(firsts):
+            firsts.append(i)
+    cols = [c for c in range(len(cand))
+            if all(labels[c][i] == labels[c][firsts[best[i]]] for i in range(n))]  # fmt: skip
+    if saved(best, cols) < SHARE_SAVES:
+        return None
+    return _Plan([cand[c] for c in cols], list(best), firsts)
+
+
+def _repeated(schema: Schema, entries: list[ModelEntry]) -> list[int]:
+    """The tensors of ``SHARE_MIN`` bytes or more whose first ``PREFIX`` bytes repeat
+    among ``entries``: the only ones that may be equal in two models (hashing only
+    these, a set of independently trained models costs one gather of prefixes)."""
+    n = len(entries)
+    cand = [i for i, spec in enumerate(schema.tensors) if spec.nbytes >= SHARE_MIN]
+    if n < 2 or not cand:
+        return []
+    lens = kernels.int64_table([min(PREFIX, schema.tensors[i].nbytes) for i in cand]).repeat(n)
+    prefixes = torch.zeros(n * len(cand) * PREFIX, dtype=torch.uint8)
+    ptrs = kernels.int64_table([e.ptrs[i] for e in entries for i in cand])
+    kernels.gather(prefixes, ptrs, lens, torch.arange(n * len(cand), dtype=torch.int64) * PREFIX)
+    rows = prefixes.view(n, len(cand), PREFIX)
+    return [i for c, i in enumerate(cand) if torch.unique(rows[:, c], dim=0).shape[0] < n]
+
+
+def _part(entry: ModelEntry, keep: list[int]) -> ModelEntry:
+    return ModelEntry(entry.name, tuple(entry.keys[i] for i in keep),
+                      tuple(entry.signature[i] for i in keep), [entry.sources[i] for i in keep],
+                      [entry.ptrs[i] for i in keep], entry.device)  # fmt: skip
+
+
+def write_set(writer: PackWriter, models: Any, progress: Progress,
+              stored: Callable[[bytes], bool] | None = None) -> WrittenSet:  # fmt: skip
+    """Validates ``models`` and writes every group into one pack.
+
+    ``progress(1)`` is called once per model queued for writing. With ``stored`` (is a
+    blob in the store?), tensors equal across a group's models are stored once
+    (``plan_shared``), and a row blob the store holds already is not written again: the
+    models of a group with a tensor of ``SHARE_MIN`` bytes or more are held until the
+    set is read. The others stream: each batch is written while the next models are
+    validated."""
     grouper = Grouper()
     names: list[str] = []
     with ThreadPoolExecutor(1, thread_name_prefix="mmcore-hash") as hp, \
@@ -204,17 +301,105 @@ def write_set(writer: PackWriter, models: Any, progress: Progress) -> WrittenSet
                     sw.add_rows(gi, grouper.schemas[gi], at.tolist(), part.row_table()[by],
                                 part.columns)  # fmt: skip
                     progress(len(part.names))
-                return sw.finish(models.order)
+                return _assemble(sw, grouper.schemas, models.order)
+            if stored is None:
+                for entry in iter_models(models):
+                    gi = grouper.group_of(entry)
+                    sw.add(gi, grouper.schemas[gi], len(names), entry)
+                    names.append(entry.name)
+                    progress(1)
+                _refuse_empty(names)
+                return _assemble(sw, grouper.schemas, names)
+            # A group with a tensor that may be shared is held until the set is read; the
+            # others stream.
+            by_group: dict[int, list[tuple[int, ModelEntry]]] = {}
+            first: dict[int, int] = {}  # a set's group: its records' writer group
             for entry in iter_models(models):
                 gi = grouper.group_of(entry)
-                sw.add(gi, grouper.schemas[gi], len(names), entry)
+                schema = grouper.schemas[gi]
+                if gi not in first and gi not in by_group:
+                    if any(s.nbytes >= SHARE_MIN for s in schema.tensors):
+                        by_group[gi] = []
+                    else:
+                        first[gi] = len(sw.groups)
+                if gi in first:
+                    sw.add(first[gi], schema, len(names), entry)
+                else:
+                    held = by_group[gi]
+                    held.append((len(names), entry))
+                    if len(held) == SHARE_LOOK and not _repeated(schema, [e for _, e in held]):
+                        first[gi] = len(sw.groups)  # none of the first few share: it streams
+                        for index, e in by_group.pop(gi):
+                            sw.add(first[gi], schema, index, e)
                 names.append(entry.name)
                 progress(1)
-            if not names:
-                from ..errors import InvalidModelSetError
-
-                raise InvalidModelSetError("the model set is empty: pass at least one model")
-            return sw.finish(names)
+            _refuse_empty(names)
+            shares: dict[int, tuple[_Plan, int | bytes]] = {}
+            for gi, members in sorted(by_group.items()):
+                schema = grouper.schemas[gi]
+                first[gi] = len(sw.groups)
+                plan = plan_shared(schema, [e for _, e in members])
+                if plan is None:
+                    for index, entry in members:
+                        sw.add(first[gi], schema, index, entry)
+                    continue
+                chosen = set(plan.tensors)
+                inline = [i for i in range(len(schema.tensors)) if i not in chosen]
+                record, row = split_schema(schema, plan.tensors)
+                for index, entry in members:
+                    sw.add(first[gi], record, index, _part(entry, inline))
+                rows = [_part(members[i][1], plan.tensors) for i in plan.firsts]
+                key = _row_key(row, rows)
+                if stored(key):  # the store holds these rows: referenced, not written
+                    shares[gi] = (plan, key)
+                    continue
+                row_at = len(sw.groups)
+                shares[gi] = (plan, row_at)
+                for r, entry in enumerate(rows):
+                    sw.add(row_at, row, r, entry)
+            return _assemble(sw, grouper.schemas, names, first, shares)
         finally:
             for f in sw.futures:  # never leave a job touching freed sources
                 f.cancel() or f.exception()
+
+
+def _assemble(sw: _SetWriter, schemas: list[Schema], names: list[str],
+              at: dict[int, int] | None = None,
+              shares: dict[int, tuple[_Plan, int | bytes]] | None = None) -> WrittenSet:  # fmt: skip
+    """The set's groups and blobs once written: group ``gi``'s records in writer group
+    ``at[gi]`` (default ``gi``), its shared tensors' rows in the writer group or the
+    stored blob ``shares`` names."""
+    written = sw.finish()
+    records: list[GroupRecord] = []
+    blobs: list[tuple[bytes, ContentRecord | None]] = []
+    for gi, schema in enumerate(schemas):
+        own = written[gi if at is None else at[gi]]
+        members = None if len(schemas) == 1 else own.members
+        blobs.append((own.key, own.rec))
+        shared = None
+        if shares is not None and gi in shares:
+            plan, rows = shares[gi]
+            if isinstance(rows, bytes):
+                key, rec = rows, None
+            else:
+                key, rec = written[rows].key, written[rows].rec
+            blobs.append((key, rec))
+            shared = SharedTensors(plan.tensors, len(plan.firsts), key, plan.rows)
+        records.append(GroupRecord(schema, len(own.members), own.key, members, shared=shared))
+    logical = sum(g.count * sum(s.nbytes for s in g.schema.tensors) for g in records)
+    return WrittenSet(names, records, blobs, logical, sw.end)
+
+
+def _row_key(schema: Schema, rows: list[ModelEntry]) -> bytes:
+    """The content key of a row blob, from its rows' hashes (hashed here, before it is
+    written: a row blob the store holds is not written again)."""
+    ptrs = kernels.int64_table([p for e in rows for p in e.ptrs])
+    lens = kernels.int64_table([s.nbytes for s in schema.tensors]).repeat(len(rows))
+    return blob_key(schema, len(rows), kernels.blake3_segments(ptrs, lens))
+
+
+def _refuse_empty(names: list[str]) -> None:
+    if not names:
+        from ..errors import InvalidModelSetError
+
+        raise InvalidModelSetError("the model set is empty: pass at least one model")

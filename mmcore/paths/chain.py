@@ -28,7 +28,7 @@ from ..manifest import ContentRecord, GroupRecord, Manifest
 from ..modelset import Schema
 from .delta_blob import DeltaTable, decode_tables
 from .delta_blob import blob_key as delta_blob_key
-from .reader import StateDict, record_views, segment_table
+from .reader import LooseState, StateDict, record_views, segment_table
 
 if TYPE_CHECKING:
     from ..storage import Storage
@@ -215,7 +215,7 @@ def _in_order(state: StateDict, order: list[str] | None) -> StateDict:
 
 def _index_group(store: Storage, m: Manifest, group: GroupRecord,
                  index: dict[str, ModelInfo]) -> None:  # fmt: skip
-    hashes = store.reader.stored_hashes(store.reader.group_content(m, group))
+    hashes = store.reader.group_hashes(m, group)
     n = len(group.schema.tensors)
     for pos, name in enumerate(_group_names(m, group)):
         index[name] = ModelInfo(group.schema, hashes, pos * n, 0)
@@ -748,8 +748,7 @@ def _decompress_many(batch: list[_Queued], idx: list[int], view: memoryview, lo:
     return [i for i in idx if i not in done]
 
 
-class _LooseState(dict[str, torch.Tensor]):
-    """A state assembled tensor by tensor (``_apply_deltas``): not one model record."""
+_LooseState = LooseState  # a state assembled tensor by tensor: not one model record
 
 
 def _record_address(state: StateDict, schema: Schema) -> int | None:

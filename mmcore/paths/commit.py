@@ -19,20 +19,37 @@ COMMIT_ATTEMPTS = 8  # a save's commit, built again after another writer's commi
 Put = tuple[str, bytes, bytes]
 
 
-def content_records(catalog: Records, blobs: list[tuple[bytes, ContentRecord]], pack_id: str,
+Blobs = list[tuple[bytes, ContentRecord | None]]  # None: a blob the writer found stored
+
+
+def _referenced(catalog: Records, key: bytes, rec: ContentRecord | None,
+                records: dict[bytes, ContentRecord]) -> bool:  # fmt: skip
+    """Adds one reference to blob ``key`` in ``records`` (read from the catalog, or
+    ``rec`` where the catalog has none); True where ``rec`` is new."""
+    if key in records:  # referenced twice by one version (two groups' equal rows)
+        records[key].refs += 1
+        return False
+    existing = catalog.get("content", key)
+    if existing is not None:  # identical bytes already stored: reference them
+        records[key] = ContentRecord.decode(existing)
+        records[key].refs += 1
+        return False
+    if rec is None:
+        raise ConflictError(
+            f"blob {key.hex()[:16]}, which this save found stored and did not write again, "
+            "was deleted meanwhile (a gc or delete in another process): save again"
+        )
+    records[key] = rec
+    return True
+
+
+def content_records(catalog: Records, blobs: Blobs, pack_id: str,
                     pack_size: int, created: float) -> tuple[list[Put], int, int]:  # fmt: skip
     """The puts of ``blobs`` (a blob stored already gets one more reference instead)
     and of the new pack when any blob lives in it; how many do, and the new bytes."""
-    puts: list[Put] = []
-    live_in_pack = 0
-    for key, rec in blobs:
-        existing = catalog.get("content", key)
-        if existing is not None:  # identical bytes already stored: reference them
-            rec = ContentRecord.decode(existing)
-            rec.refs += 1
-        else:
-            live_in_pack += 1
-        puts.append(("content", key, rec.encode()))
+    records: dict[bytes, ContentRecord] = {}
+    live_in_pack = sum(_referenced(catalog, key, rec, records) for key, rec in blobs)
+    puts: list[Put] = [("content", key, rec.encode()) for key, rec in records.items()]
     new_bytes = 0
     if live_in_pack:
         puts.append(("packs", pack_id.encode(), pack_record(pack_size, created)))
@@ -43,7 +60,7 @@ def content_records(catalog: Records, blobs: list[tuple[bytes, ContentRecord]], 
 def version_records(
     catalog: Records,
     manifest: Manifest,
-    blobs: list[tuple[bytes, ContentRecord]],
+    blobs: Blobs,
     pack_id: str,
     pack_size: int,
 ) -> tuple[list[Put], int]:
@@ -67,7 +84,7 @@ def version_records(
     return puts, live_in_pack
 
 
-def commit_version(store: Storage, manifest: Manifest, blobs: list[tuple[bytes, ContentRecord]],
+def commit_version(store: Storage, manifest: Manifest, blobs: Blobs,
                    pack_id: str, pack_size: int) -> None:  # fmt: skip
     """Commits a saved version whose pack is written. On object storage, a commit
     whose records another writer changed meanwhile (a shared blob's reference
@@ -97,7 +114,7 @@ def commit_version(store: Storage, manifest: Manifest, blobs: list[tuple[bytes, 
 
 def version_blobs(manifest: Manifest) -> list[bytes]:
     """Every blob a version references (one reference each)."""
-    blobs = [g.blob for g in manifest.groups]
+    blobs = [key for g in manifest.groups for key in g.blobs()]
     if manifest.update is not None and manifest.update.delta_blob is not None:
         blobs.append(manifest.update.delta_blob)
     if manifest.provenance is not None:
@@ -110,7 +127,7 @@ Delete = tuple[str, bytes]
 
 def swap_references(
     catalog: Records,
-    added: list[tuple[bytes, ContentRecord]],
+    added: Blobs,
     removed: list[bytes],
     pack_id: str,
     pack_size: int,
@@ -120,17 +137,7 @@ def swap_references(
     blobs referenced once more (or created), its old ones once less (deleted at zero),
     the pack recorded when a new blob lives in it. Refs are not touched."""
     records: dict[bytes, ContentRecord] = {}
-    live_in_pack = 0
-    for key, rec in added:
-        existing = catalog.get("content", key)
-        if key in records:
-            records[key].refs += 1
-        elif existing is not None:
-            records[key] = ContentRecord.decode(existing)
-            records[key].refs += 1
-        else:
-            records[key] = rec
-            live_in_pack += 1
+    live_in_pack = sum(_referenced(catalog, key, rec, records) for key, rec in added)
     for key in removed:
         if key not in records:
             raw = catalog.get("content", key)

@@ -142,16 +142,24 @@ class BlobReader:
         computed: torch.Tensor,
         stored: torch.Tensor,
         first_pos: int = 0,
+        rows: bool = False,
     ) -> None:
+        """Raises IntegrityError naming the first model and tensor whose hashes differ:
+        ``computed`` and ``stored`` hold the group blob's records from ``first_pos`` on
+        (or, with ``rows``, its row blob's rows: the first model of that row is named)."""
         bad = _first_mismatch(computed, stored)
         if bad is None:
             return
-        pos, ti = divmod(bad, len(group.schema.tensors))
+        schema = group.row_schema if rows else group.record_schema
+        pos, ti = divmod(bad, len(schema.tensors))
         at = first_pos + pos
+        if rows:
+            assert group.shared is not None
+            at = group.shared.rows.index(at) if at in group.shared.rows else 0
         model = (
             group.names[at] if group.names is not None else manifest.models[group.positions()[at]]
         )
-        tensor = group.schema.tensors[ti].name
+        tensor = schema.tensors[ti].name
         raise IntegrityError(
             f"version {manifest.id}: model {model!r}, tensor {tensor!r} does not match its "
             "recorded BLAKE3 hash: the stored bytes are corrupted",
@@ -164,27 +172,54 @@ class BlobReader:
         it is used: its extents hold exactly the group's models, each at an offset its
         tensors can be viewed from, its hash table one hash per tensor of each model, and
         all of it lies inside the pack (nothing is allocated for a damaged length)."""
-        rec = self.content(group.blob)
-        schema = group.schema
-        held = sum(count for _, count in rec.extents)
-        want = group.count * len(schema.tensors) * kernels.HASH_SIZE
+        return self._blob_content(manifest, group.blob, group.record_schema, group.count, "models")
+
+    def row_content(self, manifest: Manifest, group: GroupRecord) -> ContentRecord:
+        """The content record of a group's row blob (``group.shared``), checked as
+        ``group_content`` checks the group's."""
+        assert group.shared is not None
+        return self._blob_content(manifest, group.shared.blob, group.row_schema,
+                                  group.shared.count, "rows")  # fmt: skip
+
+    def _blob_content(self, manifest: Manifest, key: bytes, schema: Schema, count: int,
+                      what: str) -> ContentRecord:  # fmt: skip
+        rec = self.content(key)
+        held = sum(n for _, n in rec.extents)
+        want = count * len(schema.tensors) * kernels.HASH_SIZE
         odd = [off for off, _ in rec.extents if off % schema.align]
         problem = ""
-        if held != group.count:
-            problem = f"its extents hold {held} models, its group {group.count}"
+        if held != count:
+            problem = f"its extents hold {held} {what}, its group {count}"
         elif rec.hashes_length != want:
-            problem = f"a hash table of {rec.hashes_length} bytes, not {want} ({group.count} "
-            problem += f"models of {len(schema.tensors)} tensors, 32 bytes a tensor)"
+            problem = f"a hash table of {rec.hashes_length} bytes, not {want} ({count} "
+            problem += f"{what} of {len(schema.tensors)} tensors, 32 bytes a tensor)"
         elif odd:
             problem = f"an extent at offset {odd[0]}, not a multiple of align {schema.align}"
         if problem:
             raise CorruptRecordError(
-                f"version {manifest.id}: the content record of blob {group.blob.hex()[:16]}: "
+                f"version {manifest.id}: the content record of blob {key.hex()[:16]}: "
                 f"{problem}; {DAMAGED}"
             )
-        spans = [(off, count * schema.stride) for off, count in rec.extents]
+        spans = [(off, n * schema.stride) for off, n in rec.extents]
         self.check_in_pack(rec, [*spans, (rec.hashes_offset, rec.hashes_length)])
         return rec
+
+    def group_hashes(self, manifest: Manifest, group: GroupRecord) -> torch.Tensor:
+        """The stored hash of every tensor of every model of the group, model after model
+        in schema order ((count x tensors, 32)): where tensors are shared, each model's
+        row's hashes put in their places."""
+        stored = self.stored_hashes(self.group_content(manifest, group))
+        if group.shared is None:
+            return stored
+        rows = self.stored_hashes(self.row_content(manifest, group))
+        n = len(group.schema.tensors)
+        out = torch.empty((group.count, n, kernels.HASH_SIZE), dtype=torch.uint8)
+        shared = torch.tensor(group.shared.tensors, dtype=torch.int64)
+        inline = _others(n, group.shared.tensors)
+        out[:, inline] = stored.view(group.count, len(inline), -1)
+        which = torch.tensor(group.shared.rows, dtype=torch.int64)
+        out[:, shared] = rows.view(group.shared.count, len(shared), -1)[which]
+        return out.view(-1, kernels.HASH_SIZE)
 
     def check_in_pack(self, rec: ContentRecord, spans: list[tuple[int, int]]) -> None:
         """Refuses byte ranges past the end of the pack before a buffer is made for them
@@ -259,21 +294,39 @@ class BlobReader:
 
         return buffers, hashes
 
+    def _blob_buffers(self, manifest: Manifest, group: GroupRecord, *, rows: bool, verify: bool,
+                      pool: ThreadPoolExecutor) -> list[tuple[torch.Tensor, int]]:  # fmt: skip
+        """The extents of the group's blob (or, with ``rows``, its row blob) mapped, each
+        with its record count, checked against their hashes with ``verify``."""
+        if rows:
+            rec, schema = self.row_content(manifest, group), group.row_schema
+        else:
+            rec, schema = self.group_content(manifest, group), group.record_schema
+        buffers, hashes = self._mapped_and_hashed(rec, schema, pool, verify)
+        if hashes is not None:
+            self._check(manifest, group, *hashes(), rows=rows)
+        return buffers
+
+    def _blob_buffer(self, manifest: Manifest, group: GroupRecord, *, rows: bool, verify: bool,
+                     pool: ThreadPoolExecutor) -> torch.Tensor:  # fmt: skip
+        """``_blob_buffers`` as one buffer: one extent mapped (no copy), or all joined."""
+        buffers = self._blob_buffers(manifest, group, rows=rows, verify=verify, pool=pool)
+        if len(buffers) == 1:
+            return buffers[0][0]
+        if buffers:
+            return torch.cat([b for b, _ in buffers])
+        return torch.empty(0, dtype=torch.uint8)
+
     def read_records(self, manifest: Manifest, group: GroupRecord, *, verify: bool,
                      pool: ThreadPoolExecutor) -> torch.Tensor:  # fmt: skip
         """The group's records as one CPU buffer (count x stride bytes, model after
-        model): its one extent mapped (copy-on-write, no copy), or its extents joined."""
-        rec = self.group_content(manifest, group)
-        buffers, hashes = self._mapped_and_hashed(rec, group.schema, pool, verify)
-        if len(buffers) == 1:
-            buf = buffers[0][0]
-        elif buffers:
-            buf = torch.cat([b for b, _ in buffers])
-        else:
-            buf = torch.empty(0, dtype=torch.uint8)
-        if hashes is not None:
-            self._check(manifest, group, *hashes())
-        return buf
+        model): its one extent mapped (copy-on-write, no copy), or its extents joined;
+        where it shares tensors, its records and rows put together (a copy)."""
+        buf = self._blob_buffer(manifest, group, rows=False, verify=verify, pool=pool)
+        if group.shared is None:
+            return buf
+        rows = self._blob_buffer(manifest, group, rows=True, verify=verify, pool=pool)
+        return whole_records(group, buf, rows)
 
     def read_group(
         self,
@@ -284,6 +337,11 @@ class BlobReader:
         device: torch.device,
         pool: ThreadPoolExecutor,
     ) -> list[StateDict]:
+        if group.shared is not None:  # each model its own copy of its shared tensors
+            rows = self._blob_buffer(manifest, group, rows=True, verify=verify, pool=pool)
+            buf = self._blob_buffer(manifest, group, rows=False, verify=verify, pool=pool)
+            return shared_views(group, buf.to(device), rows.to(device), group.shared.count,
+                                group.shared.rows)  # fmt: skip
         rec = self.group_content(manifest, group)
         schema = group.schema
         on_cpu = device.type == "cpu"
@@ -320,9 +378,26 @@ class BlobReader:
         verify: bool,
         device: torch.device,
     ) -> list[StateDict]:
-        """Some models of a group: each one read into one shared buffer, all hashed by one call."""
-        rec = self.group_content(manifest, group)
-        schema = group.schema
+        """Some models of a group: each one read into one shared buffer, all hashed by one
+        call (and, where they share tensors, each one's row read into another)."""
+        buf = self._read_positions(manifest, group, positions, verify=verify, rows=False)
+        if group.shared is not None:
+            which = [group.shared.rows[p] for p in positions]
+            rows = self._read_positions(manifest, group, which, verify=verify, rows=True)
+            return shared_views(group, buf.to(device), rows.to(device), len(which),
+                                list(range(len(which))))  # fmt: skip
+        if device.type != "cpu":
+            buf = buf.to(device)
+        return record_views(buf, group.schema, len(positions))
+
+    def _read_positions(self, manifest: Manifest, group: GroupRecord, positions: list[int], *,
+                        verify: bool, rows: bool) -> torch.Tensor:  # fmt: skip
+        """The records at ``positions`` of the group's blob (or rows of its row blob),
+        read one after another into one buffer, checked against their hashes."""
+        if rows:
+            rec, schema = self.row_content(manifest, group), group.row_schema
+        else:
+            rec, schema = self.group_content(manifest, group), group.record_schema
         k, stride = len(positions), schema.stride
         buf = torch.empty(k * stride, dtype=torch.uint8)
         base = buf.data_ptr()
@@ -344,20 +419,31 @@ class BlobReader:
             bad = _first_mismatch(computed, stored)
             if bad is not None:
                 i = bad // ntensors
-                rows = slice(i * ntensors, (i + 1) * ntensors)
-                self._check(manifest, group, computed[rows], stored[rows], first_pos=positions[i])
-        if device.type != "cpu":
-            buf = buf.to(device)
-        return record_views(buf, schema, k)
+                part = slice(i * ntensors, (i + 1) * ntensors)
+                self._check(manifest, group, computed[part], stored[part], first_pos=positions[i],
+                            rows=rows)  # fmt: skip
+        return buf
 
     def verify_group(self, manifest: Manifest, group: GroupRecord) -> None:
-        """Re-hashes every byte of the group, and checks the hash table against the blob key."""
+        """Re-hashes every byte of the group (its rows too), and checks each hash table
+        against its blob key."""
+        self._verify_blob(manifest, group, rows=False)
+        if group.shared is not None:
+            self._verify_blob(manifest, group, rows=True)
+
+    def _verify_blob(self, manifest: Manifest, group: GroupRecord, *, rows: bool) -> None:
         from .baseline import blob_key
 
-        rec = self.group_content(manifest, group)
+        if rows:
+            assert group.shared is not None
+            rec, schema = self.row_content(manifest, group), group.row_schema
+            key, total = group.shared.blob, group.shared.count
+        else:
+            rec, schema = self.group_content(manifest, group), group.record_schema
+            key, total = group.blob, group.count
         stored = self.stored_hashes(rec)
-        ntensors = len(group.schema.tensors)
-        stride = group.schema.stride
+        ntensors = len(schema.tensors)
+        stride = schema.stride
         per = max(1, HASH_PIECE // max(stride, 1))  # memory stays bounded: a group is one extent
         first = 0
         for off, count in rec.extents:
@@ -365,16 +451,61 @@ class BlobReader:
                 n = min(per, count - at)
                 buf = torch.empty(n * stride, dtype=torch.uint8)
                 self.tier.read_into(rec.pack, off + at * stride, buf.numel(), buf.data_ptr())
-                ptrs, lens = segment_table(buf.data_ptr(), group.schema, n)
+                ptrs, lens = segment_table(buf.data_ptr(), schema, n)
                 part = stored[first * ntensors : (first + n) * ntensors]
                 computed = kernels.blake3_segments(ptrs, lens)
-                self._check(manifest, group, computed, part, first_pos=first)
+                self._check(manifest, group, computed, part, first_pos=first, rows=rows)
                 first += n
-        if blob_key(group.schema, group.count, stored) != group.blob:
+        if blob_key(schema, total, stored) != key:
             raise IntegrityError(
                 f"version {manifest.id}: the hash table of a blob in pack {rec.pack} does not "
                 "match its content address: the stored hashes are corrupted"
             )
+
+
+def _others(n: int, chosen: list[int]) -> list[int]:
+    skip = set(chosen)
+    return [i for i in range(n) if i not in skip]
+
+
+def whole_records(group: GroupRecord, buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The group's records as they are without sharing (count x stride bytes), from its
+    blob's records (``buf``) and its rows: each model's row copied into its record."""
+    assert group.shared is not None
+    schema, count = group.schema, group.count
+    out = torch.zeros(count * schema.stride, dtype=torch.uint8).view(count, schema.stride)
+    own = buf.view(count, group.record_schema.stride)
+    shared = rows.view(group.shared.count, group.row_schema.stride)
+    which = torch.tensor(group.shared.rows, dtype=torch.int64)
+    places = {s.name: s.offset for s in group.record_schema.tensors}
+    row_places = {s.name: s.offset for s in group.row_schema.tensors}
+    for spec in schema.tensors:
+        span = slice(spec.offset, spec.offset + spec.nbytes)
+        if spec.name in places:
+            at = places[spec.name]
+            out[:, span] = own[:, at : at + spec.nbytes]
+        else:
+            at = row_places[spec.name]
+            out[:, span] = shared[which, at : at + spec.nbytes]
+    return out.view(-1)
+
+
+class LooseState(dict[str, torch.Tensor]):
+    """A state whose tensors are not views of one model record of its schema: assembled
+    tensor by tensor (recovery's deltas), or of a group that shares tensors."""
+
+
+def shared_views(group: GroupRecord, buf: torch.Tensor, rows: torch.Tensor, nrows: int,
+                 which: list[int]) -> list[StateDict]:  # fmt: skip
+    """The state dicts of records ``buf`` (of the group's record schema) whose shared
+    tensors are rows ``which`` of ``rows`` (``nrows`` of them): their own tensors views
+    of ``buf``, their shared ones copies (no two models share memory: a change of one
+    is its own)."""
+    own = record_views(buf, group.record_schema, len(which))
+    rowed = record_views(rows, group.row_schema, nrows)
+    names = [spec.name for spec in group.schema.tensors]
+    return [LooseState({n: sd[n] if n in sd else rowed[r][n].clone() for n in names})
+            for sd, r in zip(own, which)]  # fmt: skip
 
 
 def stacked_groups(reader: BlobReader, manifest: Manifest, *, verify: bool, device: torch.device,
@@ -382,10 +513,34 @@ def stacked_groups(reader: BlobReader, manifest: Manifest, *, verify: bool, devi
     """The groups of a baseline manifest (or a dataset's) as stacks."""
     stacks = []
     for group in manifest.groups:
-        buf = reader.read_records(manifest, group, verify=verify, pool=pool)
         names = [manifest.models[i] for i in group.positions()]
+        if group.shared is not None:
+            stacks.append(_shared_stack(reader, manifest, group, names, verify, device, pool))
+            continue
+        buf = reader.read_records(manifest, group, verify=verify, pool=pool)
         stacks.append(stack_of(names, buf, group.schema, device))
     return StackedSet(stacks, manifest.models)
+
+
+def _shared_stack(reader: BlobReader, manifest: Manifest, group: GroupRecord, names: list[str],
+                  verify: bool, device: torch.device, pool: ThreadPoolExecutor) -> Stack:  # fmt: skip
+    """A group that shares tensors as a stack: its own tensors viewed in its records (no
+    copy), a shared tensor one model's row expanded where every model has that row, else
+    gathered (a copy)."""
+    assert group.shared is not None
+    buf = reader._blob_buffer(manifest, group, rows=False, verify=verify, pool=pool).to(device)
+    rows = reader._blob_buffer(manifest, group, rows=True, verify=verify, pool=pool).to(device)
+    own = record_columns(buf, group.record_schema, group.count)
+    if group.shared.count == 1:
+        shared = {n: c.expand(group.count, *c.shape[1:])
+                  for n, c in record_columns(rows, group.row_schema, 1).items()}  # fmt: skip
+    else:  # the rows' bytes gathered model by model
+        which = torch.tensor(group.shared.rows, dtype=torch.int64, device=device)
+        stride = group.row_schema.stride
+        gathered = rows.view(group.shared.count, stride)[which].view(-1)
+        shared = record_columns(gathered, group.row_schema, group.count)
+    return Stack(names, {s.name: own[s.name] if s.name in own else shared[s.name]
+                         for s in group.schema.tensors})  # fmt: skip
 
 
 def stack_of(names: list[str], buf: torch.Tensor, schema: Schema, device: torch.device) -> Stack:

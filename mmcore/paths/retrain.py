@@ -36,7 +36,7 @@ from ..modelset import _rows_contiguous, iter_models, row_addresses
 from ..stacked import StackedSet, stack_sets
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 from . import baseline
-from .commit import content_records
+from .commit import Blobs, content_records
 from .reader import stacked_groups
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def delete_dataset(store: Storage, did: str) -> None:
 @dataclass
 class WrittenProvenance:
     info: ProvenanceInfo
-    blobs: list[tuple[bytes, ContentRecord]]
+    blobs: Blobs
     logical_bytes: int
 
 

@@ -44,6 +44,7 @@ from ..manifest import ContentRecord, GroupRecord, UpdateInfo
 from ..modelset import ModelEntry, Schema, StackedInput, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 from . import baseline, chain, delta_blob
+from .commit import Blobs
 
 if TYPE_CHECKING:
     from ..storage import Storage
@@ -57,7 +58,7 @@ DerivedFrom = Union[Mapping[str, str], Callable[[str], Optional[str]], str, None
 @dataclass
 class WrittenUpdate:
     groups: list[GroupRecord]
-    blobs: list[tuple[bytes, ContentRecord]]
+    blobs: Blobs
     update: UpdateInfo
     logical_bytes: int
 
@@ -303,7 +304,7 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
         deltas = encoded.deltas
 
     groups: list[GroupRecord] = []
-    blobs: list[tuple[bytes, ContentRecord]] = []
+    blobs: Blobs = []
     end = HEADER_SIZE
     whole_names: list[list[str]] = []
     if split.whole:
@@ -311,12 +312,12 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
             _sizes(e.signature, sizes)[1] for e in split.whole if e.device is not None
         )
         written = baseline.write_set(writer, {e.name: dict(zip(e.keys, e.sources)) for e in split.whole},
-                                     lambda n: None)  # fmt: skip
+                                     lambda n: None, store.stored)  # fmt: skip
         groups, blobs, end = written.groups, list(written.blobs), written.end
         whole_names = [[written.names[i] for i in g.positions()] for g in groups]
     delta_key = None
-    payload = sum(g.count * g.schema.stride for g in groups)
-    metadata = sum(g.count * len(g.schema.tensors) * kernels.HASH_SIZE for g in groups)
+    payload = sum(g.payload_bytes() for g in groups)
+    metadata = sum(g.hash_bytes() for g in groups)
     derived_logical = derived_payload = 0
     if deltas:
         delta_key, rec, model_sizes, table_bytes = _write_deltas(store, writer, encoded, end)

@@ -56,7 +56,9 @@ def blob_kinds(manifests: Iterable[Manifest], datasets: Iterable[DatasetRecord])
     roots: set[bytes] = set()
     for m in manifests:
         for g in m.groups:
-            strides[g.blob] = g.schema.stride
+            strides[g.blob] = g.record_schema.stride
+            if g.shared is not None:
+                strides[g.shared.blob] = g.row_schema.stride
         if m.update is not None and m.update.delta_blob is not None:
             deltas[m.update.delta_blob] = len(m.update.changed)
         if m.provenance is not None:

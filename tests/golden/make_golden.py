@@ -5,7 +5,9 @@ One small store holding a version of every kind: a baseline of mixed dtypes, sha
 and an empty tensor, a lossless and a lossy update (with a model added, one removed,
 one reshaped and one saved in another tensor order), a provenance version, a set
 saved as stacks, models derived from others (v2: one derived from a derived model,
-its source removed), and packs rewritten by compaction. ``expected.json`` records, per
+its source removed), groups that share tensors (v3: one row, two rows, rows a later
+baseline references, whole models of an update sharing theirs), and packs rewritten
+by compaction. ``expected.json`` records, per
 version, each model's tensors in order with dtype, shape and the BLAKE3 of their
 bytes as ``load`` returned them when the store was written (the ``blake3`` package,
 not mmcore, computes them), and the torch version that ran the provenance recipe.
@@ -25,7 +27,7 @@ import mmcore
 from mmcore.examples import battery
 
 HERE = Path(__file__).resolve().parent
-FORMAT = "v2"  # bump (a new directory) when the format changes; keep reading the old ones
+FORMAT = "v3"  # bump (a new directory) when the format changes; keep reading the old ones
 
 
 def digest(t: torch.Tensor) -> str:
@@ -91,10 +93,30 @@ def main() -> int:
         d2 = store.save(more, approach="update", parent=d1, ref="tunes",
                         derived_from={"tune2": "tune0"}, max_recovery=None,
                         message="derived from a derived model")  # fmt: skip
+        g = torch.Generator().manual_seed(3)
+        body, other = ({f"body.{i}": torch.randn(64, 64, generator=g) for i in range(4)}
+                       for _ in range(2))  # fmt: skip
+
+        def tuned(backbone: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {**backbone, "head": torch.randn(10, 64, generator=g),
+                    "steps": torch.tensor(7, dtype=torch.int64)}  # fmt: skip
+
+        fam = {f"ft{k}": tuned(body) for k in range(3)}
+        s1 = store.save(fam, ref="shared", message="shared tensors, one row")
+        s2 = store.save({"a0": tuned(body), "b0": tuned(other), "a1": tuned(body),
+                         "b1": tuned(other)}, message="shared tensors, two rows")  # fmt: skip
+        s3 = store.save({f"gt{k}": tuned(body) for k in range(2)},
+                        message="shared tensors, rows stored before")  # fmt: skip
+        s4 = store.save({**fam, **{f"new{k}": tuned(other) for k in range(3)}},
+                        approach="update", parent=s1, ref="shared",
+                        message="update: whole models sharing tensors")  # fmt: skip
         scratch = store.save({"scratch": {"w": torch.zeros(5000)}}, message="deleted")
         store.delete(scratch)
         assert store.gc(compact_below=2) > 0  # every pack rewritten: compaction's layout
-        for vid in (v1, v2, v3, c1, c2, c3, d1, d2):
+        for m in (s1, s2, s3):
+            assert store.manifest(m).groups[0].shared is not None
+        assert store.manifest(s3).groups[0].shared.blob == store.manifest(s1).groups[0].shared.blob
+        for vid in (v1, v2, v3, c1, c2, c3, d1, d2, s1, s2, s3, s4):
             versions[vid] = {
                 "message": store.info(vid).message,
                 "models": describe(store.load(vid)),
