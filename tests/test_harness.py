@@ -341,3 +341,15 @@ def test_compress_probe_coders_round_trip_every_bit(dtype: torch.dtype) -> None:
     zn = probe.zipnn_coder(dtype)
     if zn is not None:
         assert zn[1](zn[0](data)) == raw
+
+
+def test_shared_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/shared.py at its smallest: a frozen-backbone set stored at about one
+    model's bytes, every store loaded back exactly, sharing on against off."""
+    from benchmarks import shared
+
+    assert shared.main(["--arch", "resnet18", "--finetunes", "3", "--cells", "40",
+                        "--base-steps", "1", "--head-steps", "1", "--repeat", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "[met] frozen-backbone set at most 1.15x one model" in out
+    assert "cells, sharing on against off" in out

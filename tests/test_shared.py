@@ -311,3 +311,41 @@ def test_a_group_whose_first_models_share_nothing_streams(store: mmcore.ModelSto
     group = store.manifest(v2).groups[0]
     assert group.shared is not None and group.shared.count == n
     _every_way(store, v2, early)
+
+
+def test_a_subset_retrained_on_a_parent_that_shares_tensors(store: mmcore.ModelStore) -> None:
+    """Provenance writes retrained rows into its parent's stacks: a shared tensor comes
+    expanded and is copied per model first (the fuzz found the in-place write refused)."""
+    from mmcore.examples import battery
+
+    cells = battery.make_cells(6, seed=0)
+    for k in range(1, 6):  # every cell starts from the first one's weights
+        cells[f"cell_{k:06d}"] = dict(cells["cell_000000"])
+    v1 = store.save(cells)
+    assert store.manifest(v1).groups[0].shared is not None
+    data = battery.make_data(list(cells), rows=16, seed=1)
+    ds = store.put_dataset(data)
+    some = ["cell_000002", "cell_000004"]
+    recipe = mmcore.Recipe(battery.TRAINER, data=ds, params={"lr": 0.1, "epochs": 1}, seed=5,
+                           models=some)  # fmt: skip
+    after = dict(cells)
+    after.update(battery.train({n: cells[n] for n in some}, {n: data[n] for n in some}, lr=0.1,
+                               epochs=1, seed=5))  # fmt: skip
+    v2 = store.save(after, approach="provenance", parent=v1, recipe=recipe)
+    assert_sets_equal(store.load(v2), after)
+    assert_sets_equal(store.load(v1), cells)
+
+
+def test_a_group_whose_every_tensor_is_shared(store: mmcore.ModelStore) -> None:
+    """Records of no bytes: every tensor in the row blob (the fuzz found the hash table
+    of no tensors per model refused)."""
+    body = {k: t for k, t in _backbone(3, layers=2).items() if t.nbytes >= baseline.SHARE_MIN}
+    models = {f"m{k}": dict(body) for k in range(4)}
+    vid = store.save(models)
+    group = store.manifest(vid).groups[0]
+    assert group.shared is not None and len(group.record_schema.tensors) == 0
+    _every_way(store, vid, models)
+    nxt = {**models, "m1": {k: t + 1 for k, t in body.items()}}
+    v2 = store.save(nxt, approach="update", parent=vid)
+    _every_way(store, v2, nxt)
+    assert store.check().problems == []

@@ -216,9 +216,9 @@ class BlobReader:
         out = torch.empty((group.count, n, kernels.HASH_SIZE), dtype=torch.uint8)
         shared = torch.tensor(group.shared.tensors, dtype=torch.int64)
         inline = _others(n, group.shared.tensors)
-        out[:, inline] = stored.view(group.count, len(inline), -1)
+        out[:, inline] = stored.view(group.count, len(inline), kernels.HASH_SIZE)
         which = torch.tensor(group.shared.rows, dtype=torch.int64)
-        out[:, shared] = rows.view(group.shared.count, len(shared), -1)[which]
+        out[:, shared] = rows.view(group.shared.count, len(shared), kernels.HASH_SIZE)[which]
         return out.view(-1, kernels.HASH_SIZE)
 
     def check_in_pack(self, rec: ContentRecord, spans: list[tuple[int, int]]) -> None:

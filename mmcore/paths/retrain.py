@@ -383,7 +383,9 @@ def _replace_rows(parent: StackedSet, trained: StackedSet) -> StackedSet:
         if len(rows) == len(g) and first.names == g.names:
             out.append(first)
             continue
-        for key, column in g.params.items():
+        for key, column in list(g.params.items()):
+            if column.dim() and column.shape[0] > 1 and column.stride(0) == 0:
+                column = g.params[key] = column.clone()  # a shared tensor, one row per model now
             for source in {id(src): src for _, (src, _) in rows}.values():
                 at = [(i, j) for i, (src, j) in rows if src is source]
                 dst = torch.tensor([i for i, _ in at], dtype=torch.int64, device=column.device)
