@@ -192,6 +192,25 @@ def test_a_derived_model_within_tolerance_of_its_source(
         assert (got["far"][k].double() - t.double()).abs().max() <= 1e-3
 
 
+def test_a_derived_model_equal_to_its_source_keeps_its_tensor_order(
+    store: mmcore.ModelStore, family: tuple[str, Models]
+) -> None:
+    """A copy of its source saved in another tensor order: stored whole (nothing
+    changed), in its source's layout, and loaded in the order it was saved in (the
+    fuzz found it came back in the source's)."""
+    v1, parent = family
+    base = parent["base"]
+    copy = {k: base[k].clone() for k in reversed(list(base))}
+    v2 = store.save({"base": base, "copy": copy}, approach="update", parent=v1,
+                    derived_from="auto")  # fmt: skip
+    m = store.manifest(v2)
+    assert m.update is not None and m.update.added == ["copy"] and not m.update.derived
+    got = store.load(v2)
+    assert list(got["copy"]) == list(copy)
+    assert_sets_equal({"copy": got["copy"]}, {"copy": copy})
+    assert list(store.load_model(v2, "copy")) == list(copy)
+
+
 def _refused(store: mmcore.ModelStore, error: type[Exception], match: str,
              call: Callable[[], Any]) -> None:  # fmt: skip
     before = {v.id for v in store.versions()}

@@ -271,6 +271,8 @@ class _Split:
     derived: dict[str, str] = field(default_factory=dict)  # new model stored as a delta of
     #                                                         the parent's model named
     order: list[str] = field(default_factory=list)  # the set's models, in its order
+    given: dict[str, list[str]] = field(default_factory=dict)  # each derived model's tensor
+    #                                                            order, as saved
 
 
 def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, *,
@@ -350,6 +352,9 @@ def _derived_whole(split: _Split, entry: ModelEntry) -> None:
     split.whole.append(entry)
     del split.derived[entry.name]
     split.orders.pop(entry.name, None)  # (relative to its source's order)
+    given = split.given.get(entry.name)
+    if given is not None and given != list(entry.keys):  # written in its source's order
+        split.orders[entry.name] = given
     split.added.append(entry.name)
     split.model_order = split.order
 
@@ -438,7 +443,8 @@ def _split_entries(store: Storage, models: Any, parent: str,
                   added=[e.name for e in entries if e.name not in index and e.name not in derived],
                   removed=[n for n in index if n not in names],
                   model_order=_set_order([e.name for e in entries], index, names, derived),
-                  derived=derived, order=[e.name for e in entries])  # fmt: skip
+                  derived=derived, order=[e.name for e in entries],
+                  given={e.name: list(o) for e, o in zip(entries, saved) if e.name in derived})  # fmt: skip
 
 
 def derived_sources(entries: list[ModelEntry], new_hashes: torch.Tensor,
