@@ -16,6 +16,7 @@
 #include "delta_units.h"
 #include "gather.h"
 #include "io.h"
+#include "planes.h"
 #ifdef MMCORE_WITH_CUDA
 #include "cuda_info.h"
 #include "cuda_kernels.h"
@@ -54,6 +55,18 @@ void scatter(uintptr_t src, uintptr_t dsts, uintptr_t lens, uintptr_t offsets, s
   py::gil_scoped_release release;
   mmcore::scatter_cpu(ptr<const uint8_t>(src), ptr<uint8_t* const>(dsts), ptr<const uint64_t>(lens),
                       ptr<const uint64_t>(offsets), n, threads);
+}
+
+uint64_t planes_encode(uintptr_t src, uint64_t nbytes, int width, uintptr_t dst, uint64_t cap,
+                       int threads) {
+  py::gil_scoped_release release;
+  return mmcore::planes_encode(ptr<const uint8_t>(src), nbytes, width, ptr<uint8_t>(dst), cap,
+                               threads);
+}
+
+void planes_decode(uintptr_t src, uint64_t len, uintptr_t dst, uint64_t nbytes, int threads) {
+  py::gil_scoped_release release;
+  mmcore::planes_decode(ptr<const uint8_t>(src), len, ptr<uint8_t>(dst), nbytes, threads);
 }
 
 void pwrite_bytes(int fd, uintptr_t data, uint64_t len, uint64_t offset) {
@@ -393,6 +406,11 @@ PYBIND11_MODULE(_core, m) {
         py::arg("kinds"), py::arg("tols"), py::arg("qwidths"), py::arg("qs"), py::arg("n_escapes"),
         py::arg("esc_index"), py::arg("esc_bits"), py::arg("outs"), py::arg("n"),
         py::arg("threads") = 0);
+  m.def("planes_bound", &mmcore::planes_bound, py::arg("nbytes"), py::arg("width"));
+  m.def("planes_encode", &planes_encode, py::arg("src"), py::arg("nbytes"), py::arg("width"),
+        py::arg("dst"), py::arg("cap"), py::arg("threads"));
+  m.def("planes_decode", &planes_decode, py::arg("src"), py::arg("len"), py::arg("dst"),
+        py::arg("nbytes"), py::arg("threads"));
   m.def("pwrite", &pwrite_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
   m.def("pwrite_segments", &pwrite_segments, py::arg("fd"), py::arg("offset"), py::arg("srcs"),
         py::arg("lens"), py::arg("dst_offsets"), py::arg("n"), py::arg("total"),

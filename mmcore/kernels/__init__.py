@@ -188,3 +188,35 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.contiguous()
     nbytes = t.numel() * t.element_size()
     return ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b""
+
+
+def compress_planes(t: torch.Tensor, *, threads: int = 0) -> torch.Tensor:
+    """A CPU tensor's bytes coded losslessly as byte planes (docs/FORMAT.md, "Byte
+    planes"): per block of 65,536 elements, the sign bit rotated to the lowest bit and
+    each byte position a plane, stored raw or rANS-coded where that is smaller. Returns
+    a uint8 tensor; ``decompress_planes`` gives the bytes back, bit for bit."""
+    if t.device.type != "cpu":
+        raise InvalidArgumentError(f"compress_planes needs a CPU tensor, got one on {t.device}")
+    t = t.contiguous()
+    width, nbytes = t.element_size(), t.numel() * t.element_size()
+    if width not in (1, 2, 4, 8):
+        width = 1  # (bytes of sub-byte dtypes: one plane)
+    out = torch.empty(core().planes_bound(nbytes, width), dtype=torch.uint8)
+    used = core().planes_encode(t.data_ptr(), nbytes, width, out.data_ptr(), out.numel(), threads)
+    return out[:used]
+
+
+def decompress_planes(blob: torch.Tensor, out: torch.Tensor, *, threads: int = 0) -> torch.Tensor:
+    """Decodes ``compress_planes``'s ``blob`` into ``out`` (a contiguous CPU tensor of
+    exactly the bytes it holds) and returns ``out``; IntegrityError for a damaged blob."""
+    from ..errors import IntegrityError
+
+    _check_cpu_bytes(blob, "blob")
+    if out.device.type != "cpu" or not out.is_contiguous():
+        raise InvalidArgumentError("decompress_planes needs a contiguous CPU tensor to fill")
+    nbytes = out.numel() * out.element_size()
+    try:
+        core().planes_decode(blob.data_ptr(), blob.numel(), out.data_ptr(), nbytes, threads)
+    except ValueError as exc:
+        raise IntegrityError(f"{exc}: the stored bytes are corrupted") from None
+    return out

@@ -1,0 +1,466 @@
+// Byte planes with an order-0 rANS coder (see planes.h; the stream is in
+// docs/FORMAT.md, "Byte planes").
+//
+// The rANS coder: 32-bit states kept in [kLow, kLow << 8), frequencies quantised to
+// 2^kProbBits, bytes out one at a time. Four states take turns (symbol i goes to state
+// i % 4) over one byte stream, so four decodes are in flight at once; the encoder walks
+// the plane backwards, writing its stream from the end, and the decoder reads it
+// forwards.
+#include "planes.h"
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "parallel.h"
+
+namespace mmcore {
+namespace {
+
+constexpr uint32_t kProbBits = 12;
+constexpr uint32_t kProbScale = 1u << kProbBits;
+constexpr uint32_t kLow = 1u << 23;
+constexpr int kStates = 4;
+constexpr uint8_t kMagic[4] = {'M', 'M', 'P', 'L'};
+constexpr uint8_t kVersion = 1;
+constexpr uint64_t kHeader = 16;
+constexpr uint8_t kRaw = 0;
+constexpr uint8_t kRans = 1;
+
+void put_u32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = uint8_t(v >> (8 * i));
+}
+uint32_t get_u32(const uint8_t* p) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= uint32_t(p[i]) << (8 * i);
+  return v;
+}
+
+[[noreturn]] void damaged(const std::string& what) {
+  throw std::invalid_argument("byte-plane stream: " + what);
+}
+
+// Frequencies summing to kProbScale, every present symbol at least 1.
+void normalise(const uint32_t* counts, uint64_t total, uint32_t* freqs) {
+  int64_t sum = 0;
+  for (int s = 0; s < 256; ++s) {
+    freqs[s] = 0;
+    if (!counts[s]) continue;
+    uint64_t f = (uint64_t(counts[s]) * kProbScale + total / 2) / total;
+    freqs[s] = uint32_t(f ? f : 1);
+    sum += freqs[s];
+  }
+  // Take from (or give to) the most frequent symbols first: their cost per unit of
+  // frequency is the smallest.
+  while (sum != int64_t(kProbScale)) {
+    int best = -1;
+    for (int s = 0; s < 256; ++s) {
+      if (!freqs[s] || (sum > int64_t(kProbScale) && freqs[s] == 1)) continue;
+      if (best < 0 || counts[s] > counts[best]) best = s;
+    }
+    if (best < 0) break;  // cannot happen: 256 symbols of 1 are below kProbScale
+    int64_t step = sum > int64_t(kProbScale) ? -1 : 1;
+    int64_t room = sum > int64_t(kProbScale) ? int64_t(freqs[best]) - 1 : int64_t(kProbScale) - sum;
+    int64_t want = sum > int64_t(kProbScale) ? sum - int64_t(kProbScale) : room;
+    int64_t move = std::min(room, std::max<int64_t>(want / 8, 1));
+    freqs[best] = uint32_t(int64_t(freqs[best]) + step * move);
+    sum += step * move;
+  }
+}
+
+// Codes `n` symbols with rANS into out[0, cap); returns bytes written, or 0 when the
+// coded plane would not fit (then it is stored raw).
+uint64_t rans_encode(const uint8_t* in, uint64_t n, const uint32_t* counts, uint8_t* out,
+                     uint64_t cap) {
+  uint32_t freqs[256], cums[257];
+  normalise(counts, n, freqs);
+  int nsym = 0;
+  cums[0] = 0;
+  for (int s = 0; s < 256; ++s) {
+    cums[s + 1] = cums[s] + freqs[s];
+    nsym += freqs[s] != 0;
+  }
+  uint64_t table = 1 + 3 * uint64_t(nsym);
+  if (cap < table + 4 + 4 * kStates) return 0;
+  uint8_t* t = out;
+  *t++ = uint8_t(nsym - 1);
+  for (int s = 0; s < 256; ++s) {
+    if (!freqs[s]) continue;
+    *t++ = uint8_t(s);
+    *t++ = uint8_t(freqs[s]);
+    *t++ = uint8_t(freqs[s] >> 8);
+  }
+  // s / f as (s * rcp) >> 43: exact for s < 2^31 (states stay below kLow << 8 = 2^31)
+  // and f <= 2^12, since the error s * (rcp - 2^43 / f) / 2^43 stays below 1 / f.
+  uint64_t rcps[256];
+  for (int s = 0; s < 256; ++s) rcps[s] = freqs[s] ? (uint64_t(1) << 43) / freqs[s] + 1 : 0;
+  uint8_t* begin = t + 4;  // the payload's length goes before it
+  uint8_t* end = out + cap;
+  uint8_t* p = end;
+  uint32_t x[kStates] = {kLow, kLow, kLow, kLow};
+  auto put = [&](uint32_t& s, uint8_t sym) {  // unchecked: the caller leaves room
+    uint32_t f = freqs[sym];
+    uint32_t limit = ((kLow >> kProbBits) << 8) * f;
+    if (s >= limit) {
+      *--p = uint8_t(s);
+      s >>= 8;
+      if (s >= limit) {
+        *--p = uint8_t(s);
+        s >>= 8;
+      }
+    }
+    uint32_t q = uint32_t((unsigned __int128)s * rcps[sym] >> 43);
+    s = (q << kProbBits) + (s - q * f) + cums[sym];
+  };
+  uint64_t i = n;
+  for (; i % kStates; --i) {  // the last symbols (decoded last), one by one
+    if (p - begin < 2) return 0;
+    put(x[(i - 1) % kStates], in[i - 1]);
+  }
+  for (; i; i -= kStates) {  // (each symbol puts out at most two bytes)
+    if (p - begin < 2 * kStates) return 0;
+    for (int k = kStates; k-- > 0;) put(x[k], in[i - kStates + k]);
+  }
+  if (p - begin < 4 * kStates) return 0;
+  for (int k = kStates; k-- > 0;) {
+    p -= 4;
+    put_u32(p, x[k]);
+  }
+  uint64_t payload = uint64_t(end - p);
+  if (payload > 0xFFFFFFFFu) return 0;
+  std::memmove(begin, p, payload);
+  put_u32(t, uint32_t(payload));
+  return table + 4 + payload;
+}
+
+// Decodes a plane of `n` symbols from in[0, len) into out; returns bytes consumed.
+uint64_t rans_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t n) {
+  if (len < 1) damaged("a coded plane without its table");
+  int nsym = int(in[0]) + 1;
+  uint64_t table = 1 + 3 * uint64_t(nsym);
+  if (len < table + 4) damaged("a coded plane shorter than its table");
+  uint32_t freqs[256] = {0}, cums[256] = {0};
+  uint8_t sym_of[kProbScale];
+  uint32_t at = 0;
+  for (int k = 0; k < nsym; ++k) {
+    const uint8_t* e = in + 1 + 3 * k;
+    uint32_t f = uint32_t(e[1]) | (uint32_t(e[2]) << 8);
+    if (!f || freqs[e[0]] || at + f > kProbScale) damaged("a bad frequency table");
+    freqs[e[0]] = f;
+    cums[e[0]] = at;
+    std::memset(sym_of + at, e[0], f);
+    at += f;
+  }
+  if (at != kProbScale) damaged("a frequency table that does not add up");
+  uint64_t payload = get_u32(in + table);
+  if (payload > len - table - 4 || payload < 4 * kStates) damaged("a coded plane's length");
+  const uint8_t* p = in + table + 4;
+  const uint8_t* end = p + payload;
+  uint32_t x[kStates];
+  for (int k = 0; k < kStates; ++k) x[k] = get_u32(p + 4 * k);
+  p += 4 * kStates;
+  for (int k = 0; k < kStates; ++k)
+    if (x[k] < kLow || x[k] >= (kLow << 8)) damaged("a coded plane's state");
+  // Packed per slot: the symbol, its frequency and the slot's offset in its range.
+  uint32_t slots[kProbScale];
+  for (uint32_t slot = 0; slot < kProbScale; ++slot) {
+    uint8_t sym = sym_of[slot];
+    slots[slot] = uint32_t(sym) | ((freqs[sym] & 0xFFF) << 8) | ((slot - cums[sym]) << 20);
+  }
+  auto step = [&](uint32_t& s, uint8_t* o) {
+    uint32_t e = slots[s & (kProbScale - 1)];
+    *o = uint8_t(e);
+    s = ((e >> 8) & 0xFFF ? (e >> 8) & 0xFFF : kProbScale) * (s >> kProbBits) + (e >> 20);
+  };
+  auto refill = [&](uint32_t& s) {  // unchecked: the loop leaves room
+    if (s < kLow) s = (s << 8) | *p++;
+    if (s < kLow) s = (s << 8) | *p++;
+  };
+
+  uint64_t i = 0;
+  // Each symbol takes at most two bytes: unchecked while enough are left.
+  for (; i + kStates <= n && end - p >= 2 * kStates; i += kStates) {
+    for (int k = 0; k < kStates; ++k) step(x[k], out + i + k);
+    for (int k = 0; k < kStates; ++k) refill(x[k]);
+  }
+  for (; i < n; ++i) {
+    uint32_t& s = x[i % kStates];
+    step(s, out + i);
+    while (s < kLow) {
+      if (p == end) damaged("a coded plane ends early");
+      s = (s << 8) | *p++;
+    }
+  }
+  if (p != end) damaged("a coded plane is longer than its symbols");
+  for (int k = 0; k < kStates; ++k)
+    if (x[k] != kLow) damaged("a coded plane does not end where it began");
+  return table + 4 + payload;
+}
+
+template <typename U>
+U rotate_in(U v) {
+  constexpr int bits = 8 * sizeof(U);
+  return U(U(v << 1) | U(v >> (bits - 1)));
+}
+template <typename U>
+U rotate_out(U v) {
+  constexpr int bits = 8 * sizeof(U);
+  return U(U(v >> 1) | U(v << (bits - 1)));
+}
+
+template <typename U>
+void split(const uint8_t* src, uint64_t m, uint8_t* planes) {
+  constexpr int w = sizeof(U);
+  for (uint64_t i = 0; i < m; ++i) {
+    U v;
+    std::memcpy(&v, src + i * w, w);
+    v = rotate_in(v);
+    for (int b = 0; b < w; ++b) planes[uint64_t(b) * m + i] = uint8_t(v >> (8 * b));
+  }
+}
+
+template <typename U>
+void join(const uint8_t* const* planes, uint64_t m, uint8_t* dst) {
+  constexpr int w = sizeof(U);
+  for (uint64_t i = 0; i < m; ++i) {
+    U v = 0;
+    for (int b = 0; b < w; ++b) v |= U(U(planes[b][i]) << (8 * b));
+    v = rotate_out(v);
+    std::memcpy(dst + i * w, &v, w);
+  }
+}
+
+// The common widths written out, so that the compiler vectorises them.
+void split4(const uint8_t* __restrict src, uint64_t m, uint8_t* __restrict planes) {
+  uint8_t* __restrict p0 = planes;
+  uint8_t* __restrict p1 = planes + m;
+  uint8_t* __restrict p2 = planes + 2 * m;
+  uint8_t* __restrict p3 = planes + 3 * m;
+  for (uint64_t i = 0; i < m; ++i) {
+    uint32_t v;
+    std::memcpy(&v, src + 4 * i, 4);
+    v = (v << 1) | (v >> 31);
+    p0[i] = uint8_t(v), p1[i] = uint8_t(v >> 8), p2[i] = uint8_t(v >> 16), p3[i] = uint8_t(v >> 24);
+  }
+}
+
+void join4(const uint8_t* __restrict p0, const uint8_t* __restrict p1, const uint8_t* __restrict p2,
+           const uint8_t* __restrict p3, uint64_t m, uint8_t* __restrict dst) {
+  for (uint64_t i = 0; i < m; ++i) {
+    uint32_t v = uint32_t(p0[i]) | (uint32_t(p1[i]) << 8) | (uint32_t(p2[i]) << 16) |
+                 (uint32_t(p3[i]) << 24);
+    v = (v >> 1) | (v << 31);
+    std::memcpy(dst + 4 * i, &v, 4);
+  }
+}
+
+void split2(const uint8_t* __restrict src, uint64_t m, uint8_t* __restrict planes) {
+  uint8_t* __restrict p0 = planes;
+  uint8_t* __restrict p1 = planes + m;
+  for (uint64_t i = 0; i < m; ++i) {
+    uint16_t v;
+    std::memcpy(&v, src + 2 * i, 2);
+    v = uint16_t((v << 1) | (v >> 15));
+    p0[i] = uint8_t(v), p1[i] = uint8_t(v >> 8);
+  }
+}
+
+void join2(const uint8_t* __restrict p0, const uint8_t* __restrict p1, uint64_t m,
+           uint8_t* __restrict dst) {
+  for (uint64_t i = 0; i < m; ++i) {
+    uint16_t v = uint16_t(p0[i] | (p1[i] << 8));
+    v = uint16_t((v >> 1) | (v << 15));
+    std::memcpy(dst + 2 * i, &v, 2);
+  }
+}
+
+void split_any(int width, const uint8_t* src, uint64_t m, uint8_t* planes) {
+  switch (width) {
+    case 1: std::memcpy(planes, src, m); break;
+    case 2: split2(src, m, planes); break;
+    case 4: split4(src, m, planes); break;
+    default: split<uint64_t>(src, m, planes); break;
+  }
+}
+
+void join_any(int width, const uint8_t* const* planes, uint64_t m, uint8_t* dst) {
+  switch (width) {
+    case 1: std::memcpy(dst, planes[0], m); break;
+    case 2: join2(planes[0], planes[1], m, dst); break;
+    case 4: join4(planes[0], planes[1], planes[2], planes[3], m, dst); break;
+    default: join<uint64_t>(planes, m, dst); break;
+  }
+}
+
+// counts[v] = how many bytes of plane[0, m) are v (four tables: no store waits on the
+// one before it).
+void count_bytes(const uint8_t* plane, uint64_t m, uint32_t* counts) {
+  uint32_t c[4][256] = {{0}};
+  uint64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    c[0][plane[i]]++;
+    c[1][plane[i + 1]]++;
+    c[2][plane[i + 2]]++;
+    c[3][plane[i + 3]]++;
+  }
+  for (; i < m; ++i) c[0][plane[i]]++;
+  for (int s = 0; s < 256; ++s) counts[s] = c[0][s] + c[1][s] + c[2][s] + c[3][s];
+}
+
+// Bits per byte of every 16th byte of the plane: a plane near 8 is stored raw
+// without counting the rest (the low mantissa bytes of trained weights).
+double entropy_of_sample(const uint8_t* plane, uint64_t m) {
+  uint32_t counts[256] = {0};
+  uint64_t n = 0;
+  for (uint64_t i = 0; i < m; i += 16, ++n) counts[plane[i]]++;
+  double bits = 0;
+  for (int s = 0; s < 256; ++s)
+    if (counts[s]) bits += double(counts[s]) * std::log2(double(n) / double(counts[s]));
+  return bits / double(n);
+}
+
+// Worst case of one block: per plane its mode byte and raw bytes.
+uint64_t block_bound(uint64_t m, int width) { return uint64_t(width) * (1 + m); }
+
+uint64_t encode_block(const uint8_t* src, uint64_t m, int width, uint8_t* out,
+                      std::vector<uint8_t>& planes, std::vector<uint8_t>& scratch) {
+  planes.resize(uint64_t(width) * m);
+  split_any(width, src, m, planes.data());
+  scratch.resize(m + 64 + 4 * 256);
+  uint8_t* o = out;
+  for (int b = 0; b < width; ++b) {
+    const uint8_t* plane = planes.data() + uint64_t(b) * m;
+    uint32_t counts[256] = {0};
+    if (m >= 4096 && entropy_of_sample(plane, m) > 7.9) {  // near-uniform: raw, no count
+      *o++ = kRaw;
+      std::memcpy(o, plane, m);
+      o += m;
+      continue;
+    }
+    count_bytes(plane, m, counts);
+    double bits = 0;
+    int nsym = 0;
+    for (int s = 0; s < 256; ++s) {
+      if (!counts[s]) continue;
+      ++nsym;
+      bits += double(counts[s]) * std::log2(double(m) / double(counts[s]));
+    }
+    double estimate = bits / 8 + 3.0 * nsym + 5 + 4 * kStates;
+    uint64_t coded = 0;
+    if (m && estimate < 0.995 * double(m)) coded = rans_encode(plane, m, counts, scratch.data(), m);
+    if (coded) {
+      *o++ = kRans;
+      std::memcpy(o, scratch.data(), coded);
+      o += coded;
+    } else {
+      *o++ = kRaw;
+      std::memcpy(o, plane, m);
+      o += m;
+    }
+  }
+  return uint64_t(o - out);
+}
+
+void check_width(int width) {
+  if (width != 1 && width != 2 && width != 4 && width != 8)
+    throw std::invalid_argument("byte planes: element width must be 1, 2, 4 or 8");
+}
+
+uint64_t blocks_of(uint64_t elems) { return (elems + kPlanesBlockElems - 1) / kPlanesBlockElems; }
+
+}  // namespace
+
+uint64_t planes_bound(uint64_t nbytes, int width) {
+  check_width(width);
+  uint64_t elems = nbytes / uint64_t(width);
+  uint64_t nblocks = blocks_of(elems);
+  return kHeader + 4 * nblocks + nblocks * uint64_t(width) + nbytes;
+}
+
+uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* dst,
+                       uint64_t dst_cap, int threads) {
+  check_width(width);
+  if (nbytes % uint64_t(width)) throw std::invalid_argument("byte planes: a partial element");
+  if (dst_cap < planes_bound(nbytes, width))
+    throw std::invalid_argument("byte planes: the output is smaller than planes_bound");
+  uint64_t elems = nbytes / uint64_t(width);
+  uint64_t nblocks = blocks_of(elems);
+  if (nblocks > 0xFFFFFFFFu) throw std::invalid_argument("byte planes: too many blocks");
+  std::memcpy(dst, kMagic, 4);
+  dst[4] = kVersion;
+  dst[5] = uint8_t(width);
+  dst[6] = dst[7] = 0;
+  for (int i = 0; i < 8; ++i) dst[8 + i] = uint8_t(nbytes >> (8 * i));
+  uint8_t* lens = dst + kHeader;
+  std::vector<std::vector<uint8_t>> coded(nblocks);
+  parallel_ranges(nblocks, threads, 1, [&](size_t a, size_t b) {
+    std::vector<uint8_t> planes, scratch;
+    for (size_t k = a; k < b; ++k) {
+      uint64_t m = std::min<uint64_t>(kPlanesBlockElems, elems - k * kPlanesBlockElems);
+      coded[k].resize(block_bound(m, width));
+      coded[k].resize(encode_block(src + k * kPlanesBlockElems * width, m, width, coded[k].data(),
+                                   planes, scratch));
+    }
+  });
+  uint8_t* o = lens + 4 * nblocks;
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    put_u32(lens + 4 * k, uint32_t(coded[k].size()));
+    std::memcpy(o, coded[k].data(), coded[k].size());
+    o += coded[k].size();
+  }
+  return uint64_t(o - dst);
+}
+
+void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t nbytes,
+                   int threads) {
+  if (src_len < kHeader || std::memcmp(src, kMagic, 4) != 0) damaged("no header");
+  if (src[4] != kVersion) damaged("version " + std::to_string(src[4]) + ", not 1");
+  int width = src[5];
+  if (width != 1 && width != 2 && width != 4 && width != 8) damaged("a bad element width");
+  uint64_t held = 0;
+  for (int i = 0; i < 8; ++i) held |= uint64_t(src[8 + i]) << (8 * i);
+  if (held != nbytes || nbytes % uint64_t(width)) damaged("it holds another number of bytes");
+  uint64_t elems = nbytes / uint64_t(width);
+  uint64_t nblocks = blocks_of(elems);
+  if ((src_len - kHeader) / 4 < nblocks) damaged("its block table is cut short");
+  const uint8_t* lens = src + kHeader;
+  std::vector<uint64_t> starts(nblocks + 1);
+  starts[0] = kHeader + 4 * nblocks;
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    starts[k + 1] = starts[k] + get_u32(lens + 4 * k);
+    if (starts[k + 1] > src_len) damaged("a block runs past its end");
+  }
+  if (starts[nblocks] != src_len) damaged("bytes past its last block");
+  parallel_ranges(nblocks, threads, 1, [&](size_t a, size_t b) {
+    std::vector<uint8_t> decoded;
+    for (size_t k = a; k < b; ++k) {
+      uint64_t m = std::min<uint64_t>(kPlanesBlockElems, elems - k * kPlanesBlockElems);
+      const uint8_t* in = src + starts[k];
+      uint64_t len = starts[k + 1] - starts[k];
+      decoded.resize(uint64_t(width) * m);
+      const uint8_t* planes[8];
+      uint64_t at = 0;
+      for (int p = 0; p < width; ++p) {
+        if (at >= len) damaged("a block ends before its planes");
+        uint8_t mode = in[at++];
+        if (mode == kRaw) {
+          if (len - at < m) damaged("a raw plane runs past its block");
+          planes[p] = in + at;
+          at += m;
+        } else if (mode == kRans) {
+          uint8_t* out = decoded.data() + uint64_t(p) * m;
+          at += rans_decode(in + at, len - at, out, m);
+          planes[p] = out;
+        } else {
+          damaged("a plane of unknown mode " + std::to_string(mode));
+        }
+      }
+      if (at != len) damaged("a block holds more than its planes");
+      join_any(width, planes, m, dst + k * kPlanesBlockElems * width);
+    }
+  });
+}
+
+}  // namespace mmcore

@@ -1,0 +1,32 @@
+// Lossless coding of tensor bytes as byte planes (docs/FORMAT.md, "Byte planes").
+//
+// Elements of `width` bytes (1, 2, 4 or 8) are cut into blocks of kBlockElems; in each
+// block the elements' sign bit is rotated to the lowest bit (widths 2 and 4: the top
+// byte is then the whole float32/bfloat16 exponent) and each byte position becomes a
+// plane. A plane is stored raw, or, where that is smaller, coded with an order-0 rANS
+// coder whose frequency table is stored in front of it. Blocks are independent, so both
+// directions run on up to `threads` threads.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace mmcore {
+
+constexpr uint32_t kPlanesBlockElems = 1u << 16;
+
+// Bytes `planes_encode` may write for `nbytes` of input.
+uint64_t planes_bound(uint64_t nbytes, int width);
+
+// Codes `nbytes` (a multiple of `width`) from `src` into `dst` (`dst_cap` bytes, at
+// least planes_bound); returns the bytes written.
+uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* dst,
+                       uint64_t dst_cap, int threads);
+
+// Decodes `src` (`src_len` bytes, as planes_encode wrote them) into `dst`, which must
+// be exactly the `nbytes` the stream holds. Throws std::invalid_argument on a stream
+// that is damaged or does not fit: it never reads past `src` nor writes past `dst`.
+void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t nbytes,
+                   int threads);
+
+}  // namespace mmcore
