@@ -353,3 +353,15 @@ def test_shared_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "[met] frozen-backbone set at most 1.15x one model" in out
     assert "cells, sharing on against off" in out
+
+
+def test_sizes_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/sizes.py (issue 23's table) at its smallest: every store loaded back
+    exactly, the coder's output decoded exactly, a row per set."""
+    from benchmarks import sizes
+
+    assert sizes.main(["--arch", "resnet18", "--finetunes", "2", "--cells", "20",
+                       "--steps", "1", "1", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "2 resnet18 fine-tunes, frozen backbone" in out and "20 battery cells" in out
+    assert "(published)" in out

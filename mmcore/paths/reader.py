@@ -337,11 +337,11 @@ class BlobReader:
         device: torch.device,
         pool: ThreadPoolExecutor,
     ) -> list[StateDict]:
-        if group.shared is not None:  # each model its own copy of its shared tensors
+        if group.shared is not None:
             rows = self._blob_buffer(manifest, group, rows=True, verify=verify, pool=pool)
             buf = self._blob_buffer(manifest, group, rows=False, verify=verify, pool=pool)
-            return shared_views(group, buf.to(device), rows.to(device), group.shared.count,
-                                group.shared.rows)  # fmt: skip
+            return shared_views(group, buf.to(device),
+                                self._own_rows(manifest, group, rows.to(device)))  # fmt: skip
         rec = self.group_content(manifest, group)
         schema = group.schema
         on_cpu = device.type == "cpu"
@@ -381,14 +381,32 @@ class BlobReader:
         """Some models of a group: each one read into one shared buffer, all hashed by one
         call (and, where they share tensors, each one's row read into another)."""
         buf = self._read_positions(manifest, group, positions, verify=verify, rows=False)
-        if group.shared is not None:
+        if group.shared is not None:  # each model's row read into a buffer of its own
             which = [group.shared.rows[p] for p in positions]
             rows = self._read_positions(manifest, group, which, verify=verify, rows=True)
-            return shared_views(group, buf.to(device), rows.to(device), len(which),
-                                list(range(len(which))))  # fmt: skip
+            return shared_views(group, buf.to(device),
+                                list(rows.to(device).view(len(which), -1).unbind(0)))  # fmt: skip
         if device.type != "cpu":
             buf = buf.to(device)
         return record_views(buf, group.schema, len(positions))
+
+    def _own_rows(self, manifest: Manifest, group: GroupRecord,
+                  rows: torch.Tensor) -> list[torch.Tensor]:  # fmt: skip
+        """Per model of the group, a buffer of its row of its own (``rows``: the row
+        blob, checked): on a tier with local files the row mapped again, privately (no
+        copy: its pages are the page cache's until written), else a copy."""
+        assert group.shared is not None
+        schema = group.row_schema
+        table = rows.view(group.shared.count, schema.stride) if schema.stride else None
+        if table is None or not self.tier.local_files or rows.device.type != "cpu":
+            empty = rows.new_empty(0)
+            return [empty if table is None else table[r].clone() for r in group.shared.rows]
+        rec = self.row_content(manifest, group)
+        out = []
+        for r in group.shared.rows:
+            offset, index = rec.locate(r)
+            out.append(self.tier.map_range(rec.pack, offset + index * schema.stride, schema.stride))
+        return out
 
     def _read_positions(self, manifest: Manifest, group: GroupRecord, positions: list[int], *,
                         verify: bool, rows: bool) -> torch.Tensor:  # fmt: skip
@@ -495,17 +513,20 @@ class LooseState(dict[str, torch.Tensor]):
     tensor by tensor (recovery's deltas), or of a group that shares tensors."""
 
 
-def shared_views(group: GroupRecord, buf: torch.Tensor, rows: torch.Tensor, nrows: int,
-                 which: list[int]) -> list[StateDict]:  # fmt: skip
-    """The state dicts of records ``buf`` (of the group's record schema) whose shared
-    tensors are rows ``which`` of ``rows`` (``nrows`` of them): their own tensors views
-    of ``buf``, their shared ones copies (no two models share memory: a change of one
-    is its own)."""
-    own = record_views(buf, group.record_schema, len(which))
-    rowed = record_views(rows, group.row_schema, nrows)
+def shared_views(
+    group: GroupRecord, buf: torch.Tensor, rows: list[torch.Tensor]
+) -> list[StateDict]:
+    """The state dicts of records ``buf`` (of the group's record schema), each with its
+    own row buffer (``rows``, one per record): its own tensors views of ``buf``, its
+    shared ones views of its row (no two models share memory: a change of one is its
+    own)."""
+    own = record_views(buf, group.record_schema, len(rows))
     names = [spec.name for spec in group.schema.tensors]
-    return [LooseState({n: sd[n] if n in sd else rowed[r][n].clone() for n in names})
-            for sd, r in zip(own, which)]  # fmt: skip
+    out: list[StateDict] = []
+    for sd, row in zip(own, rows):
+        shared = record_views(row, group.row_schema, 1)[0]
+        out.append(LooseState({n: sd[n] if n in sd else shared[n] for n in names}))
+    return out
 
 
 def stacked_groups(reader: BlobReader, manifest: Manifest, *, verify: bool, device: torch.device,
