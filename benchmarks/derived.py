@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -41,44 +40,16 @@ import torch
 
 import mmcore
 from benchmarks.harness import vision
-from benchmarks.harness.measure import machine_name
+from benchmarks.harness.measure import assert_same_models, machine_name, timed
 
 Models = dict[str, dict[str, torch.Tensor]]
 
 
-def _median(fn: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _exact(got: Models, want: Models) -> None:
-    assert list(got) == list(want)
-    for n, sd in want.items():
-        assert list(got[n]) == list(sd), n
-        for k, t in sd.items():
-            a, b = got[n][k].contiguous(), t.contiguous()
-            assert a.dtype == b.dtype and a.shape == b.shape, (n, k)
-            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), (
-                n,
-                k,
-            )
-
-
 def measure(arch: str, finetunes: int, base_steps: int, all_steps: int, repeat: int,
             log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    data = vision.digits(size=32, seed=0)
-    log(f"training the {arch} base ({base_steps} steps) ...")
-    base = vision.train_base(arch, data, steps=base_steps, seed=0)
-    names = [f"ft_{k:02d}" for k in range(finetunes)]
-    tunes: Models = {}
-    for k, name in enumerate(names):
-        log(f"  fine-tune {name}, all layers ({all_steps} steps) ...")
-        tunes[name] = vision.fine_tune(arch, base, vision.task(data, k), mode="all",
-                                       steps=all_steps, seed=k)  # fmt: skip
+    base, (tunes,) = vision.family(arch, finetunes, modes=[("all", all_steps)],
+                                   base_steps=base_steps, log=log)  # fmt: skip
+    names = list(tunes)
     raw = sum(t.numel() * t.element_size() for sd in tunes.values() for t in sd.values())
     out: dict[str, Any] = {"arch": arch, "finetunes": finetunes, "raw_bytes": raw,
                            "base_steps": base_steps, "all_steps": all_steps}  # fmt: skip
@@ -101,25 +72,27 @@ def measure(arch: str, finetunes: int, base_steps: int, all_steps: int, repeat: 
             m = derived.manifest(d2).update
             assert m is not None and m.derived == dict.fromkeys(names, "base"), m
             for store, vid in ((today, t2), (derived, d2), (whole, w1)):
-                _exact(store.load(vid), tunes)
-                _exact({names[-1]: store.load_model(vid, names[-1])}, {names[-1]: tunes[names[-1]]})
+                assert_same_models(store.load(vid), tunes)
+                assert_same_models(
+                    {names[-1]: store.load_model(vid, names[-1])}, {names[-1]: tunes[names[-1]]}
+                )
             for key, store, vid in (("today", today, t2), ("derived", derived, d2)):
                 c = store.info(vid).changes
                 out[f"{key}_delta_bytes"] = c["payload_bytes"] + c["metadata_bytes"]
             out["today"] = {"first_bytes": today.info(t1).stored_bytes,
                             "update_bytes": today.info(t2).stored_bytes,
                             "store_bytes": today.stored_bytes(), "save_s": today_save,
-                            "load_s": _median(lambda: today.load(t2), repeat),
-                            "load_model_s": _median(lambda: today.load_model(t2, names[-1]), repeat)}  # fmt: skip
+                            "load_s": timed(lambda: today.load(t2), repeat)[0],
+                            "load_model_s": timed(lambda: today.load_model(t2, names[-1]), repeat)[0]}  # fmt: skip
             out["derived"] = {"first_bytes": derived.info(d1).stored_bytes,
                               "update_bytes": derived.info(d2).stored_bytes,
                               "store_bytes": derived.stored_bytes(), "save_s": derived_save,
-                              "load_s": _median(lambda: derived.load(d2), repeat),
-                              "load_model_s": _median(lambda: derived.load_model(d2, names[-1]), repeat)}  # fmt: skip
+                              "load_s": timed(lambda: derived.load(d2), repeat)[0],
+                              "load_model_s": timed(lambda: derived.load_model(d2, names[-1]), repeat)[0]}  # fmt: skip
             out["whole"] = {"update_bytes": whole.info(w1).stored_bytes,
                             "store_bytes": whole.stored_bytes(), "save_s": whole_save,
-                            "load_s": _median(lambda: whole.load(w1), repeat),
-                            "load_model_s": _median(lambda: whole.load_model(w1, names[-1]), repeat)}  # fmt: skip
+                            "load_s": timed(lambda: whole.load(w1), repeat)[0],
+                            "load_model_s": timed(lambda: whole.load_model(w1, names[-1]), repeat)[0]}  # fmt: skip
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return out

@@ -42,30 +42,11 @@ import torch
 
 import mmcore
 from benchmarks.harness import vision
-from benchmarks.harness.measure import machine_name
+from benchmarks.harness.measure import assert_same_models, machine_name, timed
 from mmcore.examples import battery
 from mmcore.paths import baseline
 
 Models = dict[str, dict[str, torch.Tensor]]
-
-
-def _median(fn: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _exact(got: Models, want: Models) -> None:
-    assert list(got) == list(want)
-    for n, sd in want.items():
-        assert list(got[n]) == list(sd), n
-        for k, t in sd.items():
-            a, b = got[n][k].contiguous(), t.contiguous()
-            assert a.dtype == b.dtype and a.shape == b.shape, (n, k)
-            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), (n, k)  # fmt: skip
 
 
 @contextmanager
@@ -103,28 +84,22 @@ def _timed_set(store: mmcore.ModelStore, models: Models, share: bool,
         vid = store.save(models, progress=False)
         save_s = time.perf_counter() - t0
     last = list(models)[-1]
-    _exact(store.load(vid), models)
-    _exact(store.load_stacked(vid).state_dicts(), models)
-    _exact({last: store.load_model(vid, last)}, {last: models[last]})
+    assert_same_models(store.load(vid), models)
+    assert_same_models(store.load_stacked(vid).state_dicts(), models)
+    assert_same_models({last: store.load_model(vid, last)}, {last: models[last]})
     groups = store.manifest(vid).groups
     return {"stored_bytes": store.info(vid).stored_bytes, "save_s": save_s,
             "shared_groups": sum(g.shared is not None for g in groups),
-            "load_s": _median(lambda: store.load(vid), repeat),
-            "load_stacked_s": _median(lambda: store.load_stacked(vid), repeat),
-            "load_model_s": _median(lambda: store.load_model(vid, last), repeat)}  # fmt: skip
+            "load_s": timed(lambda: store.load(vid), repeat)[0],
+            "load_stacked_s": timed(lambda: store.load_stacked(vid), repeat)[0],
+            "load_model_s": timed(lambda: store.load_model(vid, last), repeat)[0]}  # fmt: skip
 
 
 def measure(arch: str, finetunes: int, cells: int, base_steps: int, head_steps: int, repeat: int,
             log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    data = vision.digits(size=32, seed=0)
-    log(f"training the {arch} base ({base_steps} steps) ...")
-    base = vision.train_base(arch, data, steps=base_steps, seed=0)
-    names = [f"ft_{k:02d}" for k in range(finetunes)]
-    tunes: Models = {}
-    for k, name in enumerate(names):
-        log(f"  fine-tune {name}, head only ({head_steps} steps) ...")
-        tunes[name] = vision.fine_tune(arch, base, vision.task(data, k), mode="head",
-                                       steps=head_steps, seed=k)  # fmt: skip
+    _, (tunes,) = vision.family(arch, finetunes, modes=[("head", head_steps)],
+                                base_steps=base_steps, log=log)  # fmt: skip
+    names = list(tunes)
     raw = sum(t.numel() * t.element_size() for sd in tunes.values() for t in sd.values())
     out: dict[str, Any] = {"arch": arch, "finetunes": finetunes, "raw_bytes": raw,
                            "base_steps": base_steps, "head_steps": head_steps, "cells": cells}  # fmt: skip

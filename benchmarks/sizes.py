@@ -42,7 +42,7 @@ import torch
 
 import mmcore
 from benchmarks.harness import vision
-from benchmarks.harness.measure import machine_name
+from benchmarks.harness.measure import assert_same_models, machine_name
 from mmcore import kernels
 from mmcore.examples import battery
 from mmcore.paths import baseline
@@ -52,18 +52,6 @@ PUBLISHED = [
     "ZipNN (published): about 17% saved on float32 models, 33% on bfloat16 ones, 1.1-1.7 GB/s per thread",
     "ZipLLM (NSDI 2026, published): 54% saved over 3,048 LLMs by tensor dedup and XOR against the base",
 ]
-
-
-def _exact(got: Models, want: Models) -> None:
-    assert list(got) == list(want)
-    for n, sd in want.items():
-        assert list(got[n]) == list(sd), n
-        for k, t in sd.items():
-            a, b = got[n][k].contiguous().reshape(-1), t.contiguous().reshape(-1)
-            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (
-                n,
-                k,
-            )
 
 
 def _payload(store: mmcore.ModelStore, vid: str, models: Models) -> list[torch.Tensor]:
@@ -135,7 +123,7 @@ def _saved(root: Path, key: str, models: Models, share: bool) -> tuple[int, int]
     try:
         with mmcore.open(root / key) as store:
             vid = store.save(models, progress=False)
-            _exact(store.load(vid), models)
+            assert_same_models(store.load(vid), models)
             stored = store.info(vid).stored_bytes
             payload = _payload(store, vid, models)
             raw = sum(t.numel() * t.element_size() for t in payload)
@@ -148,7 +136,7 @@ def _derived(root: Path, base: dict[str, torch.Tensor], models: Models) -> int:
     with mmcore.open(root / "derived") as store:
         v1 = store.save({"base": base}, progress=False)
         v2 = store.save(models, approach="update", parent=v1, derived_from="auto", progress=False)
-        _exact(store.load(v2), models)
+        assert_same_models(store.load(v2), models)
         return store.info(v1).stored_bytes + store.info(v2).stored_bytes
 
 
@@ -166,18 +154,12 @@ def row(name: str, models: Models, base: dict[str, torch.Tensor] | None, root: P
 
 def measure(arch: str, finetunes: int, cells: int, steps: tuple[int, ...],
             log: Callable[[str], None]) -> list[dict[str, Any]]:  # fmt: skip
-    data = vision.digits(size=32, seed=0)
-    log(f"training the {arch} base ...")
-    base = vision.train_base(arch, data, steps=steps[0], seed=0)
-    sets: list[tuple[str, Models, dict[str, torch.Tensor] | None]] = []
-    for mode, n in (("head", steps[1]), ("all", steps[2])):
-        tunes = {}
-        for k in range(finetunes):
-            log(f"  fine-tune {k}, {mode} ({n} steps) ...")
-            tunes[f"ft_{k:02d}"] = vision.fine_tune(arch, base, vision.task(data, k), mode=mode,
-                                                    steps=n, seed=k)  # fmt: skip
-        label = "frozen backbone" if mode == "head" else "all layers"
-        sets.append((f"{finetunes} {arch} fine-tunes, {label}", tunes, base))
+    base, (head, every) = vision.family(arch, finetunes, modes=[("head", steps[1]), ("all", steps[2])],
+                                        base_steps=steps[0], log=log)  # fmt: skip
+    sets: list[tuple[str, Models, dict[str, torch.Tensor] | None]] = [
+        (f"{finetunes} {arch} fine-tunes, frozen backbone", head, base),
+        (f"{finetunes} {arch} fine-tunes, all layers", every, base),
+    ]
     log(f"training {cells:,} battery cells ...")
     fleet = battery.make_cells(cells, seed=0)
     trained = battery.train(fleet, battery.make_data(list(fleet), rows=64, seed=1), seed=0,

@@ -86,3 +86,17 @@ def machine_name() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def assert_same_models(got: Any, want: Any) -> None:
+    """``got`` ({name: {tensor name: tensor}}) holds ``want``'s models, tensors and
+    bytes, in the same orders: every bit compared."""
+    import torch
+
+    assert list(got) == list(want)
+    for n, sd in want.items():
+        assert list(got[n]) == list(sd), n
+        for k, t in sd.items():
+            a, b = got[n][k].contiguous().reshape(-1), t.contiguous().reshape(-1)
+            assert a.dtype == b.dtype and got[n][k].shape == t.shape, (n, k)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (n, k)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -606,3 +606,24 @@ def finetune_set(models: Mapping[str, Mapping[str, Tensor]], data: Mapping[str, 
             mode=mode, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
         )  # fmt: skip
     return out
+
+
+def family(
+    arch: str, count: int, *, modes: Sequence[tuple[str, int]], base_steps: int,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[dict[str, Tensor], list[dict[str, dict[str, Tensor]]]]:  # fmt: skip
+    """A base ``arch`` trained on digits, and per (mode, steps) of ``modes`` ``count``
+    fine-tunes of it (``ft_00`` ...), one task each: the benchmarks' fine-tune families."""
+    data = digits(size=32, seed=0)
+    log(f"training the {arch} base ({base_steps} steps) ...")
+    base = train_base(arch, data, steps=base_steps, seed=0)
+    sets = []
+    for mode, steps in modes:
+        tunes = {}
+        for k in range(count):
+            log(f"  fine-tune ft_{k:02d}, {'head only' if mode == 'head' else 'all layers'} "
+                f"({steps} steps) ...")  # fmt: skip
+            tunes[f"ft_{k:02d}"] = fine_tune(arch, base, task(data, k), mode=mode, steps=steps,
+                                             seed=k)  # fmt: skip
+        sets.append(tunes)
+    return base, sets
