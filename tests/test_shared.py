@@ -349,3 +349,23 @@ def test_a_group_whose_every_tensor_is_shared(store: mmcore.ModelStore) -> None:
     v2 = store.save(nxt, approach="update", parent=vid)
     _every_way(store, v2, nxt)
     assert store.check().problems == []
+
+
+def test_two_architectures_with_one_backbone_share_one_row_blob(store: mmcore.ModelStore) -> None:
+    """Fine-tunes with heads of another size are another architecture (group): their
+    backbone's rows are one blob, written once and referenced by both groups."""
+    body = _backbone(4)
+    ten = _frozen(3, backbone=body)
+    hundred = {f"wide{k}": {**body, "head.weight": torch.randn(100, 96)} for k in range(3)}
+    models = {**ten, **hundred}
+    vid = store.save(models)
+    groups = store.manifest(vid).groups
+    assert len(groups) == 2 and all(g.shared is not None for g in groups)
+    assert groups[0].shared.blob == groups[1].shared.blob  # type: ignore[union-attr]
+    assert store.storage.content(groups[0].shared.blob).refs == 2  # type: ignore[union-attr]
+    assert store.manifest(vid).stored_bytes < 2 * _body_bytes(ten)  # the body written once
+    _every_way(store, vid, models)
+    store.delete(vid)
+    store.gc()
+    assert store.check().problems == []
+    assert store.storage.catalog.get("content", groups[0].shared.blob) is None  # type: ignore[union-attr]

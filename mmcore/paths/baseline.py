@@ -335,6 +335,7 @@ def write_set(writer: PackWriter, models: Any, progress: Progress,
                 progress(1)
             _refuse_empty(names)
             shares: dict[int, tuple[_Plan, int | bytes]] = {}
+            rows_at: dict[bytes, int] = {}  # row blobs this save writes: their writer group
             for gi, members in sorted(by_group.items()):
                 schema = grouper.schemas[gi]
                 first[gi] = len(sw.groups)
@@ -350,10 +351,13 @@ def write_set(writer: PackWriter, models: Any, progress: Progress,
                     sw.add(first[gi], record, index, _part(entry, inline))
                 rows = [_part(members[i][1], plan.tensors) for i in plan.firsts]
                 key = _row_key(row, rows)
+                if key in rows_at:  # another architecture's group of this set has them
+                    shares[gi] = (plan, rows_at[key])
+                    continue
                 if stored(key):  # the store holds these rows: referenced, not written
                     shares[gi] = (plan, key)
                     continue
-                row_at = len(sw.groups)
+                row_at = rows_at[key] = len(sw.groups)
                 shares[gi] = (plan, row_at)
                 for r, entry in enumerate(rows):
                     sw.add(row_at, row, r, entry)
