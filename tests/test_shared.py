@@ -369,3 +369,24 @@ def test_two_architectures_with_one_backbone_share_one_row_blob(store: mmcore.Mo
     store.gc()
     assert store.check().problems == []
     assert store.storage.catalog.get("content", groups[0].shared.blob) is None  # type: ignore[union-attr]
+
+
+def test_a_fine_tune_added_later_shares_the_family_backbone(store: mmcore.ModelStore) -> None:
+    """An update adding one more fine-tune of a family (no derived_from): stored whole,
+    its backbone a reference to the family's row blob, not a second copy."""
+    body = _backbone(6)
+    family = _frozen(4, backbone=body)
+    v1 = store.save(family)
+    row_blob = store.manifest(v1).groups[0].shared.blob  # type: ignore[union-attr]
+    more = {**family, "late": {**body, "head.weight": torch.randn(10, 96),
+                               "head.bias": torch.randn(10), "steps": torch.tensor(9)}}  # fmt: skip
+    v2 = store.save(more, approach="update", parent=v1)
+    assert store.info(v2).changes["added"] == 1
+    (group,) = store.manifest(v2).groups
+    assert group.shared is not None and group.shared.blob == row_blob
+    assert store.info(v2).stored_bytes < _body_bytes(family) / 4  # its head, not its body
+    assert store.storage.content(row_blob).refs == 2
+    _every_way(store, v2, more)
+    store.rebase(v2)  # a baseline of its own: the late model's row still the family's
+    _every_way(store, v2, more)
+    assert store.check().problems == []

@@ -14,7 +14,7 @@ are found (``plan_shared``; each distinct value once, in a row blob).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -274,8 +274,12 @@ def _part(entry: ModelEntry, keep: list[int]) -> ModelEntry:
                       [entry.ptrs[i] for i in keep], entry.device)  # fmt: skip
 
 
+Split = tuple[Any, list[int]]  # a schema's layout key, and the indices of its shared tensors
+
+
 def write_set(writer: PackWriter, models: Any, progress: Progress,
-              stored: Callable[[bytes], bool] | None = None) -> WrittenSet:  # fmt: skip
+              stored: Callable[[bytes], bool] | None = None,
+              splits: Sequence[Split] = ()) -> WrittenSet:  # fmt: skip
     """Validates ``models`` and writes every group into one pack.
 
     ``progress(1)`` is called once per model queued for writing. With ``stored`` (is a
@@ -283,7 +287,9 @@ def write_set(writer: PackWriter, models: Any, progress: Progress,
     (``plan_shared``), and a row blob the store holds already is not written again: the
     models of a group with a tensor of ``SHARE_MIN`` bytes or more are held until the
     set is read. The others stream: each batch is written while the next models are
-    validated."""
+    validated. A group of one model shares the tensors a split of ``splits`` names
+    where the store holds them as a row blob of one row (an update's new fine-tune of
+    a family whose backbone an earlier version shared)."""
     grouper = Grouper()
     names: list[str] = []
     with ThreadPoolExecutor(1, thread_name_prefix="mmcore-hash") as hp, \
@@ -340,6 +346,16 @@ def write_set(writer: PackWriter, models: Any, progress: Progress,
                 schema = grouper.schemas[gi]
                 first[gi] = len(sw.groups)
                 plan = plan_shared(schema, [e for _, e in members])
+                if plan is None and len(members) == 1:
+                    found = _stored_split(schema, members[0][1], splits, stored)
+                    if found is not None:
+                        plan, key = found
+                        record, _ = split_schema(schema, plan.tensors)
+                        chosen = set(plan.tensors)
+                        inline = [i for i in range(len(schema.tensors)) if i not in chosen]
+                        sw.add(first[gi], record, members[0][0], _part(members[0][1], inline))
+                        shares[gi] = (plan, key)
+                        continue
                 if plan is None:
                     for index, entry in members:
                         sw.add(first[gi], schema, index, entry)
@@ -392,6 +408,20 @@ def _assemble(sw: _SetWriter, schemas: list[Schema], names: list[str],
         records.append(GroupRecord(schema, len(own.members), own.key, members, shared=shared))
     logical = sum(g.count * sum(s.nbytes for s in g.schema.tensors) for g in records)
     return WrittenSet(names, records, blobs, logical, sw.end)
+
+
+def _stored_split(schema: Schema, entry: ModelEntry, splits: Sequence[Split],
+                  stored: Callable[[bytes], bool]) -> tuple[_Plan, bytes] | None:  # fmt: skip
+    """A split of ``splits`` for ``schema`` whose tensors of ``entry`` the store holds
+    as a row blob of one row: its plan (one row) and the blob's key."""
+    layout = schema.layout_key()
+    for key_of, tensors in splits:
+        if key_of != layout or not tensors or tensors[-1] >= len(schema.tensors):
+            continue
+        key = _row_key(split_schema(schema, tensors)[1], [_part(entry, tensors)])
+        if stored(key):
+            return _Plan(list(tensors), [0], [0]), key
+    return None
 
 
 def _row_key(schema: Schema, rows: list[ModelEntry]) -> bytes:

@@ -314,7 +314,7 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
             _sizes(e.signature, sizes)[1] for e in split.whole if e.device is not None
         )
         written = baseline.write_set(writer, {e.name: dict(zip(e.keys, e.sources)) for e in split.whole},
-                                     lambda n: None, store.stored)  # fmt: skip
+                                     lambda n: None, store.stored, chain_splits(store, parent))  # fmt: skip
         groups, blobs, end = written.groups, list(written.blobs), written.end
         whole_names = [[written.names[i] for i in g.positions()] for g in groups]
     delta_key = None
@@ -344,6 +344,17 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
                         model_order=split.model_order, max_recovery=max_recovery,
                         derived=split.derived)  # fmt: skip
     return WrittenUpdate(groups, blobs, update, split.logical)
+
+
+def chain_splits(store: Storage, vid: str) -> list[baseline.Split]:
+    """The shared-tensor splits of the groups along a version's chain (each once): a
+    model stored whole here may share its tensors with one of their rows."""
+    seen: dict[Any, list[int]] = {}
+    for m in chain.chain_of(store, vid):
+        for g in m.groups:
+            if g.shared is not None:
+                seen.setdefault((g.schema.layout_key(), tuple(g.shared.tensors)), g.shared.tensors)
+    return [(key[0], tensors) for key, tensors in seen.items()]
 
 
 def _derived_whole(split: _Split, entry: ModelEntry) -> None:
