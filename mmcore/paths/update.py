@@ -543,12 +543,16 @@ def _auto_sources(entries: list[ModelEntry], new_hashes: torch.Tensor,
     # tensor hash -> the parent's models holding it, for the hashes the new models hold:
     # the parent's rows matched by their first 8 bytes in one call (no loop over them)
     holders: dict[bytes, set[int]] = {}
-    if names:
+    wanted = [r for _, i in new for r in range(starts[i], starts[i + 1])]
+    if names and wanted:  # (models without tensors share nothing)
         rows = torch.cat([index[n].hashes for n in names]).contiguous()
         owner = torch.repeat_interleave(torch.arange(len(names)),
                                         torch.tensor([len(index[n].schema.tensors) for n in names]))  # fmt: skip
-        mine = torch.from_numpy(host[[r for _, i in new for r in range(starts[i], starts[i + 1])]])
-        hits = torch.isin(rows.view(torch.int64)[:, 0], mine.contiguous().view(torch.int64)[:, 0])
+        mine = torch.from_numpy(host[wanted]).reshape(-1, kernels.HASH_SIZE).contiguous()
+        first8 = rows.reshape(-1).view(torch.int64).view(-1, kernels.HASH_SIZE // 8)[:, 0]
+        hits = torch.isin(
+            first8, mine.reshape(-1).view(torch.int64).view(-1, kernels.HASH_SIZE // 8)[:, 0]
+        )
         for j in hits.nonzero().flatten().tolist():
             holders.setdefault(rows[j].numpy().tobytes(), set()).add(int(owner[j]))
     by_schema: dict[int, list[int]] = {}  # the parent's models per architecture
