@@ -390,3 +390,22 @@ def test_a_fine_tune_added_later_shares_the_family_backbone(store: mmcore.ModelS
     store.rebase(v2)  # a baseline of its own: the late model's row still the family's
     _every_way(store, v2, more)
     assert store.check().problems == []
+
+
+def test_a_commit_built_again_counts_a_twice_referenced_blob_twice() -> None:
+    """Two groups referencing one new row blob: two references, however often the
+    commit is built (object storage builds it again after another writer's commit)."""
+    from mmcore.manifest import ContentRecord
+    from mmcore.paths.commit import content_records
+
+    class Empty:
+        def get(self, cf: str, key: bytes) -> bytes | None:
+            return None
+
+    rec = ContentRecord("0" * 16, [[4096, 1]], 8192, 32, refs=1)
+    blobs: list[tuple[bytes, ContentRecord | None]] = [(b"k" * 32, rec), (b"k" * 32, rec)]
+    for _ in range(3):
+        puts, live, _ = content_records(Empty(), blobs, "0" * 16, 9000, 0.0)  # type: ignore[arg-type]
+        (put,) = [p for p in puts if p[0] == "content"]
+        assert ContentRecord.decode(put[2]).refs == 2 and live == 1
+    assert rec.refs == 1

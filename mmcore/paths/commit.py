@@ -5,6 +5,7 @@ synced WriteBatch."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..errors import ConflictError, RefConflictError, VersionNotFoundError
@@ -39,7 +40,7 @@ def _referenced(catalog: Records, key: bytes, rec: ContentRecord | None,
             f"blob {key.hex()[:16]}, which this save found stored and did not write again, "
             "was deleted meanwhile (a gc or delete in another process): save again"
         )
-    records[key] = rec
+    records[key] = replace(rec)  # (a copy: a commit built again starts from the writer's)
     return True
 
 
