@@ -178,9 +178,14 @@ class GroupRecord:
 def split_schema(schema: Schema, shared: list[int]) -> tuple[Schema, Schema]:
     """The record layouts of a group whose tensors at ``shared`` are shared: the other
     tensors, then those, each laid out as a writer lays out records."""
-    chosen = set(shared)
-    return (laid_out([s for i, s in enumerate(schema.tensors) if i not in chosen]),
+    return (laid_out([schema.tensors[i] for i in unshared(len(schema.tensors), shared)]),
             laid_out([schema.tensors[i] for i in shared]))  # fmt: skip
+
+
+def unshared(count: int, shared: list[int]) -> list[int]:
+    """The indices below ``count`` not in ``shared``: a group's tensors in its records."""
+    chosen = set(shared)
+    return [i for i in range(count) if i not in chosen]
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 
 from .. import kernels
 from .._gc import gc_paused
-from ..manifest import ContentRecord, GroupRecord, SharedTensors, split_schema
+from ..manifest import ContentRecord, GroupRecord, SharedTensors, split_schema, unshared
 from ..modelset import Grouper, ModelEntry, Schema, StackedInput, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 
@@ -308,23 +308,15 @@ def write_set(writer: PackWriter, models: Any, progress: Progress,
                                 part.columns)  # fmt: skip
                     progress(len(part.names))
                 return _assemble(sw, grouper.schemas, models.order)
-            if stored is None:
-                for entry in iter_models(models):
-                    gi = grouper.group_of(entry)
-                    sw.add(gi, grouper.schemas[gi], len(names), entry)
-                    names.append(entry.name)
-                    progress(1)
-                _refuse_empty(names)
-                return _assemble(sw, grouper.schemas, names)
-            # A group with a tensor that may be shared is held until the set is read; the
-            # others stream.
+            # A group with a tensor that may be shared (where ``stored`` is given) is held
+            # until the set is read; the others stream.
             by_group: dict[int, list[tuple[int, ModelEntry]]] = {}
             first: dict[int, int] = {}  # a set's group: its records' writer group
             for entry in iter_models(models):
                 gi = grouper.group_of(entry)
                 schema = grouper.schemas[gi]
                 if gi not in first and gi not in by_group:
-                    if any(s.nbytes >= SHARE_MIN for s in schema.tensors):
+                    if stored is not None and any(s.nbytes >= SHARE_MIN for s in schema.tensors):
                         by_group[gi] = []
                     else:
                         first[gi] = len(sw.groups)
@@ -343,28 +335,26 @@ def write_set(writer: PackWriter, models: Any, progress: Progress,
             shares: dict[int, tuple[_Plan, int | bytes]] = {}
             rows_at: dict[bytes, int] = {}  # row blobs this save writes: their writer group
             for gi, members in sorted(by_group.items()):
+                assert stored is not None  # (only then are groups held)
                 schema = grouper.schemas[gi]
                 first[gi] = len(sw.groups)
                 plan = plan_shared(schema, [e for _, e in members])
+                known: bytes | None = None  # a row blob the store holds for a lone model
                 if plan is None and len(members) == 1:
                     found = _stored_split(schema, members[0][1], splits, stored)
                     if found is not None:
-                        plan, key = found
-                        record, _ = split_schema(schema, plan.tensors)
-                        chosen = set(plan.tensors)
-                        inline = [i for i in range(len(schema.tensors)) if i not in chosen]
-                        sw.add(first[gi], record, members[0][0], _part(members[0][1], inline))
-                        shares[gi] = (plan, key)
-                        continue
+                        plan, known = found
                 if plan is None:
                     for index, entry in members:
                         sw.add(first[gi], schema, index, entry)
                     continue
-                chosen = set(plan.tensors)
-                inline = [i for i in range(len(schema.tensors)) if i not in chosen]
+                inline = unshared(len(schema.tensors), plan.tensors)
                 record, row = split_schema(schema, plan.tensors)
                 for index, entry in members:
                     sw.add(first[gi], record, index, _part(entry, inline))
+                if known is not None:
+                    shares[gi] = (plan, known)
+                    continue
                 rows = [_part(members[i][1], plan.tensors) for i in plan.firsts]
                 key = _row_key(row, rows)
                 if key in rows_at:  # another architecture's group of this set has them

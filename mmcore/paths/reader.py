@@ -16,7 +16,7 @@ import torch
 from .. import dtypes, kernels
 from .._gc import gc_paused
 from ..errors import CorruptRecordError, IntegrityError, StoreError
-from ..manifest import ContentRecord, GroupRecord, Manifest
+from ..manifest import ContentRecord, GroupRecord, Manifest, unshared
 from ..modelset import Schema
 from ..record import DAMAGED
 from ..stacked import Stack, StackedSet
@@ -215,7 +215,7 @@ class BlobReader:
         n = len(group.schema.tensors)
         out = torch.empty((group.count, n, kernels.HASH_SIZE), dtype=torch.uint8)
         shared = torch.tensor(group.shared.tensors, dtype=torch.int64)
-        inline = _others(n, group.shared.tensors)
+        inline = unshared(n, group.shared.tensors)
         out[:, inline] = stored.view(group.count, len(inline), kernels.HASH_SIZE)
         which = torch.tensor(group.shared.rows, dtype=torch.int64)
         out[:, shared] = rows.view(group.shared.count, len(shared), kernels.HASH_SIZE)[which]
@@ -479,11 +479,6 @@ class BlobReader:
                 f"version {manifest.id}: the hash table of a blob in pack {rec.pack} does not "
                 "match its content address: the stored hashes are corrupted"
             )
-
-
-def _others(n: int, chosen: list[int]) -> list[int]:
-    skip = set(chosen)
-    return [i for i in range(n) if i not in skip]
 
 
 def whole_records(group: GroupRecord, buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from ..kernels.delta import (
 )
 from ..kernels.quantized import quantize_decode_table, quantize_encode_table
 from ..kernels.xor_planes import xor_planes_encode_table
-from ..manifest import ContentRecord, GroupRecord, UpdateInfo
+from ..manifest import ContentRecord, GroupRecord, Manifest, UpdateInfo
 from ..modelset import ModelEntry, Schema, StackedInput, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
 from . import baseline, chain, delta_blob
@@ -309,12 +309,13 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
     blobs: Blobs = []
     end = HEADER_SIZE
     whole_names: list[list[str]] = []
+    line = chain.chain_of(store, parent)  # as the chain is now (a rebase shortens it)
     if split.whole:
         TRANSFERS.device_to_host += sum(
             _sizes(e.signature, sizes)[1] for e in split.whole if e.device is not None
         )
         written = baseline.write_set(writer, {e.name: dict(zip(e.keys, e.sources)) for e in split.whole},
-                                     lambda n: None, store.stored, chain_splits(store, parent))  # fmt: skip
+                                     lambda n: None, store.stored, chain_splits(line))  # fmt: skip
         groups, blobs, end = written.groups, list(written.blobs), written.end
         whole_names = [[written.names[i] for i in g.positions()] for g in groups]
     delta_key = None
@@ -330,7 +331,7 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
             if d.derived:
                 derived_logical += _sizes(d.entry.signature, sizes)[1]
                 derived_payload += size
-    depth = len(chain.chain_of(store, parent))  # as the chain is now (a rebase shortens it)
+    depth = len(line)
     stats = {"models": split.models, "tensors": split.tensors,
              "unchanged": unchanged, "changed": len(deltas) + split.restored, "delta": len(deltas),
              "whole": len(split.whole), "keyframes": split.restored, "added": len(split.added),
@@ -346,11 +347,11 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
     return WrittenUpdate(groups, blobs, update, split.logical)
 
 
-def chain_splits(store: Storage, vid: str) -> list[baseline.Split]:
-    """The shared-tensor splits of the groups along a version's chain (each once): a
-    model stored whole here may share its tensors with one of their rows."""
+def chain_splits(line: list[Manifest]) -> list[baseline.Split]:
+    """The shared-tensor splits of the groups along a chain (``chain.chain_of``; each
+    once): a model stored whole here may share its tensors with one of their rows."""
     seen: dict[Any, list[int]] = {}
-    for m in chain.chain_of(store, vid):
+    for m in line:
         for g in m.groups:
             if g.shared is not None:
                 seen.setdefault((g.schema.layout_key(), tuple(g.shared.tensors)), g.shared.tensors)
