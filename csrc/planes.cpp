@@ -141,16 +141,18 @@ uint64_t rans_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t n) 
   int nsym = int(in[0]) + 1;
   uint64_t table = 1 + 3 * uint64_t(nsym);
   if (len < table + 4) damaged("a coded plane shorter than its table");
-  uint32_t freqs[256] = {0}, cums[256] = {0};
-  uint8_t sym_of[kProbScale];
+  uint32_t freqs[256] = {0};  // (a symbol listed twice is refused)
+  // Packed per slot: the symbol, its frequency (4096 as 0) and the slot's offset in its
+  // range.
+  uint32_t slots[kProbScale];
   uint32_t at = 0;
   for (int k = 0; k < nsym; ++k) {
     const uint8_t* e = in + 1 + 3 * k;
     uint32_t f = uint32_t(e[1]) | (uint32_t(e[2]) << 8);
     if (!f || freqs[e[0]] || at + f > kProbScale) damaged("a bad frequency table");
     freqs[e[0]] = f;
-    cums[e[0]] = at;
-    std::memset(sym_of + at, e[0], f);
+    for (uint32_t j = 0; j < f; ++j)
+      slots[at + j] = uint32_t(e[0]) | ((f & 0xFFF) << 8) | (j << 20);
     at += f;
   }
   if (at != kProbScale) damaged("a frequency table that does not add up");
@@ -163,12 +165,6 @@ uint64_t rans_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t n) 
   p += 4 * kStates;
   for (int k = 0; k < kStates; ++k)
     if (x[k] < kLow || x[k] >= (kLow << 8)) damaged("a coded plane's state");
-  // Packed per slot: the symbol, its frequency and the slot's offset in its range.
-  uint32_t slots[kProbScale];
-  for (uint32_t slot = 0; slot < kProbScale; ++slot) {
-    uint8_t sym = sym_of[slot];
-    slots[slot] = uint32_t(sym) | ((freqs[sym] & 0xFFF) << 8) | ((slot - cums[sym]) << 20);
-  }
   auto step = [&](uint32_t& s, uint8_t* o) {
     uint32_t e = slots[s & (kProbScale - 1)];
     *o = uint8_t(e);
