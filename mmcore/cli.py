@@ -129,6 +129,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             tensors = sum(g.count * len(g.shared.tensors) for g in shared if g.shared)
             print(f"shared     {tensors:,} tensors equal across models stored once per value: "
                   f"{human_bytes(sum(g.shared_saved() for g in shared))} not stored")  # fmt: skip
+        plain, coded = store.storage.compression(manifest.groups)
+        if plain:
+            print(f"compressed {human_bytes(plain)} of records stored in {human_bytes(coded)} "
+                  f"({coded / plain:.3f}x, {human_bytes(plain - coded)} saved)")  # fmt: skip
         if not manifest.groups:
             return 0
         print()
@@ -223,7 +227,8 @@ def cmd_du(args: argparse.Namespace) -> int:
             elif m.provenance is not None:
                 payload, meta = 0, c.get("roots_bytes", 0)
             else:
-                payload = sum(g.payload_bytes() for g in m.groups)
+                plain, coded = store.storage.compression(m.groups)
+                payload = sum(g.payload_bytes() for g in m.groups) - plain + coded
                 meta = sum(g.hash_bytes() for g in m.groups)
             # More than it stored: its blobs equal ones stored before, referenced, not written
             # again; its own bytes are its manifest, and the blobs count where they were stored.
@@ -252,6 +257,12 @@ def cmd_du(args: argparse.Namespace) -> int:
         if groups:  # what storing equal tensors once saved (in every version's own count)
             print(f"saved      by shared tensors: {human_bytes(sum(g.shared_saved() for g in groups))} "
                   f"of parameters not stored, in {len(groups):,} group(s)")  # fmt: skip
+        plain, coded = store.storage.compression(
+            [g for i in infos for g in store.manifest(i.id).groups]
+        )
+        if plain:  # what coding whole models saved (each blob once)
+            print(f"saved      by compression: {human_bytes(plain)} of records stored in "
+                  f"{human_bytes(coded)} ({human_bytes(plain - coded)} saved)")  # fmt: skip
         for did, d in datasets.items():
             users = ", ".join(d["used_by"][:3]) + (" ..." if len(d["used_by"]) > 3 else "")
             print(f"dataset    {did[:16]}  {d['entries']:,} entries, {human_bytes(d['stored_bytes'])}, "

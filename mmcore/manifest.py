@@ -23,7 +23,7 @@ MANIFEST_FORMAT = 6  # newest read; baselines are written as 1 (4 with tensor or
 # another order; 5 with models derived from others: a reader of 4 would not find them),
 # provenance 3; any version whose groups share tensors 6 (a reader of 5 would read the
 # group's blob as whole records)
-CONTENT_FORMAT = 2  # newest read; 2 only for a delta blob moved by compaction ("shift")
+CONTENT_FORMAT = 3  # newest read; 2 for a delta blob moved by compaction ("shift"), 3 coded
 DATASET_FORMAT = 1
 APPROACHES = ("baseline", "update", "provenance")
 
@@ -483,7 +483,9 @@ class ContentRecord:
     """Where one blob's bytes are: its extents and its per-tensor hash table.
 
     An extent ``[offset, count]`` holds ``count`` consecutive models of the
-    blob's group at byte ``offset`` of the pack, ``stride`` bytes apart.
+    blob's group at byte ``offset`` of the pack, ``stride`` bytes apart. A coded blob
+    (``compress=True``) has ``chunks`` instead: ``[offset, length, count]``, ``count``
+    consecutive models coded into ``length`` bytes at ``offset`` (``codec.records``).
     """
 
     pack: str
@@ -493,9 +495,21 @@ class ContentRecord:
     refs: int
     table: tuple[int, int] | None = None  # a delta blob's entry table: (offset, length)
     shift: int = 0  # a delta blob moved by compaction: add to the pack offsets its table holds
+    chunks: list[list[int]] | None = None  # a coded blob's [offset, length, count], in order
+
+    @property
+    def held(self) -> int:
+        """How many records (models, rows) the blob holds."""
+        if self.chunks is not None:
+            return sum(count for *_, count in self.chunks)
+        return sum(count for _, count in self.extents)
 
     def payload_length(self, stride: int) -> int:
-        return sum(count for _, count in self.extents) * stride
+        return self.held * stride
+
+    def coded_length(self) -> int:
+        """Bytes its chunks take in the pack (0: not coded)."""
+        return sum(length for _, length, _ in self.chunks or ())
 
     def locate(self, position: int) -> tuple[int, int]:
         """(pack offset of the extent, index inside it) of the model at ``position``."""
@@ -505,15 +519,28 @@ class ContentRecord:
             position -= count
         raise IndexError(position)
 
+    def chunk_of(self, position: int) -> tuple[int, int]:
+        """(index of the chunk, its first record) of the model at ``position``."""
+        assert self.chunks is not None
+        first = 0
+        for i, (_, _, count) in enumerate(self.chunks):
+            if position < first + count:
+                return i, first
+            first += count
+        raise IndexError(position)
+
     def encode(self) -> bytes:
+        # a reader of 1 would miss the shift, a reader of 2 the chunks: each refuses
+        fmt = 3 if self.chunks is not None else 1 if self.shift == 0 else 2
         return _pack({
-            "format": 1 if self.shift == 0 else 2,  # a reader of 1 would miss the shift: refuse
+            "format": fmt,
             "pack": self.pack,
             "extents": self.extents,
             "hashes": [self.hashes_offset, self.hashes_length],
             "refs": self.refs,
             **({} if self.table is None else {"table": list(self.table)}),
             **({} if self.shift == 0 else {"shift": self.shift}),
+            **({} if self.chunks is None else {"chunks": self.chunks}),
         })  # fmt: skip
 
     @classmethod
@@ -527,8 +554,17 @@ class ContentRecord:
         shift = rec.raw.get("shift", 0)
         if type(shift) is not int or abs(shift) >= 2**63 or (shift and table is None):
             raise rec.corrupt(f"shift {shift!r} is not an int of a delta blob")
+        chunks = None
+        if "chunks" in rec.raw:
+            chunks = []
+            for item in rec.array("chunks"):
+                if not isinstance(item, list) or len(item) != 3:
+                    raise rec.corrupt(f"a chunk {item!r} is not [offset, length, count]")
+                chunks.append([rec.check_integer(v, "chunks") for v in item])
+            if extents or table is not None:
+                raise rec.corrupt("a coded blob (chunks) with extents or a delta table")
         return cls(rec.pack_id("pack"), extents, hashes_offset, hashes_length,
-                   rec.integer("refs"), table, shift)  # fmt: skip
+                   rec.integer("refs"), table, shift, chunks)  # fmt: skip
 
 
 def pack_record(size: int, created: float) -> bytes:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _args
 from .errors import CorruptRecordError, InvalidArgumentError, VersionNotFoundError
-from .manifest import ContentRecord, Manifest, decode_pack_record
+from .manifest import ContentRecord, GroupRecord, Manifest, decode_pack_record
 from .paths.reader import BlobReader
 from .record import ref_target
 from .store import Catalog, LocalPackTier, StoreLayout
@@ -103,6 +103,25 @@ class Storage:
     def stored(self, key: bytes) -> bool:
         """Whether the store holds blob ``key``."""
         return self.catalog.get("content", key) is not None
+
+    def compression(self, groups: Sequence[GroupRecord]) -> tuple[int, int]:
+        """(plain bytes, stored bytes) of the coded blobs (``compress=True``) among
+        these groups' blobs, each blob counted once."""
+        seen: set[bytes] = set()
+        plain = coded = 0
+        for g in groups:
+            pairs = [(g.blob, g.record_schema.stride)]
+            if g.shared is not None:
+                pairs.append((g.shared.blob, g.row_schema.stride))
+            for key, stride in pairs:
+                if key in seen:
+                    continue
+                seen.add(key)
+                rec = self.content(key)
+                if rec.chunks is not None:
+                    plain += rec.payload_length(stride)
+                    coded += rec.coded_length()
+        return plain, coded
 
     def pack_size(self, pack_id: str) -> int | None:
         """A pack's size from its catalog record (no request to the payload tier)."""

@@ -75,6 +75,7 @@ from hypothesis.stateful import (
 )
 
 import mmcore
+from mmcore.codec import records
 from mmcore.errors import (
     DependentsError,
     InvalidArgumentError,
@@ -190,8 +191,11 @@ class ApiMachine(RuleBasedStateMachine):
             want = clone_models(got)
         self.made += 1
         Counts.saved[approach] += 1
-        if any(g.shared is not None for g in self.store.manifest(vid).groups):
+        groups = self.store.manifest(vid).groups
+        if any(g.shared is not None for g in groups):
             Counts.saved["sharing tensors"] += 1
+        if any(self.store.storage.content(g.blob).chunks is not None for g in groups):
+            Counts.saved["compressed"] += 1
         self.live[vid] = Version(vid, f"v{self.made}", want, approach, parent, redo)
         if ref is not None:
             self.refs[ref] = vid
@@ -232,18 +236,18 @@ class ApiMachine(RuleBasedStateMachine):
     # -- saves -----------------------------------------------------------------
     @precondition(lambda self: len(self.live) < MAX_LIVE)
     @rule(spec=set_spec, ref=refs, via=st.sampled_from(["save", "stack_sets", "names"]),
-          crash=crash_points)  # fmt: skip
-    def baseline(self, spec: Any, ref: str | None, via: str, crash: Any) -> None:
+          compress=st.booleans(), crash=crash_points)  # fmt: skip
+    def baseline(self, spec: Any, ref: str | None, via: str, compress: bool, crash: Any) -> None:
         models = make_set(spec)
-        call = self._stacked_call(models, via, ref=ref)
+        call = self._stacked_call(models, via, ref=ref, compress=compress)
         self._save(crash, call, approach="baseline", parent=None, given=models, want=models,
                    tolerance=None, ref=ref, redo={"models": models})  # fmt: skip
 
     @precondition(lambda self: len(self.live) < MAX_LIVE)
     @rule(spec=set_spec, model=idx, copies=st.integers(1, 3), ops=st.lists(value_edit, max_size=3),
-          ref=refs, crash=crash_points)  # fmt: skip
+          ref=refs, compress=st.booleans(), crash=crash_points)  # fmt: skip
     def family(self, spec: Any, model: int, copies: int, ops: Any, ref: str | None,
-               crash: Any) -> None:  # fmt: skip
+               compress: bool, crash: Any) -> None:  # fmt: skip
         """A baseline whose models share tensors: copies of one model, some of their
         tensors then changed (stored once per distinct value, in a row blob)."""
         models = make_set(spec)
@@ -251,7 +255,7 @@ class ApiMachine(RuleBasedStateMachine):
         for i in range(copies):
             models[f"{name}~{i}"] = dict(models[name])
         models = apply_edits(models, ops)
-        self._save(crash, lambda: self.store.save(models, ref=ref), approach="baseline",
+        self._save(crash, lambda: self.store.save(models, ref=ref, compress=compress), approach="baseline",
                    parent=None, given=models, want=models, tolerance=None, ref=ref,
                    redo={"models": models})  # fmt: skip
 
@@ -259,14 +263,14 @@ class ApiMachine(RuleBasedStateMachine):
     @rule(pick=picks, ops=edits, tolerance=st.sampled_from(TOLERANCES),
           max_chain=st.sampled_from([16, 16, 1, 2]), ref=refs,
           via=st.sampled_from(["save", "save", "stack_sets", "names", "strided"]),
-          crash=crash_points)  # fmt: skip
+          compress=st.booleans(), crash=crash_points)  # fmt: skip
     def update(self, pick: int, ops: Any, tolerance: float | None, max_chain: int,
-               ref: str | None, via: str, crash: Any) -> None:  # fmt: skip
+               ref: str | None, via: str, compress: bool, crash: Any) -> None:  # fmt: skip
         parent = self._pick(pick, lambda v: v.approach != "provenance")
         if parent is None:
             return
         given = apply_edits(parent.models, ops)
-        self._do_update(parent, given, tolerance, max_chain, ref, via, crash)
+        self._do_update(parent, given, tolerance, max_chain, ref, via, crash, compress)
 
     @precondition(lambda self: len(self.live) < MAX_LIVE - 1 and self.live)
     @rule(pick=picks, model=st.integers(0, 7), scale=st.sampled_from([0.1, 1.0]), seed=seeds,
@@ -322,9 +326,10 @@ class ApiMachine(RuleBasedStateMachine):
         Counts.saved["derived"] += vid is not None
 
     def _do_update(self, parent: Version, given: Models, tolerance: float | None, max_chain: int,
-                   ref: str | None, via: str, crash: Any) -> str | None:  # fmt: skip
+                   ref: str | None, via: str, crash: Any, compress: bool = False) -> str | None:  # fmt: skip
         call = self._stacked_call(given, via, approach="update", parent=parent.vid,
-                                  tolerance=tolerance, max_chain=max_chain, ref=ref)  # fmt: skip
+                                  tolerance=tolerance, max_chain=max_chain, ref=ref,
+                                  compress=compress)  # fmt: skip
         want = given
         redo = {"models": given, "parent": parent.vid, "tolerance": tolerance,
                 "max_chain": max_chain}  # fmt: skip
@@ -619,6 +624,7 @@ def _share_small_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     they save, so that every path meets groups that share tensors."""
     monkeypatch.setattr(baseline, "SHARE_MIN", 8)
     monkeypatch.setattr(baseline, "SHARE_SAVES", 0)
+    monkeypatch.setattr(records, "CHUNK_BYTES", 256)  # coded groups: chunks of a few models
 
 
 def test_api_state_machine_on_object_storage(seaweed: Any) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from .. import kernels
 from .._gc import gc_paused
+from ..codec import records
 from ..manifest import ContentRecord, GroupRecord, SharedTensors, split_schema, unshared
 from ..modelset import Grouper, ModelEntry, Schema, StackedInput, iter_models
 from ..store.packs import HEADER_SIZE, PackWriter, align_up
@@ -52,9 +53,14 @@ class _GroupState:
     hash_parts: list[torch.Tensor] = field(default_factory=list)
     pending_ptrs: list[int] = field(default_factory=list)
     pending_sources: list[list[torch.Tensor]] = field(default_factory=list)
+    coder: records.Layout | None = None  # compress=True: its records coded in chunks
+    chunks: list[list[int]] = field(default_factory=list)  # [pack offset, length, count]
 
     @property
     def batch_models(self) -> int:
+        if self.coder is not None:  # whole chunks (a batch of one chunk at least)
+            per = self.coder.records_per_chunk()
+            return per * max(1, BATCH_BYTES // (per * max(self.schema.stride, 1)))
         return max(1, BATCH_BYTES // max(self.schema.stride, 1))
 
 
@@ -65,6 +71,7 @@ class WrittenSet:
     blobs: list[tuple[bytes, ContentRecord | None]]  # None: a row blob the store holds already
     logical_bytes: int
     end: int = 0  # first pack offset after everything written
+    coded_saved: int = 0  # bytes compression saved on the blobs written (compress=True)
 
 
 @dataclass
@@ -77,9 +84,9 @@ class _Written:
 
 
 class _SetWriter:
-    def __init__(
-        self, writer: PackWriter, hash_pool: ThreadPoolExecutor, write_pool: ThreadPoolExecutor
-    ) -> None:
+    def __init__(self, writer: PackWriter, hash_pool: ThreadPoolExecutor,
+                 write_pool: ThreadPoolExecutor, compress: bool = False) -> None:  # fmt: skip
+        self.compress = compress
         self.writer = writer
         self.hash_pool = hash_pool
         self.write_pool = write_pool
@@ -87,9 +94,14 @@ class _SetWriter:
         self.groups: list[_GroupState] = []
         self.futures: list[Future[None]] = []
 
-    def add(self, gi: int, schema: Schema, index: int, entry: ModelEntry) -> None:
+    def _group(self, gi: int, schema: Schema) -> _GroupState:
         if gi == len(self.groups):
-            self.groups.append(_GroupState(schema))
+            coder = records.layout_of(schema) if self.compress else None
+            self.groups.append(_GroupState(schema, coder=coder))
+        return self.groups[gi]
+
+    def add(self, gi: int, schema: Schema, index: int, entry: ModelEntry) -> None:
+        self._group(gi, schema)
         g = self.groups[gi]
         g.members.append(index)
         g.pending_ptrs.extend(entry.ptrs)
@@ -111,9 +123,7 @@ class _SetWriter:
         """Queues models given as an address table (models, tensors), at ``members`` (their
         positions in the set, ascending): batch by batch, no per-model step. ``keep``
         holds the memory behind the addresses."""
-        if gi == len(self.groups):
-            self.groups.append(_GroupState(schema))
-        g = self.groups[gi]
+        g = self._group(gi, schema)
         self._flush(g)
         count = rows.shape[0]
         g.members.extend(members)
@@ -127,6 +137,9 @@ class _SetWriter:
         after model) as the group's next records. A batch that follows the group's
         previous one directly extends its extent: a group written without another in
         between is one extent, one contiguous run of records."""
+        if g.coder is not None:
+            self._write_coded(g, count, ptrs, keep)
+            return
         schema = g.schema
         nbytes = count * schema.stride
         last = g.extents[-1] if g.extents else None
@@ -152,6 +165,38 @@ class _SetWriter:
         def write_job() -> None:
             assert keep is not None
             self.writer.write_segments(offset, ptrs, lens, dst_offsets, nbytes)
+
+        self.futures.append(self.hash_pool.submit(hash_job))
+        self.futures.append(self.write_pool.submit(write_job))
+        self._reap()
+
+    def _write_coded(self, g: _GroupState, count: int, ptrs: torch.Tensor, keep: Any) -> None:
+        """As ``_write_batch``, the records coded chunk by chunk (``codec.records``): the
+        write thread codes each chunk (on every core) and places it where the pack
+        ends (64-byte aligned), so jobs of every group take their places in the order
+        they were queued."""
+        coder = g.coder
+        assert coder is not None
+        n = len(g.schema.tensors)
+        lens = kernels.int64_table([s.nbytes for s in g.schema.tensors]).repeat(count)
+        hashes = torch.empty((ptrs.numel(), kernels.HASH_SIZE), dtype=torch.uint8)
+        g.hash_parts.append(hashes)
+
+        def hash_job() -> None:
+            assert keep is not None
+            kernels.blake3_segments(ptrs, lens, out=hashes, threads=1)
+
+        def write_job() -> None:
+            assert keep is not None
+            per = coder.records_per_chunk()
+            for first in range(0, count, per):
+                k = min(per, count - first)
+                chunk = coder.encode(ptrs[first * n : (first + k) * n], k)
+                offset = align_up(self.end, HASH_ALIGN)  # (as compaction places it)
+                if chunk.numel():
+                    self.writer.write_ptr(chunk.data_ptr(), chunk.numel(), offset)
+                self.end = offset + chunk.numel()
+                g.chunks.append([offset, chunk.numel(), k])
 
         self.futures.append(self.hash_pool.submit(hash_job))
         self.futures.append(self.write_pool.submit(write_job))
@@ -183,9 +228,9 @@ class _SetWriter:
                 self.writer.write_ptr(hashes.data_ptr(), hashes.numel(), hashes_offset)
             self.end = hashes_offset + hashes.numel()
             key = blob_key(g.schema, len(g.members), hashes)
-            rec = ContentRecord(
-                self.writer.pack_id, g.extents, hashes_offset, hashes.numel(), refs=1
-            )
+            chunks = g.chunks if g.coder is not None else None
+            rec = ContentRecord(self.writer.pack_id, g.extents, hashes_offset, hashes.numel(),
+                                refs=1, chunks=chunks)  # fmt: skip
             out.append(_Written(key, rec, g.members))
         return out
 
@@ -279,7 +324,7 @@ Split = tuple[Any, list[int]]  # a schema's layout key, and the indices of its s
 
 def write_set(writer: PackWriter, models: Any, progress: Progress,
               stored: Callable[[bytes], bool] | None = None,
-              splits: Sequence[Split] = ()) -> WrittenSet:  # fmt: skip
+              splits: Sequence[Split] = (), compress: bool = False) -> WrittenSet:  # fmt: skip
     """Validates ``models`` and writes every group into one pack.
 
     ``progress(1)`` is called once per model queued for writing. With ``stored`` (is a
@@ -294,7 +339,7 @@ def write_set(writer: PackWriter, models: Any, progress: Progress,
     names: list[str] = []
     with ThreadPoolExecutor(1, thread_name_prefix="mmcore-hash") as hp, \
             ThreadPoolExecutor(1, thread_name_prefix="mmcore-write") as wp, gc_paused():  # fmt: skip
-        sw = _SetWriter(writer, hp, wp)
+        sw = _SetWriter(writer, hp, wp, compress)
         try:
             if isinstance(models, StackedInput):  # address tables from the stacks' strides
                 for part in models.parts:
@@ -397,7 +442,9 @@ def _assemble(sw: _SetWriter, schemas: list[Schema], names: list[str],
             shared = SharedTensors(plan.tensors, len(plan.firsts), key, plan.rows)
         records.append(GroupRecord(schema, len(own.members), own.key, members, shared=shared))
     logical = sum(g.count * sum(s.nbytes for s in g.schema.tensors) for g in records)
-    return WrittenSet(names, records, blobs, logical, sw.end)
+    coded = sum(len(g.members) * g.schema.stride - sum(n for _, n, _ in g.chunks)
+                for g in sw.groups if g.coder is not None)  # fmt: skip
+    return WrittenSet(names, records, blobs, logical, sw.end, coded)
 
 
 def _stored_split(schema: Schema, entry: ModelEntry, splits: Sequence[Split],

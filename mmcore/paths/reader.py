@@ -7,6 +7,7 @@ thread hashes the bytes while this thread builds the views.
 
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,6 +16,7 @@ import torch
 
 from .. import dtypes, kernels
 from .._gc import gc_paused
+from ..codec import records
 from ..errors import CorruptRecordError, IntegrityError, StoreError
 from ..manifest import ContentRecord, GroupRecord, Manifest, unshared
 from ..modelset import Schema
@@ -184,7 +186,7 @@ class BlobReader:
     def _blob_content(self, manifest: Manifest, key: bytes, schema: Schema, count: int,
                       what: str) -> ContentRecord:  # fmt: skip
         rec = self.content(key)
-        held = sum(n for _, n in rec.extents)
+        held = rec.held
         want = count * len(schema.tensors) * kernels.HASH_SIZE
         odd = [off for off, _ in rec.extents if off % schema.align]
         problem = ""
@@ -200,7 +202,10 @@ class BlobReader:
                 f"version {manifest.id}: the content record of blob {key.hex()[:16]}: "
                 f"{problem}; {DAMAGED}"
             )
-        spans = [(off, n * schema.stride) for off, n in rec.extents]
+        if rec.chunks is not None:
+            spans = [(off, length) for off, length, _ in rec.chunks]
+        else:
+            spans = [(off, n * schema.stride) for off, n in rec.extents]
         self.check_in_pack(rec, [*spans, (rec.hashes_offset, rec.hashes_length)])
         return rec
 
@@ -245,6 +250,8 @@ class BlobReader:
 
     def _extent_buffers(self, rec: ContentRecord, schema: Schema, *,
                         populate: bool = True) -> list[tuple[torch.Tensor, int]]:  # fmt: skip
+        if rec.chunks is not None:  # (decoded into memory: nothing to populate)
+            return [(self.decoded(rec, schema), rec.held)]
         return [
             (self.tier.map_range(rec.pack, off, count * schema.stride, populate=populate), count)
             for off, count in rec.extents
@@ -262,6 +269,11 @@ class BlobReader:
         Without ``verify`` every page is brought in at once."""
         if not verify:
             return self._extent_buffers(rec, schema), None
+        if rec.chunks is not None:  # hashed while decoded, chunk by chunk
+            computed = torch.empty((rec.held * len(schema.tensors), kernels.HASH_SIZE),
+                                   dtype=torch.uint8)  # fmt: skip
+            buf = self.decoded(rec, schema, hashes=computed)
+            return [(buf, rec.held)], lambda: (computed, self.stored_hashes(rec))
         buffers = self._extent_buffers(rec, schema, populate=False)
         per = max(1, HASH_PIECE // max(schema.stride, 1))
         jobs: list[Future[torch.Tensor]] = []
@@ -345,6 +357,18 @@ class BlobReader:
         rec = self.group_content(manifest, group)
         schema = group.schema
         on_cpu = device.type == "cpu"
+        if rec.chunks is not None and on_cpu:  # decoded (and hashed) while the views are built
+            computed = torch.empty((group.count * len(schema.tensors) if verify else 0,
+                                    kernels.HASH_SIZE), dtype=torch.uint8)  # fmt: skip
+            out, run = self._decoder(rec, schema, hashes=computed if verify else None)
+            job = pool.submit(run)
+            try:
+                views = record_views(out, schema, group.count)
+            finally:
+                job.result()
+            if verify:
+                self._check(manifest, group, computed, self.stored_hashes(rec))
+            return views
         # hashed on the pool's thread while this one builds the views
         buffers, hashes = self._mapped_and_hashed(rec, schema, pool, verify)
         models: list[StateDict] = []
@@ -398,10 +422,11 @@ class BlobReader:
         assert group.shared is not None
         schema = group.row_schema
         table = rows.view(group.shared.count, schema.stride) if schema.stride else None
-        if table is None or not self.tier.local_files or rows.device.type != "cpu":
+        rec = self.row_content(manifest, group)
+        mapped = self.tier.local_files and rec.chunks is None and rows.device.type == "cpu"
+        if table is None or not mapped:
             empty = rows.new_empty(0)
             return [empty if table is None else table[r].clone() for r in group.shared.rows]
-        rec = self.row_content(manifest, group)
         out = []
         for r in group.shared.rows:
             offset, index = rec.locate(r)
@@ -419,10 +444,14 @@ class BlobReader:
         k, stride = len(positions), schema.stride
         buf = torch.empty(k * stride, dtype=torch.uint8)
         base = buf.data_ptr()
-        ranges = []
-        for i, pos in enumerate(positions):
-            extent_offset, index = rec.locate(pos)
-            ranges.append((extent_offset + index * stride, stride, base + i * stride))
+        ranges: list[tuple[int, int, int]] = []
+        decode: Callable[[], None] = lambda: None  # noqa: E731
+        if rec.chunks is not None:
+            ranges, decode = self._chunk_reads(rec, schema, positions, buf)
+        else:
+            for i, pos in enumerate(positions):
+                extent_offset, index = rec.locate(pos)
+                ranges.append((extent_offset + index * stride, stride, base + i * stride))
         ntensors = len(schema.tensors)
         nbytes = ntensors * kernels.HASH_SIZE
         stored = torch.empty((k * ntensors if verify else 0, kernels.HASH_SIZE), dtype=torch.uint8)
@@ -432,6 +461,7 @@ class BlobReader:
             ranges += hashes
         self.tier.read_many(rec.pack, ranges)  # (the records and their hashes: one round trip)
         place()
+        decode()
         if verify and k:
             computed = kernels.blake3_segments(*segment_table(base, schema, k))
             bad = _first_mismatch(computed, stored)
@@ -441,6 +471,81 @@ class BlobReader:
                 self._check(manifest, group, computed[part], stored[part], first_pos=positions[i],
                             rows=rows)  # fmt: skip
         return buf
+
+    def decoded(self, rec: ContentRecord, schema: Schema, chunk: int | None = None, *,
+                hashes: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """A coded blob's records (or those of one of its chunks) decoded into a new
+        buffer, on all cores: its chunks mapped where the tier has local files (the
+        page cache's pages, no copy), else read in one round trip. With ``hashes``
+        (records x tensors, 32), each chunk's tensors are hashed into it as soon as
+        they are decoded."""
+        out, run = self._decoder(rec, schema, chunk, hashes=hashes)
+        run()
+        return out
+
+    def _decoder(self, rec: ContentRecord, schema: Schema, chunk: int | None = None, *,
+                 hashes: torch.Tensor | None = None) -> tuple[torch.Tensor, Callable[[], None]]:  # fmt: skip
+        """``decoded``'s buffer, not yet filled, and what fills it (the chunks mapped or
+        read already)."""
+        assert rec.chunks is not None
+        chunks = rec.chunks if chunk is None else [rec.chunks[chunk]]
+        out = records.buffer(sum(count for *_, count in chunks) * schema.stride)
+        items = []
+        held = [(off, length) for off, length, _ in chunks if length]  # (an empty one: anywhere)
+        if self.tier.local_files and held:
+            lo = min(off for off, _ in held)
+            lo -= lo % mmap.ALLOCATIONGRANULARITY
+            span = self.tier.map_range(rec.pack, lo, max(off + n for off, n in held) - lo)
+            first = 0
+            for offset, length, count in chunks:
+                at = offset - lo if length else 0
+                items.append((span[at : at + length], first, count))
+                first += count
+        else:
+            coded = torch.empty(sum(length for _, length, _ in chunks), dtype=torch.uint8)
+            ranges, at, first = [], 0, 0
+            for offset, length, count in chunks:
+                ranges.append((offset, length, coded.data_ptr() + at))
+                items.append((coded[at : at + length], first, count))
+                at, first = at + length, first + count
+            self.tier.read_many(rec.pack, [r for r in ranges if r[1]])
+        then = None
+        if hashes is not None:
+            n, stride, flat = len(schema.tensors), schema.stride, hashes
+
+            def then(first: int, count: int, threads: int) -> None:
+                ptrs, lens = segment_table(out.data_ptr() + first * stride, schema, count)
+                kernels.blake3_segments(ptrs, lens, out=flat[first * n : (first + count) * n],
+                                        threads=threads)  # fmt: skip
+
+        what = f"a coded blob in pack {rec.pack}"
+        return out, lambda: records.decode_chunks(schema, items, out, what, then)
+
+    def _chunk_reads(self, rec: ContentRecord, schema: Schema, positions: list[int],
+                     buf: torch.Tensor) -> tuple[list[tuple[int, int, int]], Callable[[], None]]:  # fmt: skip
+        """The reads of the chunks that hold the records at ``positions``, and what
+        decodes them (each chunk once) and copies the records into ``buf``, in order."""
+        assert rec.chunks is not None
+        stride = schema.stride
+        needed: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # chunk: first, (pos, i)
+        for i, pos in enumerate(positions):
+            ci, first = rec.chunk_of(pos)
+            needed.setdefault(ci, (first, []))[1].append((i, pos - first))
+        coded = {ci: torch.empty(rec.chunks[ci][1], dtype=torch.uint8) for ci in needed}
+        reads = [
+            (rec.chunks[ci][0], t.numel(), t.data_ptr()) for ci, t in coded.items() if t.numel()
+        ]
+
+        def decode() -> None:
+            for ci, (_, wanted) in needed.items():
+                count = rec.chunks[ci][2]  # type: ignore[index]
+                out = torch.empty(count * stride, dtype=torch.uint8)
+                records.decode_chunks(schema, [(coded[ci], 0, count)], out,
+                                      f"a coded blob in pack {rec.pack}")  # fmt: skip
+                for i, index in wanted:
+                    buf[i * stride : (i + 1) * stride] = out[index * stride : (index + 1) * stride]
+
+        return reads, decode
 
     def verify_group(self, manifest: Manifest, group: GroupRecord) -> None:
         """Re-hashes every byte of the group (its rows too), and checks each hash table
@@ -464,6 +569,12 @@ class BlobReader:
         stride = schema.stride
         per = max(1, HASH_PIECE // max(stride, 1))  # memory stays bounded: a group is one extent
         first = 0
+        for i, (_, _, count) in enumerate(rec.chunks or ()):  # a coded blob: chunk by chunk
+            buf = self.decoded(rec, schema, i)
+            computed = kernels.blake3_segments(*segment_table(buf.data_ptr(), schema, count))
+            part = stored[first * ntensors : (first + count) * ntensors]
+            self._check(manifest, group, computed, part, first_pos=first, rows=rows)
+            first += count
         for off, count in rec.extents:
             for at in range(0, count, per):
                 n = min(per, count - at)

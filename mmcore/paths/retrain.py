@@ -58,12 +58,12 @@ def dataset_id(names: list[str], blob_keys: list[bytes]) -> str:
     return kernels.blake3_bytes(head + b"".join(blob_keys)).hex()
 
 
-def put_dataset(store: Storage, data: Any, progress: Any) -> str:
+def put_dataset(store: Storage, data: Any, progress: Any, compress: bool = False) -> str:
     """Stores ``data`` ({name: {tensor name: tensor}}) and returns its id; data stored
     before (same names, same bytes) is not stored again."""
     writer = store.tier.create()
     try:
-        written = baseline.write_set(writer, data, progress)
+        written = baseline.write_set(writer, data, progress, compress=compress)
         pack_size = writer.finish()
     except BaseException:
         writer.abort()

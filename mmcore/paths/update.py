@@ -229,7 +229,7 @@ _HASH_BATCH = 16384  # tensors per hash job
 def write_update(store: Storage, writer: PackWriter, models: Any, parent: str, *,
                  tolerance: float | None, max_chain: int, max_recovery: float | None,
                  progress: Progress, saved_orders: dict[str, list[str]] | None = None,
-                 derived_from: DerivedFrom = None) -> WrittenUpdate:  # fmt: skip
+                 derived_from: DerivedFrom = None, compress: bool = False) -> WrittenUpdate:  # fmt: skip
     """``saved_orders`` (a rebase): ``models`` come in the tensor order of their
     schemas, which is kept (versions stored against them were encoded in it): a model
     whose parent has it in another order is stored whole; these are the orders the
@@ -238,7 +238,8 @@ def write_update(store: Storage, writer: PackWriter, models: Any, parent: str, *
     with gc_paused():  # tens of thousands of small objects, no cycles among them
         return _write_update(store, writer, models, parent, tolerance=tolerance, max_chain=max_chain,
                              max_recovery=max_recovery, progress=progress,
-                             saved_orders=saved_orders, derived_from=derived_from)  # fmt: skip
+                             saved_orders=saved_orders, derived_from=derived_from,
+                             compress=compress)  # fmt: skip
 
 
 def keyframe(info: chain.ModelInfo, whole: int, changed: int, max_recovery: float | None) -> bool:
@@ -278,7 +279,7 @@ class _Split:
 def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, *,
                   tolerance: float | None, max_chain: int, max_recovery: float | None,
                   progress: Progress, saved_orders: dict[str, list[str]] | None,
-                  derived_from: DerivedFrom) -> WrittenUpdate:  # fmt: skip
+                  derived_from: DerivedFrom, compress: bool) -> WrittenUpdate:  # fmt: skip
     TRANSFERS.device_to_host = TRANSFERS.host_to_device = TRANSFERS.encodings = 0
     sizes: Sizes = {}
     split = index = None
@@ -309,17 +310,20 @@ def _write_update(store: Storage, writer: PackWriter, models: Any, parent: str, 
     blobs: Blobs = []
     end = HEADER_SIZE
     whole_names: list[list[str]] = []
+    coded = 0  # bytes compression saved on the models stored whole
     line = chain.chain_of(store, parent)  # as the chain is now (a rebase shortens it)
     if split.whole:
         TRANSFERS.device_to_host += sum(
             _sizes(e.signature, sizes)[1] for e in split.whole if e.device is not None
         )
         written = baseline.write_set(writer, {e.name: dict(zip(e.keys, e.sources)) for e in split.whole},
-                                     lambda n: None, store.stored, chain_splits(line))  # fmt: skip
+                                     lambda n: None, store.stored, chain_splits(line),
+                                     compress)  # fmt: skip
         groups, blobs, end = written.groups, list(written.blobs), written.end
+        coded = written.coded_saved
         whole_names = [[written.names[i] for i in g.positions()] for g in groups]
     delta_key = None
-    payload = sum(g.payload_bytes() for g in groups)
+    payload = sum(g.payload_bytes() for g in groups) - coded
     metadata = sum(g.hash_bytes() for g in groups)
     derived_logical = derived_payload = 0
     if deltas:

@@ -79,6 +79,9 @@ def live_item(store: Storage, key: bytes, rec: ContentRecord, kinds: Kinds) -> _
     strides, deltas, roots = kinds
     if key in deltas and rec.table is not None:
         return _Live(key, rec, "delta", [_delta_span(store, rec, deltas[key])])
+    if key in strides and rec.chunks is not None:  # a coded blob: its chunks, packed
+        spans = [(off, length) for off, length, _ in rec.chunks]
+        return _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)])
     if key in strides and rec.table is None:
         spans = [(off, count * strides[key]) for off, count in rec.extents]
         return _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)],
@@ -142,7 +145,9 @@ def relocated(item: _Live, moved: dict[int, int], pack: str) -> ContentRecord:
         return replace(rec, pack=pack, table=(rec.table[0] + d, rec.table[1]),
                        hashes_offset=rec.hashes_offset + d, shift=rec.shift + d)  # fmt: skip
     extents = [[moved[off], count] for off, count in rec.extents]
-    return replace(rec, pack=pack, extents=extents, hashes_offset=moved[rec.hashes_offset])
+    chunks = None if rec.chunks is None else [[moved[off], n, c] for off, n, c in rec.chunks]
+    return replace(rec, pack=pack, extents=extents, chunks=chunks,
+                   hashes_offset=moved[rec.hashes_offset])  # fmt: skip
 
 
 def layout(items: list[_Live]) -> tuple[list[tuple[_Live, list[int]]], int]:
