@@ -8,25 +8,27 @@ trained by ``mmcore.examples.battery``. Columns, in bytes:
 - ``raw``: the parameters;
 - ``baseline``: a baseline save with sharing off (what a baseline stored before);
 - ``+ dedup``: a baseline save (tensors equal across models stored once);
-- ``+ compression``: ``+ dedup``'s store with the tensors its blobs hold coded by
-  ``kernels.compress_planes`` (joined per dtype, floats only; the rest raw). Not yet a
-  save option: the coder's output on exactly those bytes, not a store's size;
+- ``+ compression``: a baseline save with ``compress=True`` (dedup on): its stored
+  bytes; ``load`` of it against ``load`` of ``+ dedup``'s store (medians of alternating
+  runs, every hash checked in both) is the ``load x`` column;
 - ``+ derived_from``: the base saved, then the set as an update ``derived_from`` it
   (the base's bytes counted; fine-tunes only);
 - ``ZipNN``: ZipNN 0.5.x (one thread) on each model's float tensors, the rest raw: a
   peer's lossless compression, no dedup.
 
-Every store is loaded back and compared bit for bit; the coder's output is decoded
-and compared too.
+Every store is loaded back and compared bit for bit.
 
-    python benchmarks/sizes.py [--arch resnet50] [--finetunes 10] [--cells 2000] [--steps 20 20 5] [--json FILE]
+    python benchmarks/sizes.py [--arch resnet50] [--finetunes 10] [--cells 2000] [--steps 20 20 5]
+                               [--sets all|cells] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +45,6 @@ import torch
 import mmcore
 from benchmarks.harness import vision
 from benchmarks.harness.measure import assert_same_models, machine_name
-from mmcore import kernels
 from mmcore.examples import battery
 from mmcore.paths import baseline
 
@@ -52,25 +53,6 @@ PUBLISHED = [
     "ZipNN (published): about 17% saved on float32 models, 33% on bfloat16 ones, 1.1-1.7 GB/s per thread",
     "ZipLLM (NSDI 2026, published): 54% saved over 3,048 LLMs by tensor dedup and XOR against the base",
 ]
-
-
-def _payload(store: mmcore.ModelStore, vid: str, models: Models) -> list[torch.Tensor]:
-    """The tensors a baseline's blobs hold: each model's own, and each row's shared
-    ones once."""
-    m = store.manifest(vid)
-    out = []
-    for g in m.groups:
-        names = [m.models[i] for i in g.positions()]
-        keys = [s.name for s in g.schema.tensors]
-        shared = set() if g.shared is None else {keys[i] for i in g.shared.tensors}
-        for name in names:
-            out += [models[name][k] for k in keys if k not in shared]
-        if g.shared is not None:
-            firsts = {r: names[i] for i, r in reversed(list(enumerate(g.shared.rows)))}
-            out += [
-                models[firsts[r]][k] for r in range(g.shared.count) for k in keys if k in shared
-            ]
-    return out
 
 
 def _by_dtype(tensors: list[torch.Tensor]) -> tuple[dict[torch.dtype, torch.Tensor], int]:
@@ -83,17 +65,6 @@ def _by_dtype(tensors: list[torch.Tensor]) -> tuple[dict[torch.dtype, torch.Tens
         else:
             other += t.numel() * t.element_size()
     return {d: torch.cat(ts) for d, ts in floats.items()}, other
-
-
-def coded_bytes(tensors: list[torch.Tensor]) -> int:
-    floats, other = _by_dtype(tensors)
-    total = other
-    for data in floats.values():
-        blob = kernels.compress_planes(data)
-        back = kernels.decompress_planes(blob, torch.empty_like(data))
-        assert torch.equal(back.view(torch.uint8), data.view(torch.uint8))
-        total += blob.numel()
-    return total
 
 
 def zipnn_bytes(models: Models) -> int | None:
@@ -116,20 +87,40 @@ def zipnn_bytes(models: Models) -> int | None:
     return total
 
 
-def _saved(root: Path, key: str, models: Models, share: bool) -> tuple[int, int]:
-    """A baseline's stored bytes, and what the coder would make of them."""
+def _saved(root: Path, key: str, models: Models, share: bool, compress: bool = False) -> int:
+    """A baseline's stored bytes (the store stays, for ``_loads``)."""
     old = baseline.SHARE_MIN
     baseline.SHARE_MIN = old if share else 1 << 62
     try:
         with mmcore.open(root / key) as store:
-            vid = store.save(models, progress=False)
+            vid = store.save(models, compress=compress, progress=False)
             assert_same_models(store.load(vid), models)
-            stored = store.info(vid).stored_bytes
-            payload = _payload(store, vid, models)
-            raw = sum(t.numel() * t.element_size() for t in payload)
-            return stored, stored - raw + coded_bytes(payload)
+            if compress:
+                plain, coded = store.storage.compression(store.manifest(vid).groups)
+                assert 0 < coded < plain, (plain, coded)
+            return store.info(vid).stored_bytes
     finally:
         baseline.SHARE_MIN = old
+
+
+def _loads(root: Path, keys: tuple[str, str], runs: int = 7) -> tuple[float, float]:
+    """Median seconds of ``load`` (hashes checked) of each store's one version, the two
+    run alternately in this process."""
+    times: tuple[list[float], list[float]] = ([], [])
+    stores = [mmcore.open(root / k, readonly=True) for k in keys]
+    try:
+        vids = [s.versions()[0].id for s in stores]
+        for _ in range(runs):
+            for store, vid, out in zip(stores, vids, times):
+                gc.collect()
+                start = time.perf_counter()
+                got = store.load(vid)
+                out.append(time.perf_counter() - start)
+                del got
+    finally:
+        for s in stores:
+            s.close()
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _derived(root: Path, base: dict[str, torch.Tensor], models: Models) -> int:
@@ -142,24 +133,26 @@ def _derived(root: Path, base: dict[str, torch.Tensor], models: Models) -> int:
 
 def row(name: str, models: Models, base: dict[str, torch.Tensor] | None, root: Path,
         log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    log(f"{name}: saving and coding ...")
+    log(f"{name}: saving ...")
     raw = sum(t.numel() * t.element_size() for sd in models.values() for t in sd.values())
-    shared, coded = _saved(root, f"{name}-shared", models, True)
+    shared = _saved(root, f"{name}-shared", models, True)
+    coded = _saved(root, f"{name}-coded", models, True, compress=True)
+    plain_s, coded_s = _loads(root, (f"{name}-shared", f"{name}-coded"))
     return {"set": name, "models": len(models), "raw": raw,
-            "baseline": _saved(root, f"{name}-plain", models, False)[0], "dedup": shared,
-            "compression": coded,
+            "baseline": _saved(root, f"{name}-plain", models, False), "dedup": shared,
+            "compression": coded, "load_plain_s": plain_s, "load_coded_s": coded_s,
             "derived_from": None if base is None else _derived(root, base, models),
             "zipnn": zipnn_bytes(models)}  # fmt: skip
 
 
 def measure(arch: str, finetunes: int, cells: int, steps: tuple[int, ...],
-            log: Callable[[str], None]) -> list[dict[str, Any]]:  # fmt: skip
-    base, (head, every) = vision.family(arch, finetunes, modes=[("head", steps[1]), ("all", steps[2])],
-                                        base_steps=steps[0], log=log)  # fmt: skip
-    sets: list[tuple[str, Models, dict[str, torch.Tensor] | None]] = [
-        (f"{finetunes} {arch} fine-tunes, frozen backbone", head, base),
-        (f"{finetunes} {arch} fine-tunes, all layers", every, base),
-    ]
+            log: Callable[[str], None], which: str = "all") -> list[dict[str, Any]]:  # fmt: skip
+    sets: list[tuple[str, Models, dict[str, torch.Tensor] | None]] = []
+    if which == "all":
+        base, (head, every) = vision.family(arch, finetunes, base_steps=steps[0], log=log,
+                                            modes=[("head", steps[1]), ("all", steps[2])])  # fmt: skip
+        sets += [(f"{finetunes} {arch} fine-tunes, frozen backbone", head, base),
+                 (f"{finetunes} {arch} fine-tunes, all layers", every, base)]  # fmt: skip
     log(f"training {cells:,} battery cells ...")
     fleet = battery.make_cells(cells, seed=0)
     trained = battery.train(fleet, battery.make_data(list(fleet), rows=64, seed=1), seed=0,
@@ -174,15 +167,17 @@ def measure(arch: str, finetunes: int, cells: int, steps: tuple[int, ...],
 
 def report(rows: list[dict[str, Any]]) -> None:
     cols = ["raw", "baseline", "dedup", "compression", "derived_from", "zipnn"]
-    heads = ["raw", "baseline", "+ dedup", "+ compression*", "+ derived_from", "ZipNN"]
-    print(f"{'set':44} " + " ".join(f"{h:>16}" for h in heads))
+    heads = ["raw", "baseline", "+ dedup", "+ compression", "+ derived_from", "ZipNN"]
+    print(f"{'set':44} " + " ".join(f"{h:>16}" for h in heads) + "   load x")
     for r in rows:
         cells = []
         for c in cols:
             v = r[c]
             cells.append(f"{'-':>16}" if v is None else f"{v / 1e6:>8.1f} MB {v / r['raw']:>4.2f}")
-        print(f"{r['set'][:44]:44} " + " ".join(cells))
-    print("* the coder on the tensors the + dedup store holds (not yet a save option)")
+        load = r["load_coded_s"] / r["load_plain_s"]
+        print(f"{r['set'][:44]:44} " + " ".join(cells) + f"   {load:>5.2f}")
+    print("load x: load of the + compression store / load of the + dedup store (hashes checked, "
+          "median of alternating runs)")  # fmt: skip
     for line in PUBLISHED:
         print(line)
 
@@ -194,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", type=int, default=2000)
     p.add_argument("--steps", type=int, nargs=3, default=[20, 20, 5], metavar=("BASE", "HEAD", "ALL"),
                    help="training steps of the base, of a head fine-tune and of an all-layer one")  # fmt: skip
+    p.add_argument("--sets", choices=["all", "cells"], default="all",
+                   help="cells: the battery cells only (no vision training)")  # fmt: skip
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     rows = measure(args.arch, args.finetunes, args.cells, tuple(args.steps),
-                   lambda s: print(s, file=sys.stderr, flush=True))  # fmt: skip
+                   lambda s: print(s, file=sys.stderr, flush=True), args.sets)  # fmt: skip
     report(rows)
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_name(), "torch": torch.__version__,

@@ -357,11 +357,11 @@ def test_shared_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_sizes_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     """benchmarks/sizes.py (issue 23's table) at its smallest: every store loaded back
-    exactly, the coder's output decoded exactly, a row per set."""
+    exactly (the compressed one too), a row per set with its load ratio."""
     from benchmarks import sizes
 
     assert sizes.main(["--arch", "resnet18", "--finetunes", "2", "--cells", "20",
                        "--steps", "1", "1", "1"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "2 resnet18 fine-tunes, frozen backbone" in out and "20 battery cells" in out
-    assert "(published)" in out
+    assert "(published)" in out and "load x" in out

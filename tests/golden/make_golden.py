@@ -6,8 +6,9 @@ and an empty tensor, a lossless and a lossy update (with a model added, one remo
 one reshaped and one saved in another tensor order), a provenance version, a set
 saved as stacks, models derived from others (v2: one derived from a derived model,
 its source removed), groups that share tensors (v3: one row, two rows, rows a later
-baseline references, whole models of an update sharing theirs), and packs rewritten
-by compaction. ``expected.json`` records, per
+baseline references, whole models of an update sharing theirs), compressed records
+(v4, ``compress=True``: a baseline of mixed dtypes in several chunks, a family sharing
+coded rows, an update's whole models coded), and packs rewritten by compaction. ``expected.json`` records, per
 version, each model's tensors in order with dtype, shape and the BLAKE3 of their
 bytes as ``load`` returned them when the store was written (the ``blake3`` package,
 not mmcore, computes them), and the torch version that ran the provenance recipe.
@@ -27,7 +28,7 @@ import mmcore
 from mmcore.examples import battery
 
 HERE = Path(__file__).resolve().parent
-FORMAT = "v3"  # bump (a new directory) when the format changes; keep reading the old ones
+FORMAT = "v4"  # bump (a new directory) when the format changes; keep reading the old ones
 
 
 def digest(t: torch.Tensor) -> str:
@@ -110,13 +111,27 @@ def main() -> int:
         s4 = store.save({**fam, **{f"new{k}": tuned(other) for k in range(3)}},
                         approach="update", parent=s1, ref="shared",
                         message="update: whole models sharing tensors")  # fmt: skip
+        from mmcore.codec import records
+
+        records.CHUNK_BYTES = 16384  # chunks of a few models: a group of several chunks
+        cells = {f"cell{i}": {"w": torch.randn(40, 30, generator=g) * 0.1,
+                              "n": torch.tensor(i, dtype=torch.int64),
+                              "h": torch.randn(50, generator=g).bfloat16()} for i in range(8)}  # fmt: skip
+        k1 = store.save({**mixed(5), **cells}, compress=True, message="compressed, mixed dtypes")
+        k2 = store.save({f"kt{k}": tuned(other) for k in range(3)}, compress=True,
+                        message="compressed, shared rows")  # fmt: skip
+        cells["cell9"] = {k: t + 1 for k, t in cells["cell0"].items()}
+        k3 = store.save({**mixed(5), **cells}, approach="update", parent=k1, compress=True,
+                        message="update: whole models compressed")  # fmt: skip
         scratch = store.save({"scratch": {"w": torch.zeros(5000)}}, message="deleted")
         store.delete(scratch)
         assert store.gc(compact_below=2) > 0  # every pack rewritten: compaction's layout
         for m in (s1, s2, s3):
             assert store.manifest(m).groups[0].shared is not None
         assert store.manifest(s3).groups[0].shared.blob == store.manifest(s1).groups[0].shared.blob
-        for vid in (v1, v2, v3, c1, c2, c3, d1, d2, s1, s2, s3, s4):
+        for k in (k1, k2):
+            assert store.storage.content(store.manifest(k).groups[0].blob).chunks is not None
+        for vid in (v1, v2, v3, c1, c2, c3, d1, d2, s1, s2, s3, s4, k1, k2, k3):
             versions[vid] = {
                 "message": store.info(vid).message,
                 "models": describe(store.load(vid)),
