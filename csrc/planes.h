@@ -3,9 +3,10 @@
 // Elements of `width` bytes (1, 2, 4 or 8) are cut into blocks of kBlockElems; in each
 // block the elements' sign bit is rotated to the lowest bit (widths 2 and 4: the top
 // byte is then the whole float32/bfloat16 exponent) and each byte position becomes a
-// plane. A plane is stored raw, or, where that is smaller, coded with an order-0 rANS
-// coder whose frequency table is stored in front of it. Blocks are independent, so both
-// directions run on up to `threads` threads.
+// plane. A plane is stored raw, or, where that is smaller, coded with a Huffman code
+// (four streams, fast to decode) or an order-0 rANS coder (within a few percent of
+// the plane's entropy), its table stored in front of it. Blocks are independent, so
+// both directions run on up to `threads` threads.
 #pragma once
 
 #include <cstddef>

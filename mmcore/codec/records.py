@@ -5,8 +5,8 @@ A *chunk* holds ``count`` consecutive records of a schema. Its tensors are sorte
 element width (8, 4, 2, 1 bytes: a complex number's parts, a float's whole exponent in
 one plane); per width, the bytes of every tensor of that width in every record of the
 chunk, record after record, tensor after tensor in record order, form one stream,
-coded by ``kernels.compress_planes`` (each plane rANS-coded, or raw where coding does
-not pay). A chunk is a u32 length per stream followed by the streams. The bytes of a
+coded by ``kernels.compress_planes`` (each plane Huffman- or rANS-coded, or raw where
+coding does not pay). A chunk is a u32 length per stream followed by the streams. The bytes of a
 record no tensor covers are zero, as in any record, and not stored.
 
 Decoding writes each stream straight into the records where they are one stream (every

@@ -193,7 +193,7 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 def compress_planes(t: torch.Tensor, *, threads: int = 0) -> torch.Tensor:
     """A CPU tensor's bytes coded losslessly as byte planes (docs/FORMAT.md, "Byte
     planes"): per block of 65,536 elements, the sign bit rotated to the lowest bit and
-    each byte position a plane, stored raw or rANS-coded where that is smaller. Returns
+    each byte position a plane, stored raw, Huffman- or rANS-coded where smaller. Returns
     a uint8 tensor; ``decompress_planes`` gives the bytes back, bit for bit."""
     if t.device.type != "cpu":
         raise InvalidArgumentError(f"compress_planes needs a CPU tensor, got one on {t.device}")

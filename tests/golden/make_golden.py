@@ -116,7 +116,9 @@ def main() -> int:
         records.CHUNK_BYTES = 16384  # chunks of a few models: a group of several chunks
         cells = {f"cell{i}": {"w": torch.randn(40, 30, generator=g) * 0.1,
                               "n": torch.tensor(i, dtype=torch.int64),
-                              "h": torch.randn(50, generator=g).bfloat16()} for i in range(8)}  # fmt: skip
+                              "h": torch.randn(50, generator=g).bfloat16(),  # (planes: raw, Huffman,
+                              "sparse": torch.zeros(900).index_fill_(0, torch.tensor([i]), 1.0)}  # rANS)
+                 for i in range(8)}  # fmt: skip
         k1 = store.save({**mixed(5), **cells}, compress=True, message="compressed, mixed dtypes")
         k2 = store.save({f"kt{k}": tuned(other) for k in range(3)}, compress=True,
                         message="compressed, shared rows")  # fmt: skip
