@@ -119,8 +119,10 @@ def test_a_damaged_huffman_plane_is_refused() -> None:
         (lambda b: b.__setitem__(at + 2, 0), "bad Huffman table"),
         (lambda b: b.__setitem__(at + 3, int(b[at + 1])), "bad Huffman table"),  # a symbol twice
         (lambda b: b[at + 2 : at + 2 + 2 * nsym : 2].fill_(1), "no prefix code"),
-        (lambda b: b.__setitem__(at + 1 + 2 * nsym, int(b[at + 1 + 2 * nsym]) ^ 1),
-         "Huffman stream"),  # the first stream's length
+        (
+            lambda b: b.__setitem__(at + 1 + 2 * nsym, int(b[at + 1 + 2 * nsym]) ^ 1),
+            "Huffman stream",
+        ),  # the first stream's length
     ):
         bad = blob.clone()
         change(bad)
