@@ -10,11 +10,12 @@ a ResNet-18 trained briefly by the harness.
 Each in float32 and cast to bfloat16.
 
 Coders: ``zipnn`` (0.5.x, ``threads=1``); ``mmcore`` (``kernels.compress_planes``,
-``threads=1``: byte planes, the sign rotated, order-0 rANS per plane of 65,536
-elements where it pays; ``--mmcore-only`` runs it against ZipNN alone); ``planes`` (each byte plane apart, zstd -1
-per 1 MiB, raw where that is not smaller); ``planes-rot`` (the sign bit rotated to the
-lowest bit first, so one plane is the whole exponent, and zstd with ``min_match=7``:
-in effect Huffman-coded literals, no spurious matches).
+``threads=1``: byte planes, the sign rotated, Huffman or order-0 rANS per plane of
+65,536 elements where it pays; ``--mmcore-only`` runs it against ZipNN alone);
+``planes`` (each byte plane apart, zstd -1 per 1 MiB, raw where that is not smaller);
+``planes-rot`` (the sign bit rotated to the lowest bit first, so one plane is the whole
+exponent, and zstd with ``min_match=7``: in effect Huffman-coded literals, no spurious
+matches).
 
     python benchmarks/compress_probe.py [--minilm] [--safetensors FILE] [--cells 2000]
 """
