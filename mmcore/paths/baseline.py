@@ -134,12 +134,34 @@ class _SetWriter:
 
     def _write_batch(self, g: _GroupState, count: int, ptrs: torch.Tensor, keep: Any) -> None:
         """Hashes and writes ``count`` models (``ptrs``: each tensor's address, model
-        after model) as the group's next records. A batch that follows the group's
-        previous one directly extends its extent: a group written without another in
-        between is one extent, one contiguous run of records."""
-        if g.coder is not None:
-            self._write_coded(g, count, ptrs, keep)
-            return
+        after model) as the group's next records, on the hash and write threads."""
+        lens = kernels.int64_table([s.nbytes for s in g.schema.tensors]).repeat(count)
+        hashes = torch.empty((ptrs.numel(), kernels.HASH_SIZE), dtype=torch.uint8)
+        g.hash_parts.append(hashes)
+        write = (
+            self._coded(g, count, ptrs)
+            if g.coder is not None
+            else self._plain(g, count, ptrs, lens)
+        )
+
+        # Both jobs hold `keep`, so the source tensors outlive every read of them.
+        def hash_job() -> None:
+            assert keep is not None
+            kernels.blake3_segments(ptrs, lens, out=hashes, threads=1)
+
+        def write_job() -> None:
+            assert keep is not None
+            write()
+
+        self.futures.append(self.hash_pool.submit(hash_job))
+        self.futures.append(self.write_pool.submit(write_job))
+        self._reap()
+
+    def _plain(self, g: _GroupState, count: int, ptrs: torch.Tensor,
+               lens: torch.Tensor) -> Callable[[], None]:  # fmt: skip
+        """Places the records (a batch that follows the group's previous one directly
+        extends its extent: a group written without another in between is one extent,
+        one contiguous run of records) and returns what writes them."""
         schema = g.schema
         nbytes = count * schema.stride
         last = g.extents[-1] if g.extents else None
@@ -150,44 +172,21 @@ class _SetWriter:
             offset = align_up(self.end)
             g.extents.append([offset, count])
         self.end = offset + nbytes
-        lens = kernels.int64_table([s.nbytes for s in schema.tensors]).repeat(count)
         spec_offsets = kernels.int64_table([s.offset for s in schema.tensors])
         rows = torch.arange(count, dtype=torch.int64).mul_(schema.stride).unsqueeze(1)
         dst_offsets = (rows + spec_offsets.unsqueeze(0)).reshape(-1)
-        hashes = torch.empty((ptrs.numel(), kernels.HASH_SIZE), dtype=torch.uint8)
-        g.hash_parts.append(hashes)
+        return lambda: self.writer.write_segments(offset, ptrs, lens, dst_offsets, nbytes)
 
-        # Both jobs hold `keep`, so the source tensors outlive every read of them.
-        def hash_job() -> None:
-            assert keep is not None
-            kernels.blake3_segments(ptrs, lens, out=hashes, threads=1)
-
-        def write_job() -> None:
-            assert keep is not None
-            self.writer.write_segments(offset, ptrs, lens, dst_offsets, nbytes)
-
-        self.futures.append(self.hash_pool.submit(hash_job))
-        self.futures.append(self.write_pool.submit(write_job))
-        self._reap()
-
-    def _write_coded(self, g: _GroupState, count: int, ptrs: torch.Tensor, keep: Any) -> None:
-        """As ``_write_batch``, the records coded chunk by chunk (``codec.records``): the
-        write thread codes each chunk (on every core) and places it where the pack
+    def _coded(self, g: _GroupState, count: int, ptrs: torch.Tensor) -> Callable[[], None]:
+        """What writes the records coded chunk by chunk (``codec.records``): run on the
+        write thread, it codes each chunk (on every core) and places it where the pack
         ends (64-byte aligned), so jobs of every group take their places in the order
         they were queued."""
         coder = g.coder
         assert coder is not None
         n = len(g.schema.tensors)
-        lens = kernels.int64_table([s.nbytes for s in g.schema.tensors]).repeat(count)
-        hashes = torch.empty((ptrs.numel(), kernels.HASH_SIZE), dtype=torch.uint8)
-        g.hash_parts.append(hashes)
 
-        def hash_job() -> None:
-            assert keep is not None
-            kernels.blake3_segments(ptrs, lens, out=hashes, threads=1)
-
-        def write_job() -> None:
-            assert keep is not None
+        def write() -> None:
             per = coder.records_per_chunk()
             for first in range(0, count, per):
                 k = min(per, count - first)
@@ -198,9 +197,7 @@ class _SetWriter:
                 self.end = offset + chunk.numel()
                 g.chunks.append([offset, chunk.numel(), k])
 
-        self.futures.append(self.hash_pool.submit(hash_job))
-        self.futures.append(self.write_pool.submit(write_job))
-        self._reap()
+        return write
 
     def _reap(self) -> None:
         """Re-raises failed jobs; waits while too many batches are in flight."""
