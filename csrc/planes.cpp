@@ -9,8 +9,8 @@
 //
 // The Huffman coder (mode 2, chosen where it costs at most kHuffmanSlack more than
 // rANS would): codes of at most kHuffBits bits, canonical, written least significant
-// bit first; symbol i goes to stream i % 4, so one table lookup per symbol decodes
-// four independent streams side by side, refilled 56 bits at a time.
+// bit first; the plane's quarters are four streams, decoded side by side (each table
+// lookup giving every whole code among the next kHuffBits bits).
 #include "planes.h"
 
 #include <algorithm>
@@ -295,6 +295,10 @@ uint64_t huffman_size(const uint32_t* counts, const uint8_t* len, int nsym) {
 }
 
 // Codes the plane into out (room for huffman_size bytes); returns the bytes written.
+// Symbols of stream k of a plane of n: [k * q, min(n, (k + 1) * q)), q = ceil(n / 4).
+uint64_t stream_begin(uint64_t n, int k) { return std::min(n, uint64_t(k) * ((n + 3) / 4)); }
+
+// Codes the plane into out (room for huffman_size bytes); returns the bytes written.
 uint64_t huffman_encode(const uint8_t* in, uint64_t n, const uint8_t* len, int nsym, uint8_t* out) {
   uint16_t code[256] = {0};
   huffman_codes(len, code);
@@ -311,15 +315,22 @@ uint64_t huffman_encode(const uint8_t* in, uint64_t n, const uint8_t* len, int n
     uint8_t* start = o;
     uint64_t buf = 0;
     int cnt = 0;
-    for (uint64_t i = uint64_t(k); i < n; i += kStreams) {
+    uint64_t i = stream_begin(n, k), stop = stream_begin(n, k + 1);
+    // Four codes (at most 44 bits, 51 with the 7 left over) between flushes of the
+    // whole bytes; a flush stores 8 bytes (the writer leaves room behind the plane).
+    for (; i + 4 <= stop; i += 4) {
+      for (int j = 0; j < 4; ++j) {
+        buf |= uint64_t(code[in[i + j]]) << cnt;
+        cnt += len[in[i + j]];
+      }
+      std::memcpy(o, &buf, 8);
+      o += cnt >> 3;
+      buf >>= cnt & ~7;
+      cnt &= 7;
+    }
+    for (; i < stop; ++i) {
       buf |= uint64_t(code[in[i]]) << cnt;
       cnt += len[in[i]];
-      if (cnt >= 32) {
-        put_u32(o, uint32_t(buf));
-        o += 4;
-        buf >>= 32;
-        cnt -= 32;
-      }
     }
     for (; cnt > 0; cnt -= 8, buf >>= 8) *o++ = uint8_t(buf);
     put_u32(lens + 4 * k, uint32_t(o - start));
@@ -333,11 +344,35 @@ uint64_t get_u64(const uint8_t* p) {
   return v;
 }
 
+// One entry of the decode table: the symbols (up to four) whose codes the next
+// kHuffBits bits begin with, how many, and how many bits they take; count 0: a
+// pattern no code begins (a damaged stream).
+struct HuffEntry {
+  uint32_t symbols;
+  uint8_t count, bits;
+};
+
+// A stream's reader: bits least significant first, refilled 56 bits at a time from
+// where its first bits not yet loaded are (`used` = bits consumed so far).
+struct BitReader {
+  const uint8_t* p;
+  uint64_t bits = 0;
+  int cnt = 0;
+  void refill() {
+    bits |= get_u64(p) << cnt;
+    p += (63 - cnt) >> 3;
+    cnt |= 56;
+  }
+};
+
 // Decodes a Huffman plane of `n` symbols from in[0, len) into out; returns bytes
-// consumed. Each stream is copied with 16 zero bytes of padding behind it: a refill
-// reads 8 bytes from where its first bits not yet loaded are (up to 7 bytes past the
-// stream's end on its last refills), and a stream that would read from further on,
-// needing more bits than it holds, is refused.
+// consumed. A table lookup of kHuffBits bits gives every whole code they hold (up
+// to four symbols), so a plane of short codes (a trained model's exponents, about 2.5
+// bits) takes about one lookup per three symbols. Each stream is copied with 16 zero
+// bytes of padding behind it: a refill reads 8 bytes from where its first bits not
+// yet loaded are (up to 7 bytes past the stream's end on its last refills), and a
+// stream that would read from further on, needing more bits than it holds, is
+// refused.
 uint64_t huffman_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t n,
                         std::vector<uint8_t>& scratch) {
   if (len < 1) damaged("a Huffman plane without its table");
@@ -352,12 +387,26 @@ uint64_t huffman_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t 
   }
   uint16_t code[256] = {0};
   if (!huffman_codes(lens, code)) damaged("Huffman code lengths that are no prefix code");
-  uint16_t tab[1u << kHuffBits];
-  std::fill(tab, tab + (1u << kHuffBits), uint16_t(0xFFFF));  // (no code: damaged)
+  constexpr uint32_t kSize = 1u << kHuffBits, kMask = kSize - 1;
+  uint16_t one[kSize];  // one symbol per pattern: symbol | length << 8 (0: no code)
+  std::fill(one, one + kSize, uint16_t(0));
   for (int s = 0; s < 256; ++s) {
     if (!lens[s]) continue;
     for (uint32_t hi = 0; hi < (1u << (kHuffBits - lens[s])); ++hi)
-      tab[code[s] | (hi << lens[s])] = uint16_t(uint32_t(s) | (uint32_t(lens[s]) << 8));
+      one[code[s] | (hi << lens[s])] = uint16_t(uint32_t(s) | (uint32_t(lens[s]) << 8));
+  }
+  std::vector<HuffEntry> tab(kSize);
+  for (uint32_t pat = 0; pat < kSize; ++pat) {
+    HuffEntry e{0, 0, 0};
+    while (e.count < 4) {  // whole codes only: the bits past kHuffBits are not known
+      uint16_t x = one[(pat >> e.bits) & kMask];
+      int l = x >> 8;
+      if (!l || e.bits + l > kHuffBits) break;
+      e.symbols |= uint32_t(x & 0xFF) << (8 * e.count);
+      ++e.count;
+      e.bits = uint8_t(e.bits + l);
+    }
+    tab[pat] = e;
   }
   uint64_t sizes[kStreams], total = table + 4 * kStreams;
   for (int k = 0; k < kStreams; ++k) {
@@ -368,62 +417,54 @@ uint64_t huffman_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t 
   constexpr uint64_t kPad = 16;
   scratch.resize(total + kPad * kStreams);
   const uint8_t* start[kStreams];
-  const uint8_t* p[kStreams];
-  uint64_t bits[kStreams] = {0};
-  int cnt[kStreams] = {0};
+  BitReader r[kStreams];
+  uint8_t* o[kStreams];
+  uint8_t* end[kStreams];
   uint8_t* s = scratch.data();
   const uint8_t* src = in + table + 4 * kStreams;
   for (int k = 0; k < kStreams; ++k) {
     std::memcpy(s, src, sizes[k]);
     std::memset(s + sizes[k], 0, kPad);
-    start[k] = p[k] = s;
+    start[k] = r[k].p = s;
     src += sizes[k];
     s += sizes[k] + kPad;
+    o[k] = out + stream_begin(n, k);
+    end[k] = out + stream_begin(n, k + 1);
   }
+  auto readable = [&](int k) { return r[k].p <= start[k] + sizes[k] + 8; };
+  // Four lookups per stream per refill (at most 44 bits), each writing four bytes:
+  // while every stream has room for 16 symbols before its end, no check per symbol.
   bool bad = false;
-  uint64_t rounds = n / (4 * kStreams);
-  // (A pattern of no code consumes 15 bits, four of them more than a refill gives:
-  // checked before the next refill, which must not shift by a negative count.)
-  for (uint64_t r = 0; r < rounds; ++r) {
-    if (bad) damaged("a Huffman stream holds a bit pattern of no code");
-    for (int k = 0; k < kStreams; ++k) {
-      bad |= p[k] > start[k] + sizes[k] + 8;  // (a read there would leave its padding)
-    }
-    if (bad) damaged("a Huffman stream ends early");
-    for (int k = 0; k < kStreams; ++k) {
-      bits[k] |= get_u64(p[k]) << cnt[k];
-      p[k] += (63 - cnt[k]) >> 3;
-      cnt[k] |= 56;
-    }
-    uint8_t* o = out + r * 4 * kStreams;
+  for (;;) {
+    bool room = true;
+    for (int k = 0; k < kStreams; ++k) room &= end[k] - o[k] >= 16 && readable(k);
+    if (!room) break;
+    for (int k = 0; k < kStreams; ++k) r[k].refill();
     for (int j = 0; j < 4; ++j) {
       for (int k = 0; k < kStreams; ++k) {
-        uint32_t e = tab[bits[k] & ((1u << kHuffBits) - 1)];
-        o[j * kStreams + k] = uint8_t(e);
-        bits[k] >>= (e >> 8) & 0xF;
-        cnt[k] -= int((e >> 8) & 0xF);
-        bad |= e == 0xFFFF;
+        const HuffEntry& e = tab[r[k].bits & kMask];
+        std::memcpy(o[k], &e.symbols, 4);
+        o[k] += e.count;
+        r[k].bits >>= e.bits;
+        r[k].cnt -= e.bits;
+        bad |= e.count == 0;
       }
     }
-  }
-  for (uint64_t i = rounds * 4 * kStreams; i < n; ++i) {  // the last few, one by one
-    int k = int(i % kStreams);
     if (bad) damaged("a Huffman stream holds a bit pattern of no code");
-    if (cnt[k] < kHuffBits) {
-      if (p[k] > start[k] + sizes[k] + 8) damaged("a Huffman stream ends early");
-      bits[k] |= get_u64(p[k]) << cnt[k];
-      p[k] += (63 - cnt[k]) >> 3;
-      cnt[k] |= 56;
-    }
-    uint32_t e = tab[bits[k] & ((1u << kHuffBits) - 1)];
-    out[i] = uint8_t(e);
-    bits[k] >>= (e >> 8) & 0xF;
-    cnt[k] -= int((e >> 8) & 0xF);
-    bad |= e == 0xFFFF;
   }
-  if (bad) damaged("a Huffman stream holds a bit pattern of no code");
-  for (int k = 0; k < kStreams; ++k) {  // every stream used up, to its last byte
-    int64_t used = 8 * int64_t(p[k] - start[k]) - cnt[k];
+  for (int k = 0; k < kStreams; ++k) {  // the rest of each stream, symbol by symbol
+    while (o[k] < end[k]) {
+      if (r[k].cnt < kHuffBits) {
+        if (!readable(k)) damaged("a Huffman stream ends early");
+        r[k].refill();
+      }
+      uint16_t x = one[r[k].bits & kMask];
+      if (!x) damaged("a Huffman stream holds a bit pattern of no code");
+      *o[k]++ = uint8_t(x);
+      r[k].bits >>= (x >> 8);
+      r[k].cnt -= (x >> 8);
+    }
+    int64_t used = 8 * int64_t(r[k].p - start[k]) - r[k].cnt;  // every stream used up
     if (used < 0 || uint64_t(used + 7) / 8 != sizes[k]) damaged("a Huffman stream's length");
   }
   return total;
@@ -551,8 +592,9 @@ double entropy_of_sample(const uint8_t* plane, uint64_t m) {
   return bits / double(n);
 }
 
-// Worst case of one block: per plane its mode byte and raw bytes.
-uint64_t block_bound(uint64_t m, int width) { return uint64_t(width) * (1 + m); }
+// Worst case of one block: per plane its mode byte and raw bytes (and room for the
+// Huffman writer's last 8-byte store).
+uint64_t block_bound(uint64_t m, int width) { return uint64_t(width) * (1 + m) + 8; }
 
 uint64_t encode_block(const uint8_t* src, uint64_t m, int width, uint8_t* out,
                       std::vector<uint8_t>& planes, std::vector<uint8_t>& scratch) {
