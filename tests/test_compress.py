@@ -159,8 +159,9 @@ def test_shared_rows_stacks_and_datasets_are_coded(store: mmcore.ModelStore) -> 
     assert_sets_equal(store.load_dataset(did), data)
 
 
-def test_damaged_chunks_are_found(store_path: Path, small_chunks: None) -> None:
-    models = _mixed(12)
+@pytest.mark.parametrize("direct", [False, True])  # scattered streams, or one stream a chunk
+def test_damaged_chunks_are_found(store_path: Path, small_chunks: None, direct: bool) -> None:
+    models = _floats(30, width=700) if direct else _mixed(12)
     with mmcore.open(store_path) as store:
         vid = store.save(models, compress=True)
         (rec,) = _coded(store, vid)
