@@ -69,13 +69,6 @@ void planes_decode(uintptr_t src, uint64_t len, uintptr_t dst, uint64_t nbytes, 
   mmcore::planes_decode(ptr<const uint8_t>(src), len, ptr<uint8_t>(dst), nbytes, threads);
 }
 
-void planes_decode_many(uintptr_t srcs, uintptr_t lens, uintptr_t dsts, uintptr_t nbytes, size_t n,
-                        int threads) {
-  py::gil_scoped_release release;
-  mmcore::planes_decode_many(ptr<const uint8_t* const>(srcs), ptr<const uint64_t>(lens),
-                             ptr<uint8_t* const>(dsts), ptr<const uint64_t>(nbytes), n, threads);
-}
-
 void pwrite_bytes(int fd, uintptr_t data, uint64_t len, uint64_t offset) {
   int64_t r;
   {
@@ -418,8 +411,6 @@ PYBIND11_MODULE(_core, m) {
         py::arg("dst"), py::arg("cap"), py::arg("threads"));
   m.def("planes_decode", &planes_decode, py::arg("src"), py::arg("len"), py::arg("dst"),
         py::arg("nbytes"), py::arg("threads"));
-  m.def("planes_decode_many", &planes_decode_many, py::arg("srcs"), py::arg("lens"),
-        py::arg("dsts"), py::arg("nbytes"), py::arg("n"), py::arg("threads"));
   m.def("pwrite", &pwrite_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
   m.def("pwrite_segments", &pwrite_segments, py::arg("fd"), py::arg("offset"), py::arg("srcs"),
         py::arg("lens"), py::arg("dst_offsets"), py::arg("n"), py::arg("total"),

@@ -747,11 +747,4 @@ void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t 
   });
 }
 
-void planes_decode_many(const uint8_t* const* srcs, const uint64_t* src_lens, uint8_t* const* dsts,
-                        const uint64_t* nbytes, size_t n, int threads) {
-  parallel_ranges(n, threads, 1, [&](size_t a, size_t b) {
-    for (size_t i = a; i < b; ++i) planes_decode(srcs[i], src_lens[i], dsts[i], nbytes[i], 1);
-  });
-}
-
 }  // namespace mmcore

@@ -30,10 +30,4 @@ uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* 
 void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t nbytes,
                    int threads);
 
-// planes_decode of `n` streams (srcs[i], src_lens[i] bytes, into dsts[i] of nbytes[i]),
-// side by side on up to `threads` threads: many small streams (a coded blob's chunks)
-// in one call. Throws as planes_decode does for the first damaged one.
-void planes_decode_many(const uint8_t* const* srcs, const uint64_t* src_lens, uint8_t* const* dsts,
-                        const uint64_t* nbytes, size_t n, int threads);
-
 }  // namespace mmcore

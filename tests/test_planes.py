@@ -148,27 +148,3 @@ def test_huffman_planes_of_every_length_round_trip(n: int) -> None:
         blob = kernels.compress_planes(t)
         back = kernels.decompress_planes(blob, torch.empty_like(t))
         assert torch.equal(back.view(torch.uint8), t.view(torch.uint8))
-
-
-def test_many_streams_in_one_call() -> None:
-    """decompress_planes_table: streams side by side, bit for bit; a damaged one refused."""
-    from mmcore.errors import InvalidArgumentError
-
-    g = torch.Generator().manual_seed(9)
-    ts = [torch.randn(n, generator=g) * 0.05 for n in (1, 100, BLOCK + 5, 3000)]
-    blobs = [kernels.compress_planes(t) for t in ts]
-    outs = [torch.empty_like(t) for t in ts]
-
-    def tables(bs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [kernels.int64_table(v) for v in ([b.data_ptr() for b in bs], [b.numel() for b in bs],
-                [o.data_ptr() for o in outs], [o.numel() * 4 for o in outs])]  # fmt: skip
-
-    kernels.decompress_planes_table(*tables(blobs), threads=2)
-    for t, o in zip(ts, outs):
-        assert torch.equal(o.view(torch.int32), t.view(torch.int32))
-    bad = [b.clone() for b in blobs]
-    bad[2] = bad[2][:-1].clone()
-    with pytest.raises(IntegrityError, match="byte-plane stream"):
-        kernels.decompress_planes_table(*tables(bad))
-    with pytest.raises(InvalidArgumentError, match="int64 CPU tables"):
-        kernels.decompress_planes_table(*tables(blobs)[:3], torch.zeros(4, dtype=torch.int32))

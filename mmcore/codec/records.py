@@ -158,30 +158,6 @@ class Layout:
                             (rows * s.per_record + within).reshape(-1), threads=1)  # fmt: skip
 
 
-def _decode_direct(chunks: Sequence[tuple[torch.Tensor, int, int]], out: torch.Tensor,
-                   stride: int, what: str) -> None:  # fmt: skip
-    """Chunks of one stream each (a ``Layout.direct`` schema) straight into ``out``."""
-    srcs, lens, dsts, sizes = [], [], [], []
-    for chunk, first, count in chunks:
-        head = chunk[:4].tolist()
-        length = head[0] | head[1] << 8 | head[2] << 16 | head[3] << 24 if len(head) == 4 else -1
-        if length != chunk.numel() - 4:
-            raise IntegrityError(
-                f"{what}: a chunk of {chunk.numel()} bytes holds a stream of {length}; "
-                "the stored bytes are corrupted"
-            )
-        srcs.append(chunk.data_ptr() + 4)
-        lens.append(length)
-        dsts.append(out.data_ptr() + first * stride)
-        sizes.append(count * stride)
-    try:
-        kernels.decompress_planes_table(
-            *(kernels.int64_table(t) for t in (srcs, lens, dsts, sizes))
-        )
-    except IntegrityError as exc:
-        raise IntegrityError(f"{what}: {exc}") from None
-
-
 def _decode(stream: torch.Tensor, out: torch.Tensor, threads: int, what: str) -> None:
     try:
         kernels.decompress_planes(stream, out, threads=threads)
@@ -236,11 +212,6 @@ def decode_chunks(schema: Schema, chunks: Sequence[tuple[torch.Tensor, int, int]
     layout = layout_of(schema)
     stride = schema.stride
     workers = cores()
-    if layout.direct and len(chunks) > 1:  # one native call: no Python step per chunk
-        _decode_direct(chunks, out, stride, what)
-        if then is not None:
-            then(0, sum(count for *_, count in chunks), 0)
-        return
 
     def one(item: tuple[torch.Tensor, int, int], threads: int) -> None:
         chunk, first, count = item

@@ -206,28 +206,6 @@ def compress_planes(t: torch.Tensor, *, threads: int = 0) -> torch.Tensor:
     return out[:used]
 
 
-def decompress_planes_table(srcs: torch.Tensor, lens: torch.Tensor, dsts: torch.Tensor,
-                            nbytes: torch.Tensor, *, threads: int = 0) -> None:  # fmt: skip
-    """``decompress_planes`` of many streams in one call, side by side on up to
-    ``threads`` threads: stream i (``lens[i]`` bytes at address ``srcs[i]``) into the
-    ``nbytes[i]`` bytes at ``dsts[i]`` (int64 tables; the caller keeps that memory
-    alive). IntegrityError for a damaged stream."""
-    from ..errors import IntegrityError
-
-    tables = (srcs, lens, dsts, nbytes)
-    if any(t.dtype != torch.int64 or t.device.type != "cpu" or not t.is_contiguous()
-           or t.shape != srcs.shape for t in tables):  # fmt: skip
-        raise InvalidArgumentError(
-            "srcs, lens, dsts and nbytes must be int64 CPU tables of one shape"
-        )
-    if not srcs.numel():
-        return
-    try:
-        core().planes_decode_many(*(t.data_ptr() for t in tables), srcs.numel(), threads)
-    except ValueError as exc:
-        raise IntegrityError(f"{exc}: the stored bytes are corrupted") from None
-
-
 def decompress_planes(blob: torch.Tensor, out: torch.Tensor, *, threads: int = 0) -> torch.Tensor:
     """Decodes ``compress_planes``'s ``blob`` into ``out`` (a contiguous CPU tensor of
     exactly the bytes it holds) and returns ``out``; IntegrityError for a damaged blob."""
