@@ -218,7 +218,8 @@ class ModelStore:
         where that is smaller (about 0.83x for trained float32 weights, 0.67x for
         bfloat16). Loads decode on every core, ``load_model`` only the chunk of about
         1 MiB holding its model. An update's deltas are compressed either way; a
-        provenance version stores no tensors.
+        provenance version stores no tensors. Records the store holds already (equal
+        models) are referenced in the form they were stored in.
         """
         self._check_open()
         if approach not in APPROACHES:
@@ -343,6 +344,7 @@ class ModelStore:
         *,
         parent: str | None = None,
         max_recovery: float | None = DEFAULT_MAX_RECOVERY,
+        compress: bool = False,
         progress: bool | None = None,
     ) -> None:
         """Rewrites a version in place (same id, same models, bit for bit) as a baseline,
@@ -351,8 +353,11 @@ class ModelStore:
         that what it was stored against can be deleted. Versions stored against it stay
         valid: it recovers to the same bytes. Refs, ``prev`` and the message are kept;
         one atomic commit. A model derived from another (``save(derived_from=)``) stays a
-        delta of its source where ``parent`` holds the source in the same layout."""
+        delta of its source where ``parent`` holds the source in the same layout.
+        ``compress`` codes the records it writes, as ``save``'s does; bytes the store
+        holds already (equal models) keep the form they were stored in."""
         self._check_writable()
+        _args.flag(compress, "compress")
         _args.optional_flag(progress, "progress")
         if max_recovery is not None:
             max_recovery = _args.max_recovery(max_recovery)
@@ -396,7 +401,8 @@ class ModelStore:
                                             max_chain=DEFAULT_MAX_CHAIN,
                                             max_recovery=max_recovery, recipe=None, check=True,
                                             progress=bar, saved_orders=saved,
-                                            derived_from=derived or None)  # fmt: skip
+                                            derived_from=derived or None,
+                                            compress=compress)  # fmt: skip
             pack_size = writer.finish()
         except BaseException:
             writer.abort()
@@ -846,6 +852,7 @@ class ModelStore:
         ref: str | None = None,
         message: str | None = None,
         tolerance: float | None = None,
+        compress: bool = False,
         progress: bool | None = None,
     ) -> str:
         """Saves the ``.safetensors`` files of ``directory`` (one model each, named after
@@ -853,7 +860,8 @@ class ModelStore:
         self._check_writable()
         files = exchange.exported_files(Path(_args.path(directory)))
         return self.save(exchange.read_models(files), approach=approach, parent=parent, ref=ref,
-                         message=message, tolerance=tolerance, progress=progress)  # fmt: skip
+                         message=message, tolerance=tolerance, compress=compress,
+                         progress=progress)  # fmt: skip
 
     # -- datasets ----------------------------------------------------------
     def put_dataset(self, data: Any, *, compress: bool = False,

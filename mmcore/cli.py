@@ -288,7 +288,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 def cmd_rebase(args: argparse.Namespace) -> int:
     with open_store(args.path, create=False) as store:
-        store.rebase(args.version, parent=args.parent)
+        store.rebase(args.version, parent=args.parent, compress=args.compress)
         info = store.info(args.version)
         onto = f"an update of {info.parent}" if info.parent else "a baseline"
         print(f"rebased {info.id}: now {onto}, {human_bytes(info.stored_bytes)} stored")
@@ -341,7 +341,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     with open_store(args.path, create=False) as store:
         vid = store.import_(args.directory, approach="update" if args.parent else "baseline",
-                            parent=args.parent, ref=args.ref, message=args.message)  # fmt: skip
+                            parent=args.parent, ref=args.ref, message=args.message,
+                            compress=args.compress)  # fmt: skip
         info = store.info(vid)
         print(
             f"imported {info.num_models:,} model(s) from {args.directory} as {info.approach} version {vid}"
@@ -399,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", help=_PATH)
     s.add_argument("version", help=_VERSION)
     s.add_argument("--parent", help="store it as a lossless update of this version instead")
+    s.add_argument("--compress", action="store_true",
+                   help="code the models it stores whole (lossless byte planes)")  # fmt: skip
     s.set_defaults(fn=cmd_rebase)
     s = sub.add_parser("refs", help="the store's refs and the versions they point at; --delete")
     s.add_argument("path", help=_PATH)
@@ -431,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parent", help="store an update of this version instead of a baseline")
     s.add_argument("--ref", help="move this ref to the new version")
     s.add_argument("--message", help="a note stored with the version")
+    s.add_argument("--compress", action="store_true",
+                   help="code the models it stores whole (lossless byte planes)")  # fmt: skip
     s.set_defaults(fn=cmd_import)
     s = sub.add_parser("du", help="a store's bytes: versions by approach, datasets, total on disk")
     s.add_argument("path", help=_PATH)

@@ -259,3 +259,35 @@ def test_the_layout_of_a_schema() -> None:
     assert not layout.direct and layout.gaps
     floats = grouper.schemas[grouper.group_of(next(iter(iter_models(_floats(1)))))]
     assert records.Layout(floats).direct
+
+
+def test_rebase_and_import_compress_too(store_path: Path, tmp_path: Path) -> None:
+    """``rebase(compress=True)`` codes the records a rebase writes (an update made a
+    baseline: new blobs); bytes the store holds already keep the form they were stored
+    in (a blob's address is its content). ``import_`` and the command line pass it on."""
+    from mmcore.cli import main
+
+    models = _floats(12)
+    changed = {n: {k: t + 1 for k, t in sd.items()} for n, sd in models.items()}
+    with mmcore.open(store_path) as store:
+        v0 = store.save(models)
+        v1 = store.save(changed, approach="update", parent=v0)
+        v2 = store.save(models, approach="update", parent=v0)  # (unchanged: v0's blob)
+        store.rebase(v1, compress=True)
+        assert store.manifest(v1).approach == "baseline" and len(_coded(store, v1)) == 1
+        _every_way(store, v1, changed)
+        with pytest.raises(InvalidArgumentError, match="compress"):
+            store.rebase(v1, compress=None)  # type: ignore[arg-type]
+        store.export(v1, tmp_path / "out")
+    assert main(["rebase", str(store_path), v2, "--compress"]) == 0
+    with mmcore.open(store_path) as store:  # v0's plain blob, referenced again
+        assert store.manifest(v2).approach == "baseline" and _coded(store, v2) == []
+        _every_way(store, v2, models)
+    fresh = tmp_path / "fresh.mm"
+    with mmcore.open(fresh):
+        pass
+    assert main(["import", str(fresh), str(tmp_path / "out"), "--compress"]) == 0
+    with mmcore.open(fresh) as store:
+        (info,) = store.versions()
+        assert len(_coded(store, info.id)) == 1
+        assert_sets_equal(store.load(info.id), {n: changed[n] for n in sorted(changed)})
