@@ -20,6 +20,7 @@ import contextlib
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -124,10 +125,12 @@ class Layout:
 
     # -- decoding ---------------------------------------------------------------
     def decode(self, chunk: torch.Tensor, out: torch.Tensor, count: int, threads: int = 0,
-               what: str = "a coded chunk") -> None:  # fmt: skip
+               what: str = "a coded chunk",
+               scratch: Callable[[int], torch.Tensor] | None = None) -> None:  # fmt: skip
         """Decodes ``chunk`` (uint8, as ``encode`` wrote it) into ``out``: ``count``
         records, ``count * stride`` contiguous bytes. IntegrityError where the chunk
-        does not hold exactly those records."""
+        does not hold exactly those records. ``scratch(n)`` gives the buffer a stream
+        is decoded into before it is scattered (default: a new one each time)."""
         k = len(self.streams)
         if chunk.numel() < 4 * k:
             raise IntegrityError(f"{what}: {chunk.numel()} bytes cannot hold its stream lengths")
@@ -147,14 +150,15 @@ class Layout:
             if self.direct:
                 _decode(stream, out, threads, what)
                 continue
-            scratch = torch.empty(count * s.per_record, dtype=torch.uint8)
-            _decode(stream, scratch, threads, what)
+            n = count * s.per_record
+            into = torch.empty(n, dtype=torch.uint8) if scratch is None else scratch(n)
+            _decode(stream, into, threads, what)
             offs = kernels.int64_table([o for o, _ in s.runs])
             lens = kernels.int64_table([n for _, n in s.runs])
             within = torch.cumsum(lens, 0) - lens
             rows = torch.arange(count, dtype=torch.int64).unsqueeze(1)
             ptrs = (rows * stride + offs + out.data_ptr()).reshape(-1)
-            kernels.scatter(scratch, ptrs, lens.repeat(count),
+            kernels.scatter(into, ptrs, lens.repeat(count),
                             (rows * s.per_record + within).reshape(-1), threads=1)  # fmt: skip
 
 
@@ -212,11 +216,18 @@ def decode_chunks(schema: Schema, chunks: Sequence[tuple[torch.Tensor, int, int]
     layout = layout_of(schema)
     stride = schema.stride
     workers = cores()
+    kept: dict[int, torch.Tensor] = {}  # per thread, its scratch buffer, for this call only
+
+    def scratch(n: int) -> torch.Tensor:
+        buf = kept.get(threading.get_ident())
+        if buf is None or buf.numel() < n:  # (faulted in once per thread, not per chunk)
+            buf = kept[threading.get_ident()] = buffer(n)
+        return buf[:n]
 
     def one(item: tuple[torch.Tensor, int, int], threads: int) -> None:
         chunk, first, count = item
         layout.decode(chunk, out[first * stride : (first + count) * stride], count, threads,
-                      what)  # fmt: skip
+                      what, scratch)  # fmt: skip
         if then is not None:
             then(first, count, threads)
 
