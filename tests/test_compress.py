@@ -291,3 +291,23 @@ def test_rebase_and_import_compress_too(store_path: Path, tmp_path: Path) -> Non
         (info,) = store.versions()
         assert len(_coded(store, info.id)) == 1
         assert_sets_equal(store.load(info.id), {n: changed[n] for n in sorted(changed)})
+
+
+def test_large_coded_rows_are_private_to_each_model(store: mmcore.ModelStore) -> None:
+    """Rows of 1 MiB or more, decoded: each model maps its own copy-on-write view, so a
+    change to one model's shared tensor is its own."""
+    g = torch.Generator().manual_seed(4)
+    body = {"body": torch.randn(300_000, generator=g) * 0.02}  # 1.2 MB: shared, coded
+    models = {f"ft{k}": {**body, "head": torch.randn(20_000, generator=g)} for k in range(3)}
+    vid = store.save(models, compress=True)
+    group = store.manifest(vid).groups[0]
+    assert group.shared is not None and group.row_schema.stride >= (1 << 20)
+    assert store.storage.content(group.shared.blob).chunks is not None
+    got = store.load(vid)
+    assert_sets_equal(got, models)
+    got["ft0"]["body"].add_(1.0)
+    assert torch.equal(got["ft1"]["body"], body["body"]) and torch.equal(
+        got["ft2"]["body"], body["body"]
+    )
+    assert not torch.equal(got["ft0"]["body"], body["body"])
+    _every_way(store, vid, models)

@@ -8,6 +8,7 @@ thread hashes the bytes while this thread builds the views.
 from __future__ import annotations
 
 import mmap
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,7 @@ from ..manifest import ContentRecord, GroupRecord, Manifest, unshared
 from ..modelset import Schema
 from ..record import DAMAGED
 from ..stacked import Stack, StackedSet
-from ..store.packs import PayloadTier
+from ..store.packs import MIN_MAP_BYTES, PayloadTier
 
 StateDict = dict[str, torch.Tensor]
 
@@ -423,7 +424,15 @@ class BlobReader:
         schema = group.row_schema
         table = rows.view(group.shared.count, schema.stride) if schema.stride else None
         rec = self.row_content(manifest, group)
-        mapped = self.tier.local_files and rec.chunks is None and rows.device.type == "cpu"
+        on_cpu = rows.device.type == "cpu"
+        if (
+            table is not None
+            and rec.chunks is not None
+            and on_cpu
+            and schema.stride >= MIN_MAP_BYTES
+        ):
+            return _private_rows(rows, schema.stride, group.shared.rows)
+        mapped = self.tier.local_files and rec.chunks is None and on_cpu
         if table is None or not mapped:
             empty = rows.new_empty(0)
             return [empty if table is None else table[r].clone() for r in group.shared.rows]
@@ -590,6 +599,33 @@ class BlobReader:
                 f"version {manifest.id}: the hash table of a blob in pack {rec.pack} does not "
                 "match its content address: the stored hashes are corrupted"
             )
+
+
+def _private_rows(rows: torch.Tensor, stride: int, which: list[int]) -> list[torch.Tensor]:
+    """Per entry of ``which``, that row of ``rows`` (decoded, in memory) as a buffer of
+    its own without a copy each: the rows copied once into an anonymous file
+    (``memfd_create``) and each row mapped from it privately, its pages shared until
+    one is written (as a mapped pack's rows are). A copy each where there is no memfd."""
+    if not hasattr(os, "memfd_create"):
+        table = rows.view(-1, stride)
+        return [table[r].clone() for r in which]
+    fd = os.memfd_create("mmcore-rows", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, rows.numel())
+        with mmap.mmap(fd, rows.numel(), flags=mmap.MAP_SHARED) as shared:
+            torch.frombuffer(shared, dtype=torch.uint8).copy_(rows)
+        out = []
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        for r in which:
+            start = r * stride
+            lo = start - start % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(
+                fd, start + stride - lo, flags=mmap.MAP_PRIVATE, prot=prot, offset=lo
+            )
+            out.append(torch.frombuffer(mapped, dtype=torch.uint8)[start - lo :])
+        return out
+    finally:
+        os.close(fd)  # (each mapping keeps the file)
 
 
 def whole_records(group: GroupRecord, buf: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
