@@ -101,8 +101,7 @@ class _SetWriter:
         return self.groups[gi]
 
     def add(self, gi: int, schema: Schema, index: int, entry: ModelEntry) -> None:
-        self._group(gi, schema)
-        g = self.groups[gi]
+        g = self._group(gi, schema)
         g.members.append(index)
         g.pending_ptrs.extend(entry.ptrs)
         g.pending_sources.append(entry.sources)
