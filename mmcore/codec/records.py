@@ -6,8 +6,8 @@ element width (8, 4, 2, 1 bytes: a complex number's parts, a float's whole expon
 one plane); per width, the bytes of every tensor of that width in every record of the
 chunk, record after record, tensor after tensor in record order, form one stream,
 coded by ``kernels.compress_planes`` (each plane Huffman- or rANS-coded, or raw where
-coding does not pay). A chunk is a u32 length per stream followed by the streams. The bytes of a
-record no tensor covers are zero, as in any record, and not stored.
+coding does not pay). A chunk is a u32 length per stream followed by the streams. The
+bytes of a record no tensor covers are zero, as in any record, and not stored.
 
 Decoding writes each stream straight into the records where they are one stream (every
 tensor of one width, no gap: a float32 model), else into a scratch buffer that is then
@@ -23,7 +23,6 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
@@ -59,16 +58,28 @@ def width_of(dtype: str) -> int:
     return WIDTH.get(dtype, 1)
 
 
-@dataclass
-class _Stream:
-    """The tensors of one width in a record: where each is (for the encoder, one
-    segment per tensor), and its runs (adjacent tensors merged: the decoder's
-    segments)."""
+def _starts(lens: torch.Tensor) -> torch.Tensor:
+    """Where each of segments of ``lens`` bytes, laid end to end, starts."""
+    return torch.cumsum(lens, 0) - lens
 
-    width: int
-    tensors: list[int]  # schema indices, in record order
-    per_record: int  # stream bytes one record holds
-    runs: list[tuple[int, int]]  # (record offset, length), in record order
+
+class _Stream:
+    """The tensors of one width in a record: each tensor (for the encoder, one segment
+    per tensor) and the runs of adjacent ones (the decoder's segments), as tables of
+    lengths and of where each starts in the record's share of the stream; built once
+    per schema, not per chunk."""
+
+    def __init__(self, width: int, tensors: list[int], nbytes: list[int],
+                 runs: list[tuple[int, int]]) -> None:  # fmt: skip
+        self.width = width
+        self.tensors = tensors  # schema indices, in record order
+        self.per_record = sum(nbytes)  # stream bytes one record holds
+        self.tensor_lens = kernels.int64_table(nbytes)
+        self.tensor_starts = _starts(self.tensor_lens)
+        self.runs = runs  # (record offset, length), in record order
+        self.run_offsets = kernels.int64_table([o for o, _ in runs])
+        self.run_lens = kernels.int64_table([n for _, n in runs])
+        self.run_starts = _starts(self.run_lens)
 
 
 class Layout:
@@ -91,8 +102,8 @@ class Layout:
                     runs[-1] = (runs[-1][0], runs[-1][1] + spec.nbytes)
                 else:
                     runs.append((spec.offset, spec.nbytes))
-            total = sum(n for _, n in runs)
-            self.streams.append(_Stream(width, by_width[width], total, runs))
+            nbytes = [schema.tensors[i].nbytes for i in by_width[width]]
+            self.streams.append(_Stream(width, by_width[width], nbytes, runs))
         covered = sum(s.per_record for s in self.streams)
         # one stream that is each record whole: decoded straight into the records
         self.direct = len(self.streams) == 1 and covered == schema.stride
@@ -109,12 +120,11 @@ class Layout:
         table = ptrs.view(count, n) if n else ptrs.view(count, 0)
         coded = []
         for s in self.streams:
-            lens = kernels.int64_table([self.schema.tensors[i].nbytes for i in s.tensors])
-            within = torch.cumsum(lens, 0) - lens
             rows = torch.arange(count, dtype=torch.int64).mul_(s.per_record).unsqueeze(1)
             stream = torch.empty(count * s.per_record, dtype=torch.uint8)
             kernels.gather(stream, table[:, s.tensors].reshape(-1).contiguous(),
-                           lens.repeat(count), (rows + within).reshape(-1), threads=1)  # fmt: skip
+                           s.tensor_lens.repeat(count), (rows + s.tensor_starts).reshape(-1),
+                           threads=1)  # fmt: skip
             coded.append(kernels.compress_planes(stream.view(_INT[s.width]), threads=threads))
         head = struct.pack(f"<{len(coded)}I", *(c.numel() for c in coded))
         return (
@@ -153,13 +163,10 @@ class Layout:
             n = count * s.per_record
             into = torch.empty(n, dtype=torch.uint8) if scratch is None else scratch(n)
             _decode(stream, into, threads, what)
-            offs = kernels.int64_table([o for o, _ in s.runs])
-            lens = kernels.int64_table([n for _, n in s.runs])
-            within = torch.cumsum(lens, 0) - lens
             rows = torch.arange(count, dtype=torch.int64).unsqueeze(1)
-            ptrs = (rows * stride + offs + out.data_ptr()).reshape(-1)
-            kernels.scatter(into, ptrs, lens.repeat(count),
-                            (rows * s.per_record + within).reshape(-1), threads=1)  # fmt: skip
+            ptrs = (rows * stride + s.run_offsets + out.data_ptr()).reshape(-1)
+            kernels.scatter(into, ptrs, s.run_lens.repeat(count),
+                            (rows * s.per_record + s.run_starts).reshape(-1), threads=1)  # fmt: skip
 
 
 def _decode(stream: torch.Tensor, out: torch.Tensor, threads: int, what: str) -> None:
