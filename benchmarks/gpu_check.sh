@@ -46,11 +46,14 @@ start=$(date +%s)
 # results). Each step gets at most its own limit and what is left of the budget less a
 # margin for the rest of the script; a step with under 20 s left is skipped and says so.
 # STEPS (default: all, in this order of importance) picks steps by id:
-#   tests,memcheck,racecheck,kernels,stacked,battery,provenance,harness
+#   gpu,decode,decodecheck,tests,memcheck,racecheck,kernels,stacked,battery,provenance,harness
+# (gpu: the GPU tests and the coded-store tests; decode: benchmarks/gpu_decode.py;
+# decodecheck: memcheck over the device decoder's tests.) A step is stopped with SIGINT at
+# its limit, so pytest still prints what failed so far.
 # e.g. STEPS=tests,memcheck,racecheck,kernels for kernel work (issue 12), the rest in a
 # second call.
 BUDGET="${BUDGET:-420}"
-STEPS="${STEPS:-tests,memcheck,racecheck,kernels,stacked,battery,provenance,harness}"
+STEPS="${STEPS:-gpu,decode,decodecheck,tests,memcheck,racecheck,kernels,stacked,battery,provenance,harness}"
 deadline=$(( start + BUDGET ))
 step() {  # step ID NAME LIMIT_S COMMAND...: COMMAND under the smaller of LIMIT_S and the budget left
   local id="$1" name="$2" limit="$3"; shift 3
@@ -59,7 +62,7 @@ step() {  # step ID NAME LIMIT_S COMMAND...: COMMAND under the smaller of LIMIT_
   if [ "$left" -lt 20 ]; then log "$name: skipped, $(( left + 15 )) s of the budget left"; return 124; fi
   [ "$left" -lt "$limit" ] && limit="$left"
   local t0; t0=$(date +%s)
-  timeout "$limit" "$@"
+  timeout -s INT -k 15 "$limit" "$@"
   local rc=$?
   log "$name: rc=$rc in $(( $(date +%s) - t0 )) s (limit $limit s)"
   return $rc
@@ -85,7 +88,22 @@ cd "$LOGS"  # import the installed package, not the source tree
 "$PY" -c "import mmcore, torch; print('cuda_available', mmcore.cuda_available(), torch.cuda.get_device_name())" \
   2>&1 | tee -a "$OUT/summary.txt"
 pytest=("$PY" -m pytest -q -rs -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml")
-step tests "all tests" 240 "${pytest[@]}" "$ROOT/tests" >"$LOGS/all_tests.log" 2>&1
+step gpu "GPU tests and coded stores" 150 "${pytest[@]}" -o addopts="" -m "gpu or not benchmark" \
+  "$ROOT/tests/test_device_decode.py" "$ROOT/tests/test_compress.py" "$ROOT/tests/test_planes.py" \
+  "$ROOT/tests/test_gpu.py" "$ROOT/tests/test_gpu_kernels.py" "$ROOT/tests/test_cuda_validation.py" \
+  -k "not s3" >"$LOGS/gpu_tests.log" 2>&1
+[ -f "$LOGS/gpu_tests.log" ] && log "GPU tests: $(tail -1 "$LOGS/gpu_tests.log")"
+grep -sE "^(FAILED|ERROR)" "$LOGS/gpu_tests.log" | head -20 >>"$OUT/summary.txt"
+step decode "gpu_decode (device byte-plane decoder; load of 10,000 coded cells)" 120 "$PY" \
+  "$ROOT/benchmarks/gpu_decode.py" --mb 256 --cells 10000 --repeat 5 --json "$OUT/decode.json" \
+  >"$LOGS/decode.txt" 2>&1
+cat "$LOGS/decode.txt" >>"$OUT/summary.txt" 2>/dev/null
+step decodecheck "compute-sanitizer memcheck over the device decoder's tests" 90 compute-sanitizer \
+  --tool memcheck --error-exitcode 99 --target-processes all "${pytest[@]}" -o addopts="" -m gpu \
+  "$ROOT/tests/test_device_decode.py" >"$LOGS/decodecheck.log" 2>&1
+[ -f "$LOGS/decodecheck.log" ] &&
+  log "decode memcheck: $(grep -E "ERROR SUMMARY|passed|failed" "$LOGS/decodecheck.log" | sort | uniq -c | tr -s ' ' | head -4)"
+step tests "all tests" 420 "${pytest[@]}" "$ROOT/tests" >"$LOGS/all_tests.log" 2>&1
 [ -f "$LOGS/all_tests.log" ] && log "all tests: $(tail -1 "$LOGS/all_tests.log")"
 grep -sE "^(FAILED|ERROR)" "$LOGS/all_tests.log" | head -20 >>"$OUT/summary.txt"
 step memcheck "compute-sanitizer memcheck over the GPU tests" 120 compute-sanitizer --tool memcheck \

@@ -17,6 +17,7 @@
 #include "gather.h"
 #include "io.h"
 #include "planes.h"
+#include "planes_units.h"
 #ifdef MMCORE_WITH_CUDA
 #include "cuda_info.h"
 #include "cuda_kernels.h"
@@ -67,6 +68,17 @@ uint64_t planes_encode(uintptr_t src, uint64_t nbytes, int width, uintptr_t dst,
 void planes_decode(uintptr_t src, uint64_t len, uintptr_t dst, uint64_t nbytes, int threads) {
   py::gil_scoped_release release;
   mmcore::planes_decode(ptr<const uint8_t>(src), len, ptr<uint8_t>(dst), nbytes, threads);
+}
+
+uint64_t planes_blocks(uintptr_t src, uint64_t len, uint64_t nbytes, int width, uint64_t dev_src,
+                       uint64_t dst, uint64_t scratch, uintptr_t out, uint64_t cap) {
+  return mmcore::planes_blocks(ptr<const uint8_t>(src), len, nbytes, width, dev_src, dst, scratch,
+                               ptr<void>(out), cap);
+}
+
+void planes_emulate(uintptr_t blocks, uint64_t n, uintptr_t planes, uintptr_t error) {
+  py::gil_scoped_release release;
+  mmcore::planes_emulate(ptr<const void>(blocks), n, ptr<uint64_t>(planes), ptr<uint32_t>(error));
 }
 
 void pwrite_bytes(int fd, uintptr_t data, uint64_t len, uint64_t offset) {
@@ -355,6 +367,11 @@ void register_cuda(py::module_& m) {
                 ptr<void>(stream));
     check_launch("scatter");
   });
+  m.def("cuda_planes_decode", [](Addr blocks, uint64_t n, Addr planes, Addr error, Addr stream) {
+    cu::planes_decode(ptr<const void>(blocks), n, ptr<uint64_t>(planes), ptr<uint32_t>(error),
+                      ptr<void>(stream));
+    check_launch("planes_decode");
+  });
   m.def(
       "cuda_stream_check",
       [](Addr stream) {
@@ -411,6 +428,14 @@ PYBIND11_MODULE(_core, m) {
         py::arg("dst"), py::arg("cap"), py::arg("threads"));
   m.def("planes_decode", &planes_decode, py::arg("src"), py::arg("len"), py::arg("dst"),
         py::arg("nbytes"), py::arg("threads"));
+  m.def("planes_blocks", &planes_blocks, py::arg("src"), py::arg("len"), py::arg("nbytes"),
+        py::arg("width"), py::arg("dev_src"), py::arg("dst"), py::arg("scratch"), py::arg("out"),
+        py::arg("cap"),
+        "The GPU byte-plane decoder's block table of one stream (40 bytes a block); "
+        "returns the blocks written.");
+  m.def("planes_emulate", &planes_emulate, py::arg("blocks"), py::arg("n"), py::arg("planes"),
+        py::arg("error"), "The GPU byte-plane decoder's launches, run on the CPU.");
+  m.attr("planes_block_bytes") = sizeof(mmcore::planes_units::Block);
   m.def("pwrite", &pwrite_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
   m.def("pwrite_segments", &pwrite_segments, py::arg("fd"), py::arg("offset"), py::arg("srcs"),
         py::arg("lens"), py::arg("dst_offsets"), py::arg("n"), py::arg("total"),

@@ -71,6 +71,12 @@ void gather(uint8_t* dst, const uint8_t* const* srcs, const uint64_t* lens,
 void scatter(const uint8_t* src, uint8_t* const* dsts, const uint64_t* lens,
              const uint64_t* src_offsets, Tiles tiles, Stream stream);
 
+// Byte planes (planes_units.h): decodes the n blocks of `blocks` (planes_units::Block,
+// built by planes_blocks) into their destinations. planes: n * 8 addresses of scratch;
+// error: two u32 zeroed by the caller, set to the first error code and its block.
+void planes_decode(const void* blocks, uint64_t n, uint64_t* planes, uint32_t* error,
+                   Stream stream);
+
 // cudaGetLastError() as a message, or nullptr when the last launch succeeded.
 const char* last_error();
 

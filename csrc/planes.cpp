@@ -16,11 +16,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "parallel.h"
+#include "planes_units.h"
 
 namespace mmcore {
 namespace {
@@ -650,6 +652,31 @@ void check_width(int width) {
 
 uint64_t blocks_of(uint64_t elems) { return (elems + kPlanesBlockElems - 1) / kPlanesBlockElems; }
 
+// A stream's header and block table, checked: its width and elements, and where each
+// block starts (starts[k]) and ends (starts[k + 1]) in it.
+int stream_blocks(const uint8_t* src, uint64_t src_len, uint64_t nbytes, uint64_t& elems,
+                  std::vector<uint64_t>& starts) {
+  if (src_len < kHeader || std::memcmp(src, kMagic, 4) != 0) damaged("no header");
+  if (src[4] != kVersion) damaged("version " + std::to_string(src[4]) + ", not 1");
+  int width = src[5];
+  if (width != 1 && width != 2 && width != 4 && width != 8) damaged("a bad element width");
+  uint64_t held = 0;
+  for (int i = 0; i < 8; ++i) held |= uint64_t(src[8 + i]) << (8 * i);
+  if (held != nbytes || nbytes % uint64_t(width)) damaged("it holds another number of bytes");
+  elems = nbytes / uint64_t(width);
+  uint64_t nblocks = blocks_of(elems);
+  if ((src_len - kHeader) / 4 < nblocks) damaged("its block table is cut short");
+  const uint8_t* lens = src + kHeader;
+  starts.assign(nblocks + 1, 0);
+  starts[0] = kHeader + 4 * nblocks;
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    starts[k + 1] = starts[k] + get_u32(lens + 4 * k);
+    if (starts[k + 1] > src_len) damaged("a block runs past its end");
+  }
+  if (starts[nblocks] != src_len) damaged("bytes past its last block");
+  return width;
+}
+
 }  // namespace
 
 uint64_t planes_bound(uint64_t nbytes, int width) {
@@ -693,26 +720,68 @@ uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* 
   return uint64_t(o - dst);
 }
 
+uint64_t planes_blocks(const uint8_t* src, uint64_t src_len, uint64_t nbytes, int width,
+                       uint64_t dev_src, uint64_t dst, uint64_t scratch, void* out, uint64_t cap) {
+  uint64_t elems = 0;
+  std::vector<uint64_t> starts;
+  if (stream_blocks(src, src_len, nbytes, elems, starts) != width)
+    damaged("its element width is not its stream's");
+  uint64_t nblocks = starts.size() - 1;
+  if (nblocks > cap) throw std::invalid_argument("byte planes: more blocks than the table holds");
+  auto* rows = static_cast<planes_units::Block*>(out);
+  for (uint64_t k = 0; k < nblocks; ++k) {
+    uint64_t first = k * kPlanesBlockElems;
+    planes_units::Block& b = rows[k];
+    b.src = dev_src + starts[k];
+    b.dst = dst + first * uint64_t(width);
+    b.scratch = scratch + first * uint64_t(width);
+    b.len = uint32_t(starts[k + 1] - starts[k]);
+    b.m = uint32_t(std::min<uint64_t>(kPlanesBlockElems, elems - first));
+    b.width = uint32_t(width);
+    b.pad = 0;
+  }
+  return nblocks;
+}
+
+void planes_emulate(const void* blocks, uint64_t n, uint64_t* planes, uint32_t* error) {
+  namespace pu = planes_units;
+  const auto* rows = static_cast<const pu::Block*>(blocks);
+  auto sh = std::make_unique<pu::Shared>();
+  auto report = [&](uint32_t code, uint64_t k) {
+    if (!error[0]) {
+      error[0] = code;
+      error[1] = uint32_t(k);
+    }
+  };
+  for (uint64_t k = 0; k < n; ++k) {  // the decode launch, lane by lane per phase
+    const pu::Block& b = rows[k];
+    uint32_t e = pu::parse(b, *sh);
+    uint64_t* row = planes + k * pu::kMaxWidth;
+    if (e != pu::kOk) {
+      report(e, k);
+      row[0] = 0;
+      continue;
+    }
+    for (uint32_t lane = 0; lane < pu::kLanes; ++lane) pu::fill_tables(b, *sh, lane, pu::kLanes);
+    for (uint32_t lane = 0; lane < pu::jobs(b, *sh); ++lane) {
+      e = pu::decode_job(b, *sh, lane);
+      if (e != pu::kOk) report(e, k);
+    }
+    pu::plane_addresses(b, *sh, row);
+  }
+  for (uint64_t k = 0; k < n; ++k) {  // the join launch
+    const uint64_t* row = planes + k * pu::kMaxWidth;
+    if (!row[0]) continue;
+    for (uint32_t i = 0; i < rows[k].m; ++i) pu::join(rows[k], row, i);
+  }
+}
+
 void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t nbytes,
                    int threads) {
-  if (src_len < kHeader || std::memcmp(src, kMagic, 4) != 0) damaged("no header");
-  if (src[4] != kVersion) damaged("version " + std::to_string(src[4]) + ", not 1");
-  int width = src[5];
-  if (width != 1 && width != 2 && width != 4 && width != 8) damaged("a bad element width");
-  uint64_t held = 0;
-  for (int i = 0; i < 8; ++i) held |= uint64_t(src[8 + i]) << (8 * i);
-  if (held != nbytes || nbytes % uint64_t(width)) damaged("it holds another number of bytes");
-  uint64_t elems = nbytes / uint64_t(width);
-  uint64_t nblocks = blocks_of(elems);
-  if ((src_len - kHeader) / 4 < nblocks) damaged("its block table is cut short");
-  const uint8_t* lens = src + kHeader;
-  std::vector<uint64_t> starts(nblocks + 1);
-  starts[0] = kHeader + 4 * nblocks;
-  for (uint64_t k = 0; k < nblocks; ++k) {
-    starts[k + 1] = starts[k] + get_u32(lens + 4 * k);
-    if (starts[k + 1] > src_len) damaged("a block runs past its end");
-  }
-  if (starts[nblocks] != src_len) damaged("bytes past its last block");
+  uint64_t elems = 0;
+  std::vector<uint64_t> starts;
+  const int width = stream_blocks(src, src_len, nbytes, elems, starts);
+  const uint64_t nblocks = starts.size() - 1;
   parallel_ranges(nblocks, threads, 1, [&](size_t a, size_t b) {
     std::vector<uint8_t> decoded, scratch;
     for (size_t k = a; k < b; ++k) {

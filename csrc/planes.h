@@ -30,4 +30,16 @@ uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* 
 void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t nbytes,
                    int threads);
 
+// The GPU decoder's table (planes_units.h): checks the header and block table of the
+// stream at `src` (host memory, `src_len` bytes, holding `nbytes` of elements of
+// `width` bytes) and writes one planes_units::Block per block into `out` (room for
+// `cap`): its coded bytes at `dev_src` plus their offset in the stream, its elements
+// from `dst` on, its scratch planes from `scratch` on. Returns the blocks written.
+uint64_t planes_blocks(const uint8_t* src, uint64_t src_len, uint64_t nbytes, int width,
+                       uint64_t dev_src, uint64_t dst, uint64_t scratch, void* out, uint64_t cap);
+
+// The GPU decoder run on the CPU (for the CPU tests), block by block and lane by lane:
+// as cuda::planes_decode, over host memory.
+void planes_emulate(const void* blocks, uint64_t n, uint64_t* planes, uint32_t* error);
+
 }  // namespace mmcore

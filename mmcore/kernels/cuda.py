@@ -266,6 +266,25 @@ def blake3_segments(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def blake3_addresses(addresses: torch.Tensor, lens: torch.Tensor,
+                     device: torch.device) -> torch.Tensor:  # fmt: skip
+    """BLAKE3-256 of device memory given as tables of addresses and byte lengths (int64
+    CPU tensors; memory the caller holds on ``device``): a (n, 32) uint8 tensor there."""
+    n = addresses.numel()
+    if not n:
+        return torch.empty((0, HASH_SIZE), dtype=torch.uint8, device=device)
+    plan, stages, nodes = blake3_plan(lens.tolist())
+    tables = torch.frombuffer(bytearray(plan), dtype=torch.uint8)
+    with _launching("blake3_addresses", device) as stream:
+        built = HashTables(stages, tables.pin_memory().to(device, non_blocking=True),
+                           addresses.pin_memory().to(device, non_blocking=True),
+                           lens.pin_memory().to(device, non_blocking=True),
+                           torch.empty(nodes * 8, dtype=torch.int32, device=device),
+                           torch.empty((n, HASH_SIZE), dtype=torch.uint8, device=device))  # fmt: skip
+        out = hash_launches(built, stream)
+    return out
+
+
 def xor_planes_encode_hashed(new: Sequence[torch.Tensor], parent: Sequence[torch.Tensor],
                              outs: Sequence[torch.Tensor], widths: Sequence[int], *,
                              offset: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip

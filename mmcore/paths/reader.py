@@ -10,13 +10,14 @@ from __future__ import annotations
 import mmap
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from .. import dtypes, kernels
 from .._gc import gc_paused
+from ..codec import device as device_codec
 from ..codec import records
 from ..errors import CorruptRecordError, IntegrityError, StoreError
 from ..manifest import ContentRecord, GroupRecord, Manifest, unshared
@@ -351,12 +352,17 @@ class BlobReader:
         pool: ThreadPoolExecutor,
     ) -> list[StateDict]:
         if group.shared is not None:
-            rows = self._blob_buffer(manifest, group, rows=True, verify=verify, pool=pool)
-            buf = self._blob_buffer(manifest, group, rows=False, verify=verify, pool=pool)
-            return shared_views(group, buf.to(device),
-                                self._own_rows(manifest, group, rows.to(device)))  # fmt: skip
+            rows = self.device_buffer(manifest, group, rows=True, verify=verify, device=device,
+                                      pool=pool)  # fmt: skip
+            buf = self.device_buffer(manifest, group, rows=False, verify=verify, device=device,
+                                     pool=pool)  # fmt: skip
+            return shared_views(group, buf, self._own_rows(manifest, group, rows))
         rec = self.group_content(manifest, group)
         schema = group.schema
+        if rec.chunks is not None and device_codec.decodes_on(device):
+            out = self.device_buffer(manifest, group, rows=False, verify=verify, device=device,
+                                     pool=pool)  # fmt: skip
+            return record_views(out, schema, group.count)
         on_cpu = device.type == "cpu"
         if rec.chunks is not None and on_cpu:  # decoded (and hashed) while the views are built
             computed = torch.empty((group.count * len(schema.tensors) if verify else 0,
@@ -499,25 +505,8 @@ class BlobReader:
         assert rec.chunks is not None
         chunks = rec.chunks if chunk is None else [rec.chunks[chunk]]
         out = records.buffer(sum(count for *_, count in chunks) * schema.stride)
-        items = []
-        held = [(off, length) for off, length, _ in chunks if length]  # (an empty one: anywhere)
-        if self.tier.local_files and held:
-            lo = min(off for off, _ in held)
-            lo -= lo % mmap.ALLOCATIONGRANULARITY
-            span = self.tier.map_range(rec.pack, lo, max(off + n for off, n in held) - lo)
-            first = 0
-            for offset, length, count in chunks:
-                at = offset - lo if length else 0
-                items.append((span[at : at + length], first, count))
-                first += count
-        else:
-            coded = torch.empty(sum(length for _, length, _ in chunks), dtype=torch.uint8)
-            ranges, at, first = [], 0, 0
-            for offset, length, count in chunks:
-                ranges.append((offset, length, coded.data_ptr() + at))
-                items.append((coded[at : at + length], first, count))
-                at, first = at + length, first + count
-            self.tier.read_many(rec.pack, [r for r in ranges if r[1]])
+        coded, placed = self._coded_chunks(rec, chunks)
+        items = [(coded[at : at + length], first, count) for at, length, first, count in placed]
         then = None
         if hashes is not None:
             n, stride, flat = len(schema.tensors), schema.stride, hashes
@@ -529,6 +518,54 @@ class BlobReader:
 
         what = f"a coded blob in pack {rec.pack}"
         return out, lambda: records.decode_chunks(schema, items, out, what, then)
+
+    def _coded_chunks(self, rec: ContentRecord, chunks: Sequence[Sequence[int]]
+                      ) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:  # fmt: skip
+        """The bytes of ``chunks`` (of ``rec``) in one CPU tensor, mapped where the tier
+        has local files (the page cache's pages, no copy), else read in one round trip;
+        and each chunk as (offset in it, length, first record, record count)."""
+        held = [(off, length) for off, length, _ in chunks if length]  # (an empty one: anywhere)
+        placed, first = [], 0
+        if self.tier.local_files and held:
+            lo = min(off for off, _ in held)
+            lo -= lo % mmap.ALLOCATIONGRANULARITY
+            coded = self.tier.map_range(rec.pack, lo, max(off + n for off, n in held) - lo)
+            for offset, length, count in chunks:
+                placed.append((offset - lo if length else 0, length, first, count))
+                first += count
+            return coded, placed
+        coded = torch.empty(sum(length for _, length, _ in chunks), dtype=torch.uint8)
+        ranges, at = [], 0
+        for offset, length, count in chunks:
+            ranges.append((offset, length, coded.data_ptr() + at))
+            placed.append((at, length, first, count))
+            at, first = at + length, first + count
+        self.tier.read_many(rec.pack, [r for r in ranges if r[1]])
+        return coded, placed
+
+    def device_buffer(self, manifest: Manifest, group: GroupRecord, *, rows: bool, verify: bool,
+                      device: torch.device, pool: ThreadPoolExecutor) -> torch.Tensor:  # fmt: skip
+        """``_blob_buffer`` on ``device``. A coded blob is decoded there where the device
+        decoder runs on it (a CUDA device; the CPU where the tests ask for its
+        emulation): its coded bytes cross, not its records, and are hashed there."""
+        if rows:
+            rec, schema = self.row_content(manifest, group), group.row_schema
+            count = group.shared.count if group.shared is not None else 0
+        else:
+            rec, schema = self.group_content(manifest, group), group.record_schema
+            count = group.count
+        if rec.chunks is None or not device_codec.decodes_on(device):
+            return self._blob_buffer(manifest, group, rows=rows, verify=verify, pool=pool).to(
+                device
+            )
+        out = torch.empty(count * schema.stride, dtype=torch.uint8, device=device)
+        coded, placed = self._coded_chunks(rec, rec.chunks)
+        device_codec.decode(schema, coded, placed, out, f"a coded blob in pack {rec.pack}")
+        if verify:
+            ptrs, lens = segment_table(out.data_ptr(), schema, count)
+            self._check(manifest, group, device_codec.hashes(ptrs, lens, device),
+                        self.stored_hashes(rec), rows=rows)  # fmt: skip
+        return out
 
     def _chunk_reads(self, rec: ContentRecord, schema: Schema, positions: list[int],
                      buf: torch.Tensor) -> tuple[list[tuple[int, int, int]], Callable[[], None]]:  # fmt: skip
@@ -680,7 +717,11 @@ def stacked_groups(reader: BlobReader, manifest: Manifest, *, verify: bool, devi
         if group.shared is not None:
             stacks.append(_shared_stack(reader, manifest, group, names, verify, device, pool))
             continue
-        buf = reader.read_records(manifest, group, verify=verify, pool=pool)
+        if device_codec.decodes_on(device):  # (a coded blob decoded there)
+            buf = reader.device_buffer(manifest, group, rows=False, verify=verify, device=device,
+                                       pool=pool)  # fmt: skip
+        else:
+            buf = reader.read_records(manifest, group, verify=verify, pool=pool)
         stacks.append(stack_of(names, buf, group.schema, device))
     return StackedSet(stacks, manifest.models)
 
@@ -691,8 +732,8 @@ def _shared_stack(reader: BlobReader, manifest: Manifest, group: GroupRecord, na
     copy), a shared tensor one model's row expanded where every model has that row, else
     gathered (a copy)."""
     assert group.shared is not None
-    buf = reader._blob_buffer(manifest, group, rows=False, verify=verify, pool=pool).to(device)
-    rows = reader._blob_buffer(manifest, group, rows=True, verify=verify, pool=pool).to(device)
+    buf = reader.device_buffer(manifest, group, rows=False, verify=verify, device=device, pool=pool)
+    rows = reader.device_buffer(manifest, group, rows=True, verify=verify, device=device, pool=pool)
     own = record_columns(buf, group.record_schema, group.count)
     if group.shared.count == 1:
         shared = {n: c.expand(group.count, *c.shape[1:])
