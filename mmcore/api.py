@@ -901,11 +901,16 @@ class ModelStore:
             retrain.delete_dataset(self.storage, dataset)
 
     def gc(self, *, compact_below: float = 0.5, progress: bool | None = None,
-           grace_s: float | None = None) -> int:  # fmt: skip
+           grace_s: float | None = None, compress: bool = False) -> int:  # fmt: skip
         """Deletes pack files nothing references (deleted versions, interrupted saves),
         then rewrites every pack whose live bytes are below ``compact_below`` of its size
         (0: never; above 1: every pack) with only those bytes. Crash-safe: a kill at any
         point loses no referenced byte, and the next gc reclaims what it left.
+
+        With ``compress=True`` it also rewrites every pack that holds models stored
+        plain, coding them as ``save(..., compress=True)`` would (lossless; each coded
+        chunk is decoded and compared with its models before it is written): the way to
+        compress a store saved without it. Every version reads as before.
 
         Returns the bytes reclaimed. Run it while no other process reads the store
         (a reader that cached a compacted pack's offsets must reopen).
@@ -940,8 +945,11 @@ class ModelStore:
             if pack not in live and age >= grace_s:
                 reclaimed += self.tier.size(pack)
                 self.tier.delete(pack)
+        if not isinstance(compress, bool):
+            raise InvalidArgumentError(f"compress must be True or False, got {compress!r}")
         with self.catalog.transaction():
-            return reclaimed + compact.compact(self.storage, float(compact_below), progress)
+            return reclaimed + compact.compact(self.storage, float(compact_below), progress,
+                                               compress)  # fmt: skip
 
     def _check_writable(self) -> None:
         self._check_open()

@@ -313,7 +313,7 @@ def cmd_refs(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_store(args.path, create=False) as store:
         before = store.stored_bytes()
-        freed = store.gc()
+        freed = store.gc(compress=args.compress)
         print(
             f"reclaimed {human_bytes(freed)} ({human_bytes(before)} -> {human_bytes(store.stored_bytes())} on disk)"
         )
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_refs)
     s = sub.add_parser("gc", help="delete pack files nothing references; print the bytes reclaimed")
     s.add_argument("path", help=_PATH)
+    s.add_argument("--compress", action="store_true",
+                   help="also code the models stored plain (lossless), as save(compress=True) does")  # fmt: skip
     s.set_defaults(fn=cmd_gc)
     for name, what in (("push", "copy to DEST"), ("pull", "copy from SOURCE")):
         s = sub.add_parser(

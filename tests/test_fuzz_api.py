@@ -2,7 +2,7 @@
 every verb (baseline, update exact and at random tolerances, a lossy update followed by
 an exact one, provenance with the battery trainer, save_stacked in three forms and as a
 round trip of load_stacked, delete with and without cascade, delete_ref, rebase to a
-baseline or onto another parent, gc with and without compaction, export/import_, reopen
+baseline or onto another parent, gc with and without compaction and compression, export/import_, reopen
 writable, readers alongside the writer and across its gc, a deleted version saved again)
 with I/O faults injected at the k-th call of a step of the commit protocol (pack writes,
 fsync, catalog commit before and after it lands, pack reads and deletes). After every
@@ -496,11 +496,11 @@ class ApiMachine(RuleBasedStateMachine):
             new = now
         v.approach, v.parent = new
 
-    @rule(compact_below=st.sampled_from([0, 0.5, 2]), crash=crash_points)
-    def gc(self, compact_below: float, crash: Any) -> None:
+    @rule(compact_below=st.sampled_from([0, 0.5, 2]), compress=st.booleans(), crash=crash_points)
+    def gc(self, compact_below: float, compress: bool, crash: Any) -> None:
         try:
             with inject(self.store, crash):
-                assert self.store.gc(compact_below=compact_below) >= 0
+                assert self.store.gc(compact_below=compact_below, compress=compress) >= 0
         except Exception as exc:
             injected(exc)
             return

@@ -10,6 +10,13 @@ record's ``shift``), the new pack is made durable, ONE WriteBatch points every
 moved content record at it and swaps the pack records, and only then is the old
 pack unlinked. A crash before the commit leaves the new pack unreferenced, after
 it the old one: either is deleted by the next gc.
+
+With ``compress`` (``gc(compress=True)``), every pack holding a group blob stored plain
+is rewritten too, and those blobs are coded on the way (docs/FORMAT.md, "Coded blobs"):
+their records are read extent by extent, coded chunk by chunk, and each chunk is
+decoded again and compared with the records it came from before it is written, so a
+rewrite never replaces bytes with a coding that does not give them back. Their hash
+tables and content addresses stay: a coded blob is the same blob.
 """
 
 from __future__ import annotations
@@ -22,7 +29,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import kernels
+from ..codec import records
+from ..errors import IntegrityError
 from ..manifest import ContentRecord, DatasetRecord, Manifest, pack_record
+from ..modelset import Schema
 from ..paths.delta_blob import MODEL
 from .packs import HEADER_SIZE, SECTION_ALIGN, PackWriter, align_up
 
@@ -43,29 +54,37 @@ class _Live:
     kind: str  # "group", "delta" or "roots"
     ranges: list[tuple[int, int]]  # (pack offset, length) to copy
     extents: int = 0  # how many of the first ranges are group extents
+    schema: Schema | None = None  # a group blob's records'
+    recode: bool = False  # its extents are coded into chunks, not copied
+
+    @property
+    def plain(self) -> bool:
+        """A group blob stored plain that has bytes to code."""
+        return (self.kind == "group" and self.rec.chunks is None and self.schema is not None
+                and self.schema.stride > 0 and self.rec.held > 0)  # fmt: skip
 
 
-Kinds = tuple[dict[bytes, int], dict[bytes, int], set[bytes]]
+Kinds = tuple[dict[bytes, Schema], dict[bytes, int], set[bytes]]
 
 
 def blob_kinds(manifests: Iterable[Manifest], datasets: Iterable[DatasetRecord]) -> Kinds:
-    """What each blob these versions and datasets reference is: group blobs' strides,
-    delta blobs' model counts, provenance roots tables."""
-    strides: dict[bytes, int] = {}
+    """What each blob these versions and datasets reference is: group blobs' record
+    schemas, delta blobs' model counts, provenance roots tables."""
+    strides: dict[bytes, Schema] = {}
     deltas: dict[bytes, int] = {}
     roots: set[bytes] = set()
     for m in manifests:
         for g in m.groups:
-            strides[g.blob] = g.record_schema.stride
+            strides[g.blob] = g.record_schema
             if g.shared is not None:
-                strides[g.shared.blob] = g.row_schema.stride
+                strides[g.shared.blob] = g.row_schema
         if m.update is not None and m.update.delta_blob is not None:
             deltas[m.update.delta_blob] = len(m.update.changed)
         if m.provenance is not None:
             roots.add(m.provenance.hashes_blob)
     for ds in datasets:
         for g in ds.groups:
-            strides[g.blob] = g.schema.stride
+            strides[g.blob] = g.schema
     return strides, deltas, roots
 
 
@@ -81,11 +100,12 @@ def live_item(store: Storage, key: bytes, rec: ContentRecord, kinds: Kinds) -> _
         return _Live(key, rec, "delta", [_delta_span(store, rec, deltas[key])])
     if key in strides and rec.chunks is not None:  # a coded blob: its chunks, packed
         spans = [(off, length) for off, length, _ in rec.chunks]
-        return _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)])
-    if key in strides and rec.table is None:
-        spans = [(off, count * strides[key]) for off, count in rec.extents]
         return _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)],
-                     len(spans))  # fmt: skip
+                     schema=strides[key])  # fmt: skip
+    if key in strides and rec.table is None:
+        spans = [(off, count * strides[key].stride) for off, count in rec.extents]
+        return _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)],
+                     len(spans), strides[key])  # fmt: skip
     if key in roots and not rec.extents and rec.table is None:
         return _Live(key, rec, "roots", [(rec.hashes_offset, rec.hashes_length)])
     return None
@@ -172,12 +192,14 @@ def layout(items: list[_Live]) -> tuple[list[tuple[_Live, list[int]]], int]:
     return list(zip(ordered, targets)), at
 
 
-def compact(store: Storage, below: float, progress: bool | None = None) -> int:
+def compact(store: Storage, below: float, progress: bool | None = None,
+            compress: bool = False) -> int:  # fmt: skip
     """Rewrites every pack whose live bytes, laid out as the rewrite would lay them
-    out, are less than ``below`` of its size; returns the bytes reclaimed."""
+    out, are less than ``below`` of its size, and with ``compress`` every pack holding
+    a group blob stored plain (coding those blobs); returns the bytes reclaimed."""
     from .._progress import progress_bar
 
-    if below <= 0:
+    if below <= 0 and not compress:
         return 0
     todo = []
     for pack, items in plan(store).items():
@@ -185,32 +207,56 @@ def compact(store: Storage, below: float, progress: bool | None = None) -> int:
         placed, end = layout(items)
         # Counting the extents' page padding: a pack of small groups, all live, would
         # otherwise look mostly dead, and be rewritten as it is by every gc.
-        if below > 1 or end - _FIRST < below * (size - HEADER_SIZE):
-            live = sum(length for item in items for _, length in item.ranges)
-            todo.append((pack, placed, size, live))
+        due = below > 1 or (below > 0 and end - _FIRST < below * (size - HEADER_SIZE))
+        plain = (placed, end) if due else None
+        live = sum(length for item in items for _, length in item.ranges)
+        if compress and any(item.plain for item in items):
+            # their extents are not copied: their coded chunks follow the rest
+            coded = [replace(item, ranges=item.ranges[item.extents:], extents=0, recode=True)
+                     if item.plain else item for item in items]  # fmt: skip
+            todo.append((pack, layout(coded), size, live, plain))
+        elif plain is not None:
+            todo.append((pack, plain, size, live, None))
     freed = 0
-    total = sum(live for *_, live in todo)
-    with progress_bar(total, "compacting packs", progress, min_total=64 << 20) as bar:
-        for pack, placed, size, live in todo:
-            freed += _rewrite(store, pack, placed, size)
+    total = sum(live for _, _, _, live, _ in todo)
+    label = "compressing and compacting packs" if compress else "compacting packs"
+    with progress_bar(total, label, progress, min_total=64 << 20) as bar:
+        for pack, (placed, end), size, live, fallback in todo:
+            got = _rewrite(store, pack, placed, end, size)
+            if got is None and fallback is not None:  # coding did not pay: compacted plain
+                got = _rewrite(store, pack, *fallback, size)
+            freed += got or 0
             bar(live)
     return freed
 
 
-def _rewrite(store: Storage, pack: str, placed: list[tuple[_Live, list[int]]], size: int) -> int:
-    """One pack's live bytes into a new pack, as ``layout`` placed them; returns the
-    bytes it frees."""
+def _rewrite(store: Storage, pack: str, placed: list[tuple[_Live, list[int]]], end: int,
+             size: int) -> int | None:  # fmt: skip
+    """One pack's live bytes into a new pack, as ``layout`` placed them (ending at
+    ``end``), the blobs to recode coded after them; returns the bytes it frees, or None
+    (nothing changed) where coding them would not make the pack smaller."""
     writer = store.tier.create()
     try:
         records = []
         copies = []
+        recode = []
         for item, targets in placed:
             copies += [(to, offset, length)
                        for (offset, length), to in zip(item.ranges, targets) if length]  # fmt: skip
             moved = {offset: to for (offset, _), to in zip(item.ranges, targets)}
-            records.append((item.key, relocated(item, moved, writer.pack_id)))
+            if item.recode:
+                recode.append((item, moved[item.rec.hashes_offset]))
+            else:
+                records.append((item.key, relocated(item, moved, writer.pack_id)))
         for to, offset, length in sorted(copies):  # front to back
             copy_range(store, pack, offset, length, writer, to)
+        for item, hashes_at in recode:
+            chunks, end = _recode(store, pack, item, writer, end)
+            records.append((item.key, replace(item.rec, pack=writer.pack_id, extents=[],
+                                              chunks=chunks, hashes_offset=hashes_at)))  # fmt: skip
+        if recode and end >= size:  # (small models that do not code smaller)
+            writer.abort()
+            return None
         new_size = writer.finish()
     except BaseException:
         writer.abort()
@@ -221,3 +267,38 @@ def _rewrite(store: Storage, pack: str, placed: list[tuple[_Live, list[int]]], s
     store.delta_tables.clear()  # parsed with the old offsets
     store.tier.delete(pack)
     return size - new_size
+
+
+def _recode(store: Storage, pack: str, item: _Live, writer: PackWriter,
+            at: int) -> tuple[list[list[int]], int]:  # fmt: skip
+    """A plain group blob's records (its extents in ``pack``) coded chunk by chunk into
+    ``writer`` from ``at`` on, each chunk decoded again and compared with its records
+    first (IntegrityError, and nothing written, where they differ); its chunks and where
+    they end."""
+    schema = item.schema
+    assert schema is not None
+    stride = schema.stride
+    coder = records.layout_of(schema)
+    per = coder.records_per_chunk()
+    offsets = kernels.int64_table([s.offset for s in schema.tensors]).unsqueeze(0)
+    buf = torch.empty(per * stride, dtype=torch.uint8)
+    back = torch.empty(per * stride, dtype=torch.uint8)
+    chunks: list[list[int]] = []
+    for offset, count in item.rec.extents:
+        for first in range(0, count, per):
+            k = min(per, count - first)
+            n = k * stride
+            store.tier.read_into(pack, offset + first * stride, n, buf.data_ptr())
+            rows = torch.arange(k, dtype=torch.int64).mul_(stride).add_(buf.data_ptr())
+            chunk = coder.encode((rows.unsqueeze(1) + offsets).reshape(-1), k)
+            what = f"pack {pack}: a blob's records {first} to {first + k} of an extent"
+            coder.decode(chunk, back[:n], k, what=what)
+            if not torch.equal(back[:n], buf[:n]):
+                raise IntegrityError(f"{what} do not decode back to themselves when coded "
+                                     "(bytes between tensors not zero?); nothing was rewritten")  # fmt: skip
+            place = align_up(at, _ALIGN)
+            if chunk.numel():
+                writer.write_ptr(chunk.data_ptr(), chunk.numel(), place)
+            chunks.append([place, chunk.numel(), k])
+            at = place + chunk.numel()
+    return chunks, at
