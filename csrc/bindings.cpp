@@ -59,10 +59,10 @@ void scatter(uintptr_t src, uintptr_t dsts, uintptr_t lens, uintptr_t offsets, s
 }
 
 uint64_t planes_encode(uintptr_t src, uint64_t nbytes, int width, uintptr_t dst, uint64_t cap,
-                       int threads) {
+                       int threads, int block_log2) {
   py::gil_scoped_release release;
   return mmcore::planes_encode(ptr<const uint8_t>(src), nbytes, width, ptr<uint8_t>(dst), cap,
-                               threads);
+                               threads, block_log2);
 }
 
 void planes_decode(uintptr_t src, uint64_t len, uintptr_t dst, uint64_t nbytes, int threads) {
@@ -423,9 +423,11 @@ PYBIND11_MODULE(_core, m) {
         py::arg("kinds"), py::arg("tols"), py::arg("qwidths"), py::arg("qs"), py::arg("n_escapes"),
         py::arg("esc_index"), py::arg("esc_bits"), py::arg("outs"), py::arg("n"),
         py::arg("threads") = 0);
-  m.def("planes_bound", &mmcore::planes_bound, py::arg("nbytes"), py::arg("width"));
+  m.def("planes_bound", &mmcore::planes_bound, py::arg("nbytes"), py::arg("width"),
+        py::arg("block_log2") = mmcore::kPlanesBlockLog2);
   m.def("planes_encode", &planes_encode, py::arg("src"), py::arg("nbytes"), py::arg("width"),
-        py::arg("dst"), py::arg("cap"), py::arg("threads"));
+        py::arg("dst"), py::arg("cap"), py::arg("threads"),
+        py::arg("block_log2") = mmcore::kPlanesBlockLog2);
   m.def("planes_decode", &planes_decode, py::arg("src"), py::arg("len"), py::arg("dst"),
         py::arg("nbytes"), py::arg("threads"));
   m.def("planes_blocks", &planes_blocks, py::arg("src"), py::arg("len"), py::arg("nbytes"),

@@ -21,6 +21,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "parallel.h"
 #include "planes_units.h"
 
@@ -32,12 +36,14 @@ constexpr uint32_t kProbScale = 1u << kProbBits;
 constexpr uint32_t kLow = 1u << 23;
 constexpr int kStates = 4;
 constexpr uint8_t kMagic[4] = {'M', 'M', 'P', 'L'};
-constexpr uint8_t kVersion = 1;
+constexpr uint8_t kVersion = 2;  // what the writer writes; version 1 (blocks of 2^16) is read
+constexpr int kMinBlockLog2 = 16, kMaxBlockLog2 = 20;
 constexpr uint64_t kHeader = 16;
 constexpr uint8_t kRaw = 0;
 constexpr uint8_t kRans = 1;
 constexpr uint8_t kHuffman = 2;
-constexpr int kHuffBits = 11;  // longest code: a decode table of 2^11 entries
+constexpr uint8_t kHuffmanRange = 3;  // mode 2 with its code lengths as nibbles over a range
+constexpr int kHuffBits = 11;         // longest code: a decode table of 2^11 entries
 constexpr int kStreams = 4;
 // A plane is Huffman-coded where that costs at most this much more than rANS would
 // (about 0.05 bits a symbol on trained weights' exponents, decoded 3-4x faster).
@@ -289,11 +295,27 @@ bool huffman_codes(const uint8_t* len, uint16_t* code) {
   return true;
 }
 
+// The symbols a Huffman table covers: the first and one past the last.
+void huffman_range(const uint8_t* len, int& lo, int& hi) {
+  lo = 0, hi = 256;
+  while (lo < 256 && !len[lo]) ++lo;
+  while (hi > lo && !len[hi - 1]) --hi;
+}
+
+// Bytes the table of a Huffman plane takes: as (symbol, length) pairs (mode 2), or as
+// 4-bit lengths of every symbol of its range (mode 3).
+uint64_t huffman_table_size(const uint8_t* len, int nsym, bool range) {
+  if (!range) return 1 + 2 * uint64_t(nsym);
+  int lo, hi;
+  huffman_range(len, lo, hi);
+  return 2 + uint64_t(hi - lo + 1) / 2;
+}
+
 // Bytes a Huffman plane of these counts and lengths takes.
-uint64_t huffman_size(const uint32_t* counts, const uint8_t* len, int nsym) {
+uint64_t huffman_size(const uint32_t* counts, const uint8_t* len, int nsym, bool range) {
   uint64_t bits = 0;
   for (int s = 0; s < 256; ++s) bits += uint64_t(counts[s]) * len[s];
-  return 1 + 2 * uint64_t(nsym) + 4 * kStreams + (bits + 7) / 8 + kStreams;
+  return huffman_table_size(len, nsym, range) + 4 * kStreams + (bits + 7) / 8 + kStreams;
 }
 
 // Codes the plane into out (room for huffman_size bytes); returns the bytes written.
@@ -301,15 +323,24 @@ uint64_t huffman_size(const uint32_t* counts, const uint8_t* len, int nsym) {
 uint64_t stream_begin(uint64_t n, int k) { return std::min(n, uint64_t(k) * ((n + 3) / 4)); }
 
 // Codes the plane into out (room for huffman_size bytes); returns the bytes written.
-uint64_t huffman_encode(const uint8_t* in, uint64_t n, const uint8_t* len, int nsym, uint8_t* out) {
+uint64_t huffman_encode(const uint8_t* in, uint64_t n, const uint8_t* len, int nsym, bool range,
+                        uint8_t* out) {
   uint16_t code[256] = {0};
   huffman_codes(len, code);
   uint8_t* o = out;
-  *o++ = uint8_t(nsym - 1);
-  for (int s = 0; s < 256; ++s) {
-    if (!len[s]) continue;
-    *o++ = uint8_t(s);
-    *o++ = len[s];
+  if (range) {  // first symbol, count - 1, then two lengths a byte (low nibble first)
+    int lo, hi;
+    huffman_range(len, lo, hi);
+    *o++ = uint8_t(lo);
+    *o++ = uint8_t(hi - lo - 1);
+    for (int s = lo; s < hi; s += 2) *o++ = uint8_t(len[s] | (s + 1 < hi ? len[s + 1] << 4 : 0));
+  } else {
+    *o++ = uint8_t(nsym - 1);
+    for (int s = 0; s < 256; ++s) {
+      if (!len[s]) continue;
+      *o++ = uint8_t(s);
+      *o++ = len[s];
+    }
   }
   uint8_t* lens = o;
   o += 4 * kStreams;
@@ -376,16 +407,32 @@ struct BitReader {
 // stream that would read from further on, needing more bits than it holds, is
 // refused.
 uint64_t huffman_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t n,
-                        std::vector<uint8_t>& scratch) {
-  if (len < 1) damaged("a Huffman plane without its table");
-  int nsym = int(in[0]) + 1;
-  uint64_t table = 1 + 2 * uint64_t(nsym);
-  if (len < table + 4 * kStreams) damaged("a Huffman plane shorter than its table");
+                        std::vector<uint8_t>& scratch, bool range) {
+  if (len < 2) damaged("a Huffman plane without its table");
   uint8_t lens[256] = {0};
-  for (int k = 0; k < nsym; ++k) {
-    uint8_t sym = in[1 + 2 * k], l = in[2 + 2 * k];
-    if (!l || l > kHuffBits || lens[sym]) damaged("a bad Huffman table");
-    lens[sym] = l;
+  uint64_t table;
+  if (range) {  // lengths as nibbles of symbols in[0] .. in[0] + in[1]
+    int lo = in[0], count = int(in[1]) + 1;
+    table = 2 + uint64_t(count + 1) / 2;
+    if (lo + count > 256) damaged("a bad Huffman table");
+    if (len < table + 4 * kStreams) damaged("a Huffman plane shorter than its table");
+    int present = 0;
+    for (int k = 0; k < count; ++k) {
+      uint8_t l = uint8_t((in[2 + k / 2] >> (4 * (k & 1))) & 0xF);
+      if (l > kHuffBits) damaged("a bad Huffman table");
+      lens[lo + k] = l;
+      present += l != 0;
+    }
+    if (!present || ((count & 1) && (in[table - 1] >> 4))) damaged("a bad Huffman table");
+  } else {
+    int nsym = int(in[0]) + 1;
+    table = 1 + 2 * uint64_t(nsym);
+    if (len < table + 4 * kStreams) damaged("a Huffman plane shorter than its table");
+    for (int k = 0; k < nsym; ++k) {
+      uint8_t sym = in[1 + 2 * k], l = in[2 + 2 * k];
+      if (!l || l > kHuffBits || lens[sym]) damaged("a bad Huffman table");
+      lens[sym] = l;
+    }
   }
   uint16_t code[256] = {0};
   if (!huffman_codes(lens, code)) damaged("Huffman code lengths that are no prefix code");
@@ -549,6 +596,54 @@ void join2(const uint8_t* __restrict p0, const uint8_t* __restrict p1, uint64_t 
   }
 }
 
+#if defined(__x86_64__)
+// The joins with AVX2, 32 elements a step (the tail as above): each plane's 32 bytes
+// interleaved by unpacking bytes, then 16-bit pairs (within each 128-bit lane, so the
+// halves are put back in order by the stores' lane permutes), the sign rotated back.
+__attribute__((target("avx2"))) void join4_avx2(const uint8_t* p0, const uint8_t* p1,
+                                                const uint8_t* p2, const uint8_t* p3, uint64_t m,
+                                                uint8_t* dst) {
+  uint64_t i = 0;
+  for (; i + 32 <= m; i += 32) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + i));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + i));
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p2 + i));
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p3 + i));
+    const __m256i ab_lo = _mm256_unpacklo_epi8(a, b), ab_hi = _mm256_unpackhi_epi8(a, b);
+    const __m256i cd_lo = _mm256_unpacklo_epi8(c, d), cd_hi = _mm256_unpackhi_epi8(c, d);
+    __m256i w[4] = {_mm256_unpacklo_epi16(ab_lo, cd_lo), _mm256_unpackhi_epi16(ab_lo, cd_lo),
+                    _mm256_unpacklo_epi16(ab_hi, cd_hi), _mm256_unpackhi_epi16(ab_hi, cd_hi)};
+    for (__m256i& x : w) x = _mm256_or_si256(_mm256_srli_epi32(x, 1), _mm256_slli_epi32(x, 31));
+    __m256i* out = reinterpret_cast<__m256i*>(dst + 4 * i);
+    _mm256_storeu_si256(out, _mm256_permute2x128_si256(w[0], w[1], 0x20));      // 0-7
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(w[2], w[3], 0x20));  // 8-15
+    _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(w[0], w[1], 0x31));  // 16-23
+    _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(w[2], w[3], 0x31));  // 24-31
+  }
+  join4(p0 + i, p1 + i, p2 + i, p3 + i, m - i, dst + 4 * i);
+}
+
+__attribute__((target("avx2"))) void join2_avx2(const uint8_t* p0, const uint8_t* p1, uint64_t m,
+                                                uint8_t* dst) {
+  uint64_t i = 0;
+  for (; i + 32 <= m; i += 32) {
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + i));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + i));
+    __m256i w[2] = {_mm256_unpacklo_epi8(a, b), _mm256_unpackhi_epi8(a, b)};
+    for (__m256i& x : w) x = _mm256_or_si256(_mm256_srli_epi16(x, 1), _mm256_slli_epi16(x, 15));
+    __m256i* out = reinterpret_cast<__m256i*>(dst + 2 * i);
+    _mm256_storeu_si256(out, _mm256_permute2x128_si256(w[0], w[1], 0x20));      // 0-15
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(w[0], w[1], 0x31));  // 16-31
+  }
+  join2(p0 + i, p1 + i, m - i, dst + 2 * i);
+}
+
+bool have_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
 void split_any(int width, const uint8_t* src, uint64_t m, uint8_t* planes) {
   switch (width) {
     case 1: std::memcpy(planes, src, m); break;
@@ -561,8 +656,18 @@ void split_any(int width, const uint8_t* src, uint64_t m, uint8_t* planes) {
 void join_any(int width, const uint8_t* const* planes, uint64_t m, uint8_t* dst) {
   switch (width) {
     case 1: std::memcpy(dst, planes[0], m); break;
-    case 2: join2(planes[0], planes[1], m, dst); break;
-    case 4: join4(planes[0], planes[1], planes[2], planes[3], m, dst); break;
+    case 2:
+#if defined(__x86_64__)
+      if (have_avx2()) return join2_avx2(planes[0], planes[1], m, dst);
+#endif
+      join2(planes[0], planes[1], m, dst);
+      break;
+    case 4:
+#if defined(__x86_64__)
+      if (have_avx2()) return join4_avx2(planes[0], planes[1], planes[2], planes[3], m, dst);
+#endif
+      join4(planes[0], planes[1], planes[2], planes[3], m, dst);
+      break;
     default: join<uint64_t>(planes, m, dst); break;
   }
 }
@@ -624,10 +729,11 @@ uint64_t encode_block(const uint8_t* src, uint64_t m, int width, uint8_t* out,
     double estimate = bits / 8 + 3.0 * nsym + 5 + 4 * kStates;
     uint8_t lens[256];
     huffman_lengths(counts, lens);
-    uint64_t huff = huffman_size(counts, lens, nsym);
+    const bool range = huffman_table_size(lens, nsym, true) < huffman_table_size(lens, nsym, false);
+    uint64_t huff = huffman_size(counts, lens, nsym, range);
     if (m && double(huff) <= (1 + kHuffmanSlack) * estimate && huff < m) {
-      *o++ = kHuffman;
-      o += huffman_encode(plane, m, lens, nsym, o);
+      *o++ = range ? kHuffmanRange : kHuffman;
+      o += huffman_encode(plane, m, lens, nsym, range, o);
       continue;
     }
     uint64_t coded = 0;
@@ -650,21 +756,24 @@ void check_width(int width) {
     throw std::invalid_argument("byte planes: element width must be 1, 2, 4 or 8");
 }
 
-uint64_t blocks_of(uint64_t elems) { return (elems + kPlanesBlockElems - 1) / kPlanesBlockElems; }
+uint64_t blocks_of(uint64_t elems, uint64_t block) { return (elems + block - 1) / block; }
 
 // A stream's header and block table, checked: its width and elements, and where each
 // block starts (starts[k]) and ends (starts[k + 1]) in it.
 int stream_blocks(const uint8_t* src, uint64_t src_len, uint64_t nbytes, uint64_t& elems,
-                  std::vector<uint64_t>& starts) {
+                  uint64_t& block, std::vector<uint64_t>& starts) {
   if (src_len < kHeader || std::memcmp(src, kMagic, 4) != 0) damaged("no header");
-  if (src[4] != kVersion) damaged("version " + std::to_string(src[4]) + ", not 1");
+  if (src[4] != 1 && src[4] != 2) damaged("version " + std::to_string(src[4]) + ", not 1 or 2");
+  int log2 = src[4] == 1 ? (src[6] ? -1 : kMinBlockLog2) : src[6];
+  if (log2 < kMinBlockLog2 || log2 > kMaxBlockLog2 || src[7]) damaged("a bad block size");
+  block = uint64_t(1) << log2;
   int width = src[5];
   if (width != 1 && width != 2 && width != 4 && width != 8) damaged("a bad element width");
   uint64_t held = 0;
   for (int i = 0; i < 8; ++i) held |= uint64_t(src[8 + i]) << (8 * i);
   if (held != nbytes || nbytes % uint64_t(width)) damaged("it holds another number of bytes");
   elems = nbytes / uint64_t(width);
-  uint64_t nblocks = blocks_of(elems);
+  uint64_t nblocks = blocks_of(elems, block);
   if ((src_len - kHeader) / 4 < nblocks) damaged("its block table is cut short");
   const uint8_t* lens = src + kHeader;
   starts.assign(nblocks + 1, 0);
@@ -679,36 +788,40 @@ int stream_blocks(const uint8_t* src, uint64_t src_len, uint64_t nbytes, uint64_
 
 }  // namespace
 
-uint64_t planes_bound(uint64_t nbytes, int width) {
+uint64_t planes_bound(uint64_t nbytes, int width, int block_log2) {
   check_width(width);
   uint64_t elems = nbytes / uint64_t(width);
-  uint64_t nblocks = blocks_of(elems);
+  uint64_t nblocks = blocks_of(elems, uint64_t(1) << block_log2);
   return kHeader + 4 * nblocks + nblocks * uint64_t(width) + nbytes;
 }
 
 uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* dst,
-                       uint64_t dst_cap, int threads) {
+                       uint64_t dst_cap, int threads, int block_log2) {
   check_width(width);
+  if (block_log2 < kMinBlockLog2 || block_log2 > kMaxBlockLog2)
+    throw std::invalid_argument("byte planes: blocks of 2^16 to 2^20 elements");
   if (nbytes % uint64_t(width)) throw std::invalid_argument("byte planes: a partial element");
-  if (dst_cap < planes_bound(nbytes, width))
+  if (dst_cap < planes_bound(nbytes, width, block_log2))
     throw std::invalid_argument("byte planes: the output is smaller than planes_bound");
+  const uint64_t block = uint64_t(1) << block_log2;
   uint64_t elems = nbytes / uint64_t(width);
-  uint64_t nblocks = blocks_of(elems);
+  uint64_t nblocks = blocks_of(elems, block);
   if (nblocks > 0xFFFFFFFFu) throw std::invalid_argument("byte planes: too many blocks");
   std::memcpy(dst, kMagic, 4);
   dst[4] = kVersion;
   dst[5] = uint8_t(width);
-  dst[6] = dst[7] = 0;
+  dst[6] = uint8_t(block_log2);
+  dst[7] = 0;
   for (int i = 0; i < 8; ++i) dst[8 + i] = uint8_t(nbytes >> (8 * i));
   uint8_t* lens = dst + kHeader;
   std::vector<std::vector<uint8_t>> coded(nblocks);
   parallel_ranges(nblocks, threads, 1, [&](size_t a, size_t b) {
     std::vector<uint8_t> planes, scratch;
     for (size_t k = a; k < b; ++k) {
-      uint64_t m = std::min<uint64_t>(kPlanesBlockElems, elems - k * kPlanesBlockElems);
+      uint64_t m = std::min<uint64_t>(block, elems - k * block);
       coded[k].resize(block_bound(m, width));
-      coded[k].resize(encode_block(src + k * kPlanesBlockElems * width, m, width, coded[k].data(),
-                                   planes, scratch));
+      coded[k].resize(
+          encode_block(src + k * block * width, m, width, coded[k].data(), planes, scratch));
     }
   });
   uint8_t* o = lens + 4 * nblocks;
@@ -722,21 +835,21 @@ uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* 
 
 uint64_t planes_blocks(const uint8_t* src, uint64_t src_len, uint64_t nbytes, int width,
                        uint64_t dev_src, uint64_t dst, uint64_t scratch, void* out, uint64_t cap) {
-  uint64_t elems = 0;
+  uint64_t elems = 0, block = 0;
   std::vector<uint64_t> starts;
-  if (stream_blocks(src, src_len, nbytes, elems, starts) != width)
+  if (stream_blocks(src, src_len, nbytes, elems, block, starts) != width)
     damaged("its element width is not its stream's");
   uint64_t nblocks = starts.size() - 1;
   if (nblocks > cap) throw std::invalid_argument("byte planes: more blocks than the table holds");
   auto* rows = static_cast<planes_units::Block*>(out);
   for (uint64_t k = 0; k < nblocks; ++k) {
-    uint64_t first = k * kPlanesBlockElems;
+    uint64_t first = k * block;
     planes_units::Block& b = rows[k];
     b.src = dev_src + starts[k];
     b.dst = dst + first * uint64_t(width);
     b.scratch = scratch + first * uint64_t(width);
     b.len = uint32_t(starts[k + 1] - starts[k]);
-    b.m = uint32_t(std::min<uint64_t>(kPlanesBlockElems, elems - first));
+    b.m = uint32_t(std::min<uint64_t>(block, elems - first));
     b.width = uint32_t(width);
     b.pad = 0;
   }
@@ -778,14 +891,14 @@ void planes_emulate(const void* blocks, uint64_t n, uint64_t* planes, uint32_t* 
 
 void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t nbytes,
                    int threads) {
-  uint64_t elems = 0;
+  uint64_t elems = 0, block = 0;
   std::vector<uint64_t> starts;
-  const int width = stream_blocks(src, src_len, nbytes, elems, starts);
+  const int width = stream_blocks(src, src_len, nbytes, elems, block, starts);
   const uint64_t nblocks = starts.size() - 1;
   parallel_ranges(nblocks, threads, 1, [&](size_t a, size_t b) {
     std::vector<uint8_t> decoded, scratch;
     for (size_t k = a; k < b; ++k) {
-      uint64_t m = std::min<uint64_t>(kPlanesBlockElems, elems - k * kPlanesBlockElems);
+      uint64_t m = std::min<uint64_t>(block, elems - k * block);
       const uint8_t* in = src + starts[k];
       uint64_t len = starts[k + 1] - starts[k];
       decoded.resize(uint64_t(width) * m);
@@ -802,16 +915,16 @@ void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t 
           uint8_t* out = decoded.data() + uint64_t(p) * m;
           at += rans_decode(in + at, len - at, out, m);
           planes[p] = out;
-        } else if (mode == kHuffman) {
+        } else if (mode == kHuffman || mode == kHuffmanRange) {
           uint8_t* out = decoded.data() + uint64_t(p) * m;
-          at += huffman_decode(in + at, len - at, out, m, scratch);
+          at += huffman_decode(in + at, len - at, out, m, scratch, mode == kHuffmanRange);
           planes[p] = out;
         } else {
           damaged("a plane of unknown mode " + std::to_string(mode));
         }
       }
       if (at != len) damaged("a block holds more than its planes");
-      join_any(width, planes, m, dst + k * kPlanesBlockElems * width);
+      join_any(width, planes, m, dst + k * block * width);
     }
   });
 }

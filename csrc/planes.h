@@ -1,6 +1,6 @@
 // Lossless coding of tensor bytes as byte planes (docs/FORMAT.md, "Byte planes").
 //
-// Elements of `width` bytes (1, 2, 4 or 8) are cut into blocks of kBlockElems; in each
+// Elements of `width` bytes (1, 2, 4 or 8) are cut into blocks (2^16 elements); in each
 // block the elements' sign bit is rotated to the lowest bit (widths 2 and 4: the top
 // byte is then the whole float32/bfloat16 exponent) and each byte position becomes a
 // plane. A plane is stored raw, or, where that is smaller, coded with a Huffman code
@@ -14,15 +14,17 @@
 
 namespace mmcore {
 
-constexpr uint32_t kPlanesBlockElems = 1u << 16;
+// Blocks of 2^kPlanesBlockLog2 elements, as the writer cuts them (a stream's header
+// says its own: 2^16 to 2^20).
+constexpr int kPlanesBlockLog2 = 16;
 
 // Bytes `planes_encode` may write for `nbytes` of input.
-uint64_t planes_bound(uint64_t nbytes, int width);
+uint64_t planes_bound(uint64_t nbytes, int width, int block_log2 = kPlanesBlockLog2);
 
 // Codes `nbytes` (a multiple of `width`) from `src` into `dst` (`dst_cap` bytes, at
 // least planes_bound); returns the bytes written.
 uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* dst,
-                       uint64_t dst_cap, int threads);
+                       uint64_t dst_cap, int threads, int block_log2 = kPlanesBlockLog2);
 
 // Decodes `src` (`src_len` bytes, as planes_encode wrote them) into `dst`, which must
 // be exactly the `nbytes` the stream holds. Throws std::invalid_argument on a stream

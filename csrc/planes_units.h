@@ -38,7 +38,7 @@ struct Block {
   uint64_t dst;      // where its m elements of `width` bytes go
   uint64_t scratch;  // width * m bytes for the planes it decodes
   uint32_t len;      // coded bytes
-  uint32_t m;        // elements (1 to 65,536)
+  uint32_t m;        // elements (1 to 2^20)
   uint32_t width;    // 1, 2, 4 or 8
   uint32_t pad;
 };
@@ -56,7 +56,7 @@ enum Error : uint32_t {
 
 // One plane as parse() found it.
 struct Plane {
-  uint32_t mode;     // 0 raw, 1 rANS, 2 Huffman
+  uint32_t mode;     // 0 raw, 1 rANS, 2 and 3 Huffman (its table as pairs, or a range)
   uint32_t at;       // raw: its bytes; rANS: its payload (states first); Huffman: stream 0
   uint32_t size[4];  // rANS: payload length in size[0]; Huffman: the four streams' lengths
 };
@@ -137,21 +137,36 @@ MMCORE_HD inline uint32_t parse(const Block& b, Shared& sh) {
       pl.at = uint32_t(at + table + 4);
       pl.size[0] = uint32_t(payload);
       at += table + 4 + payload;
-    } else if (pl.mode == 2) {
+    } else if (pl.mode == 2 || pl.mode == 3) {
       auto& t = sh.table[p].huff;
-      if (len - at < 1) return kBadTable;
-      uint32_t nsym = uint32_t(in[at]) + 1;
-      uint64_t table = 1 + 2 * uint64_t(nsym);
-      if (len - at < table + 16) return kBadTable;
+      if (len - at < 2) return kBadTable;
       // code lengths by symbol, in the entry table's bytes until fill_tables
       uint8_t* lens = reinterpret_cast<uint8_t*>(t.entry);
       for (int s = 0; s < 256; ++s) lens[s] = 0;
       for (int l = 0; l <= kHuffBits; ++l) t.count[l] = 0;
-      for (uint32_t k = 0; k < nsym; ++k) {
-        uint8_t sym = in[at + 1 + 2 * k], l = in[at + 2 + 2 * k];
-        if (!l || l > kHuffBits || lens[sym]) return kBadTable;
-        lens[sym] = l;
-        ++t.count[l];
+      uint64_t table;
+      if (pl.mode == 3) {  // nibbles of symbols in[at] .. in[at] + in[at + 1]
+        const uint32_t lo = in[at], n = uint32_t(in[at + 1]) + 1;
+        table = 2 + (n + 1) / 2;
+        if (lo + n > 256 || len - at < table + 16) return kBadTable;
+        uint32_t present = 0;
+        for (uint32_t k = 0; k < n; ++k) {
+          uint8_t l = uint8_t((in[at + 2 + k / 2] >> (4 * (k & 1))) & 0xF);
+          if (l > kHuffBits) return kBadTable;
+          lens[lo + k] = l;
+          if (l) ++t.count[l], ++present;
+        }
+        if (!present || ((n & 1) && (in[at + table - 1] >> 4))) return kBadTable;
+      } else {
+        uint32_t nsym = uint32_t(in[at]) + 1;
+        table = 1 + 2 * uint64_t(nsym);
+        if (len - at < table + 16) return kBadTable;
+        for (uint32_t k = 0; k < nsym; ++k) {
+          uint8_t sym = in[at + 1 + 2 * k], l = in[at + 2 + 2 * k];
+          if (!l || l > kHuffBits || lens[sym]) return kBadTable;
+          lens[sym] = l;
+          ++t.count[l];
+        }
       }
       // canonical codes: the first of each length, where its symbols start in `sorted`
       uint32_t code = 0, offset = 0;
@@ -185,7 +200,7 @@ MMCORE_HD inline uint32_t parse(const Block& b, Shared& sh) {
 // Every lane: fills the coded planes' lookup tables (lane `lane` of `lanes`).
 MMCORE_HD inline void fill_tables(const Block& b, Shared& sh, uint32_t lane, uint32_t lanes) {
   for (uint32_t p = 0; p < b.width; ++p) {
-    if (sh.plane[p].mode == 2) {
+    if (sh.plane[p].mode >= 2) {
       auto& t = sh.table[p].huff;
       for (uint32_t v = lane; v < kHuffSize; v += lanes) {
         uint16_t e = 0;
@@ -218,7 +233,7 @@ MMCORE_HD inline void fill_tables(const Block& b, Shared& sh, uint32_t lane, uin
 // The decode jobs of a block: a Huffman plane's four streams, a rANS plane's one.
 MMCORE_HD MMCORE_INLINE uint32_t jobs(const Block& b, const Shared& sh) {
   uint32_t n = 0;
-  for (uint32_t p = 0; p < b.width; ++p) n += sh.plane[p].mode == 2 ? 4 : sh.plane[p].mode == 1;
+  for (uint32_t p = 0; p < b.width; ++p) n += sh.plane[p].mode >= 2 ? 4 : sh.plane[p].mode == 1;
   return n;
 }
 
@@ -229,13 +244,13 @@ MMCORE_HD inline uint32_t decode_job(const Block& b, const Shared& sh, uint32_t 
   const uint32_t m = b.m;
   for (uint32_t p = 0; p < b.width; ++p) {
     const Plane& pl = sh.plane[p];
-    uint32_t n = pl.mode == 2 ? 4 : pl.mode == 1;
+    uint32_t n = pl.mode >= 2 ? 4 : pl.mode == 1;
     if (job >= n) {
       job -= n;
       continue;
     }
     uint8_t* out = scratch + uint64_t(p) * m;
-    if (pl.mode == 2) {
+    if (pl.mode >= 2) {
       const auto& t = sh.table[p].huff;
       const uint32_t q = (m + 3) / 4;
       uint32_t begin = job * q < m ? job * q : m, end = (job + 1) * q < m ? (job + 1) * q : m;

@@ -30,11 +30,12 @@ def _modes(blob: torch.Tensor) -> set[int]:
     """The plane modes of a byte-plane stream (docs/FORMAT.md, "Byte planes")."""
     b = bytes(blob.numpy())
     width, nbytes = b[5], struct.unpack_from("<Q", b, 8)[0]
+    block = 1 << (b[6] if b[4] == 2 else 16)
     elems = nbytes // width
-    nblocks = -(-elems // BLOCK)
+    nblocks = -(-elems // block)
     at, modes = 16 + 4 * nblocks, set()
     for k in range(nblocks):
-        m = min(BLOCK, elems - k * BLOCK)
+        m = min(block, elems - k * block)
         end = at + struct.unpack_from("<I", b, 16 + 4 * k)[0]
         for _ in range(width):
             mode = b[at]
@@ -43,12 +44,10 @@ def _modes(blob: torch.Tensor) -> set[int]:
             if mode == 0:
                 at += m
             elif mode == 1:
-                nsym = b[at] + 1
-                at += 1 + 3 * nsym
+                at += 1 + 3 * (b[at] + 1)
                 at += 4 + struct.unpack_from("<I", b, at)[0]
             else:
-                nsym = b[at] + 1
-                at += 1 + 2 * nsym
+                at += 1 + 2 * (b[at] + 1) if mode == 2 else 2 + (b[at + 1] + 2) // 2
                 at += 16 + sum(struct.unpack_from("<4I", b, at))
         assert at == end
     return modes
@@ -65,6 +64,7 @@ def _tensors() -> list[torch.Tensor]:
         torch.randint(0, 256, (100_000,), dtype=torch.uint8),  # raw
         (torch.rand(90_000, generator=g) < 0.02).to(torch.uint8),  # skewed: rANS
         torch.randint(0, 4, (70_001,), dtype=torch.uint8),
+        torch.randint(0, 2, (9000,), dtype=torch.uint8, generator=g) * 255,  # Huffman, pairs table
         torch.randn(5000, dtype=torch.float64, generator=g),
         torch.randn(333, generator=g, dtype=torch.complex64),
         torch.randint(-3, 3, (BLOCK - 1,), generator=g, dtype=torch.int64),
@@ -86,7 +86,7 @@ def test_every_plane_mode_decodes_bit_for_bit() -> None:
         out = torch.empty_like(t)
         device.decode_planes(blob, out)
         assert _same(out, t), (t.dtype, t.numel())
-    assert seen == {0, 1, 2}  # raw, rANS and Huffman planes all went through
+    assert seen == {0, 1, 2, 3}  # raw, rANS and Huffman planes (both tables) all went through
 
 
 def test_damaged_streams_are_refused_as_the_cpu_decoder_refuses_them() -> None:
@@ -179,7 +179,7 @@ def test_the_reader_decodes_coded_groups_on_the_device(store_path: Path, emulate
         data[at] ^= 0x5A
         pack.write_bytes(bytes(data))
         with mmcore.open(store_path) as store:
-            with pytest.raises(IntegrityError, match="corrupt|byte-plane"):
+            with pytest.raises(IntegrityError, match=r"corrupt|byte-plane"):
                 store.load(vid)
             try:  # without verify: refused, or other values (the hashes are not read)
                 store.load(vid, verify=False)
@@ -234,5 +234,31 @@ def test_coded_stores_load_onto_the_gpu(store_path: Path, kind: str,
     off, length, _ = rec.chunks[-1]
     data[off + length // 2] ^= 0x5A
     pack.write_bytes(bytes(data))
-    with mmcore.open(store_path) as store, pytest.raises(IntegrityError, match="corrupt|byte-plane"):
+    with (
+        mmcore.open(store_path) as store,
+        pytest.raises(IntegrityError, match=r"corrupt|byte-plane"),
+    ):
         store.load(vid, device="cuda")
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@pytest.mark.parametrize("which", ["v4", "v5"])  # byte-plane streams of version 1 and 2
+def test_golden_coded_stores_decode_on_the_device_path(which: str, tmp_path: Path,
+                                                       emulated: None) -> None:  # fmt: skip
+    import shutil
+
+    shutil.copytree(GOLDEN / which / "store", tmp_path / "store")
+    with mmcore.open(tmp_path / "store", create=False) as store:
+        coded = [v.id for v in store.versions()
+                 if any(store.storage.content(g.blob).chunks is not None
+                        for g in store.manifest(v.id).groups)]  # fmt: skip
+        assert coded
+        for vid in coded:
+            on_device = store.load(vid)  # through the emulated device decoder
+            device.EMULATE_ON_CPU = False
+            try:
+                assert_sets_equal(on_device, store.load(vid))
+            finally:
+                device.EMULATE_ON_CPU = True

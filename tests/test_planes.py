@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmcore import kernels
-from mmcore.errors import IntegrityError
+from mmcore.errors import IntegrityError, InvalidArgumentError
 
 BLOCK = 1 << 16
 
@@ -98,11 +98,15 @@ def test_a_damaged_stream_is_refused_or_decodes_within_bounds() -> None:
     assert refused > 10 and refused + differ > 280, (refused, differ)
 
 
-def _huffman_plane(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A bfloat16 stream of one block and where its exponent plane (mode 2) starts."""
+def _huffman_plane(t: torch.Tensor, mode: int) -> tuple[torch.Tensor, int]:
+    """A stream of one block whose last plane is Huffman-coded (``mode``: 2, its table
+    as pairs; 3, as nibbles over a range) and where that plane's table starts."""
     blob = kernels.compress_planes(t)
-    at = 16 + 4 + 1 + t.numel()  # header, one block length, plane 0 raw (mode, bytes)
-    assert int(blob[16 + 4]) == 0 and int(blob[at]) == 2  # raw, then Huffman
+    at = 16 + 4  # header, one block length
+    for _ in range(t.element_size() - 1):  # raw planes before it
+        assert int(blob[at]) == 0
+        at += 1 + t.numel()
+    assert int(blob[at]) == mode
     return blob, at + 1
 
 
@@ -110,15 +114,43 @@ def test_a_damaged_huffman_plane_is_refused() -> None:
     g = torch.Generator().manual_seed(5)
     t = (torch.randn(BLOCK, generator=g) * 0.05).bfloat16()
     out = torch.empty_like(t)
-    blob, at = _huffman_plane(t)
+    blob, at = _huffman_plane(t, 3)  # exponents: a narrow range of symbols
     assert torch.equal(kernels.decompress_planes(blob, out).view(torch.int16), t.view(torch.int16))
+    count = int(blob[at + 1]) + 1
+    table = 2 + (count + 1) // 2
+
+    def all_length_one(b: torch.Tensor) -> None:  # three or more codes of one bit
+        b[at + 2 : at + table].fill_(0x11)
+        if count % 2:
+            b[at + table - 1] = 0x01
+
+    assert count >= 3
+    for change, problem in (
+        (lambda b: b.__setitem__(at + 2, (int(b[at + 2]) & 0xF0) | 12), "bad Huffman table"),
+        (lambda b: b.__setitem__(at, 256 - count + 1), "bad Huffman table"),  # past 255
+        (lambda b: b[at + 2 : at + table].fill_(0), "bad Huffman table"),  # no symbol
+        (all_length_one, "no prefix code"),
+        (lambda b: b.__setitem__(at + table, int(b[at + table]) ^ 1), "Huffman stream"),
+    ):
+        bad = blob.clone()
+        change(bad)
+        with pytest.raises(IntegrityError, match=problem):
+            kernels.decompress_planes(bad, out)
+    if count % 2:  # the unused nibble of an odd range must be zero
+        bad = blob.clone()
+        bad[at + table - 1] |= 0x10
+        with pytest.raises(IntegrityError, match="bad Huffman table"):
+            kernels.decompress_planes(bad, out)
+
+    pairs = torch.randint(0, 2, (BLOCK,), generator=g, dtype=torch.uint8) * 255  # symbols 0, 255
+    blob, at = _huffman_plane(pairs, 2)
+    out8 = torch.empty_like(pairs)
+    assert torch.equal(kernels.decompress_planes(blob, out8), pairs)
     nsym = int(blob[at]) + 1
-    lens = blob[at + 2 : at + 2 + 2 * nsym : 2]
     for change, problem in (
         (lambda b: b.__setitem__(at + 2, 12), "bad Huffman table"),  # longer than 11 bits
         (lambda b: b.__setitem__(at + 2, 0), "bad Huffman table"),
         (lambda b: b.__setitem__(at + 3, int(b[at + 1])), "bad Huffman table"),  # a symbol twice
-        (lambda b: b[at + 2 : at + 2 + 2 * nsym : 2].fill_(1), "no prefix code"),
         (
             lambda b: b.__setitem__(at + 1 + 2 * nsym, int(b[at + 1 + 2 * nsym]) ^ 1),
             "Huffman stream",
@@ -127,13 +159,40 @@ def test_a_damaged_huffman_plane_is_refused() -> None:
         bad = blob.clone()
         change(bad)
         with pytest.raises(IntegrityError, match=problem):
+            kernels.decompress_planes(bad, out8)
+
+
+def test_headers_of_both_versions_and_every_block_size() -> None:
+    """Version 2 says its block size (2^16 to 2^20 elements); version 1 is 2^16 with
+    byte 6 zero; anything else is refused."""
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(5 * BLOCK + 3, generator=g) * 0.05
+    out = torch.empty_like(t)
+    for log2 in range(16, 21):
+        blob = kernels.compress_planes(t, block_log2=log2)
+        assert int(blob[4]) == 2 and int(blob[6]) == log2
+        kernels.decompress_planes(blob, out)
+        assert torch.equal(out.view(torch.int32), t.view(torch.int32))
+    v1 = kernels.compress_planes(t, block_log2=16)
+    v1[4] = 1
+    v1[6] = 0  # a version-1 stream (its planes as a version-1 writer's, but for mode 3)
+    kernels.decompress_planes(v1, out)
+    assert torch.equal(out.view(torch.int32), t.view(torch.int32))
+    for at, value, problem in ((4, 3, "version 3"), (6, 15, "block size"), (6, 21, "block size"),
+                               (7, 1, "block size")):  # fmt: skip
+        bad = kernels.compress_planes(t).clone()
+        bad[at] = value
+        with pytest.raises(IntegrityError, match=problem):
             kernels.decompress_planes(bad, out)
-    assert int(lens.max()) <= 11
+    bad = v1.clone()
+    bad[6] = 16
+    with pytest.raises(IntegrityError, match="block size"):
+        kernels.decompress_planes(bad, out)
+    with pytest.raises(InvalidArgumentError, match="block_log2"):
+        kernels.compress_planes(t, block_log2=21)
 
 
 def test_bad_arguments() -> None:
-    from mmcore.errors import InvalidArgumentError
-
     with pytest.raises(InvalidArgumentError, match="contiguous"):
         kernels.decompress_planes(kernels.compress_planes(torch.ones(4)), torch.ones(8)[::2])
 

@@ -190,19 +190,23 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), nbytes) if nbytes else b""
 
 
-def compress_planes(t: torch.Tensor, *, threads: int = 0) -> torch.Tensor:
+def compress_planes(t: torch.Tensor, *, threads: int = 0, block_log2: int = 16) -> torch.Tensor:
     """A CPU tensor's bytes coded losslessly as byte planes (docs/FORMAT.md, "Byte
-    planes"): per block of 65,536 elements, the sign bit rotated to the lowest bit and
-    each byte position a plane, stored raw, Huffman- or rANS-coded where smaller. Returns
-    a uint8 tensor; ``decompress_planes`` gives the bytes back, bit for bit."""
+    planes"): per block of ``2**block_log2`` elements (16 to 20), the sign bit rotated to
+    the lowest bit and each byte position a plane, stored raw, Huffman- or rANS-coded
+    where smaller. Returns a uint8 tensor; ``decompress_planes`` gives the bytes back,
+    bit for bit."""
     if t.device.type != "cpu":
         raise InvalidArgumentError(f"compress_planes needs a CPU tensor, got one on {t.device}")
     t = t.contiguous()
     width, nbytes = t.element_size(), t.numel() * t.element_size()
     if width not in (1, 2, 4, 8):
         width = 1  # (bytes of sub-byte dtypes: one plane)
-    out = torch.empty(core().planes_bound(nbytes, width), dtype=torch.uint8)
-    used = core().planes_encode(t.data_ptr(), nbytes, width, out.data_ptr(), out.numel(), threads)
+    if isinstance(block_log2, bool) or block_log2 not in range(16, 21):
+        raise InvalidArgumentError(f"block_log2 must be an int from 16 to 20, got {block_log2!r}")
+    out = torch.empty(core().planes_bound(nbytes, width, block_log2), dtype=torch.uint8)
+    used = core().planes_encode(t.data_ptr(), nbytes, width, out.data_ptr(), out.numel(), threads,
+                                block_log2)  # fmt: skip
     return out[:used]
 
 

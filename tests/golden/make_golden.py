@@ -8,7 +8,8 @@ saved as stacks, models derived from others (v2: one derived from a derived mode
 its source removed), groups that share tensors (v3: one row, two rows, rows a later
 baseline references, whole models of an update sharing theirs), compressed records
 (v4, ``compress=True``: a baseline of mixed dtypes in several chunks, a family sharing
-coded rows, an update's whole models coded), and packs rewritten by compaction. ``expected.json`` records, per
+coded rows, an update's whole models coded; v5: the same with byte-plane streams of
+version 2, Huffman tables as ranges of 4-bit lengths), and packs rewritten by compaction. ``expected.json`` records, per
 version, each model's tensors in order with dtype, shape and the BLAKE3 of their
 bytes as ``load`` returned them when the store was written (the ``blake3`` package,
 not mmcore, computes them), and the torch version that ran the provenance recipe.
@@ -28,7 +29,7 @@ import mmcore
 from mmcore.examples import battery
 
 HERE = Path(__file__).resolve().parent
-FORMAT = "v4"  # bump (a new directory) when the format changes; keep reading the old ones
+FORMAT = "v5"  # bump (a new directory) when the format changes; keep reading the old ones
 
 
 def digest(t: torch.Tensor) -> str:
