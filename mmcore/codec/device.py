@@ -28,7 +28,7 @@ from ..kernels import cuda
 from ..modelset import Schema
 from .records import _Stream, layout_of
 
-BLOCK_ELEMS = 1 << 16  # elements of a byte-plane block (csrc/planes.h)
+BLOCK_ELEMS = 1 << 16  # the smallest block a byte-plane stream has: the table needs no more rows
 PLANES_PER_BLOCK = 8  # a block's row of plane addresses
 
 # planes_units::Error, as messages

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -55,7 +55,6 @@ class _Live:
     ranges: list[tuple[int, int]]  # (pack offset, length) to copy
     extents: int = 0  # how many of the first ranges are group extents
     schema: Schema | None = None  # a group blob's records'
-    recode: bool = False  # its extents are coded into chunks, not copied
 
     @property
     def plain(self) -> bool:
@@ -210,19 +209,19 @@ def compact(store: Storage, below: float, progress: bool | None = None,
         due = below > 1 or (below > 0 and end - _FIRST < below * (size - HEADER_SIZE))
         plain = (placed, end) if due else None
         live = sum(length for item in items for _, length in item.ranges)
-        if compress and any(item.plain for item in items):
-            # their extents are not copied: their coded chunks follow the rest
-            coded = [replace(item, ranges=item.ranges[item.extents:], extents=0, recode=True)
-                     if item.plain else item for item in items]  # fmt: skip
-            todo.append((pack, layout(coded), size, live, plain))
+        recode = sorted((item for item in items if compress and item.plain),
+                        key=lambda item: item.ranges[0][0])  # fmt: skip
+        if recode:  # the others laid out as ever, then each of these coded, then its hashes
+            placed_rest, end_rest = layout([item for item in items if not item.plain])
+            todo.append((pack, placed_rest, end_rest, recode, size, live, plain))
         elif plain is not None:
-            todo.append((pack, plain, size, live, None))
+            todo.append((pack, *plain, [], size, live, None))
     freed = 0
-    total = sum(live for _, _, _, live, _ in todo)
+    total = sum(live for *_, live, _ in todo)
     label = "compressing and compacting packs" if compress else "compacting packs"
     with progress_bar(total, label, progress, min_total=64 << 20) as bar:
-        for pack, (placed, end), size, live, fallback in todo:
-            got = _rewrite(store, pack, placed, end, size)
+        for pack, placed, end, recode, size, live, fallback in todo:
+            got = _rewrite(store, pack, placed, end, size, recode)
             if got is None and fallback is not None:  # coding did not pay: compacted plain
                 got = _rewrite(store, pack, *fallback, size)
             freed += got or 0
@@ -231,29 +230,30 @@ def compact(store: Storage, below: float, progress: bool | None = None,
 
 
 def _rewrite(store: Storage, pack: str, placed: list[tuple[_Live, list[int]]], end: int,
-             size: int) -> int | None:  # fmt: skip
+             size: int, recode: Sequence[_Live] = ()) -> int | None:  # fmt: skip
     """One pack's live bytes into a new pack, as ``layout`` placed them (ending at
-    ``end``), the blobs to recode coded after them; returns the bytes it frees, or None
-    (nothing changed) where coding them would not make the pack smaller."""
+    ``end``), then each blob of ``recode`` coded, its hashes behind it (the order the
+    next compaction's layout keeps, so it never grows the pack); returns the bytes it
+    frees, or None (nothing changed) where coding them would not make the pack smaller."""
     writer = store.tier.create()
     try:
         records = []
         copies = []
-        recode = []
         for item, targets in placed:
             copies += [(to, offset, length)
                        for (offset, length), to in zip(item.ranges, targets) if length]  # fmt: skip
             moved = {offset: to for (offset, _), to in zip(item.ranges, targets)}
-            if item.recode:
-                recode.append((item, moved[item.rec.hashes_offset]))
-            else:
-                records.append((item.key, relocated(item, moved, writer.pack_id)))
+            records.append((item.key, relocated(item, moved, writer.pack_id)))
         for to, offset, length in sorted(copies):  # front to back
             copy_range(store, pack, offset, length, writer, to)
-        for item, hashes_at in recode:
+        for item in recode:
             chunks, end = _recode(store, pack, item, writer, end)
-            records.append((item.key, replace(item.rec, pack=writer.pack_id, extents=[],
-                                              chunks=chunks, hashes_offset=hashes_at)))  # fmt: skip
+            hashes_at = align_up(end, _ALIGN)
+            rec = item.rec
+            copy_range(store, pack, rec.hashes_offset, rec.hashes_length, writer, hashes_at)
+            end = hashes_at + rec.hashes_length
+            records.append((item.key, replace(rec, pack=writer.pack_id, extents=[], chunks=chunks,
+                                              hashes_offset=hashes_at)))  # fmt: skip
         if recode and end >= size:  # (small models that do not code smaller)
             writer.abort()
             return None
