@@ -299,11 +299,20 @@ def cuda_scatter(
 def cuda_planes_decode(blocks: int, n: int, planes: int, error: int, stream: int) -> None: ...
 def planes_bound(nbytes: int, width: int, block_log2: int = 16) -> int: ...
 def planes_blocks(
-    src: int, len: int, nbytes: int, width: int, dev_src: int, dst: int, scratch: int, out: int, cap: int
+    src: int,
+    len: int,
+    nbytes: int,
+    width: int,
+    dev_src: int,
+    dst: int,
+    scratch: int,
+    out: int,
+    cap: int,
 ) -> int: ...
 def planes_emulate(blocks: int, n: int, planes: int, error: int) -> None: ...
 
 planes_block_bytes: int
+
 def planes_encode(
     src: int, nbytes: int, width: int, dst: int, cap: int, threads: int, block_log2: int = 16
 ) -> int: ...
