@@ -158,17 +158,28 @@ def _floats(count: int, width: int) -> dict[str, dict[str, torch.Tensor]]:
                           "b": torch.randn(7, generator=g) * 0.02} for k in range(count)}  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["mixed", "floats", "large"])
+def _frozen(count: int) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    body = {f"body.{i}": torch.randn(64, 64, generator=g) * 0.05 for i in range(2)}
+    return {f"ft{k}": {**body, "head": torch.randn(10, 64, generator=g) * 0.05}
+            for k in range(count)}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["mixed", "floats", "large", "shared"])
 def test_the_reader_decodes_coded_groups_on_the_device(store_path: Path, emulated: None,
                                                         kind: str) -> None:  # fmt: skip
-    """Scattered streams (several widths, padding), one stream a chunk, and records of
-    several blocks each: loaded through the device path, bit for bit; a damaged chunk
-    is refused with verify and without."""
-    models = {"mixed": _mixed(12), "floats": _floats(30, 700), "large": _floats(3, 150_000)}[kind]
+    """Scattered streams (several widths, padding), one stream a chunk, records of
+    several blocks each, and a group sharing rows: loaded (and stacked) through the
+    device path, bit for bit; a damaged chunk is refused with verify and without."""
+    models = {"mixed": _mixed(12), "floats": _floats(30, 700), "large": _floats(3, 150_000),
+              "shared": _frozen(20)}[kind]  # fmt: skip
     with mmcore.open(store_path) as store:
         vid = store.save(models, compress=True)
         assert_sets_equal(store.load(vid), models)
         assert_sets_equal(store.load(vid, verify=False), models)
+        assert_sets_equal(store.load_stacked(vid).state_dicts(), models)
+        if kind == "shared":
+            assert store.manifest(vid).groups[0].shared is not None
         rec = store.storage.content(store.manifest(vid).groups[0].blob)
     assert rec.chunks is not None and len(rec.chunks) > 1
     pack = store_path / "packs" / f"{rec.pack}.pack"

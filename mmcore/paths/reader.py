@@ -555,9 +555,8 @@ class BlobReader:
             rec, schema = self.group_content(manifest, group), group.record_schema
             count = group.count
         if rec.chunks is None or not device_codec.decodes_on(device):
-            return self._blob_buffer(manifest, group, rows=rows, verify=verify, pool=pool).to(
-                device
-            )
+            buf = self._blob_buffer(manifest, group, rows=rows, verify=verify, pool=pool)
+            return buf.to(device)
         out = torch.empty(count * schema.stride, dtype=torch.uint8, device=device)
         coded, placed = self._coded_chunks(rec, rec.chunks)
         device_codec.decode(schema, coded, placed, out, f"a coded blob in pack {rec.pack}")
