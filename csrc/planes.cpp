@@ -406,8 +406,43 @@ struct BitReader {
 // yet loaded are (up to 7 bytes past the stream's end on its last refills), and a
 // stream that would read from further on, needing more bits than it holds, is
 // refused.
+constexpr uint32_t kHuffSize = 1u << kHuffBits, kHuffMask = kHuffSize - 1;
+
+// A thread's decode tables, kept for the next plane: consecutive blocks' planes of one
+// kind often have the same code lengths (the tables' only input), and building them
+// costs about a fifth of a block's decode.
+struct HuffTables {
+  bool valid = false;
+  uint8_t lens[256];
+  uint16_t one[kHuffSize];  // one symbol per pattern: symbol | length << 8 (0: no code)
+  std::vector<HuffEntry> tab = std::vector<HuffEntry>(kHuffSize);
+
+  void build(const uint8_t* l, const uint16_t* code) {
+    std::memcpy(lens, l, 256);
+    std::fill(one, one + kHuffSize, uint16_t(0));
+    for (int s = 0; s < 256; ++s) {
+      if (!lens[s]) continue;
+      for (uint32_t hi = 0; hi < (1u << (kHuffBits - lens[s])); ++hi)
+        one[code[s] | (hi << lens[s])] = uint16_t(uint32_t(s) | (uint32_t(lens[s]) << 8));
+    }
+    for (uint32_t pat = 0; pat < kHuffSize; ++pat) {
+      HuffEntry e{0, 0, 0};
+      while (e.count < 4) {  // whole codes only: the bits past kHuffBits are not known
+        uint16_t x = one[(pat >> e.bits) & kHuffMask];
+        int len = x >> 8;
+        if (!len || e.bits + len > kHuffBits) break;
+        e.symbols |= uint32_t(x & 0xFF) << (8 * e.count);
+        ++e.count;
+        e.bits = uint8_t(e.bits + len);
+      }
+      tab[pat] = e;
+    }
+    valid = true;
+  }
+};
+
 uint64_t huffman_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t n,
-                        std::vector<uint8_t>& scratch, bool range) {
+                        std::vector<uint8_t>& scratch, bool range, HuffTables& cache) {
   if (len < 2) damaged("a Huffman plane without its table");
   uint8_t lens[256] = {0};
   uint64_t table;
@@ -434,29 +469,14 @@ uint64_t huffman_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t 
       lens[sym] = l;
     }
   }
-  uint16_t code[256] = {0};
-  if (!huffman_codes(lens, code)) damaged("Huffman code lengths that are no prefix code");
-  constexpr uint32_t kSize = 1u << kHuffBits, kMask = kSize - 1;
-  uint16_t one[kSize];  // one symbol per pattern: symbol | length << 8 (0: no code)
-  std::fill(one, one + kSize, uint16_t(0));
-  for (int s = 0; s < 256; ++s) {
-    if (!lens[s]) continue;
-    for (uint32_t hi = 0; hi < (1u << (kHuffBits - lens[s])); ++hi)
-      one[code[s] | (hi << lens[s])] = uint16_t(uint32_t(s) | (uint32_t(lens[s]) << 8));
+  if (!cache.valid || std::memcmp(cache.lens, lens, 256) != 0) {
+    uint16_t code[256] = {0};
+    if (!huffman_codes(lens, code)) damaged("Huffman code lengths that are no prefix code");
+    cache.build(lens, code);
   }
-  std::vector<HuffEntry> tab(kSize);
-  for (uint32_t pat = 0; pat < kSize; ++pat) {
-    HuffEntry e{0, 0, 0};
-    while (e.count < 4) {  // whole codes only: the bits past kHuffBits are not known
-      uint16_t x = one[(pat >> e.bits) & kMask];
-      int l = x >> 8;
-      if (!l || e.bits + l > kHuffBits) break;
-      e.symbols |= uint32_t(x & 0xFF) << (8 * e.count);
-      ++e.count;
-      e.bits = uint8_t(e.bits + l);
-    }
-    tab[pat] = e;
-  }
+  constexpr uint32_t kMask = kHuffMask;
+  const uint16_t* one = cache.one;
+  const HuffEntry* tab = cache.tab.data();
   uint64_t sizes[kStreams], total = table + 4 * kStreams;
   for (int k = 0; k < kStreams; ++k) {
     sizes[k] = get_u32(in + table + 4 * k);
@@ -897,6 +917,7 @@ void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t 
   const uint64_t nblocks = starts.size() - 1;
   parallel_ranges(nblocks, threads, 1, [&](size_t a, size_t b) {
     std::vector<uint8_t> decoded, scratch;
+    auto tables = std::make_unique<HuffTables>();
     for (size_t k = a; k < b; ++k) {
       uint64_t m = std::min<uint64_t>(block, elems - k * block);
       const uint8_t* in = src + starts[k];
@@ -917,7 +938,7 @@ void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t 
           planes[p] = out;
         } else if (mode == kHuffman || mode == kHuffmanRange) {
           uint8_t* out = decoded.data() + uint64_t(p) * m;
-          at += huffman_decode(in + at, len - at, out, m, scratch, mode == kHuffmanRange);
+          at += huffman_decode(in + at, len - at, out, m, scratch, mode == kHuffmanRange, *tables);
           planes[p] = out;
         } else {
           damaged("a plane of unknown mode " + std::to_string(mode));
