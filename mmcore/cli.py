@@ -219,15 +219,17 @@ def cmd_du(args: argparse.Namespace) -> int:
         )
         per = []
         shared = False
+        manifests = {i.id: store.manifest(i.id) for i in infos}  # (each read once)
+        coded_blobs: dict[bytes, tuple[int, int]] = {}
         for i in infos:
-            m = store.manifest(i.id)
+            m = manifests[i.id]
             c = i.changes
             if m.update is not None:
                 payload, meta = c.get("payload_bytes", 0), c.get("metadata_bytes", 0)
             elif m.provenance is not None:
                 payload, meta = 0, c.get("roots_bytes", 0)
             else:
-                plain, coded = store.storage.compression(m.groups)
+                plain, coded = store.storage.compression(m.groups, coded_blobs)
                 payload = sum(g.payload_bytes() for g in m.groups) - plain + coded
                 meta = sum(g.hash_bytes() for g in m.groups)
             # More than it stored: its blobs equal ones stored before, referenced, not written
@@ -253,12 +255,12 @@ def cmd_du(args: argparse.Namespace) -> int:
                 line += (f"; of them models derived from another: {human_bytes(d_logical)} in "
                          f"{human_bytes(d_stored)}")  # fmt: skip
             print(line)
-        groups = [g for i in infos for g in store.manifest(i.id).groups if g.shared is not None]
+        groups = [g for m in manifests.values() for g in m.groups if g.shared is not None]
         if groups:  # what storing equal tensors once saved (in every version's own count)
             print(f"saved      by shared tensors: {human_bytes(sum(g.shared_saved() for g in groups))} "
                   f"of parameters not stored, in {len(groups):,} group(s)")  # fmt: skip
         plain, coded = store.storage.compression(
-            [g for i in infos for g in store.manifest(i.id).groups]
+            [g for m in manifests.values() for g in m.groups], coded_blobs
         )
         if plain:  # what coding whole models saved (each blob once)
             print(f"saved      by compression: {human_bytes(plain)} of records stored in "

@@ -104,9 +104,12 @@ class Storage:
         """Whether the store holds blob ``key``."""
         return self.catalog.get("content", key) is not None
 
-    def compression(self, groups: Sequence[GroupRecord]) -> tuple[int, int]:
+    def compression(self, groups: Sequence[GroupRecord],
+                    memo: dict[bytes, tuple[int, int]] | None = None) -> tuple[int, int]:  # fmt: skip
         """(plain bytes, stored bytes) of the coded blobs (``compress=True``) among
-        these groups' blobs, each blob counted once."""
+        these groups' blobs, each blob counted once. ``memo`` keeps each blob's pair
+        across calls (a caller asking for many versions reads each record once)."""
+        memo = {} if memo is None else memo
         seen: set[bytes] = set()
         plain = coded = 0
         for g in groups:
@@ -117,10 +120,13 @@ class Storage:
                 if key in seen:
                     continue
                 seen.add(key)
-                rec = self.content(key)
-                if rec.chunks is not None:
-                    plain += rec.payload_length(stride)
-                    coded += rec.coded_length()
+                got = memo.get(key)
+                if got is None:
+                    rec = self.content(key)
+                    got = memo[key] = ((rec.payload_length(stride), rec.coded_length())
+                                       if rec.chunks is not None else (0, 0))  # fmt: skip
+                plain += got[0]
+                coded += got[1]
         return plain, coded
 
     def pack_size(self, pack_id: str) -> int | None:
