@@ -51,7 +51,9 @@ start=$(date +%s)
 # decodecheck: memcheck over the device decoder's tests.) A step is stopped with SIGINT at
 # its limit, so pytest still prints what failed so far.
 # e.g. STEPS=tests,memcheck,racecheck,kernels for kernel work (issue 12), the rest in a
-# second call.
+# second call. KERNEL_MB (default 1024): the kernel benchmark's tensor.
+# Timed on an H200 (2026-12-04): install 28 s, gpu 32 s, decode 29 s, decodecheck 9 s,
+# tests 319 s (serial), memcheck 33 s; kernels did not finish in 28 s.
 BUDGET="${BUDGET:-420}"
 STEPS="${STEPS:-gpu,decode,decodecheck,tests,memcheck,racecheck,kernels,stacked,battery,provenance,harness}"
 deadline=$(( start + BUDGET ))
@@ -91,7 +93,7 @@ pytest=("$PY" -m pytest -q -rs -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/p
 step gpu "GPU tests and coded stores" 150 "${pytest[@]}" -o addopts="" -m "gpu or not benchmark" \
   "$ROOT/tests/test_device_decode.py" "$ROOT/tests/test_compress.py" "$ROOT/tests/test_planes.py" \
   "$ROOT/tests/test_gpu.py" "$ROOT/tests/test_gpu_kernels.py" "$ROOT/tests/test_cuda_validation.py" \
-  -k "not s3" >"$LOGS/gpu_tests.log" 2>&1
+  "$ROOT/tests/test_update.py" "$ROOT/tests/test_packaging.py" -k "not s3" >"$LOGS/gpu_tests.log" 2>&1
 [ -f "$LOGS/gpu_tests.log" ] && log "GPU tests: $(tail -1 "$LOGS/gpu_tests.log")"
 grep -sE "^(FAILED|ERROR)" "$LOGS/gpu_tests.log" | head -20 >>"$OUT/summary.txt"
 step decode "gpu_decode (device byte-plane decoder; load of 10,000 coded cells)" 120 "$PY" \
@@ -106,9 +108,10 @@ step decodecheck "compute-sanitizer memcheck over the device decoder's tests" 90
 step tests "all tests" 420 "${pytest[@]}" "$ROOT/tests" >"$LOGS/all_tests.log" 2>&1
 [ -f "$LOGS/all_tests.log" ] && log "all tests: $(tail -1 "$LOGS/all_tests.log")"
 grep -sE "^(FAILED|ERROR)" "$LOGS/all_tests.log" | head -20 >>"$OUT/summary.txt"
+# (without the test that makes a kernel fault on purpose: its bad reads are the point)
 step memcheck "compute-sanitizer memcheck over the GPU tests" 120 compute-sanitizer --tool memcheck \
   --error-exitcode 99 --target-processes all "${pytest[@]}" -m gpu -o addopts="" "$ROOT/tests" \
-  >"$LOGS/sanitizer.log" 2>&1
+  -k "not kernel_fault_surfaces" >"$LOGS/sanitizer.log" 2>&1
 [ -f "$LOGS/sanitizer.log" ] &&
   log "memcheck: $(grep -E "ERROR SUMMARY" "$LOGS/sanitizer.log" | sort | uniq -c | tr -s ' ' | head -3)"
 # racecheck: shared-memory hazards, in the kernels that share memory (BLAKE3's stages)
@@ -118,7 +121,7 @@ step racecheck "compute-sanitizer racecheck over the BLAKE3 GPU tests" 90 comput
 [ -f "$LOGS/racecheck.log" ] &&
   log "racecheck: $(grep -E "RACECHECK SUMMARY|ERROR SUMMARY" "$LOGS/racecheck.log" | sort | uniq -c | tr -s ' ' | head -3)"
 step kernels "bench_kernels (1 GiB and the table, on the GPU)" 120 "$PY" "$ROOT/benchmarks/bench_kernels.py" \
-  --devices cuda --mb 1024 --repeat 5 --json "$OUT/kernels.json" >"$LOGS/kernels.txt" 2>&1
+  --devices cuda --mb "${KERNEL_MB:-1024}" --repeat 5 --json "$OUT/kernels.json" >"$LOGS/kernels.txt" 2>&1
 step stacked "stacks (load_stacked to the GPU, forward there against a loop over modules)" 60 \
   "$PY" "$ROOT/benchmarks/stacked.py" --cells 10000 --repeat 3 --device cuda \
   --json "$OUT/stacked.json" >"$LOGS/stacked.txt" 2>&1

@@ -62,7 +62,9 @@ def test_verify_in_a_source_tree_without_the_native_module(tmp_path: Path) -> No
     root = _source_tree(tmp_path)
     with mmcore.open(root / "mmcore-demo.mm") as s:
         v = s.save(small_set(4), ref="fleet")
-    env = {k: val for k, val in os.environ.items() if k != "PYTHONPATH"}
+    # PYTHONPATH stays (the dependencies may be installed through it, as on the GPU
+    # machine): the checkout, the working directory, comes before it on sys.path
+    env = dict(os.environ)
     python_m = NO_EDITABLE_HOOK + (  # python -m mmcore verify mmcore-demo.mm
         "import runpy; sys.argv = ['mmcore', 'verify', 'mmcore-demo.mm']\n"
         "runpy.run_module('mmcore', run_name='__main__', alter_sys=True)\n"

@@ -372,10 +372,25 @@ def test_cli_info_of_an_update(store_path: Path, capsys: pytest.CaptureFixture[s
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_update_saved_from_the_gpu_equals_the_cpu_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nvcomp", [False, True], ids=["host-zstd", "nvcomp"])
+def test_update_saved_from_the_gpu_equals_the_cpu_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nvcomp: bool
+) -> None:
+    """The same encodings, tables and hashes from the GPU as from the CPU. Compressed on
+    the host (no nvCOMP), the delta blob is the same bytes, so the same key; compressed
+    by nvCOMP on the device, each model blob is nvCOMP's zstd frames (codec ZSTD_FRAMES:
+    other bytes, another stored size), so the tables agree in every other field."""
+    from mmcore import codec
+    from mmcore.codec import frames
+    from mmcore.paths.chain import delta_table
+
+    if nvcomp and not frames.nvcomp_available():
+        pytest.skip("nvCOMP is not installed (pip install mmcore-models[gpu])")
+    if not nvcomp:
+        monkeypatch.setattr(frames, "nvcomp_available", lambda: False)
     models = small_set(40, seed=6)
     new = _nudge(models, 4, 1e-2, 1)
-    blobs = []
+    keys, tables = [], []
     for device in ("cpu", "cuda"):
         on = {n: {k: t.to(device) for k, t in sd.items()} for n, sd in new.items()}
         with mmcore.open(tmp_path / f"{device}.mm") as s:
@@ -383,16 +398,24 @@ def test_update_saved_from_the_gpu_equals_the_cpu_one(tmp_path: Path) -> None:
             v2 = s.save(on, approach="update", parent=v1, tolerance=1e-3)
             m = s.manifest(v2)
             assert m.update is not None and m.update.delta_blob is not None
-            rec = s.storage.content(m.update.delta_blob)
-            blobs.append(m.update.delta_blob)
+            keys.append(m.update.delta_blob)
+            table = delta_table(s.storage, m)
+            tables.append(([row[2:-1] for row in table.rows], table.columns, table.hashes))
+            gpu_frames = device == "cuda" and nvcomp
+            assert {row[-1] for row in table.rows} == {
+                codec.ZSTD_FRAMES if gpu_frames else codec.ZSTD
+            }
             got_cpu = s.load(v2)
             got_gpu = s.load(v2, device="cuda")
             for name, sd in got_cpu.items():
                 for key, t in sd.items():
                     assert got_gpu[name][key].is_cuda
                     assert_bit_equal(got_gpu[name][key].cpu(), t)
-            assert rec.table is not None
-    assert blobs[0] == blobs[1]  # the delta blob's key: its tables and hashes, byte for byte
+    (rows_cpu, cols_cpu, hashes_cpu), (rows_gpu, cols_gpu, hashes_gpu) = tables
+    assert torch.equal(cols_cpu, cols_gpu) and torch.equal(hashes_cpu, hashes_gpu)
+    assert rows_cpu == rows_gpu  # (offset, stored, codec) apart: plain size, tensors, depth
+    if not nvcomp:  # the key: the tables (stored sizes included) and the hashes
+        assert keys[0] == keys[1]
 
 
 @pytest.mark.parametrize("name", sorted(dtypes.BY_NAME))

@@ -136,14 +136,20 @@ def decode(schema: Schema, coded: torch.Tensor, chunks: Sequence[tuple[int, int,
     _run(table, rows, device, what, staging, copies)
 
 
-def decode_planes(blob: torch.Tensor, out: torch.Tensor, what: str = "decode_planes") -> None:
+def decode_planes(blob: torch.Tensor, out: torch.Tensor, what: str = "decode_planes",
+                  on_device: torch.Tensor | None = None) -> None:  # fmt: skip
     """Decodes one byte-plane stream (``kernels.compress_planes``'s, uint8 on the CPU)
     into ``out`` (contiguous, as many bytes as the stream holds, on a CUDA device or,
-    emulated, on the CPU); IntegrityError where it is damaged."""
+    emulated, on the CPU); IntegrityError where it is damaged. ``on_device``: the same
+    bytes already on ``out``'s device (else they are copied there)."""
     mod = core()
     width = int(blob[5]) if blob.numel() > 5 else 1
     nbytes = out.numel() * out.element_size()
-    dev = blob if out.device.type == "cpu" else blob.to(out.device)
+    if on_device is not None and (on_device.device != out.device or on_device.shape != blob.shape):
+        raise ValueError("decode_planes: on_device is not the blob's bytes on out's device")
+    dev = blob if out.device.type == "cpu" else on_device
+    if dev is None:
+        dev = blob.to(out.device)
     scratch = torch.empty(nbytes, dtype=torch.uint8, device=out.device)
     nblocks = -(-(nbytes // width) // BLOCK_ELEMS)
     table = torch.empty(nblocks * int(mod.planes_block_bytes), dtype=torch.uint8)
