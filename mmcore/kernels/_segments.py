@@ -142,10 +142,18 @@ def framed_buffers(
 
 
 def gather_headers(encoded: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """The first ``size`` bytes of every (CPU, contiguous) encoding, as (n, size) uint8."""
-    from . import gather
+    """The first ``size`` bytes of every contiguous encoding of at least ``size`` bytes,
+    as (n, size) uint8 on the CPU: one native gather where they are on the CPU; one
+    launch and one copy back where they are all on one CUDA device the kernels run on
+    (not a copy back per encoding)."""
+    from . import cuda, gather
 
     n = len(encoded)
+    devices = {e.device for e in encoded}
+    if len(devices) == 1 and native_cuda(next(iter(devices))):
+        buf = torch.empty(n * size, dtype=torch.uint8, device=devices.pop())
+        cuda.gather_addresses(buf, [e.data_ptr() for e in encoded], [size] * n)  # back to back
+        return buf.view(n, size).cpu()
     heads = torch.empty((n, size), dtype=torch.uint8)
     lens = torch.full((n,), size, dtype=torch.int64)
     gather(

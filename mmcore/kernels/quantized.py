@@ -203,13 +203,16 @@ def _frame(q: torch.Tensor, escaped: torch.Tensor, new: torch.Tensor, kind: int,
 def _headers(
     encoded: Sequence[torch.Tensor],
 ) -> list[tuple[int, int, int, int, int, float, int, int]]:
-    """Every encoding's header fields. CPU encodings are read by one native gather."""
+    """Every encoding's header fields: read by one native gather (CPU) or one launch
+    and one copy back (all on one GPU the kernels run on), else one by one."""
     for i, blob in enumerate(encoded):
         if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() < QUANT_HEADER.size:
             raise InvalidArgumentError(
                 f"segment {i}: not a quantized encoding (too short or not uint8)"
             )
-    if not all(b.device.type == "cpu" and b.is_contiguous() for b in encoded):
+    device = encoded[0].device
+    together = native_cpu(device) or native_cuda(device)
+    if not together or not all(b.device == device and b.is_contiguous() for b in encoded):
         return [QUANT_HEADER.unpack(bytes(b[: QUANT_HEADER.size].cpu().tolist())) for b in encoded]
     heads = gather_headers(encoded, QUANT_HEADER.size)
     return list(QUANT_HEADER.iter_unpack(tensor_bytes(heads)))

@@ -212,17 +212,13 @@ def _parse_xor(enc: torch.Tensor, parent: torch.Tensor, i: int) -> None:
 
 
 def _check_headers(encoded: Sequence[torch.Tensor], parent: Sequence[torch.Tensor]) -> None:
-    """All headers checked at once (one native gather); the first bad one is
-    re-parsed alone for its precise message."""
+    """All headers checked at once (one native gather, or one launch and one copy back
+    on a GPU); the first bad one is re-parsed alone for its precise message. The
+    encodings are contiguous and on their parents' device (``check_decode``)."""
     for i, e in enumerate(encoded):
-        if (
-            e.dtype != torch.uint8
-            or e.dim() != 1
-            or e.numel() < XOR_HEADER.size
-            or e.device.type != "cpu"
-        ):
+        if e.dtype != torch.uint8 or e.dim() != 1 or e.numel() < XOR_HEADER.size:
             _parse_xor(e, parent[i], i)
-            raise InvalidArgumentError(f"segment {i}: not a contiguous CPU uint8 encoding")
+            raise InvalidArgumentError(f"segment {i}: not a contiguous uint8 encoding")
     heads = gather_headers(encoded, XOR_HEADER.size)
     nbytes = int64_table([p.numel() * p.element_size() for p in parent])
     ok = (heads[:, 0] == ENCODING_VERSION) & (heads[:, 1] == XOR_PLANES)
@@ -239,7 +235,7 @@ def xor_planes_decode(
 ) -> list[torch.Tensor]:
     """Recovers each new tensor exactly from its encoding and its parent (both on one device)."""
     device = check_decode(encoded, parent)
-    if native_cpu(device) and len(parent):
+    if (native_cpu(device) or native_cuda(device)) and len(parent):
         _check_headers(encoded, parent)
     else:
         for i, (e, p) in enumerate(zip(encoded, parent)):
