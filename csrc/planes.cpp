@@ -215,62 +215,52 @@ uint64_t rans_decode(const uint8_t* in, uint64_t len, uint8_t* out, uint64_t n) 
   return table + 4 + payload;
 }
 
-// Code lengths (0: absent) of a Huffman code for `counts`, at most kHuffBits long:
-// the longest codes are cut to kHuffBits, then the least frequent codes shorter than
-// that lengthened by one bit until the lengths form a prefix code again.
+// Code lengths (0: absent) of the shortest code for `counts` whose codes are at most
+// kHuffBits long, by package-merge: level d (kHuffBits, the deepest, up to 1) lists the
+// symbols (as leaves, lightest first) merged by weight with the packages of level d + 1
+// (its items paired in order); the 2n - 2 lightest items of level 1 are taken, and at
+// each level below, the lightest items of twice as many as the packages taken above.
+// The items taken at a level are a prefix of its list, and its leaves among them are
+// the lightest symbols: a symbol's length is the number of levels that take its leaf.
+// (Huffman's lengths cut to kHuffBits cost up to 0.2% more on a trained model's
+// exponents.)
 void huffman_lengths(const uint32_t* counts, uint8_t* len) {
-  struct Node {
-    uint64_t weight;
-    int left, right;  // children, or -1 and the symbol
-  };
-  std::vector<Node> nodes;
-  std::vector<std::pair<uint64_t, int>> heap;
-  auto later = [](const std::pair<uint64_t, int>& a, const std::pair<uint64_t, int>& b) {
-    return a > b;
-  };
+  int sym[256], n = 0;
   for (int s = 0; s < 256; ++s) {
     len[s] = 0;
-    if (!counts[s]) continue;
-    nodes.push_back({counts[s], -1, s});
-    heap.emplace_back(counts[s], int(nodes.size()) - 1);
+    if (counts[s]) sym[n++] = s;
   }
-  if (nodes.size() == 1) {
-    len[nodes[0].right] = 1;
+  if (n == 0) return;
+  if (n == 1) {
+    len[sym[0]] = 1;
     return;
   }
-  std::make_heap(heap.begin(), heap.end(), later);
-  while (heap.size() > 1) {
-    std::pop_heap(heap.begin(), heap.end(), later);
-    auto a = heap.back();
-    heap.pop_back();
-    std::pop_heap(heap.begin(), heap.end(), later);
-    auto b = heap.back();
-    heap.pop_back();
-    nodes.push_back({a.first + b.first, a.second, b.second});
-    heap.emplace_back(a.first + b.first, int(nodes.size()) - 1);
-    std::push_heap(heap.begin(), heap.end(), later);
-  }
-  std::vector<int> depth(nodes.size(), 0);  // parents come after their children
-  for (size_t i = nodes.size(); i-- > 0;) {
-    if (nodes[i].left < 0) continue;
-    depth[size_t(nodes[i].left)] = depth[size_t(nodes[i].right)] = depth[i] + 1;
-  }
-  int64_t kraft = 0;  // in units of 2^-kHuffBits
-  for (size_t i = 0; i < nodes.size(); ++i) {
-    if (nodes[i].left >= 0) continue;
-    int d = std::min(depth[i], kHuffBits);
-    len[nodes[i].right] = uint8_t(d);
-    kraft += int64_t(1) << (kHuffBits - d);
-  }
-  while (kraft > (int64_t(1) << kHuffBits)) {
-    int best = -1;
-    for (int s = 0; s < 256; ++s) {
-      if (!len[s] || len[s] >= kHuffBits) continue;
-      if (best < 0 || len[s] > len[best] || (len[s] == len[best] && counts[s] < counts[best]))
-        best = s;
+  std::stable_sort(sym, sym + n, [&](int a, int b) { return counts[a] < counts[b]; });
+  // A level holds at most 2n - 1 items (n leaves and fewer than n packages).
+  static thread_local uint64_t weight[kHuffBits + 1][512];
+  static thread_local bool leaf[kHuffBits + 1][512];
+  int size[kHuffBits + 1] = {0};
+  for (int i = 0; i < n; ++i) weight[kHuffBits][i] = counts[sym[i]], leaf[kHuffBits][i] = true;
+  size[kHuffBits] = n;
+  for (int d = kHuffBits - 1; d >= 1; --d) {
+    const uint64_t* below = weight[d + 1];
+    const int packages = size[d + 1] / 2;
+    int at = 0, next = 0, pkg = 0;
+    while (next < n || pkg < packages) {
+      const uint64_t pw = pkg < packages ? below[2 * pkg] + below[2 * pkg + 1] : 0;
+      const bool take_leaf = pkg >= packages || (next < n && counts[sym[next]] <= pw);
+      weight[d][at] = take_leaf ? counts[sym[next]] : pw;
+      leaf[d][at++] = take_leaf;
+      take_leaf ? ++next : ++pkg;
     }
-    kraft -= int64_t(1) << (kHuffBits - len[best] - 1);
-    len[best]++;
+    size[d] = at;
+  }
+  int take = 2 * n - 2;
+  for (int d = 1; d <= kHuffBits && take; ++d) {
+    int leaves = 0;
+    for (int i = 0; i < take; ++i) leaves += leaf[d][i];
+    for (int i = 0; i < leaves; ++i) ++len[sym[i]];
+    take = 2 * (take - leaves);
   }
 }
 

@@ -162,6 +162,67 @@ def test_a_damaged_huffman_plane_is_refused() -> None:
             kernels.decompress_planes(bad, out8)
 
 
+def _limited_huffman_bits(counts: list[int], limit: int) -> int:
+    """The fewest bits a prefix code of codes at most ``limit`` bits long spends on
+    ``counts`` (package-merge, written plainly: the reference for the coder's lengths)."""
+    leaves = sorted((c, (s,)) for s, c in enumerate(counts) if c)
+    items = list(leaves)
+    for _ in range(limit - 1):
+        packages = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(items[::2], items[1::2])]
+        items = sorted(leaves + packages, key=lambda x: x[0])
+    lengths = [0] * len(counts)
+    for _, symbols in items[: 2 * len(leaves) - 2]:
+        for sym in symbols:
+            lengths[sym] += 1
+    return sum(c * n for c, n in zip(counts, lengths))
+
+
+def test_huffman_code_lengths_are_the_best_within_eleven_bits() -> None:
+    # exponents of weights with a long tail: unlimited Huffman codes would pass 11 bits
+    g = torch.Generator().manual_seed(11)
+    t = (torch.randn(BLOCK, generator=g) * torch.rand(BLOCK, generator=g).pow(8) * 0.5).bfloat16()
+    blob, at = _huffman_plane(t, 3)
+    v = t.view(torch.int16).to(torch.int64) & 0xFFFF
+    exponents = (((v << 1) | (v >> 15)) >> 8) & 0xFF  # plane 1: the byte above the sign
+    counts = torch.bincount(exponents, minlength=256).tolist()
+    lo, n = int(blob[at]), int(blob[at + 1]) + 1
+    nibbles = blob[at + 2 : at + 2 + (n + 1) // 2].tolist()
+    lengths = [0] * 256
+    for k in range(n):
+        lengths[lo + k] = (nibbles[k // 2] >> (4 * (k % 2))) & 0xF
+    assert max(lengths) == 11 and sum(2.0**-n for n in lengths if n) == 1.0
+    assert all((c > 0) == (n > 0) for c, n in zip(counts, lengths))
+    bits = sum(c * n for c, n in zip(counts, lengths))
+    assert bits == _limited_huffman_bits(counts, 11)
+    out = torch.empty_like(t)
+    assert torch.equal(kernels.decompress_planes(blob, out).view(torch.int16), t.view(torch.int16))
+    # and on skewed byte distributions of 2 to 256 symbols (one plane: a 1-byte dtype)
+    checked = 0
+    for seed in range(40):
+        g.manual_seed(seed)
+        k = int(torch.randint(2, 257, (1,), generator=g))
+        weights = torch.rand(k, generator=g).pow(float(torch.randint(1, 12, (1,), generator=g)))
+        data = torch.multinomial(weights + 1e-9, BLOCK, replacement=True, generator=g)
+        plane = (data * 7 % 256).to(torch.uint8)  # symbols spread over the byte
+        blob = kernels.compress_planes(plane)
+        mode, at = int(blob[20]), 21
+        if mode not in (2, 3):
+            continue
+        lengths = [0] * 256
+        if mode == 2:
+            for j in range(int(blob[at]) + 1):
+                lengths[int(blob[at + 1 + 2 * j])] = int(blob[at + 2 + 2 * j])
+        else:
+            lo, n = int(blob[at]), int(blob[at + 1]) + 1
+            for j in range(n):
+                lengths[lo + j] = (int(blob[at + 2 + j // 2]) >> (4 * (j % 2))) & 0xF
+        counts = torch.bincount(plane.to(torch.int64), minlength=256).tolist()
+        assert sum(c * n for c, n in zip(counts, lengths)) == _limited_huffman_bits(counts, 11)
+        assert torch.equal(kernels.decompress_planes(blob, torch.empty_like(plane)), plane)
+        checked += 1
+    assert checked >= 10, checked
+
+
 def test_headers_of_both_versions_and_every_block_size() -> None:
     """Version 2 says its block size (2^16 to 2^20 elements); version 1 is 2^16 with
     byte 6 zero; anything else is refused."""
