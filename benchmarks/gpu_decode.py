@@ -154,6 +154,7 @@ def _parts(store: mmcore.ModelStore, vid: str, repeat: int) -> dict[str, float]:
     and both at once as ``load`` runs them (the reader's own steps, one group)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from mmcore.codec.records import HashedDecode
     from mmcore.paths.reader import record_views
 
     manifest = store.manifest(vid)
@@ -170,11 +171,11 @@ def _parts(store: mmcore.ModelStore, vid: str, repeat: int) -> dict[str, float]:
         fill()
         return buf
 
-    def both() -> Any:
+    def both() -> Any:  # as BlobReader.read_group runs them
         buf, fill = reader._decoder(rec, schema, hashes=hashes)
-        job = pool.submit(fill)
+        wait = fill.start(pool) if isinstance(fill, HashedDecode) else pool.submit(fill).result
         views = record_views(buf, schema, group.count)
-        job.result()
+        wait()
         return views
 
     runs = {"decode_and_hash": decode_and_hash,

@@ -5,8 +5,12 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <exception>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <utility>
 
 #include "blake3.h"
 #include "blake3_plan.h"
@@ -69,6 +73,46 @@ void planes_decode(uintptr_t src, uint64_t len, uintptr_t dst, uint64_t nbytes, 
   py::gil_scoped_release release;
   mmcore::planes_decode(ptr<const uint8_t>(src), len, ptr<uint8_t>(dst), nbytes, threads);
 }
+
+// planes_decode_hashed on a thread of its own, started by one call that returns at
+// once: the caller goes on (building views, holding the GIL) while the streams are
+// decoded, then waits. `keep` (the Python objects owning the memory behind the
+// addresses) is held until the thread has ended; the job never outlives its thread:
+// dropping it waits too.
+class DecodeJob {
+ public:
+  DecodeJob(uintptr_t streams, uint64_t n, uintptr_t ptrs, uintptr_t lens, uintptr_t hashes,
+            int threads, py::object keep)
+      : keep_(std::move(keep)), thread_([=, this] {
+          try {
+            mmcore::planes_decode_hashed(ptr<const uint64_t>(streams), n,
+                                         ptr<const uint8_t* const>(ptrs), ptr<const uint64_t>(lens),
+                                         ptr<uint8_t>(hashes), threads);
+          } catch (...) {
+            error_ = std::current_exception();
+          }
+        }) {}
+  DecodeJob(const DecodeJob&) = delete;
+  DecodeJob& operator=(const DecodeJob&) = delete;
+  ~DecodeJob() {
+    if (thread_.joinable()) {
+      py::gil_scoped_release release;  // (the thread never takes the GIL: no deadlock either way)
+      thread_.join();
+    }
+  }
+  void wait() {
+    {
+      py::gil_scoped_release release;
+      if (thread_.joinable()) thread_.join();
+    }
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+ private:
+  std::exception_ptr error_;
+  py::object keep_;
+  std::thread thread_;  // (last: it starts once the rest is there)
+};
 
 uint64_t planes_blocks(uintptr_t src, uint64_t len, uint64_t nbytes, int width, uint64_t dev_src,
                        uint64_t dst, uint64_t scratch, uintptr_t out, uint64_t cap) {
@@ -430,6 +474,16 @@ PYBIND11_MODULE(_core, m) {
         py::arg("block_log2") = mmcore::kPlanesBlockLog2);
   m.def("planes_decode", &planes_decode, py::arg("src"), py::arg("len"), py::arg("dst"),
         py::arg("nbytes"), py::arg("threads"));
+  py::class_<DecodeJob>(m, "DecodeJob").def("wait", &DecodeJob::wait);
+  m.def(
+      "planes_decode_hashed_start",
+      [](uintptr_t streams, uint64_t n, uintptr_t ptrs, uintptr_t lens, uintptr_t hashes,
+         int threads, py::object keep) {
+        return std::make_unique<DecodeJob>(streams, n, ptrs, lens, hashes, threads,
+                                           std::move(keep));
+      },
+      py::arg("streams"), py::arg("n"), py::arg("ptrs"), py::arg("lens"), py::arg("hashes"),
+      py::arg("threads"), py::arg("keep"));
   m.def("planes_blocks", &planes_blocks, py::arg("src"), py::arg("len"), py::arg("nbytes"),
         py::arg("width"), py::arg("dev_src"), py::arg("dst"), py::arg("scratch"), py::arg("out"),
         py::arg("cap"),

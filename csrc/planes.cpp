@@ -14,6 +14,7 @@
 #include "planes.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -25,6 +26,7 @@
 #include <immintrin.h>
 #endif
 
+#include "blake3.h"
 #include "parallel.h"
 #include "planes_units.h"
 
@@ -899,6 +901,45 @@ void planes_emulate(const void* blocks, uint64_t n, uint64_t* planes, uint32_t* 
   }
 }
 
+namespace {
+
+// A thread's decoding state, kept from block to block (and from stream to stream):
+// its plane buffers and its Huffman tables.
+struct BlockDecoder {
+  std::vector<uint8_t> decoded, scratch;
+  HuffTables tables;
+
+  // Decodes one block (`len` bytes at `in`, `m` elements of `width` bytes) into dst.
+  void block(const uint8_t* in, uint64_t len, int width, uint64_t m, uint8_t* dst) {
+    decoded.resize(uint64_t(width) * m);
+    const uint8_t* planes[8];
+    uint64_t at = 0;
+    for (int p = 0; p < width; ++p) {
+      if (at >= len) damaged("a block ends before its planes");
+      uint8_t mode = in[at++];
+      if (mode == kRaw) {
+        if (len - at < m) damaged("a raw plane runs past its block");
+        planes[p] = in + at;
+        at += m;
+      } else if (mode == kRans) {
+        uint8_t* out = decoded.data() + uint64_t(p) * m;
+        at += rans_decode(in + at, len - at, out, m);
+        planes[p] = out;
+      } else if (mode == kHuffman || mode == kHuffmanRange) {
+        uint8_t* out = decoded.data() + uint64_t(p) * m;
+        at += huffman_decode(in + at, len - at, out, m, scratch, mode == kHuffmanRange, tables);
+        planes[p] = out;
+      } else {
+        damaged("a plane of unknown mode " + std::to_string(mode));
+      }
+    }
+    if (at != len) damaged("a block holds more than its planes");
+    join_any(width, planes, m, dst);
+  }
+};
+
+}  // namespace
+
 void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t nbytes,
                    int threads) {
   uint64_t elems = 0, block = 0;
@@ -906,36 +947,39 @@ void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t 
   const int width = stream_blocks(src, src_len, nbytes, elems, block, starts);
   const uint64_t nblocks = starts.size() - 1;
   parallel_ranges(nblocks, threads, 1, [&](size_t a, size_t b) {
-    std::vector<uint8_t> decoded, scratch;
-    auto tables = std::make_unique<HuffTables>();
+    auto decoder = std::make_unique<BlockDecoder>();
     for (size_t k = a; k < b; ++k) {
       uint64_t m = std::min<uint64_t>(block, elems - k * block);
-      const uint8_t* in = src + starts[k];
-      uint64_t len = starts[k + 1] - starts[k];
-      decoded.resize(uint64_t(width) * m);
-      const uint8_t* planes[8];
-      uint64_t at = 0;
-      for (int p = 0; p < width; ++p) {
-        if (at >= len) damaged("a block ends before its planes");
-        uint8_t mode = in[at++];
-        if (mode == kRaw) {
-          if (len - at < m) damaged("a raw plane runs past its block");
-          planes[p] = in + at;
-          at += m;
-        } else if (mode == kRans) {
-          uint8_t* out = decoded.data() + uint64_t(p) * m;
-          at += rans_decode(in + at, len - at, out, m);
-          planes[p] = out;
-        } else if (mode == kHuffman || mode == kHuffmanRange) {
-          uint8_t* out = decoded.data() + uint64_t(p) * m;
-          at += huffman_decode(in + at, len - at, out, m, scratch, mode == kHuffmanRange, *tables);
-          planes[p] = out;
-        } else {
-          damaged("a plane of unknown mode " + std::to_string(mode));
+      decoder->block(src + starts[k], starts[k + 1] - starts[k], width, m, dst + k * block * width);
+    }
+  });
+}
+
+void planes_decode_hashed(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
+                          const uint64_t* lens, uint8_t* hashes, int threads) {
+  std::atomic<uint64_t> next{0};
+  std::atomic<bool> failed{false};
+  const size_t workers = std::min<size_t>(size_t(resolve_threads(threads)), size_t(n));
+  parallel_ranges(workers, int(workers), 1, [&](size_t, size_t) {
+    auto decoder = std::make_unique<BlockDecoder>();
+    std::vector<uint64_t> starts;
+    for (uint64_t k; !failed.load(std::memory_order_relaxed) && (k = next++) < n;) {
+      const uint64_t* row = streams + 6 * k;
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(row[0]);
+      uint8_t* dst = reinterpret_cast<uint8_t*>(row[2]);
+      try {
+        uint64_t elems = 0, block = 0;
+        const int width = stream_blocks(src, row[1], row[3], elems, block, starts);
+        for (size_t b = 0; b + 1 < starts.size(); ++b) {
+          uint64_t m = std::min<uint64_t>(block, elems - b * block);
+          decoder->block(src + starts[b], starts[b + 1] - starts[b], width, m,
+                         dst + b * block * uint64_t(width));
         }
+      } catch (...) {
+        failed = true;
+        throw;
       }
-      if (at != len) damaged("a block holds more than its planes");
-      join_any(width, planes, m, dst + k * block * width);
+      blake3_segments_cpu(ptrs + row[4], lens + row[4], row[5], hashes + 32 * row[4], 1);
     }
   });
 }

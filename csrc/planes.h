@@ -32,6 +32,16 @@ uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* 
 void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t nbytes,
                    int threads);
 
+// planes_decode of `n` streams, each then hashed: `streams` holds per stream six u64
+// (its address, its length, where it decodes to, the bytes it holds, its first
+// segment, its segment count); after a stream is decoded, the BLAKE3 of each of its
+// segments (`ptrs[i]`, `lens[i]` bytes: inside what it decoded to) goes to
+// `hashes + 32 * i`, on the same thread while the bytes are in its cache. Streams go
+// to `threads` workers as they free up; the first damaged stream's error is thrown
+// (std::invalid_argument) after every worker has stopped.
+void planes_decode_hashed(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
+                          const uint64_t* lens, uint8_t* hashes, int threads);
+
 // The GPU decoder's table (planes_units.h): checks the header and block table of the
 // stream at `src` (host memory, `src_len` bytes, holding `nbytes` of elements of
 // `width` bytes) and writes one planes_units::Block per block into `out` (room for

@@ -186,6 +186,55 @@ def test_damaged_chunks_are_found(store_path: Path, small_chunks: None, direct: 
         _every_way(store, vid, models)
 
 
+def test_direct_chunks_decode_and_hash_in_one_native_call(
+    store: mmcore.ModelStore, small_chunks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group whose chunks are one stream of whole records (a float32 schema) is decoded
+    and hashed by one native call over every chunk (no Python step per chunk, the GIL
+    released): the same bytes and hashes as chunk by chunk, one call a load."""
+    from mmcore._native import core
+
+    models = _floats(30, width=700)
+    vid = store.save(models, compress=True)
+    (rec,) = _coded(store, vid)
+    assert rec.chunks is not None and len(rec.chunks) > 3
+    mod, calls = core(), []
+    start = mod.planes_decode_hashed_start
+
+    def spy(*args: object) -> object:
+        calls.append(args[1])  # the streams in the call
+        return start(*args)
+
+    monkeypatch.setattr(mod, "planes_decode_hashed_start", spy)
+    assert_sets_equal(store.load(vid), models)
+    assert calls == [len(rec.chunks)]
+    # against the chunk-by-chunk decoder and the hashes of what it decodes
+    (group,) = store.manifest(vid).groups
+    schema = group.schema
+    reader = store.storage.reader
+    coded, placed = reader._coded_chunks(rec, rec.chunks)
+    items = [(coded[at : at + n], first, count) for at, n, first, count in placed]
+    one = records.buffer(group.count * schema.stride)
+    hashes = torch.empty((group.count * len(schema.tensors), 32), dtype=torch.uint8)
+    records.HashedDecode(schema, items, one, "x", hashes)()
+    other = records.buffer(group.count * schema.stride)
+    records.decode_chunks(schema, items, other, "x")
+    assert torch.equal(one, other)
+    assert torch.equal(hashes, mmcore.kernels.blake3_segments(*records.segment_table(
+        other.data_ptr(), schema, group.count)))  # fmt: skip
+    assert torch.equal(hashes, reader.stored_hashes(rec))
+    # started and dropped without waiting: dropping the job waits for its thread
+    again = records.buffer(group.count * schema.stride)
+    rehash = torch.zeros_like(hashes)
+    wait = records.HashedDecode(schema, items, again, "x", rehash).start()
+    del wait
+    assert torch.equal(again, other) and torch.equal(rehash, hashes)
+    with pytest.raises(ValueError, match="hashes must be a contiguous"):
+        records.HashedDecode(schema, items, one, "x", hashes[1:])
+    with pytest.raises(ValueError, match="not the records of out"):
+        records.HashedDecode(schema, items, one[: -schema.stride], "x", hashes)
+
+
 def test_damaged_chunk_records_are_refused(store: mmcore.ModelStore) -> None:
     models = _floats(10)
     vid = store.save(models, compress=True)

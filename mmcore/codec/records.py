@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .. import kernels
+from .._native import core
 from ..errors import IntegrityError
 from ..modelset import Schema
 
@@ -245,3 +246,90 @@ def decode_chunks(schema: Schema, chunks: Sequence[tuple[torch.Tensor, int, int]
     with ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="mmcore-decode") as pool:
         for f in [pool.submit(one, item, 1) for item in chunks]:
             f.result()
+
+
+class HashedDecode:
+    """``decode_chunks`` with each chunk's tensors hashed into ``hashes`` (a row per
+    tensor of each record from record 0, 32 bytes each) as soon as the chunk is decoded,
+    prepared: call it to run it here, or ``start`` it and call what that returns to
+    wait for it (and have its error raised).
+
+    For a schema whose chunks are one stream of whole records (``Layout.direct``) and
+    two chunks or more, every chunk is decoded and hashed by one native job on threads
+    of its own, started by one call: it takes no GIL from start to end, so the thread
+    that builds the views meanwhile never waits for a decoder, nor a decoder for it.
+    Else chunk by chunk, as ``decode_chunks`` (on ``start``'s pool, if given)."""
+
+    def __init__(self, schema: Schema, chunks: Sequence[tuple[torch.Tensor, int, int]],
+                 out: torch.Tensor, what: str, hashes: torch.Tensor) -> None:  # fmt: skip
+        layout = layout_of(schema)
+        stride, n = schema.stride, len(schema.tensors)
+        self.schema, self.chunks, self.out, self.what, self.hashes = (
+            schema,
+            chunks,
+            out,
+            what,
+            hashes,
+        )
+        rows: list[tuple[int, int, int, int, int, int]] = []
+        for chunk, first, count in chunks if layout.direct and len(chunks) > 1 else ():
+            head = kernels.tensor_bytes(chunk[:4]) if chunk.numel() >= 4 else b""
+            if len(head) < 4 or 4 + struct.unpack("<I", head)[0] != chunk.numel():
+                rows.clear()  # (the chunk-by-chunk path says what is wrong with it)
+                break
+            rows.append((chunk.data_ptr() + 4, chunk.numel() - 4, out.data_ptr() + first * stride,
+                         count * stride, first * n, count * n))  # fmt: skip
+        self.native: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if rows:
+            records = sum(count for _, _, count in chunks)
+            if (max(first + count for _, first, count in chunks) > records
+                    or out.numel() < records * stride):  # fmt: skip
+                raise ValueError("chunks that are not the records of out")
+            if hashes.shape != (records * n, kernels.HASH_SIZE) or not hashes.is_contiguous():
+                raise ValueError(f"hashes must be a contiguous ({records * n}, 32) uint8 tensor")
+            ptrs, lens = segment_table(out.data_ptr(), schema, records)
+            self.native = (torch.tensor(rows, dtype=torch.int64), ptrs, lens)
+
+    def __call__(self) -> None:
+        self.start()()
+
+    def start(self, pool: ThreadPoolExecutor | None = None) -> Callable[[], None]:
+        if self.native is None:
+            if pool is None:
+                self._chunk_by_chunk()
+                return lambda: None
+            job = pool.submit(self._chunk_by_chunk)
+            return job.result
+        table, ptrs, lens = self.native
+        keep = (self.native, self.chunks, self.out, self.hashes)  # held by the job until it ends
+        native = core().planes_decode_hashed_start(table.data_ptr(), table.shape[0], ptrs.data_ptr(),
+                                                   lens.data_ptr(), self.hashes.data_ptr(), cores(),
+                                                   keep)  # fmt: skip
+        what = self.what
+
+        def wait() -> None:
+            try:
+                native.wait()
+            except ValueError as exc:
+                raise IntegrityError(f"{what}: {exc}: the stored bytes are corrupted") from None
+
+        return wait
+
+    def _chunk_by_chunk(self) -> None:
+        schema, out, hashes = self.schema, self.out, self.hashes
+        stride, n = schema.stride, len(schema.tensors)
+
+        def then(first: int, count: int, threads: int) -> None:
+            ptrs, lens = segment_table(out.data_ptr() + first * stride, schema, count)
+            kernels.blake3_segments(ptrs, lens, out=hashes[first * n : (first + count) * n],
+                                    threads=threads)  # fmt: skip
+
+        decode_chunks(schema, self.chunks, out, self.what, then)
+
+
+def segment_table(base: int, schema: Schema, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Address (or, from base 0, offset) and length of every tensor of ``count`` records."""
+    offsets = kernels.int64_table([s.offset for s in schema.tensors])
+    lens = kernels.int64_table([s.nbytes for s in schema.tensors])
+    rows = torch.arange(count, dtype=torch.int64).mul_(schema.stride).add_(base).unsqueeze(1)
+    return (rows + offsets.unsqueeze(0)).reshape(-1), lens.repeat(count)

@@ -19,6 +19,7 @@ import torch
 
 from .. import codec, dtypes, kernels
 from .._gc import gc_paused
+from ..codec.records import segment_table
 from ..errors import CorruptRecordError, IntegrityError, InvalidArgumentError
 from ..kernels._segments import FLOAT_KINDS, plane_width
 from ..kernels.delta import quantize_decode, xor_planes_decode
@@ -28,7 +29,7 @@ from ..manifest import ContentRecord, GroupRecord, Manifest
 from ..modelset import Schema
 from .delta_blob import DeltaTable, decode_tables
 from .delta_blob import blob_key as delta_blob_key
-from .reader import LooseState, StateDict, record_views, segment_table
+from .reader import LooseState, StateDict, record_views
 
 if TYPE_CHECKING:
     from ..storage import Storage

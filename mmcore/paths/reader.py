@@ -19,6 +19,7 @@ from .. import dtypes, kernels
 from .._gc import gc_paused
 from ..codec import device as device_codec
 from ..codec import records
+from ..codec.records import segment_table
 from ..errors import CorruptRecordError, IntegrityError, StoreError
 from ..manifest import ContentRecord, GroupRecord, Manifest, unshared
 from ..modelset import Schema
@@ -31,14 +32,6 @@ StateDict = dict[str, torch.Tensor]
 # Bytes of records brought in and handed to the hashing thread at a time: from a cold
 # page cache the disk read of one piece overlaps the hashing of the one before.
 HASH_PIECE = 16 << 20
-
-
-def segment_table(base: int, schema: Schema, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Address (or, from base 0, offset) and length of every tensor of ``count`` records."""
-    offsets = kernels.int64_table([s.offset for s in schema.tensors])
-    lens = kernels.int64_table([s.nbytes for s in schema.tensors])
-    rows = torch.arange(count, dtype=torch.int64).mul_(schema.stride).add_(base).unsqueeze(1)
-    return (rows + offsets.unsqueeze(0)).reshape(-1), lens.repeat(count)
 
 
 def _first_mismatch(computed: torch.Tensor, stored: torch.Tensor) -> int | None:
@@ -368,11 +361,15 @@ class BlobReader:
             computed = torch.empty((group.count * len(schema.tensors) if verify else 0,
                                     kernels.HASH_SIZE), dtype=torch.uint8)  # fmt: skip
             out, run = self._decoder(rec, schema, hashes=computed if verify else None)
-            job = pool.submit(run)
+            wait = (
+                run.start(pool)
+                if isinstance(run, records.HashedDecode)
+                else pool.submit(run).result
+            )
             try:
                 views = record_views(out, schema, group.count)
             finally:
-                job.result()
+                wait()
             if verify:
                 self._check(manifest, group, computed, self.stored_hashes(rec))
             return views
@@ -507,17 +504,10 @@ class BlobReader:
         out = records.buffer(sum(count for *_, count in chunks) * schema.stride)
         coded, placed = self._coded_chunks(rec, chunks)
         items = [(coded[at : at + length], first, count) for at, length, first, count in placed]
-        then = None
-        if hashes is not None:
-            n, stride, flat = len(schema.tensors), schema.stride, hashes
-
-            def then(first: int, count: int, threads: int) -> None:
-                ptrs, lens = segment_table(out.data_ptr() + first * stride, schema, count)
-                kernels.blake3_segments(ptrs, lens, out=flat[first * n : (first + count) * n],
-                                        threads=threads)  # fmt: skip
-
         what = f"a coded blob in pack {rec.pack}"
-        return out, lambda: records.decode_chunks(schema, items, out, what, then)
+        if hashes is not None:
+            return out, records.HashedDecode(schema, items, out, what, hashes)
+        return out, lambda: records.decode_chunks(schema, items, out, what)
 
     def _coded_chunks(self, rec: ContentRecord, chunks: Sequence[Sequence[int]]
                       ) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:  # fmt: skip
