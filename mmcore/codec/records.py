@@ -264,13 +264,8 @@ class HashedDecode:
                  out: torch.Tensor, what: str, hashes: torch.Tensor) -> None:  # fmt: skip
         layout = layout_of(schema)
         stride, n = schema.stride, len(schema.tensors)
-        self.schema, self.chunks, self.out, self.what, self.hashes = (
-            schema,
-            chunks,
-            out,
-            what,
-            hashes,
-        )
+        self.schema, self.chunks, self.what = schema, chunks, what
+        self.out, self.hashes = out, hashes
         rows: list[tuple[int, int, int, int, int, int]] = []
         for chunk, first, count in chunks if layout.direct and len(chunks) > 1 else ():
             head = kernels.tensor_bytes(chunk[:4]) if chunk.numel() >= 4 else b""
