@@ -154,7 +154,6 @@ def _parts(store: mmcore.ModelStore, vid: str, repeat: int) -> dict[str, float]:
     and both at once as ``load`` runs them (the reader's own steps, one group)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mmcore.codec.records import HashedDecode
     from mmcore.paths.reader import record_views
 
     manifest = store.manifest(vid)
@@ -173,7 +172,7 @@ def _parts(store: mmcore.ModelStore, vid: str, repeat: int) -> dict[str, float]:
 
     def both() -> Any:  # as BlobReader.read_group runs them
         buf, fill = reader._decoder(rec, schema, hashes=hashes)
-        wait = fill.start(pool) if isinstance(fill, HashedDecode) else pool.submit(fill).result
+        wait = fill.start(pool)
         views = record_views(buf, schema, group.count)
         wait()
         return views

@@ -37,7 +37,8 @@ void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t 
 // segment, its segment count); after a stream is decoded, the BLAKE3 of each of its
 // segments (`ptrs[i]`, `lens[i]` bytes: inside what it decoded to) goes to
 // `hashes + 32 * i`, on the same thread while the bytes are in its cache. Streams go
-// to `threads` workers as they free up; the first damaged stream's error is thrown
+// to `threads` workers as they free up (a stream of no segments is only decoded:
+// `ptrs`, `lens` and `hashes` may then be null); the first damaged stream's error is thrown
 // (std::invalid_argument) after every worker has stopped.
 void planes_decode_hashed(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
                           const uint64_t* lens, uint8_t* hashes, int threads);

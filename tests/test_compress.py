@@ -208,6 +208,8 @@ def test_direct_chunks_decode_and_hash_in_one_native_call(
     monkeypatch.setattr(mod, "planes_decode_hashed_start", spy)
     assert_sets_equal(store.load(vid), models)
     assert calls == [len(rec.chunks)]
+    assert_sets_equal(store.load(vid, verify=False), models)  # decoded by the job, unhashed
+    assert calls == [len(rec.chunks)] * 2
     # against the chunk-by-chunk decoder and the hashes of what it decodes
     (group,) = store.manifest(vid).groups
     schema = group.schema
@@ -216,7 +218,7 @@ def test_direct_chunks_decode_and_hash_in_one_native_call(
     items = [(coded[at : at + n], first, count) for at, n, first, count in placed]
     one = records.buffer(group.count * schema.stride)
     hashes = torch.empty((group.count * len(schema.tensors), 32), dtype=torch.uint8)
-    records.HashedDecode(schema, items, one, "x", hashes)()
+    records.ChunkDecode(schema, items, one, "x", hashes)()
     other = records.buffer(group.count * schema.stride)
     records.decode_chunks(schema, items, other, "x")
     assert torch.equal(one, other)
@@ -226,13 +228,13 @@ def test_direct_chunks_decode_and_hash_in_one_native_call(
     # started and dropped without waiting: dropping the job waits for its thread
     again = records.buffer(group.count * schema.stride)
     rehash = torch.zeros_like(hashes)
-    wait = records.HashedDecode(schema, items, again, "x", rehash).start()
+    wait = records.ChunkDecode(schema, items, again, "x", rehash).start()
     del wait
     assert torch.equal(again, other) and torch.equal(rehash, hashes)
     with pytest.raises(ValueError, match="hashes must be a contiguous"):
-        records.HashedDecode(schema, items, one, "x", hashes[1:])
+        records.ChunkDecode(schema, items, one, "x", hashes[1:])
     with pytest.raises(ValueError, match="not the records of out"):
-        records.HashedDecode(schema, items, one[: -schema.stride], "x", hashes)
+        records.ChunkDecode(schema, items, one[: -schema.stride], "x", hashes)
 
 
 def test_damaged_chunk_records_are_refused(store: mmcore.ModelStore) -> None:

@@ -248,22 +248,23 @@ def decode_chunks(schema: Schema, chunks: Sequence[tuple[torch.Tensor, int, int]
             f.result()
 
 
-class HashedDecode:
-    """``decode_chunks`` with each chunk's tensors hashed into ``hashes`` (a row per
-    tensor of each record from record 0, 32 bytes each) as soon as the chunk is decoded,
-    prepared: call it to run it here, or ``start`` it and call what that returns to
-    wait for it (and have its error raised).
+class ChunkDecode:
+    """``decode_chunks`` prepared, with each chunk's tensors hashed into ``hashes``
+    (where given: a row per tensor of each record from record 0, 32 bytes each) as soon
+    as the chunk is decoded: call it to run it here, or ``start`` it and call what that
+    returns to wait for it (and have its error raised).
 
     For a schema whose chunks are one stream of whole records (``Layout.direct``) and
-    two chunks or more, every chunk is decoded and hashed by one native job on threads
+    two chunks or more, every chunk is decoded (and hashed) by one native job on threads
     of its own, started by one call: it takes no GIL from start to end, so the thread
     that builds the views meanwhile never waits for a decoder, nor a decoder for it.
     Else chunk by chunk, as ``decode_chunks`` (on ``start``'s pool, if given)."""
 
     def __init__(self, schema: Schema, chunks: Sequence[tuple[torch.Tensor, int, int]],
-                 out: torch.Tensor, what: str, hashes: torch.Tensor) -> None:  # fmt: skip
+                 out: torch.Tensor, what: str, hashes: torch.Tensor | None = None) -> None:  # fmt: skip
         layout = layout_of(schema)
-        stride, n = schema.stride, len(schema.tensors)
+        stride = schema.stride
+        n = len(schema.tensors) if hashes is not None else 0  # (no segments: nothing hashed)
         self.schema, self.chunks, self.what = schema, chunks, what
         self.out, self.hashes = out, hashes
         rows: list[tuple[int, int, int, int, int, int]] = []
@@ -280,9 +281,10 @@ class HashedDecode:
             if (max(first + count for _, first, count in chunks) > records
                     or out.numel() < records * stride):  # fmt: skip
                 raise ValueError("chunks that are not the records of out")
-            if hashes.shape != (records * n, kernels.HASH_SIZE) or not hashes.is_contiguous():
+            if hashes is not None and (hashes.shape != (records * n, kernels.HASH_SIZE)
+                                       or not hashes.is_contiguous()):  # fmt: skip
                 raise ValueError(f"hashes must be a contiguous ({records * n}, 32) uint8 tensor")
-            ptrs, lens = segment_table(out.data_ptr(), schema, records)
+            ptrs, lens = segment_table(out.data_ptr(), schema, records if n else 0)
             self.native = (torch.tensor(rows, dtype=torch.int64), ptrs, lens)
 
     def __call__(self) -> None:
@@ -297,9 +299,9 @@ class HashedDecode:
             return job.result
         table, ptrs, lens = self.native
         keep = (self.native, self.chunks, self.out, self.hashes)  # held by the job until it ends
+        hashes = self.hashes.data_ptr() if self.hashes is not None else 0
         native = core().planes_decode_hashed_start(table.data_ptr(), table.shape[0], ptrs.data_ptr(),
-                                                   lens.data_ptr(), self.hashes.data_ptr(), cores(),
-                                                   keep)  # fmt: skip
+                                                   lens.data_ptr(), hashes, cores(), keep)  # fmt: skip
         what = self.what
 
         def wait() -> None:
@@ -313,11 +315,13 @@ class HashedDecode:
     def _chunk_by_chunk(self) -> None:
         schema, out, hashes = self.schema, self.out, self.hashes
         stride, n = schema.stride, len(schema.tensors)
+        then = None
+        if hashes is not None:
 
-        def then(first: int, count: int, threads: int) -> None:
-            ptrs, lens = segment_table(out.data_ptr() + first * stride, schema, count)
-            kernels.blake3_segments(ptrs, lens, out=hashes[first * n : (first + count) * n],
-                                    threads=threads)  # fmt: skip
+            def then(first: int, count: int, threads: int) -> None:
+                ptrs, lens = segment_table(out.data_ptr() + first * stride, schema, count)
+                kernels.blake3_segments(ptrs, lens, out=hashes[first * n : (first + count) * n],
+                                        threads=threads)  # fmt: skip
 
         decode_chunks(schema, self.chunks, out, self.what, then)
 

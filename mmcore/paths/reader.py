@@ -361,11 +361,7 @@ class BlobReader:
             computed = torch.empty((group.count * len(schema.tensors) if verify else 0,
                                     kernels.HASH_SIZE), dtype=torch.uint8)  # fmt: skip
             out, run = self._decoder(rec, schema, hashes=computed if verify else None)
-            wait = (
-                run.start(pool)
-                if isinstance(run, records.HashedDecode)
-                else pool.submit(run).result
-            )
+            wait = run.start(pool)
             try:
                 views = record_views(out, schema, group.count)
             finally:
@@ -496,7 +492,7 @@ class BlobReader:
         return out
 
     def _decoder(self, rec: ContentRecord, schema: Schema, chunk: int | None = None, *,
-                 hashes: torch.Tensor | None = None) -> tuple[torch.Tensor, Callable[[], None]]:  # fmt: skip
+                 hashes: torch.Tensor | None = None) -> tuple[torch.Tensor, records.ChunkDecode]:  # fmt: skip
         """``decoded``'s buffer, not yet filled, and what fills it (the chunks mapped or
         read already)."""
         assert rec.chunks is not None
@@ -504,10 +500,8 @@ class BlobReader:
         out = records.buffer(sum(count for *_, count in chunks) * schema.stride)
         coded, placed = self._coded_chunks(rec, chunks)
         items = [(coded[at : at + length], first, count) for at, length, first, count in placed]
-        what = f"a coded blob in pack {rec.pack}"
-        if hashes is not None:
-            return out, records.HashedDecode(schema, items, out, what, hashes)
-        return out, lambda: records.decode_chunks(schema, items, out, what)
+        return out, records.ChunkDecode(schema, items, out, f"a coded blob in pack {rec.pack}",
+                                        hashes)  # fmt: skip
 
     def _coded_chunks(self, rec: ContentRecord, chunks: Sequence[Sequence[int]]
                       ) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:  # fmt: skip
