@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import kernels
 from ..codec import records
 from ..errors import IntegrityError
 from ..manifest import ContentRecord, DatasetRecord, Manifest, pack_record
@@ -69,22 +68,22 @@ Kinds = tuple[dict[bytes, Schema], dict[bytes, int], set[bytes]]
 def blob_kinds(manifests: Iterable[Manifest], datasets: Iterable[DatasetRecord]) -> Kinds:
     """What each blob these versions and datasets reference is: group blobs' record
     schemas, delta blobs' model counts, provenance roots tables."""
-    strides: dict[bytes, Schema] = {}
+    schemas: dict[bytes, Schema] = {}
     deltas: dict[bytes, int] = {}
     roots: set[bytes] = set()
     for m in manifests:
         for g in m.groups:
-            strides[g.blob] = g.record_schema
+            schemas[g.blob] = g.record_schema
             if g.shared is not None:
-                strides[g.shared.blob] = g.row_schema
+                schemas[g.shared.blob] = g.row_schema
         if m.update is not None and m.update.delta_blob is not None:
             deltas[m.update.delta_blob] = len(m.update.changed)
         if m.provenance is not None:
             roots.add(m.provenance.hashes_blob)
     for ds in datasets:
         for g in ds.groups:
-            strides[g.blob] = g.schema
-    return strides, deltas, roots
+            schemas[g.blob] = g.schema
+    return schemas, deltas, roots
 
 
 def _owners(store: Storage) -> Kinds:
@@ -94,17 +93,17 @@ def _owners(store: Storage) -> Kinds:
 
 def live_item(store: Storage, key: bytes, rec: ContentRecord, kinds: Kinds) -> _Live | None:
     """A blob and the byte ranges that hold it (None: of no kind ``kinds`` names)."""
-    strides, deltas, roots = kinds
+    schemas, deltas, roots = kinds
     if key in deltas and rec.table is not None:
         return _Live(key, rec, "delta", [_delta_span(store, rec, deltas[key])])
-    if key in strides and rec.chunks is not None:  # a coded blob: its chunks, packed
+    if key in schemas and rec.chunks is not None:  # a coded blob: its chunks, packed
         spans = [(off, length) for off, length, _ in rec.chunks]
         return _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)],
-                     schema=strides[key])  # fmt: skip
-    if key in strides and rec.table is None:
-        spans = [(off, count * strides[key].stride) for off, count in rec.extents]
+                     schema=schemas[key])  # fmt: skip
+    if key in schemas and rec.table is None:
+        spans = [(off, count * schemas[key].stride) for off, count in rec.extents]
         return _Live(key, rec, "group", [*spans, (rec.hashes_offset, rec.hashes_length)],
-                     len(spans), strides[key])  # fmt: skip
+                     len(spans), schemas[key])  # fmt: skip
     if key in roots and not rec.extents and rec.table is None:
         return _Live(key, rec, "roots", [(rec.hashes_offset, rec.hashes_length)])
     return None
@@ -280,7 +279,6 @@ def _recode(store: Storage, pack: str, item: _Live, writer: PackWriter,
     stride = schema.stride
     coder = records.layout_of(schema)
     per = coder.records_per_chunk()
-    offsets = kernels.int64_table([s.offset for s in schema.tensors]).unsqueeze(0)
     buf = torch.empty(per * stride, dtype=torch.uint8)
     back = torch.empty(per * stride, dtype=torch.uint8)
     chunks: list[list[int]] = []
@@ -289,8 +287,7 @@ def _recode(store: Storage, pack: str, item: _Live, writer: PackWriter,
             k = min(per, count - first)
             n = k * stride
             store.tier.read_into(pack, offset + first * stride, n, buf.data_ptr())
-            rows = torch.arange(k, dtype=torch.int64).mul_(stride).add_(buf.data_ptr())
-            chunk = coder.encode((rows.unsqueeze(1) + offsets).reshape(-1), k)
+            chunk = coder.encode(records.segment_table(buf.data_ptr(), schema, k)[0], k)
             what = f"pack {pack}: a blob's records {first} to {first + k} of an extent"
             coder.decode(chunk, back[:n], k, what=what)
             if not torch.equal(back[:n], buf[:n]):
