@@ -192,10 +192,12 @@ def _scatter_table(streams: list[_Placed], stride: int,
     device = out.device
     dsts, lens, offsets = [], [], []
     for p in streams:
-        rows = torch.arange(p.records, dtype=torch.int64).unsqueeze(1)
-        dsts.append(((rows + p.first) * stride + p.stream.run_offsets + out.data_ptr()).reshape(-1))
-        lens.append(p.stream.run_lens.repeat(p.records))
-        offsets.append((rows * p.stream.per_record + p.stream.run_starts + p.dst).reshape(-1))
+        d, n, o = p.stream.scatter_table(
+            p.records, stride, out.data_ptr() + p.first * stride, p.dst
+        )
+        dsts.append(d)
+        lens.append(n)
+        offsets.append(o)
     lens_t = torch.cat(lens)
     tile = int(core().copy_tile_bytes)
     counts = (lens_t + (tile - 1)).div_(tile, rounding_mode="floor").tolist()

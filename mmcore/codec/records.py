@@ -82,6 +82,16 @@ class _Stream:
         self.run_lens = kernels.int64_table([n for _, n in runs])
         self.run_starts = _starts(self.run_lens)
 
+    def scatter_table(self, count: int, stride: int, records: int,
+                      decoded: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The scatter of ``count`` records' share of this stream, decoded from offset
+        ``decoded`` on, into their records (``stride`` bytes each, from address or offset
+        ``records`` on): each run's destination, length and offset in the stream."""
+        rows = torch.arange(count, dtype=torch.int64).unsqueeze(1)
+        dsts = (rows * stride + self.run_offsets + records).reshape(-1)
+        srcs = (rows * self.per_record + self.run_starts + decoded).reshape(-1)
+        return dsts, self.run_lens.repeat(count), srcs
+
 
 class Layout:
     """How records of ``schema`` are coded: its streams, in decreasing width."""
@@ -164,10 +174,7 @@ class Layout:
             n = count * s.per_record
             into = torch.empty(n, dtype=torch.uint8) if scratch is None else scratch(n)
             _decode(stream, into, threads, what)
-            rows = torch.arange(count, dtype=torch.int64).unsqueeze(1)
-            ptrs = (rows * stride + s.run_offsets + out.data_ptr()).reshape(-1)
-            kernels.scatter(into, ptrs, s.run_lens.repeat(count),
-                            (rows * s.per_record + s.run_starts).reshape(-1), threads=1)  # fmt: skip
+            kernels.scatter(into, *s.scatter_table(count, stride, out.data_ptr(), 0), threads=1)
 
 
 def _decode(stream: torch.Tensor, out: torch.Tensor, threads: int, what: str) -> None:
