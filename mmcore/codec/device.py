@@ -15,7 +15,6 @@ bit against the CPU decoder, damaged streams included.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -96,14 +95,7 @@ def decode(schema: Schema, coded: torch.Tensor, chunks: Sequence[tuple[int, int,
     staged = 0
     k = len(layout.streams)
     for offset, length, first, count in chunks:
-        if length < 4 * k:
-            raise IntegrityError(f"{what}: {length} bytes cannot hold its stream lengths")
-        lengths = struct.unpack(f"<{k}I", coded[offset : offset + 4 * k].numpy().tobytes())
-        if 4 * k + sum(lengths) != length:
-            raise IntegrityError(
-                f"{what}: its streams' lengths add up to {4 * k + sum(lengths)} bytes, "
-                f"not its {length}; the stored bytes are corrupted"
-            )
+        lengths = layout.stream_lengths(coded[offset : offset + length], what)
         at = offset + 4 * k
         for s, n in zip(layout.streams, lengths):
             nbytes = count * s.per_record

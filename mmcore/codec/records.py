@@ -145,13 +145,9 @@ class Layout:
         )
 
     # -- decoding ---------------------------------------------------------------
-    def decode(self, chunk: torch.Tensor, out: torch.Tensor, count: int, threads: int = 0,
-               what: str = "a coded chunk",
-               scratch: Callable[[int], torch.Tensor] | None = None) -> None:  # fmt: skip
-        """Decodes ``chunk`` (uint8, as ``encode`` wrote it) into ``out``: ``count``
-        records, ``count * stride`` contiguous bytes. IntegrityError where the chunk
-        does not hold exactly those records. ``scratch(n)`` gives the buffer a stream
-        is decoded into before it is scattered (default: a new one each time)."""
+    def stream_lengths(self, chunk: torch.Tensor, what: str) -> tuple[int, ...]:
+        """The lengths of a chunk's streams (uint8 CPU bytes, as ``encode`` wrote them),
+        checked to add up to the chunk; IntegrityError where they do not."""
         k = len(self.streams)
         if chunk.numel() < 4 * k:
             raise IntegrityError(f"{what}: {chunk.numel()} bytes cannot hold its stream lengths")
@@ -161,10 +157,20 @@ class Layout:
                 f"{what}: its streams' lengths add up to {4 * k + sum(lengths)} bytes, "
                 f"not its {chunk.numel()}; the stored bytes are corrupted"
             )
+        return lengths
+
+    def decode(self, chunk: torch.Tensor, out: torch.Tensor, count: int, threads: int = 0,
+               what: str = "a coded chunk",
+               scratch: Callable[[int], torch.Tensor] | None = None) -> None:  # fmt: skip
+        """Decodes ``chunk`` (uint8, as ``encode`` wrote it) into ``out``: ``count``
+        records, ``count * stride`` contiguous bytes. IntegrityError where the chunk
+        does not hold exactly those records. ``scratch(n)`` gives the buffer a stream
+        is decoded into before it is scattered (default: a new one each time)."""
+        lengths = self.stream_lengths(chunk, what)
         stride = self.schema.stride
         if self.gaps:
             out.zero_()
-        at = 4 * k
+        at = 4 * len(self.streams)
         for s, length in zip(self.streams, lengths):
             stream = chunk[at : at + length]
             at += length
@@ -276,9 +282,10 @@ class ChunkDecode:
         self.out, self.hashes = out, hashes
         rows: list[tuple[int, int, int, int, int, int]] = []
         for chunk, first, count in chunks if layout.direct and len(chunks) > 1 else ():
-            head = kernels.tensor_bytes(chunk[:4]) if chunk.numel() >= 4 else b""
-            if len(head) < 4 or 4 + struct.unpack("<I", head)[0] != chunk.numel():
-                rows.clear()  # (the chunk-by-chunk path says what is wrong with it)
+            try:
+                layout.stream_lengths(chunk, what)
+            except IntegrityError:  # (the chunk-by-chunk path raises it, in chunk order)
+                rows.clear()
                 break
             rows.append((chunk.data_ptr() + 4, chunk.numel() - 4, out.data_ptr() + first * stride,
                          count * stride, first * n, count * n))  # fmt: skip
