@@ -45,6 +45,7 @@ import mmcore
 from benchmarks.harness.measure import assert_same_models, machine_name
 from mmcore import kernels
 from mmcore.codec import device as device_codec
+from mmcore.codec import records
 from mmcore.examples import battery
 
 
@@ -124,28 +125,46 @@ def loads(cells: int, repeat: int, gpu: bool, log: Callable[[str], None]) -> dic
                     device_codec.decodes_on = old
 
             runs["gpu_coded_host_decode"] = host_decoded
-        for fn in runs.values():  # each checked once, bit for bit
+        first: dict[str, float] = {}
+        for key, fn in runs.items():  # each checked once, bit for bit
+            start = time.perf_counter()
             got = fn()
+            first[key] = time.perf_counter() - start
             assert_same_models({n: {k: t.cpu() for k, t in sd.items()} for n, sd in got.items()},
                                models)  # fmt: skip
             del got
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(repeat):  # alternating, in one process
-            for key, fn in runs.items():
-                gc.collect()
-                start = time.perf_counter()
-                got = fn()
-                if gpu:
-                    torch.cuda.synchronize()
-                times[key].append(time.perf_counter() - start)
-                del got
-        out["seconds"] = {k: statistics.median(v) for k, v in times.items()}
+        out["first_seconds"] = first  # (one sample each: a process's first load)
+        out["seconds"] = _alternating(runs, repeat, gpu)
+        # the CPU loads again with no decode buffer lent twice: each coded load then
+        # writes into fresh pages, as a process's first one does
+        limit = records.buffer_cache()["limit"]
+        records.buffer_cache(0)
+        try:
+            cpu = {k: runs[k] for k in ("cpu_plain", "cpu_coded")}
+            out["seconds_no_reuse"] = _alternating(cpu, repeat, gpu)
+        finally:
+            records.buffer_cache(limit)
         out["parts"] = _parts(stores["coded"], vids["coded"], repeat)
         for s in stores.values():
             s.close()
         return out
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _alternating(runs: dict[str, Callable[[], Any]], repeat: int, gpu: bool) -> dict[str, float]:
+    """Median seconds of each run, the runs taking turns ``repeat`` times in this process."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeat):
+        for key, fn in runs.items():
+            gc.collect()
+            start = time.perf_counter()
+            got = fn()
+            if gpu:
+                torch.cuda.synchronize()
+            times[key].append(time.perf_counter() - start)
+            del got
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _parts(store: mmcore.ModelStore, vid: str, repeat: int) -> dict[str, float]:
@@ -221,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     for key, s in sec.items():
         print(f"  {key:24} {s * 1e3:9.1f} ms")
     print(f"  coded / plain on the CPU: {sec['cpu_coded'] / sec['cpu_plain']:.2f}x (bar: 1.5x)")
+    fresh, first = result["seconds_no_reuse"], result["first_seconds"]
+    print(f"  with no decode buffer lent again (MMCORE_BUFFER_CACHE=0): plain "
+          f"{fresh['cpu_plain'] * 1e3:.1f} ms, coded {fresh['cpu_coded'] * 1e3:.1f} ms, "
+          f"{fresh['cpu_coded'] / fresh['cpu_plain']:.2f}x")  # fmt: skip
+    print(f"  this process's first loads (one each): plain {first['cpu_plain'] * 1e3:.1f} ms, "
+          f"coded {first['cpu_coded'] * 1e3:.1f} ms")  # fmt: skip
     parts = result["parts"]
     print(f"the coded load's pieces on the CPU (best of {args.repeat}): decode and hash "
           f"{parts['decode_and_hash'] * 1e3:.1f} ms, views {parts['views'] * 1e3:.1f} ms, "

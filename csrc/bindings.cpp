@@ -15,6 +15,7 @@
 #include "blake3.h"
 #include "blake3_plan.h"
 #include "blake3_tree.h"
+#include "buffers.h"
 #include "delta.h"
 #include "delta_emulate.h"
 #include "delta_units.h"
@@ -112,6 +113,24 @@ class DecodeJob {
   std::exception_ptr error_;
   py::object keep_;
   std::thread thread_;  // (last: it starts once the rest is there)
+};
+
+// A decode buffer lent to Python (buffer protocol: torch.frombuffer takes it): its
+// region goes back to the cache when the last tensor over it is freed.
+class DecodeBuffer {
+ public:
+  explicit DecodeBuffer(size_t nbytes) : region_(mmcore::take_region(nbytes)), nbytes_(nbytes) {}
+  DecodeBuffer(const DecodeBuffer&) = delete;
+  DecodeBuffer& operator=(const DecodeBuffer&) = delete;
+  ~DecodeBuffer() { mmcore::give_back_region(std::move(region_)); }
+  py::buffer_info info() {
+    return py::buffer_info(region_->data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                           {py::ssize_t(nbytes_)}, {py::ssize_t(1)}, false);
+  }
+
+ private:
+  std::unique_ptr<mmcore::Region> region_;
+  size_t nbytes_;
 };
 
 uint64_t planes_blocks(uintptr_t src, uint64_t len, uint64_t nbytes, int width, uint64_t dev_src,
@@ -492,6 +511,26 @@ PYBIND11_MODULE(_core, m) {
   m.def("planes_emulate", &planes_emulate, py::arg("blocks"), py::arg("n"), py::arg("planes"),
         py::arg("error"), "The GPU byte-plane decoder's launches, run on the CPU.");
   m.attr("planes_block_bytes") = sizeof(mmcore::planes_units::Block);
+  py::class_<DecodeBuffer>(m, "DecodeBuffer", py::buffer_protocol())
+      .def_buffer(&DecodeBuffer::info);
+  m.def(
+      "decode_buffer",
+      [](size_t nbytes) {
+        if (nbytes == 0) throw std::invalid_argument("a decode buffer of 0 bytes");
+        return std::make_unique<DecodeBuffer>(nbytes);
+      },
+      py::arg("nbytes"),
+      "nbytes of uninitialised memory (buffer protocol), from the cache of "
+      "released ones where it holds one that fits; handed back when the last user is gone.");
+  m.def(
+      "decode_buffer_cache",
+      [](int64_t limit) {
+        const mmcore::RegionCacheState s = mmcore::region_cache(limit);
+        return py::make_tuple(s.limit, s.idle_bytes, s.idle_regions);
+      },
+      py::arg("limit") = -1,
+      "(limit, idle bytes, idle buffers) of the decode buffers' cache; sets the limit "
+      "first where one >= 0 is given (0: no buffer is kept).");
   m.def("pwrite", &pwrite_bytes, py::arg("fd"), py::arg("data"), py::arg("len"), py::arg("offset"));
   m.def("pwrite_segments", &pwrite_segments, py::arg("fd"), py::arg("offset"), py::arg("srcs"),
         py::arg("lens"), py::arg("dst_offsets"), py::arg("n"), py::arg("total"),

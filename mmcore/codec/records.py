@@ -16,8 +16,6 @@ scattered into the records; chunks are decoded on all cores.
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
 import struct
 import threading
@@ -204,22 +202,45 @@ def layout_of(schema: Schema) -> Layout:
     return got
 
 
-# A decoded buffer this large is allocated in huge pages where the kernel gives them on
-# request (transparent huge pages in "madvise" mode): a 200 MB set's buffer then faults
-# in as a hundred pages, not fifty thousand (about 4x less time on this project's machine).
-HUGE_BYTES = 32 << 20
+# A decoded buffer this large comes from the cache of released ones (``buffer_cache``):
+# it is written without page faults when one fits.
+LARGE_BYTES = 32 << 20
+_cache_env = "MMCORE_BUFFER_CACHE"
+_cache_set = False
 
 
 def buffer(nbytes: int) -> torch.Tensor:
-    """An uninitialised uint8 CPU tensor of ``nbytes``: anonymous memory advised to
-    use huge pages where it is large, else ``torch.empty``."""
-    advise = getattr(mmap, "MADV_HUGEPAGE", None)
-    if nbytes < HUGE_BYTES or advise is None:
+    """An uninitialised uint8 CPU tensor of ``nbytes``: where it is large, a decode
+    buffer, from the cache of released ones where one fits (no page faults: a fresh
+    one's pages are zeroed by the kernel as they are first written), else
+    ``torch.empty``."""
+    if nbytes < LARGE_BYTES:
         return torch.empty(nbytes, dtype=torch.uint8)
-    mapped = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError):  # a kernel without them: small pages
-        mapped.madvise(advise)
-    return torch.frombuffer(mapped, dtype=torch.uint8)
+    if not _cache_set:
+        buffer_cache()
+    return torch.frombuffer(core().decode_buffer(nbytes), dtype=torch.uint8)
+
+
+def buffer_cache(limit: int | None = None) -> dict[str, int]:
+    """The cache of released decode buffers: ``limit`` (bytes of idle buffers kept at
+    most; default an eighth of physical memory, at most 1 GiB, or the environment's
+    ``MMCORE_BUFFER_CACHE``; 0 keeps none), ``idle_bytes`` and ``idle_buffers``. Sets
+    the limit first where one is given. A buffer goes back to the cache when the last
+    tensor over it is freed; meanwhile its pages are the kernel's to reclaim under
+    memory pressure (MADV_FREE)."""
+    global _cache_set
+    if limit is None and not _cache_set:
+        text = os.environ.get(_cache_env, "").strip()
+        if text:
+            try:
+                limit = int(text)
+            except ValueError:
+                raise ValueError(f"{_cache_env} must be a number of bytes, got {text!r}") from None
+    if limit is not None and limit < 0:
+        raise ValueError(f"a buffer cache limit must be >= 0 bytes, got {limit}")
+    got = core().decode_buffer_cache(-1 if limit is None else limit)
+    _cache_set = True
+    return dict(zip(("limit", "idle_bytes", "idle_buffers"), got, strict=True))
 
 
 def cores() -> int:
