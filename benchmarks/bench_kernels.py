@@ -186,6 +186,7 @@ def _run_workload(
         cases["scatter"] = lambda: cuda.scatter(dst, back, offs)
     for kernel, fn in cases.items():
         seconds = median_seconds(fn, device, repeat)
+        print(f"  {device} {name}: {kernel}: {seconds * 1e3:.2f} ms", file=sys.stderr, flush=True)
         rows.append({"device": device, "workload": name, "kernel": kernel, "seconds": seconds,
                      "gb_per_s": nbytes / seconds / 1e9, "of_copy": nbytes / seconds / copy_rate})  # fmt: skip
     rows.append({"device": device, "workload": name, "kernel": "plain copy (reference)", "seconds": copy_s,
