@@ -3,6 +3,7 @@
 // turns failures into Python exceptions.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <exception>
@@ -11,6 +12,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "blake3.h"
 #include "blake3_plan.h"
@@ -21,6 +23,7 @@
 #include "delta_units.h"
 #include "gather.h"
 #include "io.h"
+#include "parallel.h"
 #include "planes.h"
 #include "planes_units.h"
 #ifdef MMCORE_WITH_CUDA
@@ -75,44 +78,46 @@ void planes_decode(uintptr_t src, uint64_t len, uintptr_t dst, uint64_t nbytes, 
   mmcore::planes_decode(ptr<const uint8_t>(src), len, ptr<uint8_t>(dst), nbytes, threads);
 }
 
-// planes_decode_hashed on a thread of its own, started by one call that returns at
-// once: the caller goes on (building views, holding the GIL) while the streams are
-// decoded, then waits. `keep` (the Python objects owning the memory behind the
-// addresses) is held until the thread has ended; the job never outlives its thread:
-// dropping it waits too.
+// planes_decode_hashed started by one call that returns at once: threads of the job's
+// own take the streams while the caller goes on (building views, holding the GIL);
+// wait() releases the GIL and makes the caller one more worker until no stream is
+// left, so the job's threads and the caller never number more than `threads`. `keep`
+// (the Python objects owning the memory behind the addresses) is held until every
+// thread has ended; the job never outlives its threads: dropping it waits too.
 class DecodeJob {
  public:
   DecodeJob(uintptr_t streams, uint64_t n, uintptr_t ptrs, uintptr_t lens, uintptr_t hashes,
             int threads, py::object keep)
-      : keep_(std::move(keep)), thread_([=, this] {
-          try {
-            mmcore::planes_decode_hashed(ptr<const uint64_t>(streams), n,
-                                         ptr<const uint8_t* const>(ptrs), ptr<const uint64_t>(lens),
-                                         ptr<uint8_t>(hashes), threads);
-          } catch (...) {
-            error_ = std::current_exception();
-          }
-        }) {}
+      : keep_(std::move(keep)),
+        queue_(ptr<const uint64_t>(streams), n, ptr<const uint8_t* const>(ptrs),
+               ptr<const uint64_t>(lens), ptr<uint8_t>(hashes)) {
+    const int own = std::max(1, std::min(mmcore::resolve_threads(threads) - 1, int(n)));
+    threads_.reserve(size_t(own));
+    for (int i = 0; i < own; ++i) threads_.emplace_back([this] { queue_.work(); });
+  }
   DecodeJob(const DecodeJob&) = delete;
   DecodeJob& operator=(const DecodeJob&) = delete;
   ~DecodeJob() {
-    if (thread_.joinable()) {
-      py::gil_scoped_release release;  // (the thread never takes the GIL: no deadlock either way)
-      thread_.join();
-    }
+    py::gil_scoped_release release;  // (the threads never take the GIL: no deadlock either way)
+    join();
   }
   void wait() {
     {
       py::gil_scoped_release release;
-      if (thread_.joinable()) thread_.join();
+      queue_.work();
+      join();
     }
-    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+    queue_.rethrow();
   }
 
  private:
-  std::exception_ptr error_;
+  void join() {
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+  }
   py::object keep_;
-  std::thread thread_;  // (last: it starts once the rest is there)
+  mmcore::HashedDecodeQueue queue_;
+  std::vector<std::thread> threads_;  // (last: they start once the rest is there)
 };
 
 // A decode buffer lent to Python (buffer protocol: torch.frombuffer takes it): its

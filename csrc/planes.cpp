@@ -20,6 +20,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -955,33 +956,47 @@ void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t 
   });
 }
 
-void planes_decode_hashed(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
-                          const uint64_t* lens, uint8_t* hashes, int threads) {
-  std::atomic<uint64_t> next{0};
-  std::atomic<bool> failed{false};
-  const size_t workers = std::min<size_t>(size_t(resolve_threads(threads)), size_t(n));
-  parallel_ranges(workers, int(workers), 1, [&](size_t, size_t) {
-    auto decoder = std::make_unique<BlockDecoder>();
+HashedDecodeQueue::HashedDecodeQueue(const uint64_t* streams, uint64_t n,
+                                     const uint8_t* const* ptrs, const uint64_t* lens,
+                                     uint8_t* hashes)
+    : streams_(streams), n_(n), ptrs_(ptrs), lens_(lens), hashes_(hashes) {}
+
+void HashedDecodeQueue::work() noexcept {
+  try {
+    std::unique_ptr<BlockDecoder> decoder;
     std::vector<uint64_t> starts;
-    for (uint64_t k; !failed.load(std::memory_order_relaxed) && (k = next++) < n;) {
-      const uint64_t* row = streams + 6 * k;
+    for (uint64_t k; !failed_.load(std::memory_order_relaxed) && (k = next_++) < n_;) {
+      if (!decoder) decoder = std::make_unique<BlockDecoder>();
+      const uint64_t* row = streams_ + 6 * k;
       const uint8_t* src = reinterpret_cast<const uint8_t*>(row[0]);
       uint8_t* dst = reinterpret_cast<uint8_t*>(row[2]);
-      try {
-        uint64_t elems = 0, block = 0;
-        const int width = stream_blocks(src, row[1], row[3], elems, block, starts);
-        for (size_t b = 0; b + 1 < starts.size(); ++b) {
-          uint64_t m = std::min<uint64_t>(block, elems - b * block);
-          decoder->block(src + starts[b], starts[b + 1] - starts[b], width, m,
-                         dst + b * block * uint64_t(width));
-        }
-      } catch (...) {
-        failed = true;
-        throw;
+      uint64_t elems = 0, block = 0;
+      const int width = stream_blocks(src, row[1], row[3], elems, block, starts);
+      for (size_t b = 0; b + 1 < starts.size(); ++b) {
+        uint64_t m = std::min<uint64_t>(block, elems - b * block);
+        decoder->block(src + starts[b], starts[b + 1] - starts[b], width, m,
+                       dst + b * block * uint64_t(width));
       }
-      blake3_segments_cpu(ptrs + row[4], lens + row[4], row[5], hashes + 32 * row[4], 1);
+      blake3_segments_cpu(ptrs_ + row[4], lens_ + row[4], row[5], hashes_ + 32 * row[4], 1);
     }
-  });
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!error_) error_ = std::current_exception();
+    failed_ = true;
+  }
+}
+
+void HashedDecodeQueue::rethrow() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+}
+
+void planes_decode_hashed(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
+                          const uint64_t* lens, uint8_t* hashes, int threads) {
+  HashedDecodeQueue queue(streams, n, ptrs, lens, hashes);
+  const size_t workers = std::min<size_t>(size_t(resolve_threads(threads)), size_t(n));
+  parallel_ranges(workers, int(workers), 1, [&](size_t, size_t) { queue.work(); });
+  queue.rethrow();
 }
 
 }  // namespace mmcore

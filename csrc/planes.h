@@ -9,8 +9,11 @@
 // both directions run on up to `threads` threads.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 
 namespace mmcore {
 
@@ -42,6 +45,29 @@ void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t 
 // (std::invalid_argument) after every worker has stopped.
 void planes_decode_hashed(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
                           const uint64_t* lens, uint8_t* hashes, int threads);
+
+// planes_decode_hashed's streams as work that any number of threads share: each call
+// of work() (from any thread, at any time) decodes and hashes streams, one at a time,
+// until none is left or one has failed. rethrow() throws the first failure's error; call
+// it once every work() has returned. The tables must outlive the queue's work.
+class HashedDecodeQueue {
+ public:
+  HashedDecodeQueue(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
+                    const uint64_t* lens, uint8_t* hashes);
+  void work() noexcept;
+  void rethrow();
+
+ private:
+  const uint64_t* streams_;
+  uint64_t n_;
+  const uint8_t* const* ptrs_;
+  const uint64_t* lens_;
+  uint8_t* hashes_;
+  std::atomic<uint64_t> next_{0};
+  std::atomic<bool> failed_{false};
+  std::mutex mu_;
+  std::exception_ptr error_;
+};
 
 // The GPU decoder's table (planes_units.h): checks the header and block table of the
 // stream at `src` (host memory, `src_len` bytes, holding `nbytes` of elements of
