@@ -51,6 +51,9 @@ struct RegionCache {
   }
 };
 
+// (Every take and give back from Python runs holding the GIL: decode_buffer is called
+// with it, and a tensor's deleter takes it to let go of the buffer. A fork, which
+// Python makes holding it too, so never finds the lock held by another thread.)
 RegionCache& cache() {
   static RegionCache* c = new RegionCache();
   return *c;
@@ -76,8 +79,8 @@ std::unique_ptr<Region> take_region(size_t nbytes) {
       return r;
     }
   }
-  const size_t size =
-      (std::max<size_t>(nbytes, 1) + kRegionAlign - 1) / kRegionAlign * kRegionAlign;
+  const size_t step = nbytes < kRegionAlign ? size_t(sysconf(_SC_PAGESIZE)) : kRegionAlign;
+  const size_t size = (std::max<size_t>(nbytes, 1) + step - 1) / step * step;
   return std::make_unique<Region>(size);
 }
 

@@ -12,8 +12,7 @@
 
 namespace mmcore {
 
-// One anonymous mapping of `size` bytes (a multiple of kRegionAlign), unmapped when
-// destroyed.
+// One anonymous mapping of `size` bytes, unmapped when destroyed.
 class Region {
  public:
   explicit Region(size_t size);  // throws std::bad_alloc where the mapping fails
@@ -28,7 +27,9 @@ class Region {
   size_t size_;
 };
 
-constexpr size_t kRegionAlign = size_t(2) << 20;  // (sizes in steps of 2 MiB: fewer misfits)
+// Regions are made in steps of 2 MiB (fewer misfits between sets of about one size),
+// smaller ones in pages.
+constexpr size_t kRegionAlign = size_t(2) << 20;
 
 // A region of at least `nbytes` (> 0): a released one of at most twice that size
 // where the cache holds one (the smallest), else a new one. Its bytes are not

@@ -130,6 +130,9 @@ class ApiMachine(RuleBasedStateMachine):
         self.deleted: list[Version] = []
         self.refs: dict[str, str] = {}
         self.made = 0
+        # loads kept from one check to the next (their decode buffers with them): a buffer
+        # lent again while one of them lives would change them
+        self.held: list[tuple[Models, Models, str]] = []
 
     def _open(self, *, readonly: bool = False) -> mmcore.ModelStore:
         store = mmcore.open(self.path, readonly=readonly, storage_options=self.options)
@@ -569,6 +572,9 @@ class ApiMachine(RuleBasedStateMachine):
         self._check_store(self.store)
 
     def _check_store(self, store: mmcore.ModelStore) -> None:
+        for got, want, what in self.held:
+            assert_models(got, want, f"{what}, held since the last check")
+        self.held = []
         assert {v.id for v in store.versions()} == set(self.live)
         assert store.refs() == self.refs
         for v in self.live.values():
@@ -576,7 +582,9 @@ class ApiMachine(RuleBasedStateMachine):
             info = store.info(v.vid)
             assert (info.approach, info.parent) == (v.approach, v.parent), (what, info)
             assert info.depth == self._depth(v), f"{what}: depth {info.depth}"
-            assert_models(store.load(v.vid), v.models, f"load {what}")
+            loaded = store.load(v.vid)
+            assert_models(loaded, v.models, f"load {what}")
+            self.held = [*self.held[-2:], (loaded, v.models, f"load {what}")]
             for name, sd in v.models.items():
                 assert_model(store.load_model(v.vid, name), sd, f"load_model {what} {name!r}")
             subset = list(v.models)[::-2]
@@ -625,6 +633,7 @@ def _share_small_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(baseline, "SHARE_MIN", 8)
     monkeypatch.setattr(baseline, "SHARE_SAVES", 0)
     monkeypatch.setattr(records, "CHUNK_BYTES", 256)  # coded groups: chunks of a few models
+    monkeypatch.setattr(records, "LARGE_BYTES", 1)  # every decode buffer lent from the cache
 
 
 def test_api_state_machine_on_object_storage(seaweed: Any) -> None:
