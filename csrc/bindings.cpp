@@ -78,18 +78,19 @@ void planes_decode(uintptr_t src, uint64_t len, uintptr_t dst, uint64_t nbytes, 
   mmcore::planes_decode(ptr<const uint8_t>(src), len, ptr<uint8_t>(dst), nbytes, threads);
 }
 
-// planes_decode_hashed started by one call that returns at once: threads of the job's
-// own take the streams while the caller goes on (building views, holding the GIL);
-// wait() releases the GIL and makes the caller one more worker until no stream is
+// planes_decode_chunks started by one call that returns at once: threads of the job's
+// own take the chunks while the caller goes on (building views, holding the GIL);
+// wait() releases the GIL and makes the caller one more worker until no chunk is
 // left, so the job's threads and the caller never number more than `threads`. `keep`
 // (the Python objects owning the memory behind the addresses) is held until every
 // thread has ended; the job never outlives its threads: dropping it waits too.
 class DecodeJob {
  public:
-  DecodeJob(uintptr_t streams, uint64_t n, uintptr_t ptrs, uintptr_t lens, uintptr_t hashes,
-            int threads, py::object keep)
+  DecodeJob(uintptr_t chunks, uint64_t n, uintptr_t streams, uintptr_t runs, uintptr_t ptrs,
+            uintptr_t lens, uintptr_t hashes, int threads, py::object keep)
       : keep_(std::move(keep)),
-        queue_(ptr<const uint64_t>(streams), n, ptr<const uint8_t* const>(ptrs),
+        queue_(ptr<const uint64_t>(chunks), n, ptr<const uint64_t>(streams),
+               ptr<const uint64_t>(runs), ptr<const uint8_t* const>(ptrs),
                ptr<const uint64_t>(lens), ptr<uint8_t>(hashes)) {
     const int own = std::max(1, std::min(mmcore::resolve_threads(threads) - 1, int(n)));
     threads_.reserve(size_t(own));
@@ -116,7 +117,7 @@ class DecodeJob {
       if (t.joinable()) t.join();
   }
   py::object keep_;
-  mmcore::HashedDecodeQueue queue_;
+  mmcore::ChunkDecodeQueue queue_;
   std::vector<std::thread> threads_;  // (last: they start once the rest is there)
 };
 
@@ -500,14 +501,15 @@ PYBIND11_MODULE(_core, m) {
         py::arg("nbytes"), py::arg("threads"));
   py::class_<DecodeJob>(m, "DecodeJob").def("wait", &DecodeJob::wait);
   m.def(
-      "planes_decode_hashed_start",
-      [](uintptr_t streams, uint64_t n, uintptr_t ptrs, uintptr_t lens, uintptr_t hashes,
-         int threads, py::object keep) {
-        return std::make_unique<DecodeJob>(streams, n, ptrs, lens, hashes, threads,
+      "planes_decode_chunks_start",
+      [](uintptr_t chunks, uint64_t n, uintptr_t streams, uintptr_t runs, uintptr_t ptrs,
+         uintptr_t lens, uintptr_t hashes, int threads, py::object keep) {
+        return std::make_unique<DecodeJob>(chunks, n, streams, runs, ptrs, lens, hashes, threads,
                                            std::move(keep));
       },
-      py::arg("streams"), py::arg("n"), py::arg("ptrs"), py::arg("lens"), py::arg("hashes"),
-      py::arg("threads"), py::arg("keep"));
+      py::arg("chunks"), py::arg("n"), py::arg("streams"), py::arg("runs"), py::arg("ptrs"),
+      py::arg("lens"), py::arg("hashes"), py::arg("threads"), py::arg("keep"),
+      "planes_decode_chunks (planes.h) on threads of its own; wait() joins it.");
   m.def("planes_blocks", &planes_blocks, py::arg("src"), py::arg("len"), py::arg("nbytes"),
         py::arg("width"), py::arg("dev_src"), py::arg("dst"), py::arg("scratch"), py::arg("out"),
         py::arg("cap"),

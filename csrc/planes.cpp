@@ -956,28 +956,71 @@ void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t 
   });
 }
 
-HashedDecodeQueue::HashedDecodeQueue(const uint64_t* streams, uint64_t n,
-                                     const uint8_t* const* ptrs, const uint64_t* lens,
-                                     uint8_t* hashes)
-    : streams_(streams), n_(n), ptrs_(ptrs), lens_(lens), hashes_(hashes) {}
+namespace {
 
-void HashedDecodeQueue::work() noexcept {
+// Decodes one stream into its runs (see planes_decode_chunks).
+void decode_into_runs(BlockDecoder& decoder, const uint8_t* src, uint64_t len, uint64_t nbytes,
+                      const uint64_t* runs, uint64_t nruns, std::vector<uint64_t>& starts,
+                      std::vector<uint8_t>& staging) {
+  uint64_t total = 0;
+  for (uint64_t r = 0; r < nruns; ++r) total += runs[2 * r + 1];
+  if (total != nbytes) throw std::logic_error("runs that do not add up to their stream");
+  auto at = [&](uint64_t r) { return reinterpret_cast<uint8_t*>(runs[2 * r]); };
+  if (src == nullptr && len == 0) {  // zeros
+    for (uint64_t r = 0; r < nruns; ++r) std::memset(at(r), 0, runs[2 * r + 1]);
+    return;
+  }
+  uint64_t elems = 0, block = 0;
+  const int width = stream_blocks(src, len, nbytes, elems, block, starts);
+  uint64_t r = 0, from = 0;  // the run that holds the block's first byte, and where it starts
+  for (size_t b = 0; b + 1 < starts.size(); ++b) {
+    const uint64_t m = std::min<uint64_t>(block, elems - b * block);
+    const uint64_t lo = b * block * uint64_t(width), hi = lo + m * uint64_t(width);
+    while (from + runs[2 * r + 1] <= lo) from += runs[2 * r++ + 1];
+    const uint8_t* in = src + starts[b];
+    const uint64_t in_len = starts[b + 1] - starts[b];
+    if (hi <= from + runs[2 * r + 1]) {  // inside one run
+      decoder.block(in, in_len, width, m, at(r) + (lo - from));
+      continue;
+    }
+    staging.resize(hi - lo);
+    decoder.block(in, in_len, width, m, staging.data());
+    for (uint64_t q = r, start = from, done = lo; done < hi; start += runs[2 * q++ + 1]) {
+      const uint64_t end = std::min(hi, start + runs[2 * q + 1]);
+      if (end <= done) continue;
+      std::memcpy(at(q) + (done - start), staging.data() + (done - lo), end - done);
+      done = end;
+    }
+  }
+}
+
+}  // namespace
+
+ChunkDecodeQueue::ChunkDecodeQueue(const uint64_t* chunks, uint64_t n, const uint64_t* streams,
+                                   const uint64_t* runs, const uint8_t* const* ptrs,
+                                   const uint64_t* lens, uint8_t* hashes)
+    : chunks_(chunks),
+      n_(n),
+      streams_(streams),
+      runs_(runs),
+      ptrs_(ptrs),
+      lens_(lens),
+      hashes_(hashes) {}
+
+void ChunkDecodeQueue::work() noexcept {
   try {
     std::unique_ptr<BlockDecoder> decoder;
     std::vector<uint64_t> starts;
+    std::vector<uint8_t> staging;
     for (uint64_t k; !failed_.load(std::memory_order_relaxed) && (k = next_++) < n_;) {
       if (!decoder) decoder = std::make_unique<BlockDecoder>();
-      const uint64_t* row = streams_ + 6 * k;
-      const uint8_t* src = reinterpret_cast<const uint8_t*>(row[0]);
-      uint8_t* dst = reinterpret_cast<uint8_t*>(row[2]);
-      uint64_t elems = 0, block = 0;
-      const int width = stream_blocks(src, row[1], row[3], elems, block, starts);
-      for (size_t b = 0; b + 1 < starts.size(); ++b) {
-        uint64_t m = std::min<uint64_t>(block, elems - b * block);
-        decoder->block(src + starts[b], starts[b + 1] - starts[b], width, m,
-                       dst + b * block * uint64_t(width));
+      const uint64_t* chunk = chunks_ + 4 * k;
+      for (uint64_t s = chunk[0]; s < chunk[0] + chunk[1]; ++s) {
+        const uint64_t* row = streams_ + 5 * s;
+        decode_into_runs(*decoder, reinterpret_cast<const uint8_t*>(row[0]), row[1], row[2],
+                         runs_ + 2 * row[3], row[4], starts, staging);
       }
-      blake3_segments_cpu(ptrs_ + row[4], lens_ + row[4], row[5], hashes_ + 32 * row[4], 1);
+      blake3_segments_cpu(ptrs_ + chunk[2], lens_ + chunk[2], chunk[3], hashes_ + 32 * chunk[2], 1);
     }
   } catch (...) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -986,14 +1029,15 @@ void HashedDecodeQueue::work() noexcept {
   }
 }
 
-void HashedDecodeQueue::rethrow() {
+void ChunkDecodeQueue::rethrow() {
   std::lock_guard<std::mutex> lock(mu_);
   if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
 }
 
-void planes_decode_hashed(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
-                          const uint64_t* lens, uint8_t* hashes, int threads) {
-  HashedDecodeQueue queue(streams, n, ptrs, lens, hashes);
+void planes_decode_chunks(const uint64_t* chunks, uint64_t n, const uint64_t* streams,
+                          const uint64_t* runs, const uint8_t* const* ptrs, const uint64_t* lens,
+                          uint8_t* hashes, int threads) {
+  ChunkDecodeQueue queue(chunks, n, streams, runs, ptrs, lens, hashes);
   const size_t workers = std::min<size_t>(size_t(resolve_threads(threads)), size_t(n));
   parallel_ranges(workers, int(workers), 1, [&](size_t, size_t) { queue.work(); });
   queue.rethrow();

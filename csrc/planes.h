@@ -35,31 +35,40 @@ uint64_t planes_encode(const uint8_t* src, uint64_t nbytes, int width, uint8_t* 
 void planes_decode(const uint8_t* src, uint64_t src_len, uint8_t* dst, uint64_t nbytes,
                    int threads);
 
-// planes_decode of `n` streams, each then hashed: `streams` holds per stream six u64
-// (its address, its length, where it decodes to, the bytes it holds, its first
-// segment, its segment count); after a stream is decoded, the BLAKE3 of each of its
-// segments (`ptrs[i]`, `lens[i]` bytes: inside what it decoded to) goes to
-// `hashes + 32 * i`, on the same thread while the bytes are in its cache. Streams go
-// to `threads` workers as they free up (a stream of no segments is only decoded:
-// `ptrs`, `lens` and `hashes` may then be null); the first damaged stream's error is thrown
-// (std::invalid_argument) after every worker has stopped.
-void planes_decode_hashed(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
-                          const uint64_t* lens, uint8_t* hashes, int threads);
+// Decodes `n` chunks of records and hashes their tensors. Per chunk, `chunks` holds
+// four u64: its first row in `streams`, its stream count, its first segment and its
+// segment count. Per stream, `streams` holds five u64: its address, its length, the
+// bytes it holds, its first row in `runs` and its run count; a stream of address 0
+// and length 0 is zeros. Per run, `runs` holds two u64: an address and a length; a
+// stream's runs, in order, take its bytes in order (block by block: a block inside
+// one run is decoded straight into it, else into scratch and copied out). Once every
+// stream of a chunk is decoded, the BLAKE3 of each of its segments (`ptrs[i]`,
+// `lens[i]` bytes) goes to `hashes + 32 * i`, on the same thread while the bytes are
+// in its cache (a chunk of no segments is only decoded: `ptrs`, `lens` and `hashes`
+// may then be null). Chunks go to `threads` workers as they free up; the first
+// damaged stream's error is thrown (std::invalid_argument) after every worker has
+// stopped; a stream whose runs do not add up to its bytes throws std::logic_error.
+void planes_decode_chunks(const uint64_t* chunks, uint64_t n, const uint64_t* streams,
+                          const uint64_t* runs, const uint8_t* const* ptrs, const uint64_t* lens,
+                          uint8_t* hashes, int threads);
 
-// planes_decode_hashed's streams as work that any number of threads share: each call
-// of work() (from any thread, at any time) decodes and hashes streams, one at a time,
+// planes_decode_chunks' chunks as work that any number of threads share: each call
+// of work() (from any thread, at any time) decodes and hashes chunks, one at a time,
 // until none is left or one has failed. rethrow() throws the first failure's error; call
 // it once every work() has returned. The tables must outlive the queue's work.
-class HashedDecodeQueue {
+class ChunkDecodeQueue {
  public:
-  HashedDecodeQueue(const uint64_t* streams, uint64_t n, const uint8_t* const* ptrs,
-                    const uint64_t* lens, uint8_t* hashes);
+  ChunkDecodeQueue(const uint64_t* chunks, uint64_t n, const uint64_t* streams,
+                   const uint64_t* runs, const uint8_t* const* ptrs, const uint64_t* lens,
+                   uint8_t* hashes);
   void work() noexcept;
   void rethrow();
 
  private:
-  const uint64_t* streams_;
+  const uint64_t* chunks_;
   uint64_t n_;
+  const uint64_t* streams_;
+  const uint64_t* runs_;
   const uint8_t* const* ptrs_;
   const uint64_t* lens_;
   uint8_t* hashes_;

@@ -321,8 +321,16 @@ def planes_decode(src: int, len: int, dst: int, nbytes: int, threads: int) -> No
 class DecodeJob:
     def wait(self) -> None: ...
 
-def planes_decode_hashed_start(
-    streams: int, n: int, ptrs: int, lens: int, hashes: int, threads: int, keep: object
+def planes_decode_chunks_start(
+    chunks: int,
+    n: int,
+    streams: int,
+    runs: int,
+    ptrs: int,
+    lens: int,
+    hashes: int,
+    threads: int,
+    keep: object,
 ) -> DecodeJob: ...
 
 class DecodeBuffer:  # the buffer protocol: torch.frombuffer takes it

@@ -199,13 +199,13 @@ def test_direct_chunks_decode_and_hash_in_one_native_call(
     (rec,) = _coded(store, vid)
     assert rec.chunks is not None and len(rec.chunks) > 3
     mod, calls = core(), []
-    start = mod.planes_decode_hashed_start
+    start = mod.planes_decode_chunks_start
 
     def spy(*args: object) -> object:
         calls.append(args[1])  # the streams in the call
         return start(*args)
 
-    monkeypatch.setattr(mod, "planes_decode_hashed_start", spy)
+    monkeypatch.setattr(mod, "planes_decode_chunks_start", spy)
     assert_sets_equal(store.load(vid), models)
     assert calls == [len(rec.chunks)]
     assert_sets_equal(store.load(vid, verify=False), models)  # decoded by the job, unhashed
@@ -235,6 +235,50 @@ def test_direct_chunks_decode_and_hash_in_one_native_call(
         records.ChunkDecode(schema, items, one, "x", hashes[1:])
     with pytest.raises(ValueError, match="not the records of out"):
         records.ChunkDecode(schema, items, one[: -schema.stride], "x", hashes)
+
+
+@pytest.mark.parametrize("big", [0, 70000])  # runs inside a block; blocks inside a run too
+def test_mixed_width_chunks_decode_into_their_runs_in_one_native_call(
+    store: mmcore.ModelStore, monkeypatch: pytest.MonkeyPatch, big: int
+) -> None:
+    """A group of several streams (every width, padding between tensors) is decoded by
+    the same native job: each stream into its runs in the records, the gaps zeroed
+    (into a buffer holding other bytes), the tensors hashed; the bytes are those the
+    chunk-by-chunk decoder gives."""
+    from mmcore._native import core
+
+    monkeypatch.setattr(records, "CHUNK_BYTES", 1)  # a record a chunk
+    g = torch.Generator().manual_seed(3)
+    models = {name: {**sd, "big": torch.randn(big, generator=g) * 0.02}
+              for name, sd in _mixed(5).items()}  # fmt: skip
+    vid = store.save(models, compress=True)
+    (rec,) = _coded(store, vid)
+    assert rec.chunks is not None and len(rec.chunks) == 5
+    (group,) = store.manifest(vid).groups
+    schema = group.schema
+    layout = records.layout_of(schema)
+    assert not layout.direct and layout.gaps and len(layout.streams) > 3
+    mod, calls = core(), []
+    start = mod.planes_decode_chunks_start
+
+    def spy(*args: object) -> object:
+        calls.append(args[1])  # the chunks in the call
+        return start(*args)
+
+    monkeypatch.setattr(mod, "planes_decode_chunks_start", spy)
+    assert_sets_equal(store.load(vid), models)
+    assert calls == [5]
+    reader = store.storage.reader
+    coded, placed = reader._coded_chunks(rec, rec.chunks)
+    items = [(coded[at : at + n], first, count) for at, n, first, count in placed]
+    one = torch.full((group.count * schema.stride,), 0xAB, dtype=torch.uint8)
+    hashes = torch.empty((group.count * len(schema.tensors), 32), dtype=torch.uint8)
+    records.ChunkDecode(schema, items, one, "x", hashes)()
+    assert calls == [5, 5]
+    other = torch.full_like(one, 0xCD)
+    records.decode_chunks(schema, items, other, "x")
+    assert torch.equal(one, other)
+    assert torch.equal(hashes, reader.stored_hashes(rec))
 
 
 def test_damaged_chunk_records_are_refused(store: mmcore.ModelStore) -> None:

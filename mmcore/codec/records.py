@@ -117,6 +117,15 @@ class Layout:
         # one stream that is each record whole: decoded straight into the records
         self.direct = len(self.streams) == 1 and covered == schema.stride
         self.gaps = covered < schema.stride  # bytes no tensor covers: zeroed on decode
+        gaps, at = [], 0  # (offset, length) of each, in a record
+        for offset, length in sorted(run for s in self.streams for run in s.runs):
+            if offset > at:
+                gaps.append((at, offset - at))
+            at = max(at, offset + length)
+        if at < schema.stride:
+            gaps.append((at, schema.stride - at))
+        self.gap_offsets = kernels.int64_table([o for o, _ in gaps])
+        self.gap_lens = kernels.int64_table([n for _, n in gaps])
 
     def records_per_chunk(self) -> int:
         return max(1, CHUNK_BYTES // max(self.schema.stride, 1))
@@ -288,11 +297,14 @@ class ChunkDecode:
     as the chunk is decoded: call it to run it here, or ``start`` it and call what that
     returns to wait for it (and have its error raised).
 
-    For a schema whose chunks are one stream of whole records (``Layout.direct``) and
-    two chunks or more, every chunk is decoded (and hashed) by one native job on threads
-    of its own, started by one call: it takes no GIL from start to end, so the thread
-    that builds the views meanwhile never waits for a decoder, nor a decoder for it.
-    Else chunk by chunk, as ``decode_chunks`` (on ``start``'s pool, if given)."""
+    Two chunks or more are decoded (and hashed) by one native job on threads of its own
+    (``planes_decode_chunks_start``), started by one call: it takes no GIL from start to
+    end, so the thread that builds the views meanwhile never waits for a decoder, nor a
+    decoder for it, and waiting makes that thread a worker too. Each stream goes into
+    its runs in the records (each block straight into its run where one run holds it,
+    else through scratch), the gaps no tensor covers are zeroed, then the chunk is
+    hashed. A single chunk (or one whose stream lengths are damaged) is decoded as
+    ``decode_chunks`` does (on ``start``'s pool, if given)."""
 
     def __init__(self, schema: Schema, chunks: Sequence[tuple[torch.Tensor, int, int]],
                  out: torch.Tensor, what: str, hashes: torch.Tensor | None = None) -> None:  # fmt: skip
@@ -301,16 +313,35 @@ class ChunkDecode:
         n = len(schema.tensors) if hashes is not None else 0  # (no segments: nothing hashed)
         self.schema, self.chunks, self.what = schema, chunks, what
         self.out, self.hashes = out, hashes
-        rows: list[tuple[int, int, int, int, int, int]] = []
-        for chunk, first, count in chunks if layout.direct and len(chunks) > 1 else ():
+        rows: list[tuple[int, int, int, int]] = []  # per chunk
+        streams: list[tuple[int, int, int, int, int]] = []  # per stream of each chunk
+        runs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (addresses, lengths) per stream
+        held = 0  # runs so far
+        for chunk, first, count in chunks if len(chunks) > 1 else ():
             try:
-                layout.stream_lengths(chunk, what)
+                lengths = layout.stream_lengths(chunk, what)
             except IntegrityError:  # (the chunk-by-chunk path raises it, in chunk order)
                 rows.clear()
                 break
-            rows.append((chunk.data_ptr() + 4, chunk.numel() - 4, out.data_ptr() + first * stride,
-                         count * stride, first * n, count * n))  # fmt: skip
-        self.native: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            base = out.data_ptr() + first * stride
+            at = chunk.data_ptr() + 4 * len(layout.streams)
+            rows.append((len(streams), len(layout.streams) + layout.gaps, first * n, count * n))
+            for s, length in zip(layout.streams, lengths, strict=True):
+                if layout.direct:  # one run: the records
+                    dsts, lens = kernels.int64_table([base]), kernels.int64_table([count * stride])
+                else:
+                    dsts, lens, _ = s.scatter_table(count, stride, base, 0)
+                streams.append((at, length, count * s.per_record, held, dsts.numel()))
+                runs.append((dsts, lens))
+                held, at = held + dsts.numel(), at + length
+            if layout.gaps:  # zeros
+                rec = torch.arange(count, dtype=torch.int64).mul_(stride).add_(base).unsqueeze(1)
+                dsts = (rec + layout.gap_offsets).reshape(-1)
+                lens = layout.gap_lens.repeat(count)
+                streams.append((0, 0, int(lens.sum()), held, dsts.numel()))
+                runs.append((dsts, lens))
+                held += dsts.numel()
+        self.native: tuple[torch.Tensor, ...] | None = None
         if rows:
             records = sum(count for _, _, count in chunks)
             if (max(first + count for _, first, count in chunks) > records
@@ -320,7 +351,11 @@ class ChunkDecode:
                                        or not hashes.is_contiguous()):  # fmt: skip
                 raise ValueError(f"hashes must be a contiguous ({records * n}, 32) uint8 tensor")
             ptrs, lens = segment_table(out.data_ptr(), schema, records if n else 0)
-            self.native = (torch.tensor(rows, dtype=torch.int64), ptrs, lens)
+            run_table = torch.stack([torch.cat([d for d, _ in runs]),
+                                     torch.cat([ln for _, ln in runs])], 1).contiguous()  # fmt: skip
+            self.native = (kernels.int64_table([v for row in rows for v in row]).view(-1, 4),
+                           kernels.int64_table([v for row in streams for v in row]),
+                           run_table, ptrs, lens)  # fmt: skip
 
     def __call__(self) -> None:
         self.start()()
@@ -332,11 +367,12 @@ class ChunkDecode:
                 return lambda: None
             job = pool.submit(self._chunk_by_chunk)
             return job.result
-        table, ptrs, lens = self.native
+        table, streams, runs, ptrs, lens = self.native
         keep = (self.native, self.chunks, self.out, self.hashes)  # held by the job until it ends
         hashes = self.hashes.data_ptr() if self.hashes is not None else 0
-        native = core().planes_decode_hashed_start(table.data_ptr(), table.shape[0], ptrs.data_ptr(),
-                                                   lens.data_ptr(), hashes, cores(), keep)  # fmt: skip
+        native = core().planes_decode_chunks_start(
+            table.data_ptr(), table.shape[0], streams.data_ptr(), runs.data_ptr(),
+            ptrs.data_ptr(), lens.data_ptr(), hashes, cores(), keep)  # fmt: skip
         what = self.what
 
         def wait() -> None:
