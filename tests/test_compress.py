@@ -186,26 +186,33 @@ def test_damaged_chunks_are_found(store_path: Path, small_chunks: None, direct: 
         _every_way(store, vid, models)
 
 
+def _decode_jobs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The chunk count of each native decode job started from now on."""
+    from mmcore._native import core
+
+    mod, calls = core(), []
+    start = mod.planes_decode_chunks_start
+
+    def spy(*args: object) -> object:
+        calls.append(args[1])
+        return start(*args)
+
+    monkeypatch.setattr(mod, "planes_decode_chunks_start", spy)
+    return calls
+
+
 def test_direct_chunks_decode_and_hash_in_one_native_call(
     store: mmcore.ModelStore, small_chunks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A group whose chunks are one stream of whole records (a float32 schema) is decoded
     and hashed by one native call over every chunk (no Python step per chunk, the GIL
     released): the same bytes and hashes as chunk by chunk, one call a load."""
-    from mmcore._native import core
 
     models = _floats(30, width=700)
     vid = store.save(models, compress=True)
     (rec,) = _coded(store, vid)
     assert rec.chunks is not None and len(rec.chunks) > 3
-    mod, calls = core(), []
-    start = mod.planes_decode_chunks_start
-
-    def spy(*args: object) -> object:
-        calls.append(args[1])  # the streams in the call
-        return start(*args)
-
-    monkeypatch.setattr(mod, "planes_decode_chunks_start", spy)
+    calls = _decode_jobs(monkeypatch)
     assert_sets_equal(store.load(vid), models)
     assert calls == [len(rec.chunks)]
     assert_sets_equal(store.load(vid, verify=False), models)  # decoded by the job, unhashed
@@ -245,7 +252,6 @@ def test_mixed_width_chunks_decode_into_their_runs_in_one_native_call(
     the same native job: each stream into its runs in the records, the gaps zeroed
     (into a buffer holding other bytes), the tensors hashed; the bytes are those the
     chunk-by-chunk decoder gives."""
-    from mmcore._native import core
 
     monkeypatch.setattr(records, "CHUNK_BYTES", 1)  # a record a chunk
     g = torch.Generator().manual_seed(3)
@@ -258,14 +264,7 @@ def test_mixed_width_chunks_decode_into_their_runs_in_one_native_call(
     schema = group.schema
     layout = records.layout_of(schema)
     assert not layout.direct and layout.gaps and len(layout.streams) > 3
-    mod, calls = core(), []
-    start = mod.planes_decode_chunks_start
-
-    def spy(*args: object) -> object:
-        calls.append(args[1])  # the chunks in the call
-        return start(*args)
-
-    monkeypatch.setattr(mod, "planes_decode_chunks_start", spy)
+    calls = _decode_jobs(monkeypatch)
     assert_sets_equal(store.load(vid), models)
     assert calls == [5]
     reader = store.storage.reader
