@@ -245,8 +245,7 @@ class BlobReader:
 
     def _extent_buffers(self, rec: ContentRecord, schema: Schema, *,
                         populate: bool = True) -> list[tuple[torch.Tensor, int]]:  # fmt: skip
-        if rec.chunks is not None:  # (decoded into memory: nothing to populate)
-            return [(self.decoded(rec, schema), rec.held)]
+        assert rec.chunks is None  # (a coded blob is decoded: _mapped_and_hashed)
         return [
             (self.tier.map_range(rec.pack, off, count * schema.stride, populate=populate), count)
             for off, count in rec.extents
@@ -255,20 +254,31 @@ class BlobReader:
     def _mapped_and_hashed(
         self, rec: ContentRecord, schema: Schema, pool: ThreadPoolExecutor, verify: bool
     ) -> tuple[
-        list[tuple[torch.Tensor, int]], Callable[[], tuple[torch.Tensor, torch.Tensor]] | None
+        list[tuple[torch.Tensor, int]], Callable[[], tuple[torch.Tensor, torch.Tensor] | None]
     ]:
-        """The extents mapped, and (with ``verify``) a function giving (computed, stored)
-        hashes. The pages are then brought in piece by piece (``HASH_PIECE`` bytes of
-        whole records) while the pool's thread hashes the pieces already in: from a cold
-        page cache the disk read and the hashing overlap instead of following each other.
-        Without ``verify`` every page is brought in at once."""
+        """The extents mapped (a coded blob: its buffer, being decoded), each with its
+        record count, and ``done``: it waits for what is still running and gives
+        (computed, stored) hashes with ``verify`` (else None). Call it before the bytes
+        are used (a coded blob's are not all there before), and the caller's thread can
+        build views meanwhile. The pages of a mapped blob are brought in piece by piece
+        (``HASH_PIECE`` bytes of whole records) while the pool's thread hashes the
+        pieces already in: from a cold page cache the disk read and the hashing overlap
+        instead of following each other. Without ``verify`` every page is brought in at
+        once. A coded blob is decoded (and with ``verify`` hashed, chunk by chunk) by
+        ``ChunkDecode`` on its own threads or the pool's."""
+        if rec.chunks is not None:
+            computed = torch.empty((rec.held * len(schema.tensors) if verify else 0,
+                                    kernels.HASH_SIZE), dtype=torch.uint8)  # fmt: skip
+            buf, run = self._decoder(rec, schema, hashes=computed if verify else None)
+            wait = run.start(pool)
+
+            def decoded() -> tuple[torch.Tensor, torch.Tensor] | None:
+                wait()
+                return (computed, self.stored_hashes(rec)) if verify else None
+
+            return [(buf, rec.held)], decoded
         if not verify:
-            return self._extent_buffers(rec, schema), None
-        if rec.chunks is not None:  # hashed while decoded, chunk by chunk
-            computed = torch.empty((rec.held * len(schema.tensors), kernels.HASH_SIZE),
-                                   dtype=torch.uint8)  # fmt: skip
-            buf = self.decoded(rec, schema, hashes=computed)
-            return [(buf, rec.held)], lambda: (computed, self.stored_hashes(rec))
+            return self._extent_buffers(rec, schema), lambda: None
         buffers = self._extent_buffers(rec, schema, populate=False)
         per = max(1, HASH_PIECE // max(schema.stride, 1))
         jobs: list[Future[torch.Tensor]] = []
@@ -309,9 +319,10 @@ class BlobReader:
             rec, schema = self.row_content(manifest, group), group.row_schema
         else:
             rec, schema = self.group_content(manifest, group), group.record_schema
-        buffers, hashes = self._mapped_and_hashed(rec, schema, pool, verify)
+        buffers, done = self._mapped_and_hashed(rec, schema, pool, verify)
+        hashes = done()
         if hashes is not None:
-            self._check(manifest, group, *hashes(), rows=rows)
+            self._check(manifest, group, *hashes, rows=rows)
         return buffers
 
     def _blob_buffer(self, manifest: Manifest, group: GroupRecord, *, rows: bool, verify: bool,
@@ -357,26 +368,17 @@ class BlobReader:
                                      pool=pool)  # fmt: skip
             return record_views(out, schema, group.count)
         on_cpu = device.type == "cpu"
-        if rec.chunks is not None and on_cpu:  # decoded (and hashed) while the views are built
-            computed = torch.empty((group.count * len(schema.tensors) if verify else 0,
-                                    kernels.HASH_SIZE), dtype=torch.uint8)  # fmt: skip
-            out, run = self._decoder(rec, schema, hashes=computed if verify else None)
-            wait = run.start(pool)
-            try:
-                views = record_views(out, schema, group.count)
-            finally:
-                wait()
-            if verify:
-                self._check(manifest, group, computed, self.stored_hashes(rec))
-            return views
-        # hashed on the pool's thread while this one builds the views
-        buffers, hashes = self._mapped_and_hashed(rec, schema, pool, verify)
+        # hashed (a coded blob: decoded too) on other threads while this one builds views
+        buffers, done = self._mapped_and_hashed(rec, schema, pool, verify)
         models: list[StateDict] = []
-        if on_cpu:
-            for buf, count in buffers:
-                models.extend(record_views(buf, schema, count))
+        try:
+            if on_cpu:
+                for buf, count in buffers:
+                    models.extend(record_views(buf, schema, count))
+        finally:
+            hashes = done()  # (the bytes are all there only now)
         if hashes is not None:
-            self._check(manifest, group, *hashes())
+            self._check(manifest, group, *hashes)
         if not on_cpu:
             for buf, count in buffers:
                 models.extend(record_views(buf.to(device), schema, count))
