@@ -13,10 +13,15 @@ Part 2, ``load``: the harness's 10,000 trained battery cells saved plain and wit
 ``compress=True``; ``load`` of each (hashes checked) onto the CPU (issue 23's bar:
 coded at most 1.5x plain) and onto the GPU, the coded one both decoded on the device
 (the default where the kernels run) and on the host then copied (the device decoder
-switched off). Each result compared bit for bit with the set saved. Then the CPU load of
+switched off). Each result compared bit for bit with the set saved. The CPU loads run
+again with no decode buffer lent twice (each coded load then writes into fresh pages,
+as a process's first does), and each one's first load is shown. Then the CPU load of
 the coded set in pieces: its decode and hash alone, its views alone, and both at once.
+With ``--vision ARCH``, part 2 again for fine-tunes of the harness's network (float32
+weights between int64 counters: a coded group of several streams).
 
-    python benchmarks/gpu_decode.py [--mb 256] [--cells 10000] [--repeat 5] [--json FILE]
+    python benchmarks/gpu_decode.py [--mb 256] [--cells 10000] [--repeat 5]
+        [--vision resnet50 [--finetunes 10]] [--json FILE]
 
 Without a CUDA device the device columns are left out (the CPU ones still run).
 """
@@ -93,11 +98,34 @@ def _decoder_row(t: torch.Tensor, repeat: int, gpu: bool) -> dict[str, Any]:
     return row
 
 
-def loads(cells: int, repeat: int, gpu: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def trained_cells(cells: int, log: Callable[[str], None]) -> dict[str, Any]:
     log(f"training {cells:,} battery cells ...")
     fleet = battery.make_cells(cells, seed=0)
-    models = battery.train(fleet, battery.make_data(list(fleet), rows=64, seed=1), seed=0,
-                           lr=0.05, epochs=2)  # fmt: skip
+    return battery.train(fleet, battery.make_data(list(fleet), rows=64, seed=1), seed=0,
+                         lr=0.05, epochs=2)  # fmt: skip
+
+
+def vision_finetunes(arch: str, count: int) -> dict[str, Any]:
+    """``count`` copies of the harness's ``arch`` (its initial weights), every float
+    tensor nudged by noise of 1e-3 of its spread, as all-layer fine-tunes are: float32
+    weights and BN statistics between int64 counters (a group of several streams)."""
+    from benchmarks.harness import vision
+
+    torch.manual_seed(0)
+    base = {k: v.detach() for k, v in vision.build(arch)[0].state_dict().items()}
+    out = {}
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        out[f"{arch}_ft{i}"] = {
+            k: v + torch.randn(v.shape, generator=g) * 1e-3 * float(v.std().nan_to_num(0))
+            if v.is_floating_point() else v.clone()
+            for k, v in base.items()
+        }  # fmt: skip
+    return out
+
+
+def loads(models: dict[str, Any], repeat: int, gpu: bool, *,
+          parts: bool = True) -> dict[str, Any]:  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="mmcore-gpu-decode-"))
     try:
         stores = {}
@@ -106,7 +134,7 @@ def loads(cells: int, repeat: int, gpu: bool, log: Callable[[str], None]) -> dic
                 s.save(models, compress=compress, progress=False)
             stores[key] = mmcore.open(root / key, readonly=True)
         vids = {k: s.versions()[0].id for k, s in stores.items()}
-        out: dict[str, Any] = {"cells": cells,
+        out: dict[str, Any] = {"models": len(models),
                                "stored": {k: s.info(vids[k]).stored_bytes for k, s in stores.items()}}  # fmt: skip
         runs: dict[str, Callable[[], Any]] = {
             "cpu_plain": lambda: stores["plain"].load(vids["plain"]),
@@ -144,7 +172,8 @@ def loads(cells: int, repeat: int, gpu: bool, log: Callable[[str], None]) -> dic
             out["seconds_no_reuse"] = _alternating(cpu, repeat, gpu)
         finally:
             records.buffer_cache(limit)
-        out["parts"] = _parts(stores["coded"], vids["coded"], repeat)
+        if parts:
+            out["parts"] = _parts(stores["coded"], vids["coded"], repeat)
         for s in stores.values():
             s.close()
         return out
@@ -217,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mb", type=int, default=256, help="float32 MB of the decoder's tensor")
     p.add_argument("--cells", type=int, default=10000)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument(
+        "--vision",
+        choices=["resnet18", "resnet50", "mobilenet_v2"],
+        help="also load fine-tunes of this network (a set of several streams)",
+    )
+    p.add_argument("--finetunes", type=int, default=10)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     gpu = torch.cuda.is_available() and kernels.cuda.available()
@@ -234,31 +269,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['dtype']:9} {r['bytes'] / 1e6:>7.0f} {r['coded'] / r['bytes']:>6.3f} "
               f"{rate('host_s'):>10} {rate('host_copy_s'):>10} {rate('device_s'):>8} {rate('kernel_s'):>8} "
               f"{rate('raw_copy_s'):>9}")  # fmt: skip
-    result = loads(args.cells, args.repeat, gpu, print)
+    result = loads(trained_cells(args.cells, print), args.repeat, gpu)
+    _report(result, f"{args.cells:,} trained cells", args.repeat, gpu, bar=True)
+    parts = result["parts"]
+    print(f"the coded load's pieces on the CPU (best of {args.repeat}): decode and hash "
+          f"{parts['decode_and_hash'] * 1e3:.1f} ms, views {parts['views'] * 1e3:.1f} ms, "
+          f"both at once {parts['both'] * 1e3:.1f} ms")  # fmt: skip
+    saved = {"machine": machine_name(), "gpu": name, "torch": torch.__version__, "decoder": rows,
+             "load": result}  # fmt: skip
+    if args.vision:
+        arch = args.vision
+        saved["vision"] = loads(vision_finetunes(arch, args.finetunes), args.repeat, gpu,
+                                parts=False)  # fmt: skip
+        _report(saved["vision"], f"{args.finetunes} {arch} fine-tunes", args.repeat, gpu)
+    if args.json:
+        args.json.write_text(json.dumps(saved, indent=1))
+    return 0
+
+
+def _report(result: dict[str, Any], what: str, repeat: int, gpu: bool, bar: bool = False) -> None:
     sec = result["seconds"]
-    print(f"load of {args.cells:,} trained cells (median of {args.repeat}, hashes checked):")
+    print(f"load of {what} (median of {repeat}, hashes checked):")
     for key, s in sec.items():
         print(f"  {key:24} {s * 1e3:9.1f} ms")
-    print(f"  coded / plain on the CPU: {sec['cpu_coded'] / sec['cpu_plain']:.2f}x (bar: 1.5x)")
+    print(f"  coded / plain on the CPU: {sec['cpu_coded'] / sec['cpu_plain']:.2f}x"
+          + (" (bar: 1.5x)" if bar else ""))  # fmt: skip
     fresh, first = result["seconds_no_reuse"], result["first_seconds"]
     print(f"  with no decode buffer lent again (MMCORE_BUFFER_CACHE=0): plain "
           f"{fresh['cpu_plain'] * 1e3:.1f} ms, coded {fresh['cpu_coded'] * 1e3:.1f} ms, "
           f"{fresh['cpu_coded'] / fresh['cpu_plain']:.2f}x")  # fmt: skip
     print(f"  this process's first loads (one each): plain {first['cpu_plain'] * 1e3:.1f} ms, "
           f"coded {first['cpu_coded'] * 1e3:.1f} ms")  # fmt: skip
-    parts = result["parts"]
-    print(f"the coded load's pieces on the CPU (best of {args.repeat}): decode and hash "
-          f"{parts['decode_and_hash'] * 1e3:.1f} ms, views {parts['views'] * 1e3:.1f} ms, "
-          f"both at once {parts['both'] * 1e3:.1f} ms")  # fmt: skip
     if gpu:
         print(f"  coded / plain onto the GPU: {sec['gpu_coded'] / sec['gpu_plain']:.2f}x; host "
               f"decode then copy / device decode: "
               f"{sec['gpu_coded_host_decode'] / sec['gpu_coded']:.2f}x")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine_name(), "gpu": name,
-                                         "torch": torch.__version__, "decoder": rows,
-                                         "load": result}, indent=1))  # fmt: skip
-    return 0
 
 
 if __name__ == "__main__":

@@ -365,3 +365,19 @@ def test_sizes_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "2 resnet18 fine-tunes, frozen backbone" in out and "20 battery cells" in out
     assert "(published)" in out and "load x" in out
+
+
+def test_gpu_decode_benchmark_runs_tiny(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """benchmarks/gpu_decode.py at its smallest (on the CPU where no device is): the
+    decoder rows, the cells' loads (every one checked bit for bit) with and without the
+    decode buffers lent again, and a vision set's."""
+    from benchmarks import gpu_decode
+
+    out_json = tmp_path / "decode.json"
+    assert gpu_decode.main(["--mb", "1", "--cells", "30", "--repeat", "1", "--vision",
+                            "resnet18", "--finetunes", "2", "--json", str(out_json)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "load of 30 trained cells" in out and "load of 2 resnet18 fine-tunes" in out
+    assert out.count("with no decode buffer lent again") == 2
+    saved = json.loads(out_json.read_text())
+    assert saved["load"]["models"] == 30 and saved["vision"]["models"] == 2
