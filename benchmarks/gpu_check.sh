@@ -99,7 +99,8 @@ step gpu "GPU tests and coded stores" 150 "${pytest[@]}" -o addopts="" -m "gpu o
 [ -f "$LOGS/gpu_tests.log" ] && log "GPU tests: $(tail -1 "$LOGS/gpu_tests.log")"
 grep -sE "^(FAILED|ERROR)" "$LOGS/gpu_tests.log" | head -20 >>"$OUT/summary.txt"
 step decode "gpu_decode (device byte-plane decoder; load of 10,000 coded cells)" 120 "$PY" \
-  "$ROOT/benchmarks/gpu_decode.py" --mb 256 --cells 10000 --repeat 5 --json "$OUT/decode.json" \
+  "$ROOT/benchmarks/gpu_decode.py" --mb 256 --cells 10000 --repeat 5 --vision resnet50 \
+  --json "$OUT/decode.json" \
   >"$LOGS/decode.txt" 2>&1
 cat "$LOGS/decode.txt" >>"$OUT/summary.txt" 2>/dev/null
 step decodecheck "compute-sanitizer memcheck over the device decoder's tests" 90 compute-sanitizer \
