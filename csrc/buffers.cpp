@@ -15,10 +15,7 @@ namespace mmcore {
 Region::Region(size_t size) : data_(nullptr), size_(size) {
   void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
-  data_ = static_cast<uint8_t*>(p);
-#ifdef MADV_HUGEPAGE
-  if (getenv("MMCORE_THP")) madvise(p, size, MADV_HUGEPAGE);
-#endif
+  data_ = static_cast<uint8_t*>(p);  // (small pages: see buffers.h)
 }
 
 Region::~Region() { munmap(data_, size_); }
