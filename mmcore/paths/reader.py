@@ -482,14 +482,11 @@ class BlobReader:
                             rows=rows)  # fmt: skip
         return buf
 
-    def decoded(self, rec: ContentRecord, schema: Schema, chunk: int | None = None, *,
-                hashes: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def decoded(self, rec: ContentRecord, schema: Schema, chunk: int | None = None) -> torch.Tensor:
         """A coded blob's records (or those of one of its chunks) decoded into a new
         buffer, on all cores: its chunks mapped where the tier has local files (the
-        page cache's pages, no copy), else read in one round trip. With ``hashes``
-        (records x tensors, 32), each chunk's tensors are hashed into it as soon as
-        they are decoded."""
-        out, run = self._decoder(rec, schema, chunk, hashes=hashes)
+        page cache's pages, no copy), else read in one round trip."""
+        out, run = self._decoder(rec, schema, chunk)
         run()
         return out
 
