@@ -116,14 +116,14 @@ class Layout:
         covered = sum(s.per_record for s in self.streams)
         # one stream that is each record whole: decoded straight into the records
         self.direct = len(self.streams) == 1 and covered == schema.stride
-        self.gaps = covered < schema.stride  # bytes no tensor covers: zeroed on decode
-        gaps, at = [], 0  # (offset, length) of each, in a record
+        gaps, at = [], 0  # bytes no tensor covers, (offset, length) in a record: zeroed on decode
         for offset, length in sorted(run for s in self.streams for run in s.runs):
             if offset > at:
                 gaps.append((at, offset - at))
             at = max(at, offset + length)
         if at < schema.stride:
             gaps.append((at, schema.stride - at))
+        self.gaps = bool(gaps)
         self.gap_offsets = kernels.int64_table([o for o, _ in gaps])
         self.gap_lens = kernels.int64_table([n for _, n in gaps])
 
